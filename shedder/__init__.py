@@ -1,0 +1,9 @@
+"""Shedder Studio engine: training-free structured pruning of Mamba-family language models.
+
+The engine never imports Streamlit; the app in ``app/`` and ``pages/`` is a thin layer over it.
+"""
+from .errors import Cancelled, DataError, ModelLoadError, PlanError, ShedderError, UnsupportedModelError
+from .plan import KINDS, Component, ModelIdentity, PruningPlan
+
+__all__ = ["KINDS", "Cancelled", "Component", "DataError", "ModelIdentity", "ModelLoadError", "PlanError", "PruningPlan",
+           "ShedderError", "UnsupportedModelError"]

@@ -1,0 +1,26 @@
+"""Errors a user can cause. Each carries one message that names what is wrong; the CLI and the app
+show that message instead of a traceback."""
+
+
+class ShedderError(Exception):
+    """Base class: anything the user can fix by changing their input."""
+
+
+class ModelLoadError(ShedderError):
+    """A model path, hub id or bundled name that cannot be loaded."""
+
+
+class UnsupportedModelError(ModelLoadError):
+    """A checkpoint of an architecture no adapter handles."""
+
+
+class PlanError(ShedderError, ValueError):
+    """A plan that cannot be read or does not fit the model."""
+
+
+class DataError(ShedderError):
+    """Text that cannot be used for evaluation (missing, empty, too short)."""
+
+
+class Cancelled(ShedderError):
+    """Raised by a progress callback to stop long work; finished, logged steps are kept."""

@@ -1,0 +1,36 @@
+"""Physical pruning: build the smaller model, save it with its plan, and read the plan back."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .arch import adapter_for
+from .plan import PruningPlan
+
+PLAN_FILE = "pruning_plan.json"
+
+
+def extract(model, plan: PruningPlan, adapter=None):
+    """A new model with the plan's parameters physically gone; ``model`` is left untouched."""
+    adapter = adapter or adapter_for(model, plan.group_sizes)
+    return adapter.extract(plan)
+
+
+def save(model, tokenizer, out_dir: str | Path, plan: PruningPlan | None = None, card: str | None = None) -> Path:
+    """Write safetensors + config (+ tokenizer, the plan, a model card) to ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if plan is not None:
+        plan.save(out / PLAN_FILE)
+    if card:
+        (out / "README.md").write_text(card)
+    return out
+
+
+def saved_plan(model_dir: str | Path) -> PruningPlan | None:
+    """The plan a pruned model directory was made with, if it records one."""
+    p = Path(model_dir) / PLAN_FILE
+    return PruningPlan.load(p) if p.is_file() else None

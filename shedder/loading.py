@@ -1,0 +1,122 @@
+"""Load a model and its tokenizer from a bundled short name, a local directory or a hub id.
+
+Pruned models with uneven per-layer shapes (``"shedder"`` in config.json) are rebuilt through
+their family adapter; everything else goes through stock ``transformers``. Weights load from
+safetensors only, and ``trust_remote_code`` stays off unless asked for.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .arch import adapter_class, instantiate, supported_architectures
+from .errors import ModelLoadError, UnsupportedModelError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+BUNDLED_MODELS = REPO_ROOT / "assets" / "models"
+DEFAULT_MODEL = "mamba2-tiny"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+def bundled_models() -> list[str]:
+    """Short names of the models shipped under assets/models."""
+    if not BUNDLED_MODELS.is_dir():
+        return []
+    return sorted(p.name for p in BUNDLED_MODELS.iterdir() if (p / "config.json").is_file())
+
+
+def resolve(name_or_path: str) -> str:
+    """A bundled name becomes its directory; a local path stays; anything else is taken as a hub id."""
+    if (BUNDLED_MODELS / name_or_path / "config.json").is_file():
+        return str(BUNDLED_MODELS / name_or_path)
+    return str(name_or_path)
+
+
+def parse_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[str(dtype).lower()]
+    except KeyError:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16") from None
+
+
+def load_config(name_or_path: str, trust_remote_code: bool = False):
+    """The model's config, with clear errors for missing paths, no network and unknown architectures."""
+    from transformers import AutoConfig
+
+    source = resolve(name_or_path)
+    local = Path(source)
+    if local.exists():
+        if not (local / "config.json").is_file():
+            raise ModelLoadError(f"{local} has no config.json; is it a model directory?")
+    elif source.startswith((".", "/", "~")) or source.count("/") > 1:
+        raise ModelLoadError(f"model not found: {source} (no such directory; bundled models: {', '.join(bundled_models()) or 'none'})")
+    try:
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        if local.exists():
+            raise ModelLoadError(f"cannot read the config in {local}: {e}") from None
+        raise ModelLoadError(f"cannot fetch {source!r} from the model hub (offline, or no such model?). "
+                             f"Bundled models: {', '.join(bundled_models()) or 'none'}") from None
+    except ValueError as e:  # e.g. a model_type transformers does not know
+        raise UnsupportedModelError(f"{source}: {e}; supported architectures: {', '.join(supported_architectures())}") from None
+    architecture = (getattr(config, "architectures", None) or [None])[0]
+    adapter_class(architecture, getattr(config, "model_type", None))  # raises UnsupportedModelError
+    return config
+
+
+def load_model(name_or_path: str = DEFAULT_MODEL, dtype="float32", device: str = "cpu",
+               trust_remote_code: bool = False):
+    """Return ``(model, tokenizer)`` in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve(name_or_path)
+    torch_dtype = parse_dtype(dtype)
+    config = load_config(source, trust_remote_code)
+    try:
+        if getattr(config, "shedder", None):
+            model = _load_pruned(source, config, torch_dtype, device)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(
+                source, config=config, dtype=torch_dtype, use_safetensors=True,
+                trust_remote_code=trust_remote_code).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise ModelLoadError(f"cannot load {source}: {e}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    return model, tokenizer
+
+
+def _load_pruned(source: str, config, dtype: torch.dtype, device: str):
+    """Rebuild a pruned model with uneven shapes through its adapter and load its safetensors."""
+    from safetensors.torch import load_file
+
+    local = Path(source)
+    if not local.is_dir():
+        from huggingface_hub import snapshot_download
+        local = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
+    files = sorted(local.glob("*.safetensors"))
+    if not files:
+        raise ModelLoadError(f"{local} has no .safetensors weights")
+    state = {}
+    for f in files:
+        state.update(load_file(str(f)))
+    architecture = (getattr(config, "architectures", None) or [None])[0]
+    cls = adapter_class(architecture, config.model_type)
+    model = instantiate(cls, config, device=device, dtype=dtype)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = set(getattr(model, "_tied_weights_keys", None) or {})
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ModelLoadError(f"{local}: weights do not match the pruned structure in config.json "
+                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    return model

@@ -1,0 +1,250 @@
+"""Pruning plans: which components of which model are removed.
+
+A plan is a set of ``Component`` (kind, layer, index) plus the identity of the model it was made
+for, so a plan can never be applied silently to a model of another shape. Plans round-trip through
+JSON with a ``schema_version`` and can be read from the official Mamba-Shedder config files.
+Structural checks that depend on the model (does layer 7 have an SSM? would this head removal leave
+groups of unequal size?) live in the family adapter; ``validate`` runs both.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from .errors import PlanError
+
+SCHEMA_VERSION = 1
+
+#: Every kind the project knows. Which ones a given model offers is the adapter's business.
+KINDS = ("block", "ssm", "head", "channel_group", "attention", "mlp", "mlp_channel_group")
+
+#: Official Mamba-Shedder config keys -> our kinds (lists of layer/sub-block indices).
+OFFICIAL_KEYS = {
+    "pruned_mamba_block_idx": "block",
+    "pruned_ssm_idx": "ssm",
+    "pruned_mha_idx": "attention",
+    "pruned_mlp_idx": "mlp",
+}
+
+# Config fields that do not change the function a model computes (or are bookkeeping); they are
+# left out of the config hash so that e.g. a model saved in bf16 keeps the identity of its fp32 source.
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "use_cache",
+    "_attn_implementation_autoset", "_commit_hash", "output_hidden_states", "output_attentions",
+    "return_dict", "use_mambapy", "use_associative_scan", "use_mamba_kernels", "shedder",
+}
+
+
+@dataclass(frozen=True, order=True)
+class Component:
+    """One removable part of a model: ``kind`` at decoder layer ``layer``, ``index`` within it.
+
+    ``index`` is 0 for kinds that exist once per layer (block, ssm, attention, mlp) and the
+    head / group number for the finer kinds.
+    """
+
+    kind: str
+    layer: int
+    index: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.kind}:{self.layer}:{self.index}"
+
+    @classmethod
+    def parse(cls, text: str) -> "Component":
+        """Read ``kind:layer[:index]`` (the CLI and the app's notation)."""
+        parts = text.strip().split(":")
+        if len(parts) not in (2, 3) or parts[0] not in KINDS:
+            raise PlanError(f"cannot read component {text!r}: expected KIND:LAYER[:INDEX] with KIND one of {', '.join(KINDS)}")
+        try:
+            nums = [int(p) for p in parts[1:]]
+        except ValueError:
+            raise PlanError(f"cannot read component {text!r}: layer and index must be integers") from None
+        return cls(parts[0], *nums)
+
+    def to_dict(self) -> dict:
+        return {"kind": self.kind, "layer": self.layer, "index": self.index}
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """What a plan was made for: enough to refuse a plan for another architecture or shape."""
+
+    architecture: str
+    num_layers: int
+    config_hash: str
+    name: str = ""
+
+    @classmethod
+    def of(cls, model, name: str = "") -> "ModelIdentity":
+        config = model.config
+        arch = type(model).__name__
+        return cls(arch, int(config.num_hidden_layers), config_hash(config), name or str(getattr(config, "_name_or_path", "")))
+
+    def to_dict(self) -> dict:
+        return {"architecture": self.architecture, "num_layers": self.num_layers,
+                "config_hash": self.config_hash, "name": self.name}
+
+
+def config_hash(config) -> str:
+    """A short stable hash of the structural part of a transformers config."""
+    d = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    blob = json.dumps(d, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PruningPlan:
+    """An immutable set of removed components, for one model.
+
+    ``group_sizes`` fixes what one ``channel_group`` / ``mlp_channel_group`` index means (channels
+    per group); kinds missing from it use the adapter's default. ``meta`` carries free-form
+    provenance (search step, measured perplexity, ...) through the JSON round trip.
+    """
+
+    components: frozenset[Component] = frozenset()
+    model: ModelIdentity | None = None
+    group_sizes: dict = field(default_factory=dict, hash=False, compare=False)
+    meta: dict = field(default_factory=dict, hash=False, compare=False)
+
+    # -- set operations (plans are values: each returns a new plan) ---------------------------
+    def with_components(self, comps: Iterable[Component]) -> "PruningPlan":
+        return self._replace(self.components | frozenset(comps))
+
+    def without_components(self, comps: Iterable[Component]) -> "PruningPlan":
+        return self._replace(self.components - frozenset(comps))
+
+    def toggle(self, comp: Component) -> "PruningPlan":
+        return self.without_components([comp]) if comp in self.components else self.with_components([comp])
+
+    def _replace(self, comps: frozenset[Component]) -> "PruningPlan":
+        return PruningPlan(frozenset(comps), self.model, dict(self.group_sizes), dict(self.meta))
+
+    def sorted(self) -> list[Component]:
+        return sorted(self.components, key=lambda c: (c.layer, KINDS.index(c.kind), c.index))
+
+    def of_kind(self, kind: str) -> list[Component]:
+        return [c for c in self.sorted() if c.kind == kind]
+
+    def __len__(self) -> int:
+        return len(self.components)
+
+    def __contains__(self, comp) -> bool:
+        return comp in self.components
+
+    def describe(self) -> str:
+        """One line, e.g. ``block ×2 (3, 5), ssm ×1 (7)`` — for progress logs and the UI."""
+        if not self.components:
+            return "nothing removed"
+        parts = []
+        for kind in KINDS:
+            comps = self.of_kind(kind)
+            if comps:
+                where = ", ".join(f"{c.layer}" if c.index == 0 and kind in ("block", "ssm", "attention", "mlp")
+                                  else f"{c.layer}.{c.index}" for c in comps)
+                parts.append(f"{kind} ×{len(comps)} ({where})")
+        return ", ".join(parts)
+
+    # -- JSON ------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "schema_version": SCHEMA_VERSION,
+            "model": self.model.to_dict() if self.model else None,
+            "group_sizes": dict(self.group_sizes),
+            "components": [c.to_dict() for c in self.sorted()],
+            "meta": dict(self.meta),
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n")
+
+    @classmethod
+    def from_dict(cls, data, identity: ModelIdentity | None = None) -> "PruningPlan":
+        """Read our format, or an official Mamba-Shedder config (then ``identity`` is attached)."""
+        if not isinstance(data, dict):
+            raise PlanError(f"a plan must be a JSON object, got {type(data).__name__}")
+        if "schema_version" not in data:
+            if any(k in data for k in OFFICIAL_KEYS):
+                return cls.from_official(data, identity)
+            raise PlanError("not a pruning plan: no 'schema_version' and none of the official keys "
+                            f"({', '.join(OFFICIAL_KEYS)})")
+        if data["schema_version"] != SCHEMA_VERSION:
+            raise PlanError(f"plan schema_version {data['schema_version']!r} is not supported (this version reads {SCHEMA_VERSION})")
+        raw = data.get("components")
+        if not isinstance(raw, list):
+            raise PlanError("plan field 'components' must be a list")
+        comps = [_component_from(item, i) for i, item in enumerate(raw)]
+        seen = set()
+        for c in comps:
+            if c in seen:
+                raise PlanError(f"component {c} is listed twice")
+            seen.add(c)
+        m = data.get("model")
+        model = None
+        if m is not None:
+            try:
+                model = ModelIdentity(str(m["architecture"]), int(m["num_layers"]), str(m["config_hash"]), str(m.get("name", "")))
+            except (KeyError, TypeError, ValueError):
+                raise PlanError("plan field 'model' needs architecture, num_layers and config_hash") from None
+        sizes = data.get("group_sizes") or {}
+        if not isinstance(sizes, dict) or not all(isinstance(v, int) and v > 0 for v in sizes.values()):
+            raise PlanError("plan field 'group_sizes' must map kinds to positive integers")
+        return cls(frozenset(comps), model, dict(sizes), dict(data.get("meta") or {}))
+
+    @classmethod
+    def from_json(cls, text: str, identity: ModelIdentity | None = None) -> "PruningPlan":
+        if not text.strip():
+            raise PlanError("the plan file is empty")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise PlanError(f"the plan is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        return cls.from_dict(data, identity)
+
+    @classmethod
+    def load(cls, path: str | Path, identity: ModelIdentity | None = None) -> "PruningPlan":
+        p = Path(path)
+        if not p.is_file():
+            raise PlanError(f"plan file not found: {p}")
+        return cls.from_json(p.read_text(), identity)
+
+    @classmethod
+    def from_official(cls, data: dict, identity: ModelIdentity | None = None) -> "PruningPlan":
+        """Read ``{"pruned_mamba_block_idx": [...], "pruned_ssm_idx": [...], ...}``.
+
+        The official files index layers directly for blocks and SSMs; their ``pruned_mha_idx`` /
+        ``pruned_mlp_idx`` count the model's attention / MLP sub-blocks in order, which the adapter
+        maps to layers during validation (``meta['official_ordinal']`` marks such plans).
+        """
+        comps = []
+        for key, kind in OFFICIAL_KEYS.items():
+            idx = data.get(key) or []
+            if not isinstance(idx, list) or not all(isinstance(i, int) for i in idx):
+                raise PlanError(f"official config key {key!r} must be a list of integers")
+            comps += [Component(kind, i) for i in idx]
+        if data.get("pruned_mlp_channels"):
+            raise PlanError("'pruned_mlp_channels' (MLP widths) cannot be imported: re-run the channel search with this tool")
+        meta = {"source": "official Mamba-Shedder config"}
+        if data.get("pruned_mha_idx") or data.get("pruned_mlp_idx"):
+            meta["official_ordinal"] = True
+        return cls(frozenset(comps), identity, {}, meta)
+
+
+def _component_from(item, position: int) -> Component:
+    if isinstance(item, str):
+        return Component.parse(item)
+    if not isinstance(item, dict) or "kind" not in item or "layer" not in item:
+        raise PlanError(f"component #{position} must be an object with 'kind' and 'layer' (and optional 'index')")
+    kind = item["kind"]
+    if kind not in KINDS:
+        raise PlanError(f"component #{position}: unknown kind {kind!r} (known kinds: {', '.join(KINDS)})")
+    layer, index = item["layer"], item.get("index", 0)
+    if not isinstance(layer, int) or not isinstance(index, int) or isinstance(layer, bool):
+        raise PlanError(f"component #{position}: layer and index must be integers")
+    return Component(kind, layer, index)
