@@ -34,7 +34,7 @@ OFFICIAL_KEYS = {
 _VOLATILE_CONFIG_KEYS = {
     "_name_or_path", "transformers_version", "torch_dtype", "dtype", "architectures", "use_cache",
     "_attn_implementation_autoset", "_commit_hash", "output_hidden_states", "output_attentions",
-    "return_dict", "use_mambapy", "use_associative_scan", "use_mamba_kernels", "shedder",
+    "return_dict", "use_mambapy", "use_associative_scan", "use_mamba_kernels",
 }
 
 
