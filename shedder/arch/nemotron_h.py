@@ -1,0 +1,204 @@
+"""Nemotron-H (``NemotronHForCausalLM``): a hybrid whose every layer holds one sub-block.
+
+``layer_types`` entries are ``linear_attention`` (a Mamba-2 mixer), ``full_attention``, ``mlp``
+or ``moe``. Components offered:
+
+* Mamba layers: ``block`` (skip the layer), ``ssm``, ``head`` (the shared ``mamba2_core``);
+* attention layers: ``attention`` (skip the layer — the layer *is* the attention sub-block);
+* MLP layers: ``mlp`` (skip) and ``mlp_channel_group`` (intermediate channels in groups of
+  ``group_sizes["mlp_channel_group"]``: up_proj rows and down_proj columns; the last group may be
+  smaller);
+* MoE layers: ``mlp`` (skip the whole expert sub-block; no channel groups).
+
+Extraction deletes skipped layers (renumbering the rest, ``layer_types`` shrinks) and slices
+mixers and MLPs. When all kept Mamba layers share one stock-expressible layout and all kept MLPs
+one width, the config is stock (``mamba_num_heads`` / ``intermediate_size`` changed); otherwise
+``config.shedder = {"layers": [...]}`` holds one entry per kept layer: a Mamba layout
+(``{"ssm", "heads_per_group"}``), ``{"intermediate_size": n}`` for an MLP, ``{}`` for the rest.
+A model left without attention layers gets ``use_cache = False``: ``transformers``' Nemotron-H
+reads the sequence length from an attention layer's cache and fails without one.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import re
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import PlanError
+from ..plan import Component, PruningPlan
+from . import register
+from .base import patch_forward
+from .mamba2_core import (Mamba2StyleAdapter, MixerLayout, PrunedMamba2Mixer, mixer_layout, sliced_state_dict,
+                          ssm_components, uniform_layout)
+
+_KIND_OF_TYPE = {"linear_attention": "mamba", "mamba": "mamba", "full_attention": "attention",
+                 "attention": "attention", "mlp": "mlp", "moe": "moe"}
+
+
+@register
+class NemotronHAdapter(Mamba2StyleAdapter):
+    architectures = ("NemotronHForCausalLM",)
+    model_types = ("nemotron_h",)
+    kinds = ("block", "ssm", "head", "attention", "mlp", "mlp_channel_group")
+    default_group_sizes = {"mlp_channel_group": 64}
+    layer_prefix = "model.layers."
+
+    def layers(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+    def layer_kind(self, layer: int) -> str:
+        return _KIND_OF_TYPE[self.layers()[layer].block_type]
+
+    def has_ssm_mixer(self, layer: int) -> bool:
+        return self.layer_kind(layer) == "mamba"
+
+    # ------------------------------------------------------------------ inventory
+    def mlp_width(self, layer: int) -> int:
+        return self.mixer(layer).up_proj.out_features
+
+    def mlp_groups(self, layer: int) -> list[torch.Tensor]:
+        """Channel indices of each ``mlp_channel_group`` of an MLP layer (the last may be short)."""
+        size, width = self.group_sizes["mlp_channel_group"], self.mlp_width(layer)
+        return [torch.arange(g * size, min((g + 1) * size, width)) for g in range(math.ceil(width / size))]
+
+    def layer_components(self, layer: int) -> list[Component]:
+        kind = self.layer_kind(layer)
+        if kind == "mamba":
+            return [Component("block", layer)] + ssm_components(layer, mixer_layout(self.mixer(layer)))
+        if kind == "attention":
+            return [Component("attention", layer)]
+        if kind == "mlp":
+            return [Component("mlp", layer)] + [Component("mlp_channel_group", layer, g)
+                                                for g in range(len(self.mlp_groups(layer)))]
+        return [Component("mlp", layer)]
+
+    def removed_layers(self, plan: PruningPlan) -> set[int]:
+        return {c.layer for c in plan.components if c.kind in ("block", "attention", "mlp")}
+
+    def kept_channels(self, layer: int, comps) -> torch.Tensor:
+        """Intermediate channels of an MLP layer left after removing the ``mlp_channel_group``
+        components among ``comps``: [kept] indices in channel order."""
+        gone = {c.index for c in comps if c.layer == layer and c.kind == "mlp_channel_group"}
+        groups = self.mlp_groups(layer)
+        return torch.cat([idx for g, idx in enumerate(groups) if g not in gone])
+
+    # ------------------------------------------------------------------ validation
+    def check(self, plan: PruningPlan) -> None:
+        super().check(plan)
+        for layer, comps in self.by_layer(plan).items():
+            groups = [c for c in comps if c.kind == "mlp_channel_group"]
+            if groups and Component("mlp", layer) in plan:
+                raise PlanError(f"{groups[0]} is redundant: the MLP of layer {layer} is removed as a whole")
+            if groups and len(groups) >= len(self.mlp_groups(layer)):
+                raise PlanError(f"layer {layer}: removing all {len(groups)} MLP channel groups leaves no MLP; "
+                                "remove the MLP instead")
+
+    # ------------------------------------------------------------------ live masks
+    def mask_layer(self, layer: int, comps: list[Component], stack: contextlib.ExitStack) -> None:
+        if any(c.kind in ("attention", "mlp") for c in comps):
+            patch_forward(self.layers()[layer], self.skip_forward(layer), stack)
+        elif any(c.kind == "mlp_channel_group" for c in comps):
+            mlp = self.mixer(layer)
+            keep = self.kept_channels(layer, comps).to(mlp.up_proj.weight.device)
+            patch_forward(mlp, lambda x: sliced_mlp_forward(mlp, x, keep), stack)
+        else:
+            super().mask_layer(layer, comps, stack)
+
+    # ------------------------------------------------------------------ extraction
+    def pruned_config(self, plan: PruningPlan):
+        config = copy.deepcopy(self.config)
+        kept = self.kept_layers(plan)
+        entries, layouts, widths = [], [], []
+        for layer in kept:
+            kind = self.layer_kind(layer)
+            if kind == "mamba":
+                layouts.append(self.new_layout(plan, layer))
+                entries.append(layouts[-1].to_dict())
+            elif kind == "mlp":
+                widths.append(len(self.kept_channels(layer, plan.components)))
+                entries.append({"intermediate_size": widths[-1]})
+            else:
+                entries.append({})
+        config.layers_block_type = [config.layers_block_type[i] for i in kept]
+        if "full_attention" not in config.layers_block_type:
+            # transformers' Nemotron-H cannot size a cache without an attention layer
+            config.use_cache = False
+        stock = uniform_layout(layouts)
+        if (stock or not layouts) and len(set(widths)) <= 1:
+            if stock:
+                config.mamba_num_heads = stock.num_heads
+            if widths:
+                config.intermediate_size = widths[0]
+            if hasattr(config, "shedder"):
+                del config.shedder
+        else:
+            config.shedder = {"layers": entries}
+        return config
+
+    def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
+        replace = self.mixer_replacements(plan)
+        for layer in self.kept_layers(plan):
+            if self.layer_kind(layer) == "mlp" and any(c.layer == layer for c in plan.components):
+                replace[layer] = {self.mixer_name: sliced_mlp_state(self.mixer(layer), self.kept_channels(layer, plan.components))}
+        return sliced_state_dict(self.model.state_dict(), self.layer_prefix, self.kept_layers(plan), replace)
+
+    @classmethod
+    def build(cls, config) -> nn.Module:
+        from transformers import NemotronHForCausalLM
+        from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMLP
+
+        model = NemotronHForCausalLM(config)
+        spec = getattr(config, "shedder", None)
+        if spec:
+            model._register_load_state_dict_pre_hook(_from_checkpoint_layout)
+            for block, entry in zip(model.model.layers, spec["layers"]):
+                if "heads_per_group" in entry:
+                    block.mixer = PrunedMamba2Mixer(block.mixer, MixerLayout.from_dict(entry), cls.hooks)
+                elif "intermediate_size" in entry:
+                    block.mixer = NemotronHMLP(config, intermediate_size=entry["intermediate_size"])
+        return model
+
+
+_EXPERT_KEY = re.compile(r"(model\.layers\.\d+\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$")
+
+
+def _from_checkpoint_layout(state_dict, prefix, *args):
+    """Undo what ``save_pretrained`` does to Nemotron-H keys (``model.`` saved as ``backbone.``,
+    stacked expert weights saved one expert at a time), so that a pruned checkpoint loads with
+    ``load_state_dict``; keys already in the module layout pass through unchanged."""
+    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for key in list(state_dict):
+        name = key[len(prefix):]
+        if name.startswith("backbone."):
+            name = "model." + name[len("backbone."):]
+            state_dict[prefix + name] = state_dict.pop(key)
+            key = prefix + name
+        match = _EXPERT_KEY.match(name)
+        if match:
+            experts.setdefault((match[1], match[3]), {})[int(match[2])] = state_dict.pop(key)
+    for (base, proj), parts in experts.items():
+        state_dict[f"{prefix}{base}.{proj}"] = torch.stack([parts[i] for i in sorted(parts)])
+
+
+def sliced_mlp_forward(mlp: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``down_proj(act(up_proj(x)))`` over the kept intermediate channels only: [b, l, d] -> [b, l, d]."""
+    w = sliced_mlp_state(mlp, keep)
+    h = mlp.act_fn(F.linear(x, w["up_proj.weight"], w.get("up_proj.bias")))
+    return F.linear(h, w["down_proj.weight"], w.get("down_proj.bias"))
+
+
+def sliced_mlp_state(mlp: nn.Module, keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The MLP's tensors restricted to intermediate channels ``keep`` (up rows, down columns)."""
+    keep = keep.to(mlp.up_proj.weight.device)
+    out = {"up_proj.weight": mlp.up_proj.weight.index_select(0, keep),
+           "down_proj.weight": mlp.down_proj.weight.index_select(1, keep)}
+    if mlp.up_proj.bias is not None:
+        out["up_proj.bias"] = mlp.up_proj.bias.index_select(0, keep)
+    if mlp.down_proj.bias is not None:
+        out["down_proj.bias"] = mlp.down_proj.bias
+    return out

@@ -1,0 +1,363 @@
+"""Mamba-2 adapter and the shared Mamba-2 mixer core: blocks, SSMs and SSM heads.
+
+Tiny random fp32 models (hidden 64, 8 heads of 16 channels, state 8, chunk 8) with 1, 2 and 4 B/C
+groups. The central property is exactness: the live-masked model computes the same logits as the
+extracted one, on a sequence length that is not a multiple of the chunk size.
+"""
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+import transformers
+
+from shedder.arch import adapter_for
+from shedder.arch.mamba2_core import (MixerLayout, PrunedMamba2Mixer, Selection, gated_group_rms_norm, mixer_layout,
+                                      ssd_forward)
+from shedder.errors import PlanError
+from shedder.extract import extract, save
+from shedder.loading import REPO_ROOT, load_model
+from shedder.masking import masked
+from shedder.plan import Component, PruningPlan
+
+TOL = 1e-4
+N_LAYERS = 4
+SEQ = 13  # not a multiple of chunk_size
+
+
+def make_model(n_groups: int, seed: int = 0, **overrides):
+    """A tiny Mamba-2 with A, D, dt_bias and norm weights spread so that every removal matters."""
+    kwargs = dict(hidden_size=64, num_heads=8, head_dim=16, expand=2, n_groups=n_groups, state_size=8,
+                  chunk_size=8, num_hidden_layers=N_LAYERS, vocab_size=100, conv_kernel=4,
+                  eos_token_id=None)  # greedy decoding below must not stop (or be kept from stopping) early
+    config = transformers.Mamba2Config(**{**kwargs, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.Mamba2ForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("A_log", ".D", "dt_bias", "norm.weight")):
+                p.add_(torch.randn_like(p) * 0.3)
+            elif name.endswith("weight"):
+                p.normal_(0.0, 0.2)
+    return model
+
+
+def comps(*specs: str) -> PruningPlan:
+    return PruningPlan(frozenset(Component.parse(s) for s in specs))
+
+
+def random_plan(adapter, kinds, seed: int, n: int = 4) -> PruningPlan:
+    """``n`` random removable components of ``kinds``, added one by one as the search would."""
+    rng = random.Random(seed)
+    plan = PruningPlan()
+    for _ in range(n):
+        options = adapter.candidates(plan, kinds)
+        if not options:
+            break
+        plan = plan.with_components([rng.choice(options)])
+    return plan
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def max_diff(a, b) -> float:
+    return (a - b).abs().max().item()
+
+
+@pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda g: f"groups{g}")
+def model(request):
+    return make_model(request.param)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    torch.manual_seed(1)
+    return torch.randint(0, 100, (2, SEQ))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return transformers.AutoTokenizer.from_pretrained(REPO_ROOT / "assets" / "tokenizer")
+
+
+# ------------------------------------------------------------------ the shared core
+def stock_mixer(family: str):
+    """One stock Mamba-2-style mixer (8 heads of 16, 2 groups, state 8) of each family."""
+    from transformers.models.bamba.modeling_bamba import BambaMixer
+    from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMamba2Mixer
+    from transformers.models.zamba2.modeling_zamba2 import Zamba2MambaMixer
+
+    if family == "mamba2":
+        return make_model(2).backbone.layers[1].mixer
+    common = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    if family == "bamba":
+        config = transformers.BambaConfig(mamba_n_heads=8, mamba_d_head=16, mamba_n_groups=2, mamba_d_state=8,
+                                          mamba_chunk_size=8, **common)
+        mixer = BambaMixer(config, layer_idx=0)
+    elif family == "zamba2":
+        config = transformers.Zamba2Config(n_mamba_heads=8, mamba_headdim=16, mamba_ngroups=2, mamba_d_state=8,
+                                           chunk_size=8, layers_block_type=["mamba"], **common)
+        mixer = Zamba2MambaMixer(config, layer_idx=0)
+    else:
+        config = transformers.NemotronHConfig(mamba_num_heads=8, mamba_head_dim=16, n_groups=2, ssm_state_size=8,
+                                              chunk_size=8, layers_block_type=["mamba"], **common)
+        mixer = NemotronHMamba2Mixer(config, layer_idx=0)
+    with torch.no_grad():
+        for p in mixer.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return mixer.eval()
+
+
+@pytest.mark.parametrize("family", ["mamba2", "nemotron_h", "bamba", "zamba2"])
+def test_core_forward_equals_every_family_stock_mixer(family):
+    torch.manual_seed(2)
+    mixer = stock_mixer(family)
+    h = torch.randn(2, SEQ, 64)
+    with torch.no_grad():
+        assert torch.equal(ssd_forward(mixer, h, layout=mixer_layout(mixer)), mixer(h))
+
+
+def test_uneven_group_norm_normalises_each_group_over_its_own_channels():
+    layout = MixerLayout((1, 3, 2))
+    torch.manual_seed(3)
+    y, gate, weight = torch.randn(2, 5, 6 * 4), torch.randn(2, 5, 6 * 4), torch.randn(6 * 4)
+    got = gated_group_rms_norm(y, gate, weight, 1e-5, layout, head_dim=4)
+    gated = y * torch.nn.functional.silu(gate)
+    parts, start = [], 0
+    for n in layout.heads_per_group:
+        part = gated[..., start:start + n * 4]
+        parts.append(part / torch.sqrt(part.pow(2).mean(-1, keepdim=True) + 1e-5))
+        start += n * 4
+    assert max_diff(got, weight * torch.cat(parts, -1)) < 1e-6
+
+
+def test_ssm_removal_is_identity_on_x(model):
+    """y = act(conv(x)) (no D term), then the stock gated norm and out_proj."""
+    mixer = model.backbone.layers[2].mixer
+    torch.manual_seed(4)
+    h = torch.randn(2, SEQ, 64)
+    with torch.no_grad():
+        z, xBC, _ = mixer.in_proj(h).split([128, mixer.conv_dim, 8], -1)
+        x = mixer.act(mixer.conv1d(xBC.transpose(1, 2))[..., :SEQ]).transpose(1, 2)[..., :128]
+        want = mixer.out_proj(mixer.norm(x, z))
+        full = mixer_layout(mixer)
+        got = ssd_forward(mixer, h, layout=full.without(True, []), select=Selection.of(full, 16, 8, True, []))
+    assert max_diff(got, want) < 1e-5
+
+
+# ------------------------------------------------------------------ inventory
+def test_inventory(model):
+    adapter = adapter_for(model)
+    assert adapter.kind_counts() == {"block": N_LAYERS, "ssm": N_LAYERS, "head": 8 * N_LAYERS}
+    assert adapter.layer_components(2) == [Component("block", 2), Component("ssm", 2)] + [
+        Component("head", 2, h) for h in range(8)]
+    assert adapter.layer_kind(0) == "mamba"
+
+
+# ------------------------------------------------------------------ exactness
+PLANS = {
+    "block": lambda a: comps("block:1", "block:3"),
+    "ssm": lambda a: comps("ssm:0", "ssm:2"),
+    "one_head": lambda a: comps("head:1:5"),
+    "heads_uneven": lambda a: comps("head:0:0", "head:0:2", "head:0:7", "head:2:3"),
+    "ssm_and_heads_same_layer": lambda a: comps("ssm:1", "head:1:2", "head:1:6"),
+    "mixed": lambda a: comps("block:3", "ssm:0", "head:0:4", "head:1:1", "head:2:6"),
+    "random_blocks": lambda a: random_plan(a, ["block"], 10, 2),
+    "random_ssms": lambda a: random_plan(a, ["ssm"], 11, 3),
+    "random_heads": lambda a: random_plan(a, ["head"], 12, 6),
+    "random_mixed": lambda a: random_plan(a, ["block", "ssm", "head"], 13, 6),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PLANS))
+def test_masked_equals_extracted(model, ids, name):
+    adapter = adapter_for(model)
+    plan = PLANS[name](adapter)
+    base = logits(model, ids)
+    with masked(model, plan):
+        live = logits(model, ids)
+    small = extract(model, plan)
+    assert max_diff(live, logits(small, ids)) <= TOL
+    assert max_diff(live, base) > 1e-3  # the removal is real, so the equality above can fail
+    assert adapter.param_count(plan) == sum(p.numel() for p in small.parameters()) < adapter.param_count()
+
+
+def test_uniform_head_removal_gives_a_stock_config(model, ids):
+    """Half the heads of every group in every layer: stock Mamba2Config (num_heads 4, expand 1),
+    so the masked forward is checked against the stock transformers mixer."""
+    layout = mixer_layout(model.backbone.layers[0].mixer)
+    per = layout.heads_per_group[0]
+    gone = [h for h in range(8) if h % per >= per // 2] if per > 1 else []
+    if not gone:
+        pytest.skip("one head per group: cannot halve")
+    plan = PruningPlan(frozenset(Component("head", i, h) for i in range(N_LAYERS) for h in gone))
+    small = extract(model, plan)
+    assert not hasattr(small.config, "shedder")
+    assert (small.config.num_heads, small.config.expand) == (4, 1)
+    assert all(type(b.mixer).__name__ == "Mamba2Mixer" for b in small.backbone.layers)
+    with masked(model, plan):
+        assert max_diff(logits(model, ids), logits(small, ids)) <= TOL
+
+
+def test_extracted_structure(model):
+    small = extract(model, comps("block:3", "ssm:0", "head:1:1"))
+    assert small.config.num_hidden_layers == 3
+    entries = small.config.shedder["layers"]
+    assert [e["ssm"] for e in entries] == [False, True, True]
+    assert sum(entries[1]["heads_per_group"]) == 7 and len(entries[1]["heads_per_group"]) == model.config.n_groups
+    m0, m1 = small.backbone.layers[0].mixer, small.backbone.layers[1].mixer
+    assert isinstance(m0, PrunedMamba2Mixer) and not hasattr(m0, "A_log") and m0.in_proj.out_features == 256
+    assert m0.conv1d.weight.shape[0] == 128
+    assert m1.A_log.shape == (7,) and m1.out_proj.in_features == 112 and m1.norm.weight.shape == (112,)
+    assert [b.mixer.layer_idx for b in small.backbone.layers] == [0, 1, 2]
+
+
+def test_reprune_an_extracted_model(model, ids):
+    small = extract(model, comps("head:0:0", "ssm:1"))
+    adapter = adapter_for(small)
+    assert adapter.kind_counts() == {"block": N_LAYERS, "ssm": N_LAYERS - 1, "head": 8 * N_LAYERS - 1}
+    plan = comps("head:0:6", "head:2:2", "block:3")
+    with masked(small, plan):
+        live = logits(small, ids)
+    assert max_diff(live, logits(extract(small, plan), ids)) <= TOL
+
+
+def test_mask_leaves_the_model_untouched(model, ids):
+    before, base = snapshot(model), logits(model, ids)
+    plan = PLANS["mixed"](None)
+    with masked(model, plan):
+        assert not torch.equal(logits(model, ids), base)
+    with pytest.raises(RuntimeError, match="boom"):
+        with masked(model, plan):
+            logits(model, ids)
+            raise RuntimeError("boom")
+    after = snapshot(model)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(logits(model, ids), base)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+# ------------------------------------------------------------------ parameter counts
+def test_param_count_empty_plan_and_tied_embeddings(model):
+    assert adapter_for(model).param_count() == sum(p.numel() for p in model.parameters())
+    tied = make_model(2, tie_word_embeddings=True)
+    adapter = adapter_for(tied)
+    plan = comps("head:0:1", "ssm:2", "block:1")
+    small = extract(tied, plan)
+    unique = {id(p): p.numel() for p in small.parameters()}
+    assert small.lm_head.weight is small.backbone.embeddings.weight
+    assert adapter.param_count(plan) == sum(unique.values())
+
+
+# ------------------------------------------------------------------ save / load
+def test_save_load_round_trip(model, ids, tokenizer, tmp_path):
+    plan = adapter_for(model).validate(PLANS["mixed"](None))
+    small = extract(model, plan)
+    out = save(small, tokenizer, tmp_path / "pruned", plan)
+    assert "shedder" in json.loads((out / "config.json").read_text())
+    loaded, _ = load_model(str(out))
+    assert type(loaded) is type(model)
+    assert torch.equal(logits(loaded, ids), logits(small, ids))
+
+
+def test_block_only_model_loads_with_plain_transformers(model, ids, tokenizer, tmp_path):
+    small = extract(model, comps("block:0", "block:2"))
+    out = save(small, tokenizer, tmp_path / "blocks", None)
+    assert "shedder" not in json.loads((out / "config.json").read_text())
+    plain = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert type(plain) is type(model) and plain.config.num_hidden_layers == 2
+    assert torch.equal(logits(plain, ids), logits(small, ids))
+    loaded, _ = load_model(str(out))
+    assert torch.equal(logits(loaded, ids), logits(small, ids))
+
+
+# ------------------------------------------------------------------ generation with the cache
+def stepwise_greedy(model, prompt, steps):
+    """Greedy continuation from full-sequence forwards (no cache) and the logits of each step."""
+    seq, step_logits = prompt, []
+    for _ in range(steps):
+        last = logits(model, seq)[:, -1]
+        step_logits.append(last)
+        seq = torch.cat([seq, last.argmax(-1, keepdim=True)], dim=1)
+    return seq, step_logits
+
+
+def check_cached_generation(model, plan, prompt, steps=5):
+    """Extracted model: ``generate`` (prefill + one-token decode through the cache) equals greedy
+    decoding by full forwards; the live-masked model decodes the same way through its cache."""
+    small = extract(model, plan)
+    expected, expected_logits = stepwise_greedy(small, prompt, steps)
+    n = prompt.shape[1]
+    assert len(set(expected[:, n:].flatten().tolist())) > 1  # a decoding that could go wrong
+    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=steps,
+                  do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        out = small.generate(prompt, output_logits=True, return_dict_in_generate=True, **kwargs)
+    assert torch.equal(out.sequences, expected)
+    for got, want in zip(out.logits, expected_logits):
+        assert max_diff(got, want) <= TOL
+    with masked(model, plan), torch.no_grad():
+        assert torch.equal(model.generate(prompt, **kwargs), expected)
+
+
+@pytest.mark.parametrize("name", ["ssm", "heads_uneven", "ssm_and_heads_same_layer", "mixed"])
+def test_cached_generation_matches_full_forwards(model, ids, name):
+    check_cached_generation(model, PLANS[name](None), ids[:, :9])
+
+
+# ------------------------------------------------------------------ validation
+def group_heads(model, group):
+    layout = mixer_layout(model.backbone.layers[0].mixer)
+    return [h for h, g in enumerate(layout.head_group) if g == group]
+
+
+def test_removing_a_whole_group_is_refused(model):
+    if model.config.n_groups == 1:
+        plan = PruningPlan(frozenset(Component("head", 3, h) for h in range(8)))
+        words = ["layer 3", "all its 8 heads", "remove the block instead"]
+    else:
+        plan = PruningPlan(frozenset(Component("head", 3, h) for h in group_heads(model, 1)))
+        words = ["layer 3, group 1", "removing all its heads", "remove the SSM or the block instead"]
+    for action in (lambda: masked(model, plan).__enter__(), lambda: extract(model, plan)):
+        with pytest.raises(PlanError) as err:
+            action()
+        assert all(w in str(err.value) for w in words), str(err.value)
+    assert Component("head", 3, 0) in adapter_for(model).candidates(PruningPlan(), ["head"])
+    last = plan.without_components([Component("head", 3, group_heads(model, min(1, model.config.n_groups - 1))[0])])
+    assert not [c for c in adapter_for(model).candidates(last, ["head"]) if c.layer == 3 and c in plan]
+
+
+@pytest.mark.parametrize("plan, words", [
+    (comps("head:0:8"), ["head", "indices 0..7", "not 8"]),
+    (comps("attention:1"), ["no component kind", "attention"]),
+    (comps("mlp_channel_group:1:0"), ["no component kind", "mlp_channel_group"]),
+    (comps("block:4"), ["layer 4", "out of range"]),
+    (comps("block:2", "ssm:2"), ["ssm:2:0", "redundant", "block 2"]),
+    (comps("block:2", "head:2:1"), ["head:2:1", "redundant", "block 2"]),
+    (comps(*[f"block:{i}" for i in range(N_LAYERS)]), ["all 4 layers"]),
+])
+def test_invalid_plans_are_refused(model, plan, words):
+    for action in (lambda: masked(model, plan).__enter__(), lambda: extract(model, plan),
+                   lambda: adapter_for(model).param_count(plan)):
+        with pytest.raises(PlanError) as err:
+            action()
+        assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_plan_for_another_config_is_refused(model):
+    other = make_model(model.config.n_groups, state_size=16)
+    plan = adapter_for(other).validate(comps("ssm:1"))
+    with pytest.raises(PlanError, match="another Mamba2ForCausalLM configuration"):
+        masked(model, plan).__enter__()
+    deeper = make_model(model.config.n_groups, num_hidden_layers=3)
+    with pytest.raises(PlanError, match="3 layers"):
+        extract(model, adapter_for(deeper).validate(comps("ssm:1")))

@@ -1,0 +1,180 @@
+"""Nemotron-H adapter: Mamba blocks, SSMs and heads (shared Mamba-2 core), attention and MLP/MoE
+sub-blocks, and MLP channel groups, on a tiny random fp32 hybrid with every layer type."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from shedder.arch import adapter_for
+from shedder.arch.mamba2_core import PrunedMamba2Mixer
+from shedder.errors import PlanError
+from shedder.extract import extract, save
+from shedder.loading import load_model
+from shedder.masking import masked
+from shedder.plan import Component, PruningPlan
+from test_arch_mamba2 import (TOL, check_cached_generation, comps, logits, max_diff, random_plan, snapshot,
+                              tokenizer)  # noqa: F401  (tokenizer is a fixture)
+
+PATTERN = ["mamba", "attention", "mamba", "mlp", "moe", "mamba", "mlp"]
+GROUPS = {"mlp_channel_group": 32}  # 96 intermediate channels = 3 groups
+
+
+def make_model(seed: int = 0, **overrides):
+    kwargs = dict(hidden_size=64, vocab_size=100, layers_block_type=PATTERN, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, intermediate_size=96, mamba_num_heads=8, mamba_head_dim=16,
+                  n_groups=2, ssm_state_size=8, chunk_size=8, n_routed_experts=4, num_experts_per_tok=2,
+                  moe_intermediate_size=32, moe_shared_expert_intermediate_size=32, max_position_embeddings=64,
+                  eos_token_id=None)
+    config = transformers.NemotronHConfig(**{**kwargs, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.NemotronHForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("A_log", ".D", "dt_bias", "norm.weight")):
+                p.add_(torch.randn_like(p) * 0.3)
+            elif name.endswith(("weight", "up_proj", "down_proj")) and "gate" not in name:
+                p.normal_(0.0, 0.2)
+    return model
+
+
+def plan(*specs: str) -> PruningPlan:
+    return PruningPlan(comps(*specs).components, group_sizes=dict(GROUPS))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model()
+
+
+@pytest.fixture(scope="module")
+def adapter(model):
+    return adapter_for(model, GROUPS)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    torch.manual_seed(1)
+    return torch.randint(0, 100, (2, 13))
+
+
+def test_inventory(model, adapter):
+    assert [adapter.layer_kind(i) for i in range(len(PATTERN))] == PATTERN
+    assert adapter.kind_counts() == {"block": 3, "ssm": 3, "head": 24, "attention": 1, "mlp": 3, "mlp_channel_group": 6}
+    assert adapter.layer_components(1) == [Component("attention", 1)]
+    assert adapter.layer_components(4) == [Component("mlp", 4)]  # MoE: skipped whole, no channel groups
+    assert adapter.layer_components(3) == [Component("mlp", 3)] + [Component("mlp_channel_group", 3, g) for g in range(3)]
+    default = adapter_for(model)  # groups of 64: 64 + a short last group of 32
+    assert [len(g) for g in default.mlp_groups(3)] == [64, 32]
+
+
+PLANS = {
+    "attention": lambda a: plan("attention:1"),
+    "mlp": lambda a: plan("mlp:3"),
+    "moe": lambda a: plan("mlp:4"),
+    "mamba_block": lambda a: plan("block:2"),
+    "ssm_and_heads": lambda a: plan("ssm:0", "head:0:1", "head:5:6"),
+    "channel_groups_uneven": lambda a: plan("mlp_channel_group:3:1"),
+    "channel_groups_uniform": lambda a: plan("mlp_channel_group:3:2", "mlp_channel_group:6:0"),
+    "mixed": lambda a: plan("attention:1", "block:5", "ssm:2", "head:0:3", "mlp_channel_group:6:1", "mlp:4"),
+    "random_mixed": lambda a: PruningPlan(random_plan(a, list(a.kinds), 21, 6).components, group_sizes=dict(GROUPS)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PLANS))
+def test_masked_equals_extracted(model, adapter, ids, name):
+    p = PLANS[name](adapter)
+    base = logits(model, ids)
+    with masked(model, p, adapter):
+        live = logits(model, ids)
+    small = extract(model, p, adapter)
+    assert max_diff(live, logits(small, ids)) <= TOL
+    assert max_diff(live, base) > 1e-3  # the removal is real, so the equality above can fail
+    assert adapter.param_count(p) == sum(p_.numel() for p_ in small.parameters()) < adapter.param_count()
+
+
+def test_extracted_structure(model, adapter):
+    small = extract(model, PLANS["mixed"](adapter), adapter)
+    assert small.config.layers_block_type == ["linear_attention", "linear_attention", "mlp", "mlp"]
+    assert small.config.use_cache is False  # no attention layer left to size the cache
+    entries = small.config.shedder["layers"]
+    assert entries[0] == {"ssm": True, "heads_per_group": [3, 4]} and entries[1]["ssm"] is False
+    assert entries[2:] == [{"intermediate_size": 96}, {"intermediate_size": 64}]
+    layers = small.model.layers
+    assert isinstance(layers[0].mixer, PrunedMamba2Mixer) and layers[3].mixer.up_proj.out_features == 64
+    assert [getattr(l.mixer, "layer_idx", i) for i, l in enumerate(layers)] == [0, 1, 2, 3]
+
+
+def test_uniform_removals_give_a_stock_config(model, adapter, ids, tokenizer, tmp_path):
+    """Same heads in every Mamba layer, same MLP width, attention and a block gone: stock config."""
+    heads = [f"head:{i}:{h}" for i in (0, 5) for h in (1, 6)]
+    p = plan(*heads, "mlp_channel_group:3:0", "mlp_channel_group:6:2", "block:2", "mlp:4")
+    small = extract(model, p, adapter)
+    assert not hasattr(small.config, "shedder")
+    assert (small.config.mamba_num_heads, small.config.intermediate_size) == (6, 64)
+    with masked(model, p, adapter):
+        assert max_diff(logits(model, ids), logits(small, ids)) <= TOL
+    out = save(small, tokenizer, tmp_path / "stock", p)
+    assert "shedder" not in json.loads((out / "config.json").read_text())
+    plain = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    assert torch.equal(logits(plain, ids), logits(small, ids))
+
+
+@pytest.mark.parametrize("name", ["mixed", "ssm_and_heads", "channel_groups_uneven"])  # the last two keep the MoE
+def test_save_load_round_trip(model, adapter, ids, tokenizer, tmp_path, name):
+    p = adapter.validate(PLANS[name](adapter))
+    small = extract(model, p, adapter)
+    out = save(small, tokenizer, tmp_path / "pruned", p)
+    assert "shedder" in json.loads((out / "config.json").read_text())
+    loaded, _ = load_model(str(out))
+    assert type(loaded) is type(model)
+    assert torch.equal(logits(loaded, ids), logits(small, ids))
+
+
+def test_mask_leaves_the_model_untouched(model, adapter, ids):
+    before, base = snapshot(model), logits(model, ids)
+    with pytest.raises(RuntimeError, match="boom"):
+        with masked(model, PLANS["mixed"](adapter), adapter):
+            assert not torch.equal(logits(model, ids), base)
+            raise RuntimeError("boom")
+    after = snapshot(model)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert torch.equal(logits(model, ids), base)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+@pytest.mark.parametrize("specs", [
+    ("block:2", "ssm:0", "head:5:1", "head:5:2", "mlp_channel_group:3:1", "mlp:6"),
+    ("attention:1", "ssm:0"),  # no attention layer left: generation runs without a cache
+])
+def test_cached_generation_matches_full_forwards(model, adapter, ids, specs):
+    check_cached_generation(model, plan(*specs), ids[:, :9])
+
+
+@pytest.mark.parametrize("specs, words", [
+    (("block:1",), ["layer 1 (attention) has no block"]),
+    (("attention:0",), ["layer 0 (mamba) has no attention"]),
+    (("head:3:0",), ["layer 3 (mlp) has no head"]),
+    (("mlp_channel_group:4:0",), ["layer 4 (moe) has no mlp_channel_group"]),
+    (("mlp_channel_group:3:3",), ["indices 0..2", "not 3"]),
+    (("head:0:4", "head:0:5", "head:0:6", "head:0:7"), ["layer 0, group 1", "remove the SSM or the block instead"]),
+    (("mlp_channel_group:6:0", "mlp_channel_group:6:1", "mlp_channel_group:6:2"),
+     ["layer 6", "all 3 MLP channel groups", "remove the MLP instead"]),
+    (("mlp:3", "mlp_channel_group:3:1"), ["redundant", "layer 3"]),
+    (("block:2", "ssm:2"), ["redundant", "block 2"]),
+])
+def test_invalid_plans_are_refused(model, adapter, specs, words):
+    p = plan(*specs)
+    for action in (lambda: masked(model, p, adapter).__enter__(), lambda: extract(model, p, adapter),
+                   lambda: adapter.param_count(p)):
+        with pytest.raises(PlanError) as err:
+            action()
+        assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_plan_for_another_group_size_is_refused(model, adapter):
+    with pytest.raises(PlanError, match="groups of 64"):
+        adapter.validate(PruningPlan(frozenset([Component("mlp_channel_group", 3, 0)]),
+                                     group_sizes={"mlp_channel_group": 64}))
