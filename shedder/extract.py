@@ -1,13 +1,13 @@
 """Physical pruning: build the smaller model, save it with its plan, and read the plan back."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .arch import adapter_for
 from .plan import PruningPlan
 
 PLAN_FILE = "pruning_plan.json"
+WEIGHTS_FILE = "model.safetensors"
 
 
 def extract(model, plan: PruningPlan, adapter=None):
@@ -20,7 +20,10 @@ def save(model, tokenizer, out_dir: str | Path, plan: PruningPlan | None = None,
     """Write safetensors + config (+ tokenizer, the plan, a model card) to ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    if getattr(model.config, "shedder", None):
+        _save_uneven(model, out)
+    else:
+        model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     if plan is not None:
@@ -28,6 +31,18 @@ def save(model, tokenizer, out_dir: str | Path, plan: PruningPlan | None = None,
     if card:
         (out / "README.md").write_text(card)
     return out
+
+
+def _save_uneven(model, out: Path) -> None:
+    """A model with per-layer shapes only our loader can rebuild: its weights are written under
+    their module names (``save_pretrained`` would rename keys into a family's checkpoint layout,
+    which only ``from_pretrained`` undoes), shared tensors once."""
+    from safetensors.torch import save_model
+
+    model.config.save_pretrained(out)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(out)
+    save_model(model, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
 
 
 def saved_plan(model_dir: str | Path) -> PruningPlan | None:

@@ -6,7 +6,6 @@ safetensors only, and ``trust_remote_code`` stays off unless asked for.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -95,28 +94,26 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype="float32", device: str =
 
 
 def _load_pruned(source: str, config, dtype: torch.dtype, device: str):
-    """Rebuild a pruned model with uneven shapes through its adapter and load its safetensors."""
-    from safetensors.torch import load_file
+    """Rebuild a pruned model with uneven shapes through its adapter and load its safetensors
+    (written by ``shedder.extract.save`` under module names)."""
+    from safetensors.torch import load_model as load_weights
+
+    from .extract import WEIGHTS_FILE
 
     local = Path(source)
     if not local.is_dir():
         from huggingface_hub import snapshot_download
         local = Path(snapshot_download(source, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
-    files = sorted(local.glob("*.safetensors"))
-    if not files:
-        raise ModelLoadError(f"{local} has no .safetensors weights")
-    state = {}
-    for f in files:
-        state.update(load_file(str(f)))
+    weights = local / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ModelLoadError(f"{local} has no {WEIGHTS_FILE}")
     architecture = (getattr(config, "architectures", None) or [None])[0]
     cls = adapter_class(architecture, config.model_type)
     model = instantiate(cls, config, device=device, dtype=dtype)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or {})
-    missing = [k for k in missing if k not in tied]
-    if missing or unexpected:
-        raise ModelLoadError(f"{local}: weights do not match the pruned structure in config.json "
-                             f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     if hasattr(model, "tie_weights"):
-        model.tie_weights()
+        model.tie_weights()  # before loading: the file holds a tied tensor once
+    try:
+        load_weights(model, str(weights), strict=True, device=str(device))
+    except RuntimeError as e:
+        raise ModelLoadError(f"{local}: weights do not match the pruned structure in config.json ({e})") from None
     return model

@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import re
 
 import torch
 import torch.nn.functional as F
@@ -155,34 +154,12 @@ class NemotronHAdapter(Mamba2StyleAdapter):
         model = NemotronHForCausalLM(config)
         spec = getattr(config, "shedder", None)
         if spec:
-            model._register_load_state_dict_pre_hook(_from_checkpoint_layout)
             for block, entry in zip(model.model.layers, spec["layers"]):
                 if "heads_per_group" in entry:
                     block.mixer = PrunedMamba2Mixer(block.mixer, MixerLayout.from_dict(entry), cls.hooks)
                 elif "intermediate_size" in entry:
                     block.mixer = NemotronHMLP(config, intermediate_size=entry["intermediate_size"])
         return model
-
-
-_EXPERT_KEY = re.compile(r"(model\.layers\.\d+\.mixer\.experts)\.(\d+)\.(up_proj|down_proj)\.weight$")
-
-
-def _from_checkpoint_layout(state_dict, prefix, *args):
-    """Undo what ``save_pretrained`` does to Nemotron-H keys (``model.`` saved as ``backbone.``,
-    stacked expert weights saved one expert at a time), so that a pruned checkpoint loads with
-    ``load_state_dict``; keys already in the module layout pass through unchanged."""
-    experts: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
-    for key in list(state_dict):
-        name = key[len(prefix):]
-        if name.startswith("backbone."):
-            name = "model." + name[len("backbone."):]
-            state_dict[prefix + name] = state_dict.pop(key)
-            key = prefix + name
-        match = _EXPERT_KEY.match(name)
-        if match:
-            experts.setdefault((match[1], match[3]), {})[int(match[2])] = state_dict.pop(key)
-    for (base, proj), parts in experts.items():
-        state_dict[f"{prefix}{base}.{proj}"] = torch.stack([parts[i] for i in sorted(parts)])
 
 
 def sliced_mlp_forward(mlp: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
