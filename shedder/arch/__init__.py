@@ -18,8 +18,15 @@ def register(cls: type[Adapter]) -> type[Adapter]:
     return cls
 
 
+_LOADED = False
+
+
 def _load_families() -> list[type[Adapter]]:
-    if not _REGISTRY:
+    # A flag, not "registry empty": importing one family module directly (e.g. in a test) registers
+    # that family early, and the others must still be imported on the first lookup.
+    global _LOADED
+    if not _LOADED:
+        _LOADED = True
         for name in _FAMILY_MODULES:
             try:
                 importlib.import_module(f"{__name__}.{name}")

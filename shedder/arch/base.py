@@ -61,6 +61,19 @@ class Adapter:
         """Every component of one layer of the *unpruned* model, all kinds."""
         raise NotImplementedError
 
+    def kept_layers(self, plan: PruningPlan) -> list[int]:
+        """Indices (in this model) of the layers the model extracted under ``plan`` keeps, in order:
+        extracted layer ``j`` is layer ``kept_layers(plan)[j]``. Default: every layer whose block is
+        not removed; a family whose extraction also drops layers a plan empties overrides this."""
+        removed = {c.layer for c in plan.of_kind("block")}
+        return [i for i in range(self.num_layers) if i not in removed]
+
+    def layer_cost_modules(self, layer: int) -> list[nn.Module]:
+        """The modules one pass through ``layer`` runs for every token (``shedder.cost`` counts
+        their FLOPs and state). Default: every module under the layer. Override when a layer holds
+        modules it does not run, e.g. the per-application adapters of a shared block."""
+        return list(self.layers()[layer].modules())
+
     def check(self, plan: PruningPlan) -> None:
         """Family rules beyond membership (e.g. head removal must keep groups equal).
 
@@ -132,6 +145,8 @@ class Adapter:
                 continue
             if c.kind != "block" and Component("block", c.layer) in plan:
                 continue
+            if c.kind == "block" and any(p.layer == c.layer for p in plan.components):
+                continue  # the plan already removes parts of this layer; a block on top is redundant
             try:
                 self.check(plan.with_components([c]))
             except PlanError:

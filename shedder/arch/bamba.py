@@ -1,0 +1,256 @@
+"""Bamba (``BambaForCausalLM``): Mamba-2 layers and attention layers, each followed by a gated MLP.
+
+A decoder layer computes ``h = h + mixer(input_layernorm(h)); h = h + feed_forward(pre_ff_layernorm(h))``
+with ``mixer`` either a Mamba-2 mixer (``layer.mamba``) or self-attention (``layer.self_attn``).
+Removing a component means:
+
+* ``block`` — the whole layer (mixer and MLP) is skipped: ``h = h``; extraction deletes it.
+* ``ssm`` / ``head`` (Mamba layers) — as in Mamba-2, through ``mamba2_core``.
+* ``attention`` (attention layers) — the self-attention branch contributes nothing: ``h = h`` before
+  the MLP; its projections and ``input_layernorm`` go. The extracted layer is listed as a
+  linear-attention layer with no mixer, so the cache holds no key/value states for it.
+* ``mlp`` (every layer) — the feed-forward branch (with ``pre_ff_layernorm``) contributes nothing.
+* ``mlp_channel_group`` — a group of MLP intermediate channels (gate/up rows, down columns); groups
+  of 256 channels by default (about 8 groups per MLP for tiny models).
+
+A layer left with neither mixer nor MLP is the identity and is deleted like a removed block. A plan
+must keep at least one attention layer: ``transformers`` derives the causal mask from the cache's
+attention slots, so a Bamba without any cannot generate with a cache. Live masks keep the removed
+attention's cache slot filled with placeholders for the same reason.
+Extracted models whose layers all keep stock shapes (block removals only) have a stock config;
+otherwise ``config.shedder = {"layers": [spec, ...]}`` with one dict per kept layer holding only
+what differs from stock: ``"mixer": false``, ``"mamba": MixerLayout.to_dict()``, ``"mlp": width``
+(0 = no MLP).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+
+import torch
+from torch import nn
+
+from ..errors import ModelLoadError
+from ..plan import Component, PruningPlan
+from . import register
+from .hybrid_common import (
+    ZeroBranch,
+    check_attention_left,
+    check_mlp_groups,
+    kept_mlp_channels,
+    mask_mlp_channels,
+    mlp_width_after,
+    num_mlp_groups,
+    pruned_mlp_state,
+    record_length,
+    remove_sub_block,
+    resize_mlp,
+    skip_sub_block,
+)
+from .mamba2_core import (
+    Mamba2StyleAdapter,
+    MixerLayout,
+    PrunedMamba2Mixer,
+    mixer_layout,
+    sliced_state_dict,
+    ssm_components,
+)
+
+
+def default_mlp_group_size(width: int) -> int:
+    """256 channels per group for real checkpoints; tiny models get about 8 groups per MLP."""
+    return max(1, min(256, width // 8))
+
+
+def _present(module) -> bool:
+    return module is not None and not isinstance(module, ZeroBranch)
+
+
+@register
+class BambaAdapter(Mamba2StyleAdapter):
+    architectures = ("BambaForCausalLM",)
+    model_types = ("bamba",)
+    kinds = ("block", "ssm", "head", "attention", "mlp", "mlp_channel_group")
+    layer_prefix = "model.layers."
+    mixer_name = "mamba"
+
+    def __init__(self, model: nn.Module, group_sizes: dict[str, int] | None = None):
+        super().__init__(model, group_sizes)
+        self.group_sizes.setdefault("mlp_channel_group", default_mlp_group_size(self.config.intermediate_size))
+
+    @property
+    def group_size(self) -> int:
+        return self.group_sizes["mlp_channel_group"]
+
+    # ------------------------------------------------------------------ inventory
+    def layers(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+    @functools.cached_property
+    def _structure(self) -> tuple[tuple[bool, bool, int], ...]:
+        """(has a Mamba mixer, has attention, MLP width) per layer, read once from the modules (masks
+        never change them); validation runs for every search candidate, so it must be cheap."""
+        out = []
+        for block in self.layers():
+            ff = block.feed_forward
+            out.append((_present(getattr(block, "mamba", None)), _present(getattr(block, "self_attn", None)),
+                        ff.gate_proj.out_features if _present(ff) else 0))
+        return tuple(out)
+
+    def has_ssm_mixer(self, layer: int) -> bool:
+        return self._structure[layer][0]
+
+    def has_attention(self, layer: int) -> bool:
+        return self._structure[layer][1]
+
+    def mlp_width(self, layer: int) -> int:
+        """Intermediate channels of the layer's MLP (0 when it was removed)."""
+        return self._structure[layer][2]
+
+    def layer_kind(self, layer: int) -> str:
+        if self.has_ssm_mixer(layer):
+            return "mamba"
+        return "attention" if self.has_attention(layer) else "mlp"
+
+    def layer_components(self, layer: int) -> list[Component]:
+        comps = [Component("block", layer)]
+        if self.has_ssm_mixer(layer):
+            comps += ssm_components(layer, mixer_layout(self.mixer(layer)))
+        if self.has_attention(layer):
+            comps.append(Component("attention", layer))
+        width = self.mlp_width(layer)
+        if width:
+            comps.append(Component("mlp", layer))
+            comps += [Component("mlp_channel_group", layer, g) for g in range(num_mlp_groups(width, self.group_size))]
+        return comps
+
+    def check(self, plan: PruningPlan) -> None:
+        super().check(plan)
+        attention = [i for i, (_, attn, _) in enumerate(self._structure) if attn]
+        check_attention_left("Bamba", "attention layer", attention,
+                             [c.layer for c in plan.components if c.kind in ("block", "attention")])
+        for layer, comps in self.by_layer(plan).items():
+            groups = [c.index for c in comps if c.kind == "mlp_channel_group"]
+            if groups and not any(c.kind == "mlp" for c in comps):  # a removed MLP takes its groups with it
+                check_mlp_groups(layer, self.mlp_width(layer), self.group_size, groups)
+
+    def candidates(self, plan: PruningPlan, kinds: list[str]) -> list[Component]:
+        """As the base, minus channel groups of an MLP the plan already removes (no-ops)."""
+        return [c for c in super().candidates(plan, kinds)
+                if not (c.kind == "mlp_channel_group" and Component("mlp", c.layer) in plan)]
+
+    # ------------------------------------------------------------------ live masks
+    def skip_forward(self, layer: int):
+        slot = layer if self.has_attention(layer) else None
+
+        def forward(hidden_states, *args, **kwargs):  # the layer returns (hidden_states, attn_weights)
+            if slot is not None:
+                record_length(kwargs.get("cache"), slot, hidden_states)
+            return hidden_states, None
+        return forward
+
+    def mask_layer(self, layer: int, comps: list[Component], stack: contextlib.ExitStack) -> None:
+        super().mask_layer(layer, comps, stack)  # ssm / head
+        block = self.layers()[layer]
+        kinds = {c.kind for c in comps}
+        if "attention" in kinds:
+            skip_sub_block(stack, block.self_attn, block.input_layernorm, returns_tuple=True, cache_slot=layer)
+        if "mlp" in kinds:
+            skip_sub_block(stack, block.feed_forward, block.pre_ff_layernorm)
+        elif "mlp_channel_group" in kinds:
+            mask_mlp_channels(block.feed_forward, self._kept_channels(layer, comps), stack)
+
+    def _kept_channels(self, layer: int, comps) -> torch.Tensor:
+        groups = [c.index for c in comps if c.kind == "mlp_channel_group"]
+        return kept_mlp_channels(self.mlp_width(layer), self.group_size, groups)
+
+    # ------------------------------------------------------------------ extraction
+    def _layer_plan(self, layer: int, comps: list[Component]) -> tuple[bool, bool, int]:
+        """(keeps a mixer, mixer is Mamba, MLP width) of ``layer`` after removing ``comps`` (its components)."""
+        kinds = {c.kind for c in comps}
+        mamba = self.has_ssm_mixer(layer)
+        has_mixer = mamba or (self.has_attention(layer) and "attention" not in kinds)
+        if "mlp" in kinds:
+            width = 0
+        elif "mlp_channel_group" in kinds:
+            width = mlp_width_after(self.mlp_width(layer), self.group_size,
+                                    (c.index for c in comps if c.kind == "mlp_channel_group"))
+        else:
+            width = self.mlp_width(layer)
+        return has_mixer, mamba, width
+
+    def removed_layers(self, plan: PruningPlan) -> set[int]:
+        gone = super().removed_layers(plan)
+        for layer, comps in self.by_layer(plan).items():
+            has_mixer, _, width = self._layer_plan(layer, comps)
+            if not has_mixer and not width:  # nothing left: the identity
+                gone.add(layer)
+        return gone
+
+    def pruned_config(self, plan: PruningPlan):
+        config = copy.deepcopy(self.config)
+        stock = MixerLayout((config.mamba_n_heads // config.mamba_n_groups,) * config.mamba_n_groups)
+        specs, attention, by_layer = [], [], self.by_layer(plan)
+        for new, old in enumerate(self.kept_layers(plan)):
+            has_mixer, mamba, width = self._layer_plan(old, by_layer.get(old, []))
+            spec = {}
+            if not has_mixer:
+                spec["mixer"] = False
+            elif mamba:
+                layout = self.new_layout(plan, old)
+                if layout != stock:
+                    spec["mamba"] = layout.to_dict()
+            else:
+                attention.append(new)
+            if width != config.intermediate_size:
+                spec["mlp"] = width
+            specs.append(spec)
+        config.num_hidden_layers = len(specs)
+        config.attn_layer_indices = attention
+        if any(specs):
+            config.shedder = {"layers": specs}
+        elif hasattr(config, "shedder"):
+            del config.shedder
+        return config
+
+    def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
+        replace, by_layer = self.mixer_replacements(plan), self.by_layer(plan)
+        for layer in self.kept_layers(plan):
+            comps = by_layer.get(layer, [])
+            kinds = {c.kind for c in comps}
+            block = self.layers()[layer]
+            mods = {}
+            if "attention" in kinds:
+                mods.update({"self_attn": {}, "input_layernorm": {}})
+            if "mlp" in kinds:
+                mods.update({"feed_forward": {}, "pre_ff_layernorm": {}})
+            elif "mlp_channel_group" in kinds:
+                mods["feed_forward"] = pruned_mlp_state(block.feed_forward, self._kept_channels(layer, comps))
+            if mods:
+                replace.setdefault(layer, {}).update(mods)
+        return sliced_state_dict(self.model.state_dict(), self.layer_prefix, self.kept_layers(plan), replace)
+
+    @classmethod
+    def build(cls, config) -> nn.Module:
+        from transformers import BambaForCausalLM
+
+        model = BambaForCausalLM(config)
+        specs = (getattr(config, "shedder", None) or {}).get("layers")
+        if specs is None:
+            return model
+        layers = model.model.layers
+        if len(specs) != len(layers):
+            raise ModelLoadError(f"config.shedder describes {len(specs)} layers but num_hidden_layers is {len(layers)}")
+        for block, spec in zip(layers, specs):
+            if spec.get("mixer", True) is False:
+                remove_sub_block(block, "mamba" if hasattr(block, "mamba") else "self_attn", "input_layernorm",
+                                 returns_tuple=not hasattr(block, "mamba"))
+            elif "mamba" in spec:
+                block.mamba = PrunedMamba2Mixer(block.mamba, MixerLayout.from_dict(spec["mamba"]), cls.hooks)
+            if "mlp" in spec:
+                if spec["mlp"]:
+                    resize_mlp(block.feed_forward, int(spec["mlp"]))
+                else:
+                    remove_sub_block(block, "feed_forward", "pre_ff_layernorm")
+        return model

@@ -1,0 +1,314 @@
+"""Zamba2 (``Zamba2ForCausalLM``): Mamba-2 layers, some of which also apply a shared transformer block.
+
+Every decoder layer holds a Mamba-2 mixer: ``h = h + mamba(norm(h + T))``. In a *hybrid* layer
+``T`` is the output of one **application** of a shared transformer block:
+``T = linear(mlp(pre_ff_norm(attn(input_norm([h, embeddings])))))``, where attention and MLP weights
+are shared by all applications of the same memory block (``num_mem_blocks`` of them, used in
+turn), while ``linear`` and the LoRA-style adapters (q/k/v, gate_up) belong to one application.
+In a plain Mamba layer ``T`` is absent. Removing a component means:
+
+* ``block`` (every layer) — the whole layer is skipped, ``h = h``: its Mamba mixer and, in a hybrid
+  layer, its shared-block application. Extraction deletes the layer.
+* ``ssm`` / ``head`` (every layer) — the layer's Mamba-2 mixer loses its SSD scan / a head
+  (``mamba2_core``).
+* ``attention`` (hybrid layers) — the application at this layer is removed: ``T`` is gone and the
+  layer computes as a plain Mamba layer. The shared block has no residual path around its
+  attention, so without it nothing reaches the MLP; dropping the whole application is what a
+  zeroed attention computes when the block has no linear biases (all published Zamba2 models).
+  The application's adapters and ``linear`` go, and the extracted layer is a stock Mamba layer
+  (no key/value cache).
+* ``mlp`` (hybrid layers) — the application skips the shared MLP (with its ``pre_ff_norm``); the
+  MLP has no residual path either, so skipping it passes the attention output straight on:
+  ``T = linear(attn(...))``. The application's gate_up adapter goes.
+
+MLP channel groups are not offered: the MLP's channels are shared by every application of its
+memory block, so they are not a per-layer component.
+
+A plan must keep at least one application: ``transformers`` derives the causal mask from the
+cache's attention slots, so a Zamba2 without any cannot generate with a cache. Live masks keep
+the removed applications' cache slots filled with placeholders for the same reason.
+
+Shared weights stay shared: they disappear only when no remaining application uses them.
+Extraction keeps one module per application with tied parameters, exactly like stock Zamba2.
+When the result is expressible by a stock config (applications removed while the memory blocks
+still alternate in the stock order, no mixer or MLP changes), the extracted config is a stock
+one. Otherwise ``config.shedder`` holds ``"layers"`` (one dict per layer: ``"mamba":
+MixerLayout.to_dict()``, ``"mlp": false``) and/or ``"shared_blocks"`` (the memory block of each
+application, in order), and ``build`` recreates adapters, pass-throughs and ties from it.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+import re
+
+import torch
+from torch import nn
+
+from ..errors import ModelLoadError
+from ..plan import Component, PruningPlan
+from . import register
+from .base import patch_forward
+from .hybrid_common import check_attention_left, record_length
+from .mamba2_core import (
+    Mamba2StyleAdapter,
+    MixerLayout,
+    PrunedMamba2Mixer,
+    mixer_layout,
+    pruned_mixer_state,
+    ssm_components,
+    ssm_removals,
+)
+
+_ADAPTER_LISTS = r"(self_attn\.linear_[qkv]_adapter_list|feed_forward\.gate_up_proj_adapter_list)"
+#: a per-application adapter slot's parameter inside a shared block: (adapter list, slot, parameter)
+_ADAPTER_KEY = re.compile(rf"^{_ADAPTER_LISTS}\.(\d+)\.(.+)$")
+#: a per-application adapter slot (the module) inside a shared block: (adapter list, slot)
+_ADAPTER_SLOT = re.compile(rf"^{_ADAPTER_LISTS}\.(\d+)$")
+
+
+class PassThrough(nn.Module):
+    """A skipped MLP inside the shared block (no residual there): the input goes on unchanged."""
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states
+
+
+def _pass_through(hidden_states, *args, **kwargs):
+    return hidden_states
+
+
+def _is_hybrid(layer: nn.Module) -> bool:
+    return hasattr(layer, "shared_transformer")
+
+
+@register
+class Zamba2Adapter(Mamba2StyleAdapter):
+    architectures = ("Zamba2ForCausalLM",)
+    model_types = ("zamba2",)
+    kinds = ("block", "ssm", "head", "attention", "mlp")
+    layer_prefix = "model.layers."
+
+    # ------------------------------------------------------------------ inventory
+    def layers(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+    def mixer(self, layer: int) -> nn.Module:
+        block = self.layers()[layer]
+        return block.mamba_decoder.mamba if _is_hybrid(block) else block.mamba
+
+    @functools.cached_property
+    def _hybrid(self) -> frozenset[int]:
+        """Layers holding a shared-block application (read once: validation runs per search candidate)."""
+        return frozenset(i for i, block in enumerate(self.layers()) if _is_hybrid(block))
+
+    def is_hybrid(self, layer: int) -> bool:
+        return layer in self._hybrid
+
+    def has_mlp(self, layer: int) -> bool:
+        return self.is_hybrid(layer) and not isinstance(self.layers()[layer].shared_transformer.feed_forward, PassThrough)
+
+    def layer_kind(self, layer: int) -> str:
+        return "hybrid" if self.is_hybrid(layer) else "mamba"
+
+    def layer_components(self, layer: int) -> list[Component]:
+        comps = [Component("block", layer)] + ssm_components(layer, mixer_layout(self.mixer(layer)))
+        if self.is_hybrid(layer):
+            comps.append(Component("attention", layer))
+        if self.has_mlp(layer):
+            comps.append(Component("mlp", layer))
+        return comps
+
+    def layer_cost_modules(self, layer: int) -> list[nn.Module]:
+        """The layer's modules minus the adapters of the other applications its shared block holds."""
+        block = self.layers()[layer]
+        if not _is_hybrid(block):
+            return list(block.modules())
+        own = block.shared_transformer.self_attn.layer_dic[layer]
+        others = set()
+        for name, module in block.shared_transformer.named_modules():
+            slot = _ADAPTER_SLOT.match(name)
+            if slot and int(slot.group(2)) != own:
+                others.update(id(m) for m in module.modules())
+        return [m for m in block.modules() if id(m) not in others]
+
+    def check(self, plan: PruningPlan) -> None:
+        super().check(plan)
+        check_attention_left("Zamba2", "shared-block application", self._hybrid,
+                             [c.layer for c in plan.components if c.kind in ("block", "attention")])
+
+    def candidates(self, plan: PruningPlan, kinds: list[str]) -> list[Component]:
+        """As the base, minus the MLP of an application the plan already removes (a no-op)."""
+        return [c for c in super().candidates(plan, kinds)
+                if not (c.kind == "mlp" and Component("attention", c.layer) in plan)]
+
+    # ------------------------------------------------------------------ live masks
+    def skip_forward(self, layer: int):
+        hybrid = self.is_hybrid(layer)
+
+        def forward(hidden_states, *args, **kwargs):
+            if hybrid:  # its key/value slot stays in the cache
+                record_length(kwargs.get("cache"), layer, hidden_states)
+            return hidden_states
+        return forward
+
+    def mask_layer(self, layer: int, comps: list[Component], stack: contextlib.ExitStack) -> None:
+        super().mask_layer(layer, comps, stack)  # ssm / head
+        kinds = {c.kind for c in comps}
+        block = self.layers()[layer]
+        if "attention" in kinds:  # the layer runs as its own plain Mamba layer (same call signature)
+            mamba_layer = block.mamba_decoder
+
+            def forward(hidden_states, *args, **kwargs):
+                record_length(kwargs.get("cache"), layer, hidden_states)  # its key/value slot stays in the cache
+                return mamba_layer(hidden_states, *args, **kwargs)
+            patch_forward(block, forward, stack)
+        elif "mlp" in kinds:
+            patch_forward(block.shared_transformer.pre_ff_layernorm, _pass_through, stack)
+            patch_forward(block.shared_transformer.feed_forward, _pass_through, stack)
+
+    # ------------------------------------------------------------------ extraction
+    def _applications(self, plan: PruningPlan) -> list[int]:
+        """Old indices of the layers that keep their shared-block application, in order."""
+        gone_app = {c.layer for c in plan.components if c.kind == "attention"}
+        return [i for i in self.kept_layers(plan) if self.is_hybrid(i) and i not in gone_app]
+
+    def _keeps_mlp(self, plan: PruningPlan, layer: int) -> bool:
+        return self.has_mlp(layer) and Component("mlp", layer) not in plan
+
+    def _block_id(self, layer: int) -> int:
+        return self.layers()[layer].shared_transformer.block_id
+
+    def pruned_config(self, plan: PruningPlan):
+        config = copy.deepcopy(self.config)
+        kept, apps = self.kept_layers(plan), self._applications(plan)
+        stock = MixerLayout((config.n_mamba_heads // config.mamba_ngroups,) * config.mamba_ngroups)
+        specs = []
+        for i in kept:
+            spec = {}
+            layout = self.new_layout(plan, i)
+            if layout != stock:
+                spec["mamba"] = layout.to_dict()
+            if i in apps and not self._keeps_mlp(plan, i):
+                spec["mlp"] = False
+            specs.append(spec)
+        config.layers_block_type = ["hybrid" if i in apps else "linear_attention" for i in kept]
+        config.hybrid_layer_ids = [j for j, i in enumerate(kept) if i in apps]
+        config.num_hidden_layers = len(kept)
+        blocks = [self._block_id(i) for i in apps]
+        shedder = {}
+        if any(specs):
+            shedder["layers"] = specs
+        if blocks != [k % config.num_mem_blocks for k in range(len(blocks))]:
+            shedder["shared_blocks"] = blocks
+        if shedder:
+            config.shedder = shedder
+        elif hasattr(config, "shedder"):
+            del config.shedder
+        return config
+
+    def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
+        kept, apps = self.kept_layers(plan), self._applications(plan)
+        new_pos = {i: k for k, i in enumerate(apps)}
+        old_app_at = {}  # adapter slot in the source model -> layer of that application
+        for i in range(self.num_layers):
+            if self.is_hybrid(i):
+                old_app_at[self.layers()[i].shared_transformer.self_attn.layer_dic[i]] = i
+        prefix = self.layer_prefix
+        out = {k: v for k, v in self.model.state_dict().items() if not k.startswith(prefix)}
+        for j, i in enumerate(kept):
+            block = self.layers()[i]
+            mamba_layer = block.mamba_decoder if self.is_hybrid(i) else block
+            mamba_prefix = f"{prefix}{j}.mamba_decoder." if i in new_pos else f"{prefix}{j}."
+            remove_ssm, heads = ssm_removals(c for c in plan.components if c.layer == i)
+            pruned = remove_ssm or heads
+            for name, t in mamba_layer.state_dict().items():
+                if not (pruned and name.startswith("mamba.")):
+                    out[mamba_prefix + name] = t
+            if pruned:
+                for name, t in pruned_mixer_state(mamba_layer.mamba, remove_ssm, heads, self.hooks).items():
+                    out[f"{mamba_prefix}mamba.{name}"] = t
+            if i not in new_pos:
+                continue
+            out[f"{prefix}{j}.linear.weight"] = block.linear.weight
+            keeps_mlp = self._keeps_mlp(plan, i)
+            for name, t in block.shared_transformer.state_dict().items():
+                if not keeps_mlp and name.startswith(("feed_forward.", "pre_ff_layernorm.")):
+                    continue
+                slot = _ADAPTER_KEY.match(name)
+                if slot:
+                    owner = old_app_at[int(slot.group(2))]
+                    mlp_adapter = slot.group(1).startswith("feed_forward")
+                    if owner not in new_pos or (mlp_adapter and not self._keeps_mlp(plan, owner)):
+                        continue
+                    name = f"{slot.group(1)}.{new_pos[owner]}.{slot.group(3)}"
+                out[f"{prefix}{j}.shared_transformer.{name}"] = t
+        return out
+
+    @classmethod
+    def build(cls, config) -> nn.Module:
+        from transformers import Zamba2ForCausalLM
+
+        model = Zamba2ForCausalLM(config)
+        shedder = getattr(config, "shedder", None)
+        if not shedder:
+            return model
+        layers = model.model.layers
+        specs = shedder.get("layers") or [{} for _ in layers]
+        if len(specs) != len(layers):
+            raise ModelLoadError(f"config.shedder describes {len(specs)} layers but num_hidden_layers is {len(layers)}")
+        apps = [j for j, layer in enumerate(layers) if _is_hybrid(layer)]
+        blocks = shedder.get("shared_blocks") or [k % config.num_mem_blocks for k in range(len(apps))]
+        if len(blocks) != len(apps):
+            raise ModelLoadError(f"config.shedder names memory blocks for {len(blocks)} applications, "
+                                 f"but the config has {len(apps)} hybrid layers")
+        no_mlp = {k for k, j in enumerate(apps) if specs[j].get("mlp") is False}
+        for k, j in enumerate(apps):
+            shared = layers[j].shared_transformer
+            users = {k2 for k2, b in enumerate(blocks) if b == blocks[k]}
+            _set_block(shared, config, blocks[k], users, users - no_mlp)
+            if k in no_mlp:
+                shared.pre_ff_layernorm = nn.Identity()
+                shared.feed_forward = PassThrough()
+        for layer, spec in zip(layers, specs):
+            if "mamba" in spec:
+                host = layer.mamba_decoder if _is_hybrid(layer) else layer
+                host.mamba = PrunedMamba2Mixer(host.mamba, MixerLayout.from_dict(spec["mamba"]), cls.hooks)
+        _tie_shared(model, apps, blocks)
+        return model
+
+
+def _set_block(shared: nn.Module, config, block_id: int, attn_slots: set[int], mlp_slots: set[int]) -> None:
+    """Make a shared-block module belong to memory block ``block_id``, with adapters exactly in the
+    slots (application positions) that use it; every other slot holds ``nn.Identity``."""
+    shared.block_id = shared.self_attn.block_id = shared.feed_forward.block_id = block_id
+    rank, width, hidden = config.adapter_rank, config.attention_hidden_size, config.hidden_size
+
+    def fill(slots: nn.ModuleList, used: set[int], d_in: int, d_out: int) -> None:
+        for pos in range(len(slots)):
+            if pos in used and isinstance(slots[pos], nn.Identity):
+                slots[pos] = nn.Sequential(nn.Linear(d_in, rank, bias=False), nn.Linear(rank, d_out, bias=False))
+            elif pos not in used:
+                slots[pos] = nn.Identity()
+
+    if config.use_shared_attention_adapter:
+        for name in ("linear_q_adapter_list", "linear_k_adapter_list", "linear_v_adapter_list"):
+            fill(getattr(shared.self_attn, name), attn_slots, width, width)
+    fill(shared.feed_forward.gate_up_proj_adapter_list, mlp_slots, hidden, 2 * config.intermediate_size)
+
+
+def _tie_shared(model: nn.Module, apps: list[int], blocks: list[int]) -> None:
+    """Tie every shared-block parameter to the first application of its memory block that has it
+    (explicit parameter names, since applications may now hold different subsets)."""
+    tied, first = {}, {}
+    for j, block_id in zip(apps, blocks):
+        for rel, _ in model.model.layers[j].shared_transformer.named_parameters():
+            name = f"layers.{j}.shared_transformer.{rel}"
+            source = first.setdefault((block_id, rel), name)
+            if source != name:
+                tied[name] = source
+    model.model._tied_weights_keys = tied
+    model.model.all_tied_weights_keys = model.model.get_expanded_tied_weights_keys()
+    model.all_tied_weights_keys = model.get_expanded_tied_weights_keys(all_submodels=True)
+    model.tie_weights()

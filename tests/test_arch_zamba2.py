@@ -1,0 +1,192 @@
+"""Zamba2 adapter: blocks, SSMs, heads, and the shared transformer block's applications.
+
+Tiny random fp32 model: 6 layers (mamba, hybrid, mamba, hybrid, hybrid, mamba), two memory blocks
+used in turn by the three applications (blocks 0, 1, 0), q/k/v adapters and RoPE on, 2 B/C groups
+of 4 heads, chunk 8, sequence 20. Besides exactness, the tests pin down that shared weights stay
+shared and disappear only with their last application.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+import transformers
+from test_arch_bamba import (
+    check_evaluator,
+    check_masked_generation,
+    check_plan,
+    comps,
+    logits,
+    spread,
+    tokens,
+)
+
+from shedder.arch import adapter_for, count_parameters
+from shedder.arch.zamba2 import PassThrough
+from shedder.errors import PlanError
+from shedder.extract import extract, save
+from shedder.masking import masked
+from shedder.plan import Component, PruningPlan
+
+LAYER_TYPES = ["mamba", "hybrid", "mamba", "hybrid", "hybrid", "mamba"]
+
+
+def make_zamba2(seed: int = 0, **overrides):
+    kwargs = {
+        "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 6,
+        "num_attention_heads": 4, "layers_block_type": LAYER_TYPES, "n_mamba_heads": 8, "mamba_ngroups": 2,
+        "mamba_d_state": 8, "chunk_size": 8, "num_mem_blocks": 2, "use_shared_attention_adapter": True,
+        "adapter_rank": 4, "use_mem_rope": True, "eos_token_id": None}
+    config = transformers.Zamba2Config(**{**kwargs, **overrides})
+    torch.manual_seed(seed)
+    model = transformers.Zamba2ForCausalLM(config).eval()
+    spread(model)
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_zamba2()
+
+
+def shared_params(model) -> int:
+    """Unique parameters inside the shared blocks (all applications together)."""
+    seen = {}
+    for layer in model.model.layers:
+        if hasattr(layer, "shared_transformer"):
+            for p in layer.shared_transformer.parameters():
+                seen[id(p)] = p.numel()
+    return sum(seen.values())
+
+
+PLANS = {
+    "block_mamba": ("block:0",),
+    "block_hybrid": ("block:3",),            # remaining applications use blocks 0, 0: not the stock order
+    "ssm_on_hybrid_layer": ("ssm:3",),
+    "heads": ("head:1:0", "head:1:5", "head:1:6"),
+    "attention": ("attention:1",),
+    "mlp": ("mlp:3",),
+    "attention_and_mlp": ("attention:4", "mlp:4"),
+    "two_applications_of_one_block": ("attention:1", "attention:4"),
+    "mixed": ("block:0", "attention:3", "mlp:4", "ssm:5", "head:1:2", "head:4:7"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(PLANS))
+def test_masked_equals_extracted(model, name, tmp_path, bundled_tokenizer):
+    plan = comps(*PLANS[name])
+    full = logits(model, tokens())
+    round_trip = name in ("mixed", "block_hybrid", "mlp", "attention")
+    got, _ = check_plan(model, plan, tmp_path if round_trip else None, tokenizer=bundled_tokenizer)
+    assert (got - full).abs().max().item() > 1e-3, "removing components must change the logits"
+
+
+def test_unpruned_mask_is_identity_and_restores_bit_for_bit(model):
+    ids = tokens()
+    before = logits(model, ids)
+    with masked(model, PruningPlan()):
+        assert torch.equal(logits(model, ids), before)
+    with pytest.raises(RuntimeError), masked(model, comps(*PLANS["mixed"])):
+        raise RuntimeError("boom")
+    assert torch.equal(logits(model, ids), before)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+
+
+def test_generation_with_cache_on_extracted_models(model):
+    for plan in (comps(*PLANS["mixed"]), comps("block:3", "ssm:1"), comps(*PLANS["two_applications_of_one_block"])):
+        check_plan(model, plan, generate=True)
+
+
+def test_generation_with_cache_under_live_masks(model):
+    for plan in (comps(*PLANS["mixed"]), comps("attention:1", "mlp:3"), comps("block:1", "ssm:3")):
+        check_masked_generation(model, plan)
+
+
+def test_prefix_evaluator_matches_masked_forward(model):
+    check_evaluator(model, [(), ("attention:3",), ("attention:3", "block:2"), ("mlp:4",), ("head:2:1", "attention:1")])
+
+
+def test_cost_counts_only_the_applications_own_adapters(model):
+    adapter = adapter_for(model)
+    linears = [m for m in adapter.layer_cost_modules(3) if isinstance(m, torch.nn.Linear)]
+    # q, k, v, o + its q/k/v adapters (2 each) + gate_up, down + its gate_up adapter (2) + linear + in/out_proj
+    assert len(linears) == 4 + 6 + 2 + 2 + 1 + 2
+    assert len(adapter.layer_cost_modules(2)) == len(list(model.model.layers[2].modules()))
+
+
+def test_shared_weights_stay_shared(model):
+    adapter = adapter_for(model)
+    full_shared = shared_params(model)
+    # one application of memory block 0 goes: only its own adapters and linear go with it
+    attn_adapters, mlp_adapter, linear = 3 * (64 * 4 + 4 * 64), 32 * 4 + 4 * 128, 32 * 32
+    small = extract(model, comps("attention:1"))
+    assert shared_params(small) == full_shared - attn_adapters - mlp_adapter
+    assert adapter.component_params(Component("attention", 1)) == attn_adapters + mlp_adapter + linear
+    assert adapter.component_params(Component("mlp", 1)) == mlp_adapter   # the shared MLP is still used
+    layers = small.model.layers
+    q = [layers[j].shared_transformer.self_attn.q_proj.weight for j in small.config.hybrid_layer_ids]
+    assert len(q) == 2 and q[0] is not q[1]           # blocks 1 and 0 now
+    # both applications of block 0 go: block 0's weights go too, block 1's stay
+    small = extract(model, comps("attention:1", "attention:4"))
+    only = small.model.layers[small.config.hybrid_layer_ids[0]].shared_transformer
+    assert only.block_id == 1
+    assert shared_params(small) == sum(p.numel() for p in only.parameters())
+    # a skipped MLP keeps the shared MLP for the other application of its block
+    small = extract(model, comps("mlp:1"))
+    apps = [small.model.layers[j].shared_transformer for j in small.config.hybrid_layer_ids]
+    assert isinstance(apps[0].feed_forward, PassThrough)
+    assert apps[2].feed_forward.gate_up_proj.weight is not None
+    assert isinstance(apps[2].feed_forward.gate_up_proj_adapter_list[0], torch.nn.Identity)
+
+
+def test_stock_expressible_plans_load_with_stock_transformers(model, tmp_path, bundled_tokenizer):
+    for name, plan in {"blocks": comps("block:0", "block:4"), "attention": comps("attention:4")}.items():
+        _, small = check_plan(model, plan)
+        assert not getattr(small.config, "shedder", None)
+        save(small, bundled_tokenizer, tmp_path / name, plan)
+        stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()
+        assert torch.equal(logits(stock, tokens()), logits(small, tokens()))
+        assert count_parameters(stock) == count_parameters(small)
+    assert small.config.layers_block_type == ["linear_attention", "hybrid", "linear_attention", "hybrid",
+                                              "linear_attention", "linear_attention"]
+
+
+def test_inventory(model):
+    adapter = adapter_for(model)
+    assert [adapter.layer_kind(i) for i in range(6)] == ["mamba", "hybrid", "mamba", "hybrid", "hybrid", "mamba"]
+    assert adapter.kind_counts() == {"block": 6, "ssm": 6, "head": 48, "attention": 3, "mlp": 3}
+    small = extract(model, comps("attention:3", "mlp:4"))
+    again = adapter_for(small)
+    assert [again.layer_kind(i) for i in range(6)] == ["mamba", "hybrid", "mamba", "mamba", "hybrid", "mamba"]
+    assert again.kind_counts()["mlp"] == 1
+    check_plan(small, comps("attention:4", "head:3:1"))
+
+
+def test_single_memory_block_without_adapters():
+    model = make_zamba2(num_mem_blocks=1, use_shared_attention_adapter=False, use_mem_rope=False)
+    check_plan(model, comps("block:1", "mlp:4", "ssm:0"), generate=True)
+    _, small = check_plan(model, comps("block:3"))
+    assert not getattr(small.config, "shedder", None)
+
+
+def test_candidates_skip_no_ops(model):
+    adapter = adapter_for(model)
+    assert Component("mlp", 3) in adapter.candidates(PruningPlan(), ["mlp"])
+    assert Component("mlp", 3) not in adapter.candidates(comps("attention:3"), ["mlp"])
+    # the last application cannot go (transformers' Zamba2 needs one to decode with a cache)
+    assert adapter.candidates(comps("attention:1", "attention:3"), ["attention"]) == []
+
+
+@pytest.mark.parametrize("specs, message", [
+    (("attention:0",), "layer 0 (mamba) has no attention"),
+    (("mlp:2",), "layer 2 (mamba) has no mlp"),
+    (("mlp_channel_group:1:0",), "has no component kind 'mlp_channel_group'"),
+    (("head:3:4", "head:3:5", "head:3:6", "head:3:7"), "group 1"),
+    (tuple(f"block:{i}" for i in range(6)), "removes all 6 layers"),
+    (("block:1", "attention:1"), "redundant: block 1 is removed"),
+    (("attention:1", "block:3", "attention:4"), "removes every shared-block application (layers 1, 3, 4)"),
+])
+def test_validation_errors_name_the_problem(model, specs, message):
+    with pytest.raises(PlanError, match=re.escape(message)), masked(model, comps(*specs)):
+        pass
