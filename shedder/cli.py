@@ -1,0 +1,401 @@
+"""``python -m shedder``: the engine's commands for long runs and scripts.
+
+    python -m shedder info    --model mamba2-tiny
+    python -m shedder eval    --model mamba2-tiny [--plan plan.json] [--data test] [--samples 64 --seq-len 256]
+    python -m shedder extract --model mamba2-tiny --plan plan.json --out pruned/
+    python -m shedder score   --model mamba2-tiny --kinds block,ssm --out scores.csv
+    python -m shedder search  --model mamba2-tiny --kinds ssm --steps 4 --out runs/ssm [--resume]
+    python -m shedder bench   --model mamba2-tiny --plan plan.json     (speed of the extracted model)
+    python -m shedder bench search [--model mamba2-tiny --kinds ssm --steps 3]  (fast vs reference search)
+
+Every command takes ``--json`` for machine-readable output. Progress bars go to stderr. A mistake in
+the input (bad path, plan for another model, empty text, ...) prints one line ``error: ...`` and exits
+with status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import Cancelled, ShedderError
+from .loading import DEFAULT_MODEL
+
+DEFAULT_CALIBRATION = "calibration"
+DEFAULT_EVAL = "test"
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _emit(args, payload: dict, text: str) -> None:
+    print(json.dumps(payload, indent=2, default=str) if args.json else text)
+
+
+def _load(args):
+    from .loading import load_model
+
+    return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+
+
+def _plan_for(model, path: str | None):
+    """(adapter, validated plan or None) for ``--plan``."""
+    from .arch import adapter_for
+    from .plan import PruningPlan
+
+    plan = PruningPlan.load(path) if path else None
+    adapter = adapter_for(model, plan.group_sizes if plan else None)
+    return adapter, (adapter.validate(plan) if plan else None)
+
+
+def _windows(args, tokenizer, source: str):
+    from .data import windows_from
+
+    return windows_from(tokenizer, source, samples=args.samples, seq_len=args.seq_len)
+
+
+def _progress(args):
+    from .progress import TqdmProgress
+
+    return TqdmProgress(enabled=not args.no_progress)
+
+
+def _pct(part: int, whole: int) -> str:
+    return f"{100.0 * part / whole:.1f}%"
+
+
+# ---------------------------------------------------------------------------------------- info
+def cmd_info(args) -> int:
+    from .arch import adapter_for
+    from .extract import saved_plan
+    from .loading import resolve
+
+    model, _ = _load(args)
+    adapter = adapter_for(model)
+    layers = []
+    for i in range(adapter.num_layers):
+        counts: dict[str, int] = {}
+        for c in adapter.layer_components(i):
+            counts[c.kind] = counts.get(c.kind, 0) + 1
+        layers.append({"layer": i, "type": adapter.layer_kind(i), "components": counts})
+    params = adapter.param_count()
+    plan = saved_plan(resolve(args.model)) if Path(resolve(args.model)).is_dir() else None
+    payload = {"model": args.model, "architecture": type(model).__name__, "model_type": model.config.model_type,
+               "num_layers": adapter.num_layers, "layers": layers, "components": adapter.kind_counts(),
+               "parameters": params, "pruned_with": plan.to_dict() if plan else None}
+    lines = [f"model: {args.model} ({type(model).__name__}, model_type {model.config.model_type})",
+             f"parameters: {params:,}",
+             f"layers: {adapter.num_layers}"]
+    for row in layers:
+        comps = ", ".join(k if n == 1 else f"{k} ×{n}" for k, n in row["components"].items())
+        lines.append(f"  {row['layer']:>3}  {row['type']:<10} {comps}")
+    lines.append("components: " + ", ".join(f"{k} {n}" for k, n in adapter.kind_counts().items()))
+    if plan:
+        lines.append(f"pruned with: {plan.describe()}")
+    _emit(args, payload, "\n".join(lines))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- eval
+def cmd_eval(args) -> int:
+    from .masking import masked
+    from .metrics import describe_protocol, next_word_accuracy, next_word_protocol, perplexity
+
+    model, tokenizer = _load(args)
+    adapter, plan = _plan_for(model, args.plan)
+    windows = _windows(args, tokenizer, args.data)
+    full = adapter.param_count()
+    params = adapter.param_count(plan)
+    payload = {"model": args.model, "plan": plan.to_dict() if plan else None,
+               "perplexity_protocol": describe_protocol(windows, args.data)}
+    with _progress(args) as progress, (masked(model, plan, adapter) if plan else contextlib.nullcontext()):
+        payload["perplexity"] = perplexity(model, windows, args.batch_size, progress)
+        if args.accuracy:
+            payload["accuracy"] = next_word_accuracy(model, tokenizer, args.data, args.accuracy_n, progress,
+                                                     args.batch_size)
+    payload.update(params=params, params_original=full)
+    lines = [f"model: {args.model} ({type(model).__name__})",
+             f"plan: {plan.describe() if plan else 'none'}",
+             f"perplexity: {payload['perplexity']:.4f}   [{payload['perplexity_protocol']}]"]
+    if args.accuracy:
+        payload["accuracy_protocol"] = next_word_protocol(args.data, args.accuracy_n)
+        lines.append(f"next-word accuracy: {payload['accuracy']:.4f}   [{payload['accuracy_protocol']}]")
+    lines.append(f"parameters: {params:,} ({_pct(params, full)} of {full:,})")
+    _emit(args, payload, "\n".join(lines))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- extract
+def model_card(source: str, architecture: str, plan, before: int, after: int) -> str:
+    """README.md for an extracted model: where it came from and what was removed."""
+    rows = "\n".join(f"| {c.kind} | {c.layer} | {c.index} |" for c in plan.sorted()) or "| - | - | - |"
+    return f"""# Pruned {architecture}
+
+Physically pruned from `{source}` with Shedder Studio (training-free structured pruning after
+Mamba-Shedder). No retraining was applied. Load it with `shedder.loading.load_model("<this directory>")`;
+when every layer kept the same shape, plain `transformers.AutoModelForCausalLM.from_pretrained` works too.
+
+- Source model: `{source}`
+- Removed: {plan.describe()}
+- Parameters: {after:,} (from {before:,}; {100.0 * (before - after) / before:.1f}% removed)
+- Plan: `pruning_plan.json` in this directory
+
+| kind | layer | index |
+| --- | --- | --- |
+{rows}
+"""
+
+
+def cmd_extract(args) -> int:
+    from .arch import count_parameters
+    from .extract import save
+
+    model, tokenizer = _load(args)
+    adapter, plan = _plan_for(model, args.plan)
+    before = adapter.param_count()
+    small = adapter.extract(plan)
+    after = count_parameters(small)
+    card = model_card(args.model, type(model).__name__, plan, before, after)
+    out = save(small, tokenizer, args.out, plan=plan, card=card)
+    payload = {"out": str(out), "plan": plan.to_dict(), "params_before": before, "params_after": after}
+    _emit(args, payload, f"saved {out}: {plan.describe()}; parameters {after:,} (from {before:,}, "
+                         f"{_pct(before - after, before)} removed)")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- score
+def cmd_score(args) -> int:
+    from .importance import score
+
+    model, tokenizer = _load(args)
+    adapter, base = _plan_for(model, args.base_plan)
+    windows = _windows(args, tokenizer, args.data)
+    with _progress(args) as progress:
+        table = score(model, windows, args.kinds, base_plan=base, progress=progress,
+                      cache_dir=args.cache_dir, batch_size=args.batch_size)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(args.out, index=False)
+    from .metrics import describe_protocol
+
+    protocol = "calibration " + describe_protocol(windows, args.data)
+    payload = {"out": args.out, "protocol": protocol, "rows": table.to_dict(orient="records")}
+    text = f"{table.to_string(index=False)}\n\nwrote {args.out} ({len(table)} components; {protocol})"
+    _emit(args, payload, text)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- search
+def cmd_search(args) -> int:
+    from .metrics import describe_protocol
+    from .search import greedy_search
+
+    model, tokenizer = _load(args)
+    adapter, base = _plan_for(model, args.base_plan)
+    windows = _windows(args, tokenizer, args.data)
+    protocol = "calibration " + describe_protocol(windows, args.data)
+    if not args.json:
+        print(f"searching {args.kinds} on {args.model}; {protocol}", flush=True)
+
+    with _progress(args) as progress:
+        def on_step(step):
+            if not args.json:
+                progress.close()
+                print(f"step {step.step}: removed {step.component}  ppl {step.ppl:.4f}  params {step.params:,}",
+                      flush=True)
+
+        result = greedy_search(model, windows, args.kinds, steps=args.steps, target_params=args.target_params,
+                               max_ppl=args.max_ppl, run_dir=args.out, resume=args.resume, progress=progress,
+                               base_plan=base, batch_size=args.batch_size, on_step=on_step)
+    payload = {"run_dir": str(result.run_dir), "protocol": protocol, "base_ppl": result.base_ppl,
+               "base_params": result.base_params, "stopped": result.stopped,
+               "steps": [{"step": s.step, "component": str(s.component), "ppl": s.ppl, "params": s.params}
+                         for s in result.steps]}
+    final = result.plan.describe() if result.plan else "nothing removed"
+    _emit(args, payload, f"stopped: {result.stopped}\nbase ppl {result.base_ppl:.4f}; final: {final}\n"
+                         f"plans in {result.run_dir}/step_XX/pruning_config.json")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- bench search
+def cmd_bench_search(args) -> int:
+    """Reference and fast search on the same model and data, side by side."""
+    import torch
+
+    from .data import calibration_windows
+    from .metrics import nll_sum
+    from .search import greedy_search, reference_search
+
+    model, tokenizer = _load(args)
+    windows = calibration_windows(tokenizer, args.data, samples=args.samples, seq_len=args.seq_len)
+    with torch.inference_mode():
+        nll_sum(model, windows[: args.batch_size], args.batch_size)  # warm-up, untimed
+    timings, cpu, results = {}, {}, {}
+    with _progress(args) as progress:
+        for name, fn in (("reference", reference_search), ("fast", greedy_search)):
+            started, started_cpu = time.perf_counter(), time.process_time()
+            results[name] = fn(model, windows, args.kinds, steps=args.steps, progress=progress, batch_size=args.batch_size)
+            timings[name] = time.perf_counter() - started
+            cpu[name] = time.process_time() - started_cpu  # less sensitive to other processes' load
+            progress.close()
+    ref, fast = results["reference"], results["fast"]
+    same = ref.components == fast.components
+    payload = {"model": args.model, "kinds": args.kinds, "steps": args.steps,
+               "windows": list(windows.shape), "reference_s": timings["reference"], "fast_s": timings["fast"],
+               "speedup": timings["reference"] / timings["fast"], "reference_cpu_s": cpu["reference"],
+               "fast_cpu_s": cpu["fast"], "cpu_speedup": cpu["reference"] / cpu["fast"], "identical": same,
+               "reference_choices": [str(c) for c in ref.components], "fast_choices": [str(c) for c in fast.components],
+               "fast_stats": fast.stats,
+               # layer forwards (batches × layers, removed blocks not counted): the work, whatever the load
+               "reference_layer_runs": ref.stats["layers_run"], "fast_layer_runs": fast.stats["layers_run"]}
+    lines = [f"model {args.model}, kinds {args.kinds}, {len(ref.steps)} steps, "
+             f"{windows.shape[0]} windows × {windows.shape[1]} tokens of {args.data!r}",
+             f"reference search: {timings['reference']:.2f} s wall, {cpu['reference']:.2f} s CPU  "
+             f"({', '.join(payload['reference_choices'])})",
+             f"fast search:      {timings['fast']:.2f} s wall, {cpu['fast']:.2f} s CPU  "
+             f"({', '.join(payload['fast_choices'])})",
+             f"layer forwards (batches × layers): reference {payload['reference_layer_runs']}, "
+             f"fast {payload['fast_layer_runs']}",
+             f"speed-up: {payload['speedup']:.2f}× wall, {payload['cpu_speedup']:.2f}× CPU   "
+             f"identical choices: {'yes' if same else 'NO'}"]
+    _emit(args, payload, "\n".join(lines))
+    return 0 if same else 1
+
+
+def cmd_bench(args) -> int:
+    from . import bench
+
+    return bench.run(args)
+
+
+# ---------------------------------------------------------------------------------------- parser
+def _model_options(p: argparse.ArgumentParser, model_required: bool = False) -> None:
+    p.add_argument("--model", default=None if model_required else DEFAULT_MODEL, required=model_required,
+                   help=f"bundled name, local directory or hub id (default {DEFAULT_MODEL})")
+    p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default float32)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _data_options(p: argparse.ArgumentParser, data: str, samples: int | None, seq_len: int = 256) -> None:
+    p.add_argument("--data", default=data, help=f"text source: calibration, test, a .txt/.jsonl file or "
+                                                f"hf:DATASET[:CONFIG]:SPLIT (default {data})")
+    p.add_argument("--samples", type=int, default=samples,
+                   help=f"number of windows (default {samples if samples else 'all'})")
+    p.add_argument("--seq-len", type=int, default=seq_len, help=f"tokens per window (default {seq_len})")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+
+
+def _kinds(text: str) -> list[str]:
+    return [k.strip() for k in text.split(",") if k.strip()]
+
+
+def _target(text: str) -> float:
+    """A parameter count (``250000``, ``2.5e5``) or a fraction of the model (``0.2``, ``20%``)."""
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a parameter count or fraction: {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m shedder", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n\n".join(__doc__.split("\n\n")[1:]))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,eval,extract,score,search,bench}")
+
+    p = sub.add_parser("info", help="architecture, layers, components and parameters of a model")
+    _model_options(p)
+    _common(p)
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("eval", help="perplexity, next-word accuracy and parameters (optionally under a plan)")
+    _model_options(p)
+    p.add_argument("--plan", help="pruning plan JSON (ours or an official Mamba-Shedder config)")
+    _data_options(p, DEFAULT_EVAL, 64)
+    p.add_argument("--accuracy", action=argparse.BooleanOptionalAction, default=True,
+                   help="also measure next-word accuracy (default on)")
+    p.add_argument("--accuracy-n", type=int, default=200, help="passages for next-word accuracy (default 200)")
+    _common(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("extract", help="save the physically pruned model for a plan")
+    _model_options(p)
+    p.add_argument("--plan", required=True, help="pruning plan JSON")
+    p.add_argument("--out", required=True, help="output directory")
+    _common(p)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser("score", help="single-removal importance of every component (heatmap numbers) to CSV")
+    _model_options(p)
+    p.add_argument("--kinds", type=_kinds, default=["block"], help="comma-separated kinds (default block)")
+    p.add_argument("--out", required=True, help="CSV file to write")
+    p.add_argument("--base-plan", help="score on top of this plan")
+    p.add_argument("--cache-dir", help="score cache (default $SHEDDER_CACHE_DIR or ~/.cache/shedder)")
+    _data_options(p, DEFAULT_CALIBRATION, 16)
+    _common(p)
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser("search", help="greedy Mamba-Shedder search, resumable")
+    _model_options(p)
+    p.add_argument("--kinds", type=_kinds, default=["block"], help="comma-separated kinds (default block)")
+    p.add_argument("--out", required=True, help="run directory (log.jsonl, step_XX/pruning_config.json)")
+    p.add_argument("--steps", type=int, help="number of components to remove")
+    p.add_argument("--target-params", type=_target,
+                   help="stop once this many parameters are removed (a count, or a fraction like 0.2 or 20%%)")
+    p.add_argument("--max-ppl", type=float, help="stop before a step would exceed this calibration perplexity")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--base-plan", help="start from this plan")
+    _data_options(p, DEFAULT_CALIBRATION, 16)
+    _common(p)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("bench", help="speed of an extracted model vs its original; `bench search` for the search",
+                       epilog="`python -m shedder bench search --help`: fast vs reference greedy search.")
+    from . import bench
+
+    bench.add_arguments(p)
+    p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_bench)
+    return parser
+
+
+def build_bench_search_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m shedder bench search",
+                                description="Run the reference and the fast greedy search on the same model and "
+                                            "data; print both wall times, the speed-up and whether they chose "
+                                            "identical components.")
+    _model_options(p)
+    p.add_argument("--kinds", type=_kinds, default=["ssm"], help="comma-separated kinds (default ssm)")
+    p.add_argument("--steps", type=int, default=3, help="search steps (default 3)")
+    _data_options(p, DEFAULT_CALIBRATION, 16)
+    _common(p)
+    p.set_defaults(func=cmd_bench_search)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars show the work; weight loading is quick
+    if argv[:2] == ["bench", "search"]:
+        args = build_bench_search_parser().parse_args(argv[2:])
+    else:
+        args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except Cancelled:
+        print("error: cancelled", file=sys.stderr)
+        return 2
+    except (ShedderError, OSError) as e:  # OSError: an output path that cannot be written
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted (a search keeps its finished steps; rerun with --resume)", file=sys.stderr)
+        return 130

@@ -1,0 +1,204 @@
+"""Calibration perplexity of many nearby plans, re-running only what changed (the prefix trick).
+
+A plan changes the computation only from its first changed layer on: the inputs of every earlier
+layer are the same as under any plan that agrees with it up to there. ``PlanEvaluator`` therefore
+keeps, per batch of windows, the input hidden states of every layer under recently evaluated plans
+(an LRU within ``max_cache_bytes``). For a new plan it picks the cached plan that agrees with it
+longest, replaces the layers before that point with an identity forward (``adapter.skip_forward``)
+and feeds the cached input to the first layer that must run through a forward pre-hook. The layers
+that run see bit-identical inputs, so the NLL equals the full masked forward's.
+
+In a greedy search this means a candidate at layer L re-runs only layers from L on (the step's base
+plan is cached), and from the previous step's choice on when that is later (its own plan from the
+previous step is cached too). Removed blocks right after the resume point are skipped as well.
+
+``nll(plan, bound=...)`` abandons a plan as soon as its partial NLL sum exceeds ``bound`` (exact for
+"is it the best?" questions, since the sum only grows); that is why the cache is per batch.
+
+Memory: one plan costs up to ``layers × windows × seq × hidden`` activations, shared with the plan
+it resumed from up to the resume point. When one plan's activations exceed ``max_cache_bytes`` only
+every k-th layer is cached and plans resume from the nearest cached layer (still exact, slower).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from .arch import adapter_for, patch_forward
+from .arch.base import model_lock
+from .errors import PlanError
+from .metrics import Progress, batches, logits_nll, predicted_tokens
+from .plan import Component, PruningPlan
+
+DEFAULT_MAX_CACHE_BYTES = 4 << 30
+
+
+@dataclass
+class _Entry:
+    """One batch under one plan: its NLL and the inputs of the cached layers."""
+
+    nll: float
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> input [b, seq, hidden]
+
+
+def _key(plan: PruningPlan) -> tuple:
+    return plan.components, tuple(sorted(plan.group_sizes.items()))
+
+
+def _first_change(a: tuple, b: tuple) -> int:
+    """First layer whose components differ between two plan keys (0 when group sizes differ)."""
+    if a[1] != b[1]:
+        return 0
+    diff = a[0] ^ b[0]
+    return min(c.layer for c in diff) if diff else 1 << 30
+
+
+class PlanEvaluator:
+    """Exact calibration perplexity under plans, fast for plans that share a prefix of layers."""
+
+    def __init__(self, model, windows: torch.Tensor, adapter=None, batch_size: int = 8,
+                 max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES):
+        self.model = model
+        self.adapter = adapter or adapter_for(model)
+        self.windows = windows  # [n, seq]
+        self.batch_size = batch_size
+        self.device = next(model.parameters()).device
+        self.batches = batches(windows, batch_size)
+        self.tokens = predicted_tokens(windows)
+        self.max_cache_bytes = max_cache_bytes
+        self._cached_layers = self._choose_cached_layers(max_cache_bytes)
+        self._cache: list[OrderedDict[tuple, _Entry]] = [OrderedDict() for _ in self.batches]
+        #: Layer forwards run (summed over batches; removed blocks not counted) since creation: the
+        #: work the cache saves, independent of machine load.
+        self.layers_run = 0
+
+    def _choose_cached_layers(self, budget: int) -> list[int]:
+        """Layers whose inputs are cached: all of 1..n-1, or every k-th when one plan's do not fit."""
+        n_layers = self.adapter.num_layers
+        hidden = self.model.config.get_text_config().hidden_size
+        per_layer = self.windows.numel() * hidden * 4  # bytes; residual streams may be fp32
+        fit = budget // max(per_layer, 1)
+        if fit < 1 or n_layers < 2:
+            return []
+        stride = math.ceil((n_layers - 1) / min(fit, n_layers - 1))
+        return list(range(stride, n_layers, stride))
+
+    def clear(self) -> None:
+        """Forget every cached activation (e.g. after the model's weights changed)."""
+        self._cache = [OrderedDict() for _ in self.batches]
+
+    # ------------------------------------------------------------------ public API
+    def perplexity(self, plan: PruningPlan | None = None, progress: Progress | None = None) -> float:
+        """Calibration perplexity under ``plan`` (same value as a full masked forward)."""
+        total = self.nll(plan, progress=progress)
+        return math.exp(total / self.tokens)
+
+    def nll(self, plan: PruningPlan | None = None, bound: float | None = None,
+            progress: Progress | None = None) -> float | None:
+        """Total NLL (nats) under ``plan``; ``None`` as soon as a partial sum exceeds ``bound``."""
+        plan = self.adapter.validate(plan or PruningPlan())
+        total = 0.0
+        with model_lock(self.model), self.adapter.apply(plan), torch.inference_mode():
+            for b, batch in enumerate(self.batches):
+                total += self._batch_nll(b, batch, plan)
+                if progress:
+                    progress(b + 1, len(self.batches), "calibration perplexity")
+                if bound is not None and total > bound:
+                    return None
+        return total
+
+    # ------------------------------------------------------------------ one batch
+    def _batch_nll(self, b: int, batch: torch.Tensor, plan: PruningPlan) -> float:
+        entries = self._cache[b]
+        key = _key(plan)
+        if key in entries:
+            entries.move_to_end(key)
+            return entries[key].nll
+        # Resume at the latest cached layer that some cached plan shares with this one (0: the
+        # whole model), then past any removed blocks right after it: their input passes unchanged.
+        start, source, source_key = 0, {}, None
+        for other, entry in entries.items():
+            shared = _first_change(other, key)
+            at = max((i for i in entry.inputs if i <= shared), default=0)
+            if at >= start:
+                start, source, source_key = at, entry.inputs, other
+        if start > 0:
+            entries.move_to_end(source_key)  # a plan others resume from stays cached
+        layers = self.adapter.layers()
+        src = source.get(start)  # [b, seq, hidden] input of layer ``start``; None when start == 0
+        run_from = start
+        if src is not None:
+            while run_from < len(layers) - 1 and Component("block", run_from) in plan.components:
+                run_from += 1
+        cached = set(self._cached_layers)
+        recorded = {i: src for i in cached if start < i <= run_from}
+
+        def make_hook(i: int):
+            def hook(module, args, kwargs):
+                if i == run_from:
+                    return _with_hidden(args, kwargs, src.clone())
+                recorded[i] = _hidden(args, kwargs).detach().clone()
+                return None
+            return hook
+
+        with contextlib.ExitStack() as stack:
+            for i in range(run_from):
+                patch_forward(layers[i], self.adapter.skip_forward(i), stack)
+            hooked = {i for i in cached if i > run_from} | ({run_from} if src is not None else set())
+            for i in sorted(hooked):
+                handle = layers[i].register_forward_pre_hook(make_hook(i), with_kwargs=True)
+                stack.callback(handle.remove)
+            ids = batch.to(self.device)
+            logits = self.model(input_ids=ids, use_cache=False).logits  # [b, seq, vocab]
+            value = logits_nll(logits, ids)
+        self.layers_run += sum(Component("block", i) not in plan.components for i in range(run_from, len(layers)))
+        # Inputs up to ``start`` are shared with the source plan (same tensors); the rest are new.
+        entries[key] = _Entry(value, {i: t for i, t in source.items() if i <= start} | recorded)
+        self._evict(entries)
+        return value
+
+    def _evict(self, entries: OrderedDict) -> None:
+        """Drop least recently used plans until this batch's share of the budget holds."""
+        budget = self.max_cache_bytes / len(self.batches)
+        while len(entries) > 1:
+            unique = {id(t): t for e in entries.values() for t in e.inputs.values()}
+            if sum(t.numel() * t.element_size() for t in unique.values()) <= budget:
+                return
+            entries.popitem(last=False)
+
+
+def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(args: tuple, kwargs: dict, hidden: torch.Tensor):
+    """The (args, kwargs) of a layer call with its hidden-state input replaced."""
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def check_kinds(adapter, kinds) -> list[str]:
+    """``kinds`` as a list (a comma-separated string is accepted), each offered by the model."""
+    if isinstance(kinds, str):
+        kinds = [k.strip() for k in kinds.split(",") if k.strip()]
+    kinds = list(dict.fromkeys(kinds))
+    if not kinds:
+        raise PlanError("no component kind given (e.g. block, ssm)")
+    offered = adapter.kind_counts()
+    for kind in kinds:
+        if kind not in offered:
+            raise PlanError(f"{type(adapter.model).__name__} has no component kind {kind!r} "
+                            f"(it offers {', '.join(offered)})")
+    return kinds
+
+
+def removing(plan: PruningPlan, comp) -> PruningPlan:
+    """``plan`` with ``comp`` removed too; removing a block subsumes what was removed inside it."""
+    if comp.kind == "block":
+        plan = plan.without_components([c for c in plan.components if c.layer == comp.layer])
+    return plan.with_components([comp])

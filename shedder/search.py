@@ -1,0 +1,286 @@
+"""The Mamba-Shedder greedy search: remove, one step at a time, the component whose removal hurts
+calibration perplexity least.
+
+At every step each remaining candidate (of one kind, or of several kinds at once) is removed on top
+of everything removed so far and the calibration NLL measured; the lowest wins (ties go to the
+candidate listed first by ``adapter.candidates``) and is removed for good. The search stops after
+``steps`` steps, once at least ``target_params`` parameters are gone (counted from the unpruned
+model; a value below 1 is a fraction of its parameters), before a step would exceed ``max_ppl``, or
+when nothing is left to remove.
+
+``greedy_search`` gets the reference loop's choices, faster: candidates are evaluated in descending
+layer order through ``PlanEvaluator`` (only the layers a candidate changes are re-run), and a
+candidate is abandoned once its partial NLL sum exceeds the best complete one (sums only grow, so it
+cannot win). ``reference_search`` is the plain loop with a full masked forward per candidate.
+
+A run directory holds ``log.jsonl`` (a header with the settings, then one line per finished step)
+and ``step_XX/pruning_config.json`` (the plan after step XX). ``resume=True`` continues an
+interrupted run without redoing its finished steps; the settings that decide the choices (model,
+data, kinds, base plan) must match, the limits (steps, target_params, max_ppl) may change.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .arch import adapter_for
+from .data import windows_hash
+from .errors import ShedderError
+from .evaluator import PlanEvaluator, check_kinds, removing
+from .importance import model_fingerprint, plan_key
+from .masking import masked
+from .metrics import Progress, nll_sum, predicted_tokens
+from .plan import Component, PruningPlan
+
+LOG_FILE = "log.jsonl"
+PLAN_FILE = "pruning_config.json"
+LOG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class SearchStep:
+    step: int  # 1-based
+    component: Component  # removed at this step
+    plan: PruningPlan  # everything removed after this step
+    ppl: float  # calibration perplexity of ``plan``
+    params: int  # parameters of the model extracted under ``plan``
+
+
+@dataclass
+class SearchResult:
+    steps: list[SearchStep]
+    base_ppl: float  # calibration perplexity of the base plan
+    base_params: int
+    stopped: str  # why the search ended, in words
+    run_dir: Path | None = None
+    stats: dict = field(default_factory=dict)  # candidates evaluated / abandoned, layers run
+
+    @property
+    def plan(self) -> PruningPlan | None:
+        """The final plan (None when no step was taken)."""
+        return self.steps[-1].plan if self.steps else None
+
+    @property
+    def components(self) -> list[Component]:
+        return [s.component for s in self.steps]
+
+
+# A chooser picks the next component: (plan, candidates) -> (component, nll)
+Chooser = Callable[[PruningPlan, list[Component], Callable[[int, str], None]], tuple[Component, float]]
+
+
+def greedy_search(model, windows: torch.Tensor, kinds, steps: int | None = None, target_params: float | None = None,
+                  max_ppl: float | None = None, run_dir: str | Path | None = None, resume: bool = False,
+                  progress: Progress | None = None, base_plan: PruningPlan | None = None, batch_size: int = 8,
+                  on_step: Callable[[SearchStep], None] | None = None) -> SearchResult:
+    """The greedy search with the prefix cache and exact early abandoning (same choices as
+    ``reference_search``)."""
+    adapter = adapter_for(model, (base_plan or PruningPlan()).group_sizes)
+    ev = PlanEvaluator(model, windows, adapter, batch_size)
+    stats = {"evaluated": 0, "abandoned": 0}
+
+    def choose(plan, cands, tick):
+        rank = {c: r for r, c in enumerate(cands)}
+        best, best_nll = None, math.inf
+        for done, c in enumerate(sorted(cands, key=lambda c: (-c.layer, rank[c])), 1):
+            value = ev.nll(removing(plan, c), bound=best_nll)
+            stats["evaluated"] += 1
+            if value is None:
+                stats["abandoned"] += 1
+            elif value < best_nll or (value == best_nll and best is not None and rank[c] < rank[best]):
+                best, best_nll = c, value
+            tick(done, str(c))
+        return best, best_nll
+
+    result = _search(model, windows, kinds, choose, steps, target_params, max_ppl, run_dir, resume, progress,
+                     base_plan, on_step, adapter, base_nll=lambda plan: ev.nll(plan))
+    result.stats = {**stats, "layers_run": ev.layers_run}
+    return result
+
+
+def reference_search(model, windows: torch.Tensor, kinds, steps: int | None = None, target_params: float | None = None,
+                     max_ppl: float | None = None, run_dir: str | Path | None = None, resume: bool = False,
+                     progress: Progress | None = None, base_plan: PruningPlan | None = None, batch_size: int = 8,
+                     on_step: Callable[[SearchStep], None] | None = None) -> SearchResult:
+    """The plain loop: one full masked forward over all windows per candidate."""
+    adapter = adapter_for(model, (base_plan or PruningPlan()).group_sizes)
+
+    stats = {"evaluated": 0, "abandoned": 0, "layers_run": 0}
+    n_batches = -(-windows.shape[0] // batch_size)
+
+    def full_nll(plan):
+        stats["evaluated"] += 1
+        stats["layers_run"] += n_batches * (adapter.num_layers - len(plan.of_kind("block")))
+        with masked(model, plan, adapter):
+            return nll_sum(model, windows, batch_size)[0]
+
+    def choose(plan, cands, tick):
+        best, best_nll = None, math.inf
+        for done, c in enumerate(cands, 1):
+            value = full_nll(removing(plan, c))
+            if value < best_nll:  # strict: ties keep the earlier candidate
+                best, best_nll = c, value
+            tick(done, str(c))
+        return best, best_nll
+
+    result = _search(model, windows, kinds, choose, steps, target_params, max_ppl, run_dir, resume, progress,
+                     base_plan, on_step, adapter, base_nll=full_nll)
+    result.stats = stats
+    return result
+
+
+# ---------------------------------------------------------------------------- the shared loop
+def _search(model, windows, kinds, choose: Chooser, steps, target_params, max_ppl, run_dir, resume, progress,
+            base_plan, on_step, adapter, base_nll) -> SearchResult:
+    kinds = check_kinds(adapter, kinds)
+    _check_limits(steps, target_params, max_ppl)
+    base = adapter.validate(base_plan or PruningPlan())
+    tokens = predicted_tokens(windows)
+    full_params = adapter.param_count()
+    target = None if target_params is None else (
+        target_params * full_params if target_params < 1 else target_params)
+    settings = {"model": adapter.identity().to_dict(), "weights": model_fingerprint(model),
+                "data": windows_hash(windows), "windows": list(windows.shape), "kinds": kinds,
+                "base_plan": plan_key(base)}
+    limits = {"steps": steps, "target_params": target_params, "max_ppl": max_ppl}
+    log = _RunLog(Path(run_dir)) if run_dir is not None else None
+
+    done_steps: list[SearchStep] = []
+    if log is not None and log.exists():
+        if not resume:
+            raise ShedderError(f"{log.dir} already holds a search ({LOG_FILE}); resume it (--resume) or choose another directory")
+        header, records = log.read()
+        log.check_settings(header["settings"], settings)
+        base_ppl, base_params = header["base_ppl"], header["base_params"]
+        plan = base
+        for rec in records:
+            comp = Component.parse(rec["component"])
+            plan = removing(plan, comp)
+            done_steps.append(SearchStep(rec["step"], comp, _step_plan(plan, rec, settings), rec["ppl"], rec["params"]))
+        plan = done_steps[-1].plan if done_steps else base
+    else:
+        base_ppl = math.exp(base_nll(base) / tokens)
+        base_params = adapter.param_count(base)
+        if log is not None:
+            log.start({"type": "header", "version": LOG_VERSION, "settings": settings, "limits": limits,
+                       "base_ppl": base_ppl, "base_params": base_params, "created": _now()})
+        plan = base
+
+    def stop_reason() -> str | None:
+        params = done_steps[-1].params if done_steps else base_params
+        if steps is not None and len(done_steps) >= steps:
+            return f"{steps} steps done"
+        if target is not None and full_params - params >= target:
+            return f"parameter target reached ({full_params - params:,} of {full_params:,} removed)"
+        return None
+
+    reason = stop_reason()
+    while reason is None:
+        cands = adapter.candidates(plan, kinds)
+        if not cands:
+            reason = "no candidates left"
+            break
+        k = len(done_steps) + 1
+        started = time.perf_counter()
+
+        def tick(done, what, k=k, total=len(cands)):
+            if progress:
+                progress(done, total, f"step {k}: {what}")
+
+        comp, nll = choose(plan, cands, tick)
+        if comp is None:
+            raise ShedderError(f"step {k}: every candidate gives an undefined or infinite perplexity "
+                               "(try float32, or check the model)")
+        ppl = math.exp(nll / tokens)
+        if max_ppl is not None and ppl > max_ppl:
+            reason = f"next step ({comp}) would reach perplexity {ppl:.3f} > max_ppl {max_ppl}"
+            break
+        plan = removing(plan, comp)
+        params = adapter.param_count(plan)
+        rec = {"type": "step", "step": k, "component": str(comp), "ppl": ppl, "params": params,
+               "candidates": len(cands), "seconds": round(time.perf_counter() - started, 3)}
+        step = SearchStep(k, comp, _step_plan(plan, rec, settings), ppl, params)
+        if log is not None:
+            log.add_step(step, rec)
+        done_steps.append(step)
+        if on_step:
+            on_step(step)
+        reason = stop_reason()
+    return SearchResult(done_steps, base_ppl, base_params, reason, log.dir if log else None)
+
+
+def _check_limits(steps, target_params, max_ppl) -> None:
+    if steps is not None and (not isinstance(steps, int) or steps < 0):
+        raise ShedderError(f"steps must be a non-negative integer, got {steps!r}")
+    if target_params is not None and not target_params > 0:
+        raise ShedderError(f"target_params must be a parameter count or a fraction in (0, 1), got {target_params!r}")
+    if max_ppl is not None and not max_ppl > 0:
+        raise ShedderError(f"max_ppl must be positive, got {max_ppl!r}")
+
+
+def _step_plan(plan: PruningPlan, rec: dict, settings: dict) -> PruningPlan:
+    """The plan after a step, with its provenance in ``meta``."""
+    meta = {"search_step": rec["step"], "calibration_ppl": rec["ppl"], "params": rec["params"],
+            "search_kinds": settings["kinds"], "calibration_data": settings["data"]}
+    return PruningPlan(plan.components, plan.model, dict(plan.group_sizes), meta)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+class _RunLog:
+    """``log.jsonl`` + ``step_XX/pruning_config.json`` in a run directory."""
+
+    def __init__(self, path: Path):
+        self.dir = path
+        self.path = path / LOG_FILE
+
+    def exists(self) -> bool:
+        return self.path.is_file() and self.path.stat().st_size > 0
+
+    def start(self, header: dict) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(header) + "\n")
+
+    def add_step(self, step: SearchStep, rec: dict) -> None:
+        step_dir = self.dir / f"step_{step.step:02d}"
+        step_dir.mkdir(exist_ok=True)
+        step.plan.save(step_dir / PLAN_FILE)
+        with self.path.open("a") as f:  # the log line goes last: a step counts once its plan is on disk
+            f.write(json.dumps(rec) + "\n")
+
+    def read(self) -> tuple[dict, list[dict]]:
+        lines = self.path.read_text().splitlines()
+        records = []
+        for i, line in enumerate(lines):
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                if i == len(lines) - 1:  # a line cut short by an interruption: that step is redone
+                    break
+                raise ShedderError(f"{self.path}: line {i + 1} is not valid JSON; the log is damaged") from None
+        if not records or records[0].get("type") != "header" or records[0].get("version") != LOG_VERSION:
+            raise ShedderError(f"{self.path} is not a search log of this version (no header line)")
+        steps = [r for r in records[1:] if r.get("type") == "step"]
+        for expected, r in enumerate(steps, 1):
+            if r.get("step") != expected:
+                raise ShedderError(f"{self.path}: step {r.get('step')} found where step {expected} was expected")
+        return records[0], steps
+
+    def check_settings(self, old: dict, new: dict) -> None:
+        differ = [k for k in new if old.get(k) != new[k]]
+        if differ:
+            what = "; ".join(f"{k}: run has {_short(old.get(k))}, now {_short(new[k])}" for k in differ)
+            raise ShedderError(f"cannot resume {self.dir}: it was started with different settings ({what})")
+
+
+def _short(value) -> str:
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 80 else text[:77] + "..."
