@@ -1,0 +1,191 @@
+"""Plotly figures built from engine results. Figures only: no numbers are computed here beyond
+reshaping a DataFrame for display.
+
+Interactive charts (switchboard, frontier) are scatter plots, because Streamlit's selection events
+(``on_select="rerun"``) report clicked scatter points; each returns, with the figure, the list that
+maps ``(curve_number, point_index)`` of a clicked point back to what it stands for.
+"""
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from shedder.plan import Component, PruningPlan
+
+KIND_COLOURS = {"mamba": "#4C78A8", "attention": "#F58518", "mlp": "#54A24B", "moe": "#B279A2", "hybrid": "#9D755D"}
+#: Diverging, centred on zero: red = removal hurts, blue = removal helps (happens on small models).
+SCALE = "RdBu_r"
+#: Symmetric log colour scale: linear within ±LINEAR_WIDTH of zero, logarithmic beyond, so Δ ppl
+#: spanning 0.01 to 1000 (a first block next to a head) stays readable, and so do negative Δ.
+LINEAR_WIDTH = 0.01
+
+
+def architecture_strip(adapter) -> go.Figure:
+    """One cell per decoder layer, coloured by what the layer is."""
+    kinds = [adapter.layer_kind(i) for i in range(adapter.num_layers)]
+    fig = go.Figure()
+    for kind in dict.fromkeys(kinds):
+        layers = [i for i, k in enumerate(kinds) if k == kind]
+        fig.add_bar(x=layers, y=[1] * len(layers), name=kind, marker_color=KIND_COLOURS.get(kind, "#888"),
+                    hovertemplate=f"layer %{{x}}: {kind}<extra></extra>", width=0.95, showlegend=True)
+    fig.update_layout(height=160, margin=dict(l=10, r=10, t=30, b=30), barmode="overlay", bargap=0,
+                      legend=dict(orientation="h", y=1.1, yanchor="bottom"), yaxis=dict(visible=False),
+                      xaxis=dict(title="layer", dtick=1, range=[-0.5, len(kinds) - 0.5]))
+    return fig
+
+
+def _colour(delta: float, log: bool) -> float:
+    return math.copysign(math.log10(1 + abs(delta) / LINEAR_WIDTH), delta) if log else delta
+
+
+def _colourbar(values: list[float], log: bool) -> dict:
+    """Colour axis shared by every panel, centred on zero; on the log scale ticks show real Δ ppl."""
+    axis = dict(colorscale=SCALE, cmid=0.0, colorbar=dict(title="Δ ppl"))
+    if log and values:
+        lo, hi = min(values), max(values)
+        real = [0.0] + [sign * 10.0 ** k for k in range(-1, 6) for sign in (1, -1)]
+        ticks = sorted((_colour(v, True), v) for v in real if lo <= _colour(v, True) <= hi or v == 0)
+        axis["colorbar"].update(tickvals=[t for t, _ in ticks], ticktext=[f"{v:g}" for _, v in ticks])
+    return axis
+
+
+def _panels(kinds: list[str], rows_per_kind: list[int], num_layers: int) -> go.Figure:
+    """One panel per kind, each as tall as its number of component indices needs, all on one layer
+    axis (a hybrid's attention layer sits under the same x as its neighbours' SSM heads)."""
+    px = [40 + 26 * max(n, 1) for n in rows_per_kind]
+    gap = 70
+    height = sum(px) + gap * len(kinds) + 20
+    fig = make_subplots(rows=len(kinds), cols=1, subplot_titles=kinds, row_heights=px, shared_xaxes=True,
+                        vertical_spacing=gap / height if len(kinds) > 1 else 0)
+    fig.update_layout(height=height, margin=dict(l=10, r=10, t=40, b=10))
+    fig.update_xaxes(range=[-0.5, num_layers - 0.5], dtick=1, showticklabels=True)
+    fig.update_xaxes(title_text="layer", row=len(kinds), col=1)
+    return fig
+
+
+def importance_heatmap(scores: pd.DataFrame, num_layers: int, log: bool = True) -> go.Figure:
+    """x: layer, y: component index within the layer, one panel per kind; colour: perplexity
+    increase when that component alone is removed."""
+    kinds = list(dict.fromkeys(scores["kind"]))
+    fig = _panels(kinds, [scores.loc[scores["kind"] == k, "index"].nunique() for k in kinds], num_layers)
+    layers = list(range(num_layers))
+    zs = []
+    for row, kind in enumerate(kinds, start=1):
+        df = scores[scores["kind"] == kind]
+        indices = sorted(df["index"].unique())
+        cell = {(r.layer, r.index): r for r in df.itertuples()}
+        z, custom = [], []
+        for i in indices:
+            z.append([_colour(cell[(l, i)].delta_ppl, log) if (l, i) in cell else None for l in layers])
+            custom.append([[cell[(l, i)].ppl, cell[(l, i)].delta_ppl, cell[(l, i)].params_removed]
+                           if (l, i) in cell else [None] * 3 for l in layers])
+        zs += [v for r in z for v in r if v is not None]
+        fig.add_heatmap(x=layers, y=indices, z=z, customdata=custom, coloraxis="coloraxis", xgap=1, ygap=1,
+                        hovertemplate=(f"{kind} layer %{{x}} #%{{y}}<br>ppl without it %{{customdata[0]:.4f}}"
+                                       "<br>Δ ppl %{customdata[1]:+.4f}<br>params removed %{customdata[2]:,}<extra></extra>"),
+                        row=row, col=1)
+        fig.update_yaxes(title_text="index", dtick=1 if len(indices) <= 16 else None, row=row, col=1)
+    fig.update_layout(coloraxis=_colourbar(zs, log))
+    return fig
+
+
+def layer_bars(scores: pd.DataFrame) -> go.Figure:
+    """Per-layer view of the same scores: mean Δ ppl of the layer's components, one bar per kind."""
+    means = scores.groupby(["layer", "kind"], sort=True)["delta_ppl"].mean().reset_index()
+    fig = go.Figure()
+    for kind in dict.fromkeys(scores["kind"]):
+        d = means[means["kind"] == kind]
+        fig.add_bar(x=d["layer"], y=d["delta_ppl"], name=kind,
+                    hovertemplate=f"{kind} layer %{{x}}: mean Δ ppl %{{y:+.4f}}<extra></extra>")
+    fig.update_layout(barmode="group", height=300, margin=dict(l=10, r=10, t=30, b=10),
+                      xaxis=dict(title="layer", dtick=1), yaxis=dict(title="mean Δ perplexity"),
+                      legend=dict(orientation="h", y=1.15))
+    return fig
+
+
+def switchboard(adapter, plan: PruningPlan, kinds: list[str], scores: pd.DataFrame | None,
+                log: bool = True) -> tuple[go.Figure, list[list[Component]]]:
+    """Every component of ``kinds`` as a clickable square; removed ones are grey crosses, components
+    inside a removed block are faded. Colour: importance score when one is known.
+
+    Each kind gets two traces, kept and removed, so the kept squares share one numeric colour axis.
+    """
+    fig = _panels(kinds, [len({c.index for c in adapter.components(k)}) for k in kinds], adapter.num_layers)
+    score = {} if scores is None else {(r.kind, r.layer, r.index): r.delta_ppl for r in scores.itertuples()}
+    lookup: list[list[Component]] = []
+    zs: list[float] = []
+    for row, kind in enumerate(kinds, start=1):
+        comps = adapter.components(kind)
+        kept = [c for c in comps if c not in plan]
+        removed = [c for c in comps if c in plan]
+        known = [score.get((c.kind, c.layer, c.index)) for c in kept]
+        if kept:
+            if all(v is not None for v in known) and scores is not None:
+                colour = [_colour(v, log) for v in known]
+                zs += colour
+                marker = dict(color=colour, coloraxis="coloraxis")
+            else:
+                marker = dict(color="#4C78A8")
+            inside = [c.kind != "block" and Component("block", c.layer) in plan for c in kept]
+            text = [f"{c}: {'inside a removed block' if gone else 'kept'}" + ("" if v is None else f"<br>Δ ppl alone {v:+.4f}")
+                    for c, gone, v in zip(kept, inside, known)]
+            fig.add_scatter(x=[c.layer for c in kept], y=[c.index for c in kept], mode="markers", text=text,
+                            hovertemplate="%{text}<br>click to remove<extra></extra>", showlegend=False,
+                            marker=dict(size=22, symbol="square", opacity=[0.25 if g else 1.0 for g in inside],
+                                        line=dict(width=1, color="#333"), **marker),
+                            row=row, col=1)
+            lookup.append(kept)
+        if removed:
+            fig.add_scatter(x=[c.layer for c in removed], y=[c.index for c in removed], mode="markers",
+                            text=[f"{c}: removed" for c in removed], showlegend=False,
+                            hovertemplate="%{text}<br>click to restore<extra></extra>",
+                            marker=dict(size=22, symbol="x", color="#9e9e9e", line=dict(width=1, color="#333")),
+                            row=row, col=1)
+            lookup.append(removed)
+        top = max((c.index for c in comps), default=0)
+        fig.update_yaxes(title_text="index", dtick=1, range=[-0.6, top + 0.6], row=row, col=1)
+    if zs:
+        fig.update_layout(coloraxis=_colourbar(zs, log))
+    fig.update_layout(clickmode="event+select", dragmode=False)
+    return fig, lookup
+
+
+def trajectory(steps: pd.DataFrame) -> go.Figure:
+    """Greedy search: calibration perplexity and parameters after each step."""
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    fig.add_scatter(x=steps["step"], y=steps["ppl"], name="calibration perplexity", mode="lines+markers",
+                    text=steps["component"], hovertemplate="step %{x}: removed %{text}<br>ppl %{y:.4f}<extra></extra>")
+    fig.add_scatter(x=steps["step"], y=steps["params"], name="parameters", mode="lines+markers", line=dict(dash="dot"),
+                    hovertemplate="step %{x}: %{y:,} params<extra></extra>", secondary_y=True)
+    fig.update_layout(height=320, margin=dict(l=10, r=10, t=30, b=10), legend=dict(orientation="h", y=1.15))
+    fig.update_xaxes(title_text="step", dtick=1)
+    fig.update_yaxes(title_text="perplexity", secondary_y=False)
+    fig.update_yaxes(title_text="parameters", secondary_y=True)
+    return fig
+
+
+def pareto_mask(xs: list[float], ys: list[float], maximize_y: bool) -> list[bool]:
+    """Which points no other point beats on both axes (lower x, and lower or higher y)."""
+    sign = -1 if maximize_y else 1
+    pts = [(x, sign * y) for x, y in zip(xs, ys)]
+    return [not any(ox <= x and oy <= y and (ox, oy) != (x, y) for ox, oy in pts) for x, y in pts]
+
+
+def frontier(points: pd.DataFrame, x: str, y: str, maximize_y: bool, labels: dict) -> go.Figure:
+    """Every evaluated configuration on (cost, quality) axes, by origin, with the Pareto front."""
+    fig = go.Figure()
+    for origin in dict.fromkeys(points["origin"]):
+        d = points[points["origin"] == origin]
+        fig.add_scatter(x=d[x], y=d[y], mode="markers", name=origin, text=d["name"], customdata=d.index,
+                        marker=dict(size=12), hovertemplate="%{text}<br>%{x:,.4g}, %{y:.4f}<br>click to load<extra></extra>")
+    front = points[pareto_mask(list(points[x]), list(points[y]), maximize_y)].sort_values(x)
+    fig.add_scatter(x=front[x], y=front[y], mode="lines+markers", name="Pareto front", hoverinfo="skip",
+                    line=dict(color="#222", dash="dash"), marker=dict(size=20, symbol="circle-open", color="#222"))
+    fig.update_layout(height=420, margin=dict(l=10, r=10, t=30, b=10), xaxis_title=labels[x], yaxis_title=labels[y],
+                      clickmode="event+select", dragmode=False, legend=dict(orientation="h", y=1.12))
+    if y == "ppl":  # perplexities of pruned models span orders of magnitude; ratios are what matter
+        fig.update_yaxes(type="log")
+    return fig

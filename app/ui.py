@@ -1,0 +1,94 @@
+"""Small UI helpers every page uses: errors as messages, progress bars that can be cancelled,
+a model that is always loaded, and human labels for components and numbers."""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import streamlit as st
+from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
+
+from shedder.errors import Cancelled, ShedderError
+from shedder.plan import Component
+
+from .state import Workspace, workspace
+
+KIND_LABELS = {
+    "block": "blocks", "ssm": "SSMs", "head": "Mamba-2 heads", "channel_group": "channel groups",
+    "attention": "attention sub-blocks", "mlp": "MLP sub-blocks", "mlp_channel_group": "MLP channel groups",
+}
+#: Kinds with one component per layer (their index is always 0).
+WHOLE_KINDS = ("block", "ssm", "attention", "mlp")
+
+
+@contextlib.contextmanager
+def shown_errors() -> Iterator[None]:
+    """Show a user-caused error as one message in the page instead of a traceback."""
+    try:
+        yield
+    except Cancelled:
+        st.warning("Cancelled. Nothing was changed; finished work is kept where the engine keeps it.")
+    except ShedderError as e:
+        st.error(str(e))
+
+
+@contextlib.contextmanager
+def progress(label: str) -> Iterator[Callable[[int, int, str], None]]:
+    """A ``progress(done, total, message)`` callback drawing an ``st.progress`` bar.
+
+    Cancel buttons work through Streamlit itself: a click while work runs makes Streamlit interrupt
+    this script run at the next UI update, which happens inside the callback. The callback turns
+    that interruption into ``Cancelled`` so the engine stops cleanly (keeping logged steps), then
+    hands the interruption back to Streamlit so the rerun with the clicked button proceeds.
+    """
+    bar = st.progress(0.0, text=label)
+    interrupted: list[BaseException] = []
+
+    def callback(done: int, total: int, message: str = "") -> None:
+        try:
+            detail = f" — {message}" if message and message != label else ""
+            bar.progress(min(max(done / max(total, 1), 0.0), 1.0), text=f"{label}{detail} ({done}/{total})")
+        except ScriptControlException as e:
+            interrupted.append(e)
+            raise Cancelled("cancelled from the app") from None
+
+    try:
+        yield callback
+    except Cancelled:
+        if interrupted:
+            raise interrupted[0] from None
+        raise
+    bar.empty()
+
+
+def cancel_button(key: str) -> None:
+    """A Cancel button drawn before long work starts; clicking it interrupts the work."""
+    if st.button("Cancel", key=key, help="Stops the running computation"):
+        st.warning("Cancelled.")
+
+
+def ready() -> Workspace:
+    """The session's workspace with its model loaded (the defaults on first visit), or stop the
+    page with the loading error shown."""
+    ws = workspace()
+    try:
+        ws.windows(ws.settings.evaluation)
+        if ws.plan.model is None:  # the first, empty plan gets the model's identity
+            ws.plan = ws.loaded.adapter.validate(ws.plan)
+    except ShedderError as e:
+        st.error(f"{e}  \nChoose another model or text on the Model page.")
+        st.stop()
+    return ws
+
+
+def component_label(c: Component) -> str:
+    if c.kind in WHOLE_KINDS:
+        return f"{c.kind} · layer {c.layer}"
+    return f"{c.kind} · layer {c.layer} · #{c.index}"
+
+
+def fmt_count(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n:.0f}"

@@ -1,0 +1,98 @@
+"""Model page: choose the model and the text, see the architecture and the baseline numbers."""
+from dataclasses import replace
+
+import streamlit as st
+import torch
+
+from app import plots, state, ui
+from shedder.loading import DEFAULT_MODEL, bundled_models
+from shedder.metrics import describe_protocol, next_word_protocol
+from shedder.plan import PruningPlan
+
+ws = state.workspace()
+s = ws.settings
+st.title("Model")
+st.write("Pick a Mamba-family model and the text its numbers are measured on, then press **Load**. "
+         "The defaults (the bundled `mamba2-tiny` and the bundled Austen text) work offline.")
+
+
+def text_source(label: str, key: str, current: str) -> str | None:
+    """A text source for ``shedder.data.load_text``: bundled split, uploaded file or datasets id."""
+    options = ["bundled", "upload a .txt/.jsonl", "datasets id"]
+    start = 0 if current in ("calibration", "test") else (2 if current.startswith("hf:") else 1)
+    how = st.radio(label, options, index=start, key=f"{key}_how", horizontal=True)
+    if how == "bundled":
+        splits = ["calibration", "test"]
+        return st.selectbox("bundled split", splits, index=splits.index(current) if current in splits else 0,
+                            key=f"{key}_split")
+    if how == "datasets id":
+        ds = st.text_input("dataset id", value="wikitext", key=f"{key}_ds")
+        config = st.text_input("config (optional)", value="wikitext-2-raw-v1", key=f"{key}_cfg")
+        split = st.text_input("split", value="test", key=f"{key}_dsplit")
+        return f"hf:{ds}:{config}:{split}" if config.strip() else f"hf:{ds}:{split}"
+    upload = st.file_uploader("text file", type=["txt", "jsonl"], key=f"{key}_file")
+    return state.stash_upload(upload.name, upload.getvalue()) if upload else None
+
+
+left, right = st.columns(2)
+with left:
+    st.subheader("Model")
+    bundled = bundled_models() or [DEFAULT_MODEL]
+    where = st.radio("source", ["bundled", "local directory", "hub id"], horizontal=True, key="model_how",
+                     index=0 if s.model in bundled else 1)
+    if where == "bundled":
+        model = st.selectbox("bundled model", bundled, key="model_bundled",
+                             index=bundled.index(s.model) if s.model in bundled else 0)
+    elif where == "local directory":
+        model = st.text_input("model directory", value="" if s.model in bundled else s.model, key="model_path")
+    else:
+        model = st.text_input("hub id", value="state-spaces/mamba-130m-hf", key="model_hub")
+    trust = where == "hub id" and st.checkbox("trust remote code", value=False, key="model_trust",
+                                              help="Only for checkpoints that need custom code; off by default.")
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (["mps"] if torch.backends.mps.is_available() else [])
+    device = st.selectbox("device", devices, index=devices.index(s.device) if s.device in devices else 0, key="model_device")
+    dtypes = ["float32", "bfloat16", "float16"]
+    dtype = st.selectbox("dtype", dtypes, index=dtypes.index(s.dtype), key="model_dtype")
+with right:
+    st.subheader("Text")
+    calibration = text_source("calibration text (importance, search)", "calib", s.calibration)
+    evaluation = text_source("evaluation text (live perplexity, accuracy)", "eval", s.evaluation)
+    c1, c2, c3 = st.columns(3)
+    samples = c1.number_input("windows", min_value=1, max_value=4096, value=s.samples, key="model_samples",
+                              help="Non-overlapping windows per text (the paper uses 256 for calibration).")
+    seq_len = c2.number_input("window length", min_value=8, max_value=8192, value=s.seq_len, step=32, key="model_seq_len")
+    passages = c3.number_input("accuracy passages", min_value=1, max_value=5000, value=s.accuracy_passages,
+                               key="model_passages")
+
+if st.button("Load", type="primary", key="model_load"):
+    if not model or not calibration or not evaluation:
+        st.error("Choose a model and both texts first (an upload source needs a file).")
+    else:
+        with ui.shown_errors():
+            ws.configure(replace(ws.settings, model=model.strip(), dtype=dtype, device=device, trust_remote_code=trust,
+                                 calibration=calibration, evaluation=evaluation, samples=int(samples),
+                                 seq_len=int(seq_len), accuracy_passages=int(passages)))
+            st.success(f"Loaded {model}.")
+
+ws = ui.ready()
+s, loaded = ws.settings, ws.loaded
+adapter = loaded.adapter
+st.divider()
+st.subheader(f"{s.model} · {type(loaded.model).__name__}")
+st.plotly_chart(plots.architecture_strip(adapter), key="arch_strip")
+with ui.shown_errors():
+    base = ws.metrics(PruningPlan())
+    cols = st.columns(4)
+    cols[0].metric("parameters", ui.fmt_count(base["params"]))
+    cols[1].metric("layers", adapter.num_layers)
+    cols[2].metric("FLOPs / token (prefill)", ui.fmt_count(base["flops"]))
+    cols[3].metric("perplexity", f"{base['ppl']:.3f}")
+    st.caption("Perplexity: " + describe_protocol(ws.windows(s.evaluation), s.evaluation)
+               + ". FLOPs: analytic count of the model at this window length.")
+    counts = adapter.kind_counts()
+    st.write("**Removable components:** " + ", ".join(f"{n} {ui.KIND_LABELS.get(k, k)} (`{k}`)" for k, n in counts.items()))
+    if st.toggle("next-word accuracy", value=True, key="model_accuracy", help="Slower: one forward per passage."):
+        with ui.progress("next-word accuracy") as cb:
+            acc = ws.accuracy(PruningPlan(), progress=cb)
+        st.metric("next-word accuracy", f"{acc:.1%}")
+        st.caption(next_word_protocol(s.evaluation, s.accuracy_passages))

@@ -1,0 +1,103 @@
+"""Prune page: a switchboard of components; every change re-measures the model live."""
+import streamlit as st
+
+from app import plots, ui
+from shedder.metrics import describe_protocol, next_word_protocol
+from shedder.plan import PruningPlan
+
+PENDING = "prune_pending"      # a change requested by a widget callback, applied by the page body
+GENERATION = "prune_chart_gen"  # bumped after each chart click so the next chart starts unselected
+
+ws = ui.ready()
+s, loaded = ws.settings, ws.loaded
+adapter = loaded.adapter
+st.title("Prune")
+st.write("Click a square to remove or restore that component (or use the pickers below it). The numbers "
+         "are re-measured after every change; grey crosses are removed, faded squares sit inside a removed block.")
+
+# -- apply what the widgets asked for (callbacks only record it, so errors show in the page) --------
+pending = st.session_state.pop(PENDING, None)
+if pending:
+    with ui.shown_errors():
+        action, *args = pending
+        {"toggle": ws.toggle, "kind": ws.replace_kind, "undo": ws.undo, "reset": ws.reset}[action](*args)
+
+# -- live numbers --------------------------------------------------------------------------------
+with ui.shown_errors():
+    base = ws.metrics(PruningPlan())
+    with st.spinner("Measuring…"):
+        now = ws.metrics(ws.plan)
+    cols = st.columns(4)
+    cols[0].metric("perplexity", f"{now['ppl']:.3f}", delta=f"{now['ppl'] - base['ppl']:+.3f}", delta_color="inverse")
+    cols[1].metric("parameters", ui.fmt_count(now["params"]), delta=f"{now['params'] / base['params'] - 1:+.1%}",
+                   delta_color="inverse")
+    cols[2].metric("FLOPs / token", ui.fmt_count(now["flops"]), delta=f"{now['flops'] / base['flops'] - 1:+.1%}",
+                   delta_color="inverse")
+    with_accuracy = cols[3].toggle("next-word accuracy", value=False, key="prune_accuracy",
+                                   help="Slower: one forward per passage.")
+    if with_accuracy:
+        with ui.progress("next-word accuracy") as cb:
+            acc, acc0 = ws.accuracy(ws.plan, progress=cb), ws.accuracy(PruningPlan(), progress=cb)
+        cols[3].metric("next-word accuracy", f"{acc:.1%}", delta=f"{(acc - acc0) * 100:+.1f} pts")
+    st.caption(f"**Removed:** {ws.plan.describe()}. Perplexity: "
+               + describe_protocol(ws.windows(s.evaluation), s.evaluation) + "; deltas vs the unpruned model."
+               + (f" Accuracy: {next_word_protocol(s.evaluation, s.accuracy_passages)}." if with_accuracy else ""))
+    latency = ws.known(ws.plan)
+    if st.button("Measure latency of the extracted model", key="prune_latency"):
+        with ui.progress("timing the extracted model") as cb:
+            latency = ws.latency(ws.plan, progress=cb)
+    if "latency_ms" in latency:
+        st.write(f"Measured time to first token ({s.seq_len}-token prompt, {s.device}, {s.dtype}): "
+                 f"**{latency['latency_ms']:.1f} ms** extracted vs {latency['original_latency_ms']:.1f} ms original; "
+                 f"prefill speedup **{latency['measured_speedup']:.2f}×** measured, "
+                 f"{latency['expected_speedup']:.2f}× expected from FLOPs.")
+
+# -- switchboard ---------------------------------------------------------------------------------
+offered = list(adapter.kind_counts())
+kinds = st.multiselect("show kinds", offered, default=offered, key="prune_kinds") or offered[:1]
+fig, lookup = plots.switchboard(adapter, ws.plan, kinds, ws.importance)
+chart_key = f"prune_chart_{st.session_state.setdefault(GENERATION, 0)}"
+
+
+def clicked() -> None:
+    points = st.session_state[chart_key].selection.points
+    if points:
+        p = points[0]
+        st.session_state[PENDING] = ("toggle", lookup[p["curve_number"]][p["point_index"]])
+    st.session_state[GENERATION] += 1
+
+
+st.plotly_chart(fig, key=chart_key, on_select=clicked, selection_mode="points")
+
+
+def picked(kind: str) -> None:
+    st.session_state[PENDING] = ("kind", kind, st.session_state[f"prune_pick_{kind}"])
+
+
+pickers = st.columns(min(3, len(kinds)))
+for i, kind in enumerate(kinds):
+    col = pickers[i % len(pickers)]
+    st.session_state[f"prune_pick_{kind}"] = ws.plan.of_kind(kind)  # the pickers mirror the current plan
+    col.multiselect(f"removed {ui.KIND_LABELS.get(kind, kind)}", adapter.components(kind), key=f"prune_pick_{kind}",
+                    format_func=lambda c: f"layer {c.layer}" if c.kind in ui.WHOLE_KINDS else f"layer {c.layer} #{c.index}",
+                    on_change=picked, args=(kind,))
+
+# -- plan actions --------------------------------------------------------------------------------
+a, b, c, d = st.columns([1, 1, 3, 3])
+a.button("Undo", key="prune_undo", disabled=not ws.history, on_click=lambda: st.session_state.update({PENDING: ("undo",)}))
+b.button("Reset", key="prune_reset", disabled=not ws.plan, on_click=lambda: st.session_state.update({PENDING: ("reset",)}))
+with c:
+    greedy_kinds = st.multiselect("greedy search kinds", offered, default=offered[:1], key="prune_greedy_kinds")
+    k = st.number_input("K", min_value=1, max_value=max(1, len(adapter.candidates(PruningPlan(), greedy_kinds or offered))),
+                        value=1, key="prune_k")
+    if st.button("Take the first K greedy steps", key="prune_greedy", disabled=not greedy_kinds):
+        with ui.shown_errors(), ui.progress("greedy search") as cb:
+            steps = ws.greedy(greedy_kinds, int(k), progress=cb).steps
+        if steps:
+            ws.set_plan(steps[min(int(k), len(steps)) - 1].plan)
+            st.rerun()
+with d:
+    name = st.text_input("plan name", value=f"plan {len(ws.saved) + 1}", key="prune_name")
+    if st.button("Save for the frontier", key="prune_save", disabled=not name.strip()):
+        ws.saved[name.strip()] = ws.plan
+        st.success(f"Saved “{name.strip()}”: it appears on the Search & frontier page.")

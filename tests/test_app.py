@@ -1,0 +1,213 @@
+"""The Streamlit app driven headlessly with AppTest, page by page, on the bundled default model.
+
+Sessions start with small windows (4 × 64 tokens, 20 accuracy passages) so every page runs in
+seconds on a CPU; everything else is the app's own defaults.
+"""
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from shedder.arch import count_parameters
+from shedder.loading import BUNDLED_MODELS, DEFAULT_MODEL, load_model
+from shedder.plan import Component, PruningPlan
+
+pytest.importorskip("streamlit")
+from streamlit.testing.v1 import AppTest  # noqa: E402
+
+from app.state import WORKSPACE_KEY, Settings, Workspace  # noqa: E402
+
+MAIN = str(Path(__file__).resolve().parent.parent / "app" / "main.py")
+PAGES = {"model": "../pages/1_Model.py", "importance": "../pages/2_Importance.py", "prune": "../pages/3_Prune.py",
+         "search": "../pages/4_Search_and_frontier.py", "export": "../pages/5_Export.py"}
+
+if not (BUNDLED_MODELS / DEFAULT_MODEL / "config.json").is_file() and not os.environ.get("SHEDDER_MODEL"):
+    pytest.skip(f"the bundled {DEFAULT_MODEL} model is missing from {BUNDLED_MODELS}", allow_module_level=True)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    """Importance scores are cached on disk: keep each test's cache to itself."""
+    monkeypatch.setenv("SHEDDER_CACHE_DIR", str(tmp_path / "cache"))
+
+
+def open_app(page: str = "model") -> AppTest:
+    at = AppTest.from_file(MAIN, default_timeout=240)
+    at.session_state[WORKSPACE_KEY] = Workspace(settings=Settings(samples=4, seq_len=64, accuracy_passages=20))
+    at.run()
+    if page != "model":
+        at.switch_page(PAGES[page]).run()
+    assert_clean(at)
+    return at
+
+
+def assert_clean(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def workspace(at: AppTest) -> Workspace:
+    return at.session_state[WORKSPACE_KEY]
+
+
+def metric(at: AppTest, label: str) -> str:
+    return next(m.value for m in at.metric if m.label == label)
+
+
+def test_model_page_shows_architecture_and_baseline_with_protocol():
+    at = open_app()
+    ws = workspace(at)
+    assert ws.settings.model == os.environ.get("SHEDDER_MODEL", DEFAULT_MODEL)
+    assert float(metric(at, "perplexity")) > 1
+    assert metric(at, "layers") == str(ws.loaded.adapter.num_layers)
+    assert 0 <= float(metric(at, "next-word accuracy").rstrip("%")) <= 100
+    captions = " ".join(c.value for c in at.caption)
+    assert "4 non-overlapping windows of 64 tokens" in captions and "next-word accuracy" in captions
+    assert len(at.get("plotly_chart")) == 1  # the architecture strip
+
+
+def test_model_page_reports_a_bad_model_path_in_the_page():
+    at = open_app()
+    at.radio(key="model_how").set_value("local directory").run()
+    at.text_input(key="model_path").set_value("/no/such/model").run()
+    at.button(key="model_load").click().run()
+    assert not at.exception
+    assert any("/no/such/model" in e.value for e in at.error)
+    assert workspace(at).settings.model != "/no/such/model"  # the working setup is kept
+
+
+def test_model_page_load_applies_new_window_settings():
+    at = open_app()
+    at.number_input(key="model_samples").set_value(2).run()
+    at.button(key="model_load").click().run()
+    assert_clean(at)
+    assert workspace(at).settings.samples == 2
+    assert "2 non-overlapping windows" in " ".join(c.value for c in at.caption)
+
+
+def test_importance_scores_every_block_and_offers_csv():
+    at = open_app("importance")
+    at.multiselect(key="imp_kinds").set_value(["block"]).run()
+    at.button(key="imp_compute").click().run()
+    assert_clean(at)
+    scores = workspace(at).importance
+    n_layers = workspace(at).loaded.adapter.num_layers
+    assert sorted(scores["layer"]) == list(range(n_layers)) and set(scores["kind"]) == {"block"}
+    baseline = scores["ppl"] - scores["delta_ppl"]  # one shared baseline
+    assert baseline.max() - baseline.min() < 1e-6 * baseline.max()
+    assert len(at.get("plotly_chart")) == 2  # heatmap and per-layer bars
+    assert at.get("download_button")
+    at.toggle(key="imp_log").set_value(False).run()  # linear colour scale
+    assert_clean(at)
+
+
+def test_toggling_a_component_changes_the_live_numbers_and_undo_restores_them():
+    at = open_app("prune")
+    before_ppl, before_params = metric(at, "perplexity"), metric(at, "parameters")
+    at.multiselect(key="prune_pick_block").set_value([Component("block", 1)]).run()
+    assert_clean(at)
+    assert workspace(at).plan.components == {Component("block", 1)}
+    assert metric(at, "perplexity") != before_ppl
+    assert metric(at, "parameters") != before_params
+    at.button(key="prune_undo").click().run()
+    assert_clean(at)
+    assert not workspace(at).plan.components
+    assert metric(at, "perplexity") == before_ppl
+
+
+def test_latency_button_times_the_extracted_model():
+    at = open_app("prune")
+    at.multiselect(key="prune_pick_block").set_value([Component("block", 1), Component("block", 2)]).run()
+    at.button(key="prune_latency").click().run()
+    assert_clean(at)
+    ws = workspace(at)
+    measured = ws.known(ws.plan)
+    assert measured["latency_ms"] > 0 and measured["bench"]["pruned"]["params"] == ws.metrics(ws.plan)["params"]
+    assert any("extracted vs" in m.value for m in at.markdown)
+
+
+def test_prune_page_shows_an_invalid_toggle_as_a_message():
+    at = open_app("prune")
+    at.multiselect(key="prune_pick_block").set_value([Component("block", 2)]).run()
+    at.multiselect(key="prune_pick_ssm").set_value([Component("ssm", 2)]).run()
+    assert not at.exception
+    assert any("block 2" in e.value for e in at.error)
+    assert workspace(at).plan.components == {Component("block", 2)}
+
+
+def test_search_runs_two_steps_and_a_step_loads_into_the_prune_page():
+    at = open_app("prune")
+    at.multiselect(key="prune_pick_ssm").set_value([Component("ssm", 4)]).run()
+    at.text_input(key="prune_name").set_value("my ssm plan").run()
+    at.button(key="prune_save").click().run()
+    at.switch_page(PAGES["search"]).run()
+    at.number_input(key="search_steps").set_value(2).run()
+    at.button(key="search_run").click().run()
+    assert_clean(at)
+    result = workspace(at).search
+    assert [s.step for s in result.steps] == [1, 2]
+    assert len(at.get("plotly_chart")) == 2  # trajectory and frontier
+    frontier = at.dataframe[1].value
+    assert {"unpruned", "step 2: −" + str(result.steps[1].component), "my ssm plan", "current plan"} <= set(frontier["name"])
+    at.selectbox(key="frontier_pick").set_value(2).run()  # entry 2 = search step 2
+    at.button(key="frontier_load_btn").click().run()
+    assert_clean(at)
+    assert workspace(at).plan.components == result.steps[1].plan.components
+    at.switch_page(PAGES["prune"]).run()
+    assert_clean(at)
+    assert workspace(at).plan.components == result.steps[1].plan.components
+
+
+def test_prune_page_takes_the_first_k_greedy_steps():
+    at = open_app("prune")
+    at.number_input(key="prune_k").set_value(2).run()
+    at.button(key="prune_greedy").click().run()
+    assert_clean(at)
+    ws = workspace(at)
+    assert len(ws.plan) == 2 and ws.plan.components == ws.search.steps[1].plan.components
+
+
+def test_export_round_trip_and_bad_uploads(tmp_path):
+    at = open_app("prune")
+    at.multiselect(key="prune_pick_block").set_value([Component("block", 0), Component("block", 3)]).run()
+    at.switch_page(PAGES["export"]).run()
+    assert_clean(at)
+    exported = at.code[0].value  # the JSON the download button serves
+    plan = PruningPlan.from_json(exported)
+    assert plan.components == {Component("block", 0), Component("block", 3)}
+    assert json.loads(exported)["meta"]["measured"]["ppl"] > 1
+
+    workspace(at).reset()
+    at.file_uploader(key="export_upload").set_value(("plan.json", exported.encode(), "application/json")).run()
+    assert_clean(at)
+    assert workspace(at).plan.components == plan.components
+
+    out = tmp_path / "pruned"
+    at.text_input(key="export_dir").set_value(str(out)).run()
+    at.button(key="export_save").click().run()
+    assert_clean(at)
+    assert PruningPlan.load(out / "pruning_plan.json").components == plan.components
+    card = (out / "README.md").read_text()
+    assert "| block | 3 | 0 |" in card and "Measured on the extracted model" in card
+    saved, _ = load_model(str(out))
+    assert count_parameters(saved) == workspace(at).metrics(plan)["params"]
+
+    at.file_uploader(key="export_upload").set_value(("bad.json", b"{not json", "application/json")).run()
+    assert not at.exception
+    assert any("not valid JSON" in e.value for e in at.error)
+    foreign = json.loads(exported)
+    foreign["model"]["config_hash"] = "0" * 16
+    at.file_uploader(key="export_upload").set_value(("other.json", json.dumps(foreign).encode(), "application/json")).run()
+    assert any("another" in e.value for e in at.error)
+    assert workspace(at).plan.components == plan.components  # bad uploads change nothing
+
+
+def test_two_sessions_never_see_each_others_plans():
+    one, two = open_app("prune"), open_app("prune")
+    baseline = metric(two, "perplexity")
+    one.multiselect(key="prune_pick_block").set_value([Component("block", 1)]).run()
+    two.run()
+    assert workspace(one).loaded.model is workspace(two).loaded.model  # weights shared
+    assert not workspace(two).plan.components
+    assert metric(two, "perplexity") == baseline != metric(one, "perplexity")

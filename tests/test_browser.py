@@ -1,0 +1,192 @@
+"""The real app in a real browser: starts ``streamlit run app/main.py`` and drives headless Chromium
+through the journey a newcomer takes (load, score, toggle by clicking the switchboard, search,
+download the plan). Screenshots of every page go to ``$SHEDDER_SCREENSHOTS`` (default: a temp dir).
+
+Needs Debian's ``chromium`` and the ``playwright`` Python package (no ``playwright install``: the
+system browser is used); skipped with the reason when either is missing.
+"""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from shedder.loading import BUNDLED_MODELS, DEFAULT_MODEL
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run"]
+LONG = 180_000  # ms: importance and search on a shared 2-core CI machine
+
+if CHROMIUM is None:
+    pytest.skip("Debian chromium is not installed (apt-get install chromium)", allow_module_level=True)
+sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright Python package is not installed")
+if not (BUNDLED_MODELS / DEFAULT_MODEL / "config.json").is_file() and not os.environ.get("SHEDDER_MODEL"):
+    pytest.skip(f"the bundled {DEFAULT_MODEL} model is missing from {BUNDLED_MODELS}", allow_module_level=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """The app served by the real ``streamlit run`` on a free port; yields its URL."""
+    port = free_port()
+    env = {**os.environ, "SHEDDER_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
+    log = open(tmp_path_factory.mktemp("server") / "streamlit.log", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.headless", "true",
+                             "--server.port", str(port), "--browser.gatherUsageStats", "false"],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
+                    break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.time() > deadline:
+                log.seek(0)
+                pytest.fail(f"streamlit did not start:\n{log.read()[-3000:]}")
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture
+def screenshots(tmp_path) -> Path:
+    out = Path(os.environ.get("SHEDDER_SCREENSHOTS") or tmp_path / "screenshots")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@pytest.fixture
+def page(server):
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        context = browser.new_context(viewport={"width": 1400, "height": 2200}, accept_downloads=True)
+        pg = context.new_page()
+        pg.set_default_timeout(LONG)
+        pg.goto(server)
+        yield pg
+        browser.close()
+
+
+def idle(page) -> None:
+    """Wait until the script run triggered by the last action has finished and tables are drawn."""
+    page.wait_for_timeout(300)
+    page.locator('[data-testid="stApp"][data-test-script-state="notRunning"]').wait_for(timeout=LONG)
+    page.wait_for_timeout(500)
+
+
+def go(page, title: str) -> None:
+    page.locator('[data-testid="stSidebarNav"] a', has_text=title).first.click()
+    page.get_by_role("heading", name=title).first.wait_for()
+    idle(page)
+
+
+def click(page, point) -> None:
+    """Click a plotly point the way a user does (hover, then click at its centre)."""
+    box = point.bounding_box()
+    x, y = box["x"] + box["width"] / 2, box["y"] + box["height"] / 2
+    page.mouse.move(x, y)
+    page.wait_for_timeout(200)
+    page.mouse.click(x, y)
+
+
+def metric(page, label: str) -> str:
+    box = page.locator('[data-testid="stMetric"]', has=page.get_by_text(label, exact=True)).first
+    return box.locator('[data-testid="stMetricValue"]').inner_text()
+
+
+def no_errors(page) -> None:
+    errors = page.locator('[data-testid="stAlertContentError"], [data-testid="stException"]')
+    assert errors.count() == 0, errors.all_inner_texts()
+
+
+def test_newcomer_journey(page, screenshots, tmp_path):
+    # Model: defaults load by themselves, with the baseline numbers.
+    page.get_by_text("perplexity", exact=True).first.wait_for()
+    idle(page)
+    no_errors(page)
+    assert float(metric(page, "perplexity")) > 1
+    page.screenshot(path=str(screenshots / "1_model.png"))
+
+    # Importance: start scoring the default kinds, cancel, then score them to the end.
+    go(page, "Importance")
+    page.get_by_role("button", name="Compute importance").click()
+    page.locator('[data-testid="stProgress"]').first.wait_for()
+    page.get_by_role("button", name="Cancel").click()
+    page.get_by_text("Cancelled.").first.wait_for()
+    idle(page)
+    assert page.get_by_text("All scores").count() == 0
+    page.get_by_role("button", name="Compute importance").click()
+    page.get_by_text("All scores").wait_for()
+    idle(page)
+    no_errors(page)
+    page.screenshot(path=str(screenshots / "2_importance.png"))
+
+    # Prune: click the first square of the switchboard (block 0) and watch perplexity move.
+    go(page, "Prune")
+    before = metric(page, "perplexity")
+    chart = page.locator('[data-testid="stPlotlyChart"]').first
+    chart.scroll_into_view_if_needed()
+    click(page, chart.locator(".scatterlayer .trace").first.locator("path.point").first)  # block 0
+    page.wait_for_function("before => document.querySelector('[data-testid=\"stMetricValue\"]').innerText !== before",
+                           arg=before, timeout=LONG)
+    idle(page)
+    no_errors(page)
+    after = metric(page, "perplexity")
+    assert after != before
+    assert "block ×1 (0)" in page.locator('[data-testid="stCaptionContainer"]', has_text="Removed:").first.inner_text()
+    page.screenshot(path=str(screenshots / "3_prune.png"))
+
+    # Search & frontier: the default greedy search, its trajectory and the frontier.
+    go(page, "Search & frontier")
+    page.get_by_role("button", name="Run greedy search").click()
+    page.get_by_text("Trajectory").first.wait_for()
+    idle(page)
+    no_errors(page)
+    page.screenshot(path=str(screenshots / "4_search.png"))
+    frontier = page.locator('[data-testid="stPlotlyChart"]').nth(1)  # after the trajectory
+    frontier.scroll_into_view_if_needed()
+    click(page, frontier.locator(".scatterlayer .trace").nth(1).locator("path.point").nth(1))  # search step 2
+    page.get_by_text("Loaded “step 2").first.wait_for()
+    idle(page)
+    no_errors(page)
+
+    # Export: the downloaded JSON is the plan loaded from the frontier (search step 2).
+    go(page, "Export")
+    with page.expect_download() as download:
+        page.get_by_role("button", name="Download plan (JSON)").click()
+    plan = json.loads(Path(download.value.path()).read_text())
+    layers = ", ".join(str(c["layer"]) for c in plan["components"])
+    assert [c["kind"] for c in plan["components"]] == ["block", "block"]
+    current = page.locator('[data-testid="stMarkdownContainer"]', has_text="Current plan:").first
+    assert f"block ×2 ({layers})" in current.inner_text()
+    page.get_by_label("save to directory").fill(str(tmp_path / "pruned"))
+    page.get_by_label("save to directory").press("Enter")
+    idle(page)
+    page.get_by_role("button", name="Extract and save").click()
+    page.get_by_text("Saved to").first.wait_for()
+    idle(page)
+    no_errors(page)
+    assert json.loads((tmp_path / "pruned" / "pruning_plan.json").read_text())["components"] == plan["components"]
+    page.screenshot(path=str(screenshots / "5_export.png"))
