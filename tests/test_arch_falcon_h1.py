@@ -10,16 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from adapter_checks import (TOL, check_evaluator, check_mask_restores, check_plan, check_refused, check_removal,
+                            check_stock_load, comps, logits, random_model, tokens)
 
-from shedder.arch import adapter_for, count_parameters
+from shedder.arch import adapter_for
 from shedder.arch.hybrid_common import ZeroBranch
-from shedder.errors import PlanError
-from shedder.extract import extract, save
-from shedder.loading import REPO_ROOT, load_model
+from shedder.extract import extract
 from shedder.masking import masked
 from shedder.plan import Component, PruningPlan
 
-TOL = 1e-4
 SEQ = 20  # not a multiple of the chunk size (8)
 
 
@@ -33,69 +32,12 @@ def make_falcon_h1(seed: int = 0, **overrides):
         attention_in_multiplier=0.9, attention_out_multiplier=1.4, ssm_multipliers=[0.6, 1.3, 0.8, 1.2, 0.9],
         ssm_in_multiplier=1.1, ssm_out_multiplier=0.75)
     kwargs.update(overrides)
-    torch.manual_seed(seed)
-    model = transformers.FalconH1ForCausalLM(transformers.FalconH1Config(**kwargs)).eval()
-    spread(model)
-    return model
-
-
-def spread(model, std: float = 0.3) -> None:
-    """Weights large enough that every removal visibly changes the logits."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.endswith(("A_log", "layernorm.weight", "norm.weight")):
-                p.normal_(0.0, std)
-
-
-def comps(*specs: str) -> PruningPlan:
-    return PruningPlan(frozenset(Component.parse(s) for s in specs))
-
-
-def tokens(seed: int = 1, length: int = SEQ) -> torch.Tensor:
-    return torch.randint(0, 100, (2, length), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(model, ids) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids, use_cache=False).logits
-
-
-def greedy_reference(model, ids, steps: int) -> torch.Tensor:
-    """Greedy decoding by full-sequence forwards (no cache)."""
-    for _ in range(steps):
-        nxt = logits(model, ids)[:, -1].argmax(-1, keepdim=True)
-        ids = torch.cat([ids, nxt], dim=1)
-    return ids
-
-
-def check_plan(model, plan: PruningPlan, tmp_path=None, generate: bool = False, tokenizer=None):
-    """The exactness contract of one plan; returns (masked logits, extracted model)."""
-    ids = tokens()
-    adapter = adapter_for(model)
-    with masked(model, plan) as resolved:
-        got = logits(model, ids)
-    small = extract(model, resolved)
-    assert (logits(small, ids) - got).abs().max().item() <= TOL
-    assert adapter.param_count(resolved) == count_parameters(small)
-    if generate:
-        prompt = ids[:1, :7]
-        out = small.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        assert torch.equal(out, greedy_reference(small, prompt, 6))
-    if tmp_path is not None:
-        save(small, tokenizer, tmp_path / "pruned", resolved)
-        loaded, _ = load_model(str(tmp_path / "pruned"))
-        assert torch.equal(logits(loaded, ids), logits(small, ids))
-    return got, small
+    return random_model(transformers.FalconH1ForCausalLM, transformers.FalconH1Config(**kwargs), seed)
 
 
 @pytest.fixture(scope="module")
 def model():
     return make_falcon_h1()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return transformers.AutoTokenizer.from_pretrained(REPO_ROOT / "assets" / "tokenizer")
 
 
 PLANS = {
@@ -114,12 +56,10 @@ PLANS = {
 
 
 @pytest.mark.parametrize("name", sorted(PLANS))
-def test_masked_equals_extracted(model, name, tmp_path, tokenizer):
-    plan = comps(*PLANS[name])
-    full = logits(model, tokens())
+def test_masked_equals_extracted(model, name, tmp_path, bundled_tokenizer):
     round_trip = name in ("mixed", "heads_uneven_groups", "attention", "mlp_groups")
-    got, _ = check_plan(model, plan, tmp_path if round_trip else None, tokenizer=tokenizer)
-    assert (got - full).abs().max().item() > 1e-3, "removing components must change the logits"
+    check_removal(model, comps(*PLANS[name]), tokens(), tmp_path=tmp_path if round_trip else None,
+                  tokenizer=bundled_tokenizer)
 
 
 @pytest.mark.parametrize("overrides", [
@@ -127,35 +67,21 @@ def test_masked_equals_extracted(model, name, tmp_path, tokenizer):
      "mamba_conv_bias": False},                                  # y * silu(z), no norm module; biases
     {"mamba_rms_norm": True, "mamba_norm_before_gate": False},   # Mamba-2's gate-then-norm order
 ], ids=["no_norm", "gate_before_norm"])
-def test_mixer_variants(overrides, tmp_path, tokenizer):
+def test_mixer_variants(overrides, tmp_path, bundled_tokenizer):
     variant = make_falcon_h1(seed=3, **overrides)
     got, small = check_plan(variant, comps("ssm:0", "head:1:2", "head:1:6", "head:2:0", "attention:2",
                                            "mlp_channel_group:1:3"),
-                            tmp_path, generate=True, tokenizer=tokenizer)
+                            tmp_path, generate=True, tokenizer=bundled_tokenizer)
     assert (got - logits(variant, tokens())).abs().max().item() > 1e-3
     assert hasattr(small.model.layers[1].mamba, "norm") == overrides["mamba_rms_norm"]
 
 
 def test_unpruned_mask_is_identity_and_restores_bit_for_bit(model):
-    ids = tokens()
-    before = logits(model, ids)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with masked(model, PruningPlan()):
-        assert torch.equal(logits(model, ids), before)
-    with masked(model, comps(*PLANS["mixed"])):
-        pass
-    assert torch.equal(logits(model, ids), before)
-    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    check_mask_restores(model, comps(*PLANS["mixed"]))
 
 
 def test_mask_restores_after_exception(model):
-    ids = tokens()
-    before = logits(model, ids)
-    with pytest.raises(RuntimeError):
-        with masked(model, comps("attention:1", "mlp_channel_group:0:1", "head:1:3", "block:2", "mlp:1")):
-            raise RuntimeError("boom")
-    assert torch.equal(logits(model, ids), before)
-    assert not any("forward" in m.__dict__ for m in model.modules())
+    check_mask_restores(model, comps("attention:1", "mlp_channel_group:0:1", "head:1:3", "block:2", "mlp:1"))
 
 
 def test_generation_with_cache_on_extracted_models(model):
@@ -193,16 +119,13 @@ def test_masked_generation_matches_extracted(model):
     assert torch.equal(out, small.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0))
 
 
-def test_block_only_plan_loads_with_stock_transformers(model, tmp_path, tokenizer):
+def test_block_only_plan_loads_with_stock_transformers(model, tmp_path, bundled_tokenizer):
     plan = comps("block:1")
     _, small = check_plan(model, plan, generate=True)
-    assert not getattr(small.config, "shedder", None)
     assert small.config.num_hidden_layers == 2
     assert [layer.self_attn.layer_idx for layer in small.model.layers] == [0, 1]
     assert [layer.mamba.layer_idx for layer in small.model.layers] == [0, 1]
-    save(small, tokenizer, tmp_path / "stock", plan)
-    stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "stock").eval()
-    assert torch.equal(logits(stock, tokens()), logits(small, tokens()))
+    check_stock_load(small, plan, bundled_tokenizer, tmp_path / "stock", tokens())
 
 
 def test_pruned_structure(model):
@@ -227,7 +150,7 @@ def test_inventory(model):
     assert [adapter.layer_kind(i) for i in range(3)] == ["hybrid"] * 3
     counts = adapter.kind_counts()
     assert counts == {"block": 3, "ssm": 3, "head": 24, "attention": 3, "mlp": 3, "mlp_channel_group": 24}
-    assert adapter.group_size == 8
+    assert adapter.mlp_group_size == 8
     assert adapter.component_params(Component("mlp", 0)) == 3 * 32 * 64 + 32   # gate, up, down + pre_ff_layernorm
     assert adapter.component_params(Component("attention", 0)) == 2 * 32 * 32 + 2 * 32 * 16   # q, o + k, v
 
@@ -251,23 +174,13 @@ def test_official_ordinal_attention_maps_to_layers(model):
     (tuple(f"head:1:{h}" for h in range(8)), "removing all its 8 heads"),
 ])
 def test_validation_errors_name_the_problem(model, specs, message):
-    with pytest.raises(PlanError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        with masked(model, comps(*specs)):
-            pass
+    check_refused(model, comps(*specs), [message])
 
 
 def test_evaluator_and_cost_model_agree(model):
     """The prefix-reusing evaluator gives the masked perplexity, and the analytic cost model counts
     the extracted structure (its parameter total equals param_count)."""
-    from shedder.cost import estimate
-    from shedder.evaluator import PlanEvaluator
-    from shedder.metrics import perplexity
-
-    windows = torch.randint(0, 100, (3, SEQ), generator=torch.Generator().manual_seed(5))
-    evaluator = PlanEvaluator(model, windows, batch_size=2)
-    adapter = adapter_for(model)
-    for plan in (PruningPlan(), comps("mlp:2"), comps("mlp:2", "block:1"), comps(*PLANS["mixed"]), comps("attention:0", "ssm:1")):
-        with masked(model, plan):
-            reference = perplexity(model, windows, batch_size=2)
-        assert abs(evaluator.perplexity(plan) - reference) <= 1e-5 * reference
-        assert estimate(model, plan).params == adapter.param_count(plan)
+    windows = tokens(seed=5, length=SEQ, batch=3)
+    plans = [PruningPlan(), comps("mlp:2"), comps("mlp:2", "block:1"), comps(*PLANS["mixed"]),
+             comps("attention:0", "ssm:1")]
+    check_evaluator(model, plans, windows, batch_size=2, rel=1e-5, cost=True)

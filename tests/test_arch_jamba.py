@@ -11,17 +11,16 @@ from __future__ import annotations
 import pytest
 import torch
 import transformers
+from adapter_checks import (TOL, check_evaluator, check_mask_restores, check_plan, check_refused, check_removal,
+                            check_stock_load, comps, logits, random_model, tokens)
 
-from shedder.arch import adapter_for, count_parameters
+from shedder.arch import adapter_for
 from shedder.arch.hybrid_common import ZeroBranch
 from shedder.arch.jamba import period_offset
-from shedder.errors import PlanError
-from shedder.extract import extract, save
-from shedder.loading import REPO_ROOT, load_model
+from shedder.extract import extract
 from shedder.masking import masked
 from shedder.plan import Component, PruningPlan
 
-TOL = 1e-4
 SEQ = 20
 
 
@@ -33,69 +32,12 @@ def make_jamba(seed: int = 0, **overrides):
         mamba_expand=2, mamba_dt_rank=4, tie_word_embeddings=False, eos_token_id=None)
     kwargs.update(overrides)
     config = transformers.JambaConfig(**kwargs)
-    torch.manual_seed(seed)
-    model = transformers.JambaForCausalLM(config).eval()
-    spread(model)
-    return model
-
-
-def spread(model, std: float = 0.3) -> None:
-    """Weights large enough that every removal visibly changes the logits."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.endswith(("A_log", "layernorm.weight", "norm.weight")):
-                p.normal_(0.0, std)
-
-
-def comps(*specs: str) -> PruningPlan:
-    return PruningPlan(frozenset(Component.parse(s) for s in specs))
-
-
-def tokens(seed: int = 1, length: int = SEQ) -> torch.Tensor:
-    return torch.randint(0, 100, (2, length), generator=torch.Generator().manual_seed(seed))
-
-
-def logits(model, ids) -> torch.Tensor:
-    with torch.no_grad():
-        return model(ids, use_cache=False).logits
-
-
-def greedy_reference(model, ids, steps: int) -> torch.Tensor:
-    """Greedy decoding by full-sequence forwards (no cache)."""
-    for _ in range(steps):
-        nxt = logits(model, ids)[:, -1].argmax(-1, keepdim=True)
-        ids = torch.cat([ids, nxt], dim=1)
-    return ids
-
-
-def check_plan(model, plan: PruningPlan, tmp_path=None, generate: bool = False, tokenizer=None):
-    """The exactness contract of one plan; returns (masked logits, extracted model)."""
-    ids = tokens()
-    adapter = adapter_for(model)
-    with masked(model, plan) as resolved:
-        got = logits(model, ids)
-    small = extract(model, resolved)
-    assert (logits(small, ids) - got).abs().max().item() <= TOL
-    assert adapter.param_count(resolved) == count_parameters(small)
-    if generate:
-        prompt = ids[:1, :7]
-        out = small.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0)
-        assert torch.equal(out, greedy_reference(small, prompt, 6))
-    if tmp_path is not None:
-        save(small, tokenizer, tmp_path / "pruned", resolved)
-        loaded, _ = load_model(str(tmp_path / "pruned"))
-        assert torch.equal(logits(loaded, ids), logits(small, ids))
-    return got, small
+    return random_model(transformers.JambaForCausalLM, config, seed)
 
 
 @pytest.fixture(scope="module")
 def model():
     return make_jamba()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return transformers.AutoTokenizer.from_pretrained(REPO_ROOT / "assets" / "tokenizer")
 
 
 PLANS = {
@@ -115,42 +57,26 @@ PLANS = {
 
 
 @pytest.mark.parametrize("name", sorted(PLANS))
-def test_masked_equals_extracted(model, name, tmp_path, tokenizer):
-    plan = comps(*PLANS[name])
-    full = logits(model, tokens())
+def test_masked_equals_extracted(model, name, tmp_path, bundled_tokenizer):
     round_trip = name in ("mixed", "all_attention_blocks", "attention", "mlp_groups", "block_mamba")
-    got, _ = check_plan(model, plan, tmp_path if round_trip else None, tokenizer=tokenizer)
-    assert (got - full).abs().max().item() > 1e-3, "removing components must change the logits"
+    check_removal(model, comps(*PLANS[name]), tokens(), tmp_path=tmp_path if round_trip else None,
+                  tokenizer=bundled_tokenizer)
 
 
-def test_mixer_biases(tmp_path, tokenizer):
+def test_mixer_biases(tmp_path, bundled_tokenizer):
     variant = make_jamba(seed=3, mamba_proj_bias=True, mamba_conv_bias=False)
     got, _ = check_plan(variant, comps("ssm:0", "channel_group:0:1", "channel_group:2:3", "attention:1", "block:3"),
-                        tmp_path, generate=True, tokenizer=tokenizer)
+                        tmp_path, generate=True, tokenizer=bundled_tokenizer)
     assert (got - logits(variant, tokens())).abs().max().item() > 1e-3
 
 
 def test_unpruned_mask_is_identity_and_restores_bit_for_bit(model):
-    ids = tokens()
-    before = logits(model, ids)
-    state = {k: v.clone() for k, v in model.state_dict().items()}
-    with masked(model, PruningPlan()):
-        assert torch.equal(logits(model, ids), before)
-    with masked(model, comps(*PLANS["mixed"])):
-        pass
-    assert torch.equal(logits(model, ids), before)
-    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    check_mask_restores(model, comps(*PLANS["mixed"]))
 
 
 def test_mask_restores_after_exception(model):
-    ids = tokens()
-    before = logits(model, ids)
-    with pytest.raises(RuntimeError):
-        with masked(model, comps("attention:1", "mlp_channel_group:0:1", "ssm:2", "channel_group:4:0", "block:3",
-                                 "mlp:4")):
-            raise RuntimeError("boom")
-    assert torch.equal(logits(model, ids), before)
-    assert not any("forward" in m.__dict__ for m in model.modules())
+    check_mask_restores(model, comps("attention:1", "mlp_channel_group:0:1", "ssm:2", "channel_group:4:0", "block:3",
+                                     "mlp:4"))
 
 
 def test_generation_with_cache_on_extracted_models(model):
@@ -188,19 +114,16 @@ def test_masked_generation_matches_extracted(model):
     assert torch.equal(out, small.generate(prompt, max_new_tokens=6, do_sample=False, pad_token_id=0))
 
 
-def test_block_only_plan_loads_with_stock_transformers(model, tmp_path, tokenizer):
+def test_block_only_plan_loads_with_stock_transformers(model, tmp_path, bundled_tokenizer):
     plan = comps("block:0", "block:3")
     _, small = check_plan(model, plan, generate=True)
-    assert not getattr(small.config, "shedder", None)
     assert small.config.num_hidden_layers == 3
     assert small.config.layers_block_type == ["attention", "mamba", "mamba"]
     assert small.config.layers_num_experts == [3, 1, 3]
     assert [type(layer.feed_forward).__name__ for layer in small.model.layers] == \
         ["JambaSparseMoeBlock", "JambaMLP", "JambaSparseMoeBlock"]
     assert small.model.layers[0].self_attn.layer_idx == 0 and small.model.layers[2].mamba.layer_idx == 2
-    save(small, tokenizer, tmp_path / "stock", plan)
-    stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "stock").eval()
-    assert torch.equal(logits(stock, tokens()), logits(small, tokens()))
+    check_stock_load(small, plan, bundled_tokenizer, tmp_path / "stock", tokens())
 
 
 def test_pruned_structure(model):
@@ -260,23 +183,13 @@ def test_period_offset():
     (tuple(f"block:{i}" for i in range(5)), "removes all 5 layers"),
 ])
 def test_validation_errors_name_the_problem(model, specs, message):
-    with pytest.raises(PlanError, match=message.replace("(", r"\(").replace(")", r"\)")):
-        with masked(model, comps(*specs)):
-            pass
+    check_refused(model, comps(*specs), [message])
 
 
 def test_evaluator_and_cost_model_agree(model):
     """The prefix-reusing evaluator gives the masked perplexity, and the analytic cost model counts
     the extracted structure (its parameter total equals param_count)."""
-    from shedder.cost import estimate
-    from shedder.evaluator import PlanEvaluator
-    from shedder.metrics import perplexity
-
-    windows = torch.randint(0, 100, (3, SEQ), generator=torch.Generator().manual_seed(5))
-    evaluator = PlanEvaluator(model, windows, batch_size=2)
-    adapter = adapter_for(model)
-    for plan in (PruningPlan(), comps("mlp:4"), comps("mlp:4", "block:1"), comps(*PLANS["mixed"]), comps(*PLANS["all_attention_blocks"])):
-        with masked(model, plan):
-            reference = perplexity(model, windows, batch_size=2)
-        assert abs(evaluator.perplexity(plan) - reference) <= 1e-5 * reference
-        assert estimate(model, plan).params == adapter.param_count(plan)
+    windows = tokens(seed=5, length=SEQ, batch=3)
+    plans = [PruningPlan(), comps("mlp:4"), comps("mlp:4", "block:1"), comps(*PLANS["mixed"]),
+             comps(*PLANS["all_attention_blocks"])]
+    check_evaluator(model, plans, windows, batch_size=2, rel=1e-5, cost=True)

@@ -8,18 +8,17 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import json
-import random
 
 import pytest
 import torch
 import transformers
+from adapter_checks import (TOL, check_cached_generation, check_mask_restores, check_plan, check_refused, check_removal,
+                            check_saved, check_stock_load, comps, logits, random_model, random_plan, spread, tokens)
 
 from shedder.arch import adapter_for, count_parameters, patch_forward
 from shedder.arch.mamba1_core import PrunedMamba1Mixer, default_channel_group_size, has_ssm, mamba1_forward
 from shedder.errors import PlanError
-from shedder.extract import extract, save
-from shedder.loading import REPO_ROOT, load_model
+from shedder.extract import extract
 from shedder.masking import masked
 from shedder.plan import Component, PruningPlan
 
@@ -27,7 +26,6 @@ ARCHS = {
     "mamba": (transformers.MambaConfig, transformers.MambaForCausalLM),
     "falcon_mamba": (transformers.FalconMambaConfig, transformers.FalconMambaForCausalLM),
 }
-TOL = 1e-4
 N_LAYERS = 4
 
 
@@ -37,29 +35,8 @@ def make_model(arch: str, seed: int = 0, **overrides):
     config_cls, model_cls = ARCHS[arch]
     kwargs = dict(hidden_size=32, expand=2, state_size=8, num_hidden_layers=N_LAYERS, vocab_size=100)
     config = config_cls(**{**kwargs, **overrides})
-    torch.manual_seed(seed)
-    model = model_cls(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.endswith(("A_log", "norm.weight", "norm_f.weight")):
-                p.normal_(0.0, 0.3)
-    return model
-
-
-def comps(*specs: str) -> PruningPlan:
-    return PruningPlan(frozenset(Component.parse(s) for s in specs))
-
-
-def random_plan(adapter, kinds, seed: int, n: int = 3) -> PruningPlan:
-    """``n`` random removable components of ``kinds``, added one by one as the search would."""
-    rng = random.Random(seed)
-    plan = PruningPlan()
-    for _ in range(n):
-        options = adapter.candidates(plan, kinds)
-        if not options:
-            break
-        plan = plan.with_components([rng.choice(options)])
-    return plan
+    return random_model(model_cls, config, seed,
+                        init=functools.partial(spread, keep=("A_log", "norm.weight", "norm_f.weight")))
 
 
 PLANS = {
@@ -85,21 +62,7 @@ def model(request):
 
 @pytest.fixture(scope="module")
 def ids():
-    return torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return transformers.AutoTokenizer.from_pretrained(REPO_ROOT / "assets" / "tokenizer")
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def snapshot(model):
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return tokens(seed=0, length=16)
 
 
 # ------------------------------------------------------------------ inventory
@@ -132,13 +95,7 @@ def test_group_size_must_tile_the_layer(model):
 def test_masked_equals_extracted(model, ids, name):
     plan = PLANS[name](adapter_for(model))
     assert len(plan) > 0
-    base = logits(model, ids)
-    with masked(model, plan):
-        live = logits(model, ids)
-    small = extract(model, plan)
-    assert (live - logits(small, ids)).abs().max().item() <= TOL
-    # the plan really removed something: the tolerance above could have failed
-    assert (live - base).abs().max().item() > 1e-2
+    check_removal(model, plan, ids, min_change=1e-2)
 
 
 # ------------------------------------------------------------------ semantics against the stock model
@@ -232,20 +189,7 @@ def test_reprune_an_extracted_model(model, ids):
 
 # ------------------------------------------------------------------ reversibility
 def test_mask_leaves_the_model_untouched(model, ids):
-    before, base = snapshot(model), logits(model, ids)
-    plan = PLANS["mixed"](None)
-    with masked(model, plan):
-        masked_logits = logits(model, ids)
-    assert not torch.equal(masked_logits, base)
-    with pytest.raises(RuntimeError, match="boom"):
-        with masked(model, plan):
-            logits(model, ids)
-            raise RuntimeError("boom")
-    after = snapshot(model)
-    assert before.keys() == after.keys()
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert all("forward" not in m.__dict__ for m in model.modules())
-    assert torch.equal(logits(model, ids), base)
+    check_mask_restores(model, PLANS["mixed"](None), ids)
 
 
 # ------------------------------------------------------------------ parameter counts
@@ -268,78 +212,41 @@ def test_param_count_empty_plan_and_tied_embeddings(model):
     assert small.lm_head.weight is small.backbone.embeddings.weight
 
 
-def test_other_layouts_untied_biases_no_conv_bias(model, ids, tokenizer, tmp_path):
+def test_other_layouts_untied_biases_no_conv_bias(model, ids, bundled_tokenizer, tmp_path):
     """Untied lm_head (as Falcon-Mamba-7B), biased in/out projections, bias-free conv."""
     arch = "mamba" if isinstance(model, transformers.MambaForCausalLM) else "falcon_mamba"
     other = make_model(arch, tie_word_embeddings=False, use_bias=True, use_conv_bias=False)
-    a, plan = adapter_for(other), PLANS["mixed"](None)
+    plan = PLANS["mixed"](None)
     assert other.lm_head.weight is not other.backbone.embeddings.weight
-    with masked(other, plan):
-        live = logits(other, ids)
-    small = extract(other, plan)
-    assert (live - logits(small, ids)).abs().max().item() <= TOL
-    assert a.param_count(plan) == count_parameters(small)
-    assert a.param_count(PruningPlan()) == count_parameters(other)
+    _, small = check_plan(other, plan, ids=ids)
+    assert adapter_for(other).param_count(PruningPlan()) == count_parameters(other)
     assert small.backbone.layers[0].mixer.in_proj.bias.shape == (96,)
     assert small.backbone.layers[0].mixer.conv1d.bias is None
-    loaded, _ = load_model(str(save(small, tokenizer, tmp_path / "untied", plan)))
+    loaded = check_saved(small, plan, bundled_tokenizer, tmp_path / "untied", ids)
     assert loaded.lm_head.weight is not loaded.backbone.embeddings.weight
-    assert torch.equal(logits(loaded, ids), logits(small, ids))
 
 
 # ------------------------------------------------------------------ save / load
-def test_save_load_round_trip(model, ids, tokenizer, tmp_path):
+def test_save_load_round_trip(model, ids, bundled_tokenizer, tmp_path):
     plan = adapter_for(model).validate(PLANS["mixed"](None))
-    small = extract(model, plan)
-    out = save(small, tokenizer, tmp_path / "pruned", plan)
-    assert "shedder" in json.loads((out / "config.json").read_text())
-    loaded, _ = load_model(str(out))
+    loaded = check_saved(extract(model, plan), plan, bundled_tokenizer, tmp_path / "pruned", ids, shedder_entry=True)
     assert type(loaded) is type(model)
-    assert torch.equal(logits(loaded, ids), logits(small, ids))
 
 
-def test_block_only_model_loads_with_plain_transformers(model, ids, tokenizer, tmp_path):
+def test_block_only_model_loads_with_plain_transformers(model, ids, bundled_tokenizer, tmp_path):
     small = extract(model, comps("block:1", "block:2"))
-    out = save(small, tokenizer, tmp_path / "blocks", None)
-    assert "shedder" not in json.loads((out / "config.json").read_text())
-    plain = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    plain = check_stock_load(small, None, bundled_tokenizer, tmp_path / "blocks", ids)
     assert type(plain) is type(model) and plain.config.num_hidden_layers == 2
-    assert torch.equal(logits(plain, ids), logits(small, ids))
-    loaded, _ = load_model(str(out))
-    assert torch.equal(logits(loaded, ids), logits(small, ids))
 
 
 # ------------------------------------------------------------------ generation with the cache
-def stepwise_greedy(model, prompt, steps):
-    """Greedy continuation from full-sequence forwards (no cache) and the logits of each step."""
-    seq, step_logits = prompt, []
-    for _ in range(steps):
-        last = logits(model, seq)[:, -1]
-        step_logits.append(last)
-        seq = torch.cat([seq, last.argmax(-1, keepdim=True)], dim=1)
-    return seq, step_logits
-
-
 @pytest.mark.parametrize("name, prompt_len", [("channel_groups", 7), ("channel_groups", 2),
                                               ("ssm_and_groups_same_layer", 7), ("mixed", 2)])
 def test_cached_generation_matches_full_forwards(model, ids, name, prompt_len):
     """Greedy decoding with the cache (prefill, then one token at a time) equals full-sequence
     forwards, for the extracted model and for the live-masked one. A prompt shorter than the conv
     kernel (4) exercises the padded conv state."""
-    plan, steps = PLANS[name](None), 5
-    small = extract(model, plan)
-    prompt = ids[:, :prompt_len]
-    expected, expected_logits = stepwise_greedy(small, prompt, steps)
-    assert len(set(expected[:, prompt_len:].flatten().tolist())) > 1  # a decoding that could go wrong
-    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=steps, min_new_tokens=steps,
-                  do_sample=False, pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        out = small.generate(prompt, **kwargs)
-        with masked(model, plan):
-            live = model.generate(prompt, **kwargs)
-    for got in (out, live):
-        assert torch.equal(got.sequences, expected)
-        assert all((a - b).abs().max().item() <= TOL for a, b in zip(got.logits, expected_logits))
+    check_cached_generation(model, PLANS[name](None), ids[:, :prompt_len])
 
 
 # ------------------------------------------------------------------ validation
@@ -356,11 +263,7 @@ def test_cached_generation_matches_full_forwards(model, ids, name, prompt_len):
     (comps(*[f"block:{i}" for i in range(N_LAYERS)]), ["all 4 blocks"]),
 ])
 def test_invalid_plans_are_refused(model, plan, words):
-    for action in (lambda: masked(model, plan).__enter__(), lambda: extract(model, plan),
-                   lambda: adapter_for(model).param_count(plan)):
-        with pytest.raises(PlanError) as err:
-            action()
-        assert all(w in str(err.value) for w in words), str(err.value)
+    check_refused(model, plan, words)
 
 
 def test_plan_for_another_model_is_refused(model):

@@ -6,23 +6,21 @@ extracted one, on a sequence length that is not a multiple of the chunk size.
 """
 from __future__ import annotations
 
-import json
-import random
-
 import pytest
 import torch
 import transformers
+from adapter_checks import (TOL, check_cached_generation, check_mask_restores, check_refused, check_removal,
+                            check_saved, check_stock_load, comps, logits, max_diff, random_model, random_plan,
+                            spread_around_init, tokens)
 
 from shedder.arch import adapter_for
 from shedder.arch.mamba2_core import (MixerLayout, PrunedMamba2Mixer, Selection, gated_group_rms_norm, mixer_layout,
                                       ssd_forward)
 from shedder.errors import PlanError
-from shedder.extract import extract, save
-from shedder.loading import REPO_ROOT, load_model
+from shedder.extract import extract
 from shedder.masking import masked
 from shedder.plan import Component, PruningPlan
 
-TOL = 1e-4
 N_LAYERS = 4
 SEQ = 13  # not a multiple of chunk_size
 
@@ -33,44 +31,7 @@ def make_model(n_groups: int, seed: int = 0, **overrides):
                   chunk_size=8, num_hidden_layers=N_LAYERS, vocab_size=100, conv_kernel=4,
                   eos_token_id=None)  # greedy decoding below must not stop (or be kept from stopping) early
     config = transformers.Mamba2Config(**{**kwargs, **overrides})
-    torch.manual_seed(seed)
-    model = transformers.Mamba2ForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("A_log", ".D", "dt_bias", "norm.weight")):
-                p.add_(torch.randn_like(p) * 0.3)
-            elif name.endswith("weight"):
-                p.normal_(0.0, 0.2)
-    return model
-
-
-def comps(*specs: str) -> PruningPlan:
-    return PruningPlan(frozenset(Component.parse(s) for s in specs))
-
-
-def random_plan(adapter, kinds, seed: int, n: int = 4) -> PruningPlan:
-    """``n`` random removable components of ``kinds``, added one by one as the search would."""
-    rng = random.Random(seed)
-    plan = PruningPlan()
-    for _ in range(n):
-        options = adapter.candidates(plan, kinds)
-        if not options:
-            break
-        plan = plan.with_components([rng.choice(options)])
-    return plan
-
-
-def logits(model, ids):
-    with torch.no_grad():
-        return model(ids).logits
-
-
-def snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}
-
-
-def max_diff(a, b) -> float:
-    return (a - b).abs().max().item()
+    return random_model(transformers.Mamba2ForCausalLM, config, seed, init=spread_around_init)
 
 
 @pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda g: f"groups{g}")
@@ -80,13 +41,7 @@ def model(request):
 
 @pytest.fixture(scope="module")
 def ids():
-    torch.manual_seed(1)
-    return torch.randint(0, 100, (2, SEQ))
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return transformers.AutoTokenizer.from_pretrained(REPO_ROOT / "assets" / "tokenizer")
+    return tokens(seed=1, length=SEQ)
 
 
 # ------------------------------------------------------------------ the shared core
@@ -180,15 +135,7 @@ PLANS = {
 
 @pytest.mark.parametrize("name", sorted(PLANS))
 def test_masked_equals_extracted(model, ids, name):
-    adapter = adapter_for(model)
-    plan = PLANS[name](adapter)
-    base = logits(model, ids)
-    with masked(model, plan):
-        live = logits(model, ids)
-    small = extract(model, plan)
-    assert max_diff(live, logits(small, ids)) <= TOL
-    assert max_diff(live, base) > 1e-3  # the removal is real, so the equality above can fail
-    assert adapter.param_count(plan) == sum(p.numel() for p in small.parameters()) < adapter.param_count()
+    check_removal(model, PLANS[name](adapter_for(model)), ids)
 
 
 def test_uniform_head_removal_gives_a_stock_config(model, ids):
@@ -232,18 +179,7 @@ def test_reprune_an_extracted_model(model, ids):
 
 
 def test_mask_leaves_the_model_untouched(model, ids):
-    before, base = snapshot(model), logits(model, ids)
-    plan = PLANS["mixed"](None)
-    with masked(model, plan):
-        assert not torch.equal(logits(model, ids), base)
-    with pytest.raises(RuntimeError, match="boom"):
-        with masked(model, plan):
-            logits(model, ids)
-            raise RuntimeError("boom")
-    after = snapshot(model)
-    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
-    assert torch.equal(logits(model, ids), base)
-    assert all("forward" not in m.__dict__ for m in model.modules())
+    check_mask_restores(model, PLANS["mixed"](None), ids)
 
 
 # ------------------------------------------------------------------ parameter counts
@@ -259,56 +195,19 @@ def test_param_count_empty_plan_and_tied_embeddings(model):
 
 
 # ------------------------------------------------------------------ save / load
-def test_save_load_round_trip(model, ids, tokenizer, tmp_path):
+def test_save_load_round_trip(model, ids, bundled_tokenizer, tmp_path):
     plan = adapter_for(model).validate(PLANS["mixed"](None))
-    small = extract(model, plan)
-    out = save(small, tokenizer, tmp_path / "pruned", plan)
-    assert "shedder" in json.loads((out / "config.json").read_text())
-    loaded, _ = load_model(str(out))
+    loaded = check_saved(extract(model, plan), plan, bundled_tokenizer, tmp_path / "pruned", ids, shedder_entry=True)
     assert type(loaded) is type(model)
-    assert torch.equal(logits(loaded, ids), logits(small, ids))
 
 
-def test_block_only_model_loads_with_plain_transformers(model, ids, tokenizer, tmp_path):
+def test_block_only_model_loads_with_plain_transformers(model, ids, bundled_tokenizer, tmp_path):
     small = extract(model, comps("block:0", "block:2"))
-    out = save(small, tokenizer, tmp_path / "blocks", None)
-    assert "shedder" not in json.loads((out / "config.json").read_text())
-    plain = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    plain = check_stock_load(small, None, bundled_tokenizer, tmp_path / "blocks", ids)
     assert type(plain) is type(model) and plain.config.num_hidden_layers == 2
-    assert torch.equal(logits(plain, ids), logits(small, ids))
-    loaded, _ = load_model(str(out))
-    assert torch.equal(logits(loaded, ids), logits(small, ids))
 
 
 # ------------------------------------------------------------------ generation with the cache
-def stepwise_greedy(model, prompt, steps):
-    """Greedy continuation from full-sequence forwards (no cache) and the logits of each step."""
-    seq, step_logits = prompt, []
-    for _ in range(steps):
-        last = logits(model, seq)[:, -1]
-        step_logits.append(last)
-        seq = torch.cat([seq, last.argmax(-1, keepdim=True)], dim=1)
-    return seq, step_logits
-
-
-def check_cached_generation(model, plan, prompt, steps=5):
-    """Extracted model: ``generate`` (prefill + one-token decode through the cache) equals greedy
-    decoding by full forwards; the live-masked model decodes the same way through its cache."""
-    small = extract(model, plan)
-    expected, expected_logits = stepwise_greedy(small, prompt, steps)
-    n = prompt.shape[1]
-    assert len(set(expected[:, n:].flatten().tolist())) > 1  # a decoding that could go wrong
-    kwargs = dict(attention_mask=torch.ones_like(prompt), max_new_tokens=steps,
-                  do_sample=False, pad_token_id=0)
-    with torch.no_grad():
-        out = small.generate(prompt, output_logits=True, return_dict_in_generate=True, **kwargs)
-    assert torch.equal(out.sequences, expected)
-    for got, want in zip(out.logits, expected_logits):
-        assert max_diff(got, want) <= TOL
-    with masked(model, plan), torch.no_grad():
-        assert torch.equal(model.generate(prompt, **kwargs), expected)
-
-
 @pytest.mark.parametrize("name", ["ssm", "heads_uneven", "ssm_and_heads_same_layer", "mixed"])
 def test_cached_generation_matches_full_forwards(model, ids, name):
     check_cached_generation(model, PLANS[name](None), ids[:, :9])
@@ -327,10 +226,7 @@ def test_removing_a_whole_group_is_refused(model):
     else:
         plan = PruningPlan(frozenset(Component("head", 3, h) for h in group_heads(model, 1)))
         words = ["layer 3, group 1", "removing all its heads", "remove the SSM or the block instead"]
-    for action in (lambda: masked(model, plan).__enter__(), lambda: extract(model, plan)):
-        with pytest.raises(PlanError) as err:
-            action()
-        assert all(w in str(err.value) for w in words), str(err.value)
+    check_refused(model, plan, words)
     assert Component("head", 3, 0) in adapter_for(model).candidates(PruningPlan(), ["head"])
     last = plan.without_components([Component("head", 3, group_heads(model, min(1, model.config.n_groups - 1))[0])])
     assert not [c for c in adapter_for(model).candidates(last, ["head"]) if c.layer == 3 and c in plan]
@@ -346,11 +242,7 @@ def test_removing_a_whole_group_is_refused(model):
     (comps(*[f"block:{i}" for i in range(N_LAYERS)]), ["all 4 layers"]),
 ])
 def test_invalid_plans_are_refused(model, plan, words):
-    for action in (lambda: masked(model, plan).__enter__(), lambda: extract(model, plan),
-                   lambda: adapter_for(model).param_count(plan)):
-        with pytest.raises(PlanError) as err:
-            action()
-        assert all(w in str(err.value) for w in words), str(err.value)
+    check_refused(model, plan, words)
 
 
 def test_plan_for_another_config_is_refused(model):

@@ -2,21 +2,18 @@
 sub-blocks, and MLP channel groups, on a tiny random fp32 hybrid with every layer type."""
 from __future__ import annotations
 
-import json
-
 import pytest
-import torch
 import transformers
+from adapter_checks import (TOL, check_cached_generation, check_mask_restores, check_refused, check_removal,
+                            check_saved, check_stock_load, comps, logits, max_diff, random_model, random_plan,
+                            spread_around_init, tokens)
 
 from shedder.arch import adapter_for
 from shedder.arch.mamba2_core import PrunedMamba2Mixer
 from shedder.errors import PlanError
-from shedder.extract import extract, save
-from shedder.loading import load_model
+from shedder.extract import extract
 from shedder.masking import masked
 from shedder.plan import Component, PruningPlan
-from test_arch_mamba2 import (TOL, check_cached_generation, comps, logits, max_diff, random_plan, snapshot,
-                              tokenizer)  # noqa: F401  (tokenizer is a fixture)
 
 PATTERN = ["mamba", "attention", "mamba", "mlp", "moe", "mamba", "mlp"]
 GROUPS = {"mlp_channel_group": 32}  # 96 intermediate channels = 3 groups
@@ -29,15 +26,7 @@ def make_model(seed: int = 0, **overrides):
                   moe_intermediate_size=32, moe_shared_expert_intermediate_size=32, max_position_embeddings=64,
                   eos_token_id=None)
     config = transformers.NemotronHConfig(**{**kwargs, **overrides})
-    torch.manual_seed(seed)
-    model = transformers.NemotronHForCausalLM(config).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("A_log", ".D", "dt_bias", "norm.weight")):
-                p.add_(torch.randn_like(p) * 0.3)
-            elif name.endswith(("weight", "up_proj", "down_proj")) and "gate" not in name:
-                p.normal_(0.0, 0.2)
-    return model
+    return random_model(transformers.NemotronHForCausalLM, config, seed, init=spread_around_init)
 
 
 def plan(*specs: str) -> PruningPlan:
@@ -56,8 +45,7 @@ def adapter(model):
 
 @pytest.fixture(scope="module")
 def ids():
-    torch.manual_seed(1)
-    return torch.randint(0, 100, (2, 13))
+    return tokens(seed=1, length=13)
 
 
 def test_inventory(model, adapter):
@@ -85,14 +73,7 @@ PLANS = {
 
 @pytest.mark.parametrize("name", sorted(PLANS))
 def test_masked_equals_extracted(model, adapter, ids, name):
-    p = PLANS[name](adapter)
-    base = logits(model, ids)
-    with masked(model, p, adapter):
-        live = logits(model, ids)
-    small = extract(model, p, adapter)
-    assert max_diff(live, logits(small, ids)) <= TOL
-    assert max_diff(live, base) > 1e-3  # the removal is real, so the equality above can fail
-    assert adapter.param_count(p) == sum(p_.numel() for p_ in small.parameters()) < adapter.param_count()
+    check_removal(model, PLANS[name](adapter), ids, adapter=adapter)
 
 
 def test_extracted_structure(model, adapter):
@@ -107,7 +88,7 @@ def test_extracted_structure(model, adapter):
     assert [getattr(l.mixer, "layer_idx", i) for i, l in enumerate(layers)] == [0, 1, 2, 3]
 
 
-def test_uniform_removals_give_a_stock_config(model, adapter, ids, tokenizer, tmp_path):
+def test_uniform_removals_give_a_stock_config(model, adapter, ids, bundled_tokenizer, tmp_path):
     """Same heads in every Mamba layer, same MLP width, attention and a block gone: stock config."""
     heads = [f"head:{i}:{h}" for i in (0, 5) for h in (1, 6)]
     p = plan(*heads, "mlp_channel_group:3:0", "mlp_channel_group:6:2", "block:2", "mlp:4")
@@ -116,33 +97,18 @@ def test_uniform_removals_give_a_stock_config(model, adapter, ids, tokenizer, tm
     assert (small.config.mamba_num_heads, small.config.intermediate_size) == (6, 64)
     with masked(model, p, adapter):
         assert max_diff(logits(model, ids), logits(small, ids)) <= TOL
-    out = save(small, tokenizer, tmp_path / "stock", p)
-    assert "shedder" not in json.loads((out / "config.json").read_text())
-    plain = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
-    assert torch.equal(logits(plain, ids), logits(small, ids))
+    check_stock_load(small, p, bundled_tokenizer, tmp_path / "stock", ids)
 
 
 @pytest.mark.parametrize("name", ["mixed", "ssm_and_heads", "channel_groups_uneven"])  # the last two keep the MoE
-def test_save_load_round_trip(model, adapter, ids, tokenizer, tmp_path, name):
+def test_save_load_round_trip(model, adapter, ids, bundled_tokenizer, tmp_path, name):
     p = adapter.validate(PLANS[name](adapter))
-    small = extract(model, p, adapter)
-    out = save(small, tokenizer, tmp_path / "pruned", p)
-    assert "shedder" in json.loads((out / "config.json").read_text())
-    loaded, _ = load_model(str(out))
+    loaded = check_saved(extract(model, p, adapter), p, bundled_tokenizer, tmp_path / "pruned", ids, shedder_entry=True)
     assert type(loaded) is type(model)
-    assert torch.equal(logits(loaded, ids), logits(small, ids))
 
 
 def test_mask_leaves_the_model_untouched(model, adapter, ids):
-    before, base = snapshot(model), logits(model, ids)
-    with pytest.raises(RuntimeError, match="boom"):
-        with masked(model, PLANS["mixed"](adapter), adapter):
-            assert not torch.equal(logits(model, ids), base)
-            raise RuntimeError("boom")
-    after = snapshot(model)
-    assert all(torch.equal(before[k], after[k]) for k in before)
-    assert torch.equal(logits(model, ids), base)
-    assert all("forward" not in m.__dict__ for m in model.modules())
+    check_mask_restores(model, PLANS["mixed"](adapter), ids, adapter)
 
 
 @pytest.mark.parametrize("specs", [
@@ -150,7 +116,7 @@ def test_mask_leaves_the_model_untouched(model, adapter, ids):
     ("attention:1", "ssm:0"),  # no attention layer left: generation runs without a cache
 ])
 def test_cached_generation_matches_full_forwards(model, adapter, ids, specs):
-    check_cached_generation(model, plan(*specs), ids[:, :9])
+    check_cached_generation(model, plan(*specs), ids[:, :9], adapter=adapter)
 
 
 @pytest.mark.parametrize("specs, words", [
@@ -166,12 +132,7 @@ def test_cached_generation_matches_full_forwards(model, adapter, ids, specs):
     (("block:2", "ssm:2"), ["redundant", "block 2"]),
 ])
 def test_invalid_plans_are_refused(model, adapter, specs, words):
-    p = plan(*specs)
-    for action in (lambda: masked(model, p, adapter).__enter__(), lambda: extract(model, p, adapter),
-                   lambda: adapter.param_count(p)):
-        with pytest.raises(PlanError) as err:
-            action()
-        assert all(w in str(err.value) for w in words), str(err.value)
+    check_refused(model, plan(*specs), words, adapter)
 
 
 def test_plan_for_another_group_size_is_refused(model, adapter):

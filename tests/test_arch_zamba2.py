@@ -7,27 +7,24 @@ shared and disappear only with their last application.
 """
 from __future__ import annotations
 
-import re
+import functools
 
 import pytest
 import torch
 import transformers
-from test_arch_bamba import (
-    check_evaluator,
-    check_masked_generation,
-    check_plan,
-    comps,
-    logits,
-    spread,
-    tokens,
-)
+from adapter_checks import (check_evaluator, check_mask_restores, check_refused, check_removal, check_stock_load, comps,
+                            random_model, tokens)
+from adapter_checks import check_masked_generation as _check_masked_generation
+from adapter_checks import check_plan as _check_plan
 
 from shedder.arch import adapter_for, count_parameters
 from shedder.arch.zamba2 import PassThrough
-from shedder.errors import PlanError
-from shedder.extract import extract, save
-from shedder.masking import masked
+from shedder.extract import extract
 from shedder.plan import Component, PruningPlan
+
+#: generation checks decode a left-padded batch, so the cache's length feeds real causal masks
+check_plan = functools.partial(_check_plan, padded=True)
+check_masked_generation = functools.partial(_check_masked_generation, padded=True)
 
 LAYER_TYPES = ["mamba", "hybrid", "mamba", "hybrid", "hybrid", "mamba"]
 
@@ -39,10 +36,7 @@ def make_zamba2(seed: int = 0, **overrides):
         "mamba_d_state": 8, "chunk_size": 8, "num_mem_blocks": 2, "use_shared_attention_adapter": True,
         "adapter_rank": 4, "use_mem_rope": True, "eos_token_id": None}
     config = transformers.Zamba2Config(**{**kwargs, **overrides})
-    torch.manual_seed(seed)
-    model = transformers.Zamba2ForCausalLM(config).eval()
-    spread(model)
-    return model
+    return random_model(transformers.Zamba2ForCausalLM, config, seed)
 
 
 @pytest.fixture(scope="module")
@@ -75,22 +69,13 @@ PLANS = {
 
 @pytest.mark.parametrize("name", sorted(PLANS))
 def test_masked_equals_extracted(model, name, tmp_path, bundled_tokenizer):
-    plan = comps(*PLANS[name])
-    full = logits(model, tokens())
     round_trip = name in ("mixed", "block_hybrid", "mlp", "attention")
-    got, _ = check_plan(model, plan, tmp_path if round_trip else None, tokenizer=bundled_tokenizer)
-    assert (got - full).abs().max().item() > 1e-3, "removing components must change the logits"
+    check_removal(model, comps(*PLANS[name]), tokens(), tmp_path=tmp_path if round_trip else None,
+                  tokenizer=bundled_tokenizer, padded=True)
 
 
 def test_unpruned_mask_is_identity_and_restores_bit_for_bit(model):
-    ids = tokens()
-    before = logits(model, ids)
-    with masked(model, PruningPlan()):
-        assert torch.equal(logits(model, ids), before)
-    with pytest.raises(RuntimeError), masked(model, comps(*PLANS["mixed"])):
-        raise RuntimeError("boom")
-    assert torch.equal(logits(model, ids), before)
-    assert not any("forward" in m.__dict__ for m in model.modules())
+    check_mask_restores(model, comps(*PLANS["mixed"]))
 
 
 def test_generation_with_cache_on_extracted_models(model):
@@ -104,7 +89,9 @@ def test_generation_with_cache_under_live_masks(model):
 
 
 def test_prefix_evaluator_matches_masked_forward(model):
-    check_evaluator(model, [(), ("attention:3",), ("attention:3", "block:2"), ("mlp:4",), ("head:2:1", "attention:1")])
+    windows = tokens(seed=3, length=20, batch=4)
+    check_evaluator(model, [comps(*specs) for specs in [(), ("attention:3",), ("attention:3", "block:2"), ("mlp:4",),
+                                                         ("head:2:1", "attention:1")]], windows)
 
 
 def test_cost_counts_only_the_applications_own_adapters(model):
@@ -143,10 +130,7 @@ def test_shared_weights_stay_shared(model):
 def test_stock_expressible_plans_load_with_stock_transformers(model, tmp_path, bundled_tokenizer):
     for name, plan in {"blocks": comps("block:0", "block:4"), "attention": comps("attention:4")}.items():
         _, small = check_plan(model, plan)
-        assert not getattr(small.config, "shedder", None)
-        save(small, bundled_tokenizer, tmp_path / name, plan)
-        stock = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / name).eval()
-        assert torch.equal(logits(stock, tokens()), logits(small, tokens()))
+        stock = check_stock_load(small, plan, bundled_tokenizer, tmp_path / name, tokens())
         assert count_parameters(stock) == count_parameters(small)
     assert small.config.layers_block_type == ["linear_attention", "hybrid", "linear_attention", "hybrid",
                                               "linear_attention", "linear_attention"]
@@ -188,5 +172,4 @@ def test_candidates_skip_no_ops(model):
     (("attention:1", "block:3", "attention:4"), "removes every shared-block application (layers 1, 3, 4)"),
 ])
 def test_validation_errors_name_the_problem(model, specs, message):
-    with pytest.raises(PlanError, match=re.escape(message)), masked(model, comps(*specs)):
-        pass
+    check_refused(model, comps(*specs), [message])

@@ -28,65 +28,38 @@ import contextlib
 import copy
 import functools
 
-import torch
 from torch import nn
 
-from ..errors import ModelLoadError
 from ..plan import Component, PruningPlan
 from . import register
 from .hybrid_common import (
-    ZeroBranch,
+    Mamba2HybridAdapter,
     check_attention_left,
     check_mlp_groups,
-    kept_mlp_channels,
-    mask_mlp_channels,
-    mlp_width_after,
     num_mlp_groups,
-    pruned_mlp_state,
-    record_length,
+    present,
     remove_sub_block,
-    resize_mlp,
+    resize_feed_forward,
+    skip_layer,
     skip_sub_block,
 )
 from .mamba2_core import (
-    Mamba2StyleAdapter,
     MixerLayout,
     PrunedMamba2Mixer,
     mixer_layout,
-    sliced_state_dict,
+    set_shedder,
+    shedder_layers,
     ssm_components,
 )
 
 
-def default_mlp_group_size(width: int) -> int:
-    """256 channels per group for real checkpoints; tiny models get about 8 groups per MLP."""
-    return max(1, min(256, width // 8))
-
-
-def _present(module) -> bool:
-    return module is not None and not isinstance(module, ZeroBranch)
-
-
 @register
-class BambaAdapter(Mamba2StyleAdapter):
+class BambaAdapter(Mamba2HybridAdapter):
     architectures = ("BambaForCausalLM",)
     model_types = ("bamba",)
     kinds = ("block", "ssm", "head", "attention", "mlp", "mlp_channel_group")
-    layer_prefix = "model.layers."
-    mixer_name = "mamba"
-
-    def __init__(self, model: nn.Module, group_sizes: dict[str, int] | None = None):
-        super().__init__(model, group_sizes)
-        self.group_sizes.setdefault("mlp_channel_group", default_mlp_group_size(self.config.intermediate_size))
-
-    @property
-    def group_size(self) -> int:
-        return self.group_sizes["mlp_channel_group"]
 
     # ------------------------------------------------------------------ inventory
-    def layers(self) -> nn.ModuleList:
-        return self.model.model.layers
-
     @functools.cached_property
     def _structure(self) -> tuple[tuple[bool, bool, int], ...]:
         """(has a Mamba mixer, has attention, MLP width) per layer, read once from the modules (masks
@@ -94,8 +67,8 @@ class BambaAdapter(Mamba2StyleAdapter):
         out = []
         for block in self.layers():
             ff = block.feed_forward
-            out.append((_present(getattr(block, "mamba", None)), _present(getattr(block, "self_attn", None)),
-                        ff.gate_proj.out_features if _present(ff) else 0))
+            out.append((present(getattr(block, "mamba", None)), present(getattr(block, "self_attn", None)),
+                        ff.gate_proj.out_features if present(ff) else 0))
         return tuple(out)
 
     def has_ssm_mixer(self, layer: int) -> bool:
@@ -122,7 +95,8 @@ class BambaAdapter(Mamba2StyleAdapter):
         width = self.mlp_width(layer)
         if width:
             comps.append(Component("mlp", layer))
-            comps += [Component("mlp_channel_group", layer, g) for g in range(num_mlp_groups(width, self.group_size))]
+            groups = num_mlp_groups(width, self.mlp_group_size)
+            comps += [Component("mlp_channel_group", layer, g) for g in range(groups)]
         return comps
 
     def check(self, plan: PruningPlan) -> None:
@@ -133,7 +107,7 @@ class BambaAdapter(Mamba2StyleAdapter):
         for layer, comps in self.by_layer(plan).items():
             groups = [c.index for c in comps if c.kind == "mlp_channel_group"]
             if groups and not any(c.kind == "mlp" for c in comps):  # a removed MLP takes its groups with it
-                check_mlp_groups(layer, self.mlp_width(layer), self.group_size, groups)
+                check_mlp_groups(layer, self.mlp_width(layer), self.mlp_group_size, groups)
 
     def candidates(self, plan: PruningPlan, kinds: list[str]) -> list[Component]:
         """As the base, minus channel groups of an MLP the plan already removes (no-ops)."""
@@ -142,13 +116,8 @@ class BambaAdapter(Mamba2StyleAdapter):
 
     # ------------------------------------------------------------------ live masks
     def skip_forward(self, layer: int):
-        slot = layer if self.has_attention(layer) else None
-
-        def forward(hidden_states, *args, **kwargs):  # the layer returns (hidden_states, attn_weights)
-            if slot is not None:
-                record_length(kwargs.get("cache"), slot, hidden_states)
-            return hidden_states, None
-        return forward
+        # the layer returns (hidden_states, attn_weights)
+        return skip_layer(layer if self.has_attention(layer) else None, lambda h: (h, None))
 
     def mask_layer(self, layer: int, comps: list[Component], stack: contextlib.ExitStack) -> None:
         super().mask_layer(layer, comps, stack)  # ssm / head
@@ -156,14 +125,7 @@ class BambaAdapter(Mamba2StyleAdapter):
         kinds = {c.kind for c in comps}
         if "attention" in kinds:
             skip_sub_block(stack, block.self_attn, block.input_layernorm, returns_tuple=True, cache_slot=layer)
-        if "mlp" in kinds:
-            skip_sub_block(stack, block.feed_forward, block.pre_ff_layernorm)
-        elif "mlp_channel_group" in kinds:
-            mask_mlp_channels(block.feed_forward, self._kept_channels(layer, comps), stack)
-
-    def _kept_channels(self, layer: int, comps) -> torch.Tensor:
-        groups = [c.index for c in comps if c.kind == "mlp_channel_group"]
-        return kept_mlp_channels(self.mlp_width(layer), self.group_size, groups)
+        self.mask_feed_forward(layer, comps, stack)
 
     # ------------------------------------------------------------------ extraction
     def _layer_plan(self, layer: int, comps: list[Component]) -> tuple[bool, bool, int]:
@@ -171,14 +133,7 @@ class BambaAdapter(Mamba2StyleAdapter):
         kinds = {c.kind for c in comps}
         mamba = self.has_ssm_mixer(layer)
         has_mixer = mamba or (self.has_attention(layer) and "attention" not in kinds)
-        if "mlp" in kinds:
-            width = 0
-        elif "mlp_channel_group" in kinds:
-            width = mlp_width_after(self.mlp_width(layer), self.group_size,
-                                    (c.index for c in comps if c.kind == "mlp_channel_group"))
-        else:
-            width = self.mlp_width(layer)
-        return has_mixer, mamba, width
+        return has_mixer, mamba, self.mlp_width_under(layer, comps)
 
     def removed_layers(self, plan: PruningPlan) -> set[int]:
         gone = super().removed_layers(plan)
@@ -208,49 +163,21 @@ class BambaAdapter(Mamba2StyleAdapter):
             specs.append(spec)
         config.num_hidden_layers = len(specs)
         config.attn_layer_indices = attention
-        if any(specs):
-            config.shedder = {"layers": specs}
-        elif hasattr(config, "shedder"):
-            del config.shedder
+        set_shedder(config, {"layers": specs} if any(specs) else None)
         return config
-
-    def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
-        replace, by_layer = self.mixer_replacements(plan), self.by_layer(plan)
-        for layer in self.kept_layers(plan):
-            comps = by_layer.get(layer, [])
-            kinds = {c.kind for c in comps}
-            block = self.layers()[layer]
-            mods = {}
-            if "attention" in kinds:
-                mods.update({"self_attn": {}, "input_layernorm": {}})
-            if "mlp" in kinds:
-                mods.update({"feed_forward": {}, "pre_ff_layernorm": {}})
-            elif "mlp_channel_group" in kinds:
-                mods["feed_forward"] = pruned_mlp_state(block.feed_forward, self._kept_channels(layer, comps))
-            if mods:
-                replace.setdefault(layer, {}).update(mods)
-        return sliced_state_dict(self.model.state_dict(), self.layer_prefix, self.kept_layers(plan), replace)
 
     @classmethod
     def build(cls, config) -> nn.Module:
         from transformers import BambaForCausalLM
 
         model = BambaForCausalLM(config)
-        specs = (getattr(config, "shedder", None) or {}).get("layers")
-        if specs is None:
-            return model
         layers = model.model.layers
-        if len(specs) != len(layers):
-            raise ModelLoadError(f"config.shedder describes {len(specs)} layers but num_hidden_layers is {len(layers)}")
-        for block, spec in zip(layers, specs):
+        for block, spec in zip(layers, shedder_layers(config, len(layers)) or []):
             if spec.get("mixer", True) is False:
                 remove_sub_block(block, "mamba" if hasattr(block, "mamba") else "self_attn", "input_layernorm",
                                  returns_tuple=not hasattr(block, "mamba"))
             elif "mamba" in spec:
                 block.mamba = PrunedMamba2Mixer(block.mamba, MixerLayout.from_dict(spec["mamba"]), cls.hooks)
             if "mlp" in spec:
-                if spec["mlp"]:
-                    resize_mlp(block.feed_forward, int(spec["mlp"]))
-                else:
-                    remove_sub_block(block, "feed_forward", "pre_ff_layernorm")
+                resize_feed_forward(block, int(spec["mlp"]))
         return model

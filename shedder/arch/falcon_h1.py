@@ -42,16 +42,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ModelLoadError, PlanError
 from ..plan import Component, PruningPlan
 from . import register
-from .base import patch_forward
-from .bamba import default_mlp_group_size
-from .hybrid_common import (ZeroBranch, check_mlp_groups, kept_mlp_channels, mask_mlp_channels, mlp_groups,
-                            pruned_mlp_state, remove_sub_block, resize_mlp, skip_sub_block)
-from .mamba2 import Mamba2StyleAdapter
-from .mamba2_core import (Mamba2Hooks, MixerLayout, PrunedMamba2Mixer, Selection, gated_group_rms_norm,
-                          mixer_layout, sliced_state_dict, ssm_components)
+from .hybrid_common import (Mamba2HybridAdapter, RemovedAttention, mlp_groups, present, resize_feed_forward, skip_layer,
+                            skip_sub_block)
+from .mamba2_core import (Mamba2Hooks, MixerLayout, PrunedMamba2Mixer, Selection, gated_group_rms_norm, mixer_layout,
+                          set_shedder, shedder_layers, ssm_components)
 
 
 # ------------------------------------------------------------------------------ mixer hooks
@@ -96,73 +92,26 @@ class FalconH1Hooks(Mamba2Hooks):
 FALCON_H1_HOOKS = FalconH1Hooks()
 
 
-# ------------------------------------------------------------------------- removed attention
-def record_length(cache, layer_idx: int, hidden_states: torch.Tensor) -> None:
-    """Let a layer whose attention is gone still tell the cache how many tokens it has seen:
-    append a [batch, 1, seq, 1] placeholder to its key/value slot (``transformers`` sizes masks and
-    positions from the sequence length of the first attention slot, layer 0 in Falcon-H1)."""
-    if cache is not None:
-        b, s, _ = hidden_states.shape
-        marker = hidden_states.new_zeros(b, 1, s, 1)
-        cache.update(marker, marker, layer_idx)
-
-
-def removed_attention_forward(layer_idx: int):
-    """Forward of a removed attention branch: zero output, sequence length recorded in the cache."""
-    def forward(hidden_states, *args, cache=None, past_key_values=None, **kwargs):
-        record_length(cache if cache is not None else past_key_values, layer_idx, hidden_states)
-        return torch.zeros_like(hidden_states), None
-    return forward
-
-
-class RemovedAttention(ZeroBranch):
-    """The attention branch of an extracted layer after ``attention`` removal: no parameters, zero
-    output; records the sequence length in the cache (see ``record_length``)."""
-
-    def __init__(self, layer_idx: int):
-        super().__init__(returns_tuple=True)
-        self.layer_idx = layer_idx
-
-    def forward(self, *args, **kwargs):
-        return removed_attention_forward(self.layer_idx)(*args, **kwargs)
-
-
-def _present(module) -> bool:
-    return module is not None and not isinstance(module, ZeroBranch)
-
-
 # ------------------------------------------------------------------------------------ adapter
 @register
-class FalconH1Adapter(Mamba2StyleAdapter):
+class FalconH1Adapter(Mamba2HybridAdapter):
     architectures = ("FalconH1ForCausalLM",)
     model_types = ("falcon_h1",)
     kinds = ("block", "attention", "ssm", "head", "mlp", "mlp_channel_group")
     hooks = FALCON_H1_HOOKS
-    layer_prefix = "model.layers."
-    mixer_name = "mamba"
-
-    def __init__(self, model: nn.Module, group_sizes: dict[str, int] | None = None):
-        super().__init__(model, group_sizes)
-        self.group_sizes.setdefault("mlp_channel_group", default_mlp_group_size(self.config.intermediate_size))
-
-    @property
-    def group_size(self) -> int:
-        return self.group_sizes["mlp_channel_group"]
+    attention_modules = ("self_attn",)  # input_layernorm also feeds the Mamba branch
 
     # ------------------------------------------------------------------ inventory
-    def layers(self) -> nn.ModuleList:
-        return self.model.model.layers
-
     def layer_kind(self, layer: int) -> str:
         return "hybrid" if self.has_attention(layer) else "mamba"
 
     def has_attention(self, layer: int) -> bool:
-        return _present(self.layers()[layer].self_attn)
+        return present(self.layers()[layer].self_attn)
 
     def mlp_width(self, layer: int) -> int:
         """Intermediate channels of the layer's MLP (0 when it was removed)."""
         ff = self.layers()[layer].feed_forward
-        return ff.gate_proj.out_features if _present(ff) else 0
+        return ff.gate_proj.out_features if present(ff) else 0
 
     def layer_components(self, layer: int) -> list[Component]:
         comps = [Component("block", layer)]
@@ -172,43 +121,26 @@ class FalconH1Adapter(Mamba2StyleAdapter):
         width = self.mlp_width(layer)
         if width:
             comps.append(Component("mlp", layer))
-            comps += [Component("mlp_channel_group", layer, g) for g in range(len(mlp_groups(width, self.group_size)))]
+            groups = len(mlp_groups(width, self.mlp_group_size))
+            comps += [Component("mlp_channel_group", layer, g) for g in range(groups)]
         return comps
 
     def check(self, plan: PruningPlan) -> None:
         super().check(plan)  # at least one layer kept; head removals leave every group a head
         for layer, comps in self.by_layer(plan).items():
-            groups = [c.index for c in comps if c.kind == "mlp_channel_group"]
-            if not groups:
-                continue
-            if any(c.kind == "mlp" for c in comps):
-                raise PlanError(f"mlp_channel_group:{layer}:{groups[0]} is redundant: the MLP of layer {layer} "
-                                "is removed as a whole")
-            check_mlp_groups(layer, self.mlp_width(layer), self.group_size, groups)
+            self.check_feed_forward(layer, comps)
 
     # ------------------------------------------------------------------ live masks
     def skip_forward(self, layer: int):
-        block = self.layers()[layer]
-
-        def forward(hidden_states, *args, cache=None, past_key_values=None, **kwargs):  # layers return a 1-tuple
-            record_length(cache if cache is not None else past_key_values, block.mamba.layer_idx, hidden_states)
-            return (hidden_states,)
-        return forward
+        # every layer has an attention cache slot; layers return a 1-tuple
+        return skip_layer(self.layers()[layer].mamba.layer_idx, lambda h: (h,))
 
     def mask_layer(self, layer: int, comps: list[Component], stack: contextlib.ExitStack) -> None:
         super().mask_layer(layer, comps, stack)  # ssm / head
         block = self.layers()[layer]
-        kinds = {c.kind for c in comps}
-        if "attention" in kinds:
-            patch_forward(block.self_attn, removed_attention_forward(block.self_attn.layer_idx), stack)
-        if "mlp" in kinds:
-            skip_sub_block(stack, block.feed_forward, block.pre_ff_layernorm)
-        elif "mlp_channel_group" in kinds:
-            mask_mlp_channels(block.feed_forward, self._kept_channels(layer, comps), stack)
-
-    def _kept_channels(self, layer: int, comps) -> torch.Tensor:
-        groups = [c.index for c in comps if c.kind == "mlp_channel_group"]
-        return kept_mlp_channels(self.mlp_width(layer), self.group_size, groups)
+        if any(c.kind == "attention" for c in comps):
+            skip_sub_block(stack, block.self_attn, returns_tuple=True, cache_slot=block.self_attn.layer_idx)
+        self.mask_feed_forward(layer, comps, stack)
 
     # ------------------------------------------------------------------ extraction
     def _layer_spec(self, plan: PruningPlan, layer: int) -> dict:
@@ -222,12 +154,7 @@ class FalconH1Adapter(Mamba2StyleAdapter):
         layout = self.new_layout(plan, layer)
         if layout != _stock_layout(config):
             spec["mamba"] = layout.to_dict()
-        if "mlp" in kinds:
-            width = 0
-        elif "mlp_channel_group" in kinds:
-            width = len(self._kept_channels(layer, comps))
-        else:
-            width = self.mlp_width(layer)
+        width = self.mlp_width_under(layer, comps)
         if width != config.intermediate_size:
             spec["mlp"] = width
         return spec
@@ -236,52 +163,22 @@ class FalconH1Adapter(Mamba2StyleAdapter):
         config = copy.deepcopy(self.config)
         specs = [self._layer_spec(plan, i) for i in self.kept_layers(plan)]
         config.num_hidden_layers = len(specs)
-        if any(specs):
-            config.shedder = {"layers": specs}
-        elif hasattr(config, "shedder"):
-            del config.shedder
+        set_shedder(config, {"layers": specs} if any(specs) else None)
         return config
-
-    def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
-        replace = self.mixer_replacements(plan)
-        for layer in self.kept_layers(plan):
-            comps = [c for c in plan.components if c.layer == layer]
-            kinds = {c.kind for c in comps}
-            mods = {}
-            if "attention" in kinds:
-                mods["self_attn"] = {}
-            if "mlp" in kinds:
-                mods.update({"feed_forward": {}, "pre_ff_layernorm": {}})
-            elif "mlp_channel_group" in kinds:
-                mods["feed_forward"] = pruned_mlp_state(self.layers()[layer].feed_forward, self._kept_channels(layer, comps))
-            if mods:
-                replace.setdefault(layer, {}).update(mods)
-        return sliced_state_dict(self.model.state_dict(), self.layer_prefix, self.kept_layers(plan), replace)
 
     @classmethod
     def build(cls, config) -> nn.Module:
         from transformers import FalconH1ForCausalLM
 
         model = FalconH1ForCausalLM(config)
-        specs = (getattr(config, "shedder", None) or {}).get("layers")
-        if specs is None:
-            return model
         layers = model.model.layers
-        if len(specs) != len(layers):
-            raise ModelLoadError(f"config.shedder describes {len(specs)} layers but num_hidden_layers is {len(layers)}")
-        for i, (block, spec) in enumerate(zip(layers, specs)):
+        for i, (block, spec) in enumerate(zip(layers, shedder_layers(config, len(layers)) or [])):
             if spec.get("attention", True) is False:
                 block.self_attn = RemovedAttention(i)
             if "mamba" in spec:
-                template = block.mamba
-                if not config.mamba_rms_norm:
-                    template.norm = None  # nn.Identity: the pruned mixer gets no norm module at all
-                block.mamba = PrunedMamba2Mixer(template, MixerLayout.from_dict(spec["mamba"]), cls.hooks)
+                block.mamba = PrunedMamba2Mixer(block.mamba, MixerLayout.from_dict(spec["mamba"]), cls.hooks)
             if "mlp" in spec:
-                if spec["mlp"]:
-                    resize_mlp(block.feed_forward, int(spec["mlp"]))
-                else:
-                    remove_sub_block(block, "feed_forward", "pre_ff_layernorm")
+                resize_feed_forward(block, int(spec["mlp"]))
         return model
 
 

@@ -12,9 +12,14 @@ model use the same parameterless stand-ins, which is what keeps their logits equ
   ``ZeroBranch``; with ``cache_slot`` it also calls ``record_length`` (attention branches).
 * ``remove_sub_block(layer, branch_attr, norm_attr=None, returns_tuple=False)`` — build time:
   swap the stand-ins into a module tree (weights of the branch and its norm disappear).
+* ``RemovedAttention(layer_idx)`` — the ``ZeroBranch`` of an extracted attention branch whose cache
+  slot stays an attention slot (Falcon-H1, Jamba): it records the sequence length like a live mask.
+* ``skip_layer(cache_slot=None, wrap=...)`` — a decoder layer's skip forward (``h`` in the layer's
+  output format ``wrap(h)``); with ``cache_slot`` it records the sequence length too.
 * ``record_length(cache, layer_idx, hidden_states)`` — for a live-masked attention whose cache
   slot stays an attention slot: append a [batch, 1, seq, 1] placeholder so the cache still
   reports how many tokens it has seen (positions and causal masks are read from it).
+* ``present(module)`` — whether a sub-block is there (not ``None``, not a ``ZeroBranch``).
 
 Cache caveat for removed attention: ``transformers`` takes the sequence length (and the causal
 mask's offset) from the first attention layer of the cache, so a removed attention must not leave
@@ -40,6 +45,12 @@ projection; the attribute names default to the Llama-style ``gate_proj`` / ``up_
   ``mamba2_core.sliced_state_dict(..., replace={layer: {"feed_forward": tensors}})``.
 * ``resize_mlp(mlp, width, rows=ROWS, cols=COLS)`` — build: give a module tree's MLP ``width``
   intermediate channels (new ``nn.Linear`` modules on the same device / dtype).
+* ``default_mlp_group_size(width)`` — channels per group when the plan does not say.
+
+Layers ending in ``h = h + feed_forward(pre_ff_layernorm(h))`` (Bamba, Falcon-H1, Jamba) get the
+whole MLP sub-block from ``FeedForwardGroups`` (an adapter mixin: group size, kept channels, live
+mask, extracted tensors) and ``resize_feed_forward(layer, width)`` (build; 0 removes it).
+``Mamba2HybridAdapter`` adds the Mamba-2 side shared by Bamba and Falcon-H1 (layer list, state dict).
 
 Attention that must stay:
 
@@ -53,7 +64,7 @@ dict for a removed sub-block, e.g. ``{"self_attn": {}}``, to drop its tensors).
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -61,17 +72,24 @@ from torch import nn
 
 from ..errors import PlanError
 from .base import patch_forward
+from .mamba2_core import Mamba2StyleAdapter, sliced_state_dict
 
 ROWS = ("gate_proj", "up_proj")
 COLS = ("down_proj",)
 
 
 # ---------------------------------------------------------------------------- skipped sub-blocks
+def _cache(kwargs: dict):
+    """The cache a layer or sub-block was called with (``cache``, or the older ``past_key_values``)."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
 def _zero_output(returns_tuple: bool, cache_slot: int | None = None):
     def forward(*args, **kwargs):
         hidden_states = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         if cache_slot is not None:
-            record_length(kwargs.get("cache"), cache_slot, hidden_states)
+            record_length(_cache(kwargs), cache_slot, hidden_states)
         zeros = torch.zeros_like(hidden_states)  # [batch, seq, hidden]
         return (zeros, None) if returns_tuple else zeros
     return forward
@@ -87,12 +105,13 @@ def record_length(cache, layer_idx: int, hidden_states: torch.Tensor) -> None:
 
 
 class ZeroBranch(nn.Module):
-    """A removed residual branch: no parameters, output zero, so ``h + branch(...) == h`` exactly."""
+    """A removed residual branch: no parameters, output zero, so ``h + branch(...) == h`` exactly.
+    With ``cache_slot`` it also records the sequence length in that cache slot."""
 
-    def __init__(self, returns_tuple: bool = False):
+    def __init__(self, returns_tuple: bool = False, cache_slot: int | None = None):
         super().__init__()
         self.returns_tuple = returns_tuple
-        self._forward = _zero_output(returns_tuple)
+        self._forward = _zero_output(returns_tuple, cache_slot)
 
     def forward(self, *args, **kwargs):
         return self._forward(*args, **kwargs)
@@ -101,8 +120,33 @@ class ZeroBranch(nn.Module):
         return "removed"
 
 
+class RemovedAttention(ZeroBranch):
+    """The attention branch of an extracted layer whose cache slot stays an attention slot: no
+    parameters, zero output, and the sequence length recorded in the cache (see ``record_length``)."""
+
+    def __init__(self, layer_idx: int):
+        super().__init__(returns_tuple=True, cache_slot=layer_idx)
+        self.layer_idx = layer_idx
+
+
+def present(module) -> bool:
+    """Whether a sub-block is there: not absent from its layer and not removed by an extraction."""
+    return module is not None and not isinstance(module, ZeroBranch)
+
+
 def _identity(hidden_states, *args, **kwargs):
     return hidden_states
+
+
+def skip_layer(cache_slot: int | None = None, wrap: Callable = _identity) -> Callable:
+    """A skipped decoder layer's forward: ``wrap(hidden_states)`` (the layer's output format, e.g.
+    ``lambda h: (h, None)``); a layer with an attention cache slot passes it as ``cache_slot`` so the
+    cache keeps counting tokens for the layers that still attend."""
+    def forward(hidden_states, *args, **kwargs):
+        if cache_slot is not None:
+            record_length(_cache(kwargs), cache_slot, hidden_states)
+        return wrap(hidden_states)
+    return forward
 
 
 def skip_sub_block(stack: contextlib.ExitStack, branch: nn.Module, norm: nn.Module | None = None,
@@ -131,6 +175,11 @@ def check_attention_left(family: str, kind: str, with_attention: Iterable[int], 
 
 
 # ---------------------------------------------------------------------------- MLP channel groups
+def default_mlp_group_size(width: int) -> int:
+    """256 channels per group for real checkpoints; tiny models get about 8 groups per MLP."""
+    return max(1, min(256, width // 8))
+
+
 def mlp_groups(width: int, group_size: int) -> list[range]:
     """Consecutive channel ranges of ``group_size`` (the last one may be shorter)."""
     return [range(start, min(start + group_size, width)) for start in range(0, width, group_size)]
@@ -225,3 +274,100 @@ def resize_mlp(mlp: nn.Module, width: int, rows: Sequence[str] = ROWS, cols: Seq
         setattr(mlp, name, _resized(lin, width, lin.out_features))
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = width
+
+
+# ---------------------------------------------------------------------------- feed-forward sub-block
+def resize_feed_forward(layer: nn.Module, width: int) -> None:
+    """Build time: give ``layer.feed_forward`` ``width`` intermediate channels; 0 removes the
+    sub-block (and ``pre_ff_layernorm``)."""
+    if width:
+        resize_mlp(layer.feed_forward, width)
+    else:
+        remove_sub_block(layer, "feed_forward", "pre_ff_layernorm")
+
+
+class FeedForwardGroups:
+    """Adapter mixin for hybrids whose layers end in ``h = h + feed_forward(pre_ff_layernorm(h))``
+    (Bamba, Falcon-H1, Jamba): the ``mlp`` / ``mlp_channel_group`` side of masking and extraction.
+    The adapter provides ``layers()`` and ``mlp_width(layer)`` (0 for no dense MLP)."""
+
+    #: What a removed ``attention`` takes out of a layer's state dict (its pre-norm too, unless
+    #: another branch still reads it).
+    attention_modules: tuple[str, ...] = ("self_attn", "input_layernorm")
+
+    def __init__(self, model: nn.Module, group_sizes: dict[str, int] | None = None):
+        super().__init__(model, group_sizes)
+        self.group_sizes.setdefault("mlp_channel_group", default_mlp_group_size(self.config.intermediate_size))
+
+    @property
+    def mlp_group_size(self) -> int:
+        return self.group_sizes["mlp_channel_group"]
+
+    def mlp_kept_channels(self, layer: int, comps) -> torch.Tensor:
+        """[kept] intermediate channels of ``layer``'s MLP after removing the groups in ``comps``."""
+        groups = [c.index for c in comps if c.kind == "mlp_channel_group"]
+        return kept_mlp_channels(self.mlp_width(layer), self.mlp_group_size, groups)
+
+    def mlp_width_under(self, layer: int, comps) -> int:
+        """Intermediate channels ``layer``'s MLP keeps when ``comps`` are removed (0: no MLP left)."""
+        if any(c.kind == "mlp" for c in comps):
+            return 0
+        groups = (c.index for c in comps if c.kind == "mlp_channel_group")
+        return mlp_width_after(self.mlp_width(layer), self.mlp_group_size, groups)
+
+    def check_feed_forward(self, layer: int, comps) -> None:
+        """Refuse channel groups of a removed MLP, and group removals ``check_mlp_groups`` refuses."""
+        groups = [c.index for c in comps if c.kind == "mlp_channel_group"]
+        if not groups:
+            return
+        if any(c.kind == "mlp" for c in comps):
+            raise PlanError(f"mlp_channel_group:{layer}:{groups[0]} is redundant: the MLP of layer {layer} "
+                            "is removed as a whole")
+        check_mlp_groups(layer, self.mlp_width(layer), self.mlp_group_size, groups)
+
+    def mask_feed_forward(self, layer: int, comps, stack: contextlib.ExitStack) -> None:
+        """Live mask: skip the sub-block (``mlp``) or narrow its MLP (``mlp_channel_group``)."""
+        block = self.layers()[layer]
+        kinds = {c.kind for c in comps}
+        if "mlp" in kinds:
+            skip_sub_block(stack, block.feed_forward, block.pre_ff_layernorm)
+        elif "mlp_channel_group" in kinds:
+            mask_mlp_channels(block.feed_forward, self.mlp_kept_channels(layer, comps), stack)
+
+    def sub_block_replacements(self, plan, replace: dict[int, dict]) -> dict[int, dict]:
+        """``replace`` (``sliced_state_dict``'s argument, e.g. the mixers' replacements) plus what
+        removed attention and feed-forward sub-blocks take away in every kept layer."""
+        by_layer = self.by_layer(plan)
+        for layer in self.kept_layers(plan):
+            comps = by_layer.get(layer, [])
+            kinds = {c.kind for c in comps}
+            mods = {name: {} for name in self.attention_modules} if "attention" in kinds else {}
+            mods.update(self.feed_forward_state(layer, comps, removed="mlp" in kinds))
+            if mods:
+                replace.setdefault(layer, {}).update(mods)
+        return replace
+
+    def feed_forward_state(self, layer: int, comps, removed: bool) -> dict[str, dict[str, torch.Tensor]]:
+        """Extraction: ``sliced_state_dict`` replacements for the sub-block of ``layer`` — none of its
+        tensors when ``removed``, the sliced MLP when ``comps`` remove channel groups, else nothing."""
+        if removed:
+            return {"feed_forward": {}, "pre_ff_layernorm": {}}
+        if any(c.kind == "mlp_channel_group" for c in comps):
+            ff = self.layers()[layer].feed_forward
+            return {"feed_forward": pruned_mlp_state(ff, self.mlp_kept_channels(layer, comps))}
+        return {}
+
+
+class Mamba2HybridAdapter(FeedForwardGroups, Mamba2StyleAdapter):
+    """Bamba and Falcon-H1: ``model.layers[i]`` holds a Mamba-2 mixer ``mamba`` (Bamba: or a
+    ``self_attn`` instead; Falcon-H1: and one beside it) and the feed-forward sub-block."""
+
+    layer_prefix = "model.layers."
+    mixer_name = "mamba"
+
+    def layers(self) -> nn.ModuleList:
+        return self.model.model.layers
+
+    def pruned_state_dict(self, plan) -> dict[str, torch.Tensor]:
+        replace = self.sub_block_replacements(plan, self.mixer_replacements(plan))
+        return sliced_state_dict(self.model.state_dict(), self.layer_prefix, self.kept_layers(plan), replace)

@@ -42,17 +42,15 @@ import torch
 from torch import nn
 from transformers import JambaConfig
 
-from ..errors import ModelLoadError, PlanError
+from ..errors import PlanError
 from ..plan import Component, PruningPlan
 from . import register
-from .bamba import default_mlp_group_size
-from .base import Adapter, patch_forward
-from .falcon_h1 import RemovedAttention, record_length, removed_attention_forward
-from .hybrid_common import (ZeroBranch, check_mlp_groups, kept_mlp_channels, mask_mlp_channels, mlp_groups,
-                            pruned_mlp_state, remove_sub_block, resize_mlp, skip_sub_block)
+from .base import Adapter
+from .hybrid_common import (FeedForwardGroups, RemovedAttention, mlp_groups, present, resize_feed_forward, skip_layer,
+                            skip_sub_block)
 from .mamba1_core import (build_mixer, check_group_size, check_mixer, default_channel_group_size, layer_spec,
                           mask_mixer, mixer_components, pruned_mixer_weights)
-from .mamba2_core import sliced_state_dict
+from .mamba2_core import set_shedder, shedder_layers, sliced_state_dict
 
 _MIXER_KINDS = ("ssm", "channel_group")
 
@@ -88,12 +86,8 @@ def period_offset(flags: list[bool], prefer: tuple[int, int]) -> tuple[int, int]
     return None
 
 
-def _present(module) -> bool:
-    return module is not None and not isinstance(module, ZeroBranch)
-
-
 @register
-class JambaAdapter(Adapter):
+class JambaAdapter(FeedForwardGroups, Adapter):
     architectures = ("JambaForCausalLM",)
     model_types = ("jamba",)
     kinds = ("block", "ssm", "channel_group", "attention", "mlp", "mlp_channel_group")
@@ -104,7 +98,6 @@ class JambaAdapter(Adapter):
         mixers = [self.layers()[i].mamba for i in range(self.num_layers) if self.is_mamba(i)]
         inner = self.config.mamba_expand * self.config.hidden_size
         self.group_sizes.setdefault("channel_group", default_channel_group_size(inner, [m.intermediate_size for m in mixers]))
-        self.group_sizes.setdefault("mlp_channel_group", default_mlp_group_size(self.config.intermediate_size))
         for i in range(self.num_layers):
             if self.is_mamba(i):
                 check_group_size(self.layers()[i].mamba, i, self.group_sizes["channel_group"])
@@ -117,7 +110,7 @@ class JambaAdapter(Adapter):
         return hasattr(self.layers()[layer], "mamba")
 
     def has_attention(self, layer: int) -> bool:
-        return _present(getattr(self.layers()[layer], "self_attn", None))
+        return present(getattr(self.layers()[layer], "self_attn", None))
 
     def is_moe(self, layer: int) -> bool:
         """Whether the layer was built with an MoE feed-forward (present or removed)."""
@@ -126,12 +119,12 @@ class JambaAdapter(Adapter):
     def mlp_width(self, layer: int) -> int:
         """Intermediate channels of a dense MLP (0 for an MoE or a removed feed-forward)."""
         ff = self.layers()[layer].feed_forward
-        return ff.gate_proj.out_features if _present(ff) and hasattr(ff, "gate_proj") else 0
+        return ff.gate_proj.out_features if present(ff) and hasattr(ff, "gate_proj") else 0
 
     def layer_kind(self, layer: int) -> str:
         if self.is_mamba(layer):
             return "mamba"
-        if self.has_attention(layer) or not _present(self.layers()[layer].feed_forward):
+        if self.has_attention(layer) or not present(self.layers()[layer].feed_forward):
             return "attention"
         return "moe" if self.is_moe(layer) else "mlp"
 
@@ -142,10 +135,10 @@ class JambaAdapter(Adapter):
             comps += mixer_components(block.mamba, layer, self.group_sizes["channel_group"])
         if self.has_attention(layer):
             comps.append(Component("attention", layer))
-        if _present(block.feed_forward):
+        if present(block.feed_forward):
             comps.append(Component("mlp", layer))
             width = self.mlp_width(layer)
-            groups = len(mlp_groups(width, self.group_sizes["mlp_channel_group"])) if width else 0
+            groups = len(mlp_groups(width, self.mlp_group_size)) if width else 0
             comps += [Component("mlp_channel_group", layer, g) for g in range(groups)]
         return comps
 
@@ -157,13 +150,7 @@ class JambaAdapter(Adapter):
                 continue
             if self.is_mamba(layer):
                 check_mixer(self.layers()[layer].mamba, layer, comps, self.group_sizes["channel_group"])
-            groups = [c.index for c in comps if c.kind == "mlp_channel_group"]
-            if not groups:
-                continue
-            if any(c.kind == "mlp" for c in comps):
-                raise PlanError(f"mlp_channel_group:{layer}:{groups[0]} is redundant: the MLP of layer {layer} "
-                                "is removed as a whole")
-            check_mlp_groups(layer, self.mlp_width(layer), self.group_sizes["mlp_channel_group"], groups)
+            self.check_feed_forward(layer, comps)
 
     # ------------------------------------------------------------------ live masks
     def _attention_idx(self, layer: int) -> int | None:
@@ -171,13 +158,7 @@ class JambaAdapter(Adapter):
         return None if self.is_mamba(layer) else self.layers()[layer].self_attn.layer_idx
 
     def skip_forward(self, layer: int):
-        slot = self._attention_idx(layer)
-
-        def forward(hidden_states, *args, cache=None, past_key_values=None, **kwargs):  # layers return a tensor
-            if slot is not None:
-                record_length(cache if cache is not None else past_key_values, slot, hidden_states)
-            return hidden_states
-        return forward
+        return skip_layer(self._attention_idx(layer))  # layers return a tensor
 
     def mask_layer(self, layer: int, comps: list[Component], stack: contextlib.ExitStack) -> None:
         block = self.layers()[layer]
@@ -185,16 +166,9 @@ class JambaAdapter(Adapter):
         if kinds & set(_MIXER_KINDS):
             mask_mixer(block.mamba, comps, self.group_sizes["channel_group"], stack)
         if "attention" in kinds:
-            patch_forward(block.self_attn, removed_attention_forward(block.self_attn.layer_idx), stack)
-            patch_forward(block.input_layernorm, lambda hidden_states, *a, **k: hidden_states, stack)
-        if "mlp" in kinds:
-            skip_sub_block(stack, block.feed_forward, block.pre_ff_layernorm)
-        elif "mlp_channel_group" in kinds:
-            mask_mlp_channels(block.feed_forward, self._kept_channels(layer, comps), stack)
-
-    def _kept_channels(self, layer: int, comps) -> torch.Tensor:
-        groups = [c.index for c in comps if c.kind == "mlp_channel_group"]
-        return kept_mlp_channels(self.mlp_width(layer), self.group_sizes["mlp_channel_group"], groups)
+            skip_sub_block(stack, block.self_attn, block.input_layernorm, returns_tuple=True,
+                           cache_slot=block.self_attn.layer_idx)
+        self.mask_feed_forward(layer, comps, stack)
 
     # ------------------------------------------------------------------ extraction
     def _spec(self, plan: PruningPlan, layer: int, emptied: bool = False) -> dict:
@@ -210,10 +184,10 @@ class JambaAdapter(Adapter):
                 spec["mamba"] = mixer
         elif emptied or not self.has_attention(layer) or "attention" in kinds:
             spec["attention"] = False
-        if emptied or "mlp" in kinds or not _present(self.layers()[layer].feed_forward):
+        if emptied or "mlp" in kinds or not present(self.layers()[layer].feed_forward):
             spec["mlp"] = 0
         elif "mlp_channel_group" in kinds:
-            spec["mlp"] = len(self._kept_channels(layer, comps))
+            spec["mlp"] = len(self.mlp_kept_channels(layer, comps))
         elif not spec["moe"] and self.mlp_width(layer) != config.intermediate_size:
             spec["mlp"] = self.mlp_width(layer)
         return spec
@@ -248,26 +222,19 @@ class JambaAdapter(Adapter):
         if stock:
             config.attn_layer_period, config.attn_layer_offset = attn
             config.expert_layer_period, config.expert_layer_offset = moe
-            if hasattr(config, "shedder"):
-                del config.shedder
-        else:
-            config.shedder = {"layers": specs}
+        set_shedder(config, None if stock else {"layers": specs})
         return config
 
     def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
         replace = {}
         for old, spec in self._kept_specs(plan):
             comps = [c for c in plan.components if c.layer == old and c.kind != "block"]
-            block = self.layers()[old]
             mods = {}
             if "mamba" in spec:
-                mods["mamba"] = pruned_mixer_weights(block.mamba, comps, self.group_sizes["channel_group"])
+                mods["mamba"] = pruned_mixer_weights(self.layers()[old].mamba, comps, self.group_sizes["channel_group"])
             if spec.get("attention", True) is False:
                 mods.update({"self_attn": {}, "input_layernorm": {}})
-            if spec.get("mlp") == 0:
-                mods.update({"feed_forward": {}, "pre_ff_layernorm": {}})
-            elif any(c.kind == "mlp_channel_group" for c in comps):
-                mods["feed_forward"] = pruned_mlp_state(block.feed_forward, self._kept_channels(old, comps))
+            mods.update(self.feed_forward_state(old, comps, removed=spec.get("mlp") == 0))
             if mods:
                 replace[old] = mods
         return sliced_state_dict(self.model.state_dict(), self.layer_prefix, self.kept_layers(plan), replace)
@@ -276,12 +243,9 @@ class JambaAdapter(Adapter):
     def build(cls, config) -> nn.Module:
         from transformers import JambaForCausalLM
 
-        specs = (getattr(config, "shedder", None) or {}).get("layers")
+        specs = shedder_layers(config, config.num_hidden_layers)
         if specs is None:
             return JambaForCausalLM(config)
-        if len(specs) != config.num_hidden_layers:
-            raise ModelLoadError(f"config.shedder describes {len(specs)} layers but num_hidden_layers is "
-                                 f"{config.num_hidden_layers}")
         config = copy.deepcopy(config)
         config.__class__ = ShedderJambaConfig
         model = JambaForCausalLM(config)
@@ -292,9 +256,6 @@ class JambaAdapter(Adapter):
                 block.self_attn = RemovedAttention(i)
                 block.input_layernorm = nn.Identity()
             if "mlp" in spec:
-                if spec["mlp"]:
-                    resize_mlp(block.feed_forward, int(spec["mlp"]))
-                else:
-                    remove_sub_block(block, "feed_forward", "pre_ff_layernorm")
+                resize_feed_forward(block, int(spec["mlp"]))
         return model
 

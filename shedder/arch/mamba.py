@@ -14,12 +14,13 @@ import torch
 import transformers
 from torch import nn
 
-from ..errors import ModelLoadError, PlanError
+from ..errors import PlanError
 from ..plan import Component, PruningPlan
 from . import register
 from .base import Adapter
 from .mamba1_core import (build_mixer, check_group_size, check_mixer, default_channel_group_size, layer_spec,
                           mask_mixer, mixer_components, pruned_mixer_weights)
+from .mamba2_core import set_shedder, shedder_layers, sliced_state_dict
 
 
 @register
@@ -66,44 +67,26 @@ class MambaAdapter(Adapter):
         mask_mixer(self.layers()[layer].mixer, comps, self.group_size, stack)
 
     # ------------------------------------------------------------------ extraction
-    def _kept(self, plan: PruningPlan) -> list[int]:
-        removed = {c.layer for c in plan.of_kind("block")}
-        return [i for i in range(self.num_layers) if i not in removed]
-
     def pruned_config(self, plan: PruningPlan):
         by_layer = self.by_layer(plan)
-        specs = [layer_spec(self.layers()[i].mixer, by_layer.get(i, []), self.group_size) for i in self._kept(plan)]
+        specs = [layer_spec(self.layers()[i].mixer, by_layer.get(i, []), self.group_size)
+                 for i in self.kept_layers(plan)]
         config = copy.deepcopy(self.config)
         config.num_hidden_layers = len(specs)  # layer_types follows (a property of num_hidden_layers)
         full = {"ssm": True, "intermediate_size": config.intermediate_size}
-        if all(spec == full for spec in specs):
-            if hasattr(config, "shedder"):
-                del config.shedder
-        else:
-            config.shedder = {"layers": specs}
+        set_shedder(config, None if all(spec == full for spec in specs) else {"layers": specs})
         return config
 
     def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
-        by_layer = self.by_layer(plan)
-        prefix = self.layers_key
-        out = {k: v for k, v in self.model.state_dict().items() if not k.startswith(prefix)}
-        for new, old in enumerate(self._kept(plan)):
-            layer = self.layers()[old]
-            for name, tensor in layer.state_dict().items():
-                if not name.startswith("mixer."):
-                    out[f"{prefix}{new}.{name}"] = tensor
-            for name, tensor in pruned_mixer_weights(layer.mixer, by_layer.get(old, []), self.group_size).items():
-                out[f"{prefix}{new}.mixer.{name}"] = tensor
-        return out
+        kept, by_layer = self.kept_layers(plan), self.by_layer(plan)
+        replace = {i: {"mixer": pruned_mixer_weights(self.layers()[i].mixer, by_layer[i], self.group_size)}
+                   for i in kept if i in by_layer}
+        return sliced_state_dict(self.model.state_dict(), self.layers_key, kept, replace)
 
     @classmethod
     def build(cls, config) -> nn.Module:
         model = cls.model_class(config)
-        specs = (getattr(config, "shedder", None) or {}).get("layers")
-        if specs is not None:
-            layers = model.backbone.layers
-            if len(specs) != len(layers):
-                raise ModelLoadError(f"config.shedder describes {len(specs)} layers but num_hidden_layers is {len(layers)}")
-            for layer, spec in zip(layers, specs):
-                layer.mixer = build_mixer(layer.mixer, spec)
+        layers = model.backbone.layers
+        for layer, spec in zip(layers, shedder_layers(config, len(layers)) or []):
+            layer.mixer = build_mixer(layer.mixer, spec)
         return model

@@ -17,7 +17,8 @@ from torch import nn
 
 from ..plan import Component, PruningPlan
 from . import register
-from .mamba2_core import Mamba2StyleAdapter, MixerLayout, PrunedMamba2Mixer, mixer_layout, ssm_components, uniform_layout
+from .mamba2_core import (Mamba2StyleAdapter, MixerLayout, PrunedMamba2Mixer, mixer_layout, set_shedder, shedder_layers,
+                          ssm_components, uniform_layout)
 
 
 @register
@@ -39,12 +40,10 @@ class Mamba2Adapter(Mamba2StyleAdapter):
         config.num_hidden_layers = len(kept)
         stock = uniform_layout(layouts)
         inner = stock.num_heads * config.head_dim if stock else 0
-        if stock and inner % config.hidden_size == 0:
+        expressible = stock and inner % config.hidden_size == 0
+        if expressible:
             config.num_heads, config.expand = stock.num_heads, inner // config.hidden_size
-            if hasattr(config, "shedder"):
-                del config.shedder
-        else:
-            config.shedder = {"layers": [layout.to_dict() for layout in layouts]}
+        set_shedder(config, None if expressible else {"layers": [layout.to_dict() for layout in layouts]})
         return config
 
     @classmethod
@@ -52,8 +51,7 @@ class Mamba2Adapter(Mamba2StyleAdapter):
         from transformers import Mamba2ForCausalLM
 
         model = Mamba2ForCausalLM(config)
-        spec = getattr(config, "shedder", None)
-        if spec:
-            for block, entry in zip(model.backbone.layers, spec["layers"]):
-                block.mixer = PrunedMamba2Mixer(block.mixer, MixerLayout.from_dict(entry), cls.hooks)
+        layers = model.backbone.layers
+        for block, entry in zip(layers, shedder_layers(config, len(layers)) or []):
+            block.mixer = PrunedMamba2Mixer(block.mixer, MixerLayout.from_dict(entry), cls.hooks)
         return model

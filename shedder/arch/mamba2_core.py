@@ -47,6 +47,8 @@ remove_heads, stack, hooks)`` (live mask), ``pruned_mixer_state(mixer, remove_ss
 hooks)`` (the pruned mixer's tensors, names relative to the mixer), ``sliced_state_dict(state,
 prefix, kept_layers, {old_layer: {module: tensors}})`` (renumber layers, swap sub-modules),
 ``head_group_problems(layout, layer, heads)`` (validation messages), ``ssm_removals(comps)``.
+Every family's config side (Mamba-1 ones too) uses ``shedder_layers(config, n)`` (read the
+per-layer specs of a pruned config, checked) and ``set_shedder(config, entry_or_None)``.
 
 Per-family differences (Falcon-H1's muP multipliers and optional norm) go into a ``Mamba2Hooks``
 subclass: ``project`` (in_proj, given the selected rows), ``gate_norm`` (the gated norm) and
@@ -70,7 +72,7 @@ from transformers.models.mamba2.modeling_mamba2 import (
     mamba2_selective_state_update,
 )
 
-from ..errors import PlanError
+from ..errors import ModelLoadError, PlanError
 from ..plan import Component, PruningPlan
 from .base import Adapter, patch_forward
 
@@ -425,7 +427,7 @@ class PrunedMamba2Mixer(nn.Module):
         self.in_proj = nn.Linear(hidden, rows, bias=template.in_proj.bias is not None)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel_size=self.conv_kernel_size, groups=self.conv_dim,
                                 padding=self.conv_kernel_size - 1, bias=template.conv1d.bias is not None)
-        if getattr(template, "norm", None) is not None:
+        if getattr(getattr(template, "norm", None), "weight", None) is not None:  # not None / nn.Identity
             self.norm = GroupedGatedNorm(self.intermediate_size, _norm_eps(template))
         if layout.ssm:
             self.dt_bias = nn.Parameter(torch.empty(layout.num_heads))
@@ -467,6 +469,24 @@ def sliced_state_dict(state: dict[str, torch.Tensor], prefix: str, kept_layers: 
             for module, tensors in modules.items():
                 out.update({f"{prefix}{new_index[old]}.{module}.{k}": v for k, v in tensors.items()})
     return out
+
+
+def shedder_layers(config, num_layers: int) -> list[dict] | None:
+    """The per-layer specs ``config.shedder["layers"]`` of a pruned config (None when it has none),
+    checked against the number of layers the config builds."""
+    specs = (getattr(config, "shedder", None) or {}).get("layers")
+    if specs is not None and len(specs) != num_layers:
+        raise ModelLoadError(f"config.shedder describes {len(specs)} layers but num_hidden_layers is {num_layers}")
+    return specs
+
+
+def set_shedder(config, shedder: dict | None) -> None:
+    """Store what a stock config cannot express in ``config.shedder``; ``None`` (a stock-expressible
+    model) removes any entry a pruned source config carried."""
+    if shedder:
+        config.shedder = shedder
+    elif hasattr(config, "shedder"):
+        del config.shedder
 
 
 # ------------------------------------------------------------------------- adapter helpers

@@ -22,18 +22,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PlanError
 from ..plan import Component, PruningPlan
 from . import register
 from .base import patch_forward
-from .mamba2_core import (Mamba2StyleAdapter, MixerLayout, PrunedMamba2Mixer, mixer_layout, sliced_state_dict,
-                          ssm_components, uniform_layout)
+from .hybrid_common import kept_mlp_channels, mask_mlp_channels, mlp_groups, pruned_mlp_state
+from .mamba2_core import (Mamba2StyleAdapter, MixerLayout, PrunedMamba2Mixer, mixer_layout, set_shedder, shedder_layers,
+                          sliced_state_dict, ssm_components, uniform_layout)
+
+#: Nemotron-H's MLP is ungated: ``down_proj(act(up_proj(x)))``.
+_MLP_ROWS = ("up_proj",)
 
 _KIND_OF_TYPE = {"linear_attention": "mamba", "mamba": "mamba", "full_attention": "attention",
                  "attention": "attention", "mlp": "mlp", "moe": "moe"}
@@ -60,10 +62,9 @@ class NemotronHAdapter(Mamba2StyleAdapter):
     def mlp_width(self, layer: int) -> int:
         return self.mixer(layer).up_proj.out_features
 
-    def mlp_groups(self, layer: int) -> list[torch.Tensor]:
-        """Channel indices of each ``mlp_channel_group`` of an MLP layer (the last may be short)."""
-        size, width = self.group_sizes["mlp_channel_group"], self.mlp_width(layer)
-        return [torch.arange(g * size, min((g + 1) * size, width)) for g in range(math.ceil(width / size))]
+    def mlp_groups(self, layer: int) -> list[range]:
+        """Channel ranges of each ``mlp_channel_group`` of an MLP layer (the last may be short)."""
+        return mlp_groups(self.mlp_width(layer), self.group_sizes["mlp_channel_group"])
 
     def layer_components(self, layer: int) -> list[Component]:
         kind = self.layer_kind(layer)
@@ -82,9 +83,8 @@ class NemotronHAdapter(Mamba2StyleAdapter):
     def kept_channels(self, layer: int, comps) -> torch.Tensor:
         """Intermediate channels of an MLP layer left after removing the ``mlp_channel_group``
         components among ``comps``: [kept] indices in channel order."""
-        gone = {c.index for c in comps if c.layer == layer and c.kind == "mlp_channel_group"}
-        groups = self.mlp_groups(layer)
-        return torch.cat([idx for g, idx in enumerate(groups) if g not in gone])
+        gone = [c.index for c in comps if c.layer == layer and c.kind == "mlp_channel_group"]
+        return kept_mlp_channels(self.mlp_width(layer), self.group_sizes["mlp_channel_group"], gone)
 
     # ------------------------------------------------------------------ validation
     def check(self, plan: PruningPlan) -> None:
@@ -102,9 +102,7 @@ class NemotronHAdapter(Mamba2StyleAdapter):
         if any(c.kind in ("attention", "mlp") for c in comps):
             patch_forward(self.layers()[layer], self.skip_forward(layer), stack)
         elif any(c.kind == "mlp_channel_group" for c in comps):
-            mlp = self.mixer(layer)
-            keep = self.kept_channels(layer, comps).to(mlp.up_proj.weight.device)
-            patch_forward(mlp, lambda x: sliced_mlp_forward(mlp, x, keep), stack)
+            mask_mlp_channels(self.mixer(layer), self.kept_channels(layer, comps), stack, rows=_MLP_ROWS)
         else:
             super().mask_layer(layer, comps, stack)
 
@@ -128,22 +126,21 @@ class NemotronHAdapter(Mamba2StyleAdapter):
             # transformers' Nemotron-H cannot size a cache without an attention layer
             config.use_cache = False
         stock = uniform_layout(layouts)
-        if (stock or not layouts) and len(set(widths)) <= 1:
+        expressible = (stock or not layouts) and len(set(widths)) <= 1
+        if expressible:
             if stock:
                 config.mamba_num_heads = stock.num_heads
             if widths:
                 config.intermediate_size = widths[0]
-            if hasattr(config, "shedder"):
-                del config.shedder
-        else:
-            config.shedder = {"layers": entries}
+        set_shedder(config, None if expressible else {"layers": entries})
         return config
 
     def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
         replace = self.mixer_replacements(plan)
         for layer in self.kept_layers(plan):
             if self.layer_kind(layer) == "mlp" and any(c.layer == layer for c in plan.components):
-                replace[layer] = {self.mixer_name: sliced_mlp_state(self.mixer(layer), self.kept_channels(layer, plan.components))}
+                kept = self.kept_channels(layer, plan.components)
+                replace[layer] = {self.mixer_name: pruned_mlp_state(self.mixer(layer), kept, rows=_MLP_ROWS)}
         return sliced_state_dict(self.model.state_dict(), self.layer_prefix, self.kept_layers(plan), replace)
 
     @classmethod
@@ -152,30 +149,11 @@ class NemotronHAdapter(Mamba2StyleAdapter):
         from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMLP
 
         model = NemotronHForCausalLM(config)
-        spec = getattr(config, "shedder", None)
-        if spec:
-            for block, entry in zip(model.model.layers, spec["layers"]):
-                if "heads_per_group" in entry:
-                    block.mixer = PrunedMamba2Mixer(block.mixer, MixerLayout.from_dict(entry), cls.hooks)
-                elif "intermediate_size" in entry:
-                    block.mixer = NemotronHMLP(config, intermediate_size=entry["intermediate_size"])
+        layers = model.model.layers
+        for block, entry in zip(layers, shedder_layers(config, len(layers)) or []):
+            if "heads_per_group" in entry:
+                block.mixer = PrunedMamba2Mixer(block.mixer, MixerLayout.from_dict(entry), cls.hooks)
+            elif "intermediate_size" in entry:
+                block.mixer = NemotronHMLP(config, intermediate_size=entry["intermediate_size"])
         return model
 
-
-def sliced_mlp_forward(mlp: nn.Module, x: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``down_proj(act(up_proj(x)))`` over the kept intermediate channels only: [b, l, d] -> [b, l, d]."""
-    w = sliced_mlp_state(mlp, keep)
-    h = mlp.act_fn(F.linear(x, w["up_proj.weight"], w.get("up_proj.bias")))
-    return F.linear(h, w["down_proj.weight"], w.get("down_proj.bias"))
-
-
-def sliced_mlp_state(mlp: nn.Module, keep: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The MLP's tensors restricted to intermediate channels ``keep`` (up rows, down columns)."""
-    keep = keep.to(mlp.up_proj.weight.device)
-    out = {"up_proj.weight": mlp.up_proj.weight.index_select(0, keep),
-           "down_proj.weight": mlp.down_proj.weight.index_select(1, keep)}
-    if mlp.up_proj.bias is not None:
-        out["up_proj.bias"] = mlp.up_proj.bias.index_select(0, keep)
-    if mlp.down_proj.bias is not None:
-        out["down_proj.bias"] = mlp.down_proj.bias
-    return out

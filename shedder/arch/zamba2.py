@@ -50,13 +50,15 @@ from ..errors import ModelLoadError
 from ..plan import Component, PruningPlan
 from . import register
 from .base import patch_forward
-from .hybrid_common import check_attention_left, record_length
+from .hybrid_common import check_attention_left, record_length, skip_layer
 from .mamba2_core import (
     Mamba2StyleAdapter,
     MixerLayout,
     PrunedMamba2Mixer,
     mixer_layout,
     pruned_mixer_state,
+    set_shedder,
+    shedder_layers,
     ssm_components,
     ssm_removals,
 )
@@ -145,13 +147,7 @@ class Zamba2Adapter(Mamba2StyleAdapter):
 
     # ------------------------------------------------------------------ live masks
     def skip_forward(self, layer: int):
-        hybrid = self.is_hybrid(layer)
-
-        def forward(hidden_states, *args, **kwargs):
-            if hybrid:  # its key/value slot stays in the cache
-                record_length(kwargs.get("cache"), layer, hidden_states)
-            return hidden_states
-        return forward
+        return skip_layer(layer if self.is_hybrid(layer) else None)  # a hybrid layer's key/value slot stays
 
     def mask_layer(self, layer: int, comps: list[Component], stack: contextlib.ExitStack) -> None:
         super().mask_layer(layer, comps, stack)  # ssm / head
@@ -202,10 +198,7 @@ class Zamba2Adapter(Mamba2StyleAdapter):
             shedder["layers"] = specs
         if blocks != [k % config.num_mem_blocks for k in range(len(blocks))]:
             shedder["shared_blocks"] = blocks
-        if shedder:
-            config.shedder = shedder
-        elif hasattr(config, "shedder"):
-            del config.shedder
+        set_shedder(config, shedder)
         return config
 
     def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
@@ -255,9 +248,7 @@ class Zamba2Adapter(Mamba2StyleAdapter):
         if not shedder:
             return model
         layers = model.model.layers
-        specs = shedder.get("layers") or [{} for _ in layers]
-        if len(specs) != len(layers):
-            raise ModelLoadError(f"config.shedder describes {len(specs)} layers but num_hidden_layers is {len(layers)}")
+        specs = shedder_layers(config, len(layers)) or [{} for _ in layers]
         apps = [j for j, layer in enumerate(layers) if _is_hybrid(layer)]
         blocks = shedder.get("shared_blocks") or [k % config.num_mem_blocks for k in range(len(apps))]
         if len(blocks) != len(apps):
