@@ -6,7 +6,10 @@ safetensors only, and ``trust_remote_code`` stays off unless asked for.
 """
 from __future__ import annotations
 
+import functools
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
@@ -44,6 +47,26 @@ def parse_dtype(dtype) -> torch.dtype:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16") from None
 
 
+@functools.lru_cache(maxsize=1)
+def _hub_unreachable() -> bool:
+    """True when the model hub cannot be reached (checked once per process, 3 s at most), so that
+    hub ids resolve from the local cache at once instead of retrying the network for half a minute."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    host = urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+        return False
+    except OSError:
+        return True
+
+
+def _offline(source: str) -> bool:
+    return not Path(source).exists() and _hub_unreachable()
+
+
 def load_config(name_or_path: str, trust_remote_code: bool = False):
     """The model's config, with clear errors for missing paths, no network and unknown architectures."""
     from transformers import AutoConfig
@@ -56,7 +79,8 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
     elif source.startswith((".", "/", "~")) or source.count("/") > 1:
         raise ModelLoadError(f"model not found: {source} (no such directory; bundled models: {', '.join(bundled_models()) or 'none'})")
     try:
-        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code)
+        config = AutoConfig.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                            local_files_only=_offline(source))
     except OSError as e:
         if local.exists():
             raise ModelLoadError(f"cannot read the config in {local}: {e}") from None
@@ -83,8 +107,9 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype="float32", device: str =
         else:
             model = AutoModelForCausalLM.from_pretrained(
                 source, config=config, dtype=torch_dtype, use_safetensors=True,
-                trust_remote_code=trust_remote_code).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+                trust_remote_code=trust_remote_code, local_files_only=_offline(source)).to(device)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                                  local_files_only=_offline(source))
     except OSError as e:
         raise ModelLoadError(f"cannot load {source}: {e}") from None
     if tokenizer.pad_token is None:
