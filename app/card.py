@@ -2,7 +2,7 @@
 plus what the app measured on the extracted model."""
 from __future__ import annotations
 
-from shedder.cli import model_card as engine_card
+from shedder.extract import model_card as engine_card
 from shedder.plan import PruningPlan
 
 

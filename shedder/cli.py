@@ -127,29 +127,9 @@ def cmd_eval(args) -> int:
 
 
 # ---------------------------------------------------------------------------------------- extract
-def model_card(source: str, architecture: str, plan, before: int, after: int) -> str:
-    """README.md for an extracted model: where it came from and what was removed."""
-    rows = "\n".join(f"| {c.kind} | {c.layer} | {c.index} |" for c in plan.sorted()) or "| - | - | - |"
-    return f"""# Pruned {architecture}
-
-Physically pruned from `{source}` with Shedder Studio (training-free structured pruning after
-Mamba-Shedder). No retraining was applied. Load it with `shedder.loading.load_model("<this directory>")`;
-when every layer kept the same shape, plain `transformers.AutoModelForCausalLM.from_pretrained` works too.
-
-- Source model: `{source}`
-- Removed: {plan.describe()}
-- Parameters: {after:,} (from {before:,}; {100.0 * (before - after) / before:.1f}% removed)
-- Plan: `pruning_plan.json` in this directory
-
-| kind | layer | index |
-| --- | --- | --- |
-{rows}
-"""
-
-
 def cmd_extract(args) -> int:
     from .arch import count_parameters
-    from .extract import save
+    from .extract import model_card, save
 
     model, tokenizer = _load(args)
     adapter, plan = _plan_for(model, args.plan)

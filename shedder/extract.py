@@ -45,6 +45,26 @@ def _save_uneven(model, out: Path) -> None:
     save_model(model, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
 
 
+def model_card(source: str, architecture: str, plan, before: int, after: int) -> str:
+    """README.md for an extracted model: where it came from and what was removed."""
+    rows = "\n".join(f"| {c.kind} | {c.layer} | {c.index} |" for c in plan.sorted()) or "| - | - | - |"
+    return f"""# Pruned {architecture}
+
+Physically pruned from `{source}` with Shedder Studio (training-free structured pruning after
+Mamba-Shedder). No retraining was applied. Load it with `shedder.loading.load_model("<this directory>")`;
+when every layer kept the same shape, plain `transformers.AutoModelForCausalLM.from_pretrained` works too.
+
+- Source model: `{source}`
+- Removed: {plan.describe()}
+- Parameters: {after:,} (from {before:,}; {100.0 * (before - after) / before:.1f}% removed)
+- Plan: `pruning_plan.json` in this directory
+
+| kind | layer | index |
+| --- | --- | --- |
+{rows}
+"""
+
+
 def saved_plan(model_dir: str | Path) -> PruningPlan | None:
     """The plan a pruned model directory was made with, if it records one."""
     p = Path(model_dir) / PLAN_FILE
