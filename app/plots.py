@@ -13,6 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from shedder.metrics import pareto_mask
 from shedder.plan import Component, PruningPlan
 
 KIND_COLOURS = {"mamba": "#4C78A8", "attention": "#F58518", "mlp": "#54A24B", "moe": "#B279A2", "hybrid": "#9D755D"}
@@ -165,13 +166,6 @@ def trajectory(steps: pd.DataFrame) -> go.Figure:
     fig.update_yaxes(title_text="perplexity", secondary_y=False)
     fig.update_yaxes(title_text="parameters", secondary_y=True)
     return fig
-
-
-def pareto_mask(xs: list[float], ys: list[float], maximize_y: bool) -> list[bool]:
-    """Which points no other point beats on both axes (lower x, and lower or higher y)."""
-    sign = -1 if maximize_y else 1
-    pts = [(x, sign * y) for x, y in zip(xs, ys)]
-    return [not any(ox <= x and oy <= y and (ox, oy) != (x, y) for ox, oy in pts) for x, y in pts]
 
 
 def frontier(points: pd.DataFrame, x: str, y: str, maximize_y: bool, labels: dict) -> go.Figure:

@@ -187,3 +187,11 @@ def param_count(model, plan=None) -> int:
 
     adapter = adapter_for(model, plan.group_sizes if plan is not None else None)
     return adapter.param_count(plan)
+
+
+def pareto_mask(costs: list[float], qualities: list[float], maximize_quality: bool) -> list[bool]:
+    """Which configurations no other one beats: none is at most as costly and at least as good while
+    differing (the accuracy–efficiency frontier; quality is perplexity, lower better, or accuracy)."""
+    sign = -1 if maximize_quality else 1
+    pts = [(c, sign * q) for c, q in zip(costs, qualities)]
+    return [not any(oc <= c and oq <= q and (oc, oq) != (c, q) for oc, oq in pts) for c, q in pts]

@@ -180,3 +180,13 @@ def test_param_count(tiny_model_factory):
     plan = PruningPlan(frozenset({Component("block", 2)}))
     removed = sum(p.numel() for p in adapter_for(model).layers()[2].parameters())
     assert metrics.param_count(model, plan) == count_parameters(model) - removed
+
+
+def test_pareto_mask_keeps_only_undominated_points():
+    from shedder.metrics import pareto_mask
+
+    costs, ppl = [1.0, 2.0, 3.0, 2.0, 4.0], [30.0, 20.0, 25.0, 20.0, 10.0]
+    # (3, 25) is beaten by (2, 20); the two (2, 20) points tie and both stay
+    assert pareto_mask(costs, ppl, maximize_quality=False) == [True, True, False, True, True]
+    acc = [0.1, 0.3, 0.2, 0.3, 0.05]
+    assert pareto_mask(costs, acc, maximize_quality=True) == [True, True, False, True, False]
