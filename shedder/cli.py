@@ -6,7 +6,7 @@
     python -m shedder score   --model mamba2-tiny --kinds block,ssm --out scores.csv
     python -m shedder search  --model mamba2-tiny --kinds ssm --steps 4 --out runs/ssm [--resume]
     python -m shedder bench   --model mamba2-tiny --plan plan.json     (speed of the extracted model)
-    python -m shedder bench search [--model mamba2-tiny --kinds ssm --steps 3]  (fast vs reference search)
+    python -m shedder bench search [--model mamba2-tiny --kinds ssm --steps 4]  (fast vs reference search)
 
 Every command takes ``--json`` for machine-readable output. Progress bars go to stderr. A mistake in
 the input (bad path, plan for another model, empty text, ...) prints one line ``error: ...`` and exits
@@ -235,7 +235,9 @@ def cmd_bench_search(args) -> int:
              f"fast search:      {timings['fast']:.2f} s wall, {cpu['fast']:.2f} s CPU  "
              f"({', '.join(payload['fast_choices'])})",
              f"layer forwards (batches × layers): reference {payload['reference_layer_runs']}, "
-             f"fast {payload['fast_layer_runs']}",
+             f"fast {payload['fast_layer_runs']}; windows scored by the loss head: reference "
+             f"{ref.stats['windows_scored']}, fast {fast.stats['windows_scored']} "
+             f"({fast.stats['abandoned']} of {fast.stats['evaluated']} candidates abandoned early)",
              f"speed-up: {payload['speedup']:.2f}× wall, {payload['cpu_speedup']:.2f}× CPU   "
              f"identical choices: {'yes' if same else 'NO'}"]
     _emit(args, payload, "\n".join(lines))
@@ -352,7 +354,7 @@ def build_bench_search_parser() -> argparse.ArgumentParser:
                                             "identical components.")
     _model_options(p)
     p.add_argument("--kinds", type=_kinds, default=["ssm"], help="comma-separated kinds (default ssm)")
-    p.add_argument("--steps", type=int, default=3, help="search steps (default 3)")
+    p.add_argument("--steps", type=int, default=4, help="search steps (default 4)")
     _data_options(p, DEFAULT_CALIBRATION, 16)
     _common(p)
     p.set_defaults(func=cmd_bench_search)

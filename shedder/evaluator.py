@@ -13,7 +13,17 @@ plan is cached), and from the previous step's choice on when that is later (its 
 previous step is cached too). Removed blocks right after the resume point are skipped as well.
 
 ``nll(plan, bound=...)`` abandons a plan as soon as its partial NLL sum exceeds ``bound`` (exact for
-"is it the best?" questions, since the sum only grows); that is why the cache is per batch.
+"is it the best?" questions, since the sum only grows), skipping its remaining windows and batches;
+that is why the cache is per batch.
+
+The loss head (``lm_head`` + cross-entropy; vocabulary ≫ hidden size) is computed one window at a
+time from the final hidden states instead of on the whole batch: it is faster (the logits of one
+window stay in cache) and lets ``bound`` be checked after every window, not only after every batch.
+The per-token NLLs are bit-identical to the whole-batch ones (each row of the head is the same dot
+product), and the batch total is summed from them exactly as ``metrics.logits_nll`` sums its own.
+That is verified, not assumed: the first batch of every shape is also scored the plain way and the
+per-window head is used only when both agree bit for bit (a model whose logits are more than
+``lm_head(h)``, e.g. with a multiplier, keeps the plain whole-batch loss).
 
 Memory: one plan costs up to ``layers × windows × seq × hidden`` activations, shared with the plan
 it resumed from up to the resume point. When one plan's activations exceed ``max_cache_bytes`` only
@@ -31,17 +41,24 @@ import torch
 from .arch import adapter_for, patch_forward
 from .arch.base import model_lock
 from .errors import PlanError
-from .metrics import Progress, batches, logits_nll, predicted_tokens
+from .metrics import Progress, batches, predicted_tokens, token_nll
 from .plan import Component, PruningPlan
 
 DEFAULT_MAX_CACHE_BYTES = 4 << 30
 
 
+#: Within a batch, the windows' NLLs are summed in another order than the batch's own total, which
+#: rounds differently by at most ~n·2⁻⁵³ relative (n = tokens per batch); a partial sum must exceed
+#: ``bound`` by this relative margin before a plan is abandoned mid-batch, so abandoning stays exact.
+MID_BATCH_MARGIN = 1e-9
+
+
 @dataclass
 class _Entry:
-    """One batch under one plan: its NLL and the inputs of the cached layers."""
+    """One batch under one plan: its NLL (None: abandoned before the loss was complete) and the
+    inputs of the cached layers."""
 
-    nll: float
+    nll: float | None
     inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> input [b, seq, hidden]
 
 
@@ -72,9 +89,12 @@ class PlanEvaluator:
         self.max_cache_bytes = max_cache_bytes
         self._cached_layers = self._choose_cached_layers(max_cache_bytes)
         self._cache: list[OrderedDict[tuple, _Entry]] = [OrderedDict() for _ in self.batches]
-        #: Layer forwards run (summed over batches; removed blocks not counted) since creation: the
-        #: work the cache saves, independent of machine load.
+        self._head = model.get_output_embeddings()
+        self._split_head: dict[tuple, bool] = {}  # batch shape -> per-window head verified identical
+        #: Layer forwards run (summed over batches; removed blocks not counted) and windows whose loss
+        #: was computed, since creation: the work the cache and abandoning save, whatever the load.
         self.layers_run = 0
+        self.windows_scored = 0
 
     def _choose_cached_layers(self, budget: int) -> list[int]:
         """Layers whose inputs are cached: all of 1..n-1, or every k-th when one plan's do not fit."""
@@ -98,24 +118,34 @@ class PlanEvaluator:
         return math.exp(total / self.tokens)
 
     def nll(self, plan: PruningPlan | None = None, bound: float | None = None,
-            progress: Progress | None = None) -> float | None:
-        """Total NLL (nats) under ``plan``; ``None`` as soon as a partial sum exceeds ``bound``."""
+            progress: Progress | None = None, first_batches: int | None = None) -> float | None:
+        """Total NLL (nats) under ``plan``, summed batch by batch in order like ``metrics.nll_sum``.
+        ``None`` when a partial sum exceeds ``bound`` before the end (the rest is then skipped; a
+        complete total is returned even above ``bound``). ``first_batches`` sums only that many
+        leading batches (a cheap first look; the full total reuses them from the cache)."""
         plan = self.adapter.validate(plan or PruningPlan())
+        parts = self.batches[:first_batches]
         total = 0.0
         with model_lock(self.model), self.adapter.apply(plan), torch.inference_mode():
-            for b, batch in enumerate(self.batches):
-                total += self._batch_nll(b, batch, plan)
+            for b, batch in enumerate(parts):
+                last = b == len(parts) - 1
+                value = self._batch_nll(b, batch, plan, total, bound)
+                if value is None:
+                    return None
+                total += value
                 if progress:
-                    progress(b + 1, len(self.batches), "calibration perplexity")
-                if bound is not None and total > bound:
+                    progress(b + 1, len(parts), "calibration perplexity")
+                if bound is not None and not last and total > bound:  # float sums of NLLs >= 0 never decrease
                     return None
         return total
 
     # ------------------------------------------------------------------ one batch
-    def _batch_nll(self, b: int, batch: torch.Tensor, plan: PruningPlan) -> float:
+    def _batch_nll(self, b: int, batch: torch.Tensor, plan: PruningPlan, before: float = 0.0,
+                   bound: float | None = None) -> float | None:
+        """NLL of batch ``b``; None when ``before`` plus part of it already exceeds ``bound``."""
         entries = self._cache[b]
         key = _key(plan)
-        if key in entries:
+        if key in entries and entries[key].nll is not None:
             entries.move_to_end(key)
             return entries[key].nll
         # Resume at the latest cached layer that some cached plan shares with this one (0: the
@@ -152,14 +182,60 @@ class PlanEvaluator:
             for i in sorted(hooked):
                 handle = layers[i].register_forward_pre_hook(make_hook(i), with_kwargs=True)
                 stack.callback(handle.remove)
-            ids = batch.to(self.device)
-            logits = self.model(input_ids=ids, use_cache=False).logits  # [b, seq, vocab]
-            value = logits_nll(logits, ids)
+            ids = batch.to(self.device)  # [b, seq]
+            final = self._capture_head_input(stack, tuple(ids.shape))
+            logits = self.model(input_ids=ids, use_cache=False).logits  # [b, seq, vocab] ([b, seq, 0] when split)
         self.layers_run += sum(Component("block", i) not in plan.components for i in range(run_from, len(layers)))
+        value = self._loss(ids, logits, final, before, bound)
         # Inputs up to ``start`` are shared with the source plan (same tensors); the rest are new.
         entries[key] = _Entry(value, {i: t for i, t in source.items() if i <= start} | recorded)
         self._evict(entries)
         return value
+
+    # ------------------------------------------------------------------ the loss head
+    def _capture_head_input(self, stack: contextlib.ExitStack, shape: tuple) -> dict:
+        """Arrange for the head's input (final hidden states ``[b, seq, hidden]``) to land in the
+        returned dict under "h": instead of the head (verified shapes) or besides it (first batch of
+        a shape, to verify); nothing when the per-window head is off for this shape."""
+        final: dict = {}
+        verified = self._split_head.get(shape)
+        if self._head is None or verified is False:
+            return final
+        if verified:
+            def forward(hidden):
+                final["h"] = hidden
+                return hidden[..., :0]  # no logits: they are computed per window afterwards
+            patch_forward(self._head, forward, stack)
+        else:
+            handle = self._head.register_forward_hook(lambda m, args, out: final.update(h=args[0]))
+            stack.callback(handle.remove)
+        return final
+
+    def _loss(self, ids: torch.Tensor, logits: torch.Tensor, final: dict, before: float,
+              bound: float | None) -> float | None:
+        """The batch's NLL sum, from the model's logits or window by window from the final hidden
+        states (then None once ``before`` plus the windows so far exceed ``bound`` by the margin,
+        the remaining windows skipped)."""
+        shape = tuple(ids.shape)
+        if "h" not in final:
+            self.windows_scored += len(ids)
+            return float(token_nll(logits, ids).double().sum())
+        limit = None if bound is None else bound + abs(bound) * MID_BATCH_MARGIN
+        parts, partial = [], before
+        for j in range(len(ids)):
+            part = token_nll(self._head(final["h"][j:j + 1]), ids[j:j + 1])  # [seq]
+            self.windows_scored += 1
+            parts.append(part)
+            partial += float(part.double().sum())
+            # (after a batch's last window, ``nll`` checks the exact batch total instead)
+            if limit is not None and j < len(ids) - 1 and partial > limit and self._split_head.get(shape):
+                return None
+        per_token = torch.cat(parts)  # [b * seq]
+        if shape not in self._split_head:
+            plain = token_nll(logits, ids)
+            self._split_head[shape] = torch.equal(plain, per_token)
+            per_token = plain
+        return float(per_token.double().sum())
 
     def _evict(self, entries: OrderedDict) -> None:
         """Drop least recently used plans until this batch's share of the budget holds."""

@@ -42,16 +42,18 @@ def batch_nll(model, input_ids: torch.Tensor) -> float:
     return logits_nll(logits, input_ids)
 
 
-def logits_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
-    """Sum of the NLL of tokens 1..seq-1 given the logits at positions 0..seq-2 (float64 total).
-
-    The last position gets an ignored target instead of slicing the logits, which would copy them.
-    """
+def token_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Per-token NLL ``[b * seq]`` in float32: token t+1 given the logits at position t, and 0 at each
+    window's last position (an ignored target instead of slicing the logits, which would copy them)."""
     b, seq, vocab = logits.shape
     target = torch.full((b, seq), -100, dtype=torch.long, device=logits.device)  # [b, seq]
     target[:, :-1] = input_ids[:, 1:]
-    nll = F.cross_entropy(logits.reshape(b * seq, vocab).float(), target.view(-1), reduction="none")
-    return float(nll.double().sum())
+    return F.cross_entropy(logits.reshape(b * seq, vocab).float(), target.view(-1), reduction="none")
+
+
+def logits_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> float:
+    """Sum of the NLL of tokens 1..seq-1 given the logits at positions 0..seq-2 (float64 total)."""
+    return float(token_nll(logits, input_ids).double().sum())
 
 
 def batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:

@@ -8,10 +8,14 @@ candidate listed first by ``adapter.candidates``) and is removed for good. The s
 model; a value below 1 is a fraction of its parameters), before a step would exceed ``max_ppl``, or
 when nothing is left to remove.
 
-``greedy_search`` gets the reference loop's choices, faster: candidates are evaluated in descending
-layer order through ``PlanEvaluator`` (only the layers a candidate changes are re-run), and a
-candidate is abandoned once its partial NLL sum exceeds the best complete one (sums only grow, so it
-cannot win). ``reference_search`` is the plain loop with a full masked forward per candidate.
+``greedy_search`` gets the reference loop's choices, faster. Candidates are evaluated through
+``PlanEvaluator``: only the layers a candidate changes are re-run, and the loss head runs window by
+window. Visiting is best-first: the first batch of every candidate is scored (cheap, and reused),
+then candidates are completed in order of that partial NLL, so the likely winner comes first and
+gives a tight bound; every later candidate is abandoned once its partial NLL sum exceeds the best
+complete one (sums of non-negative NLLs only grow, so it cannot win). The totals that are compared
+are summed exactly as the reference sums them, and exact ties go to the candidate listed first, as
+in the reference. ``reference_search`` is the plain loop with a full masked forward per candidate.
 
 A run directory holds ``log.jsonl`` (a header with the settings, then one line per finished step)
 and ``step_XX/pruning_config.json`` (the plan after step XX). ``resume=True`` continues an
@@ -71,8 +75,8 @@ class SearchResult:
         return [s.component for s in self.steps]
 
 
-# A chooser picks the next component: (plan, candidates) -> (component, nll)
-Chooser = Callable[[PruningPlan, list[Component], Callable[[int, str], None]], tuple[Component, float]]
+# A chooser picks the next component: (plan, candidates, tick(done, total, what)) -> (component, nll)
+Chooser = Callable[[PruningPlan, list[Component], Callable[[int, int, str], None]], tuple[Component, float]]
 
 
 def greedy_search(model, windows: torch.Tensor, kinds, steps: int | None = None, target_params: float | None = None,
@@ -87,21 +91,32 @@ def greedy_search(model, windows: torch.Tensor, kinds, steps: int | None = None,
 
     def choose(plan, cands, tick):
         rank = {c: r for r, c in enumerate(cands)}
+        plans = {c: removing(plan, c) for c in cands}
+        n = len(cands)
+        first = {}
+        for done, c in enumerate(cands, 1):  # the first batch of each: an estimate to order by
+            first[c] = _sort_key(ev.nll(plans[c], first_batches=1))
+            tick(done, 2 * n, f"{c} (first batch)")
         best, best_nll = None, math.inf
-        for done, c in enumerate(sorted(cands, key=lambda c: (-c.layer, rank[c])), 1):
-            value = ev.nll(removing(plan, c), bound=best_nll)
+        for done, c in enumerate(sorted(cands, key=lambda c: (first[c], rank[c])), n + 1):
+            value = ev.nll(plans[c], bound=best_nll)
             stats["evaluated"] += 1
             if value is None:
                 stats["abandoned"] += 1
             elif value < best_nll or (value == best_nll and best is not None and rank[c] < rank[best]):
                 best, best_nll = c, value
-            tick(done, str(c))
+            tick(done, 2 * n, str(c))
         return best, best_nll
 
     result = _search(model, windows, kinds, choose, steps, target_params, max_ppl, run_dir, resume, progress,
                      base_plan, on_step, adapter, base_nll=lambda plan: ev.nll(plan))
-    result.stats = {**stats, "layers_run": ev.layers_run}
+    result.stats = {**stats, "layers_run": ev.layers_run, "windows_scored": ev.windows_scored}
     return result
+
+
+def _sort_key(value: float) -> float:
+    """NaN sorts last (it never wins a comparison)."""
+    return math.inf if math.isnan(value) else value
 
 
 def reference_search(model, windows: torch.Tensor, kinds, steps: int | None = None, target_params: float | None = None,
@@ -111,12 +126,13 @@ def reference_search(model, windows: torch.Tensor, kinds, steps: int | None = No
     """The plain loop: one full masked forward over all windows per candidate."""
     adapter = adapter_for(model, (base_plan or PruningPlan()).group_sizes)
 
-    stats = {"evaluated": 0, "abandoned": 0, "layers_run": 0}
+    stats = {"evaluated": 0, "abandoned": 0, "layers_run": 0, "windows_scored": 0}
     n_batches = -(-windows.shape[0] // batch_size)
 
     def full_nll(plan):
         stats["evaluated"] += 1
         stats["layers_run"] += n_batches * (adapter.num_layers - len(plan.of_kind("block")))
+        stats["windows_scored"] += windows.shape[0]
         with masked(model, plan, adapter):
             return nll_sum(model, windows, batch_size)[0]
 
@@ -126,7 +142,7 @@ def reference_search(model, windows: torch.Tensor, kinds, steps: int | None = No
             value = full_nll(removing(plan, c))
             if value < best_nll:  # strict: ties keep the earlier candidate
                 best, best_nll = c, value
-            tick(done, str(c))
+            tick(done, len(cands), str(c))
         return best, best_nll
 
     result = _search(model, windows, kinds, choose, steps, target_params, max_ppl, run_dir, resume, progress,
@@ -189,7 +205,7 @@ def _search(model, windows, kinds, choose: Chooser, steps, target_params, max_pp
         k = len(done_steps) + 1
         started = time.perf_counter()
 
-        def tick(done, what, k=k, total=len(cands)):
+        def tick(done, total, what, k=k):
             if progress:
                 progress(done, total, f"step {k}: {what}")
 

@@ -1,7 +1,8 @@
 """PlanEvaluator (prefix cache), importance scores and the greedy search.
 
 The central properties: the cached evaluator gives the full masked forward's perplexity for every
-family; the fast search chooses exactly what the plain reference loop chooses; an interrupted search
+family (its NLL totals equal the plain sum exactly); the fast search chooses exactly what the plain
+reference loop chooses, ties included, and really abandons losing candidates; an interrupted search
 resumes to the same final plan.
 """
 from __future__ import annotations
@@ -18,7 +19,8 @@ from shedder.arch import adapter_for
 from shedder.errors import Cancelled, PlanError, ShedderError
 from shedder.evaluator import PlanEvaluator, removing
 from shedder.importance import model_fingerprint, score
-from shedder.metrics import perplexity
+from shedder.masking import masked
+from shedder.metrics import nll_sum, perplexity
 from shedder.plan import Component, PruningPlan
 from shedder.search import LOG_FILE, PLAN_FILE, greedy_search, reference_search
 
@@ -217,3 +219,82 @@ def test_run_directory_and_resume_after_interruption(mamba2, tmp_path):
     assert not any(m.startswith(("step 1", "step 2")) for m in evaluated)  # finished steps not redone
     assert len((run / LOG_FILE).read_text().splitlines()) == 5
     assert math.isclose(resumed.steps[0].ppl, straight.steps[0].ppl, rel_tol=1e-9)
+
+
+# ------------------------------------------------------------------------------------ fast search: exactness and speed mechanism
+@pytest.mark.parametrize("kinds", [["ssm"], ["block"], ["block", "ssm", "head"]], ids=["ssm", "block", "mixed"])
+def test_best_first_search_matches_reference_bit_for_bit(mamba2, kinds):
+    w = windows(n=8)
+    ref = reference_search(mamba2, w, kinds, steps=3, batch_size=4)
+    fast = greedy_search(mamba2, w, kinds, steps=3, batch_size=4)
+    assert fast.components == ref.components and len(ref.steps) == 3
+    # the compared totals are summed exactly as the reference sums them: equal, not merely close
+    assert [s.ppl for s in fast.steps] == [s.ppl for s in ref.steps]
+    assert fast.base_ppl == ref.base_ppl
+
+
+def test_evaluator_totals_equal_the_plain_sum_exactly(mamba2):
+    w = windows(n=7)  # batches of 3, 3 and 1 windows: two batch shapes, each verified once
+    adapter = adapter_for(mamba2)
+    ev = PlanEvaluator(mamba2, w, adapter, batch_size=3)
+    for plan in random_plans(adapter, 8, seed=3):
+        with masked(mamba2, plan, adapter):
+            assert ev.nll(plan) == nll_sum(mamba2, w, 3)[0], plan.describe()
+    assert ev._split_head == {(3, 16): True, (1, 16): True}  # the per-window head is in use
+
+
+def test_per_window_head_is_refused_when_logits_are_more_than_the_head(tiny_model_factory):
+    """A model that post-processes its logits (e.g. a multiplier) keeps the plain whole-batch loss."""
+    model = tiny_model_factory("mamba2")
+
+    def scale(module, args, kwargs, output):
+        output.logits = output.logits * 1.5
+        return output
+
+    handle = model.register_forward_hook(scale, with_kwargs=True)
+    try:
+        w = windows()
+        ev = PlanEvaluator(model, w, batch_size=3)
+        plan = PruningPlan(frozenset({Component("ssm", 1)}))
+        assert ev.nll(PruningPlan()) == nll_sum(model, w, 3)[0]
+        assert ev._split_head == {(3, 16): False}
+        with masked(model, plan):
+            assert ev.nll(plan) == nll_sum(model, w, 3)[0]
+    finally:
+        handle.remove()
+
+
+def test_exact_ties_go_to_the_candidate_listed_first(tiny_model_factory):
+    """Every mixer adds exactly zero (out_proj zeroed), so every candidate gives the same NLL bit for
+    bit: both searches must keep the candidate listed first, whatever order the fast one visits in."""
+    model = tiny_model_factory("mamba2")
+    with torch.no_grad():
+        for layer in model.backbone.layers:
+            layer.mixer.out_proj.weight.zero_()
+    w = windows()
+    kinds = ["ssm", "block"]
+    ref = reference_search(model, w, kinds, steps=2, batch_size=2)
+    fast = greedy_search(model, w, kinds, steps=2, batch_size=2)
+    first = adapter_for(model).candidates(PruningPlan(), kinds)[0]
+    assert ref.components[0] == first and fast.components == ref.components
+    assert [s.ppl for s in fast.steps] == [s.ppl for s in ref.steps] == [ref.base_ppl] * 2
+
+
+def test_fast_search_abandons_losing_candidates(tiny_model_factory):
+    """The speed mechanism itself: losing candidates are dropped before all their windows are scored.
+    Only block 2 writes to the residual stream, and it spoils predictions the head would otherwise
+    make well (each window repeats one token; the head is the embedding): removing it wins by far."""
+    model = tiny_model_factory("mamba2")
+    with torch.no_grad():
+        model.lm_head.weight.copy_(model.backbone.embeddings.weight)
+        model.backbone.norm_f.weight.fill_(3.0)
+        for i, layer in enumerate(model.backbone.layers):
+            layer.mixer.out_proj.weight.mul_(5.0 if i == 2 else 0.0)
+    w = (torch.arange(8)[:, None] * 7 + 3).repeat(1, 16)  # [8, 16]
+    ref = reference_search(model, w, ["block", "ssm"], steps=2, batch_size=4)
+    fast = greedy_search(model, w, ["block", "ssm"], steps=2, batch_size=4)
+    assert fast.components == ref.components and ref.components[0] == Component("block", 2)
+    assert fast.stats["evaluated"] == ref.stats["evaluated"] - 1  # the reference counts the base plan
+    assert fast.stats["abandoned"] >= 3
+    assert fast.stats["windows_scored"] < ref.stats["windows_scored"] - 3 * 4
+    assert fast.stats["layers_run"] < ref.stats["layers_run"]
