@@ -1,7 +1,7 @@
 """``python -m shedder``: the engine's commands for long runs and scripts.
 
     python -m shedder info    --model mamba2-tiny
-    python -m shedder eval    --model mamba2-tiny [--plan plan.json] [--data test] [--samples 64 --seq-len 256]
+    python -m shedder eval    --model mamba2-tiny [--plan plan.json] [--data test] [--samples N --seq-len 256]
     python -m shedder extract --model mamba2-tiny --plan plan.json --out pruned/
     python -m shedder score   --model mamba2-tiny --kinds block,ssm --out scores.csv
     python -m shedder search  --model mamba2-tiny --kinds ssm --steps 4 --out runs/ssm [--resume]
@@ -299,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="perplexity, next-word accuracy and parameters (optionally under a plan)")
     _model_options(p)
     p.add_argument("--plan", help="pruning plan JSON (ours or an official Mamba-Shedder config)")
-    _data_options(p, DEFAULT_EVAL, 64)
+    _data_options(p, DEFAULT_EVAL, None)  # the whole test split, as the model cards report
     p.add_argument("--accuracy", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure next-word accuracy (default on)")
     p.add_argument("--accuracy-n", type=int, default=200, help="passages for next-word accuracy (default 200)")
