@@ -5,17 +5,9 @@ import pytest
 import torch
 import transformers
 
+from adapter_checks import spread_around_init
+
 from shedder.loading import REPO_ROOT
-
-
-def _spread(model) -> None:
-    """Random weights large enough that removing any component changes the logits noticeably."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("A_log", ".D", "dt_bias", "norm.weight")):
-                p.add_(torch.randn_like(p) * 0.3)
-            elif name.endswith(("weight", "up_proj", "down_proj")) and "gate" not in name:
-                p.normal_(0.0, 0.2)
 
 
 _CONFIGS = {
@@ -39,7 +31,7 @@ def make_tiny_model(family: str, layers: int = 4, vocab_size: int = 128, seed: i
     cls = {"mamba2": transformers.Mamba2ForCausalLM, "mamba1": transformers.MambaForCausalLM,
            "nemotron_h": transformers.NemotronHForCausalLM}[family]
     model = cls(config).eval()
-    _spread(model)
+    spread_around_init(model)
     return model
 
 
