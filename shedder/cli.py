@@ -151,16 +151,23 @@ def cmd_score(args) -> int:
     model, tokenizer = _load(args)
     adapter, base = _plan_for(model, args.base_plan)
     windows = _windows(args, tokenizer, args.data)
-    with _progress(args) as progress:
-        table = score(model, windows, args.kinds, base_plan=base, progress=progress,
-                      cache_dir=args.cache_dir, batch_size=args.batch_size)
+    try:
+        with _progress(args) as progress:
+            table = score(model, windows, args.kinds, base_plan=base, progress=progress,
+                          cache_dir=args.cache_dir, batch_size=args.batch_size)
+    except (Cancelled, KeyboardInterrupt):
+        print("scoring stopped: the finished components are kept; the same command resumes them", file=sys.stderr)
+        raise
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
     from .metrics import describe_protocol
 
     protocol = "calibration " + describe_protocol(windows, args.data)
-    payload = {"out": args.out, "protocol": protocol, "rows": table.to_dict(orient="records")}
+    resumed = table.attrs.get("resumed", 0)
+    payload = {"out": args.out, "protocol": protocol, "resumed": resumed, "rows": table.to_dict(orient="records")}
     text = f"{table.to_string(index=False)}\n\nwrote {args.out} ({len(table)} components; {protocol})"
+    if resumed:
+        text += f"\nresumed {resumed} of {len(table)} components from an interrupted run"
     _emit(args, payload, text)
     return 0
 
@@ -379,5 +386,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted (a search keeps its finished steps; rerun with --resume)", file=sys.stderr)
+        print("error: interrupted (score and search keep their finished work: rerun the same command, "
+              "with --resume for search)", file=sys.stderr)
         return 130

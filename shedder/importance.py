@@ -4,6 +4,13 @@ For every candidate of the requested kinds, the component is removed on top of `
 the calibration perplexity measured (the heatmaps' numbers). Results are cached on disk under a key
 made of the model's identity (config hash and a fingerprint of its weights), the exact token windows,
 the kinds and the base plan, so reopening the same analysis is instant.
+
+Scoring a real checkpoint takes hours, so it is resumable: every finished component's row is appended
+to ``<key>.partial.jsonl`` next to the cache entry as soon as it is measured (before the progress
+callback, which may raise ``Cancelled``). A later call with the same key reuses those rows and
+measures only the rest; the finished table replaces the partial file. JSON lines, not CSV, because
+Python's float repr round-trips exactly (a resumed table equals an uninterrupted one bit for bit)
+and a line torn by a kill mid-write fails to parse instead of passing for a shorter number.
 """
 from __future__ import annotations
 
@@ -19,7 +26,7 @@ from .arch import adapter_for
 from .data import windows_hash
 from .evaluator import PlanEvaluator, check_kinds, removing
 from .metrics import Progress
-from .plan import KINDS, PruningPlan, config_hash
+from .plan import KINDS, Component, PruningPlan, config_hash
 
 COLUMNS = ["layer", "kind", "index", "ppl", "delta_ppl", "params_removed"]
 #: Elements sampled from each parameter tensor for the weights fingerprint.
@@ -59,32 +66,101 @@ def score(model, windows: torch.Tensor, kinds, base_plan: PruningPlan | None = N
           progress: Progress | None = None, cache_dir: str | Path | None = None,
           batch_size: int = 8, evaluator: PlanEvaluator | None = None) -> pd.DataFrame:
     """Single-removal scores ``[layer, kind, index, ppl, delta_ppl, params_removed]`` sorted by
-    layer, kind (in ``KINDS`` order) and index; ``delta_ppl`` is over ``base_plan``'s perplexity."""
+    layer, kind (in ``KINDS`` order) and index; ``delta_ppl`` is over ``base_plan``'s perplexity.
+
+    ``table.attrs["resumed"]`` counts the rows taken over from an interrupted run with the same key
+    (0 when none, or when the finished table came from the cache).
+    """
     base_plan = base_plan or PruningPlan()
     adapter = evaluator.adapter if evaluator else adapter_for(model, base_plan.group_sizes)
     kinds = check_kinds(adapter, kinds)
     base = adapter.validate(base_plan)
     path = Path(cache_dir or default_cache_dir()) / "scores" / f"{cache_key(model, windows, kinds, base)}.csv"
     if path.is_file():
-        return pd.read_csv(path)
+        return _resumed(pd.read_csv(path), 0)
     ev = evaluator or PlanEvaluator(model, windows, adapter, batch_size)
-    base_ppl = ev.perplexity(base)
-    base_params = adapter.param_count(base)
     # Descending layers: consecutive plans differ late in the model, so the evaluator skips the most.
     order = sorted(adapter.candidates(base, kinds), key=lambda c: (-c.layer, KINDS.index(c.kind), c.index))
-    rows = []
-    for done, comp in enumerate(order, 1):
-        plan = removing(base, comp)
-        ppl = ev.perplexity(plan)
-        rows.append({"layer": comp.layer, "kind": comp.kind, "index": comp.index, "ppl": ppl,
-                     "delta_ppl": ppl - base_ppl, "params_removed": base_params - adapter.param_count(plan)})
-        if progress:
-            progress(done, len(order), f"scoring: {comp}")
-    table = tidy(pd.DataFrame(rows, columns=COLUMNS))
+    partial = partial_path(path)
+    base_ppl, finished = _read_partial(partial, order)
+    if base_ppl is None:
+        base_ppl = ev.perplexity(base)
+    base_params = adapter.param_count(base)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    table.to_csv(tmp, index=False)
-    tmp.replace(path)  # atomic: a cancelled run never leaves a half-written cache entry
+    # Rewritten with only its valid lines, so appends never continue a line torn by a kill.
+    _write_atomic(partial, "".join(_line(r) for r in [{"base_ppl": base_ppl}, *finished.values()]))
+    rows = list(finished.values())
+    if rows and progress:
+        progress(len(rows), len(order), f"scoring: resumed {len(rows)} of {len(order)} components")
+    with partial.open("a", encoding="utf-8") as log:
+        for comp in order:
+            if comp in finished:
+                continue
+            plan = removing(base, comp)
+            ppl = ev.perplexity(plan)
+            row = {"layer": comp.layer, "kind": comp.kind, "index": comp.index, "ppl": ppl,
+                   "delta_ppl": ppl - base_ppl, "params_removed": base_params - adapter.param_count(plan)}
+            log.write(_line(row))
+            log.flush()
+            os.fsync(log.fileno())  # hours of work: the row survives even a power cut
+            rows.append(row)
+            if progress:
+                progress(len(rows), len(order), f"scoring: {comp}")
+    table = tidy(pd.DataFrame(rows, columns=COLUMNS))
+    _write_atomic(path, table.to_csv(index=False))  # a cancelled run never leaves a half-written entry
+    partial.unlink(missing_ok=True)
+    return _resumed(table, len(finished))
+
+
+def partial_path(path: Path) -> Path:
+    """Where the rows of an unfinished score table with cache entry ``path`` are logged."""
+    return path.with_name(f"{path.stem}.partial.jsonl")
+
+
+def _read_partial(path: Path, order: list[Component]) -> tuple[float | None, dict[Component, dict]]:
+    """(base perplexity, finished rows by component) of an interrupted run, or (None, {}).
+
+    Reading stops at the first line that is torn, malformed or names no candidate: everything
+    before it was written whole (each line is flushed before the next one starts)."""
+    try:
+        lines = path.read_text(encoding="utf-8").split("\n")[:-1]  # the last piece lacks its newline
+    except (OSError, UnicodeDecodeError):
+        return None, {}
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            break
+    if not records or not isinstance(records[0], dict) or not isinstance(records[0].get("base_ppl"), float):
+        return None, {}
+    wanted = set(order)
+    finished: dict[Component, dict] = {}
+    for rec in records[1:]:
+        try:
+            comp = Component(rec["kind"], rec["layer"], rec["index"])
+            row = {c: rec[c] for c in COLUMNS}
+            if comp not in wanted:
+                break
+        except (TypeError, KeyError):  # not a row of this table (hand-edited or corrupt)
+            break
+        finished.setdefault(comp, row)
+    return records[0]["base_ppl"], finished
+
+
+def _line(record: dict) -> str:
+    return json.dumps(record) + "\n"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write via a temporary file and a rename: readers see the old file or the whole new one."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _resumed(table: pd.DataFrame, count: int) -> pd.DataFrame:
+    table.attrs["resumed"] = count
     return table
 
 
