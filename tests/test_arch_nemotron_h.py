@@ -1,15 +1,20 @@
 """Nemotron-H adapter: Mamba blocks, SSMs and heads (shared Mamba-2 core), attention and MLP/MoE
-sub-blocks, and MLP channel groups, on a tiny random fp32 hybrid with every layer type."""
+sub-blocks, and MLP channel groups, on a tiny random fp32 hybrid with every layer type (its one
+attention layer: removing it removes every attention, so the extracted model keeps a
+``RemovedAttentionLayer`` for the cache)."""
 from __future__ import annotations
 
 import pytest
 import transformers
-from adapter_checks import (TOL, check_cached_generation, check_mask_restores, check_refused, check_removal,
-                            check_saved, check_stock_load, comps, logits, max_diff, random_model, random_plan,
-                            spread_around_init, tokens)
+import torch
+from adapter_checks import (TOL, check_cached_generation, check_generation, check_mask_restores, check_refused,
+                            check_removal, check_saved, check_stock_load, comps, logits, max_diff, random_model,
+                            random_plan, spread_around_init, tokens)
 
-from shedder.arch import adapter_for
+from shedder.arch import adapter_for, count_parameters
 from shedder.arch.mamba2_core import PrunedMamba2Mixer
+from shedder.arch.nemotron_h import RemovedAttentionLayer
+from shedder.cost import estimate
 from shedder.errors import PlanError
 from shedder.extract import extract
 from shedder.masking import masked
@@ -78,14 +83,55 @@ def test_masked_equals_extracted(model, adapter, ids, name):
 
 def test_extracted_structure(model, adapter):
     small = extract(model, PLANS["mixed"](adapter), adapter)
-    assert small.config.layers_block_type == ["linear_attention", "linear_attention", "mlp", "mlp"]
-    assert small.config.use_cache is False  # no attention layer left to size the cache
+    # the only attention layer is removed: it stays as a parameterless attention-type layer
+    assert small.config.layers_block_type == ["linear_attention", "full_attention", "linear_attention", "mlp", "mlp"]
+    assert small.config.use_cache is not False
     entries = small.config.shedder["layers"]
-    assert entries[0] == {"ssm": True, "heads_per_group": [3, 4]} and entries[1]["ssm"] is False
-    assert entries[2:] == [{"intermediate_size": 96}, {"intermediate_size": 64}]
+    assert entries[0] == {"ssm": True, "heads_per_group": [3, 4]} and entries[2]["ssm"] is False
+    assert entries[1] == {"attention": False}
+    assert entries[3:] == [{"intermediate_size": 96}, {"intermediate_size": 64}]
     layers = small.model.layers
-    assert isinstance(layers[0].mixer, PrunedMamba2Mixer) and layers[3].mixer.up_proj.out_features == 64
-    assert [getattr(l.mixer, "layer_idx", i) for i, l in enumerate(layers)] == [0, 1, 2, 3]
+    assert isinstance(layers[0].mixer, PrunedMamba2Mixer) and layers[4].mixer.up_proj.out_features == 64
+    assert isinstance(layers[1], RemovedAttentionLayer) and count_parameters(layers[1]) == 0
+    assert [getattr(getattr(l, "mixer", l), "layer_idx", i) for i, l in enumerate(layers)] == [0, 1, 2, 3, 4]
+
+
+def test_removing_every_attention_keeps_the_cache_usable(model, adapter, ids, bundled_tokenizer, tmp_path):
+    """Without any attention the extracted model still generates with the cache: its stand-in layer
+    records the sequence length, and it survives a save / load and a second pruning."""
+    p = adapter.validate(plan("attention:1", "ssm:0"))
+    small = check_removal(model, p, ids, adapter=adapter)
+    planned, actual = estimate(model, p, seq_len=16, adapter=adapter), estimate(small, seq_len=16)
+    assert planned.params == actual.params == count_parameters(small) == adapter.param_count(p)
+    assert planned.flops_per_token_prefill == actual.flops_per_token_prefill
+    assert planned.state_bytes_per_sequence == actual.state_bytes_per_sequence
+    assert planned.layers[1].flops_prefill == planned.layers[1].state_bytes == planned.layers[1].params == 0
+    loaded = check_saved(small, p, bundled_tokenizer, tmp_path / "pruned", ids, shedder_entry=True)
+    assert isinstance(loaded.model.layers[1], RemovedAttentionLayer)
+    with torch.no_grad():
+        assert loaded(ids, use_cache=True).cache.get_seq_length() == ids.shape[1]
+    check_generation(loaded, padded=True)
+
+    again = adapter_for(loaded, GROUPS)
+    assert again.layer_kind(1) == "attention" and again.layer_components(1) == []
+    check_refused(loaded, plan("attention:1"), ["layer 1 (attention) has no attention"], again)
+    twice = check_removal(loaded, plan("block:2"), ids, adapter=again)
+    assert isinstance(twice.model.layers[1], RemovedAttentionLayer)
+    assert twice.config.shedder["layers"][1] == {"attention": False}
+
+
+def test_a_skipped_attention_keeps_counting_for_the_others(ids):
+    """Live mask on the first of two attention layers (the one whose cache slot gives the length):
+    a left-padded batch decodes through the cache exactly as the extracted model does, which needs
+    the right length for the remaining attention's causal mask."""
+    model = make_model(layers_block_type=["mamba", "attention", "mlp", "attention", "mamba"])
+    adapter = adapter_for(model, GROUPS)
+    p = plan("attention:1")
+    expected = check_generation(extract(model, p, adapter), padded=True)
+    with masked(model, p, adapter):
+        check_generation(model, expected=expected, padded=True)
+        with torch.no_grad():
+            assert model(ids, use_cache=True).cache.get_seq_length() == ids.shape[1]
 
 
 def test_uniform_removals_give_a_stock_config(model, adapter, ids, bundled_tokenizer, tmp_path):
@@ -113,7 +159,7 @@ def test_mask_leaves_the_model_untouched(model, adapter, ids):
 
 @pytest.mark.parametrize("specs", [
     ("block:2", "ssm:0", "head:5:1", "head:5:2", "mlp_channel_group:3:1", "mlp:6"),
-    ("attention:1", "ssm:0"),  # no attention layer left: generation runs without a cache
+    ("attention:1", "ssm:0"),  # no attention layer left: the extracted stand-in keeps the cache's length
 ])
 def test_cached_generation_matches_full_forwards(model, adapter, ids, specs):
     check_cached_generation(model, plan(*specs), ids[:, :9], adapter=adapter)
@@ -130,6 +176,7 @@ def test_cached_generation_matches_full_forwards(model, adapter, ids, specs):
      ["layer 6", "all 3 MLP channel groups", "remove the MLP instead"]),
     (("mlp:3", "mlp_channel_group:3:1"), ["redundant", "layer 3"]),
     (("block:2", "ssm:2"), ["redundant", "block 2"]),
+    (("block:0", "attention:1", "block:2", "mlp:3", "mlp:4", "block:5", "mlp:6"), ["removes all 7 layers"]),
 ])
 def test_invalid_plans_are_refused(model, adapter, specs, words):
     check_refused(model, plan(*specs), words, adapter)

@@ -124,12 +124,9 @@ def plan_named(adapter, name: str) -> PruningPlan:
 def assert_cached_generation_exact(model, label: str, replay=None) -> None:
     """Greedy cached generation of ``model`` against full forwards of ``replay`` (default: itself)."""
     ids = torch.randint(1, VOCAB, (2, PROMPT), generator=torch.Generator().manual_seed(7))
-    # An extracted model may declare that it cannot use a cache (Nemotron-H left without attention:
-    # transformers reads the cached length from an attention layer); it must still generate correctly.
-    use_cache = model.generation_config.use_cache is not False
     with torch.no_grad():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
-                             do_sample=False, use_cache=use_cache, output_logits=True, return_dict_in_generate=True,
+                             do_sample=False, use_cache=True, output_logits=True, return_dict_in_generate=True,
                              pad_token_id=0)
         sequences = out.sequences  # [2, PROMPT + NEW]
         assert sequences.shape[1] == PROMPT + NEW, f"{label}: generation stopped early"

@@ -14,9 +14,15 @@ Extraction deletes skipped layers (renumbering the rest, ``layer_types`` shrinks
 mixers and MLPs. When all kept Mamba layers share one stock-expressible layout and all kept MLPs
 one width, the config is stock (``mamba_num_heads`` / ``intermediate_size`` changed); otherwise
 ``config.shedder = {"layers": [...]}`` holds one entry per kept layer: a Mamba layout
-(``{"ssm", "heads_per_group"}``), ``{"intermediate_size": n}`` for an MLP, ``{}`` for the rest.
-A model left without attention layers gets ``use_cache = False``: ``transformers``' Nemotron-H
-reads the sequence length from an attention layer's cache and fails without one.
+(``{"ssm", "heads_per_group"}``), ``{"intermediate_size": n}`` for an MLP, ``{"attention": false}``
+for a ``RemovedAttentionLayer``, ``{}`` for the rest.
+
+Cache: ``transformers``' Nemotron-H reads the sequence length (positions, causal masks) from the
+first attention layer's key/value slot and cannot run with a cache without one. So a skipped
+attention layer records the length of what it has seen in its slot (``hybrid_common.record_length``),
+and extraction never deletes the last attention-type layer: if a plan removes them all, the first
+stays as a ``RemovedAttentionLayer`` (no parameters, output = input) that only does this
+bookkeeping: the same function and parameter count as deleting it.
 """
 from __future__ import annotations
 
@@ -30,7 +36,7 @@ from ..errors import PlanError
 from ..plan import Component, PruningPlan
 from . import register
 from .base import patch_forward
-from .hybrid_common import kept_mlp_channels, mask_mlp_channels, mlp_groups, pruned_mlp_state
+from .hybrid_common import kept_mlp_channels, mask_mlp_channels, mlp_groups, pruned_mlp_state, skip_layer
 from .mamba2_core import (Mamba2StyleAdapter, MixerLayout, PrunedMamba2Mixer, mixer_layout, set_shedder, shedder_layers,
                           sliced_state_dict, ssm_components, uniform_layout)
 
@@ -39,6 +45,26 @@ _MLP_ROWS = ("up_proj",)
 
 _KIND_OF_TYPE = {"linear_attention": "mamba", "mamba": "mamba", "full_attention": "attention",
                  "attention": "attention", "mlp": "mlp", "moe": "moe"}
+
+
+class RemovedAttentionLayer(nn.Module):
+    """An extracted attention layer whose attention is removed but whose cache slot must stay (the
+    model's last attention-type layer): no parameters, returns its input, and records the sequence
+    length in its slot so the cache can still size positions and masks."""
+
+    #: what ``NemotronHModel`` reads to pick the layer's mask (and ``DynamicCache`` its slot type)
+    block_type = "full_attention"
+
+    def __init__(self, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self._forward = skip_layer(cache_slot=layer_idx)
+
+    def forward(self, hidden_states, *args, **kwargs):  # [batch, seq, hidden] -> the same tensor
+        return self._forward(hidden_states, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        return f"layer_idx={self.layer_idx}, attention removed"
 
 
 @register
@@ -58,6 +84,10 @@ class NemotronHAdapter(Mamba2StyleAdapter):
     def has_ssm_mixer(self, layer: int) -> bool:
         return self.layer_kind(layer) == "mamba"
 
+    def is_removed_attention(self, layer: int) -> bool:
+        """Whether ``layer`` is an attention layer an earlier extraction already emptied."""
+        return isinstance(self.layers()[layer], RemovedAttentionLayer)
+
     # ------------------------------------------------------------------ inventory
     def mlp_width(self, layer: int) -> int:
         return self.mixer(layer).up_proj.out_features
@@ -71,14 +101,32 @@ class NemotronHAdapter(Mamba2StyleAdapter):
         if kind == "mamba":
             return [Component("block", layer)] + ssm_components(layer, mixer_layout(self.mixer(layer)))
         if kind == "attention":
-            return [Component("attention", layer)]
+            return [] if self.is_removed_attention(layer) else [Component("attention", layer)]
         if kind == "mlp":
             return [Component("mlp", layer)] + [Component("mlp_channel_group", layer, g)
                                                 for g in range(len(self.mlp_groups(layer)))]
         return [Component("mlp", layer)]
 
     def removed_layers(self, plan: PruningPlan) -> set[int]:
+        """Layers a plan skips whole (``kept_layers`` may still keep one attention layer among them,
+        as a ``RemovedAttentionLayer``)."""
         return {c.layer for c in plan.components if c.kind in ("block", "attention", "mlp")}
+
+    def kept_layers(self, plan: PruningPlan) -> list[int]:
+        """Layers not removed, plus the first attention layer when the plan removes them all (kept
+        as a ``RemovedAttentionLayer`` so the cache still has an attention slot)."""
+        gone = self.removed_layers(plan)
+        kept = [i for i in range(self.num_layers) if i not in gone]
+        attention = [i for i in range(self.num_layers) if self.layer_kind(i) == "attention"]
+        if attention and not set(attention) & set(kept):
+            kept = sorted(kept + attention[:1])
+        return kept
+
+    def emptied_attention(self, plan: PruningPlan) -> set[int]:
+        """Kept layers that the extracted model holds as a ``RemovedAttentionLayer``."""
+        gone = self.removed_layers(plan)
+        return {i for i in self.kept_layers(plan)
+                if self.layer_kind(i) == "attention" and (i in gone or self.is_removed_attention(i))}
 
     def kept_channels(self, layer: int, comps) -> torch.Tensor:
         """Intermediate channels of an MLP layer left after removing the ``mlp_channel_group``
@@ -88,6 +136,9 @@ class NemotronHAdapter(Mamba2StyleAdapter):
 
     # ------------------------------------------------------------------ validation
     def check(self, plan: PruningPlan) -> None:
+        gone = self.removed_layers(plan)
+        if all(i in gone or self.is_removed_attention(i) for i in range(self.num_layers)):
+            raise PlanError(f"the plan removes all {self.num_layers} layers; nothing would be left of the model")
         super().check(plan)
         for layer, comps in self.by_layer(plan).items():
             groups = [c for c in comps if c.kind == "mlp_channel_group"]
@@ -98,6 +149,12 @@ class NemotronHAdapter(Mamba2StyleAdapter):
                                 "remove the MLP instead")
 
     # ------------------------------------------------------------------ live masks
+    def skip_forward(self, layer: int):
+        """A skipped layer returns its input; an attention layer also keeps its cache slot counting
+        tokens (the layers that still attend, and the cache's length, read it)."""
+        attention = self.layer_kind(layer) == "attention"
+        return skip_layer(cache_slot=self.layers()[layer].layer_idx if attention else None)
+
     def mask_layer(self, layer: int, comps: list[Component], stack: contextlib.ExitStack) -> None:
         if any(c.kind in ("attention", "mlp") for c in comps):
             patch_forward(self.layers()[layer], self.skip_forward(layer), stack)
@@ -110,10 +167,13 @@ class NemotronHAdapter(Mamba2StyleAdapter):
     def pruned_config(self, plan: PruningPlan):
         config = copy.deepcopy(self.config)
         kept = self.kept_layers(plan)
+        emptied = self.emptied_attention(plan)
         entries, layouts, widths = [], [], []
         for layer in kept:
             kind = self.layer_kind(layer)
-            if kind == "mamba":
+            if layer in emptied:
+                entries.append({"attention": False})
+            elif kind == "mamba":
                 layouts.append(self.new_layout(plan, layer))
                 entries.append(layouts[-1].to_dict())
             elif kind == "mlp":
@@ -122,11 +182,8 @@ class NemotronHAdapter(Mamba2StyleAdapter):
             else:
                 entries.append({})
         config.layers_block_type = [config.layers_block_type[i] for i in kept]
-        if "full_attention" not in config.layers_block_type:
-            # transformers' Nemotron-H cannot size a cache without an attention layer
-            config.use_cache = False
         stock = uniform_layout(layouts)
-        expressible = (stock or not layouts) and len(set(widths)) <= 1
+        expressible = (stock or not layouts) and len(set(widths)) <= 1 and not emptied
         if expressible:
             if stock:
                 config.mamba_num_heads = stock.num_heads
@@ -137,6 +194,8 @@ class NemotronHAdapter(Mamba2StyleAdapter):
 
     def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
         replace = self.mixer_replacements(plan)
+        for layer in self.emptied_attention(plan):
+            replace[layer] = {self.mixer_name: {}, "norm": {}}
         for layer in self.kept_layers(plan):
             if self.layer_kind(layer) == "mlp" and any(c.layer == layer for c in plan.components):
                 kept = self.kept_channels(layer, plan.components)
@@ -150,10 +209,12 @@ class NemotronHAdapter(Mamba2StyleAdapter):
 
         model = NemotronHForCausalLM(config)
         layers = model.model.layers
-        for block, entry in zip(layers, shedder_layers(config, len(layers)) or []):
-            if "heads_per_group" in entry:
-                block.mixer = PrunedMamba2Mixer(block.mixer, MixerLayout.from_dict(entry), cls.hooks)
+        for i, entry in enumerate(shedder_layers(config, len(layers)) or []):
+            if entry.get("attention", True) is False:
+                layers[i] = RemovedAttentionLayer(i)
+            elif "heads_per_group" in entry:
+                layers[i].mixer = PrunedMamba2Mixer(layers[i].mixer, MixerLayout.from_dict(entry), cls.hooks)
             elif "intermediate_size" in entry:
-                block.mixer = NemotronHMLP(config, intermediate_size=entry["intermediate_size"])
+                layers[i].mixer = NemotronHMLP(config, intermediate_size=entry["intermediate_size"])
         return model
 
