@@ -13,6 +13,8 @@ tokenised text (the remainder that does not fill a window is dropped), which is 
 """
 from __future__ import annotations
 
+import contextlib
+
 import hashlib
 import json
 from pathlib import Path
@@ -81,9 +83,10 @@ def parse_hf(source: str) -> tuple[str, str | None, str]:
 def _load_hf(source: str) -> str:
     dataset, config, split = parse_hf(source)
     try:
-        import datasets
+        with _offline_when_unreachable():
+            import datasets
 
-        ds = datasets.load_dataset(dataset, config, split=split)
+            ds = datasets.load_dataset(dataset, config, split=split)
     except Exception as e:  # offline, unknown id, unknown split: all reach the user as one message
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise DataError(f"cannot load {source!r} with `datasets` (hub unreachable or no such dataset/split?): {first}") from None
@@ -91,6 +94,26 @@ def _load_hf(source: str) -> str:
     if column is None:
         raise DataError(f"{source!r} has no text column (columns: {', '.join(ds.column_names)})")
     return "\n\n".join(t for t in ds[column] if t)
+
+
+@contextlib.contextmanager
+def _offline_when_unreachable():
+    """With no route to the hub, let `datasets` use its local cache at once instead of retrying the
+    network for half a minute (the same check ``shedder.loading`` makes for models)."""
+    from .loading import hub_unreachable
+
+    if not hub_unreachable():
+        yield
+        return
+    import datasets.config
+    import huggingface_hub.constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
 
 
 def text_column(features) -> str | None:

@@ -48,7 +48,7 @@ def parse_dtype(dtype) -> torch.dtype:
 
 
 @functools.lru_cache(maxsize=1)
-def _hub_unreachable() -> bool:
+def hub_unreachable() -> bool:
     """True when the model hub cannot be reached (checked once per process, 3 s at most), so that
     hub ids resolve from the local cache at once instead of retrying the network for half a minute."""
     from huggingface_hub import constants
@@ -64,7 +64,7 @@ def _hub_unreachable() -> bool:
 
 
 def _offline(source: str) -> bool:
-    return not Path(source).exists() and _hub_unreachable()
+    return not Path(source).exists() and hub_unreachable()
 
 
 def load_config(name_or_path: str, trust_remote_code: bool = False):

@@ -76,6 +76,28 @@ def test_hf_sources(monkeypatch):
     assert data.load_text("hf:user/corpus:train") == "first doc\n\nsecond doc"  # column found by type
 
 
+def test_hf_sources_use_the_local_cache_at_once_when_the_hub_is_unreachable(monkeypatch):
+    import datasets
+    import datasets.config
+
+    from shedder import loading
+
+    seen = []
+
+    def cached(name, config, split):
+        seen.append(datasets.config.HF_HUB_OFFLINE)
+        return datasets.Dataset.from_dict({"text": ["cached doc"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", cached)
+    monkeypatch.setattr(loading, "hub_unreachable", lambda: True)
+    before = datasets.config.HF_HUB_OFFLINE
+    assert data.load_text("hf:user/corpus:train") == "cached doc"
+    assert seen == [True] and datasets.config.HF_HUB_OFFLINE == before  # offline only during the call
+    monkeypatch.setattr(loading, "hub_unreachable", lambda: False)
+    data.load_text("hf:user/corpus:train")
+    assert seen == [True, before]
+
+
 # ------------------------------------------------------------------------------------ windows
 def test_token_windows_are_non_overlapping_from_the_start(bundled_tokenizer):
     text = data.load_text("test")[:20_000]
