@@ -4,7 +4,6 @@ import streamlit as st
 from app import plots, ui
 from shedder import importance
 from shedder.metrics import describe_protocol
-from shedder.plan import PruningPlan
 
 ws = ui.ready()
 s, loaded = ws.settings, ws.loaded
@@ -21,9 +20,9 @@ st.caption("Scored by " + describe_protocol(calibration, s.calibration) + ".")
 
 if kinds:
     with ui.shown_errors():
-        key = importance.cache_key(loaded.model, calibration, kinds, adapter.validate(PruningPlan()))
-        if (importance.default_cache_dir() / "scores" / f"{key}.csv").is_file():
-            st.caption("These scores are cached on disk: computing them again is instant.")
+        status = importance.cache_status(loaded.model, calibration, kinds)
+        if status:
+            st.caption(status)
 
 left, right, _ = st.columns([2, 1, 5])
 compute = left.button("Compute importance", type="primary", key="imp_compute", disabled=not kinds)

@@ -75,7 +75,7 @@ def score(model, windows: torch.Tensor, kinds, base_plan: PruningPlan | None = N
     adapter = evaluator.adapter if evaluator else adapter_for(model, base_plan.group_sizes)
     kinds = check_kinds(adapter, kinds)
     base = adapter.validate(base_plan)
-    path = Path(cache_dir or default_cache_dir()) / "scores" / f"{cache_key(model, windows, kinds, base)}.csv"
+    path = _cache_path(model, windows, kinds, base, cache_dir)
     if path.is_file():
         return _resumed(pd.read_csv(path), 0)
     ev = evaluator or PlanEvaluator(model, windows, adapter, batch_size)
@@ -110,6 +110,29 @@ def score(model, windows: torch.Tensor, kinds, base_plan: PruningPlan | None = N
     _write_atomic(path, table.to_csv(index=False))  # a cancelled run never leaves a half-written entry
     partial.unlink(missing_ok=True)
     return _resumed(table, len(finished))
+
+
+def cache_status(model, windows: torch.Tensor, kinds, base_plan: PruningPlan | None = None,
+                 cache_dir: str | Path | None = None) -> str | None:
+    """What the disk cache holds for these scores, in words for the user: the finished table, the
+    rows of an interrupted run that ``score`` will resume from, or nothing (``None``)."""
+    base_plan = base_plan or PruningPlan()
+    adapter = adapter_for(model, base_plan.group_sizes)
+    kinds = check_kinds(adapter, kinds)
+    base = adapter.validate(base_plan)
+    path = _cache_path(model, windows, kinds, base, cache_dir)
+    if path.is_file():
+        return "These scores are cached on disk: computing them again is instant."
+    order = adapter.candidates(base, kinds)
+    _, finished = _read_partial(partial_path(path), order)
+    if finished:
+        return (f"An interrupted run scored {len(finished)} of {len(order)} components; "
+                "computing resumes from there.")
+    return None
+
+
+def _cache_path(model, windows: torch.Tensor, kinds: list[str], base: PruningPlan, cache_dir) -> Path:
+    return Path(cache_dir or default_cache_dir()) / "scores" / f"{cache_key(model, windows, kinds, base)}.csv"
 
 
 def partial_path(path: Path) -> Path:

@@ -132,3 +132,14 @@ def test_cli_reports_the_resumed_components(capsys, monkeypatch, tiny_model_dir,
     monkeypatch.undo()
     assert main(args) == 0
     assert "resumed 2 of 6 components" in capsys.readouterr().out
+
+
+def test_cache_status_tells_finished_from_interrupted(mamba2, tmp_path):
+    status = lambda: importance.cache_status(mamba2, windows(), KINDS, base_plan=BASE, cache_dir=tmp_path)  # noqa: E731
+    assert status() is None
+    with pytest.raises(Cancelled):
+        importance.score(mamba2, windows(), KINDS, base_plan=BASE, cache_dir=tmp_path, progress=cancel_after(2))
+    assert "scored 2 of" in status() and "resumes" in status()
+    importance.score(mamba2, windows(), KINDS, base_plan=BASE, cache_dir=tmp_path)
+    assert "cached on disk" in status()
+    assert importance.cache_status(mamba2, windows(), ["block"], base_plan=BASE, cache_dir=tmp_path) is None
