@@ -16,11 +16,14 @@ Formulas (per token; ``L`` = ``seq_len``; one multiply-add = 2 FLOPs):
   (``flops_selective_scan_ref`` in the official Mamba code): per state element, discretise
   ``exp(Δ·A)``, form ``Δ·B·x``, update ``h = dA·h + dBx`` and contract ``y = C·h``; ``2 · D`` is the
   ``D`` skip (a multiply-add per channel).
-* Mamba-2 SSD (a mixer with a 1-D ``A_log`` of H heads, ``head_dim`` P, ``ssm_state_size`` N):
-  ``5 · H · P · N + 2 · H · P``: per state element one multiply for ``x ⊗ B``, a multiply-add for
-  ``h = dA·h + dBx`` and a multiply-add for ``y = C·h``; plus the ``D`` skip. This is the recurrent
-  form's count, used for prefill too (the chunked prefill algorithm does somewhat more work inside
-  each chunk; it is the same for the original and the pruned layer, so ratios barely move).
+* Mamba-2 SSD (a mixer with a 1-D ``A_log`` of H heads, ``head_dim`` P, ``ssm_state_size`` N,
+  ``chunk_size`` Q). Decode runs the recurrence: ``5 · H · P · N + 2 · H · P`` (per state element
+  one multiply for ``x ⊗ B``, a multiply-add for ``h = dA·h + dBx`` and one for ``y = C·h``; plus the
+  ``D`` skip). Prefill runs the chunked SSD algorithm (the reference scan and the ``mamba-ssm``
+  kernels alike), whose per-token work per head is the in-chunk scores ``C·Bᵀ`` (Q·N multiply-adds),
+  their application to x (Q·P), the chunk states ``Bᵀx`` (N·P) and the read-out from the carried
+  states (N·P): ``2 · H · (Q · (N + P) + 2 · N · P) + 2 · H · P``; the state passing between chunks
+  is O(chunks²) per sequence and left out.
 * Self-attention (a module with ``q_proj``, ``k_proj``, ``v_proj`` Linears, Q width ``q = H·d``): the
   token at position ``t`` attends ``t`` keys (itself included) and costs ``2·t·q`` for the scores
   plus ``2·t·q`` for the weighted values. Prefill averages this over ``t = 1..L``:
@@ -66,7 +69,8 @@ class Cost:
     params: int = 0
     linear: int = 0          # FLOPs/token of Linear layers
     conv: int = 0            # FLOPs/token of the causal convs
-    scan: int = 0            # FLOPs/token of selective scans / SSD
+    scan_prefill: int = 0    # FLOPs/token of selective scans / SSD in a prefill
+    scan_decode: int = 0     # the same for one decoded token (the recurrent form)
     attention_prefill: int = 0  # FLOPs/token of attention scores+values, averaged over the prefill
     attention_decode: int = 0   # the same for one decoded token after a context of seq_len
     ssm_state_bytes: int = 0
@@ -75,11 +79,11 @@ class Cost:
 
     @property
     def flops_prefill(self) -> int:
-        return self.linear + self.conv + self.scan + self.attention_prefill
+        return self.linear + self.conv + self.scan_prefill + self.attention_prefill
 
     @property
     def flops_decode(self) -> int:
-        return self.linear + self.conv + self.scan + self.attention_decode
+        return self.linear + self.conv + self.scan_decode + self.attention_decode
 
     @property
     def state_bytes(self) -> int:
@@ -206,7 +210,7 @@ def _own_cost(m: nn.Module, seq_len: int, dtype_bytes: int, top_k: int) -> Cost:
         c.conv_state_bytes = m.in_channels * m.kernel_size[0] * dtype_bytes
     a_log = m._parameters.get("A_log")
     if a_log is not None:
-        c.scan, state = _scan_cost(m, a_log)
+        c.scan_prefill, c.scan_decode, state = _scan_cost(m, a_log)
         c.ssm_state_bytes = state * dtype_bytes
     if _is_attention(m):
         q = m.q_proj.out_features
@@ -221,16 +225,21 @@ def _own_cost(m: nn.Module, seq_len: int, dtype_bytes: int, top_k: int) -> Cost:
     return c
 
 
-def _scan_cost(m: nn.Module, a_log: torch.Tensor) -> tuple[int, int]:
-    """(FLOPs per token, state elements) of a mixer's scan, from its ``A_log`` and attributes."""
-    if a_log.dim() == 2:  # Mamba-1: A is (channels, state)
+def _scan_cost(m: nn.Module, a_log: torch.Tensor) -> tuple[int, int, int]:
+    """(prefill FLOPs per token, decode FLOPs per token, state elements) of a mixer's scan, from its
+    ``A_log`` and attributes."""
+    if a_log.dim() == 2:  # Mamba-1: A is (channels, state); the same scan in prefill and decode
         channels, state = a_log.shape
-        return MAMBA1_SCAN_FLOPS * channels * state + 2 * channels, channels * state
+        flops = MAMBA1_SCAN_FLOPS * channels * state + 2 * channels
+        return flops, flops, channels * state
     heads = a_log.numel()  # Mamba-2: one scalar decay per head
     head_dim = int(getattr(m, "head_dim", 0) or m.out_proj.in_features // heads)
     state = int(m.ssm_state_size)
+    chunk = int(m.chunk_size)
     elements = heads * head_dim * state
-    return MAMBA2_SCAN_FLOPS * elements + 2 * heads * head_dim, elements
+    d_skip = 2 * heads * head_dim
+    prefill = 2 * heads * (chunk * (state + head_dim) + 2 * state * head_dim) + d_skip
+    return prefill, MAMBA2_SCAN_FLOPS * elements + d_skip, elements
 
 
 def _is_attention(m: nn.Module) -> bool:

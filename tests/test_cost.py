@@ -43,7 +43,7 @@ def test_mamba1_by_hand():
     # conv: 2 * 64 channels * 4 taps = 512;  scan: 9 * 64 * 8 + 2 * 64 (D skip) = 4736
     layer = 14848 + 512 + 4736  # 20096
     lm_head = 2 * 32 * 96       # 6144 (tied to the embedding, still a matmul per token)
-    assert [(c.linear, c.conv, c.scan) for c in est.layers] == [(14848, 512, 4736)] * 2
+    assert [(c.linear, c.conv, c.scan_prefill, c.scan_decode) for c in est.layers] == [(14848, 512, 4736, 4736)] * 2
     assert est.flops_per_token_prefill == est.flops_per_token_decode == 2 * layer + lm_head == 46336
     # state: SSM 64 * 8 = 512 and conv 64 * 4 = 256 elements per layer, fp32
     assert est.state_bytes_per_sequence == 2 * (512 + 256) * FP32 == 6144
@@ -56,10 +56,13 @@ def test_mamba2_by_hand():
     est = estimate(model, seq_len=32)
     # conv channels = inner 64 + B and C (2 * G * N = 32) = 96
     # in_proj 32 -> z 64 + conv 96 + dt 8 = 168: 5376 MACs; out_proj 64 -> 32: 2048 MACs -> 14848 FLOPs
-    # conv 2 * 96 * 4 = 768;  SSD 5 * H*P*N (8*8*8 = 512) + 2 * 64 (D skip) = 2688
-    layer = 14848 + 768 + 2688  # 18304
-    assert [(c.linear, c.conv, c.scan) for c in est.layers] == [(14848, 768, 2688)] * 2
-    assert est.flops_per_token_prefill == 2 * layer + 2 * 32 * 96 == 42752
+    # conv 2 * 96 * 4 = 768
+    # SSD decode (recurrence): 5 * H*P*N (8*8*8 = 512) + 2 * 64 (D skip) = 2688
+    # SSD prefill (chunks of Q = 8): 2 * H * (Q*(N + P) + 2*N*P) = 2 * 8 * (8*16 + 128) = 4096, + 128 = 4224
+    decode, prefill = 14848 + 768 + 2688, 14848 + 768 + 4224  # 18304, 19840
+    assert [(c.linear, c.conv, c.scan_prefill, c.scan_decode) for c in est.layers] == [(14848, 768, 4224, 2688)] * 2
+    assert est.flops_per_token_decode == 2 * decode + 2 * 32 * 96 == 42752
+    assert est.flops_per_token_prefill == 2 * prefill + 2 * 32 * 96 == 45824
     # state: SSM 8*8*8 = 512, conv 96 * 4 = 384 elements per layer
     assert est.state_bytes_per_sequence == 2 * (512 + 384) * FP32 == 7168
 
@@ -67,7 +70,8 @@ def test_mamba2_by_hand():
     pruned = estimate(model, plan("head:0:0", "head:0:4"), seq_len=32).layers[0]
     assert pruned.linear == 2 * (32 * 134 + 48 * 32) == 11648
     assert pruned.conv == 2 * 80 * 4 == 640
-    assert pruned.scan == 5 * 6 * 8 * 8 + 2 * 48 == 2016
+    assert pruned.scan_decode == 5 * 6 * 8 * 8 + 2 * 48 == 2016
+    assert pruned.scan_prefill == 2 * 6 * (8 * (8 + 8) + 2 * 8 * 8) + 2 * 48 == 3168
     assert pruned.state_bytes == (6 * 8 * 8 + 80 * 4) * FP32
 
 
@@ -109,7 +113,7 @@ def test_removing_an_ssm_frees_its_state():
     full, est = estimate(m2), estimate(m2, plan("ssm:0"))
     # Mamba-2 loses the SSM state H*P*N and the conv channels that only fed B and C (2 * G * N)
     assert full.state_bytes_per_sequence - est.state_bytes_per_sequence == (8 * 8 * 8 + 2 * 2 * 8 * 4) * FP32
-    assert est.layers[0].ssm_state_bytes == 0 and est.layers[0].scan == 0
+    assert est.layers[0].ssm_state_bytes == 0 and est.layers[0].scan_prefill == est.layers[0].scan_decode == 0
 
 
 @pytest.mark.skipif("NemotronHForCausalLM" not in available(), reason="no Nemotron-H adapter yet")
