@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,9 @@ def _emit(args, payload: dict, text: str) -> None:
 def _load(args):
     from .loading import load_model
 
+    if not str(args.device).startswith("cuda"):
+        # The GPU kernels' "install mamba-ssm / causal-conv1d" advice is no use on a CPU run.
+        logging.getLogger("transformers.integrations.hub_kernels").setLevel(logging.ERROR)
     return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
 
 
