@@ -25,7 +25,7 @@ from shedder.loading import DEFAULT_MODEL, load_model
 from shedder.masking import masked
 from shedder.metrics import next_word_accuracy
 from shedder.plan import Component, PruningPlan
-from shedder.search import greedy_search
+from shedder.search import default_run_dir, greedy_search
 
 #: Session-state key of the workspace.
 WORKSPACE_KEY = "shedder_workspace"
@@ -201,12 +201,15 @@ class Workspace:
 
     def greedy(self, kinds: list[str], steps: int, progress=None):
         """The greedy search over ``kinds`` for at least ``steps`` steps; a finished search with as
-        many steps over the same kinds is reused (its first steps do not depend on later ones)."""
+        many steps over the same kinds is reused (its first steps do not depend on later ones), and
+        the run is logged under the cache, so a cancelled or shorter search is continued, not redone."""
         kinds = tuple(kinds)
         if self.search is None or self.search_kinds != kinds or len(self.search.steps) < steps:
             loaded = self.loaded
-            self.search = greedy_search(loaded.model, self.windows(self.settings.calibration), list(kinds),
-                                        steps=steps, progress=progress)
+            windows = self.windows(self.settings.calibration)
+            run_dir = default_run_dir(loaded.model, windows, list(kinds))  # a cancelled search resumes
+            self.search = greedy_search(loaded.model, windows, list(kinds), steps=steps, progress=progress,
+                                        run_dir=run_dir, resume=True)
             self.search_kinds = kinds
         return self.search
 

@@ -37,7 +37,7 @@ from .arch import adapter_for
 from .data import windows_hash
 from .errors import ShedderError
 from .evaluator import PlanEvaluator, check_kinds, removing
-from .importance import model_fingerprint, plan_key
+from .importance import cache_key, default_cache_dir, model_fingerprint, plan_key
 from .masking import masked
 from .metrics import Progress, nll_sum, predicted_tokens
 from .plan import Component, PruningPlan
@@ -149,6 +149,17 @@ def reference_search(model, windows: torch.Tensor, kinds, steps: int | None = No
                      base_plan, on_step, adapter, base_nll=full_nll)
     result.stats = stats
     return result
+
+
+def default_run_dir(model, windows: torch.Tensor, kinds, base_plan: PruningPlan | None = None,
+                    cache_dir: str | Path | None = None) -> Path:
+    """A run directory under the cache, keyed by model weights, data, kinds and base plan (like the
+    importance cache): a caller without a place of its own for the run (the app) passes it with
+    ``resume=True``, so a cancelled search continues where it stopped and a longer one extends it."""
+    adapter = adapter_for(model, (base_plan or PruningPlan()).group_sizes)
+    base = adapter.validate(base_plan or PruningPlan())
+    key = cache_key(model, windows, check_kinds(adapter, kinds), base)
+    return Path(cache_dir or default_cache_dir()) / "searches" / key
 
 
 # ---------------------------------------------------------------------------- the shared loop

@@ -221,6 +221,29 @@ def test_run_directory_and_resume_after_interruption(mamba2, tmp_path):
     assert math.isclose(resumed.steps[0].ppl, straight.steps[0].ppl, rel_tol=1e-9)
 
 
+def test_default_run_dir_is_keyed_so_a_cancelled_search_continues(mamba2, tmp_path):
+    from shedder.search import default_run_dir
+
+    w = windows()
+    run = default_run_dir(mamba2, w, ["block"], cache_dir=tmp_path)
+    assert run.parent == tmp_path / "searches"
+    assert run == default_run_dir(mamba2, w, ["block"], cache_dir=tmp_path)
+    assert run != default_run_dir(mamba2, w, ["ssm"], cache_dir=tmp_path)
+    assert run != default_run_dir(mamba2, w[:4], ["block"], cache_dir=tmp_path)
+
+    def interrupt(done, total, message):
+        if message.startswith("step 2"):
+            raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        greedy_search(mamba2, w, ["block"], steps=3, run_dir=run, resume=True, progress=interrupt)
+    seen = []
+    longer = greedy_search(mamba2, w, ["block"], steps=3, run_dir=run, resume=True,
+                           progress=lambda d, t, m: seen.append(m))
+    assert longer.components == greedy_search(mamba2, w, ["block"], steps=3).components
+    assert not any(m.startswith("step 1") for m in seen)  # the first step came from the log
+
+
 # ------------------------------------------------------------------------------------ fast search: exactness and speed mechanism
 @pytest.mark.parametrize("kinds", [["ssm"], ["block"], ["block", "ssm", "head"]], ids=["ssm", "block", "mixed"])
 def test_best_first_search_matches_reference_bit_for_bit(mamba2, kinds):
