@@ -145,9 +145,15 @@ def token_windows(tokenizer, text: str, seq_len: int = 256, samples: int | None 
     n = len(ids) // seq_len
     if n == 0:
         raise DataError(f"{source} has {len(ids)} tokens, fewer than one window of {seq_len}")
-    if samples is not None:
-        n = min(n, samples)
-    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)  # [n, seq_len]
+    windows = cut_windows(torch.tensor(ids, dtype=torch.long), seq_len)
+    return windows if samples is None else windows[:samples]
+
+
+def cut_windows(ids: torch.Tensor, seq_len: int) -> torch.LongTensor:
+    """Flat ids ``[t]`` as non-overlapping windows ``[t // seq_len, seq_len]``; the incomplete tail
+    is dropped (the one windowing every perplexity in the project uses)."""
+    n = len(ids) // seq_len
+    return ids[: n * seq_len].view(n, seq_len)
 
 
 def windows_from(tokenizer, source: str, samples: int | None = None, seq_len: int = 256) -> torch.LongTensor:

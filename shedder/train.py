@@ -37,6 +37,8 @@ from transformers import (
 )
 
 from shedder import corpus
+from shedder.data import cut_windows, tokenize
+from shedder.metrics import perplexity
 from shedder.train_scan import training_scan
 
 SEQ_LEN = 256
@@ -77,11 +79,6 @@ def load_tokenizer() -> PreTrainedTokenizerFast:
     if not (TOKENIZER_DIR / "tokenizer.json").exists():
         build_tokenizer(corpus.load_split("train")).save_pretrained(TOKENIZER_DIR)
     return PreTrainedTokenizerFast.from_pretrained(TOKENIZER_DIR)
-
-
-def encode(tokenizer, text: str) -> torch.Tensor:
-    """The whole text as one flat id tensor (no special tokens added)."""
-    return torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
 
 
 # --- model shapes ---------------------------------------------------------------------------------
@@ -157,33 +154,12 @@ RECIPES = {
 
 # --- training and evaluation ----------------------------------------------------------------------
 
-def windows(ids: torch.Tensor, seq_len: int = SEQ_LEN) -> torch.Tensor:
-    """Non-overlapping windows (n, seq_len); the incomplete tail is dropped."""
-    n = len(ids) // seq_len
-    return ids[: n * seq_len].view(n, seq_len)
-
-
-@torch.no_grad()
-def perplexity(model, ids: torch.Tensor, seq_len: int = SEQ_LEN, batch_size: int = 16,
-               max_windows: int | None = None) -> float:
-    """Token-level perplexity over non-overlapping windows (the protocol in the module docstring)."""
-    model.eval()
-    win = windows(ids, seq_len)[:max_windows]
-    nll, count = 0.0, 0
-    for batch in win.split(batch_size):
-        logits = model(input_ids=batch).logits[:, :-1].float()
-        nll += torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1), reduction="sum").item()
-        count += batch[:, 1:].numel()
-    return math.exp(nll / count)
-
-
 def unigram_perplexity(train_ids: torch.Tensor, test_ids: torch.Tensor, vocab_size: int,
                        seq_len: int = SEQ_LEN) -> float:
     """Add-one-smoothed unigram perplexity on the same positions ``perplexity`` scores."""
     counts = torch.bincount(train_ids, minlength=vocab_size).double() + 1
     logp = (counts / counts.sum()).log()
-    targets = windows(test_ids, seq_len)[:, 1:].reshape(-1)
+    targets = cut_windows(test_ids, seq_len)[:, 1:].reshape(-1)
     return math.exp(-logp[targets].mean().item())
 
 
@@ -293,8 +269,8 @@ def main() -> None:
     torch.manual_seed(args.seed)
 
     tok = load_tokenizer()
-    train_ids = encode(tok, corpus.load_split("train"))
-    test_ids = encode(tok, corpus.load_split("test"))
+    train_ids = torch.tensor(tokenize(tok, corpus.load_split("train")))
+    test_ids = torch.tensor(tokenize(tok, corpus.load_split("test")))
     print(f"train tokens {len(train_ids):,}  test tokens {len(test_ids):,}", flush=True)
 
     model = AutoModelForCausalLM.from_config(recipe.config(tok))
@@ -303,7 +279,8 @@ def main() -> None:
 
     # Mamba-1 trains with the fast-backward scan; everything after training uses the stock one.
     is_mamba1 = model.config.model_type == "mamba"
-    probe = windows(test_ids)[:2]
+    test_windows = cut_windows(test_ids, SEQ_LEN)
+    probe = test_windows[:2]
     start = time.time()
     with training_scan() if is_mamba1 else contextlib.nullcontext():
         log = train(model, train_ids, steps, batch_size, lr, seed=args.seed)
@@ -316,8 +293,8 @@ def main() -> None:
     if diff > 1e-4:
         raise SystemExit("the training forward and the stock forward disagree; not saving")
 
-    test_ppl = perplexity(model, test_ids)
-    check_ppl = perplexity(model, test_ids, max_windows=CHECK_WINDOWS)
+    test_ppl = perplexity(model, test_windows)
+    check_ppl = perplexity(model, test_windows[:CHECK_WINDOWS])
     uni_ppl = unigram_perplexity(train_ids, test_ids, len(tok))
     print(f"test ppl {test_ppl:.2f}  unigram ppl {uni_ppl:.2f}  ratio {test_ppl / uni_ppl:.3f}", flush=True)
 
@@ -334,7 +311,7 @@ def main() -> None:
         "layers": model.config.num_hidden_layers, "parameters": n_params, "vocab_size": len(tok),
         "seq_len": SEQ_LEN, "test_ppl": round(test_ppl, 4), "unigram_ppl": round(uni_ppl, 4),
         "check_windows": CHECK_WINDOWS, "check_ppl": round(check_ppl, 4),
-        "test_tokens": len(test_ids), "test_windows": len(windows(test_ids)),
+        "test_tokens": len(test_ids), "test_windows": len(test_windows),
         "steps": steps, "batch_size": batch_size, "lr": lr, "seed": args.seed, "threads": args.threads,
         "train_minutes": round(minutes, 2), "final_train_loss": log[-1]["loss"], "command": command,
         "data": f"Debian {corpus.PACKAGE} (Jane Austen), test split assets/data/test.txt",
