@@ -123,10 +123,9 @@ class PlanEvaluator:
         ``None`` when a partial sum exceeds ``bound`` before the end (the rest is then skipped; a
         complete total is returned even above ``bound``). ``first_batches`` sums only that many
         leading batches (a cheap first look; the full total reuses them from the cache)."""
-        plan = self.adapter.validate(plan or PruningPlan())
         parts = self.batches[:first_batches]
         total = 0.0
-        with model_lock(self.model), self.adapter.apply(plan), torch.inference_mode():
+        with model_lock(self.model), self.adapter.apply(plan or PruningPlan()) as plan, torch.inference_mode():
             for b, batch in enumerate(parts):
                 last = b == len(parts) - 1
                 value = self._batch_nll(b, batch, plan, total, bound)
