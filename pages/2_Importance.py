@@ -16,7 +16,7 @@ offered = list(adapter.kind_counts())
 kinds = st.multiselect("component kinds", offered, default=offered, key="imp_kinds",
                        format_func=lambda k: f"{k} ({adapter.kind_counts()[k]})")
 calibration = ws.windows(s.calibration)
-st.caption("Scored by " + describe_protocol(calibration, s.calibration) + ".")
+st.caption("Scored by " + describe_protocol(calibration, ws.label(s.calibration)) + ".")
 
 if kinds:
     with ui.shown_errors():
@@ -29,7 +29,7 @@ compute = left.button("Compute importance", type="primary", key="imp_compute", d
 with right:
     ui.cancel_button("imp_cancel")
 if compute:
-    with ui.shown_errors(), ui.progress("scoring components") as cb:
+    with ui.shown_errors(busy=ui.BUSY_SCORES), ui.progress("scoring components") as cb:
         ws.importance = importance.score(loaded.model, calibration, kinds, progress=cb)
 
 scores = ws.importance

@@ -29,7 +29,7 @@ run = run_col.button("Run greedy search", type="primary", key="search_run", disa
 with cancel_col:
     ui.cancel_button("search_cancel")
 if run:
-    with ui.shown_errors(), ui.progress("greedy search") as cb:
+    with ui.shown_errors(busy=ui.BUSY_SEARCH), ui.progress("greedy search") as cb:
         ws.greedy(kinds, int(steps), progress=cb)
 
 result = ws.search
@@ -39,7 +39,7 @@ if result is not None and result.steps:
                             for x in result.steps])
     st.subheader(f"Trajectory ({', '.join(ws.search_kinds)})")
     st.plotly_chart(plots.trajectory(trail), key="search_trajectory")
-    st.caption(f"Stopped: {result.stopped}. Calibration " + describe_protocol(ws.windows(s.calibration), s.calibration) + ".")
+    st.caption(f"Stopped: {result.stopped}. Calibration " + describe_protocol(ws.windows(s.calibration), ws.label(s.calibration)) + ".")
     st.dataframe(trail, hide_index=True, key="search_table")
 
 # -- the frontier: every configuration evaluated so far, measured the same way --------------------
@@ -84,8 +84,8 @@ with ui.shown_errors():
 
         st.plotly_chart(plots.frontier(shown, x_axis, y_axis, y_axis == "accuracy", AXES), key=chart_key,
                         on_select=clicked, selection_mode="points")
-        st.caption("Every point is measured on the evaluation text: " + describe_protocol(ws.windows(s.evaluation), s.evaluation)
-                   + (f"; {next_word_protocol(s.evaluation, s.accuracy_passages)}" if y_axis == "accuracy" else "")
+        st.caption("Every point is measured on the evaluation text: " + describe_protocol(ws.windows(s.evaluation), ws.label(s.evaluation))
+                   + (f"; {next_word_protocol(ws.label(s.evaluation), s.accuracy_passages)}" if y_axis == "accuracy" else "")
                    + ". Click a point to load its plan into the Prune page.")
     st.dataframe(points.drop(columns=["origin"]), hide_index=True, key="frontier_table")
 

@@ -25,6 +25,7 @@ import torch
 from .arch import adapter_for
 from .data import windows_hash
 from .evaluator import PlanEvaluator, check_kinds, removing
+from .fileio import atomic_write_text, exclusive
 from .metrics import Progress
 from .plan import KINDS, Component, PruningPlan, config_hash
 
@@ -78,6 +79,15 @@ def score(model, windows: torch.Tensor, kinds, base_plan: PruningPlan | None = N
     path = _cache_path(model, windows, kinds, base, cache_dir)
     if path.is_file():
         return _resumed(pd.read_csv(path), 0)
+    # One writer per cache entry: a second process or app session is refused, not interleaved.
+    with exclusive(path.with_name(f"{path.stem}.lock"), f"the importance cache entry {path.stem}"):
+        if path.is_file():  # finished while we waited to look
+            return _resumed(pd.read_csv(path), 0)
+        return _measure(model, windows, kinds, adapter, base, path, progress, batch_size, evaluator)
+
+
+def _measure(model, windows, kinds, adapter, base, path: Path, progress, batch_size, evaluator) -> pd.DataFrame:
+    """Score every candidate into the cache entry ``path``, resuming its partial log."""
     ev = evaluator or PlanEvaluator(model, windows, adapter, batch_size)
     # Descending layers: consecutive plans differ late in the model, so the evaluator skips the most.
     order = sorted(adapter.candidates(base, kinds), key=lambda c: (-c.layer, KINDS.index(c.kind), c.index))
@@ -88,7 +98,7 @@ def score(model, windows: torch.Tensor, kinds, base_plan: PruningPlan | None = N
     base_params = adapter.param_count(base)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Rewritten with only its valid lines, so appends never continue a line torn by a kill.
-    _write_atomic(partial, "".join(_line(r) for r in [{"base_ppl": base_ppl}, *finished.values()]))
+    atomic_write_text(partial, "".join(_line(r) for r in [{"base_ppl": base_ppl}, *finished.values()]))
     rows = list(finished.values())
     if rows and progress:
         progress(len(rows), len(order), f"scoring: resumed {len(rows)} of {len(order)} components")
@@ -107,7 +117,7 @@ def score(model, windows: torch.Tensor, kinds, base_plan: PruningPlan | None = N
             if progress:
                 progress(len(rows), len(order), f"scoring: {comp}")
     table = tidy(pd.DataFrame(rows, columns=COLUMNS))
-    _write_atomic(path, table.to_csv(index=False))  # a cancelled run never leaves a half-written entry
+    atomic_write_text(path, table.to_csv(index=False))  # a cancelled run never leaves a half-written entry
     partial.unlink(missing_ok=True)
     return _resumed(table, len(finished))
 
@@ -173,13 +183,6 @@ def _read_partial(path: Path, order: list[Component]) -> tuple[float | None, dic
 
 def _line(record: dict) -> str:
     return json.dumps(record) + "\n"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and a rename: readers see the old file or the whole new one."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def _resumed(table: pd.DataFrame, count: int) -> pd.DataFrame:
