@@ -175,8 +175,10 @@ def cmd_score(args) -> int:
     except (Cancelled, KeyboardInterrupt):
         print("scoring stopped: the finished components are kept; the same command resumes them", file=sys.stderr)
         raise
+    from .fileio import atomic_write_text
+
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out, index=False)
+    atomic_write_text(args.out, table.to_csv(index=False))  # an interrupted write never leaves half a table
     from .metrics import describe_protocol
 
     protocol = "calibration " + describe_protocol(windows, args.data)
@@ -329,7 +331,7 @@ def _target(text: str) -> float:
             return value / 100
     elif 0 < value < 1:
         return value
-    elif value >= 1 and value.is_integer() and "." not in raw.lower().split("e")[0]:
+    elif value >= 1 and value.is_integer() and ("e" in raw.lower() or "." not in raw):  # 2.5e5 yes, 1.0 no
         return int(value)
     raise argparse.ArgumentTypeError(f"--target-params takes {TARGET_RULE}; got {text!r}")
 

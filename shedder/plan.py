@@ -238,7 +238,7 @@ class PruningPlan:
         comps = []
         for key, kind in OFFICIAL_KEYS.items():
             idx = data.get(key) or []
-            if not isinstance(idx, list) or not all(isinstance(i, int) for i in idx):
+            if not isinstance(idx, list) or not all(_is_int(i) for i in idx):
                 raise PlanError(f"official config key {key!r} must be a list of integers")
             comps += [Component(kind, i) for i in idx]
         if data.get("pruned_mlp_channels"):

@@ -266,7 +266,7 @@ def test_bad_plans_are_one_error(capsys, tiny_model_dir, tmp_path, name, content
 
 def test_control_characters_are_escaped_in_messages(capsys, tiny_model_dir, tmp_path):
     path = tmp_path / "evil.json"
-    path.write_text(json.dumps({"schema_version": 1, "components": [],
+    path.write_text(json.dumps({"schema_version": 1, "components": ["block:1"],
                                 "model": {"architecture": "\x1b[2J\x1b[31mEvil\nModel", "num_layers": 3,
                                           "config_hash": "0"}}))
     assert main(["eval", "--model", str(tiny_model_dir), "--plan", str(path), "--no-accuracy", *DATA]) == 2
@@ -418,15 +418,15 @@ def test_text_sources_give_text_or_data_error(tmp_path, data, suffix):
 
 
 # ------------------------------------------------------------------------------ the studio
-def test_two_sessions_in_parallel_threads_get_single_session_numbers():
+def test_two_sessions_in_parallel_threads_get_single_session_numbers(tiny_model_dir):
     """Two sessions toggle and evaluate on the one shared model at the same time; every number
     equals the one a session alone gets."""
     pytest.importorskip("streamlit")
     from app.state import Settings, Workspace
 
-    settings = Settings(samples=2, seq_len=32, accuracy_passages=4)
-    toggles = {"a": [Component("block", 1), Component("ssm", 3), Component("head", 5, 2), Component("block", 6)],
-               "b": [Component("ssm", 2), Component("head", 0, 7), Component("block", 4), Component("ssm", 2)]}
+    settings = Settings(model=str(tiny_model_dir), samples=2, seq_len=16, accuracy_passages=2)
+    toggles = {"a": [Component("block", 1), Component("ssm", 2), Component("head", 0, 2)],
+               "b": [Component("ssm", 0), Component("head", 2, 3), Component("ssm", 0)]}
 
     def session(comps, out):
         ws = Workspace(settings=settings)
