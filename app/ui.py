@@ -37,6 +37,8 @@ def shown_errors(busy: str | None = None) -> Iterator[None]:
         st.error(busy or workspace().public(str(e)))
     except ShedderError as e:
         st.error(workspace().public(str(e)))
+    except OSError as e:  # a save the disk refused (full, read-only): nothing was replaced
+        st.error(workspace().public(f"could not write: {e}"))
 
 
 @contextlib.contextmanager
