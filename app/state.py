@@ -26,7 +26,7 @@ from shedder.data import calibration_windows
 from shedder.errors import ShedderError
 from shedder.evaluator import PlanEvaluator
 from shedder.loading import DEFAULT_MODEL, load_model
-from shedder.masking import masked
+from shedder.masking import WAITING, masked
 from shedder.metrics import next_word_accuracy
 from shedder.plan import Component, PruningPlan
 from shedder.search import default_run_dir, greedy_search
@@ -76,6 +76,24 @@ def load(model: str, dtype: str, device: str, trust_remote_code: bool) -> Loaded
 def windows(model_key: tuple, source: str, samples: int, seq_len: int):
     """Token windows ``LongTensor[samples, seq_len]`` of one text source for one model's tokenizer."""
     return calibration_windows(load(*model_key).tokenizer, source=source, samples=samples, seq_len=seq_len)
+
+
+def waiting_notice():
+    """A progress callback for work drawn without a bar: it shows a notice only while another
+    session holds the shared model (each update lets Streamlit stop this run, so leaving the page
+    or pressing Cancel stops the wait)."""
+    slot = None
+
+    def callback(done: int, total: int, message: str = "") -> None:
+        nonlocal slot
+        if message == WAITING:
+            slot = slot or st.empty()
+            slot.info("Waiting for the model: another session is using it…")
+        elif slot is not None:  # the model is ours now
+            slot.empty()
+            slot = None
+
+    return callback
 
 
 @dataclass
@@ -199,7 +217,7 @@ class Workspace:
         if "ppl" not in m:
             loaded = self.loaded
             cost = estimate(loaded.model, plan, seq_len=self.settings.seq_len, adapter=loaded.adapter)
-            m.update(ppl=float(self.evaluator().perplexity(plan, progress=progress)),
+            m.update(ppl=float(self.evaluator().perplexity(plan, progress=progress or waiting_notice())),
                      params=int(loaded.adapter.param_count(plan)),
                      flops=float(cost.flops_per_token_prefill))
         return m

@@ -239,3 +239,22 @@ def test_shared_server_exports_as_a_download_and_confines_saves(tmp_path, monkey
         at.button(key="export_save").click().run()
         assert any("outside the export directory" in e.value for e in at.error), bad
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+def test_a_search_another_session_is_running_is_refused_with_a_message():
+    from shedder.fileio import exclusive
+    from shedder.search import LOCK_FILE, default_run_dir
+
+    at = open_app("search")
+    ws = workspace(at)
+    kinds = at.multiselect(key="search_kinds").value
+    run = default_run_dir(ws.loaded.model, ws.windows(ws.settings.calibration), list(kinds))
+    at.number_input(key="search_steps").set_value(1).run()
+    with exclusive(run / LOCK_FILE, "the other session's search"):
+        at.button(key="search_run").click().run()
+        assert not at.exception
+        assert [e.value for e in at.error] == ["Another session is running this search right now. Try again when it "
+                                               "has finished; its steps are reused."]
+    at.button(key="search_run").click().run()  # free again: the search runs
+    assert_clean(at)
+    assert len(workspace(at).search.steps) == 1

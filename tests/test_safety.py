@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -106,7 +105,7 @@ def test_kill_during_extract_leaves_no_model_behind(tmp_path, tiny_model_dir):
     ever in a hidden temporary directory beside it)."""
     out = tmp_path / "pruned"
     script = f"""
-import time, transformers
+import time
 from shedder.extract import save
 from shedder.loading import load_model
 model, tok = load_model({str(tiny_model_dir)!r})
