@@ -3,8 +3,9 @@ components were removed, without copying a single weight, and restores it exactl
 
 Masks patch shared module instances, so one mask at a time per model: whoever applies one holds the
 model's lock (other threads, e.g. other app sessions on the same cached weights, wait; the wait is
-reported through ``progress``, which may raise ``Cancelled`` to stop waiting), and a mask applied
-inside another one on the same model is refused instead of stacking two plans' patches.
+reported through ``progress``, which may raise ``Cancelled`` to stop waiting), and a mask of another
+plan inside a mask on the same model is refused instead of stacking two plans' patches (the same
+plan again is a no-op: the model already computes it).
 """
 from __future__ import annotations
 
@@ -20,8 +21,8 @@ from .plan import PruningPlan
 
 #: What ``progress`` is told while another thread holds the model.
 WAITING = "waiting for the model: another session is using it"
-#: Models with a live mask applied right now.
-_MASKED: weakref.WeakSet = weakref.WeakSet()
+#: Models with a live mask applied right now -> (components, group sizes) of its plan.
+_MASKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @contextlib.contextmanager
@@ -44,11 +45,19 @@ def masked(model, plan: PruningPlan, adapter=None, progress: Progress | None = N
     adapter = adapter or adapter_for(model, plan.group_sizes)
     with holding(model, progress):
         if model in _MASKED:
-            raise PlanError("this model already has a live mask applied; nested masks are refused "
-                            "(finish the outer masked block first, or combine the plans into one)")
-        _MASKED.add(model)
+            resolved = adapter.validate(plan)
+            if _MASKED[model] != _key(resolved):
+                raise PlanError("this model already has a live mask of another plan applied; nested masks are "
+                                "refused (finish the outer masked block first, or combine the plans into one)")
+            yield resolved
+            return
         try:
             with adapter.apply(plan) as resolved:
+                _MASKED[model] = _key(resolved)
                 yield resolved
         finally:
-            _MASKED.discard(model)
+            _MASKED.pop(model, None)
+
+
+def _key(plan: PruningPlan) -> tuple:
+    return plan.components, tuple(sorted(plan.group_sizes.items()))

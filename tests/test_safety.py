@@ -329,10 +329,14 @@ def test_broken_pipe_is_quiet(tiny_model_dir):
 # ------------------------------------------------------------------------------ the model shared by sessions
 def test_nested_masks_are_refused(tiny_model_factory):
     model = tiny_model_factory("mamba2", layers=3)
-    with masked(model, PruningPlan(frozenset({Component("block", 0)}))):
+    outer = PruningPlan(frozenset({Component("block", 0)}))
+    with masked(model, outer):
         with pytest.raises(PlanError, match="nested masks are refused"):
             with masked(model, PruningPlan(frozenset({Component("ssm", 1)}))):
                 pass
+        patched = {n for n, m in model.named_modules() if "forward" in m.__dict__}
+        with masked(model, outer):  # the same plan again: nothing more is patched
+            assert {n for n, m in model.named_modules() if "forward" in m.__dict__} == patched
     assert not [m for m in model.modules() if "forward" in m.__dict__]
 
 
