@@ -230,7 +230,7 @@ def test_shared_server_exports_as_a_download_and_confines_saves(tmp_path, monkey
     name, data = at.session_state["export_zip"]
     with zipfile.ZipFile(io.BytesIO(data)) as z:
         assert {"config.json", "model.safetensors", "pruning_plan.json"} <= {Path(n).name for n in z.namelist()}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]  # nothing saved on the server
+    assert not [p for p in tmp_path.iterdir() if p.name != "cache"]  # nothing saved on the server
 
     monkeypatch.setenv("SHEDDER_ALLOW_SAVE", "1")
     at.run()
@@ -238,7 +238,7 @@ def test_shared_server_exports_as_a_download_and_confines_saves(tmp_path, monkey
         at.text_input(key="export_dir").set_value(bad).run()
         at.button(key="export_save").click().run()
         assert any("outside the export directory" in e.value for e in at.error), bad
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+    assert not [p for p in tmp_path.iterdir() if p.name != "cache"]
 
 
 def test_a_search_another_session_is_running_is_refused_with_a_message():
@@ -255,6 +255,4 @@ def test_a_search_another_session_is_running_is_refused_with_a_message():
         assert not at.exception
         assert [e.value for e in at.error] == ["Another session is running this search right now. Try again when it "
                                                "has finished; its steps are reused."]
-    at.button(key="search_run").click().run()  # free again: the search runs
-    assert_clean(at)
-    assert len(workspace(at).search.steps) == 1
+    assert workspace(at).search is None and not (run / "log.jsonl").exists()
