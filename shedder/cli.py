@@ -22,8 +22,8 @@ import logging
 import math
 import os
 import sys
-import traceback
 import time
+import traceback
 from pathlib import Path
 
 from .errors import Cancelled, ShedderError, printable
