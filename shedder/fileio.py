@@ -8,7 +8,8 @@
   this tool (it holds ``EXPORT_MARKER``); the working directory, the source model's directory and
   their parents are never targets. Any failure leaves the target exactly as it was.
 * ``exclusive``: an inter-process lock (``filelock``) for a run directory or a cache entry; a second
-  writer is refused at once with a message saying what is busy (``Busy``).
+  process is refused at once with a message saying what is busy (``Busy``); a second thread of this
+  process waits, shown and cancellable through its progress callback.
 * ``drop_torn_tail``: before appending to a JSON-lines log, cut a last line that a kill left torn
   or that is not JSON, so the next line never glues onto it.
 """
@@ -138,24 +139,40 @@ def zip_dir(directory: str | Path) -> bytes:
 
 
 # ------------------------------------------------------------------------------ locks
+_HELD: dict[str, threading.Lock] = {}  # lock files this process holds -> who in it holds them
+_HELD_GUARD = threading.Lock()
+
+
 @contextlib.contextmanager
-def exclusive(lock_file: str | Path, what: str) -> Iterator[None]:
-    """Hold an inter-process lock on ``lock_file`` (created as needed) for the block, or raise
-    ``Busy`` at once when another process or thread holds it. ``what`` names the busy thing."""
+def exclusive(lock_file: str | Path, what: str, progress=None, poll_s: float = 0.2) -> Iterator[None]:
+    """Hold an inter-process lock on ``lock_file`` (created as needed) for the block. Another
+    process holding it: ``Busy`` at once, naming ``what``. Another thread of this process (an app
+    session, or this session's previous run still stopping): with ``progress``, wait, calling
+    ``progress(0, 1, message)`` every ``poll_s`` seconds (it may raise to stop waiting); without,
+    ``Busy`` at once."""
     from filelock import FileLock, Timeout
 
     lock_file = Path(lock_file)
     lock_file.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(lock_file), thread_local=False)
+    with _HELD_GUARD:
+        local = _HELD.setdefault(str(lock_file.resolve()), threading.Lock())
+    while not local.acquire(timeout=poll_s if progress else 0):
+        if not progress:
+            raise Busy(f"{what} is in use by another session; wait for it to finish")
+        progress(0, 1, f"waiting: another session is writing {what}")
     try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise Busy(f"{what} is in use by another process or session (lock {lock_file}); "
-                   "wait for it to finish, or use another directory") from None
-    try:
-        yield
+        lock = FileLock(str(lock_file), thread_local=False)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            raise Busy(f"{what} is in use by another process (lock {lock_file}); "
+                       "wait for it to finish, or use another directory") from None
+        try:
+            yield
+        finally:
+            lock.release()
     finally:
-        lock.release()
+        local.release()
 
 
 # ------------------------------------------------------------------------------ logs

@@ -80,7 +80,7 @@ def score(model, windows: torch.Tensor, kinds, base_plan: PruningPlan | None = N
     if path.is_file():
         return _resumed(pd.read_csv(path), 0)
     # One writer per cache entry: a second process or app session is refused, not interleaved.
-    with exclusive(path.with_name(f"{path.stem}.lock"), f"the importance cache entry {path.stem}"):
+    with exclusive(path.with_name(f"{path.stem}.lock"), f"the importance cache entry {path.stem}", progress):
         if path.is_file():  # finished while we waited to look
             return _resumed(pd.read_csv(path), 0)
         return _measure(model, windows, kinds, adapter, base, path, progress, batch_size, evaluator)

@@ -166,14 +166,17 @@ def default_run_dir(model, windows: torch.Tensor, kinds, base_plan: PruningPlan 
 
 
 # ---------------------------------------------------------------------------- the shared loop
-def _search(model, windows, kinds, choose: Chooser, steps, target_params, max_ppl, run_dir, *args, **kwargs):
-    """The loop, holding the run directory's lock when there is one: a second process or app
-    session on the same directory is refused (``Busy``) instead of interleaving its steps."""
+def _search(model, windows, kinds, choose: Chooser, steps, target_params, max_ppl, run_dir, resume, progress,
+            base_plan, on_step, adapter, base_nll) -> SearchResult:
+    """The loop, holding the run directory's lock when there is one: a second process on the same
+    directory is refused (``Busy``) and a second app session waits, instead of interleaving steps."""
+    args = (model, windows, kinds, choose, steps, target_params, max_ppl, run_dir, resume, progress, base_plan,
+            on_step, adapter, base_nll)
     if run_dir is None:
-        return _search_loop(model, windows, kinds, choose, steps, target_params, max_ppl, run_dir, *args, **kwargs)
+        return _search_loop(*args)
     _check_limits(steps, target_params, max_ppl)
-    with exclusive(Path(run_dir) / LOCK_FILE, f"the search run {run_dir}"):
-        return _search_loop(model, windows, kinds, choose, steps, target_params, max_ppl, run_dir, *args, **kwargs)
+    with exclusive(Path(run_dir) / LOCK_FILE, f"the search run {run_dir}", progress):
+        return _search_loop(*args)
 
 
 def _search_loop(model, windows, kinds, choose: Chooser, steps, target_params, max_ppl, run_dir, resume, progress,

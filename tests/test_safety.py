@@ -499,3 +499,32 @@ def test_server_settings(monkeypatch, tmp_path):
 
     with pytest.raises(ShedderError, match="does not allow remote code"):
         Workspace().configure(Settings(trust_remote_code=True))
+
+
+def test_a_second_thread_waits_for_a_run_lock_shown_and_cancellable(tmp_path):
+    """An app session's previous run still stopping, or another session: the new writer waits
+    (reported through its progress callback, which can cancel), then proceeds."""
+    lock = tmp_path / ".lock"
+    held, release = threading.Event(), threading.Event()
+
+    def other():
+        with exclusive(lock, "the run"):
+            held.set()
+            release.wait(30)
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    held.wait(30)
+    seen = []
+
+    def cancel(done, total, message):
+        seen.append(message)
+        raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        with exclusive(lock, "the run", cancel):
+            pass
+    assert seen == ["waiting: another session is writing the run"]
+    with exclusive(lock, "the run", lambda *a: release.set()):  # waits for the other, then holds it
+        assert not worker.is_alive() or release.is_set()
+    worker.join()
