@@ -162,7 +162,7 @@ with exclusive({str(run / LOCK_FILE)!r}, "run"):
         assert holder.stdout.readline().strip() == "held"
         argv = ["search", "--model", str(tiny_model_dir), "--out", str(run), "--steps", "1", *DATA]
         assert main(argv) == 2
-        assert "in use by another process or session" in one_error_line(capsys)
+        assert "is in use by another process" in one_error_line(capsys)
         assert not (run / "log.jsonl").exists()
     finally:
         holder.communicate("\n")
