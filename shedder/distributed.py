@@ -91,12 +91,13 @@ class WorkerPool:
     per node). ``address``: an existing Ray cluster (``ray://host:10001``, ``host:6379`` or
     ``auto``); without it a local Ray is started, unless this process is already connected to one.
     ``device``: where the workers run (default: where ``model`` is); the driver's own copy of the
-    model is only read for its weights. Use as a context manager, or call ``close``.
+    model is only read for its weights. ``threads``: CPU threads of each CPU worker (default: the
+    cluster's CPUs shared out). Use as a context manager, or call ``close``.
     """
 
     def __init__(self, model, windows: torch.Tensor, workers: int | None = None, address: str | None = None,
                  batch_size: int = 8, group_sizes: dict | None = None, device: str | None = None,
-                 max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES):
+                 max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES, threads: int | None = None):
         ray = import_ray()
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
             raise ShedderError(f"workers must be a positive number, got {workers!r}")
@@ -116,9 +117,10 @@ class WorkerPool:
         if gpus and resources.get("GPU", 0) < workers:
             raise ShedderError(f"{workers} GPU workers need {workers} GPUs; the Ray cluster has "
                                f"{int(resources.get('GPU', 0))} (run fewer workers, or on the CPU)")
-        cpus = resources.get("CPU", 1) / workers
+        cpus = threads or resources.get("CPU", 1) / workers
         self._options = {"num_gpus": 1, "num_cpus": min(1, cpus)} if gpus else {"num_cpus": cpus}
         self._threads = 0 if gpus else max(1, int(cpus))
+        self._max_cache_bytes = max_cache_bytes
         shipped = model if not any(p.is_cuda for p in model.parameters()) else copy.deepcopy(model).cpu()
         self._model_ref = ray.put(shipped)  # once per pool; every worker reads this one copy
         self._windows_ref = ray.put(windows.cpu())
@@ -133,7 +135,7 @@ class WorkerPool:
         actor = ray.remote(Worker).options(name=f"{self._name}-{self._started}", **self._options)
         self._started += 1
         return actor.remote(self._model_ref, self._windows_ref, self.group_sizes, self.batch_size, self.device,
-                            self._threads, DEFAULT_MAX_CACHE_BYTES)
+                            self._threads, self._max_cache_bytes)
 
     def _replace(self, i: int, error: Exception) -> None:
         self.replaced += 1
@@ -278,3 +280,29 @@ def pooled(model, windows: torch.Tensor, batch_size: int, group_sizes: dict | No
 def pool_stats(pool: WorkerPool) -> dict:
     """A search's counters, with the pool's size and the workers it replaced."""
     return {**pool.stats, "workers": len(pool.actors), "replaced": pool.replaced}
+
+
+def bench_workers(model, windows: torch.Tensor, kinds, steps: int, counts: list[int], batch_size: int = 8,
+                  address: str | None = None, progress=None, threads: int | None = None) -> dict:
+    """The same greedy search on a pool of each size in ``counts``, timed (starting the workers and
+    shipping the model are not), with the speed-up over the first size and whether every pool chose
+    the same components with the same perplexities. ``threads``: per CPU worker (default: the
+    cluster's CPUs shared out, so every pool uses the whole machine)."""
+    import time
+
+    from .search import greedy_search
+
+    runs = []
+    for n in counts:
+        with WorkerPool(model, windows, n, address, batch_size, threads=threads) as pool:
+            pool.ready()
+            started = time.perf_counter()
+            result = greedy_search(model, windows, kinds, steps=steps, batch_size=batch_size, pool=pool,
+                                   progress=progress)
+            runs.append({"workers": n, "seconds": time.perf_counter() - started,
+                         "choices": [str(c) for c in result.components], "ppl": [s.ppl for s in result.steps],
+                         "stats": result.stats})
+    for run in runs:
+        run["speedup"] = runs[0]["seconds"] / run["seconds"]
+    same = all((r["choices"], r["ppl"]) == (runs[0]["choices"], runs[0]["ppl"]) for r in runs)
+    return {"runs": runs, "identical": same}

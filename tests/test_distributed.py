@@ -13,17 +13,16 @@ import sys
 import pytest
 import torch
 
+from shedder.cli import main
 from shedder.data import calibration_windows
+from shedder.distributed import INSTALL_HINT, WorkerPool
 from shedder.errors import ShedderError
 from shedder.importance import score
 from shedder.loading import load_model
 from shedder.search import LOG_FILE, PLAN_FILE, greedy_search
 
-ray = pytest.importorskip("ray")
-from shedder.distributed import INSTALL_HINT, WorkerPool  # noqa: E402  (needs ray)
-
 KINDS = ["ssm", "block"]  # a mixed search: 16 candidates in the first step
-STEPS = 3
+STEPS = 2
 BATCH = 2
 
 
@@ -32,12 +31,17 @@ def bundled():
     model, tokenizer = load_model("mamba2-tiny")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each worker runs: two busy workers and this process share 2 cores
-    yield model, calibration_windows(tokenizer, "calibration", samples=4, seq_len=64)
+    yield model, calibration_windows(tokenizer, "calibration", samples=4, seq_len=32)
     torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
-def pool(bundled):
+def ray():
+    return pytest.importorskip("ray")
+
+
+@pytest.fixture(scope="module")
+def pool(bundled, ray):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         with WorkerPool(*bundled, workers=2, batch_size=BATCH) as pool:
@@ -78,7 +82,7 @@ def test_two_workers_choose_exactly_what_one_process_chooses(bundled, pool, sing
     assert result.stats["evaluated"] == single.stats["evaluated"]  # every candidate answered once
 
 
-def test_a_killed_worker_is_replaced_and_its_candidate_rerun(bundled, pool, single, tmp_path):
+def test_a_killed_worker_is_replaced_and_its_candidate_rerun(bundled, pool, single, tmp_path, ray):
     victim = []
 
     def kill_in_step_two(done, total, message):
@@ -123,3 +127,11 @@ def test_without_ray_workers_say_how_to_install_it(bundled, monkeypatch):
     with pytest.raises(ShedderError, match="pip install") as err:
         greedy_search(*bundled, KINDS, steps=1, workers=2)
     assert str(err.value) == INSTALL_HINT and "\n" not in INSTALL_HINT
+
+
+def test_cli_workers_without_ray_is_one_line_of_advice(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "ray", None)
+    code = main(["search", "--kinds", "ssm", "--steps", "1", "--out", str(tmp_path / "run"), "--workers", "2",
+                 "--samples", "2", "--seq-len", "32", "--no-progress"])
+    assert code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: {INSTALL_HINT}"
