@@ -11,7 +11,8 @@ Why the results are identical to the single process's, bit for bit:
 
 * a worker computes a plan's NLL with the same evaluator code on the same weights and windows, and
   the evaluator's total does not depend on what its cache held (that is its own exactness
-  property), so every total equals the single process's;
+  property), so every total equals the single process's on the same kind of device (another GPU
+  model may round differently; the tests compare CPU workers with the single process);
 * the choice is the lowest total, exact ties to the candidate ``adapter.candidates`` lists first
   (``search.beats``), whatever order the results arrive in;
 * abandoning stays exact with the bound shared between workers: a candidate is abandoned only once
@@ -73,10 +74,17 @@ class Worker:
             logging.getLogger("transformers.integrations.hub_kernels").setLevel(logging.ERROR)
         model = model.to(device)
         self.ev = PlanEvaluator(model, windows, adapter_for(model, group_sizes), batch_size, max_cache_bytes)
+        self.primed: PruningPlan | None = None
 
-    def nll(self, plan: PruningPlan, bound: float | None = None, first_batches: int | None = None):
-        """(``PlanEvaluator.nll``, layer forwards run, windows scored) for one plan."""
+    def nll(self, plan: PruningPlan, bound: float | None = None, first_batches: int | None = None,
+            prime: PruningPlan | None = None):
+        """(``PlanEvaluator.nll``, layer forwards run, windows scored) for one plan; ``prime`` (the
+        plan ``plan`` extends) is evaluated first, so the cache holds it as the single process's does
+        (once per step)."""
         layers, scored = self.ev.layers_run, self.ev.windows_scored
+        if prime is not None and prime != self.primed:
+            self.ev.nll(prime)
+            self.primed = prime
         value = self.ev.nll(plan, bound=bound, first_batches=first_batches)
         return value, self.ev.layers_run - layers, self.ev.windows_scored - scored
 
@@ -114,8 +122,8 @@ class WorkerPool:
         resources = ray.cluster_resources()
         if workers is None:
             workers = int(resources.get("GPU", 0)) if gpus else len([n for n in ray.nodes() if n.get("Alive")])
-        if gpus and resources.get("GPU", 0) < workers:
-            raise ShedderError(f"{workers} GPU workers need {workers} GPUs; the Ray cluster has "
+        if gpus and resources.get("GPU", 0) < max(workers, 1):
+            raise ShedderError(f"{max(workers, 1)} GPU workers need as many GPUs; the Ray cluster has "
                                f"{int(resources.get('GPU', 0))} (run fewer workers, or on the CPU)")
         cpus = threads or resources.get("CPU", 1) / workers
         self._options = {"num_gpus": 1, "num_cpus": min(1, cpus)} if gpus else {"num_cpus": cpus}
@@ -177,7 +185,7 @@ class WorkerPool:
         """``(index into plans, total NLL)`` for every plan, as they finish. With ``prime`` (the plan
         all of them extend) each worker first caches it and gets plans that change nearby layers."""
         shares = self._shares(plans, prime)
-        return self._run(shares, lambda actor, i: actor.nll.remote(plans[i]))
+        return self._run(shares, lambda actor, i: actor.nll.remote(plans[i], prime=prime))
 
     def choose(self, plan: PruningPlan, cands: list, tick: Callable[[int, int, str], None]):
         """The greedy step as ``search.greedy_search`` takes it, across the pool (a ``Chooser``)."""
@@ -187,7 +195,7 @@ class WorkerPool:
         n, workers = len(cands), f"{len(self.actors)} workers"
         shares = self._shares(plans, plan)
         first: dict[int, float] = {}
-        for i, value in self._run(shares, lambda actor, i: actor.nll.remote(plans[i], first_batches=1)):
+        for i, value in self._run(shares, lambda actor, i: actor.nll.remote(plans[i], first_batches=1, prime=plan)):
             first[i] = sort_key(value)
             tick(len(first), 2 * n, f"{cands[i]} (first batch; {workers})")
         best, best_nll = None, math.inf
@@ -205,11 +213,8 @@ class WorkerPool:
     # ------------------------------------------------------------------ scheduling
     def _shares(self, plans: list[PruningPlan], prime: PruningPlan | None) -> list[list[int]]:
         """One contiguous run of plan indices per worker, balanced by the layers each plan re-runs
-        (from its first change relative to ``prime`` to the end); each worker first caches ``prime``."""
+        (from its first change relative to ``prime`` to the end)."""
         n_layers = adapter_for(self.model, self.group_sizes).num_layers
-        if prime is not None:
-            for actor in self.actors:
-                actor.nll.remote(prime)  # queued before the shares' requests; nothing to wait for
         base = prime.components if prime is not None else frozenset()
         cost = [n_layers - min((c.layer for c in p.components ^ base), default=0) for p in plans]
         total, shares, acc = sum(cost) or 1, [[] for _ in self.actors], 0
