@@ -22,8 +22,8 @@ Why the results are identical to the single process's, bit for bit:
 
 Assignment: a step's candidates (in layer order) are cut into one contiguous share per worker,
 balanced by the layers each candidate re-runs, so a worker's plans share prefixes and its cache
-stays useful; each worker first brings its cache to the step's plan (as the single process has it).
-As in the single process, the first batch of every candidate is scored first, then each worker
+stays useful (its first candidate of a step re-runs from the previous choice's layer unless this
+worker evaluated that choice; the next ones resume from their neighbours' plans). As in the single process, the first batch of every candidate is scored first, then each worker
 completes its share best-first. A worker whose share is done takes work from the end of the longest
 remaining share. A worker that dies (killed, node lost, out of memory) is replaced by a fresh one
 and its unfinished candidate is run again.
@@ -74,17 +74,10 @@ class Worker:
             logging.getLogger("transformers.integrations.hub_kernels").setLevel(logging.ERROR)
         model = model.to(device)
         self.ev = PlanEvaluator(model, windows, adapter_for(model, group_sizes), batch_size, max_cache_bytes)
-        self.primed: PruningPlan | None = None
 
-    def nll(self, plan: PruningPlan, bound: float | None = None, first_batches: int | None = None,
-            prime: PruningPlan | None = None):
-        """(``PlanEvaluator.nll``, layer forwards run, windows scored) for one plan; ``prime`` (the
-        plan ``plan`` extends) is evaluated first, so the cache holds it as the single process's does
-        (once per step)."""
+    def nll(self, plan: PruningPlan, bound: float | None = None, first_batches: int | None = None):
+        """(``PlanEvaluator.nll``, layer forwards run, windows scored) for one plan."""
         layers, scored = self.ev.layers_run, self.ev.windows_scored
-        if prime is not None and prime != self.primed:
-            self.ev.nll(prime)
-            self.primed = prime
         value = self.ev.nll(plan, bound=bound, first_batches=first_batches)
         return value, self.ev.layers_run - layers, self.ev.windows_scored - scored
 
@@ -181,11 +174,10 @@ class WorkerPool:
         for _, value in self._run([[0]] + [[] for _ in self.actors[1:]], lambda actor, i: actor.nll.remote(plan)):
             return value
 
-    def nlls(self, plans: list[PruningPlan], prime: PruningPlan | None = None) -> Iterator[tuple[int, float]]:
-        """``(index into plans, total NLL)`` for every plan, as they finish. With ``prime`` (the plan
-        all of them extend) each worker first caches it and gets plans that change nearby layers."""
-        shares = self._shares(plans, prime)
-        return self._run(shares, lambda actor, i: actor.nll.remote(plans[i], prime=prime))
+    def nlls(self, plans: list[PruningPlan], base: PruningPlan | None = None) -> Iterator[tuple[int, float]]:
+        """``(index into plans, total NLL)`` for every plan, as they finish; with ``base`` (the plan
+        all of them extend) each worker gets plans that change nearby layers."""
+        return self._run(self._shares(plans, base), lambda actor, i: actor.nll.remote(plans[i]))
 
     def choose(self, plan: PruningPlan, cands: list, tick: Callable[[int, int, str], None]):
         """The greedy step as ``search.greedy_search`` takes it, across the pool (a ``Chooser``)."""
@@ -195,7 +187,7 @@ class WorkerPool:
         n, workers = len(cands), f"{len(self.actors)} workers"
         shares = self._shares(plans, plan)
         first: dict[int, float] = {}
-        for i, value in self._run(shares, lambda actor, i: actor.nll.remote(plans[i], first_batches=1, prime=plan)):
+        for i, value in self._run(shares, lambda actor, i: actor.nll.remote(plans[i], first_batches=1)):
             first[i] = sort_key(value)
             tick(len(first), 2 * n, f"{cands[i]} (first batch; {workers})")
         best, best_nll = None, math.inf
@@ -211,12 +203,12 @@ class WorkerPool:
         return (None if best is None else cands[best]), best_nll
 
     # ------------------------------------------------------------------ scheduling
-    def _shares(self, plans: list[PruningPlan], prime: PruningPlan | None) -> list[list[int]]:
+    def _shares(self, plans: list[PruningPlan], base: PruningPlan | None) -> list[list[int]]:
         """One contiguous run of plan indices per worker, balanced by the layers each plan re-runs
-        (from its first change relative to ``prime`` to the end)."""
+        (from its first change relative to ``base`` to the end)."""
         n_layers = adapter_for(self.model, self.group_sizes).num_layers
-        base = prime.components if prime is not None else frozenset()
-        cost = [n_layers - min((c.layer for c in p.components ^ base), default=0) for p in plans]
+        common = base.components if base is not None else frozenset()
+        cost = [n_layers - min((c.layer for c in p.components ^ common), default=0) for p in plans]
         total, shares, acc = sum(cost) or 1, [[] for _ in self.actors], 0
         for i, c in enumerate(cost):
             shares[min(len(shares) - 1, int((acc + c / 2) * len(shares) / total))].append(i)

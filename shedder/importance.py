@@ -90,11 +90,11 @@ def score(model, windows: torch.Tensor, kinds, base_plan: PruningPlan | None = N
 
 @contextlib.contextmanager
 def _measuring(model, windows, adapter, batch_size, evaluator, workers, ray_address, pool):
-    """``nlls(plans, prime)``: ``(index, total NLL)`` of every plan as they finish, in this process
-    or on Ray workers (``shedder.distributed``)."""
+    """``nlls(plans, base)``: ``(index, total NLL)`` of every plan (each extending ``base``) as they
+    finish, in this process or on Ray workers (``shedder.distributed``)."""
     if workers is None and ray_address is None and pool is None:
         ev = evaluator or PlanEvaluator(model, windows, adapter, batch_size)
-        yield lambda plans, prime=None: ((i, ev.nll(plan)) for i, plan in enumerate(plans))
+        yield lambda plans, base=None: ((i, ev.nll(plan)) for i, plan in enumerate(plans))
         return
     from .distributed import pooled
 
