@@ -84,37 +84,33 @@ def score(model, windows: torch.Tensor, kinds, base_plan: PruningPlan | None = N
     path = _cache_path(model, windows, kinds, base, cache_dir)
     if path.is_file():
         return _resumed(pd.read_csv(path), 0)
-    with _measuring(model, windows, adapter, batch_size, evaluator, workers, ray_address, pool) as nlls:
-        return _score(windows, adapter, kinds, base, path, progress, nlls)
+    with _measuring(model, windows, adapter, batch_size, evaluator, workers, ray_address, pool) as perplexities:
+        return _score(adapter, kinds, base, path, progress, perplexities)
 
 
 @contextlib.contextmanager
 def _measuring(model, windows, adapter, batch_size, evaluator, workers, ray_address, pool):
-    """``nlls(plans, base)``: ``(index, total NLL)`` of every plan (each extending ``base``) as they
-    finish, in this process or on Ray workers (``shedder.distributed``)."""
+    """``perplexities(plans, base)``: ``(index, calibration perplexity)`` of every plan (each
+    extending ``base``) as they finish, in this process or on Ray workers (``shedder.distributed``)."""
     if workers is None and ray_address is None and pool is None:
         ev = evaluator or PlanEvaluator(model, windows, adapter, batch_size)
-        yield lambda plans, base=None: ((i, ev.nll(plan)) for i, plan in enumerate(plans))
+        yield lambda plans, base=None: ((i, ev.perplexity(plan)) for i, plan in enumerate(plans))
         return
     from .distributed import pooled
 
-    with pooled(model, windows, batch_size, adapter.group_sizes, workers, ray_address, pool) as pool:
-        yield pool.nlls
-
-
-def _score(windows, adapter, kinds, base, path, progress, nlls) -> pd.DataFrame:
     tokens = predicted_tokens(windows)
+    with pooled(model, windows, batch_size, adapter.group_sizes, workers, ray_address, pool) as pool:
+        # exp(total / tokens), as PlanEvaluator.perplexity computes it
+        yield lambda plans, base=None: ((i, math.exp(nll / tokens)) for i, nll in pool.nlls(plans, base))
 
-    def ppl_of(nll: float) -> float:  # as PlanEvaluator.perplexity computes it
-        return math.exp(nll / tokens)
 
+def _score(adapter, kinds, base, path, progress, perplexities) -> pd.DataFrame:
     # Descending layers: consecutive plans differ late in the model, so the evaluator skips the most.
     order = sorted(adapter.candidates(base, kinds), key=lambda c: (-c.layer, KINDS.index(c.kind), c.index))
     partial = partial_path(path)
     base_ppl, finished = _read_partial(partial, order)
     if base_ppl is None:
-        [(_, base_nll)] = nlls([base])
-        base_ppl = ppl_of(base_nll)
+        [(_, base_ppl)] = perplexities([base])
     base_params = adapter.param_count(base)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Rewritten with only its valid lines, so appends never continue a line torn by a kill.
@@ -125,8 +121,8 @@ def _score(windows, adapter, kinds, base, path, progress, nlls) -> pd.DataFrame:
     todo = [comp for comp in order if comp not in finished]
     plans = [removing(base, comp) for comp in todo]
     with partial.open("a", encoding="utf-8") as log:
-        for i, nll in nlls(plans, base):
-            comp, plan, ppl = todo[i], plans[i], ppl_of(nll)
+        for i, ppl in perplexities(plans, base):
+            comp, plan = todo[i], plans[i]
             row = {"layer": comp.layer, "kind": comp.kind, "index": comp.index, "ppl": ppl,
                    "delta_ppl": ppl - base_ppl, "params_removed": base_params - adapter.param_count(plan)}
             log.write(_line(row))
