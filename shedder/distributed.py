@@ -140,6 +140,7 @@ class WorkerPool:
 
     def _replace(self, i: int, error: Exception) -> None:
         self.replaced += 1
+        self.stats["replaced"] += 1
         if self.replaced > MAX_REPLACEMENTS_PER_WORKER * len(self.actors):
             raise ShedderError(f"Ray workers keep dying ({self.replaced} replaced so far); last: {error}")
         import_ray().kill(self.actors[i])
@@ -255,7 +256,7 @@ class WorkerPool:
 
 
 def _zero_stats() -> dict:
-    return {"evaluated": 0, "abandoned": 0, "layers_run": 0, "windows_scored": 0}
+    return {"evaluated": 0, "abandoned": 0, "layers_run": 0, "windows_scored": 0, "replaced": 0}
 
 
 @contextlib.contextmanager
@@ -275,8 +276,8 @@ def pooled(model, windows: torch.Tensor, batch_size: int, group_sizes: dict | No
 
 
 def pool_stats(pool: WorkerPool) -> dict:
-    """A search's counters, with the pool's size and the workers it replaced."""
-    return {**pool.stats, "workers": len(pool.actors), "replaced": pool.replaced}
+    """A search's counters (workers replaced during it included), with the pool's size."""
+    return {**pool.stats, "workers": len(pool.actors)}
 
 
 def bench_workers(model, windows: torch.Tensor, kinds, steps: int, counts: list[int], batch_size: int = 8,
