@@ -181,7 +181,7 @@ def _lm_eval(args, model, tokenizer, plan, adapter) -> tuple[dict, str]:
         err = "" if r["stderr"] != r["stderr"] else f"{r['stderr']:.4f}"
         table.append(f"{r['task']:<18} {r['metric']:<9} {r['value']:>8.4f} {err:>9} "
                      f"{r['unpruned']:>9.4f}" if base else f"{r['task']:<18} {r['metric']:<9} {r['value']:>8.4f} {err:>9}")
-    relative = (f"relative accuracy: {payload['relative']:.1%} (average / unpruned average)" if base else
+    relative = (f"relative accuracy: {result.relative_text(base)} (average / unpruned average)" if base else
                 "relative accuracy: unknown (pass --baseline with the unpruned model)")
     return payload, "\n".join([f"lm-eval accuracy   [{result.protocol()}]", *table, relative])
 

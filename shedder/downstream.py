@@ -83,6 +83,11 @@ class TaskScores:
             raise DownstreamError("relative accuracy needs the same tasks and --limit for both models")
         return self.average / baseline.average if baseline.average else float("nan")
 
+    def relative_text(self, baseline: "TaskScores") -> str:
+        """The relative accuracy as a percentage, or why there is none."""
+        r = self.relative(baseline)
+        return "n/a (the unpruned average is 0)" if r != r else f"{r:.1%}"
+
     def summary(self, baseline: "TaskScores | None" = None) -> dict:
         """``{task: score, ..., "average": x, "relative": y}`` (relative None without a baseline)."""
         return {**{t: self.scores[t] for t in self.tasks}, "average": self.average,
