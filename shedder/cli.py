@@ -176,11 +176,11 @@ def _lm_eval(args, model, tokenizer, plan, adapter) -> tuple[dict, str]:
     rows = result.rows(base)
     payload = {"protocol": result.protocol(), "tasks": rows, "average": result.average,
                "relative": result.relative(base) if base else None, "unpruned_average": base.average if base else None}
-    table = [f"{'task':<18} {'metric':<9} {'value':>8} {'± stderr':>9} {'unpruned':>9}"]
+    table = [f"{'task':<18} {'metric':<9} {'value':>8} {'± stderr':>9}" + (f" {'unpruned':>9}" if base else "")]
     for r in rows:
-        err = "" if r["stderr"] != r["stderr"] else f"{r['stderr']:.4f}"
-        table.append(f"{r['task']:<18} {r['metric']:<9} {r['value']:>8.4f} {err:>9} "
-                     f"{r['unpruned']:>9.4f}" if base else f"{r['task']:<18} {r['metric']:<9} {r['value']:>8.4f} {err:>9}")
+        err = "" if r["stderr"] != r["stderr"] else f"{r['stderr']:.4f}"  # NaN for the average
+        table.append(f"{r['task']:<18} {r['metric']:<9} {r['value']:>8.4f} {err:>9}"
+                     + (f" {r['unpruned']:>9.4f}" if base else ""))
     relative = (f"relative accuracy: {result.relative_text(base)} (average / unpruned average)" if base else
                 "relative accuracy: unknown (pass --baseline with the unpruned model)")
     return payload, "\n".join([f"lm-eval accuracy   [{result.protocol()}]", *table, relative])

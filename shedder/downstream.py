@@ -256,9 +256,10 @@ def _progress_lm(model, tokenizer, batch_size: int, progress: Progress | None):
 
     class ProgressLM(HFLM):
         def _report(self, done: int) -> None:
-            self._done = min(done, self._total)
-            if progress:
-                progress(self._done, self._total, "lm-eval")
+            done = min(done, self._total)
+            if progress and done != self._done:
+                progress(done, self._total, "lm-eval")
+            self._done = done
 
         def loglikelihood(self, requests, disable_tqdm: bool = False):
             self._total, self._done = len(requests), 0
