@@ -79,9 +79,9 @@ def test_cli_score_states_the_protocol_that_ran(capsys, tiny_model_dir, rows_fil
     argv = ["score", "--model", str(tiny_model_dir), "--kinds", "block", "--cache-dir", str(tmp_path / "c"),
             "--seq-len", "32", "--json", "--no-progress"]
     assert main([*argv, "--out", str(tmp_path / "o.csv"), "--protocol", "official", "--data", str(path),
-                 "--samples", "4"]) == 0
+                 "--samples", "2"]) == 0
     official = json.loads(capsys.readouterr().out)["protocol"]
-    assert "official Mamba-Shedder protocol (4 rows" in official and str(path) in official
+    assert "official Mamba-Shedder protocol (2 rows" in official and str(path) in official
     windows = data.calibration_windows(bundled_tokenizer, "calibration", samples=2, seq_len=32)
     assert metrics.calibration_protocol(windows, "calibration").startswith(
         "calibration, shedder protocol: token-level perplexity over 2 non-overlapping windows of 32 tokens of 'calibration'")
