@@ -30,7 +30,7 @@ with right:
 if compute:
     with ui.shown_errors(), ui.progress("scoring components") as cb:
         ws.importance = importance.score(loaded.model, calibration, kinds, progress=cb,
-                                         batch_size=s.calibration_batch_size)
+                                         batch_size=s.calibration_batch_size, pool=ws.pool())
 
 scores = ws.importance
 if scores is None:
