@@ -4,6 +4,7 @@ by the release that defined schema 1 of ``config.json``'s ``shedder`` section (`
 says how)."""
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from shedder.errors import ModelLoadError
 from shedder.extract import saved_plan
 from shedder.loading import REPO_ROOT, load_model
 
@@ -34,3 +36,51 @@ def test_schema1_models_load_with_identical_logits(name, tmp_path):
         logits = model(expected["input_ids"]).logits
     torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-5)
     assert saved_plan(model_dir).components
+
+
+# ---------------------------------------------------------------------------- edited or broken sections
+def _edited(tmp_path, edit):
+    """The uneven Mamba-2 fixture (with a tokenizer) whose config.json's shedder section ``edit`` changed."""
+    model_dir = tmp_path / "model"
+    shutil.copytree(SCHEMA1 / "mamba2-uneven-heads", model_dir)
+    for f in (REPO_ROOT / "assets" / "tokenizer").iterdir():
+        shutil.copy(f, model_dir / f.name)
+    config = json.loads((model_dir / "config.json").read_text())
+    edit(config)
+    (model_dir / "config.json").write_text(json.dumps(config))
+    return model_dir
+
+
+def _set(value):
+    def edit(config):
+        config["shedder"] = value
+    return edit
+
+
+def _set_layer(field, value):
+    def edit(config):
+        config["shedder"]["layers"][0][field] = value
+    return edit
+
+
+BROKEN = {
+    "a list": (_set([1, 2]), "shedder must be an object"),
+    "a string": (_set("uneven"), "shedder must be an object"),
+    "a string flag": (_set_layer("ssm", "yes"), "shedder.layers[0].ssm"),
+    "a bool as a count": (_set_layer("heads_per_group", [True, 4]), "shedder.layers[0].heads_per_group"),
+    "an unknown field": (_set_layer("colour", 1), "shedder.layers[0].colour"),
+    "a huge head count": (_set_layer("heads_per_group", [1000000, 4]), "shedder.layers[0].heads_per_group[0]"),
+    "too many layers": (lambda c: c["shedder"]["layers"].append({}), "shedder.layers describes 4 layers"),
+    "a future version": (lambda c: c["shedder"].update(schema_version=99), "shedder.schema_version"),
+    "deleted": (lambda c: c.pop("shedder"), "model.safetensors: backbone.layers.0.mixer"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN))
+def test_a_broken_shedder_section_is_one_clear_error(case, tmp_path):
+    edit, words = BROKEN[case]
+    model_dir = _edited(tmp_path, edit)
+    with pytest.raises(ModelLoadError) as info:
+        load_model(str(model_dir))
+    assert words in str(info.value)
+    assert "config.json" in str(info.value)
