@@ -53,6 +53,7 @@ from .spec import LayerSpec, PrunedSpec
 
 
 # ------------------------------------------------------------------------------ mixer hooks
+# Adapted from transformers.models.falcon_h1.modeling_falcon_h1.FalconH1Mixer.forward, v5.24
 class FalconH1Hooks(Mamba2Hooks):
     """Falcon-H1's differences around the shared Mamba-2 forward (see the module docstring)."""
 

@@ -110,6 +110,7 @@ def _weights(mixer: nn.Module, ssm: bool, kept: torch.Tensor | None) -> dict[str
             for n in names}
 
 
+# Adapted from transformers.models.mamba.modeling_mamba.MambaMixer.forward, v5.24
 def mamba1_forward(mixer: nn.Module, hidden_states: torch.Tensor, cache=None, attention_mask=None, *,
                    ssm: bool = True, kept: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """Mamba-1 mixer forward with a mask: ``ssm=False`` replaces the selective scan and its D skip by
@@ -157,6 +158,7 @@ def mamba1_forward(mixer: nn.Module, hidden_states: torch.Tensor, cache=None, at
     return F.linear(y.transpose(1, 2).to(dtype), w["out_proj.weight"], w["out_proj.bias"])
 
 
+# Adapted from transformers.models.mamba.modeling_mamba.MambaMixer.forward, v5.24 (its step 3)
 def _selective_scan(mixer, w, x, gate, cache, recurrent_state) -> torch.Tensor:
     """x: [B, L, I], gate: [B, I, L] -> [B, I, L], mirroring the stock mixer's step 3."""
     seq_len = x.shape[1]

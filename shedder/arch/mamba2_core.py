@@ -266,6 +266,8 @@ def _weights(mixer, select: Selection | None, ssm: bool) -> _Weights:
           if ssm else (None, None, None)))
 
 
+# Adapted from transformers.models.mamba2.modeling_mamba2.Mamba2Mixer.forward, v5.24
+# (the same computation as BambaMixer, NemotronHMamba2Mixer and Zamba2MambaMixer; tests compare all four)
 def ssd_forward(mixer: nn.Module, hidden_states: torch.Tensor, cache=None, attention_mask=None, *,
                 layout: MixerLayout, select: Selection | None = None, hooks: Mamba2Hooks = MAMBA2_HOOKS,
                 **kwargs) -> torch.Tensor:
@@ -317,6 +319,7 @@ def ssd_forward(mixer: nn.Module, hidden_states: torch.Tensor, cache=None, atten
     return F.linear(y.to(dtype), w.out_w, w.out_b)
 
 
+# Adapted from transformers.models.mamba2.modeling_mamba2.Mamba2Mixer.forward, v5.24 (its scan part)
 def _scan(mixer, layout: MixerLayout, x, B, C, dt, w: _Weights, cache, recurrent_state, **kwargs):
     """The SSD scan (chunked for prefill, recurrent for one-token decode) with D skip."""
     batch, seq_len, _ = x.shape
