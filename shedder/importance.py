@@ -25,7 +25,7 @@ import torch
 from .arch import adapter_for
 from .data import windows_hash
 from .evaluator import PlanEvaluator, check_kinds, removing
-from .metrics import Progress
+from .progress import Progress
 from .plan import KINDS, Component, PruningPlan, config_hash
 
 COLUMNS = ["layer", "kind", "index", "ppl", "delta_ppl", "params_removed"]
