@@ -78,7 +78,11 @@ class Adapter:
     def __init__(self, model: nn.Module, group_sizes: dict[str, int] | None = None):
         self.model = model
         self.config = model.config
-        self.group_sizes = {**self.default_group_sizes, **(group_sizes or {})}
+        self.group_sizes = {**self.default_group_sizes, **self.config_group_sizes(), **(group_sizes or {})}
+
+    def config_group_sizes(self) -> dict[str, int]:
+        """Channels per group for the grouped kinds that depend on the config (below a plan's own)."""
+        return {}
 
     # ------------------------------------------------------------------ inventory (per family)
     def layers(self) -> nn.ModuleList:

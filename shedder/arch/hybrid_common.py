@@ -293,9 +293,8 @@ class FeedForwardGroups:
     #: another branch still reads it).
     attention_modules: tuple[str, ...] = ("self_attn", "input_layernorm")
 
-    def __init__(self, model: nn.Module, group_sizes: dict[str, int] | None = None):
-        super().__init__(model, group_sizes)
-        self.group_sizes.setdefault("mlp_channel_group", default_mlp_group_size(self.config.intermediate_size))
+    def config_group_sizes(self) -> dict[str, int]:
+        return {"mlp_channel_group": default_mlp_group_size(self.config.intermediate_size)}
 
     @property
     def mlp_group_size(self) -> int:

@@ -260,11 +260,14 @@ def _set_block(shared: nn.Module, config, block_id: int, attn_slots: set[int], m
     slots (application positions) that use it; every other slot holds ``nn.Identity``."""
     shared.block_id = shared.self_attn.block_id = shared.feed_forward.block_id = block_id
     rank, width, hidden = config.adapter_rank, config.attention_hidden_size, config.hidden_size
+    w = shared.feed_forward.gate_up_proj.weight
+    factory = {"device": w.device, "dtype": w.dtype}
 
     def fill(slots: nn.ModuleList, used: set[int], d_in: int, d_out: int) -> None:
         for pos in range(len(slots)):
             if pos in used and isinstance(slots[pos], nn.Identity):
-                slots[pos] = nn.Sequential(nn.Linear(d_in, rank, bias=False), nn.Linear(rank, d_out, bias=False))
+                slots[pos] = nn.Sequential(nn.Linear(d_in, rank, bias=False, **factory),
+                                           nn.Linear(rank, d_out, bias=False, **factory))
             elif pos not in used:
                 slots[pos] = nn.Identity()
 
