@@ -84,3 +84,10 @@ def test_a_broken_shedder_section_is_one_clear_error(case, tmp_path):
         load_model(str(model_dir))
     assert words in str(info.value)
     assert "config.json" in str(info.value)
+
+
+def test_loading_in_bfloat16_sets_no_process_wide_default(tmp_path):
+    model_dir = _edited(tmp_path, lambda config: None)
+    model, _ = load_model(str(model_dir), dtype="bfloat16")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert torch.get_default_dtype() == torch.float32

@@ -21,10 +21,12 @@ logits. Removing a component means:
   tensor, and the gated RMSNorm normalises each group over its kept channels only (zeroing channels
   would not be equivalent: it changes the group's RMS).
 
-How a family uses this module: subclass ``Mamba2StyleAdapter`` (inventory ``ssm_components``,
-``check``, ``mask_layer`` and the pruned mixers' tensors come with it), say where the mixer is
-(``mixer_name``), and in ``apply_layer`` swap ``PrunedMamba2Mixer(stock, MixerLayout.of_spec(spec,
-stock))`` in for a layer whose ``LayerSpec`` changes the mixer (``mixer_spec_changes``).
+How a family uses this module: subclass ``Mamba2StyleAdapter`` (``check``, ``mask_layer`` and the
+pruned mixers' tensors come with it), say where the mixer is (``mixer_name``) and what a stock
+config builds (``stock_layout``); list ``ssm_components`` in ``layer_components``; put
+``mixer_spec(layer, comps)`` (the ``ssm`` / ``heads_per_group`` fields) into ``layer_spec``; and call
+``apply_mixer(layer, spec)`` in ``apply_layer``, which swaps in a ``PrunedMamba2Mixer`` when the
+spec changes the mixer.
 
 Per-family differences (Falcon-H1's muP multipliers and optional norm) go into a ``Mamba2Hooks``
 subclass: ``project`` (in_proj, given the selected rows), ``gate_norm`` (the gated norm) and

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..errors import ModelLoadError
 
@@ -91,14 +91,6 @@ class PrunedSpec:
             out["shared_blocks"] = list(self.shared_blocks)
         return out
 
-    def store(self, config) -> None:
-        """Write the section into ``config`` (removing it when a stock config says it all)."""
-        if self.stock:
-            if hasattr(config, "shedder"):
-                del config.shedder
-        else:
-            config.shedder = self.to_json()
-
     @classmethod
     def of_config(cls, config, limits: "Limits", where: str = "config.json") -> "PrunedSpec | None":
         """The checked section of ``config`` (None when it has none); raises ``ModelLoadError``
@@ -151,7 +143,6 @@ class Limits:
     inner: int | None = None
     mlp: int | None = None
     num_mem_blocks: int | None = None
-    extra: dict = field(default_factory=dict)
 
     def check(self, spec: PrunedSpec, fail) -> None:
         if len(spec.layers) != self.num_layers:
