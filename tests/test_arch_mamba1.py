@@ -152,7 +152,7 @@ def test_extracted_structure(model):
     assert len(small.config.layer_types) == 3
     assert [layer.mixer.layer_idx for layer in layers] == [0, 1, 2]
     assert small.config.shedder == {"schema_version": 2, "layers": [{"source": 0, "ssm": False, "inner": 48},
-                                                                    {"source": 2, "inner": 48},
+                                                                    {"source": 1, "inner": 48},
                                                                     {"source": 3, "ssm": False, "inner": 48}]}
     m0 = layers[0].mixer
     assert isinstance(m0, PrunedMamba1Mixer) and not has_ssm(m0)

@@ -61,6 +61,10 @@ from ..plan import KINDS, Component, ModelIdentity, PruningPlan
 from .spec import LayerSpec, Limits, PrunedSpec
 
 
+#: Kinds whose removal can delete a whole layer (the only ones that can leave a model with none).
+LAYER_DELETING_KINDS = frozenset({"block", "attention", "mlp"})
+
+
 class Adapter:
     #: ``transformers`` class names this adapter handles, e.g. ("MambaForCausalLM",).
     architectures: ClassVar[tuple[str, ...]] = ()
@@ -250,7 +254,7 @@ class Adapter:
     def candidates(self, plan: PruningPlan, kinds: list[str]) -> list[Component]:
         """Components of ``kinds`` that can still be removed on top of ``plan`` (the search's
         candidate list): not already removed, not inside a removed block, and leaving a plan that
-        passes ``check``."""
+        passes ``check`` and keeps a layer."""
         out = []
         for c in self.components():
             if c.kind not in kinds or c in plan:
@@ -259,9 +263,12 @@ class Adapter:
                 continue
             if c.kind == "block" and any(p.layer == c.layer for p in plan.components):
                 continue  # the plan already removes parts of this layer; a block on top is redundant
+            after = plan.with_components([c])
             try:
-                self.check(plan.with_components([c]))
+                self.check(after)
             except PlanError:
+                continue
+            if c.kind in LAYER_DELETING_KINDS and not self.layer_map(after):
                 continue
             out.append(c)
         return out
