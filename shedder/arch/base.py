@@ -319,7 +319,8 @@ class Adapter:
             if plan.in_removed_block(c):
                 raise PlanError(f"{c} is redundant: block {c.layer} is removed as a whole")
         if not self.layer_map(plan):
-            raise PlanError(f"the plan removes all {self.num_layers} layers; nothing would be left of the model")
+            raise PlanError(f"the plan removes all {self.num_layers} layers (all {self.num_layers} blocks, or everything "
+                            "inside them); nothing would be left of the model")
         self.check(plan)
         return plan
 
