@@ -106,6 +106,15 @@ def describe_protocol(windows: torch.Tensor, source: str | None = None) -> str:
             f"({predicted_tokens(windows):,} predicted tokens)")
 
 
+def calibration_protocol(windows: torch.Tensor, source: str, protocol: str = "shedder", rows: int | None = None) -> str:
+    """The calibration protocol in one line, naming which one ran (``shedder.data.PROTOCOLS``)."""
+    if protocol == "official":
+        return (f"calibration, official Mamba-Shedder protocol ({rows} rows sampled with seed 42 from the 10 % "
+                f"part of an 80/10/10 split with seed 42 of {source!r}, joined with blank lines): "
+                + describe_protocol(windows))
+    return "calibration, shedder protocol: " + describe_protocol(windows, source)
+
+
 # ---------------------------------------------------------------------------- next-word accuracy
 @dataclass(frozen=True)
 class Passage:
