@@ -34,3 +34,7 @@ def printable(text: str) -> str:
     """``text`` with control characters escaped (``\\x1b``, ``\\n``), so a name read from a file
     cannot drive the terminal or split a one-line message."""
     return "".join(ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1] for ch in str(text))
+
+
+class DownstreamError(ShedderError):
+    """lm-eval missing, an unknown task, or task data that cannot be loaded."""

@@ -40,7 +40,8 @@ from .evaluator import PlanEvaluator, check_kinds, removing
 from .fileio import atomic_write_text, drop_torn_tail, exclusive
 from .importance import cache_key, default_cache_dir, model_fingerprint, plan_key
 from .masking import masked
-from .metrics import Progress, nll_sum, predicted_tokens
+from .metrics import nll_sum, predicted_tokens
+from .progress import Progress
 from .plan import Component, PruningPlan
 
 LOG_FILE = "log.jsonl"
