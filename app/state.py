@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,16 +24,16 @@ from shedder.bench import bench_speed
 from shedder.cost import estimate
 from shedder import downstream
 from shedder.data import OFFICIAL, calibration_windows
+from shedder.errors import ShedderError
 from shedder.evaluator import PlanEvaluator
 from shedder.loading import DEFAULT_MODEL, load_model
-from shedder.masking import masked
+from shedder.masking import WAITING, masked
 from shedder.metrics import calibration_protocol, next_word_accuracy
 from shedder.plan import Component, PruningPlan
 from shedder.search import default_run_dir, greedy_search
 
 #: Session-state key of the workspace.
 WORKSPACE_KEY = "shedder_workspace"
-UPLOAD_DIR = Path(tempfile.gettempdir()) / "shedder-uploads"
 #: Activation cache of each session's evaluator (the engine's default, 4 GiB, is sized for one user).
 EVALUATOR_CACHE_BYTES = 512 << 20
 
@@ -90,6 +93,24 @@ def windows(model_key: tuple, source: str, samples: int, seq_len: int, protocol:
                                protocol=protocol)
 
 
+def waiting_notice():
+    """A progress callback for work drawn without a bar: it shows a notice only while another
+    session holds the shared model (each update lets Streamlit stop this run, so leaving the page
+    or pressing Cancel stops the wait)."""
+    slot = None
+
+    def callback(done: int, total: int, message: str = "") -> None:
+        nonlocal slot
+        if message == WAITING:
+            slot = slot or st.empty()
+            slot.info("Waiting for the model: another session is using it…")
+        elif slot is not None:  # the model is ours now
+            slot.empty()
+            slot = None
+
+    return callback
+
+
 @st.cache_resource(show_spinner="Starting Ray workers…", max_entries=2)
 def worker_pool(model_key: tuple, source: str, samples: int, seq_len: int, protocol: str, workers: int | None,
                 address: str | None):
@@ -106,17 +127,6 @@ def ray_options() -> tuple[int | None, str | None]:
     return (int(workers) if workers else None), (os.environ.get("SHEDDER_RAY_ADDRESS") or None)
 
 
-def stash_upload(name: str, data: bytes) -> str:
-    """Write an uploaded text file where ``shedder.data.load_text`` can read it. The file name is
-    the content hash, so the same upload reuses the cached windows."""
-    suffix = Path(name).suffix.lower() or ".txt"
-    UPLOAD_DIR.mkdir(parents=True, exist_ok=True)
-    path = UPLOAD_DIR / f"{hashlib.sha256(data).hexdigest()[:16]}{suffix}"
-    if not path.exists():
-        path.write_bytes(data)
-    return str(path)
-
-
 @dataclass
 class Workspace:
     """One browser session's state. Plans are immutable values; ``history`` is the undo stack."""
@@ -131,6 +141,36 @@ class Workspace:
     _metrics: dict = field(default_factory=dict)  # PruningPlan -> {"ppl", "params", "flops", ...}
     _downstream: dict = field(default_factory=dict)  # (PruningPlan, tasks, limit) -> shedder.downstream.TaskScores
     _evaluator: object = None
+    uploads: dict = field(default_factory=dict)  # stashed path -> the uploaded file's name
+    _upload_dir: Path | None = None
+
+    # -- uploads (this session's own, deleted when the session ends) ------------------------------
+    def stash_upload(self, name: str, data: bytes) -> str:
+        """Write an uploaded text file where ``shedder.data.load_text`` can read it, in a directory
+        of this session's own that is deleted when the session (this workspace) goes away. The
+        content hash names its folder, so the same upload reuses the cached windows."""
+        if self._upload_dir is None:
+            self._upload_dir = Path(tempfile.mkdtemp(prefix="shedder-session-"))
+            weakref.finalize(self, shutil.rmtree, str(self._upload_dir), True)
+        safe = re.sub(r"[^\w.-]+", "_", Path(name).name).lstrip(".") or "upload.txt"
+        path = self._upload_dir / hashlib.sha256(data).hexdigest()[:16] / safe
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        self.uploads[str(path)] = Path(name).name
+        return str(path)
+
+    def label(self, source: str) -> str:
+        """A text source as the visitor knows it: an upload by its file name, not its server path."""
+        return f"upload {self.uploads[source]}" if source in self.uploads else source
+
+    def public(self, message: str) -> str:
+        """``message`` with every server path of an upload replaced by the uploaded file's name."""
+        for path, name in self.uploads.items():
+            message = message.replace(path, name)
+        if self._upload_dir is not None:
+            message = message.replace(str(self._upload_dir), "<upload>")
+        return message
 
     # -- model and data ----------------------------------------------------------------------
     @property
@@ -151,7 +191,13 @@ class Workspace:
 
     def configure(self, settings: Settings) -> None:
         """Switch model or data. Loads first, so a failure leaves the previous setup intact;
-        results computed for another model or other windows are dropped."""
+        results computed for another model or other windows are dropped. Remote code runs only
+        where the server allows it (``app.hosting``)."""
+        from .hosting import hosting
+
+        if settings.trust_remote_code and not hosting().allow_remote_code:
+            raise ShedderError("this server does not allow remote code (trust_remote_code); whoever runs it "
+                               "can enable it with SHEDDER_ALLOW_REMOTE_CODE=1")
         load(*settings.model_key)
         windows(settings.model_key, *settings.calibration_key)
         windows(settings.model_key, settings.evaluation, settings.samples, settings.seq_len)
@@ -215,7 +261,7 @@ class Workspace:
         if "ppl" not in m:
             loaded = self.loaded
             cost = estimate(loaded.model, plan, seq_len=self.settings.seq_len, adapter=loaded.adapter)
-            m.update(ppl=float(self.evaluator().perplexity(plan, progress=progress)),
+            m.update(ppl=float(self.evaluator().perplexity(plan, progress=progress or waiting_notice())),
                      params=int(loaded.adapter.param_count(plan)),
                      flops=float(cost.flops_per_token_prefill))
         return m
@@ -225,7 +271,7 @@ class Workspace:
         m = self._metrics.setdefault(plan, {})
         if "accuracy" not in m:
             loaded = self.loaded
-            with masked(loaded.model, plan, adapter=loaded.adapter):
+            with masked(loaded.model, plan, adapter=loaded.adapter, progress=progress):
                 m["accuracy"] = float(next_word_accuracy(loaded.model, loaded.tokenizer, source=self.settings.evaluation,
                                                          n=self.settings.accuracy_passages, progress=progress))
         return m["accuracy"]

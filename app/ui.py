@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 import streamlit as st
 from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
-from shedder.errors import Cancelled, ShedderError
+from shedder.errors import Busy, Cancelled, ShedderError
 from shedder.plan import Component
 
 from .state import Workspace, workspace
@@ -17,19 +17,28 @@ KIND_LABELS = {
     "block": "blocks", "ssm": "SSMs", "head": "Mamba-2 heads", "channel_group": "channel groups",
     "attention": "attention sub-blocks", "mlp": "MLP sub-blocks", "mlp_channel_group": "MLP channel groups",
 }
+#: What a page says when another session is writing the same search run or score cache entry.
+BUSY_SEARCH = "Another session is running this search right now. Try again when it has finished; its steps are reused."
+BUSY_SCORES = "Another session is computing these scores right now. Try again when it has finished; they are reused."
 #: Kinds with one component per layer (their index is always 0).
 WHOLE_KINDS = ("block", "ssm", "attention", "mlp")
 
 
 @contextlib.contextmanager
-def shown_errors() -> Iterator[None]:
-    """Show a user-caused error as one message in the page instead of a traceback."""
+def shown_errors(busy: str | None = None) -> Iterator[None]:
+    """Show a user-caused error as one message in the page instead of a traceback (uploads named
+    by their file name, never by their server path). ``busy`` is what to say when the run or cache
+    entry is being written by another session right now."""
     try:
         yield
     except Cancelled:
         st.warning("Cancelled. Nothing was changed; finished work is kept where the engine keeps it.")
+    except Busy as e:
+        st.error(busy or workspace().public(str(e)))
     except ShedderError as e:
-        st.error(str(e))
+        st.error(workspace().public(str(e)))
+    except OSError as e:  # a save the disk refused (full, read-only): nothing was replaced
+        st.error(workspace().public(f"could not write: {e}"))
 
 
 @contextlib.contextmanager
@@ -76,7 +85,7 @@ def ready() -> Workspace:
         if ws.plan.model is None:  # the first, empty plan gets the model's identity
             ws.plan = ws.loaded.adapter.validate(ws.plan)
     except ShedderError as e:
-        st.error(f"{e}  \nChoose another model or text on the Model page.")
+        st.error(f"{ws.public(str(e))}  \nChoose another model or text on the Model page.")
         st.stop()
     return ws
 

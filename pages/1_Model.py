@@ -6,6 +6,7 @@ import streamlit as st
 import torch
 
 from app import plots, state, ui
+from app.hosting import hosting
 from shedder import downstream
 from shedder.data import OFFICIAL, PROTOCOLS
 from shedder.loading import DEFAULT_MODEL, bundled_models
@@ -34,7 +35,7 @@ def text_source(label: str, key: str, current: str) -> str | None:
         split = st.text_input("split", value="test", key=f"{key}_dsplit")
         return f"hf:{ds}:{config}:{split}" if config.strip() else f"hf:{ds}:{split}"
     upload = st.file_uploader("text file", type=["txt", "jsonl"], key=f"{key}_file")
-    return state.stash_upload(upload.name, upload.getvalue()) if upload else None
+    return ws.stash_upload(upload.name, upload.getvalue()) if upload else None
 
 
 left, right = st.columns(2)
@@ -50,8 +51,9 @@ with left:
         model = st.text_input("model directory", value="" if s.model in bundled else s.model, key="model_path")
     else:
         model = st.text_input("hub id", value="state-spaces/mamba-130m-hf", key="model_hub")
-    trust = where == "hub id" and st.checkbox("trust remote code", value=False, key="model_trust",
-                                              help="Only for checkpoints that need custom code; off by default.")
+    trust = where == "hub id" and hosting().allow_remote_code and st.checkbox(
+        "trust remote code", value=False, key="model_trust",
+        help="Only for checkpoints that need custom code; off by default.")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else []) + (["mps"] if torch.backends.mps.is_available() else [])
     device = st.selectbox("device", devices, index=devices.index(s.device) if s.device in devices else 0, key="model_device")
     dtypes = ["float32", "bfloat16", "float16"]
@@ -99,7 +101,7 @@ with ui.shown_errors():
     cols[1].metric("layers", adapter.num_layers)
     cols[2].metric("FLOPs / token (prefill)", ui.fmt_count(base["flops"]))
     cols[3].metric("perplexity", f"{base['ppl']:.3f}")
-    st.caption("Perplexity: " + describe_protocol(ws.windows(s.evaluation), s.evaluation)
+    st.caption("Perplexity: " + describe_protocol(ws.windows(s.evaluation), ws.label(s.evaluation))
                + ". FLOPs: analytic count of the model at this window length.")
     counts = adapter.kind_counts()
     st.write("**Removable components:** " + ", ".join(f"{n} {ui.KIND_LABELS.get(k, k)} (`{k}`)" for k, n in counts.items()))
@@ -107,7 +109,7 @@ with ui.shown_errors():
         with ui.progress("next-word accuracy") as cb:
             acc = ws.accuracy(PruningPlan(), progress=cb)
         st.metric("next-word accuracy", f"{acc:.1%}")
-        st.caption(next_word_protocol(s.evaluation, s.accuracy_passages))
+        st.caption(next_word_protocol(ws.label(s.evaluation), s.accuracy_passages))
 
 # -- lm-eval accuracy (run on request only; results come back from the session or the disk cache) ----------
 st.divider()

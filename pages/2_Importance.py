@@ -28,7 +28,7 @@ compute = left.button("Compute importance", type="primary", key="imp_compute", d
 with right:
     ui.cancel_button("imp_cancel")
 if compute:
-    with ui.shown_errors(), ui.progress("scoring components") as cb:
+    with ui.shown_errors(busy=ui.BUSY_SCORES), ui.progress("scoring components") as cb:
         ws.importance = importance.score(loaded.model, calibration, kinds, progress=cb,
                                          batch_size=s.calibration_batch_size, pool=ws.pool())
 

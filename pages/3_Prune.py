@@ -40,8 +40,8 @@ with ui.shown_errors():
             acc, acc0 = ws.accuracy(ws.plan, progress=cb), ws.accuracy(PruningPlan(), progress=cb)
         cols[3].metric("next-word accuracy", f"{acc:.1%}", delta=f"{(acc - acc0) * 100:+.1f} pts")
     st.caption(f"**Removed:** {ws.plan.describe()}. Perplexity: "
-               + describe_protocol(ws.windows(s.evaluation), s.evaluation) + "; deltas vs the unpruned model."
-               + (f" Accuracy: {next_word_protocol(s.evaluation, s.accuracy_passages)}." if with_accuracy else ""))
+               + describe_protocol(ws.windows(s.evaluation), ws.label(s.evaluation)) + "; deltas vs the unpruned model."
+               + (f" Accuracy: {next_word_protocol(ws.label(s.evaluation), s.accuracy_passages)}." if with_accuracy else ""))
     latency = ws.known(ws.plan)
     if st.button("Measure latency of the extracted model", key="prune_latency"):
         with ui.progress("timing the extracted model") as cb:
@@ -91,7 +91,7 @@ with c:
     k = st.number_input("K", min_value=1, max_value=max(1, len(adapter.candidates(PruningPlan(), greedy_kinds or offered))),
                         value=1, key="prune_k")
     if st.button("Take the first K greedy steps", key="prune_greedy", disabled=not greedy_kinds):
-        with ui.shown_errors(), ui.progress("greedy search") as cb:
+        with ui.shown_errors(busy=ui.BUSY_SEARCH), ui.progress("greedy search") as cb:
             steps = ws.greedy(greedy_kinds, int(k), progress=cb).steps
         if steps:
             ws.set_plan(steps[min(int(k), len(steps)) - 1].plan)

@@ -29,7 +29,7 @@ run = run_col.button("Run greedy search", type="primary", key="search_run", disa
 with cancel_col:
     ui.cancel_button("search_cancel")
 if run:
-    with ui.shown_errors(), ui.progress("greedy search") as cb:
+    with ui.shown_errors(busy=ui.BUSY_SEARCH), ui.progress("greedy search") as cb:
         ws.greedy(kinds, int(steps), progress=cb)
 
 result = ws.search
@@ -84,8 +84,8 @@ with ui.shown_errors():
 
         st.plotly_chart(plots.frontier(shown, x_axis, y_axis, y_axis == "accuracy", AXES), key=chart_key,
                         on_select=clicked, selection_mode="points")
-        st.caption("Every point is measured on the evaluation text: " + describe_protocol(ws.windows(s.evaluation), s.evaluation)
-                   + (f"; {next_word_protocol(s.evaluation, s.accuracy_passages)}" if y_axis == "accuracy" else "")
+        st.caption("Every point is measured on the evaluation text: " + describe_protocol(ws.windows(s.evaluation), ws.label(s.evaluation))
+                   + (f"; {next_word_protocol(ws.label(s.evaluation), s.accuracy_passages)}" if y_axis == "accuracy" else "")
                    + ". Click a point to load its plan into the Prune page.")
     st.dataframe(points.drop(columns=["origin"]), hide_index=True, key="frontier_table")
 

@@ -1,10 +1,15 @@
-"""Export page: the plan as JSON (down and up), and the physically smaller model on disk."""
+"""Export page: the plan as JSON (down and up), and the physically smaller model as a zip download and,
+where the server allows it (``app.hosting``), on the server's disk under its export directory."""
+import tempfile
 from pathlib import Path
 
 import streamlit as st
 
 from app import card, ui
+from app.hosting import hosting
 from shedder.extract import extract, save
+from shedder.fileio import check_output_dir, inside, zip_dir
+from shedder.loading import resolve
 from shedder.metrics import describe_protocol, perplexity
 from shedder.plan import PruningPlan
 
@@ -19,7 +24,7 @@ name = Path(s.model).name
 known = {k: v for k, v in ws.known(ws.plan).items() if k in ("ppl", "params", "flops", "accuracy", "latency_ms")}
 recorded = PruningPlan(ws.plan.components, ws.plan.model, dict(ws.plan.group_sizes),
                        {**ws.plan.meta, "source_model": s.model, "measured": known,
-                        "protocol": describe_protocol(ws.windows(s.evaluation), s.evaluation)})
+                        "protocol": describe_protocol(ws.windows(s.evaluation), ws.label(s.evaluation))})
 st.download_button("Download plan (JSON)", recorded.to_json(), file_name=f"{name}-plan.json", mime="application/json",
                    key="export_download", type="primary")
 with st.expander("Show the JSON"):
@@ -34,10 +39,23 @@ if upload is not None:
         st.success(f"Loaded {upload.name}: {plan.describe()}.")
 
 st.subheader("Pruned model")
-out_dir = st.text_input("save to directory", value=f"pruned/{name}-{len(ws.plan)}-removed", key="export_dir")
+host = hosting()
+if host.allow_save:
+    out_dir = st.text_input(f"save to directory (inside `{host.export_root}`)", value=f"{name}-{len(ws.plan)}-removed",
+                            key="export_dir")
+    overwrite = st.checkbox("replace it if it is a previous export", value=False, key="export_overwrite",
+                            help="Only a directory this tool exported is ever replaced.")
+else:
+    out_dir, overwrite = "", False
+    st.info("Saving on the server is off here: the model is offered as a zip download. "
+            "(Whoever runs the server can allow saves with SHEDDER_ALLOW_SAVE=1; see the README.)")
 timed = st.checkbox("also measure latency (slower)", value=False, key="export_timed")
-if st.button("Extract and save", key="export_save", disabled=not out_dir.strip()):
+label = "Extract and save" if host.allow_save else "Extract"
+if st.button(label, key="export_save", disabled=host.allow_save and not out_dir.strip()):
     with ui.shown_errors(), st.spinner("Extracting…"):
+        target = inside(host.export_root, out_dir.strip()) if host.allow_save else None
+        if target is not None:
+            check_output_dir(target, overwrite)  # before the work, so a refusal costs nothing
         windows = ws.windows(s.evaluation)
         base, now = ws.metrics(PruningPlan()), ws.metrics(ws.plan)
         pruned = extract(loaded.model, ws.plan, adapter)
@@ -47,8 +65,17 @@ if st.button("Extract and save", key="export_save", disabled=not out_dir.strip()
             with ui.progress("timing the extracted model") as cb:
                 measured.update(ws.latency(ws.plan, progress=cb))
         text = card.model_card(s.model, type(loaded.model).__name__, ws.plan, measured,
-                               describe_protocol(windows, s.evaluation))
-        path = save(pruned, loaded.tokenizer, out_dir.strip(), plan=ws.plan, card=text)
-        st.success(f"Saved to `{path.resolve()}`; load it with `shedder.loading.load_model('{path}')`.")
+                               describe_protocol(windows, ws.label(s.evaluation)))
+        folder = f"{name}-{len(ws.plan)}-removed" if target is None else target.name
+        with tempfile.TemporaryDirectory() as tmp:
+            path = save(pruned, loaded.tokenizer, target or Path(tmp) / folder, plan=ws.plan, card=text,
+                        overwrite=overwrite, protected=[resolve(s.model)] if Path(resolve(s.model)).exists() else [])
+            st.session_state["export_zip"] = (f"{folder}.zip", zip_dir(path))
+        if target is not None:
+            st.success(f"Saved to `{path}`; load it with `shedder.loading.load_model('{path}')`.")
         with st.expander("Model card (README.md)", expanded=True):
             st.markdown(text)
+if "export_zip" in st.session_state:
+    zip_name, data = st.session_state["export_zip"]
+    st.download_button(f"Download the model ({zip_name}, {len(data) / 2**20:.1f} MiB)", data, file_name=zip_name,
+                       mime="application/zip", key="export_zip_download")

@@ -3,7 +3,7 @@
     python -m shedder info    --model mamba2-tiny
     python -m shedder eval    --model mamba2-tiny [--plan plan.json] [--data test] [--samples N --seq-len 256]
                               [--tasks local|paper|lambada_openai,hellaswag,... [--limit N]]   (lm-eval accuracy)
-    python -m shedder extract --model mamba2-tiny --plan plan.json --out pruned/
+    python -m shedder extract --model mamba2-tiny --plan plan.json --out pruned/ [--overwrite]
     python -m shedder score   --model mamba2-tiny --kinds block,ssm --out scores.csv
     python -m shedder search  --model mamba2-tiny --kinds ssm --steps 4 --out runs/ssm [--resume]
                               [--protocol official --data hf:tatsu-lab/alpaca:train|rows.jsonl]
@@ -14,7 +14,8 @@
 
 Every command takes ``--json`` for machine-readable output. Progress bars go to stderr. A mistake in
 the input (bad path, plan for another model, empty text, ...) prints one line ``error: ...`` and exits
-with status 2.
+with status 2; an internal error prints one line and exits with status 1 (``--debug`` shows its
+traceback).
 """
 from __future__ import annotations
 
@@ -22,11 +23,14 @@ import argparse
 import contextlib
 import json
 import logging
+import math
+import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
-from .errors import Cancelled, ShedderError
+from .errors import Cancelled, ShedderError, printable
 from .loading import DEFAULT_MODEL
 
 DEFAULT_CALIBRATION = "calibration"
@@ -47,6 +51,10 @@ def _load(args):
         logging.getLogger("transformers.integrations.hub_kernels").setLevel(logging.ERROR)
     # With Ray workers the model runs on them (on --device); this process only reads its weights.
     device = "cpu" if _distributed(args) else args.device
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     return load_model(args.model, dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code)
 
 
@@ -235,14 +243,19 @@ def _baseline(args):
 def cmd_extract(args) -> int:
     from .arch import count_parameters
     from .extract import model_card, save
+    from .fileio import check_output_dir
+    from .loading import resolve
 
+    source = resolve(args.model)
+    protected = [source] if Path(source).exists() else []
+    check_output_dir(args.out, args.overwrite, protected)  # before the work, so a refusal costs nothing
     model, tokenizer = _load(args)
     adapter, plan = _plan_for(model, args.plan)
     before = adapter.param_count()
     small = adapter.extract(plan)
     after = count_parameters(small)
     card = model_card(args.model, type(model).__name__, plan, before, after)
-    out = save(small, tokenizer, args.out, plan=plan, card=card)
+    out = save(small, tokenizer, args.out, plan=plan, card=card, overwrite=args.overwrite, protected=protected)
     payload = {"out": str(out), "plan": plan.to_dict(), "params_before": before, "params_after": after}
     _emit(args, payload, f"saved {out}: {plan.describe()}; parameters {after:,} (from {before:,}, "
                          f"{_pct(before - after, before)} removed)")
@@ -263,8 +276,10 @@ def cmd_score(args) -> int:
     except (Cancelled, KeyboardInterrupt):
         print("scoring stopped: the finished components are kept; the same command resumes them", file=sys.stderr)
         raise
+    from .fileio import atomic_write_text
+
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out, index=False)
+    atomic_write_text(args.out, table.to_csv(index=False))  # an interrupted write never leaves half a table
     resumed = table.attrs.get("resumed", 0)
     payload = {"out": args.out, "protocol": protocol, "resumed": resumed, "rows": table.to_dict(orient="records")}
     text = f"{table.to_string(index=False)}\n\nwrote {args.out} ({len(table)} components; {protocol})"
@@ -385,11 +400,13 @@ def _model_options(p: argparse.ArgumentParser, model_required: bool = False) -> 
     p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default float32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+    p.add_argument("--threads", type=_positive_int, help="CPU threads for PyTorch (default: PyTorch's choice)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--debug", action="store_true", help="print the traceback of an internal error")
 
 
 def _data_options(p: argparse.ArgumentParser, data: str, samples: int | None, seq_len: int = DEFAULT_SEQ_LEN) -> None:
@@ -398,7 +415,7 @@ def _data_options(p: argparse.ArgumentParser, data: str, samples: int | None, se
     p.add_argument("--samples", type=int, default=samples,
                    help=f"number of windows (default {samples if samples else 'all'})")
     p.add_argument("--seq-len", type=int, default=seq_len, help=f"tokens per window (default {seq_len})")
-    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help=f"windows per forward (default {DEFAULT_BATCH})")
+    p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH, help=f"windows per forward (default {DEFAULT_BATCH})")
 
 
 def _calibration_options(p: argparse.ArgumentParser) -> None:
@@ -411,7 +428,7 @@ def _calibration_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help=f"text source (default {DEFAULT_CALIBRATION}; official: hf:tatsu-lab/alpaca:train)")
     p.add_argument("--samples", type=int, help=f"windows (default {DEFAULT_SAMPLES}); official: rows (default 256)")
     p.add_argument("--seq-len", type=int, help=f"tokens per window (default {DEFAULT_SEQ_LEN}; official 2048)")
-    p.add_argument("--batch-size", type=int, help=f"windows per forward (default {DEFAULT_BATCH}; official 2)")
+    p.add_argument("--batch-size", type=_positive_int, help=f"windows per forward (default {DEFAULT_BATCH}; official 2)")
 
 
 def _distributed_options(p: argparse.ArgumentParser) -> None:
@@ -436,12 +453,35 @@ def _kinds(text: str) -> list[str]:
     return [k.strip() for k in text.split(",") if k.strip()]
 
 
-def _target(text: str) -> float:
-    """A parameter count (``250000``, ``2.5e5``) or a fraction of the model (``0.2``, ``20%``)."""
+def _positive_int(text: str) -> int:
     try:
-        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+        value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not a parameter count or fraction: {text!r}") from None
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
+    return value
+
+
+TARGET_RULE = "an integer count ≥ 1, a fraction in (0, 1), or a percentage in (0, 100%)"
+
+
+def _target(text: str) -> float:
+    """A parameter count (``250000``, ``2.5e5``), a fraction of the model (``0.2``) or a
+    percentage (``20%``); anything else (``1.0``, ``150%``, ``0``) is refused, never guessed."""
+    raw = text.strip()
+    try:
+        value = float(raw[:-1] if raw.endswith("%") else raw)
+    except ValueError:
+        value = math.nan
+    if raw.endswith("%"):
+        if 0 < value < 100:
+            return value / 100
+    elif 0 < value < 1:
+        return value
+    elif value >= 1 and value.is_integer() and ("e" in raw.lower() or "." not in raw):  # 2.5e5 yes, 1.0 no
+        return int(value)
+    raise argparse.ArgumentTypeError(f"--target-params takes {TARGET_RULE}; got {text!r}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -475,7 +515,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("extract", help="save the physically pruned model for a plan")
     _model_options(p)
     p.add_argument("--plan", required=True, help="pruning plan JSON")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output directory (new, or a previous export with --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a previous export of this tool (never any other directory)")
     _common(p)
     p.set_defaults(func=cmd_extract)
 
@@ -496,7 +538,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run directory (log.jsonl, step_XX/pruning_config.json)")
     p.add_argument("--steps", type=int, help="number of components to remove")
     p.add_argument("--target-params", type=_target,
-                   help="stop once this many parameters are removed (a count, or a fraction like 0.2 or 20%%)")
+                   help="stop once this many parameters are removed: a count (250000), a fraction (0.2) or a "
+                        "percentage (20%%) of the model")
     p.add_argument("--max-ppl", type=float, help="stop before a step would exceed this calibration perplexity")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--base-plan", help="start from this plan")
@@ -510,6 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench.add_arguments(p)
     p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
     bench_sub = p.add_subparsers(dest="bench_command", metavar="{search}")
     s = bench_sub.add_parser("search", help="fast vs reference greedy search",
@@ -539,10 +583,20 @@ def main(argv: list[str] | None = None) -> int:
     except Cancelled:
         print("error: cancelled", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # e.g. `info --json | head`: the reader has gone; nothing to report
+        with contextlib.suppress(OSError, ValueError):  # no second error when Python flushes at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (ShedderError, OSError) as e:  # OSError: an output path that cannot be written
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted (score and search keep their finished work: rerun the same command, "
               "with --resume for search)", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, not the user's input: one line unless asked for the traceback
+        if getattr(args, "debug", False):
+            traceback.print_exc()
+        print(f"error: internal error ({type(e).__name__}: {printable(e)}); rerun with --debug for the traceback",
+              file=sys.stderr)
+        return 1

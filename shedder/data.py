@@ -62,12 +62,12 @@ def load_text(source: str) -> str:
     if not path.is_file():
         raise DataError(f"text source not found: {source!r} (use 'calibration', 'test', a .txt/.jsonl file, "
                         "or hf:DATASET[:CONFIG]:SPLIT)")
-    if path.suffix == ".jsonl":
-        return _non_empty(_read_jsonl(path), source)
     try:
+        if path.suffix == ".jsonl":
+            return _non_empty(_read_jsonl(path), source)
         return _non_empty(path.read_text(encoding="utf-8"), source)
-    except UnicodeDecodeError:
-        raise DataError(f"{source} is not UTF-8 text") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{source} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
 
 
 def _non_empty(text: str, source: str) -> str:
@@ -89,6 +89,8 @@ def _jsonl_texts(path: Path) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise DataError(f"{path}:{lineno}: not a text record (JSON nested too deeply)") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise DataError(f"{path}:{lineno}: each line needs a string field 'text'")
         texts.append(record["text"])

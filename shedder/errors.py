@@ -26,5 +26,15 @@ class Cancelled(ShedderError):
     """Raised by a progress callback to stop long work; finished, logged steps are kept."""
 
 
+class Busy(ShedderError):
+    """A run directory or cache entry another process or session is writing right now."""
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters escaped (``\\x1b``, ``\\n``), so a name read from a file
+    cannot drive the terminal or split a one-line message."""
+    return "".join(ch if ch.isprintable() or ch == " " else ascii(ch)[1:-1] for ch in str(text))
+
+
 class DownstreamError(ShedderError):
     """lm-eval missing, an unknown task, or task data that cannot be loaded."""

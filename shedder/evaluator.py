@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .arch import adapter_for, patch_forward
-from .arch.base import model_lock
+from .masking import masked
 from .errors import PlanError
 from .metrics import batches, predicted_tokens, token_nll
 from .progress import Progress
@@ -126,7 +126,7 @@ class PlanEvaluator:
         leading batches (a cheap first look; the full total reuses them from the cache)."""
         parts = self.batches[:first_batches]
         total = 0.0
-        with model_lock(self.model), self.adapter.apply(plan or PruningPlan()) as plan, torch.inference_mode():
+        with masked(self.model, plan or PruningPlan(), self.adapter, progress) as plan, torch.inference_mode():
             for b, batch in enumerate(parts):
                 last = b == len(parts) - 1
                 value = self._batch_nll(b, batch, plan, total, bound)

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 from .arch import adapter_for
+from .fileio import publish_dir
 from .plan import PruningPlan
 
 PLAN_FILE = "pruning_plan.json"
@@ -16,21 +18,27 @@ def extract(model, plan: PruningPlan, adapter=None):
     return adapter.extract(plan)
 
 
-def save(model, tokenizer, out_dir: str | Path, plan: PruningPlan | None = None, card: str | None = None) -> Path:
-    """Write safetensors + config (+ tokenizer, the plan, a model card) to ``out_dir``."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if getattr(model.config, "shedder", None):
-        _save_uneven(model, out)
-    else:
-        model.save_pretrained(out, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    if plan is not None:
-        plan.save(out / PLAN_FILE)
-    if card:
-        (out / "README.md").write_text(card)
-    return out
+def save(model, tokenizer, out_dir: str | Path, plan: PruningPlan | None = None, card: str | None = None,
+         overwrite: bool = False, protected: Iterable[str | Path] = ()) -> Path:
+    """Write safetensors + config (+ tokenizer, the plan, a model card) to ``out_dir``.
+
+    Everything is written into a temporary directory beside ``out_dir`` and renamed into place when
+    complete, so a failure (disk full, a kill) leaves ``out_dir`` as it was. An existing non-empty
+    ``out_dir`` is refused unless ``overwrite`` and it is a previous export; ``protected`` (the
+    source model's directory) and the working directory are never written (``fileio.publish_dir``).
+    """
+    with publish_dir(out_dir, overwrite=overwrite, protected=protected) as out:
+        if getattr(model.config, "shedder", None):
+            _save_uneven(model, out)
+        else:
+            model.save_pretrained(out, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out)
+        if plan is not None:
+            plan.save(out / PLAN_FILE)
+        if card:
+            (out / "README.md").write_text(card, encoding="utf-8")
+    return Path(out_dir).expanduser().resolve()
 
 
 def _save_uneven(model, out: Path) -> None:

@@ -27,6 +27,7 @@ import torch
 from .arch import adapter_for
 from .data import windows_hash
 from .evaluator import PlanEvaluator, check_kinds, removing
+from .fileio import atomic_write_text, exclusive
 from .metrics import predicted_tokens
 from .progress import Progress
 from .plan import KINDS, Component, PruningPlan, config_hash
@@ -85,8 +86,12 @@ def score(model, windows: torch.Tensor, kinds, base_plan: PruningPlan | None = N
     path = _cache_path(model, windows, kinds, base, cache_dir)
     if path.is_file():
         return _resumed(pd.read_csv(path), 0)
-    with _measuring(model, windows, adapter, batch_size, evaluator, workers, ray_address, pool) as perplexities:
-        return _score(adapter, kinds, base, path, progress, perplexities)
+    # One writer per cache entry: a second process is refused, a second session waits.
+    with exclusive(path.with_name(f"{path.stem}.lock"), f"the importance cache entry {path.stem}", progress):
+        if path.is_file():  # finished while we waited to look
+            return _resumed(pd.read_csv(path), 0)
+        with _measuring(model, windows, adapter, batch_size, evaluator, workers, ray_address, pool) as perplexities:
+            return _score(adapter, kinds, base, path, progress, perplexities)
 
 
 @contextlib.contextmanager
@@ -115,7 +120,7 @@ def _score(adapter, kinds, base, path, progress, perplexities) -> pd.DataFrame:
     base_params = adapter.param_count(base)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Rewritten with only its valid lines, so appends never continue a line torn by a kill.
-    _write_atomic(partial, "".join(_line(r) for r in [{"base_ppl": base_ppl}, *finished.values()]))
+    atomic_write_text(partial, "".join(_line(r) for r in [{"base_ppl": base_ppl}, *finished.values()]))
     rows = list(finished.values())
     if rows and progress:
         progress(len(rows), len(order), f"scoring: resumed {len(rows)} of {len(order)} components")
@@ -133,7 +138,7 @@ def _score(adapter, kinds, base, path, progress, perplexities) -> pd.DataFrame:
             if progress:
                 progress(len(rows), len(order), f"scoring: {comp}")
     table = tidy(pd.DataFrame(rows, columns=COLUMNS))
-    _write_atomic(path, table.to_csv(index=False))  # a cancelled run never leaves a half-written entry
+    atomic_write_text(path, table.to_csv(index=False))  # a cancelled run never leaves a half-written entry
     partial.unlink(missing_ok=True)
     return _resumed(table, len(finished))
 
@@ -199,13 +204,6 @@ def _read_partial(path: Path, order: list[Component]) -> tuple[float | None, dic
 
 def _line(record: dict) -> str:
     return json.dumps(record) + "\n"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write via a temporary file and a rename: readers see the old file or the whole new one."""
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def _resumed(table: pd.DataFrame, count: int) -> pd.DataFrame:

@@ -47,6 +47,34 @@ def parse_dtype(dtype) -> torch.dtype:
         raise ModelLoadError(f"unknown dtype {dtype!r}; use one of float32, float16, bfloat16") from None
 
 
+def check_device(device) -> str:
+    """``device`` as a string, or ``ModelLoadError`` when this PyTorch build cannot use it."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ModelLoadError(f"unknown device {device!r}; use cpu, cuda or mps") from None
+    usable = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
+    if not usable.get(dev.type, False):
+        raise ModelLoadError(f"device {device!r} is not available in this PyTorch build or on this machine; "
+                             "use --device cpu")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ModelLoadError(f"device {device!r} does not exist (this machine has {torch.cuda.device_count()} GPU(s))")
+    return str(device)
+
+
+def check_weights(model_dir: Path) -> None:
+    """Read the header of every safetensors file in ``model_dir`` (cheap: no tensor is loaded), so a
+    truncated or garbage file is one clear error instead of a failure deep inside transformers."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(model_dir.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise ModelLoadError(f"{path} is not a complete safetensors file (truncated or damaged: {e})") from None
+
+
 @functools.lru_cache(maxsize=1)
 def hub_unreachable() -> bool:
     """True when the model hub cannot be reached (checked once per process, 3 s at most), so that
@@ -100,7 +128,10 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype="float32", device: str =
 
     source = resolve(name_or_path)
     torch_dtype = parse_dtype(dtype)
+    device = check_device(device)
     config = load_config(source, trust_remote_code)
+    if Path(source).is_dir():
+        check_weights(Path(source))
     try:
         if hasattr(config, "shedder"):
             model = _load_pruned(source, config, torch_dtype, device)

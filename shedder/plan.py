@@ -15,11 +15,18 @@ from pathlib import Path
 from typing import Iterable
 
 from .errors import PlanError
+from .fileio import atomic_write_text
 
 SCHEMA_VERSION = 1
 
 #: Every kind the project knows. Which ones a given model offers is the adapter's business.
 KINDS = ("block", "ssm", "head", "channel_group", "attention", "mlp", "mlp_channel_group")
+
+#: Kinds whose index counts groups of channels; a plan's ``group_sizes`` says how many per group.
+GROUPED_KINDS = ("channel_group", "mlp_channel_group")
+
+#: The fields of a plan in our format.
+PLAN_KEYS = {"schema_version", "model", "group_sizes", "components", "meta"}
 
 #: Official Mamba-Shedder config keys -> our kinds (lists of layer/sub-block indices).
 OFFICIAL_KEYS = {
@@ -171,7 +178,8 @@ class PruningPlan:
         return json.dumps(self.to_dict(), indent=2)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n")
+        """Write the JSON atomically (a temporary file, then a rename)."""
+        atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
     def from_dict(cls, data, identity: ModelIdentity | None = None) -> "PruningPlan":
@@ -183,8 +191,13 @@ class PruningPlan:
                 return cls.from_official(data, identity)
             raise PlanError("not a pruning plan: no 'schema_version' and none of the official keys "
                             f"({', '.join(OFFICIAL_KEYS)})")
-        if data["schema_version"] != SCHEMA_VERSION:
-            raise PlanError(f"plan schema_version {data['schema_version']!r} is not supported (this version reads {SCHEMA_VERSION})")
+        unknown = sorted(set(data) - PLAN_KEYS)
+        if unknown:
+            raise PlanError(f"unknown plan field(s) {', '.join(map(repr, unknown))} "
+                            f"(a plan has {', '.join(sorted(PLAN_KEYS))})")
+        version = data["schema_version"]
+        if not _is_int(version) or version != SCHEMA_VERSION:
+            raise PlanError(f"plan schema_version {version!r} is not supported (this version reads {SCHEMA_VERSION})")
         raw = data.get("components")
         if not isinstance(raw, list):
             raise PlanError("plan field 'components' must be a list")
@@ -194,17 +207,8 @@ class PruningPlan:
             if c in seen:
                 raise PlanError(f"component {c} is listed twice")
             seen.add(c)
-        m = data.get("model")
-        model = None
-        if m is not None:
-            try:
-                model = ModelIdentity(str(m["architecture"]), int(m["num_layers"]), str(m["config_hash"]), str(m.get("name", "")))
-            except (KeyError, TypeError, ValueError):
-                raise PlanError("plan field 'model' needs architecture, num_layers and config_hash") from None
-        sizes = data.get("group_sizes") or {}
-        if not isinstance(sizes, dict) or not all(isinstance(v, int) and v > 0 for v in sizes.values()):
-            raise PlanError("plan field 'group_sizes' must map kinds to positive integers")
-        return cls(frozenset(comps), model, dict(sizes), dict(data.get("meta") or {}))
+        return cls(frozenset(comps), _identity_from(data.get("model")), _group_sizes_from(data.get("group_sizes")),
+                   _meta_from(data.get("meta")))
 
     @classmethod
     def from_json(cls, text: str, identity: ModelIdentity | None = None) -> "PruningPlan":
@@ -214,6 +218,8 @@ class PruningPlan:
             data = json.loads(text)
         except json.JSONDecodeError as e:
             raise PlanError(f"the plan is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+        except RecursionError:
+            raise PlanError("the plan is not a pruning plan: its JSON is nested too deeply") from None
         return cls.from_dict(data, identity)
 
     @classmethod
@@ -221,7 +227,14 @@ class PruningPlan:
         p = Path(path)
         if not p.is_file():
             raise PlanError(f"plan file not found: {p}")
-        return cls.from_json(p.read_text(), identity)
+        try:
+            text = p.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            raise PlanError(f"{p} is not a plan: it is not UTF-8 text") from None
+        try:
+            return cls.from_json(text, identity)
+        except PlanError as e:
+            raise PlanError(f"{p}: {e}") from None
 
     @classmethod
     def from_official(cls, data: dict, identity: ModelIdentity | None = None) -> "PruningPlan":
@@ -234,7 +247,7 @@ class PruningPlan:
         comps = []
         for key, kind in OFFICIAL_KEYS.items():
             idx = data.get(key) or []
-            if not isinstance(idx, list) or not all(isinstance(i, int) for i in idx):
+            if not isinstance(idx, list) or not all(_is_int(i) for i in idx):
                 raise PlanError(f"official config key {key!r} must be a list of integers")
             comps += [Component(kind, i) for i in idx]
         if data.get("pruned_mlp_channels"):
@@ -245,15 +258,52 @@ class PruningPlan:
         return cls(frozenset(comps), identity, {}, meta)
 
 
+def _is_int(value) -> bool:
+    """An integer that is not a boolean (JSON ``true`` is not the number 1 here)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _component_from(item, position: int) -> Component:
     if isinstance(item, str):
         return Component.parse(item)
     if not isinstance(item, dict) or "kind" not in item or "layer" not in item:
         raise PlanError(f"component #{position} must be an object with 'kind' and 'layer' (and optional 'index')")
+    unknown = sorted(set(item) - {"kind", "layer", "index"})
+    if unknown:
+        raise PlanError(f"component #{position}: unknown field(s) {', '.join(map(repr, unknown))} "
+                        "(a component has kind, layer and index)")
     kind = item["kind"]
     if kind not in KINDS:
         raise PlanError(f"component #{position}: unknown kind {kind!r} (known kinds: {', '.join(KINDS)})")
     layer, index = item["layer"], item.get("index", 0)
-    if not isinstance(layer, int) or not isinstance(index, int) or isinstance(layer, bool):
-        raise PlanError(f"component #{position}: layer and index must be integers")
+    if not _is_int(layer) or not _is_int(index):
+        raise PlanError(f"component #{position}: layer and index must be integers, got {layer!r} and {index!r}")
     return Component(kind, layer, index)
+
+
+def _identity_from(m) -> ModelIdentity | None:
+    if m is None:
+        return None
+    fields = {"architecture": str, "num_layers": int, "config_hash": str, "name": str}
+    if (not isinstance(m, dict) or set(m) - set(fields) or not {"architecture", "num_layers", "config_hash"} <= set(m)
+            or not all(isinstance(m[k], t) and not isinstance(m[k], bool) for k, t in fields.items() if k in m)):
+        raise PlanError("plan field 'model' needs architecture (text), num_layers (integer) and config_hash "
+                        "(text), optionally name (text), and nothing else")
+    return ModelIdentity(m["architecture"], m["num_layers"], m["config_hash"], m.get("name", ""))
+
+
+def _group_sizes_from(sizes) -> dict:
+    if sizes is None:
+        return {}
+    if not isinstance(sizes, dict) or not all(k in GROUPED_KINDS and _is_int(v) and v > 0 for k, v in sizes.items()):
+        raise PlanError(f"plan field 'group_sizes' must map kinds ({', '.join(GROUPED_KINDS)}) to positive integers, "
+                        f"got {json.dumps(sizes)[:200]}")
+    return dict(sizes)
+
+
+def _meta_from(meta) -> dict:
+    if meta is None:
+        return {}
+    if not isinstance(meta, dict):
+        raise PlanError(f"plan field 'meta' must be an object, got {type(meta).__name__}")
+    return dict(meta)

@@ -37,6 +37,7 @@ from .arch import adapter_for
 from .data import windows_hash
 from .errors import ShedderError
 from .evaluator import PlanEvaluator, check_kinds, removing
+from .fileio import atomic_write_text, drop_torn_tail, exclusive
 from .importance import cache_key, default_cache_dir, model_fingerprint, plan_key
 from .masking import masked
 from .metrics import nll_sum, predicted_tokens
@@ -44,6 +45,8 @@ from .progress import Progress
 from .plan import Component, PruningPlan
 
 LOG_FILE = "log.jsonl"
+#: Held (``fileio.exclusive``) while a search writes its run directory: one writer per run.
+LOCK_FILE = ".lock"
 PLAN_FILE = "pruning_config.json"
 LOG_VERSION = 1
 
@@ -187,6 +190,19 @@ def default_run_dir(model, windows: torch.Tensor, kinds, base_plan: PruningPlan 
 # ---------------------------------------------------------------------------- the shared loop
 def _search(model, windows, kinds, choose: Chooser, steps, target_params, max_ppl, run_dir, resume, progress,
             base_plan, on_step, adapter, base_nll) -> SearchResult:
+    """The loop, holding the run directory's lock when there is one: a second process on the same
+    directory is refused (``Busy``) and a second app session waits, instead of interleaving steps."""
+    args = (model, windows, kinds, choose, steps, target_params, max_ppl, run_dir, resume, progress, base_plan,
+            on_step, adapter, base_nll)
+    if run_dir is None:
+        return _search_loop(*args)
+    _check_limits(steps, target_params, max_ppl)
+    with exclusive(Path(run_dir) / LOCK_FILE, f"the search run {run_dir}", progress):
+        return _search_loop(*args)
+
+
+def _search_loop(model, windows, kinds, choose: Chooser, steps, target_params, max_ppl, run_dir, resume, progress,
+                 base_plan, on_step, adapter, base_nll) -> SearchResult:
     kinds = check_kinds(adapter, kinds)
     _check_limits(steps, target_params, max_ppl)
     base = adapter.validate(base_plan or PruningPlan())
@@ -267,8 +283,10 @@ def _search(model, windows, kinds, choose: Chooser, steps, target_params, max_pp
 def _check_limits(steps, target_params, max_ppl) -> None:
     if steps is not None and (not isinstance(steps, int) or steps < 0):
         raise ShedderError(f"steps must be a non-negative integer, got {steps!r}")
-    if target_params is not None and not target_params > 0:
-        raise ShedderError(f"target_params must be a parameter count or a fraction in (0, 1), got {target_params!r}")
+    if target_params is not None and (isinstance(target_params, bool) or not isinstance(target_params, (int, float))
+                                      or not (0 < target_params < 1 or (target_params >= 1 and float(target_params).is_integer()))):
+        raise ShedderError("target_params takes an integer count ≥ 1, a fraction in (0, 1), or a percentage in "
+                           f"(0, 100%) given as a fraction; got {target_params!r}")
     if max_ppl is not None and not max_ppl > 0:
         raise ShedderError(f"max_ppl must be positive, got {max_ppl!r}")
 
@@ -296,7 +314,7 @@ class _RunLog:
 
     def start(self, header: dict) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(header) + "\n")
+        atomic_write_text(self.path, json.dumps(header) + "\n")
 
     def add_step(self, step: SearchStep, rec: dict) -> None:
         step_dir = self.dir / f"step_{step.step:02d}"
@@ -306,21 +324,30 @@ class _RunLog:
             f.write(json.dumps(rec) + "\n")
 
     def read(self) -> tuple[dict, list[dict]]:
-        lines = self.path.read_text().splitlines()
+        """Header and steps. A last line cut short by an interruption (or garbage) is dropped from
+        the file first, so the step is redone and the next append starts on a line of its own."""
+        drop_torn_tail(self.path)
+        try:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise ShedderError(f"{self.path} is not a search log (not UTF-8 text)") from None
         records = []
         for i, line in enumerate(lines):
             try:
                 records.append(json.loads(line))
-            except json.JSONDecodeError:
-                if i == len(lines) - 1:  # a line cut short by an interruption: that step is redone
-                    break
+            except (json.JSONDecodeError, RecursionError):
                 raise ShedderError(f"{self.path}: line {i + 1} is not valid JSON; the log is damaged") from None
+        if not all(isinstance(r, dict) for r in records):
+            raise ShedderError(f"{self.path}: a line is not a JSON object; the log is damaged")
         if not records or records[0].get("type") != "header" or records[0].get("version") != LOG_VERSION:
             raise ShedderError(f"{self.path} is not a search log of this version (no header line)")
         steps = [r for r in records[1:] if r.get("type") == "step"]
         for expected, r in enumerate(steps, 1):
             if r.get("step") != expected:
                 raise ShedderError(f"{self.path}: step {r.get('step')} found where step {expected} was expected")
+            if not (isinstance(r.get("component"), str) and isinstance(r.get("ppl"), float)
+                    and _is_count(r.get("params"))):
+                raise ShedderError(f"{self.path}: step {expected} lacks its component, ppl or params; the log is damaged")
         return records[0], steps
 
     def check_settings(self, old: dict, new: dict) -> None:
@@ -328,6 +355,10 @@ class _RunLog:
         if differ:
             what = "; ".join(f"{k}: run has {_short(old.get(k))}, now {_short(new[k])}" for k in differ)
             raise ShedderError(f"cannot resume {self.dir}: it was started with different settings ({what})")
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _short(value) -> str:

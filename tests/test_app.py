@@ -30,6 +30,8 @@ if not (BUNDLED_MODELS / DEFAULT_MODEL / "config.json").is_file() and not os.env
 def private_cache(tmp_path, monkeypatch):
     """Importance scores are cached on disk: keep each test's cache to itself."""
     monkeypatch.setenv("SHEDDER_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("SHEDDER_ALLOW_SAVE", "1")  # AppTest has no server address: saving would be off
+    monkeypatch.setenv("SHEDDER_EXPORT_ROOT", str(tmp_path))
 
 
 def open_app(page: str = "model") -> AppTest:
@@ -211,6 +213,61 @@ def test_two_sessions_never_see_each_others_plans():
     assert workspace(one).loaded.model is workspace(two).loaded.model  # weights shared
     assert not workspace(two).plan.components
     assert metric(two, "perplexity") == baseline != metric(one, "perplexity")
+
+
+def test_shared_server_exports_as_a_download_and_confines_saves(tmp_path, monkeypatch):
+    import io
+    import zipfile
+
+    monkeypatch.setenv("SHEDDER_ALLOW_SAVE", "0")
+    at = open_app("prune")
+    at.multiselect(key="prune_pick_block").set_value([Component("block", 2)]).run()
+    at.switch_page(PAGES["export"]).run()
+    assert_clean(at)
+    assert not [t for t in at.text_input if t.key == "export_dir"]  # no server path to type
+    at.button(key="export_save").click().run()
+    assert_clean(at)
+    name, data = at.session_state["export_zip"]
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        assert {"config.json", "model.safetensors", "pruning_plan.json"} <= {Path(n).name for n in z.namelist()}
+    assert not [p for p in tmp_path.iterdir() if p.name != "cache"]  # nothing saved on the server
+
+    monkeypatch.setenv("SHEDDER_ALLOW_SAVE", "1")
+    at.run()
+    for bad in ("../escape", "/etc", "."):
+        at.text_input(key="export_dir").set_value(bad).run()
+        at.button(key="export_save").click().run()
+        assert any("outside the export directory" in e.value for e in at.error), bad
+    assert not [p for p in tmp_path.iterdir() if p.name != "cache"]
+
+
+def test_a_search_another_session_is_running_is_refused_with_a_message():
+    import subprocess
+    import sys
+
+    from shedder.loading import REPO_ROOT
+    from shedder.search import LOCK_FILE, default_run_dir
+
+    at = open_app("search")
+    ws = workspace(at)
+    kinds = at.multiselect(key="search_kinds").value
+    run = default_run_dir(ws.loaded.model, ws.windows(ws.settings.calibration), list(kinds))
+    at.number_input(key="search_steps").set_value(1).run()
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+from shedder.fileio import exclusive
+with exclusive({str(run / LOCK_FILE)!r}, "run"):
+    print("held", flush=True)
+    input()
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        at.button(key="search_run").click().run()
+        assert not at.exception
+        assert [e.value for e in at.error] == ["Another session is running this search right now. Try again when it "
+                                               "has finished; its steps are reused."]
+    finally:
+        holder.communicate("\n")
+    assert workspace(at).search is None and not (run / "log.jsonl").exists()
 
 
 def test_model_page_runs_lm_eval_only_on_request_and_reuses_the_result():

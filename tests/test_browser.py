@@ -42,7 +42,8 @@ def free_port() -> int:
 def server(tmp_path_factory):
     """The app served by the real ``streamlit run`` on a free port; yields its URL."""
     port = free_port()
-    env = {**os.environ, "SHEDDER_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))}
+    env = {**os.environ, "SHEDDER_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
+           "SHEDDER_EXPORT_ROOT": str(tmp_path_factory.getbasetemp())}  # saves go inside it; tests' tmp_path is
     log = open(tmp_path_factory.mktemp("server") / "streamlit.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "streamlit", "run", "app/main.py", "--server.headless", "true",
                              "--server.port", str(port), "--browser.gatherUsageStats", "false"],

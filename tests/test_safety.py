@@ -1,0 +1,530 @@
+"""Never lose a user's files, never corrupt a run, one clear error for every bad input.
+
+Safe outputs (temporary directory + rename, refusals, a failing or killed write), locks on runs and
+cache entries, torn logs, temporary names, one-line errors for bad weights, plans, texts and
+options, and property tests of the plan parser and the text sources.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from shedder import cli, fileio
+from shedder.cli import main
+from shedder.data import load_text
+from shedder.errors import Busy, Cancelled, DataError, PlanError, ShedderError
+from shedder.extract import PLAN_FILE, save
+from shedder.fileio import EXPORT_MARKER, check_output_dir, drop_torn_tail, exclusive, inside, publish_dir
+from shedder.loading import REPO_ROOT, load_model
+from shedder.masking import WAITING, holding, masked
+from shedder.plan import KINDS, OFFICIAL_KEYS, Component, PruningPlan
+from shedder.search import LOCK_FILE, greedy_search
+
+DATA = ["--samples", "2", "--seq-len", "16", "--batch-size", "2", "--no-progress"]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+
+
+@pytest.fixture(scope="module")
+def plan_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plans") / "plan.json"
+    PruningPlan(frozenset({Component("block", 1)})).save(path)
+    return path
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    return err[0]
+
+
+def tree(path: Path) -> dict:
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------ safe outputs
+def test_extract_refuses_cwd_existing_and_source_directories(capsys, tiny_model_dir, plan_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "README.md").write_text("mine")
+    mine = tmp_path / "work"
+    mine.mkdir()
+    (mine / "config.json").write_text("{}")
+    cases = {"": "no output directory given", ".": "is the working directory",
+             str(tmp_path.parent): "contains the working directory", str(mine): "exists and is not empty",
+             str(tiny_model_dir): "source model's directory"}
+    before = tree(tmp_path), tree(tiny_model_dir)
+    for out, words in cases.items():
+        for extra in ([], ["--overwrite"]):
+            assert main(["extract", "--model", str(tiny_model_dir), "--plan", str(plan_file), "--out", out, *extra]) == 2
+            line = one_error_line(capsys)
+            assert words in line or (extra and "not a directory this tool exported" in line), line
+    assert (tree(tmp_path), tree(tiny_model_dir)) == before
+
+
+def test_overwrite_replaces_only_a_previous_export(capsys, tiny_model_dir, plan_file, tmp_path):
+    out = tmp_path / "pruned"
+    argv = ["extract", "--model", str(tiny_model_dir), "--plan", str(plan_file), "--out", str(out)]
+    assert main(argv) == 0 and (out / EXPORT_MARKER).is_file()
+    assert main(argv) == 2 and "--overwrite" in one_error_line(capsys)
+    (out / "stale-shard.safetensors").write_text("x")
+    assert main([*argv, "--overwrite"]) == 0
+    assert not (out / "stale-shard.safetensors").exists()  # replaced as a whole, never merged into
+    assert PruningPlan.load(out / PLAN_FILE).components == {Component("block", 1)}
+    assert [p.name for p in tmp_path.iterdir()] == ["pruned"]  # no temporary directory left
+
+
+def test_disk_error_during_save_leaves_the_target_as_it_was(tiny_model_factory, bundled_tokenizer, tmp_path, monkeypatch):
+    model = tiny_model_factory("mamba2", layers=2, vocab_size=len(bundled_tokenizer))
+    out = tmp_path / "export"
+    save(model, bundled_tokenizer, out)
+    before = tree(out)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(type(bundled_tokenizer), "save_pretrained", disk_full)
+    for target in (out, tmp_path / "new"):
+        with pytest.raises(OSError, match="No space left"):
+            save(model, bundled_tokenizer, target, overwrite=True)
+    assert tree(out) == before and not (tmp_path / "new").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
+
+
+def test_kill_during_extract_leaves_no_model_behind(tmp_path, tiny_model_dir):
+    """A process killed half-way through a save: the target never appears (its pieces were only
+    ever in a hidden temporary directory beside it)."""
+    out = tmp_path / "pruned"
+    script = f"""
+import time
+from shedder.extract import save
+from shedder.loading import load_model
+model, tok = load_model({str(tiny_model_dir)!r})
+def slow(self, *a, **k):
+    print("writing", flush=True)
+    time.sleep(60)
+type(tok).save_pretrained = slow
+save(model, tok, {str(out)!r})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "writing"  # weights written, tokenizer under way
+        assert [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert not out.exists()
+
+
+def test_output_paths_confined_to_a_root(tmp_path):
+    assert inside(tmp_path, "a/b") == tmp_path.resolve() / "a" / "b"
+    assert inside(tmp_path, str(tmp_path / "c")) == tmp_path.resolve() / "c"
+    for bad in ("..", "../x", "a/../../x", "/etc", ".", "", "  "):
+        with pytest.raises(ShedderError):
+            inside(tmp_path, bad)
+    (tmp_path / "link").symlink_to(tmp_path.parent)
+    with pytest.raises(ShedderError, match="outside the export directory"):
+        inside(tmp_path, "link/escaped")
+    with pytest.raises(ShedderError, match="is not a directory"):
+        (tmp_path / "file").write_text("x")
+        check_output_dir(tmp_path / "file")
+
+
+def test_publish_dir_refuses_a_target_created_meanwhile(tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ShedderError, match="not empty"):
+        with publish_dir(out) as tmp:
+            (tmp / "a").write_text("new")
+            out.mkdir()
+            (out / "theirs").write_text("keep")
+    assert tree(out) == {"theirs": b"keep"}
+
+
+# ------------------------------------------------------------------------------ runs, caches, logs
+def test_two_processes_on_one_run_directory(capsys, tiny_model_dir, tmp_path):
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+from shedder.fileio import exclusive
+with exclusive({str(run / LOCK_FILE)!r}, "run"):
+    print("held", flush=True)
+    input()
+"""], env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        argv = ["search", "--model", str(tiny_model_dir), "--out", str(run), "--steps", "1", *DATA]
+        assert main(argv) == 2
+        assert "is in use by another process" in one_error_line(capsys)
+        assert not (run / "log.jsonl").exists()
+    finally:
+        holder.communicate("\n")
+    assert main([*argv, "--json"]) == 0  # free again once the other process is done
+    capsys.readouterr()
+
+
+def test_search_log_drops_a_torn_last_line_before_appending(tiny_model_factory, tmp_path):
+    model = tiny_model_factory("mamba2", layers=3)
+    windows = torch.randint(0, 128, (2, 12))
+    run = tmp_path / "run"
+    first = greedy_search(model, windows, ["block"], steps=1, run_dir=run)
+    log = run / "log.jsonl"
+    for garbage in ('{"type": "step", "step": 2, "comp', "not json at all\n", "[1, 2]\n"):
+        with log.open("a") as f:
+            f.write(garbage)
+        again = greedy_search(model, windows, ["block"], steps=2, run_dir=run, resume=True)
+        assert again.components[0] == first.components[0] and len(again.steps) == 2
+        lines = log.read_text().splitlines()
+        assert len(lines) == 3 and all(isinstance(json.loads(x), dict) for x in lines)
+        log.write_text("\n".join(lines[:2]) + "\n")  # back to one step for the next kind of damage
+
+
+def test_drop_torn_tail(tmp_path):
+    p = tmp_path / "log.jsonl"
+    for text, kept in [('{"a": 1}\n{"b"', '{"a": 1}\n'), ('{"a": 1}\n{"b": 2}', '{"a": 1}\n{"b": 2}\n'),
+                       ('{"a": 1}\n', '{"a": 1}\n'), ('{"a": 1}\n7\n', '{"a": 1}\n'), ("", "")]:
+        p.write_text(text)
+        drop_torn_tail(p)
+        assert p.read_text() == kept
+
+
+def test_score_cache_entry_has_one_writer(tiny_model_factory, tmp_path, monkeypatch):
+    from shedder import importance
+
+    model = tiny_model_factory("mamba2", layers=2)
+    windows = torch.randint(0, 128, (2, 12))
+    path = importance._cache_path(model, windows, ["block"], importance.adapter_for(model).validate(PruningPlan()),
+                                  tmp_path)
+    with exclusive(path.with_name(f"{path.stem}.lock"), "x"):
+        errors = []
+        worker = threading.Thread(target=lambda: errors.append(
+            pytest.raises(Busy, importance.score, model, windows, ["block"], cache_dir=tmp_path)))
+        worker.start()
+        worker.join()
+        assert errors and "in use by another" in str(errors[0].value)
+    assert len(importance.score(model, windows, ["block"], cache_dir=tmp_path)) == 2
+
+
+def test_temporary_names_are_unique_per_thread(tmp_path):
+    target = tmp_path / "f.txt"
+    names = set()
+    texts = [str(i) * 50_000 for i in range(8)]
+
+    def write(text):
+        names.add(fileio.temp_path(target))
+        for _ in range(20):
+            fileio.atomic_write_text(target, text)
+
+    threads = [threading.Thread(target=write, args=(t,)) for t in texts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(names) == 8 and target.read_text() in texts
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+# ------------------------------------------------------------------------------ one message per bad input
+def test_truncated_or_garbage_weights_are_one_error(capsys, tiny_model_dir, tmp_path):
+    weights = (tiny_model_dir / "model.safetensors").read_bytes()
+    for name, data in {"truncated": weights[: len(weights) // 2], "header": weights[:100], "garbage": b"x" * 5000}.items():
+        bad = tmp_path / name
+        bad.mkdir()
+        for f in tiny_model_dir.iterdir():
+            (bad / f.name).write_bytes(data if f.name == "model.safetensors" else f.read_bytes())
+        assert main(["info", "--model", str(bad)]) == 2
+        assert "model.safetensors is not a complete safetensors file" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("name,content,words", [
+    ("meta.json", '{"schema_version": 1, "components": [], "meta": [1]}', "'meta' must be an object"),
+    ("deep.json", "[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ("bool.json", '{"schema_version": 1, "components": [{"kind": "block", "layer": 1, "index": true}]}',
+     "layer and index must be integers"),
+    ("version.json", '{"schema_version": true, "components": []}', "schema_version True is not supported"),
+    ("extra.json", '{"schema_version": 1, "components": [], "comment": "x"}', "unknown plan field(s) 'comment'"),
+    ("comp.json", '{"schema_version": 1, "components": [{"kind": "block", "layer": 1, "idx": 2}]}',
+     "unknown field(s) 'idx'"),
+    ("groups.json", '{"schema_version": 1, "components": [], "group_sizes": {"head": 2}}', "'group_sizes' must map"),
+    ("groups0.json", '{"schema_version": 1, "components": [], "group_sizes": {"channel_group": 0}}', "'group_sizes' must map"),
+    ("latin1.json", b'{"schema_version": 1, "components": [], "meta": {"n": "\xe9"}}', "not UTF-8"),
+])
+def test_bad_plans_are_one_error(capsys, tiny_model_dir, tmp_path, name, content, words):
+    path = tmp_path / name
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert main(["eval", "--model", str(tiny_model_dir), "--plan", str(path), "--no-accuracy", *DATA]) == 2
+    assert words in one_error_line(capsys)
+
+
+def test_control_characters_are_escaped_in_messages(capsys, tiny_model_dir, tmp_path):
+    path = tmp_path / "evil.json"
+    path.write_text(json.dumps({"schema_version": 1, "components": ["block:1"],
+                                "model": {"architecture": "\x1b[2J\x1b[31mEvil\nModel", "num_layers": 3,
+                                          "config_hash": "0"}}))
+    assert main(["eval", "--model", str(tiny_model_dir), "--plan", str(path), "--no-accuracy", *DATA]) == 2
+    line = one_error_line(capsys)
+    assert "\x1b" not in line and "\\x1b[2J\\x1b[31mEvil\\nModel" in line
+
+
+def test_bad_text_sources_are_one_error(capsys, tiny_model_dir, tmp_path):
+    for name, data in {"bad.jsonl": b'{"text": "\xff\xfe"}\n', "bad.txt": b"caf\xe9 " * 100,
+                       "deep.jsonl": b"[" * 100_000 + b"]" * 100_000 + b"\n"}.items():
+        (tmp_path / name).write_bytes(data)
+        assert main(["eval", "--model", str(tiny_model_dir), "--data", str(tmp_path / name), "--no-accuracy", *DATA]) == 2
+        line = one_error_line(capsys)
+        assert name in line and ("not UTF-8" in line or "nested too deeply" in line), line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_unavailable_device_is_one_error(capsys, tiny_model_dir):
+    for device in ("cuda", "cuda:3", "tpu", "nonsense"):
+        assert main(["info", "--model", str(tiny_model_dir), "--device", device]) == 2
+        assert repr(device) in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("argv", [["--threads", "-1"], ["--threads", "0"], ["--threads", "two"],
+                                  ["--batch-size", "0"], ["--target-params", "150%"], ["--target-params", "100%"],
+                                  ["--target-params", "1.0"], ["--target-params", "0"], ["--target-params", "-5"],
+                                  ["--target-params", "1.5"], ["--target-params", "nan"], ["--target-params", "2.5x"]])
+def test_bad_numbers_are_refused_by_the_parser(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        main(["search", "--out", "unused", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert argv[0] in err and ("integer count ≥ 1, a fraction in (0, 1), or a percentage in (0, 100%)" in err
+                               if argv[0] == "--target-params" else "at least 1" in err)
+
+
+def test_target_params_means_one_thing():
+    assert [cli._target(t) for t in ("0.2", "20%", "250000", "2.5e5", "1", "99.5%")] == [0.2, 0.2, 250000, 250000, 1, 0.995]
+    assert isinstance(cli._target("2.5e5"), int)
+
+
+def test_internal_errors_are_one_line_and_debug_shows_the_traceback(capsys, tiny_model_dir, monkeypatch):
+    def broken(args):
+        raise TypeError("unexpected")
+
+    monkeypatch.setattr(cli, "cmd_info", broken)
+    assert main(["info", "--model", str(tiny_model_dir)]) == 1
+    assert "internal error (TypeError: unexpected); rerun with --debug" in one_error_line(capsys)
+    assert main(["info", "--model", str(tiny_model_dir), "--debug"]) == 1
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+def test_broken_pipe_is_quiet(tiny_model_dir):
+    proc = subprocess.Popen([sys.executable, "-m", "shedder", "info", "--model", str(tiny_model_dir), "--json"],
+                            env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=REPO_ROOT)
+    proc.stdout.close()  # the reader is gone before anything is written, as with `| head -0`
+    err = proc.stderr.read().decode()
+    assert proc.wait() == 141 and err.strip() == "", err
+
+
+# ------------------------------------------------------------------------------ the model shared by sessions
+def test_nested_masks_are_refused(tiny_model_factory):
+    model = tiny_model_factory("mamba2", layers=3)
+    outer = PruningPlan(frozenset({Component("block", 0)}))
+    with masked(model, outer):
+        with pytest.raises(PlanError, match="nested masks are refused"):
+            with masked(model, PruningPlan(frozenset({Component("ssm", 1)}))):
+                pass
+        patched = {n for n, m in model.named_modules() if "forward" in m.__dict__}
+        with masked(model, outer):  # the same plan again: nothing more is patched
+            assert {n for n, m in model.named_modules() if "forward" in m.__dict__} == patched
+    assert not [m for m in model.modules() if "forward" in m.__dict__]
+
+
+def test_waiting_for_the_model_is_shown_and_cancellable(tiny_model_factory):
+    model = tiny_model_factory("mamba2", layers=2)
+    held, release = threading.Event(), threading.Event()
+
+    def other_session():
+        with holding(model):
+            held.set()
+            release.wait(30)
+
+    worker = threading.Thread(target=other_session)
+    worker.start()
+    held.wait(30)
+    seen = []
+
+    def progress(done, total, message):
+        seen.append(message)
+        if len(seen) == 2:
+            raise Cancelled("cancelled from the app")
+
+    try:
+        with pytest.raises(Cancelled):
+            with masked(model, PruningPlan(), progress=progress, ):
+                pass
+    finally:
+        release.set()
+        worker.join()
+    assert seen == [WAITING, WAITING]
+
+
+# ------------------------------------------------------------------------------ property tests
+_json = st.recursive(st.none() | st.booleans() | st.integers(-3, 10) | st.floats(allow_nan=False) | st.text(max_size=8),
+                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+                     max_leaves=12)
+_plan_like = st.fixed_dictionaries({"schema_version": st.sampled_from([1, 1, True, 2, "1"]),
+                                    "components": st.lists(
+                                        st.fixed_dictionaries({"kind": st.sampled_from(KINDS + ("wing",)),
+                                                               "layer": _json | st.integers(0, 5)},
+                                                              optional={"index": _json, "extra": _json}) | _json,
+                                        max_size=4)},
+                                   optional={"model": _json, "group_sizes": _json, "meta": _json, "other": _json})
+_official_like = st.dictionaries(st.sampled_from([*OFFICIAL_KEYS, "pruned_mlp_channels", "note"]),
+                                 _json | st.lists(st.integers(-2, 8), max_size=4), min_size=1, max_size=4)
+_fast = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@_fast
+@given(_plan_like | _official_like | _json)
+def test_plan_parser_accepts_a_plan_or_raises_plan_error(data):
+    try:
+        plan = PruningPlan.from_dict(data)
+    except PlanError:
+        return
+    assert PruningPlan.from_json(plan.to_json()) == plan  # whatever is accepted round-trips
+    for c in plan.components:
+        assert type(c.layer) is int and type(c.index) is int and c.kind in KINDS
+
+
+@_fast
+@given(st.lists(st.tuples(st.sampled_from(KINDS), st.integers(0, 50), st.integers(0, 50)), max_size=6, unique=True),
+       st.dictionaries(st.sampled_from(["channel_group", "mlp_channel_group"]), st.integers(1, 64)),
+       st.dictionaries(st.text(max_size=5), _json, max_size=3))
+def test_valid_plans_round_trip(comps, sizes, meta):
+    plan = PruningPlan(frozenset(Component(*c) for c in comps), None, sizes, meta)
+    again = PruningPlan.from_json(plan.to_json())
+    assert again == plan and again.group_sizes == sizes and again.meta == meta
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.binary(max_size=300) | st.text(max_size=200).map(str.encode), suffix=st.sampled_from([".txt", ".jsonl"]))
+def test_text_sources_give_text_or_data_error(tmp_path, data, suffix):
+    path = tmp_path / f"source{suffix}"
+    path.write_bytes(data)
+    try:
+        text = load_text(str(path))
+    except DataError as e:
+        assert str(path) in str(e)
+        return
+    assert isinstance(text, str) and text.strip()
+
+
+# ------------------------------------------------------------------------------ the studio
+def test_two_sessions_in_parallel_threads_get_single_session_numbers(tiny_model_dir):
+    """Two sessions toggle and evaluate on the one shared model at the same time; every number
+    equals the one a session alone gets."""
+    pytest.importorskip("streamlit")
+    from app.state import Settings, Workspace
+
+    settings = Settings(model=str(tiny_model_dir), samples=2, seq_len=16, accuracy_passages=2)
+    toggles = {"a": [Component("block", 1), Component("ssm", 2), Component("head", 0, 2)],
+               "b": [Component("ssm", 0), Component("head", 2, 3), Component("ssm", 0)]}
+
+    def session(comps, out):
+        ws = Workspace(settings=settings)
+        for c in comps:
+            ws.toggle(c)
+            m = ws.metrics(ws.plan)
+            out.append((ws.plan, m["ppl"], m["params"], ws.accuracy(ws.plan)))
+
+    alone = {k: [] for k in toggles}
+    for k, comps in toggles.items():
+        session(comps, alone[k])
+    together = {k: [] for k in toggles}
+    errors = []
+
+    def run(k):
+        try:
+            session(toggles[k], together[k])
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in toggles]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and together == alone
+    assert Workspace(settings=settings).loaded.model is Workspace(settings=settings).loaded.model  # one shared copy
+
+
+def test_uploads_are_per_session_named_by_file_and_deleted_with_the_session():
+    pytest.importorskip("streamlit")
+    import gc
+
+    from app.state import Workspace
+
+    one, two = Workspace(), Workspace()
+    a, b = one.stash_upload("../../notes.txt", b"some text"), two.stash_upload("notes.txt", b"some text")
+    assert Path(a).parent.parent != Path(b).parent.parent and Path(a).name == "notes.txt"
+    assert Path(a).read_bytes() == b"some text" and one.label(a) == "upload notes.txt"
+    assert one.public(f"text source not found: {a!r}") == "text source not found: 'notes.txt'"
+    folder = Path(a).parent.parent
+    del one
+    gc.collect()
+    assert not folder.exists() and Path(b).exists()
+
+
+def test_server_settings(monkeypatch, tmp_path):
+    pytest.importorskip("streamlit")
+    import streamlit as st_
+
+    from app.hosting import hosting
+
+    for var in ("SHEDDER_ALLOW_REMOTE_CODE", "SHEDDER_ALLOW_SAVE", "SHEDDER_EXPORT_ROOT"):
+        monkeypatch.delenv(var, raising=False)
+    address = {"value": None}
+    monkeypatch.setattr(st_, "get_option", lambda key: address["value"] if key == "server.address" else None)
+    shared = hosting()
+    assert not shared.allow_remote_code and not shared.allow_save and shared.export_root == Path("exports").resolve()
+    address["value"] = "localhost"
+    assert hosting().allow_remote_code and hosting().allow_save
+    address["value"] = "0.0.0.0"
+    monkeypatch.setenv("SHEDDER_ALLOW_SAVE", "yes")
+    monkeypatch.setenv("SHEDDER_EXPORT_ROOT", str(tmp_path))
+    h = hosting()
+    assert h.allow_save and not h.allow_remote_code and h.export_root == tmp_path.resolve()
+    from app.state import Settings, Workspace
+
+    with pytest.raises(ShedderError, match="does not allow remote code"):
+        Workspace().configure(Settings(trust_remote_code=True))
+
+
+def test_a_second_thread_waits_for_a_run_lock_shown_and_cancellable(tmp_path):
+    """An app session's previous run still stopping, or another session: the new writer waits
+    (reported through its progress callback, which can cancel), then proceeds."""
+    lock = tmp_path / ".lock"
+    held, release = threading.Event(), threading.Event()
+
+    def other():
+        with exclusive(lock, "the run"):
+            held.set()
+            release.wait(30)
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    held.wait(30)
+    seen = []
+
+    def cancel(done, total, message):
+        seen.append(message)
+        raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        with exclusive(lock, "the run", cancel):
+            pass
+    assert seen == ["waiting: another session is writing the run"]
+    with exclusive(lock, "the run", lambda *a: release.set()):  # waits for the other, then holds it
+        assert not worker.is_alive() or release.is_set()
+    worker.join()
