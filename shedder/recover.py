@@ -464,6 +464,22 @@ def recover(student, tokenizer, config: RecoverConfig, run_dir: str | Path, teac
     return result
 
 
+def default_run_dir(source: str, plan, config: RecoverConfig, cache_dir: str | Path | None = None) -> Path:
+    """A run directory under the cache keyed by model source, plan and recipe: a caller without a
+    place of its own (the app) resumes a cancelled run there and finds a finished one."""
+    from .importance import default_cache_dir
+
+    key = json.dumps({"source": str(source), "plan": plan.to_dict() if plan is not None else None,
+                      "recipe": asdict(config)}, sort_keys=True, default=str)
+    return Path(cache_dir or default_cache_dir()) / "recoveries" / hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def finished(run_dir: str | Path) -> dict | None:
+    """The summary (``recovery.json``) of a finished run, or None."""
+    path = Path(run_dir) / CARD_JSON
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
 def _downstream(model, tokenizer, tasks: tuple[str, ...]) -> dict:
     """lm-eval accuracies through ``shedder.downstream`` (the project's lm-eval integration)."""
     try:
