@@ -468,10 +468,10 @@ def build_bench_recover_parser() -> argparse.ArgumentParser:
                                             "plan), recover each with every method for the same token budget, and "
                                             "print the share of the lost perplexity each method wins back.")
     p.add_argument("--methods", type=_kinds, default=list(METHODS), help="comma-separated (default all)")
-    p.add_argument("--steps", type=int, default=30, help="steps per method (default 30)")
+    p.add_argument("--steps", type=int, default=12, help="steps per method (default 12)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per step (default 8)")
-    p.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
-    p.add_argument("--eval-samples", type=int, default=64, help="held-out test windows (default 64)")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per window (default 64)")
+    p.add_argument("--eval-samples", type=int, default=32, help="held-out test windows (default 32)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     _common(p)
     p.set_defaults(func=cmd_bench_recover)

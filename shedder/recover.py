@@ -545,8 +545,8 @@ BENCH_PLANS = {
 }
 
 
-def compare_methods(methods=METHODS, steps: int = 30, batch_size: int = 8, seq_len: int = 128,
-                    eval_samples: int = 64, threads: int | None = 2, progress: Progress | None = None) -> list[dict]:
+def compare_methods(methods=METHODS, steps: int = 12, batch_size: int = 8, seq_len: int = 64,
+                    eval_samples: int = 32, threads: int | None = 2, progress: Progress | None = None) -> list[dict]:
     """Recover each bundled benchmark model with every method for the same budget, in one run.
 
     Each method starts from a fresh extraction of the same plan and trains on the same windows (same

@@ -4,6 +4,7 @@ model reloads with the same logits."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -89,7 +90,7 @@ def test_distill_loss_is_zero_for_the_teacher_itself():
 
 def test_an_interrupted_run_resumes_exactly(bundled_tokenizer, tmp_path):
     teacher, plan = _pruned("mamba2", len(bundled_tokenizer))
-    config = RecoverConfig(method="full", checkpoint_every=2, **FAST)
+    config = RecoverConfig(method="full", checkpoint_every=2, **{**FAST, "steps": 4, "eval_samples": 1})
     straight = student_for(teacher, plan)
     recover(straight, bundled_tokenizer, config, tmp_path / "straight", plan=plan)
 
@@ -103,7 +104,7 @@ def test_an_interrupted_run_resumes_exactly(bundled_tokenizer, tmp_path):
     with pytest.raises(ShedderError, match="--resume"):
         recover(student_for(teacher, plan), bundled_tokenizer, config, tmp_path / "run", plan=plan)
     with pytest.raises(ShedderError, match="other settings"):
-        recover(student_for(teacher, plan), bundled_tokenizer, RecoverConfig(method="full", **{**FAST, "lr": 1e-3}),
+        recover(student_for(teacher, plan), bundled_tokenizer, replace(config, lr=1e-3),
                 tmp_path / "run", plan=plan, resume=True)
     resumed = student_for(teacher, plan)
     result = recover(resumed, bundled_tokenizer, config, tmp_path / "run", plan=plan, resume=True)
