@@ -27,7 +27,7 @@ from shedder.errors import ShedderError
 from shedder.masking import masked
 from shedder.metrics import next_word_accuracy, perplexity
 from shedder.plan import Component, PruningPlan
-from shedder.recover import CHECKPOINT, RecoverConfig, default_run_dir, finished, recover, student_for
+from shedder.recover import CHECKPOINT, RecoverConfig, finished, recover, recovery_run_dir, student_for
 from shedder.search import default_run_dir, greedy_search
 
 #: Session-state key of the workspace.
@@ -223,7 +223,7 @@ class Workspace:
         loaded, plan = self.loaded, self.plan
         if not plan.components:
             raise ShedderError("the current plan removes nothing; prune something before recovering")
-        run_dir = default_run_dir(self.settings.model, plan, config)
+        run_dir = recovery_run_dir(self.settings.model, plan, config)
         if finished(run_dir) is None:
             student = student_for(loaded.model, plan, loaded.adapter)
             teacher = loaded.model if config.method == "distill" else None

@@ -464,7 +464,7 @@ def recover(student, tokenizer, config: RecoverConfig, run_dir: str | Path, teac
     return result
 
 
-def default_run_dir(source: str, plan, config: RecoverConfig, cache_dir: str | Path | None = None) -> Path:
+def recovery_run_dir(source: str, plan, config: RecoverConfig, cache_dir: str | Path | None = None) -> Path:
     """A run directory under the cache keyed by model source, plan and recipe: a caller without a
     place of its own (the app) resumes a cancelled run there and finds a finished one."""
     from .importance import default_cache_dir

@@ -217,7 +217,7 @@ def test_two_sessions_never_see_each_others_plans():
 def test_recover_page_trains_the_current_plan_and_the_frontier_links_it_to_its_pruned_point():
     at = open_app("recover")
     assert at.button(key="recover_run").disabled  # nothing removed yet
-    workspace(at).set_plan(PruningPlan([Component("block", 4)]))
+    workspace(at).set_plan(PruningPlan(frozenset({Component("block", 4)})))
     at.run()
     at.selectbox(key="recover_method").set_value("lora").run()
     at.number_input(key="recover_steps").set_value(2).run()
