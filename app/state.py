@@ -21,9 +21,9 @@ from shedder.arch.base import model_lock
 from shedder.bench import bench_speed
 from shedder.cost import estimate
 from shedder.data import calibration_windows
+from shedder.errors import ShedderError
 from shedder.evaluator import PlanEvaluator
 from shedder.loading import DEFAULT_MODEL, load_model
-from shedder.errors import ShedderError
 from shedder.masking import masked
 from shedder.metrics import next_word_accuracy, perplexity
 from shedder.plan import Component, PruningPlan

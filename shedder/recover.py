@@ -52,7 +52,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .arch import adapter_for, count_parameters
-from .data import cut_windows, load_records, load_text, tokenize, windows_from
+from .data import load_records, load_text, tokenize, windows_from
 from .errors import Cancelled, DataError, ShedderError
 from .metrics import describe_protocol, perplexity
 
