@@ -362,6 +362,8 @@ def cmd_bench_recover(args) -> int:
 def cmd_bench(args) -> int:
     from . import bench
 
+    if not (args.plan or args.pruned):
+        raise ShedderError("bench needs --plan or --pruned (or the `search` subcommand: python -m shedder bench search)")
     return bench.run(args)
 
 
@@ -482,14 +484,31 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_recover)
 
-    p = sub.add_parser("bench", help="speed of an extracted model vs its original; `bench search` for the search",
-                       epilog="`python -m shedder bench search --help`: fast vs reference greedy search; "
-                              "`python -m shedder bench recover --help`: recovery per method.")
+    p = sub.add_parser("bench", help="speed of an extracted model vs its original; `bench search` for the search")
     from . import bench
 
     bench.add_arguments(p)
     p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
+    bench_sub = p.add_subparsers(dest="bench_command", metavar="{search,recover}")
+    s = bench_sub.add_parser("search", help="fast vs reference greedy search",
+                             description="Run the reference and the fast greedy search on the same model and "
+                                         "data; print both wall times, the speed-up and whether they chose "
+                                         "identical components.")
+    _model_options(s)
+    s.add_argument("--kinds", type=_kinds, default=["ssm"], help="comma-separated kinds (default ssm)")
+    s.add_argument("--steps", type=int, default=4, help="search steps (default 4)")
+    s.add_argument("--workers", type=_counts, help="instead: the fast search on Ray pools of these sizes "
+                                                   "(e.g. 1,2), and the speed-up over the first")
+    s.add_argument("--ray-address", help="with --workers: run the pools on this Ray cluster")
+    _data_options(s, DEFAULT_CALIBRATION, 16)
+    _common(s)
+    s.set_defaults(func=cmd_bench_search)
+    r = bench_sub.add_parser("recover", help="recovery per method for the same token budget",
+                             description="Prune mamba2-tiny (a quarter of its blocks) and hybrid-tiny (a mixed "
+                                         "plan), recover each with every method for the same token budget, and "
+                                         "print the share of the lost perplexity each method wins back.")
+    _bench_recover_options(r)
     return parser
 
 
@@ -522,13 +541,9 @@ def _recover_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", type=_kinds, help="lm-eval tasks to run before and after (needs shedder.downstream)")
 
 
-def build_bench_recover_parser() -> argparse.ArgumentParser:
+def _bench_recover_options(p: argparse.ArgumentParser) -> None:
     from .recover import METHODS
 
-    p = argparse.ArgumentParser(prog="python -m shedder bench recover",
-                                description="Prune mamba2-tiny (a quarter of its blocks) and hybrid-tiny (a mixed "
-                                            "plan), recover each with every method for the same token budget, and "
-                                            "print the share of the lost perplexity each method wins back.")
     p.add_argument("--methods", type=_kinds, default=list(METHODS), help="comma-separated (default all)")
     p.add_argument("--steps", type=int, default=12, help="steps per method (default 12)")
     p.add_argument("--batch-size", type=int, default=8, help="windows per step (default 8)")
@@ -537,24 +552,6 @@ def build_bench_recover_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
     _common(p)
     p.set_defaults(func=cmd_bench_recover)
-    return p
-
-
-def build_bench_search_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m shedder bench search",
-                                description="Run the reference and the fast greedy search on the same model and "
-                                            "data; print both wall times, the speed-up and whether they chose "
-                                            "identical components.")
-    _model_options(p)
-    p.add_argument("--kinds", type=_kinds, default=["ssm"], help="comma-separated kinds (default ssm)")
-    p.add_argument("--steps", type=int, default=4, help="search steps (default 4)")
-    p.add_argument("--workers", type=_counts, help="instead: the fast search on Ray pools of these sizes "
-                                                   "(e.g. 1,2), and the speed-up over the first")
-    p.add_argument("--ray-address", help="with --workers: run the pools on this Ray cluster")
-    _data_options(p, DEFAULT_CALIBRATION, 16)
-    _common(p)
-    p.set_defaults(func=cmd_bench_search)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -562,12 +559,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars show the work; weight loading is quick
-    if argv[:2] == ["bench", "search"]:
-        args = build_bench_search_parser().parse_args(argv[2:])
-    elif argv[:2] == ["bench", "recover"]:
-        args = build_bench_recover_parser().parse_args(argv[2:])
-    else:
-        args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except Cancelled:
