@@ -10,6 +10,7 @@ _PAGES = {  # key: (file, title, icon)
     "prune": ("3_Prune.py", "Prune", ":material/content_cut:"),
     "search": ("4_Search_and_frontier.py", "Search & frontier", ":material/show_chart:"),
     "export": ("5_Export.py", "Export", ":material/download:"),
+    "recover": ("6_Recover.py", "Recover", ":material/healing:"),
 }
 
 

@@ -169,12 +169,18 @@ def trajectory(steps: pd.DataFrame) -> go.Figure:
 
 
 def frontier(points: pd.DataFrame, x: str, y: str, maximize_y: bool, labels: dict) -> go.Figure:
-    """Every evaluated configuration on (cost, quality) axes, by origin, with the Pareto front."""
+    """Every evaluated configuration on (cost, quality) axes, by origin, with the Pareto front; a
+    recovered model (``recovered_from``: the index of its pruned point) is joined to that point."""
     fig = go.Figure()
     for origin in dict.fromkeys(points["origin"]):
         d = points[points["origin"] == origin]
         fig.add_scatter(x=d[x], y=d[y], mode="markers", name=origin, text=d["name"], customdata=d.index,
                         marker=dict(size=12), hovertemplate="%{text}<br>%{x:,.4g}, %{y:.4f}<br>click to load<extra></extra>")
+    for _, r in points[points["recovered_from"].notna()].iterrows():  # recovered point <- its pruned point
+        if r["recovered_from"] in points.index:
+            src = points.loc[r["recovered_from"]]
+            fig.add_scatter(x=[src[x], r[x]], y=[src[y], r[y]], mode="lines", showlegend=False, hoverinfo="skip",
+                            line=dict(color="#2a9d8f", dash="dot"))
     front = points[pareto_mask(list(points[x]), list(points[y]), maximize_y)].sort_values(x)
     fig.add_scatter(x=front[x], y=front[y], mode="lines+markers", name="Pareto front", hoverinfo="skip",
                     line=dict(color="#222", dash="dash"), marker=dict(size=20, symbol="circle-open", color="#222"))

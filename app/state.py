@@ -19,7 +19,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from shedder.arch import adapter_for
+from shedder.arch import adapter_for, count_parameters
+from shedder.arch.base import model_lock
 from shedder.bench import bench_speed
 from shedder.cost import estimate
 from shedder import downstream
@@ -28,8 +29,9 @@ from shedder.errors import ShedderError
 from shedder.evaluator import PlanEvaluator
 from shedder.loading import DEFAULT_MODEL, load_model
 from shedder.masking import WAITING, masked
-from shedder.metrics import calibration_protocol, next_word_accuracy
+from shedder.metrics import calibration_protocol, next_word_accuracy, perplexity
 from shedder.plan import Component, PruningPlan
+from shedder.recover import CHECKPOINT, RecoverConfig, finished, recover, recovery_run_dir, student_for
 from shedder.search import default_run_dir, greedy_search
 
 #: Session-state key of the workspace.
@@ -138,6 +140,7 @@ class Workspace:
     search: object = None                # SearchResult from shedder.search.greedy_search
     search_kinds: tuple = ()
     saved: dict = field(default_factory=dict)   # name -> PruningPlan
+    recovered: list = field(default_factory=list)  # Recovered models of this session (frontier points)
     _metrics: dict = field(default_factory=dict)  # PruningPlan -> {"ppl", "params", "flops", ...}
     _downstream: dict = field(default_factory=dict)  # (PruningPlan, tasks, limit) -> shedder.downstream.TaskScores
     _evaluator: object = None
@@ -211,7 +214,7 @@ class Workspace:
         if not same_calibration:
             self.importance, self.search, self.search_kinds = None, None, ()
         if not same_model:
-            self.plan, self.history, self.saved = PruningPlan(), [], {}
+            self.plan, self.history, self.saved, self.recovered = PruningPlan(), [], {}, []
 
     def pool(self):
         """The Ray workers for scores and searches on the calibration windows, or None (in-process)."""
@@ -320,9 +323,45 @@ class Workspace:
             self._downstream[key] = found
         return self._downstream[key]
 
+    def recover(self, config: RecoverConfig, progress=None) -> "Recovered":
+        """Recover the current plan's extracted model with ``config`` (a run under the cache: a
+        cancelled one resumes, a finished one is reopened) and measure it on the evaluation windows."""
+        loaded, plan = self.loaded, self.plan
+        if not plan.components:
+            raise ShedderError("the current plan removes nothing; prune something before recovering")
+        run_dir = recovery_run_dir(self.settings.model, plan, config)
+        if finished(run_dir) is None:
+            student = student_for(loaded.model, plan, loaded.adapter)
+            teacher = loaded.model if config.method == "distill" else None
+            with model_lock(loaded.model):  # the teacher's weights are shared with other sessions
+                recover(student, loaded.tokenizer, config, run_dir, teacher=teacher, plan=plan,
+                        source=self.settings.model, progress=progress, resume=(run_dir / CHECKPOINT).is_file())
+        model, _ = load_model(str(run_dir), dtype=self.settings.dtype, device=self.settings.device)
+        result = Recovered(plan, config, str(run_dir), finished(run_dir),
+                           {"ppl": float(perplexity(model, self.windows(self.settings.evaluation))),
+                            "params": int(count_parameters(model)), "flops": self.metrics(plan)["flops"]})
+        self.recovered = [r for r in self.recovered if (r.plan, r.config) != (plan, config)] + [result]
+        return result
+
     def known(self, plan: PruningPlan) -> dict:
         """Whatever has been measured for ``plan`` so far (possibly nothing)."""
         return dict(self._metrics.get(self.loaded.adapter.validate(plan), {}))
+
+
+@dataclass(frozen=True)
+class Recovered:
+    """A recovered model: the pruned plan it came from, its recipe, its run and its numbers (measured
+    on the session's evaluation windows, like every other frontier point)."""
+
+    plan: PruningPlan
+    config: RecoverConfig
+    run_dir: str
+    summary: dict          # recovery.json: recipe, steps, tokens, wall time, held-out perplexities
+    metrics: dict          # ppl, params, flops
+
+    @property
+    def name(self) -> str:
+        return f"recovered ({self.config.method}, {self.summary['tokens']:,} tokens)"
 
 
 def workspace() -> Workspace:

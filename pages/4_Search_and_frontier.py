@@ -48,6 +48,9 @@ if result is not None:
     entries += [(f"step {x.step}: −{x.component}", "search", x.plan) for x in result.steps]
 entries += [(name, "saved", plan) for name, plan in ws.saved.items()]
 entries.append(("current plan", "current", ws.plan))
+# Recovered models (Recover page): their own quality numbers; the same structure, so the same cost.
+recovered = {len(entries) + k: r for k, r in enumerate(ws.recovered)}
+entries += [(r.name, "recovered", r.plan) for r in ws.recovered]
 
 st.subheader("Frontier")
 c1, c2 = st.columns(2)
@@ -65,8 +68,11 @@ with ui.shown_errors():
     rows = []
     for i, (name, origin, plan) in enumerate(entries):
         m = {**ws.metrics(plan), **ws.known(plan)}
+        if i in recovered:  # quality of the recovered model, cost of its (pruned) structure
+            m = {**{k: m.get(k) for k in ("params", "flops", "latency_ms")}, **recovered[i].metrics}
+        pruned_from = next((j for j, (_, o, p) in enumerate(entries) if o != "recovered" and p == plan), None)
         rows.append({"name": name, "origin": origin, "entry": i, "removed": plan.describe(),
-                     **{k: m.get(k) for k in AXES}})
+                     "recovered_from": pruned_from if i in recovered else None, **{k: m.get(k) for k in AXES}})
     points = pd.DataFrame(rows).set_index("entry")
     shown = points.dropna(subset=[x_axis, y_axis])
     if len(shown) < len(points):

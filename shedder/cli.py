@@ -11,6 +11,8 @@
     python -m shedder bench   --model mamba2-tiny --plan plan.json     (speed of the extracted model)
     python -m shedder bench search [--model mamba2-tiny --kinds ssm --steps 4]  (fast vs reference search)
     python -m shedder bench search --workers 1,2                       (speed-up of Ray workers)
+    python -m shedder recover --model mamba2-tiny --plan plan.json --method lora --out recovered/ [--resume]
+    python -m shedder bench recover [--steps 12]   (recovery per method for the same token budget)
 
 Every command takes ``--json`` for machine-readable output. Progress bars go to stderr. A mistake in
 the input (bad path, plan for another model, empty text, ...) prints one line ``error: ...`` and exits
@@ -385,6 +387,66 @@ def _bench_workers(args, model, windows) -> int:
     return 0 if report["identical"] else 1
 
 
+# ---------------------------------------------------------------------------------------- recover
+def cmd_recover(args) -> int:
+    from .extract import saved_plan
+    from .loading import resolve
+    from .loading import load_model
+    from .recover import recover, student_for
+
+    config = _recover_config(args)
+    model, tokenizer = _load(args)
+    adapter, plan = _plan_for(model, args.plan)
+    if plan is not None:  # --model is the original: the student is extracted, the original teaches
+        student, teacher = student_for(model, plan, adapter), model
+    else:  # --model is a pruned checkpoint (or nothing is removed); the teacher comes from --teacher
+        student, teacher = model, None
+        plan = saved_plan(resolve(args.model)) if Path(resolve(args.model)).is_dir() else None
+        if args.teacher:
+            teacher, _ = load_model(args.teacher, dtype=args.dtype, device=args.device,
+                                    trust_remote_code=args.trust_remote_code)
+    if not args.json:
+        print(f"recovering {args.model}{f' ({plan.describe()})' if plan else ''}: {config.describe()}", flush=True)
+    try:
+        with _progress(args) as progress:
+            result = recover(student, tokenizer, config, args.out, teacher=teacher, plan=plan, source=args.model,
+                             progress=progress, resume=args.resume)
+    except (Cancelled, KeyboardInterrupt):
+        print(f"recovery stopped: checkpoint kept in {args.out}; add --resume to continue", file=sys.stderr)
+        raise
+    ppl = result.ppl
+    fraction = result.recovered_fraction
+    lines = [f"saved {result.run_dir} ({result.steps} steps, {result.tokens:,} tokens, {result.seconds / 60:.1f} min)"]
+    lines += [f"{name:>9} perplexity {ppl[name]:.4f}" for name in ("unpruned", "pruned", "recovered") if name in ppl]
+    if fraction is not None:
+        lines.append(f"recovered {100 * fraction:.1f}% of the log-perplexity lost to pruning")
+    lines.append(f"[{result.protocol}]")
+    _emit(args, result.to_dict(), "\n".join(lines))
+    return 0
+
+
+def _recover_config(args):
+    from .recover import RecoverConfig
+
+    return RecoverConfig(
+        method=args.method, data=args.data, template=args.template, steps=args.steps, tokens=args.tokens,
+        batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, schedule=args.schedule, warmup=args.warmup,
+        seed=args.seed, lora_rank=args.lora_rank, lora_alpha=args.lora_alpha,
+        lora_targets=tuple(args.lora_targets) if args.lora_targets else None, temperature=args.temperature,
+        lm_weight=args.lm_weight, eval_data=args.eval_data, eval_samples=args.eval_samples,
+        checkpoint_every=args.checkpoint_every, tasks=tuple(args.tasks or ()))
+
+
+def cmd_bench_recover(args) -> int:
+    from .recover import compare_methods, format_comparison
+
+    with _progress(args) as progress:
+        rows = compare_methods(args.methods, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                               eval_samples=args.eval_samples, threads=args.threads, progress=progress)
+    _emit(args, {"rows": rows}, format_comparison(rows))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from . import bench
 
@@ -488,7 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m shedder", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,eval,extract,score,search,bench}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,eval,extract,score,search,recover,bench}")
 
     p = sub.add_parser("info", help="architecture, layers, components and parameters of a model")
     _model_options(p)
@@ -548,6 +610,16 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_search)
 
+    p = sub.add_parser("recover", help="recover a pruned model: LoRA, full fine-tuning or distillation, resumable")
+    _model_options(p)
+    p.add_argument("--plan", help="pruning plan for --model (the original); without it --model is a pruned checkpoint")
+    p.add_argument("--out", required=True, help="run directory: checkpoint, log.jsonl, then the recovered model")
+    _recover_options(p)
+    p.add_argument("--teacher", help="the unpruned model when --model is a pruned checkpoint (needed by distill)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    _common(p)
+    p.set_defaults(func=cmd_recover)
+
     p = sub.add_parser("bench", help="speed of an extracted model vs its original; `bench search` for the search")
     from . import bench
 
@@ -555,7 +627,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
-    bench_sub = p.add_subparsers(dest="bench_command", metavar="{search}")
+    bench_sub = p.add_subparsers(dest="bench_command", metavar="{search,recover}")
     s = bench_sub.add_parser("search", help="fast vs reference greedy search",
                              description="Run the reference and the fast greedy search on the same model and "
                                          "data; print both wall times, the speed-up and whether they chose "
@@ -569,7 +641,54 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(s, DEFAULT_CALIBRATION, DEFAULT_SAMPLES)
     _common(s)
     s.set_defaults(func=cmd_bench_search)
+    r = bench_sub.add_parser("recover", help="recovery per method for the same token budget",
+                             description="Prune mamba2-tiny (a quarter of its blocks) and hybrid-tiny (a mixed "
+                                         "plan), recover each with every method for the same token budget, and "
+                                         "print the share of the lost perplexity each method wins back.")
+    _bench_recover_options(r)
     return parser
+
+
+def _recover_options(p: argparse.ArgumentParser) -> None:
+    from .recover import DEFAULT_LR, METHODS, SCHEDULES
+
+    p.add_argument("--method", choices=METHODS, default="lora", help="what to train (default lora)")
+    p.add_argument("--data", default="train", help="training text: train (the shipped sample of the training split, "
+                                                   "the default), calibration, a .txt/.jsonl file or hf:DATASET[:CONFIG]:SPLIT")
+    p.add_argument("--template", choices=["alpaca"], help="format instruction/input/output records with the Alpaca prompt")
+    budget = p.add_mutually_exclusive_group()
+    budget.add_argument("--steps", type=int, help="optimizer steps (default 100)")
+    budget.add_argument("--tokens", type=int, help="token budget, rounded up to whole steps")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per step (default 8)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default " +
+                   ", ".join(f"{m} {v:g}" for m, v in DEFAULT_LR.items()) + ")")
+    p.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="after the warm-up (default cosine)")
+    p.add_argument("--warmup", type=float, default=0.05, help="warm-up as a fraction of the steps (default 0.05)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--lora-alpha", type=float, default=32.0)
+    p.add_argument("--lora-targets", type=_kinds, help="comma-separated linear layer names (default per family, "
+                                                       "e.g. in_proj,out_proj,up_proj,down_proj)")
+    p.add_argument("--temperature", type=float, default=2.0, help="distill: softmax temperature (default 2)")
+    p.add_argument("--lm-weight", type=float, default=0.0, help="distill: weight of the next-token loss (default 0)")
+    p.add_argument("--eval-data", default=DEFAULT_EVAL, help="held-out text for before/after perplexity (default test)")
+    p.add_argument("--eval-samples", type=int, default=64, help="held-out windows (default 64)")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
+    p.add_argument("--tasks", type=_kinds, help="lm-eval tasks to run before and after (needs shedder.downstream)")
+
+
+def _bench_recover_options(p: argparse.ArgumentParser) -> None:
+    from .recover import METHODS
+
+    p.add_argument("--methods", type=_kinds, default=list(METHODS), help="comma-separated (default all)")
+    p.add_argument("--steps", type=int, default=12, help="steps per method (default 12)")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per step (default 8)")
+    p.add_argument("--seq-len", type=int, default=64, help="tokens per window (default 64)")
+    p.add_argument("--eval-samples", type=int, default=32, help="held-out test windows (default 32)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    _common(p)
+    p.set_defaults(func=cmd_bench_recover)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -591,8 +710,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {printable(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted (score and search keep their finished work: rerun the same command, "
-              "with --resume for search)", file=sys.stderr)
+        print("error: interrupted (score, search and recover keep their finished work: rerun the same command, "
+              "with --resume for search and recover)", file=sys.stderr)
         return 130
     except Exception as e:  # a bug, not the user's input: one line unless asked for the traceback
         if getattr(args, "debug", False):

@@ -10,8 +10,10 @@ the SHA-256 of their text; the first ones in that order go to ``test`` until it 
 ``SPLIT_CHARS`` characters, the next ones to ``calibration``, the rest to ``train``. The ranking
 depends only on the text, so every rebuild gives the same splits.
 
-Only ``calibration.txt`` and ``test.txt`` are shipped in ``assets/data``; the training split is
-rebuilt from the package on demand (see ``assets/data/SOURCE.md``)::
+Shipped in ``assets/data``: ``calibration.txt``, ``test.txt`` and ``train.txt.gz``, a sample of the
+training split for recovery after pruning (the training chapters taken in the same hash order until
+``TRAIN_SAMPLE_CHARS`` characters, kept in book order). The whole training split is rebuilt from the
+package on demand (see ``assets/data/SOURCE.md``)::
 
     apt-get download r-cran-janeaustenr          # or: apt-get install r-cran-janeaustenr
     python -m shedder.corpus --deb r-cran-janeaustenr_1.0.0-1_all.deb
@@ -38,6 +40,9 @@ NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northa
 #: Target size of the test and of the calibration split (characters); the rest is training text.
 SPLIT_CHARS = 250_000
 SPLITS = ("train", "calibration", "test")
+#: Size of the shipped training sample (characters): recovery text that is never test text.
+TRAIN_SAMPLE_CHARS = 1_000_000
+TRAIN_SAMPLE = DATA_DIR / "train.txt.gz"
 
 _CHAPTER = re.compile(r"^\s*chapter\s+([0-9]+|[ivxlc]+)\.?\s*$", re.IGNORECASE)
 
@@ -155,7 +160,7 @@ def chapters(novels: dict[str, list[str]]) -> list[str]:
 
 def split_chapters(chs: list[str]) -> dict[str, list[str]]:
     """Deterministic test / calibration / train assignment by chapter hash (see module docstring)."""
-    ranked = sorted(chs, key=lambda t: hashlib.sha256(t.encode()).hexdigest())
+    ranked = sorted(chs, key=_rank)
     splits: dict[str, list[str]] = {s: [] for s in SPLITS}
     sizes = {"test": 0, "calibration": 0}
     for text in ranked:
@@ -168,10 +173,32 @@ def split_chapters(chs: list[str]) -> dict[str, list[str]]:
     return {s: sorted(v, key=order.__getitem__) for s, v in splits.items()}
 
 
+def _rank(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def train_sample(train_chapters: list[str], chars: int = TRAIN_SAMPLE_CHARS) -> list[str]:
+    """The shipped sample of the training split: its chapters in hash order until ``chars``
+    characters, then back in book order (the same rule that cut the test and calibration splits)."""
+    taken, size = set(), 0
+    for text in sorted(train_chapters, key=_rank):
+        if size >= chars:
+            break
+        taken.add(text)
+        size += len(text)
+    return [t for t in train_chapters if t in taken]
+
+
+def _join(chs: list[str]) -> str:
+    return "\n\n\n".join(chs) + "\n"
+
+
 def build_splits(deb: Path | None = None) -> dict[str, str]:
-    """All three splits as text; chapters are separated by three newlines."""
+    """All three splits as text, and the shipped training sample; chapters are separated by three newlines."""
     splits = split_chapters(chapters(read_novels(package_data_dir(deb))))
-    return {name: "\n\n\n".join(chs) + "\n" for name, chs in splits.items()}
+    texts = {name: _join(chs) for name, chs in splits.items()}
+    texts["train_sample"] = _join(train_sample(splits["train"]))
+    return texts
 
 
 def load_split(name: str, train_dir: Path = CACHE_ROOT) -> str:
@@ -185,9 +212,13 @@ def load_split(name: str, train_dir: Path = CACHE_ROOT) -> str:
 
 
 def write_splits(deb: Path | None = None, train_dir: Path = CACHE_ROOT) -> dict[str, Path]:
-    """Rebuild the splits: calibration/test into assets/data, train into the cache directory."""
+    """Rebuild the splits: calibration/test and the training sample into assets/data, train into the
+    cache directory."""
     paths = {}
-    for name, text in build_splits(deb).items():
+    texts = build_splits(deb)
+    TRAIN_SAMPLE.write_bytes(gzip.compress(texts.pop("train_sample").encode("utf-8"), mtime=0))
+    paths["train_sample"] = TRAIN_SAMPLE
+    for name, text in texts.items():
         path = (train_dir if name == "train" else DATA_DIR) / f"{name}.txt"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")

@@ -3,7 +3,8 @@
 A text source is a string, so the CLI, the app and plan files can name it:
 
 * ``"calibration"`` / ``"test"`` — the bundled splits in ``assets/data`` (disjoint chapters, so the
-  text a search calibrates on is never the text it is judged on);
+  text a search calibrates on is never the text it is judged on); ``"train"`` — the shipped sample
+  of the training split (``train.txt.gz``), disjoint from both, which recovery trains on;
 * a local ``.txt`` file (read whole) or ``.jsonl`` file (one JSON object with a ``"text"`` field per line);
 * ``"hf:DATASET[:CONFIG]:SPLIT"`` — any ``datasets`` id, e.g. ``hf:wikitext:wikitext-2-raw-v1:test``.
 
@@ -18,6 +19,7 @@ Calibration windows follow one of two protocols (``PROTOCOLS``): ``"shedder"`` t
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
 import random
@@ -29,7 +31,7 @@ import torch
 from .errors import DataError
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "assets" / "data"
-BUNDLED = ("calibration", "test")
+BUNDLED = {"train": "train.txt.gz", "calibration": "calibration.txt", "test": "test.txt"}
 PROTOCOLS = ("shedder", "official")
 
 
@@ -52,15 +54,16 @@ def load_text(source: str) -> str:
     """The whole text of ``source`` (see the module docstring for the accepted forms)."""
     source = str(source)
     if source in BUNDLED:
-        path = DATA_DIR / f"{source}.txt"
+        path = DATA_DIR / BUNDLED[source]
         if not path.is_file():
             raise DataError(f"the bundled {source!r} text is missing ({path}); rebuild it with `python -m shedder.corpus`")
-        return _non_empty(path.read_text(encoding="utf-8"), source)
+        raw = path.read_bytes()
+        return _non_empty((gzip.decompress(raw) if path.suffix == ".gz" else raw).decode("utf-8"), source)
     if source.startswith("hf:"):
         return _non_empty(_load_hf(source), source)
     path = Path(source).expanduser()
     if not path.is_file():
-        raise DataError(f"text source not found: {source!r} (use 'calibration', 'test', a .txt/.jsonl file, "
+        raise DataError(f"text source not found: {source!r} (use 'train', 'calibration', 'test', a .txt/.jsonl file, "
                         "or hf:DATASET[:CONFIG]:SPLIT)")
     try:
         if path.suffix == ".jsonl":
@@ -68,6 +71,35 @@ def load_text(source: str) -> str:
         return _non_empty(path.read_text(encoding="utf-8"), source)
     except UnicodeDecodeError as e:
         raise DataError(f"{source} is not UTF-8 text (byte {e.start} cannot be decoded)") from None
+
+
+def load_records(source: str) -> list[dict]:
+    """The records of a ``.jsonl`` file or a ``datasets`` split, as dicts (for templates such as
+    Alpaca's, which need several fields of each record)."""
+    source = str(source)
+    if source.startswith("hf:"):
+        records = list(_hf_dataset(source))
+    else:
+        path = Path(source).expanduser()
+        if path.suffix != ".jsonl" or not path.is_file():
+            raise DataError(f"records need a .jsonl file or hf:DATASET[:CONFIG]:SPLIT, not {source!r}")
+        records = [_json_line(path, lineno, line) for lineno, line in
+                   enumerate(path.read_text(encoding="utf-8").splitlines(), 1) if line.strip()]
+    if not records:
+        raise DataError(f"the text source {source!r} is empty")
+    return records
+
+
+def _json_line(path: Path, lineno: int, line: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise DataError(f"{path}:{lineno}: not a text record (JSON nested too deeply)") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}:{lineno}: each line must be a JSON object")
+    return record
 
 
 def _non_empty(text: str, source: str) -> str:
@@ -85,13 +117,8 @@ def _jsonl_texts(path: Path) -> list[str]:
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-        except RecursionError:
-            raise DataError(f"{path}:{lineno}: not a text record (JSON nested too deeply)") from None
-        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        record = _json_line(path, lineno, line)
+        if not isinstance(record.get("text"), str):
             raise DataError(f"{path}:{lineno}: each line needs a string field 'text'")
         texts.append(record["text"])
     return texts
@@ -108,15 +135,7 @@ def parse_hf(source: str) -> tuple[str, str | None, str]:
 
 
 def _load_hf(source: str) -> str:
-    dataset, config, split = parse_hf(source)
-    try:
-        with offline_when_unreachable():
-            import datasets
-
-            ds = datasets.load_dataset(dataset, config, split=split)
-    except Exception as e:  # offline, unknown id, unknown split: all reach the user as one message
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise DataError(f"cannot load {source!r} with `datasets` (hub unreachable or no such dataset/split?): {first}") from None
+    ds = _hf_dataset(source)
     column = text_column(ds.features)
     if column is None:
         raise DataError(f"{source!r} has no text column (columns: {', '.join(ds.column_names)})")
@@ -141,6 +160,18 @@ def offline_when_unreachable():
         yield
     finally:
         datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
+
+
+def _hf_dataset(source: str):
+    dataset, config, split = parse_hf(source)
+    try:
+        with offline_when_unreachable():
+            import datasets
+
+            return datasets.load_dataset(dataset, config, split=split)
+    except Exception as e:  # offline, unknown id, unknown split: all reach the user as one message
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"cannot load {source!r} with `datasets` (hub unreachable or no such dataset/split?): {first}") from None
 
 
 def text_column(features) -> str | None:

@@ -23,13 +23,12 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import random
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import DownstreamError
+from .fileio import atomic_write_text
 from .local_tasks import TASKS_DIR
 from .metrics import Progress
 
@@ -204,7 +203,7 @@ def scores(model, tokenizer, tasks, plan=None, *, limit: int | None = None, batc
     manager = task_manager(tasks)
     out = _run(model, tokenizer, tasks, plan, adapter, manager, limit, batch_size, progress)
     result = TaskScores.from_lm_eval(out, tasks, limit)
-    _write_atomic(path, json.dumps(result.to_dict(), indent=1, sort_keys=True))
+    atomic_write_text(path, json.dumps(result.to_dict(), indent=1, sort_keys=True))
     return result
 
 
@@ -333,15 +332,3 @@ def _task_files_hash(tasks) -> str | None:
             h.update(p.name.encode())
             h.update(p.read_bytes())
     return h.hexdigest()[:16]
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -23,7 +23,7 @@ import tempfile
 import threading
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from .errors import Busy, ShedderError, printable
 
@@ -43,13 +43,23 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file and a rename."""
-    path = Path(path)
-    tmp = temp_path(path)
-    try:
+    def write(tmp: Path) -> None:
         with tmp.open("wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+
+    atomic_write(path, write)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Have ``write`` fill a temporary sibling of ``path`` (e.g. ``torch.save``), then rename it over
+    ``path``; the parent directory is created. A failure leaves ``path`` as it was."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        write(tmp)
         tmp.replace(path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -20,7 +20,8 @@ from app.state import WORKSPACE_KEY, Settings, Workspace  # noqa: E402
 
 MAIN = str(Path(__file__).resolve().parent.parent / "app" / "main.py")
 PAGES = {"model": "../pages/1_Model.py", "importance": "../pages/2_Importance.py", "prune": "../pages/3_Prune.py",
-         "search": "../pages/4_Search_and_frontier.py", "export": "../pages/5_Export.py"}
+         "search": "../pages/4_Search_and_frontier.py", "export": "../pages/5_Export.py",
+         "recover": "../pages/6_Recover.py"}
 
 if not (BUNDLED_MODELS / DEFAULT_MODEL / "config.json").is_file() and not os.environ.get("SHEDDER_MODEL"):
     pytest.skip(f"the bundled {DEFAULT_MODEL} model is missing from {BUNDLED_MODELS}", allow_module_level=True)
@@ -285,3 +286,23 @@ def test_model_page_runs_lm_eval_only_on_request_and_reuses_the_result():
     workspace(at)._downstream.clear()
     at.run()  # a new session with the same choice finds the result in the disk cache
     assert len(at.dataframe) == 1
+
+
+def test_recover_page_trains_the_current_plan_and_the_frontier_links_it_to_its_pruned_point():
+    at = open_app("recover")
+    assert at.button(key="recover_run").disabled  # nothing removed yet
+    workspace(at).set_plan(PruningPlan(frozenset({Component("block", 4)})))
+    at.run()
+    at.selectbox(key="recover_method").set_value("lora").run()
+    at.number_input(key="recover_steps").set_value(2).run()
+    at.button(key="recover_run").click().run()
+    assert_clean(at)
+    table = at.dataframe[0].value
+    assert list(table["model"])[:2] == ["unpruned", "pruned (current plan)"] and len(table) == 3
+    recovered = workspace(at).recovered[0]
+    assert recovered.summary["steps"] == 2 and recovered.metrics["ppl"] == pytest.approx(table["perplexity"].iloc[2])
+    at.switch_page(PAGES["search"]).run()
+    assert_clean(at)
+    frontier = at.dataframe[0].value
+    row = frontier[frontier["name"] == recovered.name].iloc[0]
+    assert frontier.loc[frontier["name"] == "current plan"].index[0] == row["recovered_from"]

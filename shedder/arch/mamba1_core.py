@@ -101,13 +101,19 @@ def pruned_mixer_state(mixer: nn.Module, remove_ssm: bool, kept: torch.Tensor | 
 
 
 def _weights(mixer: nn.Module, ssm: bool, kept: torch.Tensor | None) -> dict[str, torch.Tensor | None]:
-    """The mixer's parameters the forward needs, gathered to ``kept`` channels (views when kept is None)."""
+    """The mixer's parameters the forward needs, gathered to ``kept`` channels (views when kept is None).
+
+    Read as attributes (``mixer.in_proj.weight``), not from ``named_parameters``, so a parametrized
+    weight (e.g. LoRA factors during recovery) is seen with its parametrization applied."""
     names = ["in_proj.weight", "in_proj.bias", "conv1d.weight", "conv1d.bias", "out_proj.weight", "out_proj.bias"]
     if ssm:
         names += ["x_proj.weight", "dt_proj.weight", "dt_proj.bias", "A_log", "D"]
-    params = dict(mixer.named_parameters())
-    return {n: None if params.get(n) is None else slice_channels(n, params[n], kept, mixer.intermediate_size)
-            for n in names}
+    out = {}
+    for n in names:
+        module, _, attr = n.rpartition(".")
+        tensor = getattr(mixer.get_submodule(module) if module else mixer, attr, None)
+        out[n] = None if tensor is None else slice_channels(n, tensor, kept, mixer.intermediate_size)
+    return out
 
 
 # Adapted from transformers.models.mamba.modeling_mamba.MambaMixer.forward, v5.24

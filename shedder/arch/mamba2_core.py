@@ -113,8 +113,10 @@ class MixerLayout:
 
 @functools.lru_cache(maxsize=256)
 def _group_index(heads_per_group: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """[H] group of each head, as a tensor on ``device`` (cached: built once per layout)."""
-    return torch.tensor([g for g, n in enumerate(heads_per_group) for _ in range(n)], device=device)
+    """[H] group of each head, as a tensor on ``device`` (cached: built once per layout; a normal
+    tensor even when first asked for under ``inference_mode``, so training can index with it too)."""
+    with torch.inference_mode(False):
+        return torch.tensor([g for g, n in enumerate(heads_per_group) for _ in range(n)], device=device)
 
 
 def mixer_layout(mixer: nn.Module) -> MixerLayout:
