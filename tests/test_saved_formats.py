@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from adapter_checks import TOL
 from safetensors.torch import load_file
 
 from shedder.errors import ModelLoadError
@@ -34,7 +35,9 @@ def test_schema1_models_load_with_identical_logits(name, tmp_path):
     model, _ = load_model(str(model_dir))
     with torch.no_grad():
         logits = model(expected["input_ids"]).logits
-    torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-5)
+    # The same tolerance as masked == extracted: the logits were saved by a process with another
+    # thread count, which sums in another order.
+    torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=TOL)
     assert saved_plan(model_dir).components
 
 
