@@ -13,7 +13,6 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from shedder.metrics import pareto_mask
 from shedder.plan import Component, PruningPlan
 
 KIND_COLOURS = {"mamba": "#4C78A8", "attention": "#F58518", "mlp": "#54A24B", "moe": "#B279A2", "hybrid": "#9D755D"}
@@ -168,17 +167,20 @@ def trajectory(steps: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def frontier(points: pd.DataFrame, x: str, y: str, maximize_y: bool, labels: dict) -> go.Figure:
-    """Every evaluated configuration on (cost, quality) axes, by origin, with the Pareto front."""
+def frontier(points: pd.DataFrame, x: str, y: str, front: pd.Series, labels: dict) -> go.Figure:
+    """Every evaluated configuration on (cost, quality) axes, one colour and legend entry per series
+    (strategy), with the Pareto front over all of them (``front``: bool per row, from the engine)."""
     fig = go.Figure()
-    for origin in dict.fromkeys(points["origin"]):
-        d = points[points["origin"] == origin]
-        fig.add_scatter(x=d[x], y=d[y], mode="markers", name=origin, text=d["name"], customdata=d.index,
-                        marker=dict(size=12), hovertemplate="%{text}<br>%{x:,.4g}, %{y:.4f}<br>click to load<extra></extra>")
-    front = points[pareto_mask(list(points[x]), list(points[y]), maximize_y)].sort_values(x)
-    fig.add_scatter(x=front[x], y=front[y], mode="lines+markers", name="Pareto front", hoverinfo="skip",
-                    line=dict(color="#222", dash="dash"), marker=dict(size=20, symbol="circle-open", color="#222"))
-    fig.update_layout(height=420, margin=dict(l=10, r=10, t=30, b=10), xaxis_title=labels[x], yaxis_title=labels[y],
+    for series in dict.fromkeys(points["series"]):
+        d = points[points["series"] == series]
+        fig.add_scatter(x=d[x], y=d[y], mode="lines+markers" if len(d) > 1 else "markers", name=series,
+                        text=d["name"], customdata=d.index, marker=dict(size=12), line=dict(width=1),
+                        hovertemplate=f"{series}<br>%{{text}}<br>%{{x:,.4g}}, %{{y:.4f}}<br>click to load<extra></extra>")
+    on_front = points[front.reindex(points.index, fill_value=False)].sort_values(x)
+    fig.add_scatter(x=on_front[x], y=on_front[y], mode="lines+markers", name="Pareto front (all series)",
+                    hoverinfo="skip", line=dict(color="#222", dash="dash"),
+                    marker=dict(size=20, symbol="circle-open", color="#222"))
+    fig.update_layout(height=460, margin=dict(l=10, r=10, t=30, b=10), xaxis_title=labels[x], yaxis_title=labels[y],
                       clickmode="event+select", dragmode=False, legend=dict(orientation="h", y=1.12))
     if y == "ppl":  # perplexities of pruned models span orders of magnitude; ratios are what matter
         fig.update_yaxes(type="log")

@@ -17,10 +17,13 @@ from pathlib import Path
 import streamlit as st
 
 from shedder.arch import adapter_for
-from shedder.bench import bench_speed
+from shedder import frontier
+from shedder.agreement import compare
+from shedder.continuation import continue_text
 from shedder.cost import estimate
 from shedder.data import calibration_windows
 from shedder.evaluator import PlanEvaluator
+from shedder.importance_metrics import metric_scores
 from shedder.loading import DEFAULT_MODEL, load_model
 from shedder.masking import masked
 from shedder.metrics import next_word_accuracy
@@ -97,6 +100,10 @@ class Workspace:
     search: object = None                # SearchResult from shedder.search.greedy_search
     search_kinds: tuple = ()
     saved: dict = field(default_factory=dict)   # name -> PruningPlan
+    series: dict = field(default_factory=dict)  # name -> shedder.frontier.Series (strategies on the frontier)
+    metric_tables: dict = field(default_factory=dict)  # (metric, kinds) -> metric_scores table
+    agreement: object = None             # (tables, rows) from shedder.agreement.compare
+    texts: dict = field(default_factory=dict)  # (plan, prompt, tokens) -> greedy continuation
     _metrics: dict = field(default_factory=dict)  # PruningPlan -> {"ppl", "params", "flops", ...}
     _evaluator: object = None
 
@@ -121,8 +128,10 @@ class Workspace:
         self.settings = settings
         self._metrics.clear()
         self._evaluator = None
+        self.texts.clear()
         if not same_calibration:
             self.importance, self.search, self.search_kinds = None, None, ()
+            self.metric_tables, self.agreement, self.series = {}, None, {}
         if not same_model:
             self.plan, self.history, self.saved = PruningPlan(), [], {}
 
@@ -173,7 +182,8 @@ class Workspace:
             cost = estimate(loaded.model, plan, seq_len=self.settings.seq_len, adapter=loaded.adapter)
             m.update(ppl=float(self.evaluator().perplexity(plan, progress=progress)),
                      params=int(loaded.adapter.param_count(plan)),
-                     flops=float(cost.flops_per_token_prefill))
+                     flops=float(cost.flops_per_token_prefill),
+                     state_bytes=float(cost.state_bytes_per_sequence))
         return m
 
     def accuracy(self, plan: PruningPlan, progress=None) -> float:
@@ -186,18 +196,62 @@ class Workspace:
                                                          n=self.settings.accuracy_passages, progress=progress))
         return m["accuracy"]
 
-    def latency(self, plan: PruningPlan, progress=None) -> dict:
-        """Measured latency of the *extracted* model (never a masked one), next to the original."""
+    def latency(self, plan: PruningPlan, progress=None, **bench) -> dict:
+        """Measured speed of the *extracted* model (never a masked one) next to the original, from
+        the engine's on-disk cache when this point was measured before (in any session)."""
         plan = self.loaded.adapter.validate(plan)
         m = self._metrics.setdefault(plan, {})
-        if "latency_ms" not in m:
+        if "prefill_speedup" not in m:
             s = self.settings
-            r = bench_speed(s.model, plan=plan, seq_len=s.seq_len, new_tokens=8, repeats=3, warmup=1,
-                            device=s.device, dtype=s.dtype, memory=False, progress=progress)
-            m.update(latency_ms=r["pruned"]["ttft_ms"]["median"], original_latency_ms=r["original"]["ttft_ms"]["median"],
-                     measured_speedup=r["measured_prefill_speedup"], expected_speedup=r["expected_prefill_speedup"],
-                     bench=r)
+            m.update(frontier.measure(s.model, self.loaded.model, plan, device=s.device, dtype=s.dtype,
+                                      progress=progress, seq_len=s.seq_len, **bench))
+            self._timings(m)
         return m
+
+    @staticmethod
+    def _timings(m: dict) -> None:
+        """The time-to-first-token figures the Prune and Export pages show, from the bench result."""
+        r = m.get("bench")
+        if r:
+            m.update(latency_ms=r["pruned"]["ttft_ms"]["median"], original_latency_ms=r["original"]["ttft_ms"]["median"],
+                     measured_speedup=m["prefill_speedup"], expected_speedup=m["expected_prefill_speedup"])
+
+    def measured(self, plan: PruningPlan, **bench) -> dict:
+        """What is known of ``plan``'s measured speed without measuring (possibly nothing)."""
+        plan = self.loaded.adapter.validate(plan)
+        m = self._metrics.setdefault(plan, {})
+        if "prefill_speedup" not in m:
+            s = self.settings
+            m.update(frontier.measured(self.loaded.model, plan, s.device, s.dtype, seq_len=s.seq_len, **bench) or {})
+            self._timings(m)
+        return m
+
+    def metric_table(self, metric: str, kinds, progress=None):
+        """``metric``'s scores of ``kinds`` on the calibration windows (kept for the session)."""
+        key = (metric, tuple(kinds))
+        if key not in self.metric_tables:
+            self.metric_tables[key] = metric_scores(self.loaded.model, self.windows(self.settings.calibration),
+                                                    list(kinds), metric, progress=progress)
+        return self.metric_tables[key]
+
+    def compare(self, kinds, metrics, progress=None):
+        """Rank agreement of ``metrics`` on ``kinds`` (and across two halves of the calibration)."""
+        self.agreement = compare(self.loaded.model, self.windows(self.settings.calibration), list(kinds), list(metrics),
+                                 progress=progress)
+        return self.agreement
+
+    def add_series(self, series) -> None:
+        """Put a strategy's plans on the frontier (replacing a series of the same name)."""
+        self.series[series.name] = series
+
+    def continuation(self, plan: PruningPlan, prompt: str, tokens: int) -> str:
+        """Greedy continuation of ``prompt`` by the model under ``plan`` (memoised)."""
+        plan = self.loaded.adapter.validate(plan)
+        key = (plan, prompt, tokens)
+        if key not in self.texts:
+            loaded = self.loaded
+            self.texts[key] = continue_text(loaded.model, loaded.tokenizer, prompt, plan, tokens, loaded.adapter)
+        return self.texts[key]
 
     def greedy(self, kinds: list[str], steps: int, progress=None):
         """The greedy search over ``kinds`` for at least ``steps`` steps; a finished search with as
@@ -211,6 +265,7 @@ class Workspace:
             self.search = greedy_search(loaded.model, windows, list(kinds), steps=steps, progress=progress,
                                         run_dir=run_dir, resume=True)
             self.search_kinds = kinds
+        self.add_series(frontier.search_series(self.search, kinds))
         return self.search
 
     def known(self, plan: PruningPlan) -> dict:
