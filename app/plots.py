@@ -66,12 +66,16 @@ def _panels(kinds: list[str], rows_per_kind: list[int], num_layers: int) -> go.F
     return fig
 
 
-def importance_heatmap(scores: pd.DataFrame, num_layers: int, log: bool = True) -> go.Figure:
-    """x: layer, y: component index within the layer, one panel per kind; colour: perplexity
-    increase when that component alone is removed."""
+def importance_heatmap(scores: pd.DataFrame, num_layers: int, log: bool = True, column: str = "delta_ppl",
+                       label: str = "Δ ppl") -> go.Figure:
+    """x: layer, y: component index within the layer, one panel per kind; colour: ``column`` of the
+    scores (by default the perplexity increase when that component alone is removed)."""
     kinds = list(dict.fromkeys(scores["kind"]))
     fig = _panels(kinds, [scores.loc[scores["kind"] == k, "index"].nunique() for k in kinds], num_layers)
     layers = list(range(num_layers))
+    ppl = column == "delta_ppl"
+    hover = ("<br>ppl without it %{customdata[0]:.4f}<br>Δ ppl %{customdata[1]:+.4f}<br>params removed %{customdata[2]:,}"
+             if ppl else f"<br>{label} %{{customdata[1]:.4g}}<br>params removed %{{customdata[2]:,}}")
     zs = []
     for row, kind in enumerate(kinds, start=1):
         df = scores[scores["kind"] == kind]
@@ -79,30 +83,40 @@ def importance_heatmap(scores: pd.DataFrame, num_layers: int, log: bool = True) 
         cell = {(r.layer, r.index): r for r in df.itertuples()}
         z, custom = [], []
         for i in indices:
-            z.append([_colour(cell[(l, i)].delta_ppl, log) if (l, i) in cell else None for l in layers])
-            custom.append([[cell[(l, i)].ppl, cell[(l, i)].delta_ppl, cell[(l, i)].params_removed]
+            z.append([_colour(getattr(cell[(l, i)], column), log) if (l, i) in cell else None for l in layers])
+            custom.append([[cell[(l, i)].ppl if ppl else None, getattr(cell[(l, i)], column), cell[(l, i)].params_removed]
                            if (l, i) in cell else [None] * 3 for l in layers])
         zs += [v for r in z for v in r if v is not None]
         fig.add_heatmap(x=layers, y=indices, z=z, customdata=custom, coloraxis="coloraxis", xgap=1, ygap=1,
-                        hovertemplate=(f"{kind} layer %{{x}} #%{{y}}<br>ppl without it %{{customdata[0]:.4f}}"
-                                       "<br>Δ ppl %{customdata[1]:+.4f}<br>params removed %{customdata[2]:,}<extra></extra>"),
-                        row=row, col=1)
+                        hovertemplate=f"{kind} layer %{{x}} #%{{y}}{hover}<extra></extra>", row=row, col=1)
         fig.update_yaxes(title_text="index", dtick=1 if len(indices) <= 16 else None, row=row, col=1)
-    fig.update_layout(coloraxis=_colourbar(zs, log))
+    axis = _colourbar(zs, log)
+    axis["colorbar"]["title"] = label
+    fig.update_layout(coloraxis=axis)
     return fig
 
 
-def layer_bars(scores: pd.DataFrame) -> go.Figure:
-    """Per-layer view of the same scores: mean Δ ppl of the layer's components, one bar per kind."""
-    means = scores.groupby(["layer", "kind"], sort=True)["delta_ppl"].mean().reset_index()
+def layer_bars(scores: pd.DataFrame, column: str = "delta_ppl", label: str = "Δ perplexity") -> go.Figure:
+    """Per-layer view of the same scores: mean ``column`` of the layer's components, one bar per kind."""
+    means = scores.groupby(["layer", "kind"], sort=True)[column].mean().reset_index()
     fig = go.Figure()
     for kind in dict.fromkeys(scores["kind"]):
         d = means[means["kind"] == kind]
-        fig.add_bar(x=d["layer"], y=d["delta_ppl"], name=kind,
-                    hovertemplate=f"{kind} layer %{{x}}: mean Δ ppl %{{y:+.4f}}<extra></extra>")
+        fig.add_bar(x=d["layer"], y=d[column], name=kind,
+                    hovertemplate=f"{kind} layer %{{x}}: mean {label} %{{y:+.4g}}<extra></extra>")
     fig.update_layout(barmode="group", height=300, margin=dict(l=10, r=10, t=30, b=10),
-                      xaxis=dict(title="layer", dtick=1), yaxis=dict(title="mean Δ perplexity"),
+                      xaxis=dict(title="layer", dtick=1), yaxis=dict(title=f"mean {label}"),
                       legend=dict(orientation="h", y=1.15))
+    return fig
+
+
+def agreement_matrix(matrix: pd.DataFrame, title: str) -> go.Figure:
+    """A metric × metric rank-correlation matrix, values written in the cells (−1 .. 1)."""
+    text = [[("n/a" if pd.isna(v) else f"{v:+.2f}") for v in row] for row in matrix.values]
+    fig = go.Figure(go.Heatmap(z=matrix.values, x=list(matrix.columns), y=list(matrix.index), zmin=-1, zmax=1,
+                               colorscale=SCALE, text=text, texttemplate="%{text}",
+                               hovertemplate="%{y} vs %{x}: %{text}<extra></extra>"))
+    fig.update_layout(title=title, height=300, margin=dict(l=10, r=10, t=40, b=10), yaxis=dict(autorange="reversed"))
     return fig
 
 
