@@ -219,7 +219,7 @@ def test_strategies_on_one_measured_frontier_and_metric_agreement(page, screensh
         page.get_by_role("spinbutton", name=label).fill(value)
         page.get_by_role("spinbutton", name=label).press("Enter")
         idle(page)
-    page.get_by_role("button", name="Load").click()
+    page.get_by_role("button", name="Load", exact=True).click()
     idle(page)
     no_errors(page)
 
