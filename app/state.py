@@ -240,6 +240,11 @@ class Workspace:
                                  progress=progress)
         return self.agreement
 
+    def record(self, plan: PruningPlan, **values) -> None:
+        """Attach numbers measured elsewhere to a point (e.g. ``lm_eval_average`` and
+        ``relative_accuracy`` from lm-eval): the frontier offers every y axis some point has."""
+        self._metrics.setdefault(self.loaded.adapter.validate(plan), {}).update(values)
+
     def add_series(self, series) -> None:
         """Put a strategy's plans on the frontier (replacing a series of the same name)."""
         self.series[series.name] = series

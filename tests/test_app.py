@@ -228,7 +228,11 @@ def test_importance_page_scores_by_another_metric_and_compares_four():
     assert {"agree_sp_block", "agree_kt_block"} <= {c.key for c in at.get("plotly_chart")}
 
 
-def test_frontier_puts_strategies_side_by_side_with_measured_speed():
+def test_frontier_puts_strategies_side_by_side_with_measured_speed(monkeypatch):
+    from shedder import frontier
+
+    monkeypatch.setitem(frontier.BENCH_DEFAULTS, "repeats", 1)  # one timed round per point: behaviour, not speed
+    monkeypatch.setitem(frontier.BENCH_DEFAULTS, "new_tokens", 2)
     at = open_app("search")
     at.number_input(key="search_steps").set_value(1).run()
     at.button(key="search_run").click().run()

@@ -230,20 +230,20 @@ def test_strategies_on_one_measured_frontier_and_metric_agreement(page, screensh
     chart.wait_for()
     idle(page)
     no_errors(page)
-    labels = chart.locator(".xtick text").all_inner_texts()
+    labels = [t.text_content() for t in chart.locator(".xtick text").all()]
     assert labels == ["ppl", "block_influence", "activation", "taylor"]
     page.screenshot(path=str(screenshots / "6_agreement.png"))
 
     # Search & frontier: block-, SSM- and mixed-greedy searches, one-shot by block influence.
     go(page, "Search & frontier")
-    page.get_by_role("spinbutton", name="steps").fill("2")
+    page.get_by_role("spinbutton", name="steps").fill("1")
     page.get_by_role("spinbutton", name="steps").press("Enter")
     idle(page)
     for kinds in (["block"], ["ssm"], ["block", "ssm"]):
         set_kinds(page, "kinds to prune", kinds)
         page.get_by_role("button", name="Run greedy search").click()
         idle(page)
-    page.get_by_role("spinbutton", name="up to k").fill("2")
+    page.get_by_role("spinbutton", name="up to k").fill("1")
     page.get_by_role("spinbutton", name="up to k").press("Enter")
     idle(page)
     page.get_by_role("button", name="Add one-shot series").click()
@@ -257,7 +257,7 @@ def test_strategies_on_one_measured_frontier_and_metric_agreement(page, screensh
     frontier.wait_for()
     idle(page)
     no_errors(page)
-    legend = frontier.locator(".legendtext").all_inner_texts()
+    legend = [t.text_content() for t in frontier.locator(".legendtext").all()]
     for series in ("greedy block", "greedy ssm", "greedy block+ssm", "one-shot block_influence (block)",
                    "Pareto front (all series)"):
         assert series in legend, legend
