@@ -213,19 +213,17 @@ def test_two_sessions_never_see_each_others_plans():
     assert metric(two, "perplexity") == baseline != metric(one, "perplexity")
 
 
-def test_importance_page_scores_by_another_metric_and_compares_four():
+def test_importance_page_scores_by_another_metric():
+    """(The four-metric agreement matrix is walked by the browser test.)"""
     at = open_app("importance")
-    at.selectbox(key="imp_metric").set_value("taylor").run()
-    at.multiselect(key="imp_kinds_taylor").set_value(["block"]).run()
+    at.selectbox(key="imp_metric").set_value("block_influence").run()
+    assert [o for o in at.multiselect(key="imp_kinds_block_influence").options] == ["block (8)"]
+    assert any("does not score ssm, head" in c.value for c in at.caption)
     at.button(key="imp_compute").click().run()
     assert_clean(at)
-    assert any("forward and 1 backward" in c.value for c in at.caption)
-    at.button(key="agree_run").click().run()  # default: the four metrics on blocks
-    assert_clean(at)
-    tables, rows = workspace(at).agreement
-    assert list(tables) == ["ppl", "block_influence", "activation", "taylor"]
-    assert len(rows[rows["a"].str.contains("even")]) == 4
-    assert {"agree_sp_block", "agree_kt_block"} <= {c.key for c in at.get("plotly_chart")}
+    assert any("1 forward pass" in c.value for c in at.caption)
+    table = workspace(at).metric_tables[("block_influence", ("block",))]
+    assert list(table["layer"]) == list(range(8)) and table["score"].between(0, 2).all()
 
 
 def test_frontier_puts_strategies_side_by_side_with_measured_speed(monkeypatch):
@@ -234,19 +232,18 @@ def test_frontier_puts_strategies_side_by_side_with_measured_speed(monkeypatch):
     monkeypatch.setitem(frontier.BENCH_DEFAULTS, "repeats", 1)  # one timed round per point: behaviour, not speed
     monkeypatch.setitem(frontier.BENCH_DEFAULTS, "new_tokens", 2)
     at = open_app("search")
-    at.number_input(key="search_steps").set_value(1).run()
-    at.button(key="search_run").click().run()
     at.multiselect(key="search_kinds").set_value(["ssm"]).run()
+    at.number_input(key="search_steps").set_value(1).run()
     at.button(key="search_run").click().run()
     at.number_input(key="oneshot_k").set_value(1).run()
     at.button(key="oneshot_run").click().run()
     assert_clean(at)
-    assert list(workspace(at).series) == ["greedy block", "greedy ssm", "one-shot block_influence (block)"]
+    assert list(workspace(at).series) == ["greedy ssm", "one-shot block_influence (block)"]
     at.selectbox(key="frontier_x").set_value("prefill_speedup").run()
     at.button(key="frontier_lat").click().run()
     assert_clean(at)
     table = at.dataframe[-1].value
-    assert set(table["series"]) == {"baseline", "greedy block", "greedy ssm", "one-shot block_influence (block)", "current"}
+    assert set(table["series"]) == {"baseline", "greedy ssm", "one-shot block_influence (block)", "current"}
     assert table["prefill_speedup"].notna().all() and table["pareto"].any()
 
     at.switch_page(PAGES["prune"]).run()
