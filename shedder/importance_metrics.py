@@ -39,6 +39,7 @@ from .arch import adapter_for
 from .arch.base import model_lock
 from .errors import ShedderError
 from .evaluator import _hidden, check_kinds
+from .importance import score, tidy
 from .metrics import Progress, batches, token_nll
 from .plan import KINDS, Component, PruningPlan
 
@@ -85,8 +86,6 @@ def metric_scores(model, windows: torch.Tensor, kinds, metric: str = "ppl", *, b
         raise MetricError(f"{metric} does not score {', '.join(kinds)} (it scores {', '.join(APPLIES[metric])})")
     started = time.perf_counter()  # the metric's own cost: parameter counts are bookkeeping
     if metric == "ppl":
-        from .importance import score
-
         table = score(model, windows, scored, base_plan=base_plan, progress=progress, cache_dir=cache_dir,
                       batch_size=batch_size)
         out = table.rename(columns={"delta_ppl": "score"})[COLUMNS]
@@ -103,7 +102,7 @@ def metric_scores(model, windows: torch.Tensor, kinds, metric: str = "ppl", *, b
         out = pd.DataFrame([{"layer": c.layer, "kind": c.kind, "index": c.index, "score": values[c],
                              "params_removed": adapter.component_params(c)} for c in comps], columns=COLUMNS)
         passes = {"forwards": 1, "backwards": int(metric == "taylor")}
-    out = _tidy(out)
+    out = tidy(out)
     out.attrs.update(metric=metric, seconds=seconds, left_out=left_out, **passes)
     return out
 
@@ -111,12 +110,6 @@ def metric_scores(model, windows: torch.Tensor, kinds, metric: str = "ppl", *, b
 def _check_metric(metric: str) -> None:
     if metric not in METRICS:
         raise MetricError(f"unknown importance metric {metric!r} (choose from {', '.join(METRICS)})")
-
-
-def _tidy(table: pd.DataFrame) -> pd.DataFrame:
-    order = table["kind"].map(KINDS.index)
-    return (table.assign(_k=order).sort_values(["layer", "_k", "index"]).drop(columns="_k")
-            .reset_index(drop=True))
 
 
 def _tick(progress, done, total, what):
