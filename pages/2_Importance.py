@@ -40,7 +40,7 @@ with right:
 if compute:
     with ui.shown_errors(), ui.progress(f"scoring components by {metric}") as cb:
         if metric == "ppl":
-            ws.importance = importance.score(loaded.model, calibration, kinds, progress=cb)
+            ws.importance = importance.score(loaded.model, calibration, kinds, progress=cb, pool=ws.pool())
         else:
             ws.metric_table(metric, kinds, progress=cb)
 
