@@ -1,6 +1,7 @@
 """The real app in a real browser: starts ``streamlit run app/main.py`` and drives headless Chromium
 through the journey a newcomer takes (load, score, toggle by clicking the switchboard, search,
-download the plan). Screenshots of every page go to ``$SHEDDER_SCREENSHOTS`` (default: a temp dir).
+download the plan), and through comparing importance metrics and putting four strategies on one
+frontier with measured prefill speedup. Screenshots of every page go to ``$SHEDDER_SCREENSHOTS`` (default: a temp dir).
 
 Needs Debian's ``chromium`` and the ``playwright`` Python package (no ``playwright install``: the
 system browser is used); skipped with the reason when either is missing.
