@@ -13,7 +13,6 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from shedder.metrics import pareto_mask
 from shedder.plan import Component, PruningPlan
 
 KIND_COLOURS = {"mamba": "#4C78A8", "attention": "#F58518", "mlp": "#54A24B", "moe": "#B279A2", "hybrid": "#9D755D"}
@@ -67,12 +66,16 @@ def _panels(kinds: list[str], rows_per_kind: list[int], num_layers: int) -> go.F
     return fig
 
 
-def importance_heatmap(scores: pd.DataFrame, num_layers: int, log: bool = True) -> go.Figure:
-    """x: layer, y: component index within the layer, one panel per kind; colour: perplexity
-    increase when that component alone is removed."""
+def importance_heatmap(scores: pd.DataFrame, num_layers: int, log: bool = True, column: str = "delta_ppl",
+                       label: str = "Δ ppl") -> go.Figure:
+    """x: layer, y: component index within the layer, one panel per kind; colour: ``column`` of the
+    scores (by default the perplexity increase when that component alone is removed)."""
     kinds = list(dict.fromkeys(scores["kind"]))
     fig = _panels(kinds, [scores.loc[scores["kind"] == k, "index"].nunique() for k in kinds], num_layers)
     layers = list(range(num_layers))
+    ppl = column == "delta_ppl"
+    hover = ("<br>ppl without it %{customdata[0]:.4f}<br>Δ ppl %{customdata[1]:+.4f}<br>params removed %{customdata[2]:,}"
+             if ppl else f"<br>{label} %{{customdata[1]:.4g}}<br>params removed %{{customdata[2]:,}}")
     zs = []
     for row, kind in enumerate(kinds, start=1):
         df = scores[scores["kind"] == kind]
@@ -80,30 +83,40 @@ def importance_heatmap(scores: pd.DataFrame, num_layers: int, log: bool = True) 
         cell = {(r.layer, r.index): r for r in df.itertuples()}
         z, custom = [], []
         for i in indices:
-            z.append([_colour(cell[(l, i)].delta_ppl, log) if (l, i) in cell else None for l in layers])
-            custom.append([[cell[(l, i)].ppl, cell[(l, i)].delta_ppl, cell[(l, i)].params_removed]
+            z.append([_colour(getattr(cell[(l, i)], column), log) if (l, i) in cell else None for l in layers])
+            custom.append([[cell[(l, i)].ppl if ppl else None, getattr(cell[(l, i)], column), cell[(l, i)].params_removed]
                            if (l, i) in cell else [None] * 3 for l in layers])
         zs += [v for r in z for v in r if v is not None]
         fig.add_heatmap(x=layers, y=indices, z=z, customdata=custom, coloraxis="coloraxis", xgap=1, ygap=1,
-                        hovertemplate=(f"{kind} layer %{{x}} #%{{y}}<br>ppl without it %{{customdata[0]:.4f}}"
-                                       "<br>Δ ppl %{customdata[1]:+.4f}<br>params removed %{customdata[2]:,}<extra></extra>"),
-                        row=row, col=1)
+                        hovertemplate=f"{kind} layer %{{x}} #%{{y}}{hover}<extra></extra>", row=row, col=1)
         fig.update_yaxes(title_text="index", dtick=1 if len(indices) <= 16 else None, row=row, col=1)
-    fig.update_layout(coloraxis=_colourbar(zs, log))
+    axis = _colourbar(zs, log)
+    axis["colorbar"]["title"] = label
+    fig.update_layout(coloraxis=axis)
     return fig
 
 
-def layer_bars(scores: pd.DataFrame) -> go.Figure:
-    """Per-layer view of the same scores: mean Δ ppl of the layer's components, one bar per kind."""
-    means = scores.groupby(["layer", "kind"], sort=True)["delta_ppl"].mean().reset_index()
+def layer_bars(scores: pd.DataFrame, column: str = "delta_ppl", label: str = "Δ perplexity") -> go.Figure:
+    """Per-layer view of the same scores: mean ``column`` of the layer's components, one bar per kind."""
+    means = scores.groupby(["layer", "kind"], sort=True)[column].mean().reset_index()
     fig = go.Figure()
     for kind in dict.fromkeys(scores["kind"]):
         d = means[means["kind"] == kind]
-        fig.add_bar(x=d["layer"], y=d["delta_ppl"], name=kind,
-                    hovertemplate=f"{kind} layer %{{x}}: mean Δ ppl %{{y:+.4f}}<extra></extra>")
+        fig.add_bar(x=d["layer"], y=d[column], name=kind,
+                    hovertemplate=f"{kind} layer %{{x}}: mean {label} %{{y:+.4g}}<extra></extra>")
     fig.update_layout(barmode="group", height=300, margin=dict(l=10, r=10, t=30, b=10),
-                      xaxis=dict(title="layer", dtick=1), yaxis=dict(title="mean Δ perplexity"),
+                      xaxis=dict(title="layer", dtick=1), yaxis=dict(title=f"mean {label}"),
                       legend=dict(orientation="h", y=1.15))
+    return fig
+
+
+def agreement_matrix(matrix: pd.DataFrame, title: str) -> go.Figure:
+    """A metric × metric rank-correlation matrix, values written in the cells (−1 .. 1)."""
+    text = [[("n/a" if pd.isna(v) else f"{v:+.2f}") for v in row] for row in matrix.values]
+    fig = go.Figure(go.Heatmap(z=matrix.values, x=list(matrix.columns), y=list(matrix.index), zmin=-1, zmax=1,
+                               colorscale=SCALE, text=text, texttemplate="%{text}",
+                               hovertemplate="%{y} vs %{x}: %{text}<extra></extra>"))
+    fig.update_layout(title=title, height=300, margin=dict(l=10, r=10, t=40, b=10), yaxis=dict(autorange="reversed"))
     return fig
 
 
@@ -168,23 +181,26 @@ def trajectory(steps: pd.DataFrame) -> go.Figure:
     return fig
 
 
-def frontier(points: pd.DataFrame, x: str, y: str, maximize_y: bool, labels: dict) -> go.Figure:
-    """Every evaluated configuration on (cost, quality) axes, by origin, with the Pareto front; a
+def frontier(points: pd.DataFrame, x: str, y: str, front: pd.Series, labels: dict) -> go.Figure:
+    """Every evaluated configuration on (cost, quality) axes, one colour and legend entry per series
+    (strategy), with the Pareto front over all of them (``front``: bool per row, from the engine); a
     recovered model (``recovered_from``: the index of its pruned point) is joined to that point."""
     fig = go.Figure()
-    for origin in dict.fromkeys(points["origin"]):
-        d = points[points["origin"] == origin]
-        fig.add_scatter(x=d[x], y=d[y], mode="markers", name=origin, text=d["name"], customdata=d.index,
-                        marker=dict(size=12), hovertemplate="%{text}<br>%{x:,.4g}, %{y:.4f}<br>click to load<extra></extra>")
+    for series in dict.fromkeys(points["series"]):
+        d = points[points["series"] == series]
+        fig.add_scatter(x=d[x], y=d[y], mode="lines+markers" if len(d) > 1 else "markers", name=series,
+                        text=d["name"], customdata=d.index, marker=dict(size=12), line=dict(width=1),
+                        hovertemplate=f"{series}<br>%{{text}}<br>%{{x:,.4g}}, %{{y:.4f}}<br>click to load<extra></extra>")
     for _, r in points[points["recovered_from"].notna()].iterrows():  # recovered point <- its pruned point
         if r["recovered_from"] in points.index:
             src = points.loc[r["recovered_from"]]
             fig.add_scatter(x=[src[x], r[x]], y=[src[y], r[y]], mode="lines", showlegend=False, hoverinfo="skip",
                             line=dict(color="#2a9d8f", dash="dot"))
-    front = points[pareto_mask(list(points[x]), list(points[y]), maximize_y)].sort_values(x)
-    fig.add_scatter(x=front[x], y=front[y], mode="lines+markers", name="Pareto front", hoverinfo="skip",
-                    line=dict(color="#222", dash="dash"), marker=dict(size=20, symbol="circle-open", color="#222"))
-    fig.update_layout(height=420, margin=dict(l=10, r=10, t=30, b=10), xaxis_title=labels[x], yaxis_title=labels[y],
+    on_front = points[front.reindex(points.index, fill_value=False)].sort_values(x)
+    fig.add_scatter(x=on_front[x], y=on_front[y], mode="lines+markers", name="Pareto front (all series)",
+                    hoverinfo="skip", line=dict(color="#222", dash="dash"),
+                    marker=dict(size=20, symbol="circle-open", color="#222"))
+    fig.update_layout(height=460, margin=dict(l=10, r=10, t=30, b=10), xaxis_title=labels[x], yaxis_title=labels[y],
                       clickmode="event+select", dragmode=False, legend=dict(orientation="h", y=1.12))
     if y == "ppl":  # perplexities of pruned models span orders of magnitude; ratios are what matter
         fig.update_yaxes(type="log")

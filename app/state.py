@@ -19,14 +19,16 @@ from pathlib import Path
 
 import streamlit as st
 
+from shedder import downstream, frontier
+from shedder.agreement import compare
 from shedder.arch import adapter_for, count_parameters
 from shedder.arch.base import model_lock
-from shedder.bench import bench_speed
+from shedder.continuation import continue_text
 from shedder.cost import estimate
-from shedder import downstream
 from shedder.data import OFFICIAL, calibration_windows
 from shedder.errors import ShedderError
 from shedder.evaluator import PlanEvaluator
+from shedder.importance_metrics import metric_scores
 from shedder.loading import DEFAULT_MODEL, load_model
 from shedder.masking import WAITING, masked
 from shedder.metrics import calibration_protocol, next_word_accuracy, perplexity
@@ -141,6 +143,10 @@ class Workspace:
     search_kinds: tuple = ()
     saved: dict = field(default_factory=dict)   # name -> PruningPlan
     recovered: list = field(default_factory=list)  # Recovered models of this session (frontier points)
+    series: dict = field(default_factory=dict)  # name -> shedder.frontier.Series (strategies on the frontier)
+    metric_tables: dict = field(default_factory=dict)  # (metric, kinds) -> metric_scores table
+    agreement: object = None             # (tables, rows) from shedder.agreement.compare
+    texts: dict = field(default_factory=dict)  # (plan, prompt, tokens) -> greedy continuation
     _metrics: dict = field(default_factory=dict)  # PruningPlan -> {"ppl", "params", "flops", ...}
     _downstream: dict = field(default_factory=dict)  # (PruningPlan, tasks, limit) -> shedder.downstream.TaskScores
     _evaluator: object = None
@@ -211,8 +217,10 @@ class Workspace:
         self._evaluator = None
         if not same_model:
             self._downstream.clear()
+        self.texts.clear()
         if not same_calibration:
             self.importance, self.search, self.search_kinds = None, None, ()
+            self.metric_tables, self.agreement, self.series = {}, None, {}
         if not same_model:
             self.plan, self.history, self.saved, self.recovered = PruningPlan(), [], {}, []
 
@@ -266,7 +274,8 @@ class Workspace:
             cost = estimate(loaded.model, plan, seq_len=self.settings.seq_len, adapter=loaded.adapter)
             m.update(ppl=float(self.evaluator().perplexity(plan, progress=progress or waiting_notice())),
                      params=int(loaded.adapter.param_count(plan)),
-                     flops=float(cost.flops_per_token_prefill))
+                     flops=float(cost.flops_per_token_prefill),
+                     state_bytes=float(cost.state_bytes_per_sequence))
         return m
 
     def accuracy(self, plan: PruningPlan, progress=None) -> float:
@@ -279,18 +288,67 @@ class Workspace:
                                                          n=self.settings.accuracy_passages, progress=progress))
         return m["accuracy"]
 
-    def latency(self, plan: PruningPlan, progress=None) -> dict:
-        """Measured latency of the *extracted* model (never a masked one), next to the original."""
+    def latency(self, plan: PruningPlan, progress=None, **bench) -> dict:
+        """Measured speed of the *extracted* model (never a masked one) next to the original, from
+        the engine's on-disk cache when this point was measured before (in any session)."""
         plan = self.loaded.adapter.validate(plan)
         m = self._metrics.setdefault(plan, {})
-        if "latency_ms" not in m:
+        if "prefill_speedup" not in m:
             s = self.settings
-            r = bench_speed(s.model, plan=plan, seq_len=s.seq_len, new_tokens=8, repeats=3, warmup=1,
-                            device=s.device, dtype=s.dtype, memory=False, progress=progress)
-            m.update(latency_ms=r["pruned"]["ttft_ms"]["median"], original_latency_ms=r["original"]["ttft_ms"]["median"],
-                     measured_speedup=r["measured_prefill_speedup"], expected_speedup=r["expected_prefill_speedup"],
-                     bench=r)
+            m.update(frontier.measure(s.model, self.loaded.model, plan, device=s.device, dtype=s.dtype,
+                                      progress=progress, seq_len=s.seq_len, **bench))
+            self._timings(m)
         return m
+
+    @staticmethod
+    def _timings(m: dict) -> None:
+        """The time-to-first-token figures the Prune and Export pages show, from the bench result."""
+        r = m.get("bench")
+        if r:
+            m.update(latency_ms=r["pruned"]["ttft_ms"]["median"], original_latency_ms=r["original"]["ttft_ms"]["median"],
+                     measured_speedup=m["prefill_speedup"], expected_speedup=m["expected_prefill_speedup"])
+
+    def measured(self, plan: PruningPlan, **bench) -> dict:
+        """What is known of ``plan``'s measured speed without measuring (possibly nothing)."""
+        plan = self.loaded.adapter.validate(plan)
+        m = self._metrics.setdefault(plan, {})
+        if "prefill_speedup" not in m:
+            s = self.settings
+            m.update(frontier.measured(self.loaded.model, plan, s.device, s.dtype, seq_len=s.seq_len, **bench) or {})
+            self._timings(m)
+        return m
+
+    def metric_table(self, metric: str, kinds, progress=None):
+        """``metric``'s scores of ``kinds`` on the calibration windows (kept for the session)."""
+        key = (metric, tuple(kinds))
+        if key not in self.metric_tables:
+            self.metric_tables[key] = metric_scores(self.loaded.model, self.calibration(),
+                                                    list(kinds), metric, progress=progress)
+        return self.metric_tables[key]
+
+    def compare(self, kinds, metrics, progress=None):
+        """Rank agreement of ``metrics`` on ``kinds`` (and across two halves of the calibration)."""
+        self.agreement = compare(self.loaded.model, self.calibration(), list(kinds), list(metrics),
+                                 progress=progress)
+        return self.agreement
+
+    def record(self, plan: PruningPlan, **values) -> None:
+        """Attach numbers measured elsewhere to a point (e.g. ``lm_eval_average`` and
+        ``relative_accuracy`` from lm-eval): the frontier offers every y axis some point has."""
+        self._metrics.setdefault(self.loaded.adapter.validate(plan), {}).update(values)
+
+    def add_series(self, series) -> None:
+        """Put a strategy's plans on the frontier (replacing a series of the same name)."""
+        self.series[series.name] = series
+
+    def continuation(self, plan: PruningPlan, prompt: str, tokens: int) -> str:
+        """Greedy continuation of ``prompt`` by the model under ``plan`` (memoised)."""
+        plan = self.loaded.adapter.validate(plan)
+        key = (plan, prompt, tokens)
+        if key not in self.texts:
+            loaded = self.loaded
+            self.texts[key] = continue_text(loaded.model, loaded.tokenizer, prompt, plan, tokens, loaded.adapter)
+        return self.texts[key]
 
     def greedy(self, kinds: list[str], steps: int, progress=None):
         """The greedy search over ``kinds`` for at least ``steps`` steps; a finished search with as
@@ -305,6 +363,7 @@ class Workspace:
                                         run_dir=run_dir, resume=True, batch_size=self.settings.calibration_batch_size,
                                         pool=self.pool())
             self.search_kinds = kinds
+        self.add_series(frontier.search_series(self.search, kinds))
         return self.search
 
     def downstream(self, plan: PruningPlan, tasks: tuple, limit: int | None, progress=None, run: bool = False):

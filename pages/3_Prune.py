@@ -52,6 +52,22 @@ with ui.shown_errors():
                  f"prefill speedup **{latency['measured_speedup']:.2f}×** measured, "
                  f"{latency['expected_speedup']:.2f}× expected from FLOPs.")
 
+# -- what the change means in words --------------------------------------------------------------
+with st.expander("See the text: the original and the current plan continue the same prompt", expanded=False):
+    t1, t2 = st.columns([4, 1])
+    prompt = t1.text_input("prompt", value="It is a truth universally acknowledged, that", key="prune_prompt")
+    tokens = t2.number_input("tokens", min_value=1, max_value=128, value=32, key="prune_tokens")
+    if st.button("Continue the prompt", key="prune_continue", disabled=not prompt.strip()):
+        with ui.shown_errors(), st.spinner("Generating…"):
+            original, pruned = (ws.continuation(plan, prompt, int(tokens)) for plan in (PruningPlan(), ws.plan))
+            o, p = st.columns(2)
+            o.markdown("**Original model**")
+            o.text(prompt + original)
+            p.markdown(f"**Current plan** ({ws.plan.describe()})")
+            p.text(prompt + pruned)
+            st.caption(f"Greedy decoding of {int(tokens)} tokens; the current plan runs as a live mask, which computes "
+                       "what the extracted model computes.")
+
 # -- switchboard ---------------------------------------------------------------------------------
 offered = list(adapter.kind_counts())
 kinds = st.multiselect("show kinds", offered, default=offered, key="prune_kinds") or offered[:1]

@@ -1,15 +1,17 @@
-"""Search & frontier page: the greedy Shedder search, and every evaluated plan on cost/quality axes."""
+"""Search & frontier page: greedy searches and one-shot prunings as named series, every evaluated
+plan on cost/quality axes (measured speed included), one Pareto front over all of them."""
 import pandas as pd
 import streamlit as st
 
 from app import nav, plots, ui
+from shedder import frontier
+from shedder.frontier import MEASURED, X_AXES, Y_AXES
+from shedder.importance_metrics import DESCRIPTIONS, METRICS, applicable
 from shedder.metrics import describe_protocol, next_word_protocol
 from shedder.plan import PruningPlan
 
 LOAD = "frontier_load"  # index of a clicked point, recorded by the chart callback
 GENERATION = "frontier_chart_gen"
-AXES = {"params": "parameters", "flops": "FLOPs / token (prefill)", "latency_ms": "measured time to first token (ms)",
-        "ppl": "perplexity", "accuracy": "next-word accuracy"}
 
 ws = ui.ready()
 s, loaded = ws.settings, ws.loaded
@@ -42,10 +44,25 @@ if result is not None and result.steps:
     st.caption(f"Stopped: {result.stopped}. Measured on the {ws.calibration_protocol()}.")
     st.dataframe(trail, hide_index=True, key="search_table")
 
-# -- the frontier: every configuration evaluated so far, measured the same way --------------------
+# -- one-shot pruning by a metric: another strategy on the same frontier ---------------------------
+st.subheader("One-shot pruning by an importance metric")
+st.write("Score every component once and remove the k lowest at once (k = 1, 2, …): no greedy re-scoring, "
+         "so the frontier shows what greed buys.")
+o1, o2, o3 = st.columns([2, 3, 1])
+metric = o1.selectbox("metric", METRICS, index=METRICS.index("block_influence"), key="oneshot_metric",
+                      help="\n".join(f"{m}: {d}" for m, d in DESCRIPTIONS.items()))
+scorable = applicable(metric, offered)
+oneshot_kinds = o2.multiselect("kinds", scorable, default=scorable[:1], key="oneshot_kinds")
+oneshot_k = o3.number_input("up to k", min_value=1, value=min(4, max(1, available)), key="oneshot_k")
+if st.button("Add one-shot series", key="oneshot_run", disabled=not oneshot_kinds):
+    with ui.shown_errors(), ui.progress(f"scoring by {metric}") as cb:
+        table = ws.metric_table(metric, oneshot_kinds, progress=cb)
+        ws.add_series(frontier.one_shot(loaded.model, table, int(oneshot_k), oneshot_kinds))
+
+# -- the frontier: every strategy's configurations, measured the same way ---------------------------
 entries = [("unpruned", "baseline", PruningPlan())]
-if result is not None:
-    entries += [(f"step {x.step}: −{x.component}", "search", x.plan) for x in result.steps]
+for series in ws.series.values():
+    entries += [(p.label, series.name, p.plan) for p in series.points]
 entries += [(name, "saved", plan) for name, plan in ws.saved.items()]
 entries.append(("current plan", "current", ws.plan))
 # Recovered models (Recover page): their own quality numbers; the same structure, so the same cost.
@@ -53,30 +70,35 @@ recovered = {len(entries) + k: r for k, r in enumerate(ws.recovered)}
 entries += [(r.name, "recovered", r.plan) for r in ws.recovered]
 
 st.subheader("Frontier")
+st.caption("Series: " + ", ".join(["baseline", *ws.series, "saved", "current"]) + ". The Pareto front is over all of them.")
 c1, c2 = st.columns(2)
-x_axis = c1.selectbox("x axis (cost)", ["params", "flops", "latency_ms"], format_func=AXES.get, key="frontier_x")
-y_axis = c2.selectbox("y axis (quality)", ["ppl", "accuracy"], format_func=AXES.get, key="frontier_y")
+x_axis = c1.selectbox("x axis (cost)", list(X_AXES), format_func=X_AXES.get, key="frontier_x")
 with ui.shown_errors():
+    rows = []
+    for i, (name, series_name, plan) in enumerate(entries):
+        m = {**ws.metrics(plan), **ws.measured(plan), **ws.known(plan)}
+        if i in recovered:  # quality of the recovered model, cost of its (pruned) structure
+            m = {**{k: m.get(k) for k in X_AXES}, **recovered[i].metrics}
+        pruned_from = next((j for j, (_, o, p) in enumerate(entries) if o != "recovered" and p == plan), None)
+        rows.append({"name": name, "series": series_name, "entry": i, "removed": plan.describe(),
+                     "recovered_from": pruned_from if i in recovered else None,
+                     **{k: m.get(k) for k in [*X_AXES, *Y_AXES]}})
+    points = pd.DataFrame(rows).set_index("entry")
+    offered_y = [y for y in Y_AXES if y in ("ppl", "accuracy") or points[y].notna().any()]
+    y_axis = c2.selectbox("y axis (quality)", offered_y, format_func=Y_AXES.get, key="frontier_y")
     if y_axis == "accuracy" and st.button("Measure next-word accuracy of every point", key="frontier_acc"):
         with ui.progress("next-word accuracy") as cb:
             for _, _, plan in entries:
                 ws.accuracy(plan, progress=cb)
-    if x_axis == "latency_ms" and st.button("Measure latency of every point (extracts each model)", key="frontier_lat"):
-        with ui.progress("timing extracted models") as cb:
-            for _, _, plan in entries:
-                ws.latency(plan, progress=cb)
-    rows = []
-    for i, (name, origin, plan) in enumerate(entries):
-        m = {**ws.metrics(plan), **ws.known(plan)}
-        if i in recovered:  # quality of the recovered model, cost of its (pruned) structure
-            m = {**{k: m.get(k) for k in ("params", "flops", "latency_ms")}, **recovered[i].metrics}
-        pruned_from = next((j for j, (_, o, p) in enumerate(entries) if o != "recovered" and p == plan), None)
-        rows.append({"name": name, "origin": origin, "entry": i, "removed": plan.describe(),
-                     "recovered_from": pruned_from if i in recovered else None, **{k: m.get(k) for k in AXES}})
-    points = pd.DataFrame(rows).set_index("entry")
+        st.rerun()
+    if x_axis in MEASURED and st.button("Measure all points (extracts and benchmarks each model)", key="frontier_lat"):
+        with ui.progress("measuring extracted models") as cb:
+            for n, (_, _, plan) in enumerate(entries):
+                ws.latency(plan, progress=lambda d, t, msg, n=n: cb(n * t + d, len(entries) * t, msg))
+        st.rerun()
     shown = points.dropna(subset=[x_axis, y_axis])
     if len(shown) < len(points):
-        missing = AXES[x_axis if x_axis == "latency_ms" else y_axis]
+        missing = X_AXES[x_axis] if points[x_axis].isna().any() else Y_AXES[y_axis]
         st.info(f"{len(points) - len(shown)} of {len(points)} configurations have no {missing} "
                 "yet: use the button above.")
     if len(shown):
@@ -88,12 +110,16 @@ with ui.shown_errors():
                 st.session_state[LOAD] = int(picked[0]["customdata"])
             st.session_state[GENERATION] += 1  # the next chart starts unselected
 
-        st.plotly_chart(plots.frontier(shown, x_axis, y_axis, y_axis == "accuracy", AXES), key=chart_key,
+        front = frontier.pareto(shown, x_axis, y_axis)
+        st.plotly_chart(plots.frontier(shown, x_axis, y_axis, front, {**X_AXES, **Y_AXES}), key=chart_key,
                         on_select=clicked, selection_mode="points")
         st.caption("Every point is measured on the evaluation text: " + describe_protocol(ws.windows(s.evaluation), ws.label(s.evaluation))
                    + (f"; {next_word_protocol(ws.label(s.evaluation), s.accuracy_passages)}" if y_axis == "accuracy" else "")
+                   + (f"; speed: extracted vs original model side by side, {s.seq_len}-token prompt, {s.device}, "
+                      f"{s.dtype}, median of {frontier.BENCH_DEFAULTS['repeats']} rounds" if x_axis in MEASURED else "")
                    + ". Click a point to load its plan into the Prune page.")
-    st.dataframe(points.drop(columns=["origin"]), hide_index=True, key="frontier_table")
+        points = points.assign(pareto=front.reindex(points.index, fill_value=False))
+    st.dataframe(points, hide_index=True, key="frontier_table")
 
     a, b = st.columns([3, 1])
     choice = a.selectbox("load a configuration into the Prune page", points.index, format_func=lambda i: points.loc[i, "name"],

@@ -4,7 +4,8 @@
     python -m shedder eval    --model mamba2-tiny [--plan plan.json] [--data test] [--samples N --seq-len 256]
                               [--tasks local|paper|lambada_openai,hellaswag,... [--limit N]]   (lm-eval accuracy)
     python -m shedder extract --model mamba2-tiny --plan plan.json --out pruned/ [--overwrite]
-    python -m shedder score   --model mamba2-tiny --kinds block,ssm --out scores.csv
+    python -m shedder score   --model mamba2-tiny --kinds block,ssm --out scores.csv [--metric taylor]
+    python -m shedder score   --model mamba2-tiny --kinds block,head --compare all --out agreement.csv
     python -m shedder search  --model mamba2-tiny --kinds ssm --steps 4 --out runs/ssm [--resume]
                               [--protocol official --data hf:tatsu-lab/alpaca:train|rows.jsonl]
                               [--workers N | --ray-address ADDR]   (score too: on Ray workers)
@@ -266,15 +267,16 @@ def cmd_extract(args) -> int:
 
 # ---------------------------------------------------------------------------------------- score
 def cmd_score(args) -> int:
-    from .importance import score
-
     model, tokenizer = _load(args)
     adapter, base = _plan_for(model, args.base_plan)
     windows, protocol = _calibration(args, tokenizer)
+    if args.compare:
+        return _compare(args, model, windows, protocol)
     try:
-        with _progress(args) as progress, _worker_pool(args, model, windows, adapter.group_sizes) as pool:
-            table = score(model, windows, args.kinds, base_plan=base, progress=progress,
-                          cache_dir=args.cache_dir, batch_size=args.batch_size, pool=pool)
+        one_pass = args.metric != "ppl"  # one forward (and backward) in this process: no workers to start
+        workers = contextlib.nullcontext() if one_pass else _worker_pool(args, model, windows, adapter.group_sizes)
+        with _progress(args) as progress, workers as pool:
+            table = _score_table(args, model, windows, base, progress, pool)
     except (Cancelled, KeyboardInterrupt):
         print("scoring stopped: the finished components are kept; the same command resumes them", file=sys.stderr)
         raise
@@ -283,11 +285,53 @@ def cmd_score(args) -> int:
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, table.to_csv(index=False))  # an interrupted write never leaves half a table
     resumed = table.attrs.get("resumed", 0)
-    payload = {"out": args.out, "protocol": protocol, "resumed": resumed, "rows": table.to_dict(orient="records")}
-    text = f"{table.to_string(index=False)}\n\nwrote {args.out} ({len(table)} components; {protocol})"
+    cost = table.attrs.get("seconds")
+    payload = {"out": args.out, "metric": args.metric, "protocol": protocol, "resumed": resumed, "seconds": cost,
+               "left_out": table.attrs.get("left_out", []), "rows": table.to_dict(orient="records")}
+    text = f"{table.to_string(index=False)}\n\nwrote {args.out} ({len(table)} components; {args.metric}; {protocol})"
+    if cost is not None:
+        text += (f"\ncost: {cost:.2f} s, {table.attrs['forwards']} forward(s) and {table.attrs['backwards']} "
+                 "backward(s) over the calibration windows")
+    if table.attrs.get("left_out"):
+        text += f"\n{args.metric} does not score {', '.join(table.attrs['left_out'])}: left out"
     if resumed:
         text += f"\nresumed {resumed} of {len(table)} components from an interrupted run"
     _emit(args, payload, text)
+    return 0
+
+
+def _score_table(args, model, windows, base, progress, pool):
+    """``--metric ppl``: the single-removal table (``importance.score``, on Ray workers with a
+    ``pool``); other metrics (one pass in this process): their ``[layer, kind, index, score,
+    params_removed]`` table."""
+    if args.metric == "ppl":
+        from .importance import score
+
+        return score(model, windows, args.kinds, base_plan=base, progress=progress, cache_dir=args.cache_dir,
+                     batch_size=args.batch_size, pool=pool)
+    from .importance_metrics import metric_scores
+
+    return metric_scores(model, windows, args.kinds, args.metric, base_plan=base, progress=progress,
+                         cache_dir=args.cache_dir, batch_size=args.batch_size)
+
+
+def _compare(args, model, windows, protocol: str) -> int:
+    """``score --compare``: rank agreement between metrics and across calibration halves."""
+    from .agreement import compare, format_agreement
+    from .importance_metrics import METRICS
+
+    metrics = METRICS if args.compare == ["all"] else args.compare
+    with _progress(args) as progress:
+        tables, rows = compare(model, windows, args.kinds, metrics, stability=not args.no_stability,
+                               top_k=args.top_k, progress=progress, cache_dir=args.cache_dir,
+                               batch_size=args.batch_size)
+    from .fileio import atomic_write_text
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, rows.to_csv(index=False))
+    payload = {"out": args.out, "protocol": protocol, "agreement": rows.to_dict(orient="records"),
+               "costs": {m: {k: t.attrs.get(k) for k in ("seconds", "forwards", "backwards")} for m, t in tables.items()}}
+    _emit(args, payload, f"{format_agreement(rows, tables)}\n\nwrote {args.out} ({protocol})")
     return 0
 
 
@@ -583,10 +627,18 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_extract)
 
-    p = sub.add_parser("score", help="single-removal importance of every component (heatmap numbers) to CSV")
+    p = sub.add_parser("score", help="importance of every component (heatmap numbers) to CSV; --compare for agreement")
     _model_options(p)
     p.add_argument("--kinds", type=_kinds, default=["block"], help="comma-separated kinds (default block)")
-    p.add_argument("--out", required=True, help="CSV file to write")
+    p.add_argument("--out", required=True, help="CSV file to write (with --compare: the agreement rows)")
+    p.add_argument("--metric", default="ppl", choices=["ppl", "block_influence", "activation", "taylor"],
+                   help="ppl: perplexity increase when removed alone (default); block_influence: ShortGPT "
+                        "1 - cos(in, out), blocks; activation: mean output-activation norm; taylor: |grad * weight|")
+    p.add_argument("--compare", type=_kinds, metavar="METRICS",
+                   help="comma-separated metrics (or 'all'): Spearman / Kendall rank correlation between them and "
+                        "between two halves of the calibration windows, per kind, and top-k overlap")
+    p.add_argument("--top-k", type=int, help="k of the top-k overlap (default a quarter of the components)")
+    p.add_argument("--no-stability", action="store_true", help="with --compare: skip the calibration-halves rows")
     p.add_argument("--base-plan", help="score on top of this plan")
     p.add_argument("--cache-dir", help="score cache (default $SHEDDER_CACHE_DIR or ~/.cache/shedder)")
     _distributed_options(p)

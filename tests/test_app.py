@@ -306,3 +306,44 @@ def test_recover_page_trains_the_current_plan_and_the_frontier_links_it_to_its_p
     frontier = at.dataframe[0].value
     row = frontier[frontier["name"] == recovered.name].iloc[0]
     assert frontier.loc[frontier["name"] == "current plan"].index[0] == row["recovered_from"]
+
+
+def test_importance_page_scores_by_another_metric():
+    """(The four-metric agreement matrix is walked by the browser test.)"""
+    at = open_app("importance")
+    at.selectbox(key="imp_metric").set_value("block_influence").run()
+    assert [o for o in at.multiselect(key="imp_kinds_block_influence").options] == ["block (8)"]
+    assert any("does not score ssm, head" in c.value for c in at.caption)
+    at.button(key="imp_compute").click().run()
+    assert_clean(at)
+    assert any("1 forward pass" in c.value for c in at.caption)
+    table = workspace(at).metric_tables[("block_influence", ("block",))]
+    assert list(table["layer"]) == list(range(8)) and table["score"].between(0, 2).all()
+
+
+def test_frontier_puts_strategies_side_by_side_with_measured_speed(monkeypatch):
+    from shedder import frontier
+
+    monkeypatch.setitem(frontier.BENCH_DEFAULTS, "repeats", 1)  # one timed round per point: behaviour, not speed
+    monkeypatch.setitem(frontier.BENCH_DEFAULTS, "new_tokens", 2)
+    at = open_app("search")
+    at.multiselect(key="search_kinds").set_value(["ssm"]).run()
+    at.number_input(key="search_steps").set_value(1).run()
+    at.button(key="search_run").click().run()
+    at.number_input(key="oneshot_k").set_value(1).run()
+    at.button(key="oneshot_run").click().run()
+    assert_clean(at)
+    assert list(workspace(at).series) == ["greedy ssm", "one-shot block_influence (block)"]
+    at.selectbox(key="frontier_x").set_value("prefill_speedup").run()
+    at.button(key="frontier_lat").click().run()
+    assert_clean(at)
+    table = at.dataframe[-1].value
+    assert set(table["series"]) == {"baseline", "greedy ssm", "one-shot block_influence (block)", "current"}
+    assert table["prefill_speedup"].notna().all() and table["pareto"].any()
+
+    at.switch_page(PAGES["prune"]).run()
+    at.multiselect(key="prune_pick_block").set_value([Component("block", 0)]).run()
+    at.button(key="prune_continue").click().run()
+    assert_clean(at)
+    original, pruned = [t.value for t in at.text][-2:]
+    assert original.startswith("It is a truth") and pruned.startswith("It is a truth") and original != pruned

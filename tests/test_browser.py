@@ -1,6 +1,7 @@
 """The real app in a real browser: starts ``streamlit run app/main.py`` and drives headless Chromium
 through the journey a newcomer takes (load, score, toggle by clicking the switchboard, search,
-download the plan). Screenshots of every page go to ``$SHEDDER_SCREENSHOTS`` (default: a temp dir).
+download the plan), and through comparing importance metrics and putting four strategies on one
+frontier with measured prefill speedup. Screenshots of every page go to ``$SHEDDER_SCREENSHOTS`` (default: a temp dir).
 
 Needs Debian's ``chromium`` and the ``playwright`` Python package (no ``playwright install``: the
 system browser is used); skipped with the reason when either is missing.
@@ -191,3 +192,77 @@ def test_newcomer_journey(page, screenshots, tmp_path):
     no_errors(page)
     assert json.loads((tmp_path / "pruned" / "pruning_plan.json").read_text())["components"] == plan["components"]
     page.screenshot(path=str(screenshots / "5_export.png"))
+
+
+def choose(page, label: str, option: str) -> None:
+    """Pick ``option`` in the selectbox labelled ``label``."""
+    page.get_by_role("combobox", name=label).click()
+    page.get_by_role("option", name=option, exact=True).click()
+    idle(page)
+
+
+def set_kinds(page, label: str, kinds: list[str]) -> None:
+    """Make ``kinds`` exactly the selection of the multiselect labelled ``label``."""
+    box = page.locator('[data-testid="stMultiSelect"]', has=page.get_by_role("combobox", name=label))
+    while box.locator('button[aria-label^="Remove "]').count():
+        box.locator('button[aria-label^="Remove "]').first.click()
+        idle(page)
+    for kind in kinds:
+        page.get_by_role("combobox", name=label).fill(kind)
+        page.get_by_role("option", name=kind, exact=True).click()
+        idle(page)
+    page.keyboard.press("Escape")
+
+
+def test_strategies_on_one_measured_frontier_and_metric_agreement(page, screenshots):
+    page.get_by_text("perplexity", exact=True).first.wait_for()
+    idle(page)
+    for label, value in (("windows", "2"), ("window length", "64")):  # a small calibration and test set
+        page.get_by_role("spinbutton", name=label).fill(value)
+        page.get_by_role("spinbutton", name=label).press("Enter")
+        idle(page)
+    page.get_by_role("button", name="Load", exact=True).click()
+    idle(page)
+    no_errors(page)
+
+    # Importance: the rank-agreement matrices of the four metrics on blocks.
+    go(page, "Importance")
+    page.get_by_role("button", name="Compare metrics").click()
+    chart = page.locator('[data-testid="stPlotlyChart"]', has=page.locator("text.gtitle", has_text="block: Spearman"))
+    chart.wait_for()
+    idle(page)
+    no_errors(page)
+    labels = [t.text_content() for t in chart.locator(".xtick text").all()]
+    assert labels == ["ppl", "block_influence", "activation", "taylor"]
+    page.screenshot(path=str(screenshots / "6_agreement.png"))
+
+    # Search & frontier: block-, SSM- and mixed-greedy searches, one-shot by block influence.
+    go(page, "Search & frontier")
+    page.get_by_role("spinbutton", name="steps").fill("1")
+    page.get_by_role("spinbutton", name="steps").press("Enter")
+    idle(page)
+    for kinds in (["block"], ["ssm"], ["block", "ssm"]):
+        set_kinds(page, "kinds to prune", kinds)
+        page.get_by_role("button", name="Run greedy search").click()
+        idle(page)
+    page.get_by_role("spinbutton", name="up to k").fill("1")
+    page.get_by_role("spinbutton", name="up to k").press("Enter")
+    idle(page)
+    page.get_by_role("button", name="Add one-shot series").click()
+    idle(page)
+    no_errors(page)
+
+    # Measured prefill speedup on x: measure every point, then one chart with a legend entry per strategy.
+    choose(page, "x axis (cost)", "measured prefill speedup (×)")
+    page.get_by_role("button", name="Measure all points (extracts and benchmarks each model)").click()
+    frontier = page.locator('[data-testid="stPlotlyChart"]', has=page.locator(".xtitle", has_text="measured prefill speedup"))
+    frontier.wait_for()
+    idle(page)
+    no_errors(page)
+    legend = [t.text_content() for t in frontier.locator(".legendtext").all()]
+    for series in ("greedy block", "greedy ssm", "greedy block+ssm", "one-shot block_influence (block)",
+                   "Pareto front (all series)"):
+        assert series in legend, legend
+    assert page.get_by_text("have no measured prefill speedup").count() == 0
+    frontier.scroll_into_view_if_needed()
+    page.screenshot(path=str(screenshots / "7_frontier.png"))

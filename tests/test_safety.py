@@ -26,7 +26,7 @@ from shedder.data import load_text
 from shedder.errors import Busy, Cancelled, DataError, PlanError, ShedderError
 from shedder.extract import PLAN_FILE, save
 from shedder.fileio import EXPORT_MARKER, check_output_dir, drop_torn_tail, exclusive, inside, publish_dir
-from shedder.loading import REPO_ROOT, load_model
+from shedder.loading import REPO_ROOT
 from shedder.masking import WAITING, holding, masked
 from shedder.plan import KINDS, OFFICIAL_KEYS, Component, PruningPlan
 from shedder.search import LOCK_FILE, greedy_search
@@ -107,7 +107,6 @@ def test_kill_during_extract_leaves_no_model_behind(tmp_path, tiny_model_dir):
     script = f"""
 import time
 from shedder.extract import save
-from shedder.loading import load_model
 model, tok = load_model({str(tiny_model_dir)!r})
 def slow(self, *a, **k):
     print("writing", flush=True)
