@@ -19,15 +19,9 @@ from .errors import PlanError
 SCHEMA_VERSION = 1
 
 #: Every kind the project knows. Which ones a given model offers is the adapter's business.
-KINDS = ("block", "ssm", "head", "channel_group", "attention", "mlp", "mlp_channel_group")
-
-#: Official Mamba-Shedder config keys -> our kinds (lists of layer/sub-block indices).
-OFFICIAL_KEYS = {
-    "pruned_mamba_block_idx": "block",
-    "pruned_ssm_idx": "ssm",
-    "pruned_mha_idx": "attention",
-    "pruned_mlp_idx": "mlp",
-}
+KINDS = ("block", "mixer", "shared_block", "ssm", "head", "channel_group", "attention", "mlp", "mlp_channel_group")
+#: Kinds with at most one component per layer (``index`` is always 0).
+ONCE_PER_LAYER = ("block", "mixer", "shared_block", "ssm", "attention", "mlp")
 
 # Config fields that do not change the function a model computes (or are bookkeeping); they are
 # left out of the config hash so that e.g. a model saved in bf16 keeps the identity of its fp32 source.
@@ -143,7 +137,7 @@ class PruningPlan:
         for kind in KINDS:
             comps = self.of_kind(kind)
             if comps:
-                where = ", ".join(f"{c.layer}" if c.index == 0 and kind in ("block", "ssm", "attention", "mlp")
+                where = ", ".join(f"{c.layer}" if c.index == 0 and kind in ONCE_PER_LAYER
                                   else f"{c.layer}.{c.index}" for c in comps)
                 parts.append(f"{kind} ×{len(comps)} ({where})")
         return ", ".join(parts)
@@ -170,6 +164,8 @@ class PruningPlan:
         if not isinstance(data, dict):
             raise PlanError(f"a plan must be a JSON object, got {type(data).__name__}")
         if "schema_version" not in data:
+            from .official import OFFICIAL_KEYS
+
             if any(k in data for k in OFFICIAL_KEYS):
                 return cls.from_official(data, identity)
             raise PlanError("not a pruning plan: no 'schema_version' and none of the official keys "
@@ -216,24 +212,17 @@ class PruningPlan:
 
     @classmethod
     def from_official(cls, data: dict, identity: ModelIdentity | None = None) -> "PruningPlan":
-        """Read ``{"pruned_mamba_block_idx": [...], "pruned_ssm_idx": [...], ...}``.
+        """Read an official Mamba-Shedder config (``{"pruned_mamba_block_idx": [...], ...}``).
 
-        The official files index layers directly for blocks and SSMs; their ``pruned_mha_idx`` /
-        ``pruned_mlp_idx`` count the model's attention / MLP sub-blocks in order, which the adapter
-        maps to layers during validation (``meta['official_ordinal']`` marks such plans).
+        Every value is checked now and any unknown key refused by name, but what a key means
+        depends on the family (``shedder.official``), so the plan holds no components yet: the
+        config waits in ``meta['official']`` until an adapter resolves the plan against its model.
         """
-        comps = []
-        for key, kind in OFFICIAL_KEYS.items():
-            idx = data.get(key) or []
-            if not isinstance(idx, list) or not all(isinstance(i, int) for i in idx):
-                raise PlanError(f"official config key {key!r} must be a list of integers")
-            comps += [Component(kind, i) for i in idx]
-        if data.get("pruned_mlp_channels"):
-            raise PlanError("'pruned_mlp_channels' (MLP widths) cannot be imported: re-run the channel search with this tool")
-        meta = {"source": "official Mamba-Shedder config"}
-        if data.get("pruned_mha_idx") or data.get("pruned_mlp_idx"):
-            meta["official_ordinal"] = True
-        return cls(frozenset(comps), identity, {}, meta)
+        from .official import check_config
+
+        if not isinstance(data, dict):
+            raise PlanError(f"an official config must be a JSON object, got {type(data).__name__}")
+        return cls(frozenset(), identity, {}, {"source": "official Mamba-Shedder config", "official": check_config(data)})
 
 
 def _component_from(item, position: int) -> Component:

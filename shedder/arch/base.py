@@ -42,6 +42,10 @@ class Adapter:
     kinds: ClassVar[tuple[str, ...]] = ("block",)
     #: Channels per group for the grouped kinds, when the plan does not say.
     default_group_sizes: ClassVar[dict[str, int]] = {}
+    #: What each official Mamba-Shedder config key removes in this family (``shedder.official``);
+    #: a key mapped to a kind the family does not offer is refused when it is not empty.
+    official_keys: ClassVar[dict[str, str]] = {"pruned_mamba_block_idx": "block", "pruned_ssm_idx": "ssm",
+                                               "pruned_mha_idx": "attention", "pruned_mlp_idx": "mlp"}
 
     def __init__(self, model: nn.Module, group_sizes: dict[str, int] | None = None):
         self.model = model
@@ -155,21 +159,21 @@ class Adapter:
         return out
 
     def resolve(self, plan: PruningPlan) -> PruningPlan:
-        """Attach this model's identity to an anonymous plan and map official ordinal indices."""
-        if plan.meta.get("official_ordinal"):
-            remapped = []
-            for c in plan.components:
-                if c.kind in ("attention", "mlp"):
-                    offered = self.components(c.kind)
-                    if not 0 <= c.layer < len(offered):
-                        raise PlanError(f"official config: {c.kind} #{c.layer} does not exist (the model has {len(offered)})")
-                    c = offered[c.layer]
-                remapped.append(c)
-            meta = {k: v for k, v in plan.meta.items() if k != "official_ordinal"}
-            plan = PruningPlan(frozenset(remapped), plan.model, dict(plan.group_sizes), meta)
+        """Attach this model's identity to an anonymous plan; turn an official config into components."""
+        if "official" in plan.meta:
+            from ..official import plan_from_official
+
+            official = plan_from_official(self, plan.meta["official"])
+            meta = {k: v for k, v in plan.meta.items() if k != "official"}
+            plan = PruningPlan(official.components, plan.model, official.group_sizes, meta)
         if plan.model is None:
             plan = PruningPlan(plan.components, self.identity(), dict(plan.group_sizes), dict(plan.meta))
         return plan
+
+    def official_mlp_width(self, layer: int) -> int:
+        """Intermediate channels of the MLP at ``layer`` (what an official ``pruned_mlp_channels``
+        width counts); the families with MLP channel groups define ``mlp_width``."""
+        return self.mlp_width(layer)
 
     def validate(self, plan: PruningPlan) -> PruningPlan:
         """Check a plan against this model; return it resolved. Raises ``PlanError``."""
