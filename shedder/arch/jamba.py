@@ -12,6 +12,8 @@ Removing a component means:
   scan replaced by ``y = x * silu(z)`` / a group of inner channels gone.
 * ``attention`` (attention layers) — the attention branch contributes nothing; its projections and
   ``input_layernorm`` go.
+* ``mixer`` (every layer with one) — the token mixer (Mamba-1 or attention) with ``input_layernorm``
+  contributes nothing, the feed-forward stays (on an attention layer the same as ``attention``).
 * ``mlp`` (every layer) — the feed-forward branch, dense MLP or the whole MoE (router and all
   experts), contributes nothing; with ``pre_ff_layernorm`` it goes.
 * ``mlp_channel_group`` (dense-MLP layers only) — a group of MLP intermediate channels. Experts are
@@ -29,7 +31,8 @@ count as deleting it. Other layers left with neither mixer nor feed-forward are 
 Extracted models that only lose whole blocks, and whose remaining layer pattern a period / offset
 pair still describes, have a stock config. Otherwise ``config.shedder = {"layers": [spec, ...]}``
 with one dict per kept layer: ``"type"`` (``"mamba"`` / ``"attention"``), ``"moe"`` (bool), and
-what differs from stock: ``"mamba": {"ssm", "intermediate_size"}``, ``"attention": false``,
+what differs from stock: ``"mamba": {"ssm", "intermediate_size"}``, ``"mixer": false`` (a Mamba layer
+without its mixer), ``"attention": false``,
 ``"mlp": width`` (0 = no feed-forward). ``build`` then gives the config a per-layer pattern
 (``ShedderJambaConfig``) so the stock model classes, masks and cache follow it.
 """
@@ -46,8 +49,8 @@ from ..errors import PlanError
 from ..plan import Component, PruningPlan
 from . import register
 from .base import Adapter
-from .hybrid_common import (FeedForwardGroups, RemovedAttention, mlp_groups, present, resize_feed_forward, skip_layer,
-                            skip_sub_block)
+from .hybrid_common import (FeedForwardGroups, RemovedAttention, mlp_groups, present, remove_sub_block,
+                            resize_feed_forward, skip_layer, skip_sub_block)
 from .mamba1_core import (build_mixer, check_group_size, check_mixer, default_channel_group_size, layer_spec,
                           mask_mixer, mixer_components, pruned_mixer_weights)
 from .mamba2_core import set_shedder, shedder_layers, sliced_state_dict
@@ -90,7 +93,7 @@ def period_offset(flags: list[bool], prefer: tuple[int, int]) -> tuple[int, int]
 class JambaAdapter(FeedForwardGroups, Adapter):
     architectures = ("JambaForCausalLM",)
     model_types = ("jamba",)
-    kinds = ("block", "ssm", "channel_group", "attention", "mlp", "mlp_channel_group")
+    kinds = ("block", "mixer", "ssm", "channel_group", "attention", "mlp", "mlp_channel_group")
     layer_prefix = "model.layers."
 
     def __init__(self, model: nn.Module, group_sizes: dict[str, int] | None = None):
@@ -112,6 +115,10 @@ class JambaAdapter(FeedForwardGroups, Adapter):
     def has_attention(self, layer: int) -> bool:
         return present(getattr(self.layers()[layer], "self_attn", None))
 
+    def has_mamba(self, layer: int) -> bool:
+        """A Mamba layer that still has its mixer."""
+        return present(getattr(self.layers()[layer], "mamba", None))
+
     def is_moe(self, layer: int) -> bool:
         """Whether the layer was built with an MoE feed-forward (present or removed)."""
         return self.config.layers_num_experts[layer] > 1
@@ -131,7 +138,9 @@ class JambaAdapter(FeedForwardGroups, Adapter):
     def layer_components(self, layer: int) -> list[Component]:
         block = self.layers()[layer]
         comps = [Component("block", layer)]
-        if self.is_mamba(layer):
+        if self.has_mamba(layer) or self.has_attention(layer):
+            comps.append(Component("mixer", layer))
+        if self.has_mamba(layer):
             comps += mixer_components(block.mamba, layer, self.group_sizes["channel_group"])
         if self.has_attention(layer):
             comps.append(Component("attention", layer))
@@ -148,7 +157,11 @@ class JambaAdapter(FeedForwardGroups, Adapter):
         for layer, comps in self.by_layer(plan).items():
             if any(c.kind == "block" for c in comps):
                 continue
-            if self.is_mamba(layer):
+            if any(c.kind == "mixer" for c in comps):
+                inside = [c for c in comps if c.kind in ("attention",) + _MIXER_KINDS]
+                if inside:
+                    raise PlanError(f"{inside[0]} is redundant: the mixer of layer {layer} is removed as a whole")
+            elif self.has_mamba(layer):
                 check_mixer(self.layers()[layer].mamba, layer, comps, self.group_sizes["channel_group"])
             self.check_feed_forward(layer, comps)
 
@@ -165,9 +178,11 @@ class JambaAdapter(FeedForwardGroups, Adapter):
         kinds = {c.kind for c in comps}
         if kinds & set(_MIXER_KINDS):
             mask_mixer(block.mamba, comps, self.group_sizes["channel_group"], stack)
-        if "attention" in kinds:
+        if "attention" in kinds or ("mixer" in kinds and self.has_attention(layer)):
             skip_sub_block(stack, block.self_attn, block.input_layernorm, returns_tuple=True,
                            cache_slot=block.self_attn.layer_idx)
+        elif "mixer" in kinds:
+            skip_sub_block(stack, block.mamba, block.input_layernorm)
         self.mask_feed_forward(layer, comps, stack)
 
     # ------------------------------------------------------------------ extraction
@@ -179,10 +194,13 @@ class JambaAdapter(FeedForwardGroups, Adapter):
         kinds = {c.kind for c in comps}
         spec = {"type": "mamba" if self.is_mamba(layer) else "attention", "moe": self.is_moe(layer)}
         if self.is_mamba(layer):
-            mixer = layer_spec(self.layers()[layer].mamba, comps, self.group_sizes["channel_group"])
-            if mixer != {"ssm": True, "intermediate_size": config.mamba_expand * config.hidden_size}:
-                spec["mamba"] = mixer
-        elif emptied or not self.has_attention(layer) or "attention" in kinds:
+            if "mixer" in kinds or not self.has_mamba(layer):
+                spec["mixer"] = False
+            else:
+                mixer = layer_spec(self.layers()[layer].mamba, comps, self.group_sizes["channel_group"])
+                if mixer != {"ssm": True, "intermediate_size": config.mamba_expand * config.hidden_size}:
+                    spec["mamba"] = mixer
+        elif emptied or not self.has_attention(layer) or kinds & {"attention", "mixer"}:
             spec["attention"] = False
         if emptied or "mlp" in kinds or not present(self.layers()[layer].feed_forward):
             spec["mlp"] = 0
@@ -200,8 +218,8 @@ class JambaAdapter(FeedForwardGroups, Adapter):
             if i in blocks:
                 continue
             spec = self._spec(plan, i)
-            if spec.get("attention", True) is False and spec.get("mlp") == 0:
-                continue  # an attention-type layer with nothing left computes the identity
+            if False in (spec.get("attention", True), spec.get("mixer", True)) and spec.get("mlp") == 0:
+                continue  # a layer with nothing left computes the identity
             kept.append((i, spec))
         attention_layers = [i for i in range(self.num_layers) if not self.is_mamba(i)]
         if attention_layers and not any(spec["type"] == "attention" for _, spec in kept):
@@ -234,6 +252,8 @@ class JambaAdapter(FeedForwardGroups, Adapter):
                 mods["mamba"] = pruned_mixer_weights(self.layers()[old].mamba, comps, self.group_sizes["channel_group"])
             if spec.get("attention", True) is False:
                 mods.update({"self_attn": {}, "input_layernorm": {}})
+            if spec.get("mixer", True) is False:
+                mods.update({"mamba": {}, "input_layernorm": {}})
             mods.update(self.feed_forward_state(old, comps, removed=spec.get("mlp") == 0))
             if mods:
                 replace[old] = mods
@@ -250,7 +270,9 @@ class JambaAdapter(FeedForwardGroups, Adapter):
         config.__class__ = ShedderJambaConfig
         model = JambaForCausalLM(config)
         for i, (block, spec) in enumerate(zip(model.model.layers, specs)):
-            if "mamba" in spec:
+            if spec.get("mixer", True) is False:
+                remove_sub_block(block, "mamba", "input_layernorm")
+            elif "mamba" in spec:
                 block.mamba = build_mixer(block.mamba, spec["mamba"])
             if spec.get("attention", True) is False:
                 block.self_attn = RemovedAttention(i)
