@@ -9,16 +9,17 @@ import streamlit as st
 from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
 from shedder.errors import Cancelled, ShedderError
-from shedder.plan import Component
+from shedder.plan import ONCE_PER_LAYER, Component
 
 from .state import Workspace, workspace
 
 KIND_LABELS = {
-    "block": "blocks", "ssm": "SSMs", "head": "Mamba-2 heads", "channel_group": "channel groups",
-    "attention": "attention sub-blocks", "mlp": "MLP sub-blocks", "mlp_channel_group": "MLP channel groups",
+    "block": "blocks", "mixer": "token mixers", "shared_block": "shared-block applications", "ssm": "SSMs",
+    "head": "Mamba-2 heads", "channel_group": "channel groups", "attention": "attention sub-blocks",
+    "mlp": "MLP sub-blocks", "mlp_channel_group": "MLP channel groups",
 }
 #: Kinds with one component per layer (their index is always 0).
-WHOLE_KINDS = ("block", "ssm", "attention", "mlp")
+WHOLE_KINDS = ONCE_PER_LAYER
 
 
 @contextlib.contextmanager
