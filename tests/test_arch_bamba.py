@@ -50,9 +50,7 @@ PLANS = {
     "heads_uneven_groups": ("head:4:0", "head:4:1", "head:4:2"),
     "ssm_and_heads": ("ssm:0", "head:0:3"),
     "attention": ("attention:3",),
-    "mixer_mamba": ("mixer:2",),
-    "mixer_attention": ("mixer:1",),
-    "mixer_and_mlp_groups": ("mixer:4", "mlp_channel_group:4:1"),
+    "mixers": ("mixer:2", "mixer:1", "mlp_channel_group:2:1"),   # a Mamba and an attention layer's mixer
     "mlp_on_mamba_layer": ("mlp:0",),
     "mlp_on_attention_layer": ("mlp:1",),
     "attention_and_mlp": ("attention:1", "mlp:1"),

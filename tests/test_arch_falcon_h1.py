@@ -48,8 +48,7 @@ PLANS = {
     "heads_uneven_groups": ("head:0:0", "head:0:1", "head:0:2"),
     "ssm_and_heads": ("ssm:0", "head:0:3"),
     "mlp": ("mlp:2",),
-    "mixer": ("mixer:0",),                   # layer 0 holds the cache slot the sequence length is read from
-    "mixer_and_mlp_groups": ("mixer:1", "mlp_channel_group:1:3"),
+    "mixer": ("mixer:0", "mlp_channel_group:0:3"),   # layer 0 holds the cache slot the length is read from
     "mlp_groups": ("mlp_channel_group:0:0", "mlp_channel_group:0:7", "mlp_channel_group:1:4"),
     "attention_ssm_mlp": ("attention:1", "ssm:1", "mlp:1"),
     "mixed": ("block:2", "attention:0", "ssm:1", "head:0:1", "mlp:1", "mlp_channel_group:0:2",

@@ -52,9 +52,7 @@ PLANS = {
     "mlp_moe": ("mlp:4",),
     "mlp_groups": ("mlp_channel_group:3:0", "mlp_channel_group:3:7", "mlp_channel_group:0:2"),
     "attention_and_mlp": ("attention:3", "mlp:3"),
-    "mixer_mamba_moe": ("mixer:4",),
-    "mixer_attention": ("mixer:1",),
-    "mixer_and_mlp": ("mixer:2", "mlp:2", "mixer:0"),    # layer 2 left empty: deleted
+    "mixers": ("mixer:4", "mixer:1", "mixer:2", "mlp:2"),   # MoE layer, attention layer, an emptied layer (deleted)
     "mixed": ("block:0", "ssm:2", "channel_group:4:1", "attention:3", "mlp:1", "mlp_channel_group:3:2"),
 }
 
@@ -83,7 +81,7 @@ def test_mask_restores_after_exception(model):
 
 
 def test_generation_with_cache_on_extracted_models(model):
-    for name in ("mixed", "attention", "all_attention_blocks", "mlp_moe", "mixer_and_mlp"):
+    for name in ("mixed", "attention", "all_attention_blocks", "mlp_moe", "mixers"):
         check_plan(model, comps(*PLANS[name]), generate=True)
     check_plan(model, comps("attention:1", "mlp:1", "attention:3", "mlp:3", "ssm:0"), generate=True)
 

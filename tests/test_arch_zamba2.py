@@ -60,10 +60,7 @@ PLANS = {
     "ssm_on_hybrid_layer": ("ssm:3",),
     "heads": ("head:1:0", "head:1:5", "head:1:6"),
     "attention": ("attention:1",),             # the official MHA mask: the MLP runs on the stream
-    "shared_block": ("shared_block:1",),
-    "mixer_hybrid": ("mixer:3",),               # the official mamba-block mask: h + linear(T)
-    "mixer_plain": ("mixer:0",),
-    "mixer_attention_mlp": ("mixer:4", "attention:4", "mlp:4"),
+    "mixers": ("mixer:0", "mixer:4", "attention:4", "mlp:4"),   # plain layer: as block; hybrid: h + linear(T), T = h
     "mlp": ("mlp:3",),
     "attention_and_mlp": ("attention:4", "mlp:4"),
     "two_applications_of_one_block": ("attention:1", "attention:4"),
