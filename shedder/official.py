@@ -245,7 +245,7 @@ def write_json(path: Path, data) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=4)
+            json.dump(data, f, indent=4, default=str)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -61,6 +61,7 @@ PLANS = {
     "heads": ("head:1:0", "head:1:5", "head:1:6"),
     "attention": ("attention:1",),             # the official MHA mask: the MLP runs on the stream
     "mixers": ("mixer:0", "mixer:4", "attention:4", "mlp:4"),   # plain layer: as block; hybrid: h + linear(T), T = h
+    "mixer_and_shared_block": ("mixer:3", "shared_block:3"),   # nothing left of layer 3: deleted
     "mlp": ("mlp:3",),
     "attention_and_mlp": ("attention:4", "mlp:4"),
     "two_applications_of_one_block": ("attention:1", "attention:4"),

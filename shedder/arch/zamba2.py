@@ -38,8 +38,9 @@ Extraction keeps one module per application with tied parameters, exactly like s
 When the result is expressible by a stock config (applications removed while the memory blocks
 still alternate in the stock order, no mixer or MLP changes), the extracted config is a stock
 one. Otherwise ``config.shedder`` holds ``"layers"`` (one dict per layer: ``"mamba":
-MixerLayout.to_dict()``, ``"mlp": false``, ``"attention": false``, ``"mixer": false``) and/or ``"shared_blocks"`` (the memory block of each
-application, in order), and ``build`` recreates adapters, pass-throughs and ties from it.
+MixerLayout.to_dict()``, ``"mlp": false``, ``"attention": false``, ``"mixer": false``) and/or
+``"shared_blocks"`` (the memory block of each application, in order), and ``build`` recreates
+adapters, pass-throughs, attention-free applications, mixer-free layers and ties from it.
 """
 from __future__ import annotations
 
@@ -170,8 +171,10 @@ class Zamba2Adapter(Mamba2StyleAdapter):
         return not (self.is_hybrid(layer) and isinstance(self.layers()[layer].mamba_decoder, MixerFreeMambaDecoder))
 
     def removed_layers(self, plan: PruningPlan) -> set[int]:
-        """Blocks, and plain Mamba layers whose mixer goes (nothing is left of them)."""
-        return {c.layer for c in plan.components if c.kind == "block" or (c.kind == "mixer" and not self.is_hybrid(c.layer))}
+        """Blocks, and layers whose mixer goes with nothing else left (a plain Mamba layer, or a
+        hybrid layer whose application goes too)."""
+        return {c.layer for c in plan.components if c.kind == "block" or (c.kind == "mixer" and (
+            not self.is_hybrid(c.layer) or Component("shared_block", c.layer) in plan))}
 
     def layer_kind(self, layer: int) -> str:
         return "hybrid" if self.is_hybrid(layer) else "mamba"
@@ -221,7 +224,7 @@ class Zamba2Adapter(Mamba2StyleAdapter):
         kinds = {c.kind for c in comps}
         block = self.layers()[layer]
         if "mixer" in kinds:
-            if not self.is_hybrid(layer):  # nothing else in the layer: as ``block``
+            if layer in self.removed_layers(PruningPlan(frozenset(comps))):  # nothing left: as ``block``
                 patch_forward(block, self.skip_forward(layer), stack)
                 return
             patch_forward(block.mamba_decoder, _add_transformer_output, stack)
