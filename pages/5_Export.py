@@ -1,11 +1,14 @@
 """Export page: the plan as JSON (down and up), and the physically smaller model on disk."""
+import json
 from pathlib import Path
 
 import streamlit as st
 
 from app import card, ui
+from shedder.errors import PlanError
 from shedder.extract import extract, save
 from shedder.metrics import describe_protocol, perplexity
+from shedder.official import to_official
 from shedder.plan import PruningPlan
 
 ws = ui.ready()
@@ -24,6 +27,13 @@ st.download_button("Download plan (JSON)", recorded.to_json(), file_name=f"{name
                    key="export_download", type="primary")
 with st.expander("Show the JSON"):
     st.code(recorded.to_json(), language="json")
+try:
+    official = json.dumps(to_official(adapter, ws.plan), indent=4)
+except PlanError as e:  # a kind with no official counterpart: say which instead of a button
+    st.caption(f"No official Mamba-Shedder config for this plan: {e}")
+else:
+    st.download_button("Download as an official Mamba-Shedder config", official, file_name=f"{name}-pruning_config.json",
+                       mime="application/json", key="export_download_official")
 upload = st.file_uploader("Load a plan (our JSON, or an official Mamba-Shedder config)", type=["json"], key="export_upload")
 if upload is not None:
     with ui.shown_errors():
