@@ -16,7 +16,12 @@ from typing import Iterable
 
 from .errors import PlanError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Older versions still read. Schema 1 predates the official Zamba2 semantics: its Zamba2
+#: ``attention`` removed the whole shared-block application (now ``shared_block``). Such plans carry
+#: ``meta[SCHEMA1_MARK]`` until an adapter resolves them (``Adapter.upgrade_schema1``).
+READABLE_VERSIONS = (1, 2)
+SCHEMA1_MARK = "read_from_schema_1"
 
 #: Every kind the project knows. Which ones a given model offers is the adapter's business.
 KINDS = ("block", "mixer", "shared_block", "ssm", "head", "channel_group", "attention", "mlp", "mlp_channel_group")
@@ -170,8 +175,9 @@ class PruningPlan:
                 return cls.from_official(data, identity)
             raise PlanError("not a pruning plan: no 'schema_version' and none of the official keys "
                             f"({', '.join(OFFICIAL_KEYS)})")
-        if data["schema_version"] != SCHEMA_VERSION:
-            raise PlanError(f"plan schema_version {data['schema_version']!r} is not supported (this version reads {SCHEMA_VERSION})")
+        if data["schema_version"] not in READABLE_VERSIONS or isinstance(data["schema_version"], bool):
+            raise PlanError(f"plan schema_version {data['schema_version']!r} is not supported (this version reads "
+                            f"{', '.join(map(str, READABLE_VERSIONS))})")
         raw = data.get("components")
         if not isinstance(raw, list):
             raise PlanError("plan field 'components' must be a list")
@@ -191,7 +197,10 @@ class PruningPlan:
         sizes = data.get("group_sizes") or {}
         if not isinstance(sizes, dict) or not all(isinstance(v, int) and v > 0 for v in sizes.values()):
             raise PlanError("plan field 'group_sizes' must map kinds to positive integers")
-        return cls(frozenset(comps), model, dict(sizes), dict(data.get("meta") or {}))
+        meta = dict(data.get("meta") or {})
+        if data["schema_version"] == 1:
+            meta[SCHEMA1_MARK] = True
+        return cls(frozenset(comps), model, dict(sizes), meta)
 
     @classmethod
     def from_json(cls, text: str, identity: ModelIdentity | None = None) -> "PruningPlan":

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from ..errors import PlanError
-from ..plan import KINDS, Component, ModelIdentity, PruningPlan
+from ..plan import KINDS, SCHEMA1_MARK, Component, ModelIdentity, PruningPlan
 
 
 class Adapter:
@@ -160,6 +160,10 @@ class Adapter:
 
     def resolve(self, plan: PruningPlan) -> PruningPlan:
         """Attach this model's identity to an anonymous plan; turn an official config into components."""
+        if SCHEMA1_MARK in plan.meta:
+            plan = self.upgrade_schema1(plan)
+            plan = PruningPlan(plan.components, plan.model, dict(plan.group_sizes),
+                               {k: v for k, v in plan.meta.items() if k != SCHEMA1_MARK})
         if "official" in plan.meta:
             from ..official import plan_from_official
 
@@ -168,6 +172,10 @@ class Adapter:
             plan = PruningPlan(official.components, plan.model, official.group_sizes, meta)
         if plan.model is None:
             plan = PruningPlan(plan.components, self.identity(), dict(plan.group_sizes), dict(plan.meta))
+        return plan
+
+    def upgrade_schema1(self, plan: PruningPlan) -> PruningPlan:
+        """A plan read from schema 1 in today's kinds (default: unchanged)."""
         return plan
 
     def official_mlp_width(self, layer: int) -> int:

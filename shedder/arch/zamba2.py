@@ -161,6 +161,11 @@ class Zamba2Adapter(Mamba2StyleAdapter):
     def has_mlp(self, layer: int) -> bool:
         return self.is_hybrid(layer) and not isinstance(self.layers()[layer].shared_transformer.feed_forward, PassThrough)
 
+    def upgrade_schema1(self, plan: PruningPlan) -> PruningPlan:
+        """Schema 1's ``attention`` removed the whole application: today's ``shared_block``."""
+        return PruningPlan(frozenset(Component("shared_block", c.layer) if c.kind == "attention" else c
+                                     for c in plan.components), plan.model, dict(plan.group_sizes), dict(plan.meta))
+
     def official_mlp_width(self, layer: int) -> int:
         return self.config.intermediate_size  # every application runs its memory block's full MLP
 
