@@ -172,6 +172,7 @@ def to_official(adapter, plan: PruningPlan, order: list[Component] | None = None
     for c in comps:
         if c.kind == "mlp_channel_group":
             continue
+        c = adapter.same_removal_as_official(c)
         key = key_of.get(c.kind)
         if key is None:
             raise PlanError(f"{c}: {c.kind!r} on {family} has no counterpart in the official config format")

@@ -69,6 +69,10 @@ def test_zamba2_config_with_mlp_channels(zamba2):
     back = to_official(adapter, adapter.validate(PruningPlan.from_official(config)))
     assert {k: sorted(v) for k, v in back.items()} == {"pruned_mamba_block_idx": [2], "pruned_mha_idx": [1],
                                                       "pruned_mlp_idx": [2], "pruned_ssm_idx": [0, 5]}
+    # a plain layer's block is the official mamba block; a hybrid layer's block has no counterpart
+    assert to_official(adapter, PruningPlan(frozenset({Component("block", 0)})))["pruned_mamba_block_idx"] == [0]
+    with pytest.raises(PlanError, match="'block' on Zamba2ForCausalLM has no counterpart"):
+        to_official(adapter, PruningPlan(frozenset({Component("block", 1)})))
     # a narrowed MLP (ratio_10 narrows six of nine) is refused with the reason, naming the family
     with pytest.raises(PlanError, match="narrows MLP #1, but Zamba2ForCausalLM has no per-layer MLP channels"):
         resolve(zamba2, {**config, "pruned_mlp_channels": {"0": 64, "1": 32, "2": 64}})

@@ -178,6 +178,11 @@ class Adapter:
         """A plan read from schema 1 in today's kinds (default: unchanged)."""
         return plan
 
+    def same_removal_as_official(self, comp: Component) -> Component:
+        """``comp``, or the component of an official kind that removes exactly the same (written to
+        official configs in its place); default: ``comp``."""
+        return comp
+
     def official_mlp_width(self, layer: int) -> int:
         """Intermediate channels of the MLP at ``layer`` (what an official ``pruned_mlp_channels``
         width counts); the families with MLP channel groups define ``mlp_width``."""

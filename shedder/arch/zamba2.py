@@ -166,6 +166,10 @@ class Zamba2Adapter(Mamba2StyleAdapter):
         return PruningPlan(frozenset(Component("shared_block", c.layer) if c.kind == "attention" else c
                                      for c in plan.components), plan.model, dict(plan.group_sizes), dict(plan.meta))
 
+    def same_removal_as_official(self, comp: Component) -> Component:
+        """A plain Mamba layer's ``block`` is its ``mixer`` (the official mamba block)."""
+        return Component("mixer", comp.layer) if comp.kind == "block" and not self.is_hybrid(comp.layer) else comp
+
     def official_mlp_width(self, layer: int) -> int:
         return self.config.intermediate_size  # every application runs its memory block's full MLP
 
