@@ -160,17 +160,12 @@ class Workspace:
     def toggle(self, comp: Component) -> None:
         """Remove or restore one component. Removing a block subsumes its finer components."""
         plan = self.plan.toggle(comp)
-        if comp.kind == "block" and comp in plan:
-            plan = plan.without_components([c for c in plan.components if c.layer == comp.layer and c.kind != "block"])
-        self.set_plan(plan)
+        self.set_plan(plan.blocks_subsuming() if comp.kind == "block" else plan)
 
     def replace_kind(self, kind: str, comps) -> None:
         """Make ``comps`` exactly the removed components of ``kind`` (the per-kind pickers)."""
         plan = self.plan.without_components(self.plan.of_kind(kind)).with_components(comps)
-        if kind == "block":
-            layers = {c.layer for c in comps}
-            plan = plan.without_components([c for c in plan.components if c.layer in layers and c.kind != "block"])
-        self.set_plan(plan)
+        self.set_plan(plan.blocks_subsuming() if kind == "block" else plan)
 
     def undo(self) -> None:
         if self.history:

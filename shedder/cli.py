@@ -351,6 +351,8 @@ def _bench_workers(args, model, windows) -> int:
 def cmd_bench(args) -> int:
     from . import bench
 
+    if not (args.plan or args.pruned):
+        raise ShedderError("bench needs --plan or --pruned (or the `search` subcommand: python -m shedder bench search)")
     return bench.run(args)
 
 
@@ -482,31 +484,27 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_import_run)
 
-    p = sub.add_parser("bench", help="speed of an extracted model vs its original; `bench search` for the search",
-                       epilog="`python -m shedder bench search --help`: fast vs reference greedy search.")
+    p = sub.add_parser("bench", help="speed of an extracted model vs its original; `bench search` for the search")
     from . import bench
 
     bench.add_arguments(p)
     p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
-    return parser
-
-
-def build_bench_search_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m shedder bench search",
-                                description="Run the reference and the fast greedy search on the same model and "
-                                            "data; print both wall times, the speed-up and whether they chose "
-                                            "identical components.")
-    _model_options(p)
-    p.add_argument("--kinds", type=_kinds, default=["ssm"], help="comma-separated kinds (default ssm)")
-    p.add_argument("--steps", type=int, default=4, help="search steps (default 4)")
-    p.add_argument("--workers", type=_counts, help="instead: the fast search on Ray pools of these sizes "
+    bench_sub = p.add_subparsers(dest="bench_command", metavar="{search}")
+    s = bench_sub.add_parser("search", help="fast vs reference greedy search",
+                             description="Run the reference and the fast greedy search on the same model and "
+                                         "data; print both wall times, the speed-up and whether they chose "
+                                         "identical components.")
+    _model_options(s)
+    s.add_argument("--kinds", type=_kinds, default=["ssm"], help="comma-separated kinds (default ssm)")
+    s.add_argument("--steps", type=int, default=4, help="search steps (default 4)")
+    s.add_argument("--workers", type=_counts, help="instead: the fast search on Ray pools of these sizes "
                                                    "(e.g. 1,2), and the speed-up over the first")
-    p.add_argument("--ray-address", help="with --workers: run the pools on this Ray cluster")
-    _data_options(p, DEFAULT_CALIBRATION, 16)
-    _common(p)
-    p.set_defaults(func=cmd_bench_search)
-    return p
+    s.add_argument("--ray-address", help="with --workers: run the pools on this Ray cluster")
+    _data_options(s, DEFAULT_CALIBRATION, 16)
+    _common(s)
+    s.set_defaults(func=cmd_bench_search)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -514,10 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars show the work; weight loading is quick
-    if argv[:2] == ["bench", "search"]:
-        args = build_bench_search_parser().parse_args(argv[2:])
-    else:
-        args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except Cancelled:

@@ -41,7 +41,8 @@ import torch
 from .arch import adapter_for, patch_forward
 from .arch.base import model_lock
 from .errors import PlanError
-from .metrics import Progress, batches, predicted_tokens, token_nll
+from .metrics import batches, predicted_tokens, token_nll
+from .progress import Progress
 from .plan import Component, PruningPlan
 
 DEFAULT_MAX_CACHE_BYTES = 4 << 30

@@ -16,15 +16,14 @@ import contextlib
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
 from .data import load_text
 from .errors import DataError
+from .progress import Progress
 
-Progress = Callable[[int, int, str], None]
+
 
 #: Next-word passages: paragraphs with at least this many words ...
 MIN_PASSAGE_WORDS = 30
