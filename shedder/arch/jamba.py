@@ -45,6 +45,7 @@ import torch
 import transformers
 from torch import nn
 
+from ..errors import PlanError
 from ..plan import Component, PruningPlan
 from .base import Adapter
 from .common import sliced_state_dict
