@@ -9,19 +9,20 @@ import streamlit as st
 from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
 from shedder.errors import Busy, Cancelled, ShedderError
-from shedder.plan import Component
+from shedder.plan import ONCE_PER_LAYER, Component
 
 from .state import Workspace, workspace
 
 KIND_LABELS = {
-    "block": "blocks", "ssm": "SSMs", "head": "Mamba-2 heads", "channel_group": "channel groups",
-    "attention": "attention sub-blocks", "mlp": "MLP sub-blocks", "mlp_channel_group": "MLP channel groups",
+    "block": "blocks", "mixer": "token mixers", "shared_block": "shared-block applications", "ssm": "SSMs",
+    "head": "Mamba-2 heads", "channel_group": "channel groups", "attention": "attention sub-blocks",
+    "mlp": "MLP sub-blocks", "mlp_channel_group": "MLP channel groups",
 }
 #: What a page says when another session is writing the same search run or score cache entry.
 BUSY_SEARCH = "Another session is running this search right now. Try again when it has finished; its steps are reused."
 BUSY_SCORES = "Another session is computing these scores right now. Try again when it has finished; they are reused."
 #: Kinds with one component per layer (their index is always 0).
-WHOLE_KINDS = ("block", "ssm", "attention", "mlp")
+WHOLE_KINDS = ONCE_PER_LAYER
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
 """Export page: the plan as JSON (down and up), and the physically smaller model as a zip download and,
 where the server allows it (``app.hosting``), on the server's disk under its export directory."""
+import json
 import tempfile
 from pathlib import Path
 
@@ -7,10 +8,12 @@ import streamlit as st
 
 from app import card, ui
 from app.hosting import hosting
+from shedder.errors import PlanError
 from shedder.extract import extract, save
 from shedder.fileio import check_output_dir, inside, zip_dir
 from shedder.loading import resolve
 from shedder.metrics import describe_protocol, perplexity
+from shedder.official import to_official
 from shedder.plan import PruningPlan
 
 ws = ui.ready()
@@ -29,6 +32,13 @@ st.download_button("Download plan (JSON)", recorded.to_json(), file_name=f"{name
                    key="export_download", type="primary")
 with st.expander("Show the JSON"):
     st.code(recorded.to_json(), language="json")
+try:
+    official = json.dumps(to_official(adapter, ws.plan), indent=4)
+except PlanError as e:  # a kind with no official counterpart: say which instead of a button
+    st.caption(f"No official Mamba-Shedder config for this plan: {e}")
+else:
+    st.download_button("Download as an official Mamba-Shedder config", official, file_name=f"{name}-pruning_config.json",
+                       mime="application/json", key="export_download_official")
 upload = st.file_uploader("Load a plan (our JSON, or an official Mamba-Shedder config)", type=["json"], key="export_upload")
 if upload is not None:
     with ui.shown_errors():

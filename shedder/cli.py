@@ -14,6 +14,8 @@
     python -m shedder bench search --workers 1,2                       (speed-up of Ray workers)
     python -m shedder recover --model mamba2-tiny --plan plan.json --method lora --out recovered/ [--resume]
     python -m shedder bench recover [--steps 12]   (recovery per method for the same token budget)
+    python -m shedder plan convert plan.json --to official|shedder [--model M] --out FILE
+    python -m shedder import-run OFFICIAL_RUN_DIR --model M --out RUN_DIR
 
 Every command takes ``--json`` for machine-readable output. Progress bars go to stderr. A mistake in
 the input (bad path, plan for another model, empty text, ...) prints one line ``error: ...`` and exits
@@ -355,6 +357,11 @@ def cmd_search(args) -> int:
         result = greedy_search(model, windows, args.kinds, steps=args.steps, target_params=args.target_params,
                                max_ppl=args.max_ppl, run_dir=args.out, resume=args.resume, progress=progress,
                                base_plan=base, batch_size=args.batch_size, on_step=on_step, pool=pool)
+    if args.official_layout:
+        from .official import write_official_run
+
+        write_official_run(adapter, result.run_dir, result.steps, args.kinds,
+                           {k: v for k, v in vars(args).items() if k != "func"})
     payload = {"run_dir": str(result.run_dir), "protocol": protocol, "base_ppl": result.base_ppl,
                "base_params": result.base_params, "stopped": result.stopped,
                "steps": [{"step": s.step, "component": str(s.component), "ppl": s.ppl, "params": s.params}
@@ -362,6 +369,50 @@ def cmd_search(args) -> int:
     final = result.plan.describe() if result.plan else "nothing removed"
     _emit(args, payload, f"stopped: {result.stopped}\nbase ppl {result.base_ppl:.4f}; final: {final}\n"
                          f"plans in {result.run_dir}/step_XX/pruning_config.json")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------- official files
+def cmd_plan_convert(args) -> int:
+    """Our plan -> official config, or official config -> our plan, for one model (what an official
+    key removes depends on the family, and ordinals and widths on the model's layers)."""
+    from .arch import adapter_for
+    from .official import to_official, write_json
+    from .plan import PruningPlan
+
+    plan = PruningPlan.load(args.plan)
+    official_in = "official" in plan.meta
+    if args.model is None:
+        if official_in or plan.model is None or not plan.model.name:
+            raise ShedderError("--model is needed: an official config does not say which model it is for")
+        args.model = plan.model.name
+    out = Path(args.out)
+    if out.exists():
+        raise ShedderError(f"{out} already exists; choose another --out")
+    if args.to == "official" and official_in:
+        raise ShedderError(f"{args.plan} is already an official config")
+    if args.to == "shedder" and not official_in:
+        raise ShedderError(f"{args.plan} is already a plan of ours")
+    model, _ = _load(args)
+    adapter = adapter_for(model, plan.group_sizes)
+    resolved = adapter.validate(plan)
+    data = to_official(adapter, resolved) if args.to == "official" else resolved.to_dict()
+    write_json(out, data)
+    _emit(args, {"out": str(out), "to": args.to, "plan": resolved.to_dict(), "written": data},
+          f"wrote {out} ({args.to} format): {resolved.describe()}")
+    return 0
+
+
+def cmd_import_run(args) -> int:
+    from .official import import_run
+
+    model, _ = _load(args)
+    steps = import_run(model, args.run, args.out)
+    payload = {"run_dir": args.out, "steps": [{"step": s.step, "component": str(s.component), "ppl": s.ppl,
+                                               "params": s.params} for s in steps]}
+    lines = [f"step {s.step}: removed {s.component}  ppl {s.ppl:.4f}  params {s.params:,}" for s in steps]
+    lines.append(f"imported {len(steps)} steps into {args.out} (log.jsonl, step_XX/pruning_config.json)")
+    _emit(args, payload, "\n".join(lines))
     return 0
 
 
@@ -594,7 +645,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m shedder", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{info,eval,extract,score,search,recover,bench}")
+    sub = parser.add_subparsers(dest="command", required=True,
+                                metavar="{info,eval,extract,score,search,recover,bench,plan,import-run}")
 
     p = sub.add_parser("info", help="architecture, layers, components and parameters of a model")
     _model_options(p)
@@ -657,6 +709,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ppl", type=float, help="stop before a step would exceed this calibration perplexity")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--base-plan", help="start from this plan")
+    p.add_argument("--official-layout", action="store_true",
+                   help="also write the official run layout (log.json, pruning_config.json, "
+                        "pruned_model_configs/config.TARGET.STEP.json) for the official eval scripts")
     _distributed_options(p)
     _calibration_options(p)
     _common(p)
@@ -671,6 +726,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     _common(p)
     p.set_defaults(func=cmd_recover)
+
+    p = sub.add_parser("plan", help="plan files: `plan convert` between our format and the official one")
+    plan_sub = p.add_subparsers(dest="plan_command", required=True, metavar="{convert}")
+    p = plan_sub.add_parser("convert", help="convert a plan to the official Mamba-Shedder config format or back")
+    p.add_argument("plan", help="plan JSON (ours or an official config)")
+    p.add_argument("--to", required=True, choices=("official", "shedder"), help="the format to write")
+    _model_options(p)
+    p.set_defaults(model=None)
+    p.add_argument("--out", required=True, help="file to write (must not exist)")
+    _common(p)
+    p.set_defaults(func=cmd_plan_convert)
+
+    p = sub.add_parser("import-run", help="turn an official Mamba-Shedder run directory into a run of ours")
+    p.add_argument("run", help="official run directory (log.json, pruned_model_configs/)")
+    _model_options(p, model_required=True)
+    p.add_argument("--out", required=True, help="new run directory (log.jsonl, step_XX/pruning_config.json)")
+    _common(p)
+    p.set_defaults(func=cmd_import_run)
 
     p = sub.add_parser("bench", help="speed of an extracted model vs its original; `bench search` for the search")
     from . import bench

@@ -17,24 +17,23 @@ from typing import Iterable
 from .errors import PlanError
 from .fileio import atomic_write_text
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+#: Older versions still read. Schema 1 predates the official Zamba2 semantics: its Zamba2
+#: ``attention`` removed the whole shared-block application (now ``shared_block``). Such plans carry
+#: ``meta[SCHEMA1_MARK]`` until an adapter resolves them (``Adapter.upgrade_schema1``).
+READABLE_VERSIONS = (1, 2)
+SCHEMA1_MARK = "read_from_schema_1"
 
 #: Every kind the project knows. Which ones a given model offers is the adapter's business.
-KINDS = ("block", "ssm", "head", "channel_group", "attention", "mlp", "mlp_channel_group")
+KINDS = ("block", "mixer", "shared_block", "ssm", "head", "channel_group", "attention", "mlp", "mlp_channel_group")
+#: Kinds with at most one component per layer (``index`` is always 0).
+ONCE_PER_LAYER = ("block", "mixer", "shared_block", "ssm", "attention", "mlp")
 
 #: Kinds whose index counts groups of channels; a plan's ``group_sizes`` says how many per group.
 GROUPED_KINDS = ("channel_group", "mlp_channel_group")
 
 #: The fields of a plan in our format.
 PLAN_KEYS = {"schema_version", "model", "group_sizes", "components", "meta"}
-
-#: Official Mamba-Shedder config keys -> our kinds (lists of layer/sub-block indices).
-OFFICIAL_KEYS = {
-    "pruned_mamba_block_idx": "block",
-    "pruned_ssm_idx": "ssm",
-    "pruned_mha_idx": "attention",
-    "pruned_mlp_idx": "mlp",
-}
 
 # Config fields that do not change the function a model computes (or are bookkeeping); they are
 # left out of the config hash so that e.g. a model saved in bf16 keeps the identity of its fp32 source.
@@ -159,7 +158,7 @@ class PruningPlan:
         for kind in KINDS:
             comps = self.of_kind(kind)
             if comps:
-                where = ", ".join(f"{c.layer}" if c.index == 0 and kind in ("block", "ssm", "attention", "mlp")
+                where = ", ".join(f"{c.layer}" if c.index == 0 and kind in ONCE_PER_LAYER
                                   else f"{c.layer}.{c.index}" for c in comps)
                 parts.append(f"{kind} ×{len(comps)} ({where})")
         return ", ".join(parts)
@@ -187,6 +186,8 @@ class PruningPlan:
         if not isinstance(data, dict):
             raise PlanError(f"a plan must be a JSON object, got {type(data).__name__}")
         if "schema_version" not in data:
+            from .official import OFFICIAL_KEYS
+
             if any(k in data for k in OFFICIAL_KEYS):
                 return cls.from_official(data, identity)
             raise PlanError("not a pruning plan: no 'schema_version' and none of the official keys "
@@ -196,8 +197,9 @@ class PruningPlan:
             raise PlanError(f"unknown plan field(s) {', '.join(map(repr, unknown))} "
                             f"(a plan has {', '.join(sorted(PLAN_KEYS))})")
         version = data["schema_version"]
-        if not _is_int(version) or version != SCHEMA_VERSION:
-            raise PlanError(f"plan schema_version {version!r} is not supported (this version reads {SCHEMA_VERSION})")
+        if not _is_int(version) or version not in READABLE_VERSIONS:
+            raise PlanError(f"plan schema_version {version!r} is not supported (this version reads "
+                            f"{', '.join(map(str, READABLE_VERSIONS))})")
         raw = data.get("components")
         if not isinstance(raw, list):
             raise PlanError("plan field 'components' must be a list")
@@ -207,8 +209,10 @@ class PruningPlan:
             if c in seen:
                 raise PlanError(f"component {c} is listed twice")
             seen.add(c)
-        return cls(frozenset(comps), _identity_from(data.get("model")), _group_sizes_from(data.get("group_sizes")),
-                   _meta_from(data.get("meta")))
+        meta = _meta_from(data.get("meta"))
+        if version == 1:
+            meta[SCHEMA1_MARK] = True
+        return cls(frozenset(comps), _identity_from(data.get("model")), _group_sizes_from(data.get("group_sizes")), meta)
 
     @classmethod
     def from_json(cls, text: str, identity: ModelIdentity | None = None) -> "PruningPlan":
@@ -238,24 +242,17 @@ class PruningPlan:
 
     @classmethod
     def from_official(cls, data: dict, identity: ModelIdentity | None = None) -> "PruningPlan":
-        """Read ``{"pruned_mamba_block_idx": [...], "pruned_ssm_idx": [...], ...}``.
+        """Read an official Mamba-Shedder config (``{"pruned_mamba_block_idx": [...], ...}``).
 
-        The official files index layers directly for blocks and SSMs; their ``pruned_mha_idx`` /
-        ``pruned_mlp_idx`` count the model's attention / MLP sub-blocks in order, which the adapter
-        maps to layers during validation (``meta['official_ordinal']`` marks such plans).
+        Every value is checked now and any unknown key refused by name, but what a key means
+        depends on the family (``shedder.official``), so the plan holds no components yet: the
+        config waits in ``meta['official']`` until an adapter resolves the plan against its model.
         """
-        comps = []
-        for key, kind in OFFICIAL_KEYS.items():
-            idx = data.get(key) or []
-            if not isinstance(idx, list) or not all(_is_int(i) for i in idx):
-                raise PlanError(f"official config key {key!r} must be a list of integers")
-            comps += [Component(kind, i) for i in idx]
-        if data.get("pruned_mlp_channels"):
-            raise PlanError("'pruned_mlp_channels' (MLP widths) cannot be imported: re-run the channel search with this tool")
-        meta = {"source": "official Mamba-Shedder config"}
-        if data.get("pruned_mha_idx") or data.get("pruned_mlp_idx"):
-            meta["official_ordinal"] = True
-        return cls(frozenset(comps), identity, {}, meta)
+        from .official import check_config
+
+        if not isinstance(data, dict):
+            raise PlanError(f"an official config must be a JSON object, got {type(data).__name__}")
+        return cls(frozenset(), identity, {}, {"source": "official Mamba-Shedder config", "official": check_config(data)})
 
 
 def _is_int(value) -> bool:

@@ -50,6 +50,7 @@ PLANS = {
     "heads_uneven_groups": ("head:4:0", "head:4:1", "head:4:2"),
     "ssm_and_heads": ("ssm:0", "head:0:3"),
     "attention": ("attention:3",),
+    "mixers": ("mixer:2", "mixer:1", "mlp_channel_group:2:1"),   # a Mamba and an attention layer's mixer
     "mlp_on_mamba_layer": ("mlp:0",),
     "mlp_on_attention_layer": ("mlp:1",),
     "attention_and_mlp": ("attention:1", "mlp:1"),
@@ -75,12 +76,14 @@ def test_mask_restores_after_exception(model):
 
 
 def test_generation_with_cache_on_extracted_models(model):
-    for plan in (comps(*PLANS["mixed"]), comps("attention:1"), comps("ssm:0", "ssm:2", "mlp_channel_group:3:0")):
+    for plan in (comps(*PLANS["mixed"]), comps("attention:1"), comps("ssm:0", "ssm:2", "mlp_channel_group:3:0"),
+                 comps("mixer:0", "mixer:3")):
         check_plan(model, plan, generate=True)
 
 
 def test_generation_with_cache_under_live_masks(model):
-    for plan in (comps(*PLANS["mixed"]), comps("attention:1", "head:0:2"), comps("block:1", "mlp:3")):
+    for plan in (comps(*PLANS["mixed"]), comps("attention:1", "head:0:2"), comps("block:1", "mlp:3"),
+                 comps("mixer:0", "mixer:3")):
         check_masked_generation(model, plan)
 
 
@@ -120,7 +123,7 @@ def test_inventory(model):
     adapter = adapter_for(model)
     assert [adapter.layer_kind(i) for i in range(5)] == ["mamba", "attention", "mamba", "attention", "mamba"]
     counts = adapter.kind_counts()
-    assert counts == {"block": 5, "ssm": 3, "head": 24, "attention": 2, "mlp": 5, "mlp_channel_group": 40}
+    assert counts == {"block": 5, "mixer": 5, "ssm": 3, "head": 24, "attention": 2, "mlp": 5, "mlp_channel_group": 40}
     assert adapter.mlp_group_size == 8
     removed = adapter.component_params(Component("mlp", 0))
     assert removed == 3 * 32 * 64 + 32   # gate, up, down + pre_ff_layernorm
@@ -141,6 +144,8 @@ def test_official_ordinal_attention_maps_to_layers(model):
     (("mlp_channel_group:2:8",), "indices 0..7, not 8"),
     (tuple(f"block:{i}" for i in range(5)), "removes all 5 layers"),
     (("attention:1", "block:3"), "removes every attention layer (layers 1, 3)"),
+    (("mixer:1", "attention:3"), "removes every attention layer (layers 1, 3)"),
+    (("mixer:2", "head:2:0"), "head:2:0 is redundant: the mixer of layer 2 is removed"),
     (("head:0:0", "head:0:1", "head:0:2", "head:0:3"), "group 0"),
 ])
 def test_validation_errors_name_the_problem(model, specs, message):

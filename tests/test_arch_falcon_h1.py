@@ -48,6 +48,7 @@ PLANS = {
     "heads_uneven_groups": ("head:0:0", "head:0:1", "head:0:2"),
     "ssm_and_heads": ("ssm:0", "head:0:3"),
     "mlp": ("mlp:2",),
+    "mixer": ("mixer:0", "mlp_channel_group:0:3"),   # layer 0 holds the cache slot the length is read from
     "mlp_groups": ("mlp_channel_group:0:0", "mlp_channel_group:0:7", "mlp_channel_group:1:4"),
     "attention_ssm_mlp": ("attention:1", "ssm:1", "mlp:1"),
     "mixed": ("block:2", "attention:0", "ssm:1", "head:0:1", "mlp:1", "mlp_channel_group:0:2",
@@ -86,7 +87,8 @@ def test_mask_restores_after_exception(model):
 
 def test_generation_with_cache_on_extracted_models(model):
     # attention:0 removes the branch whose cache slot transformers reads the sequence length from
-    for plan in (comps(*PLANS["mixed"]), comps("attention:0"), comps("block:0", "ssm:1", "mlp_channel_group:2:0")):
+    for plan in (comps(*PLANS["mixed"]), comps("attention:0"), comps("block:0", "ssm:1", "mlp_channel_group:2:0"),
+                 comps("mixer:0", "mixer:2")):
         check_plan(model, plan, generate=True)
 
 
@@ -150,7 +152,7 @@ def test_inventory(model):
     adapter = adapter_for(model)
     assert [adapter.layer_kind(i) for i in range(3)] == ["hybrid"] * 3
     counts = adapter.kind_counts()
-    assert counts == {"block": 3, "ssm": 3, "head": 24, "attention": 3, "mlp": 3, "mlp_channel_group": 24}
+    assert counts == {"block": 3, "mixer": 3, "ssm": 3, "head": 24, "attention": 3, "mlp": 3, "mlp_channel_group": 24}
     assert adapter.mlp_group_size == 8
     assert adapter.component_params(Component("mlp", 0)) == 3 * 32 * 64 + 32   # gate, up, down + pre_ff_layernorm
     assert adapter.component_params(Component("attention", 0)) == 2 * 32 * 32 + 2 * 32 * 16   # q, o + k, v
@@ -169,6 +171,7 @@ def test_official_ordinal_attention_maps_to_layers(model):
     (("mlp_channel_group:2:8",), "indices 0..7, not 8"),
     (("mlp:1", "mlp_channel_group:1:0"), "the MLP of layer 1 is removed as a whole"),
     (("block:1", "attention:1"), "redundant: block 1 is removed as a whole"),
+    (("mixer:1", "attention:1"), "attention:1:0 is redundant: the mixer of layer 1 is removed"),
     (("attention:3",), "layer 3 is out of range"),
     (tuple(f"block:{i}" for i in range(3)), "removes all 3 layers"),
     (("head:0:0", "head:0:1", "head:0:2", "head:0:3"), "group 0"),

@@ -52,6 +52,7 @@ PLANS = {
     "mlp_moe": ("mlp:4",),
     "mlp_groups": ("mlp_channel_group:3:0", "mlp_channel_group:3:7", "mlp_channel_group:0:2"),
     "attention_and_mlp": ("attention:3", "mlp:3"),
+    "mixers": ("mixer:4", "mixer:1", "mixer:2", "mlp:2"),   # MoE layer, attention layer, an emptied layer (deleted)
     "mixed": ("block:0", "ssm:2", "channel_group:4:1", "attention:3", "mlp:1", "mlp_channel_group:3:2"),
 }
 
@@ -80,7 +81,7 @@ def test_mask_restores_after_exception(model):
 
 
 def test_generation_with_cache_on_extracted_models(model):
-    for name in ("mixed", "attention", "all_attention_blocks", "mlp_moe"):
+    for name in ("mixed", "attention", "all_attention_blocks", "mlp_moe", "mixers"):
         check_plan(model, comps(*PLANS[name]), generate=True)
     check_plan(model, comps("attention:1", "mlp:1", "attention:3", "mlp:3", "ssm:0"), generate=True)
 
@@ -158,7 +159,7 @@ def test_removing_every_attention_layer_keeps_an_empty_one_for_the_cache(model):
 def test_inventory(model):
     adapter = adapter_for(model)
     assert [adapter.layer_kind(i) for i in range(5)] == ["mamba", "attention", "mamba", "attention", "mamba"]
-    assert adapter.kind_counts() == {"block": 5, "ssm": 3, "channel_group": 12, "attention": 2, "mlp": 5,
+    assert adapter.kind_counts() == {"block": 5, "mixer": 5, "ssm": 3, "channel_group": 12, "attention": 2, "mlp": 5,
                                      "mlp_channel_group": 24}
     assert adapter.group_sizes == {"channel_group": 16, "mlp_channel_group": 8}
     assert adapter.component_params(Component("mlp", 4)) == 3 * 3 * 32 * 64 + 3 * 32 + 32   # experts, router, norm

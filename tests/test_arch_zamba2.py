@@ -59,11 +59,13 @@ PLANS = {
     "block_hybrid": ("block:3",),            # remaining applications use blocks 0, 0: not the stock order
     "ssm_on_hybrid_layer": ("ssm:3",),
     "heads": ("head:1:0", "head:1:5", "head:1:6"),
-    "attention": ("attention:1",),
+    "attention": ("attention:1",),             # the official MHA mask: the MLP runs on the stream
+    "mixers": ("mixer:0", "mixer:4", "attention:4", "mlp:4"),   # plain layer: as block; hybrid: h + linear(T), T = h
+    "mixer_and_shared_block": ("mixer:3", "shared_block:3"),   # nothing left of layer 3: deleted
     "mlp": ("mlp:3",),
     "attention_and_mlp": ("attention:4", "mlp:4"),
     "two_applications_of_one_block": ("attention:1", "attention:4"),
-    "mixed": ("block:0", "attention:3", "mlp:4", "ssm:5", "head:1:2", "head:4:7"),
+    "mixed": ("block:0", "attention:3", "mlp:4", "ssm:5", "head:1:2", "head:4:7", "mixer:3", "shared_block:1"),
 }
 
 
@@ -107,15 +109,15 @@ def test_shared_weights_stay_shared(model):
     full_shared = shared_params(model)
     # one application of memory block 0 goes: only its own adapters and linear go with it
     attn_adapters, mlp_adapter, linear = 3 * (64 * 4 + 4 * 64), 32 * 4 + 4 * 128, 32 * 32
-    small = extract(model, comps("attention:1"))
+    small = extract(model, comps("shared_block:1"))
     assert shared_params(small) == full_shared - attn_adapters - mlp_adapter
-    assert adapter.component_params(Component("attention", 1)) == attn_adapters + mlp_adapter + linear
+    assert adapter.component_params(Component("shared_block", 1)) == attn_adapters + mlp_adapter + linear
     assert adapter.component_params(Component("mlp", 1)) == mlp_adapter   # the shared MLP is still used
     layers = small.model.layers
     q = [layers[j].shared_transformer.self_attn.q_proj.weight for j in small.config.hybrid_layer_ids]
     assert len(q) == 2 and q[0] is not q[1]           # blocks 1 and 0 now
     # both applications of block 0 go: block 0's weights go too, block 1's stay
-    small = extract(model, comps("attention:1", "attention:4"))
+    small = extract(model, comps("shared_block:1", "shared_block:4"))
     only = small.model.layers[small.config.hybrid_layer_ids[0]].shared_transformer
     assert only.block_id == 1
     assert shared_params(small) == sum(p.numel() for p in only.parameters())
@@ -128,7 +130,7 @@ def test_shared_weights_stay_shared(model):
 
 
 def test_stock_expressible_plans_load_with_stock_transformers(model, tmp_path, bundled_tokenizer):
-    for name, plan in {"blocks": comps("block:0", "block:4"), "attention": comps("attention:4")}.items():
+    for name, plan in {"blocks": comps("block:0", "block:4"), "shared_block": comps("shared_block:4")}.items():
         _, small = check_plan(model, plan)
         stock = check_stock_load(small, plan, bundled_tokenizer, tmp_path / name, tokens())
         assert count_parameters(stock) == count_parameters(small)
@@ -139,12 +141,13 @@ def test_stock_expressible_plans_load_with_stock_transformers(model, tmp_path, b
 def test_inventory(model):
     adapter = adapter_for(model)
     assert [adapter.layer_kind(i) for i in range(6)] == ["mamba", "hybrid", "mamba", "hybrid", "hybrid", "mamba"]
-    assert adapter.kind_counts() == {"block": 6, "ssm": 6, "head": 48, "attention": 3, "mlp": 3}
-    small = extract(model, comps("attention:3", "mlp:4"))
+    assert adapter.kind_counts() == {"block": 6, "mixer": 6, "shared_block": 3, "ssm": 6, "head": 48,
+                                    "attention": 3, "mlp": 3}
+    small = extract(model, comps("shared_block:3", "mlp:4"))
     again = adapter_for(small)
     assert [again.layer_kind(i) for i in range(6)] == ["mamba", "hybrid", "mamba", "mamba", "hybrid", "mamba"]
     assert again.kind_counts()["mlp"] == 1
-    check_plan(small, comps("attention:4", "head:3:1"))
+    check_plan(small, comps("shared_block:4", "head:3:1"))
 
 
 def test_single_memory_block_without_adapters():
@@ -157,9 +160,9 @@ def test_single_memory_block_without_adapters():
 def test_candidates_skip_no_ops(model):
     adapter = adapter_for(model)
     assert Component("mlp", 3) in adapter.candidates(PruningPlan(), ["mlp"])
-    assert Component("mlp", 3) not in adapter.candidates(comps("attention:3"), ["mlp"])
+    assert Component("mlp", 3) not in adapter.candidates(comps("shared_block:3"), ["mlp"])
     # the last application cannot go (transformers' Zamba2 needs one to decode with a cache)
-    assert adapter.candidates(comps("attention:1", "attention:3"), ["attention"]) == []
+    assert adapter.candidates(comps("attention:1", "shared_block:3"), ["attention", "shared_block"]) == []
 
 
 @pytest.mark.parametrize("specs, message", [
@@ -169,7 +172,47 @@ def test_candidates_skip_no_ops(model):
     (("head:3:4", "head:3:5", "head:3:6", "head:3:7"), "group 1"),
     (tuple(f"block:{i}" for i in range(6)), "removes all 6 layers"),
     (("block:1", "attention:1"), "redundant: block 1 is removed"),
-    (("attention:1", "block:3", "attention:4"), "removes every shared-block application (layers 1, 3, 4)"),
+    (("attention:1", "block:3", "shared_block:4"), "removes every attention (layers 1, 3, 4)"),
+    (("mixer:3", "ssm:3"), "ssm:3:0 is redundant: the mixer of layer 3 is removed"),
+    (("shared_block:3", "mlp:3"), "mlp:3:0 is redundant: the shared_block of layer 3 is removed"),
 ])
 def test_validation_errors_name_the_problem(model, specs, message):
     check_refused(model, comps(*specs), [message])
+
+
+def test_official_masks_compute_what_the_official_patch_computes(model):
+    """attention (the official MHA mask): T = mlp(pre_ff_norm(h)), the Mamba side unchanged;
+    mixer (the official mamba-block mask): h + linear(T) with the full shared block."""
+    from shedder.masking import masked
+
+    block, seen = model.model.layers[3], {}
+
+    def capture(module, args, kwargs, output):
+        seen["h"], seen["out"] = args[0] if args else kwargs["hidden_states"], output
+
+    ids = tokens()
+    handles = [block.register_forward_hook(capture, with_kwargs=True),
+               block.shared_transformer.register_forward_hook(lambda m, a, out: seen.update(T=out))]
+    try:
+        with torch.no_grad():
+            for plan, expected in (
+                ("attention:3", lambda h: block.mamba_decoder(h, transformer_hidden_states=block.linear(
+                    block.shared_transformer.feed_forward(block.shared_transformer.pre_ff_layernorm(h), 3)))),
+                ("mixer:3", lambda h: h + block.linear(seen["T"])),
+            ):
+                with masked(model, comps(plan)):
+                    model(ids)
+                assert torch.allclose(seen["out"], expected(seen["h"]), atol=1e-6), plan
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def test_schema1_plans_keep_their_meaning(model, tmp_path):
+    """Schema 1's Zamba2 ``attention`` removed the whole application: it reads as ``shared_block``."""
+    old = {"schema_version": 1, "model": None, "group_sizes": {}, "meta": {},
+           "components": [{"kind": "attention", "layer": 3, "index": 0}, {"kind": "ssm", "layer": 5, "index": 0}]}
+    resolved = adapter_for(model).validate(PruningPlan.from_dict(old))
+    assert resolved.components == {Component("shared_block", 3), Component("ssm", 5)}
+    assert resolved.meta == {} and resolved.to_dict()["schema_version"] == 2
+    assert adapter_for(model).validate(PruningPlan.from_json(resolved.to_json())) == resolved

@@ -28,7 +28,8 @@ from shedder.extract import PLAN_FILE, save
 from shedder.fileio import EXPORT_MARKER, check_output_dir, drop_torn_tail, exclusive, inside, publish_dir
 from shedder.loading import REPO_ROOT
 from shedder.masking import WAITING, holding, masked
-from shedder.plan import KINDS, OFFICIAL_KEYS, Component, PruningPlan
+from shedder.official import OFFICIAL_KEYS
+from shedder.plan import KINDS, Component, PruningPlan
 from shedder.search import LOCK_FILE, greedy_search
 
 DATA = ["--samples", "2", "--seq-len", "16", "--batch-size", "2", "--no-progress"]

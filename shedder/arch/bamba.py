@@ -5,6 +5,10 @@ with ``mixer`` either a Mamba-2 mixer (``layer.mamba``) or self-attention (``lay
 Removing a component means:
 
 * ``block`` — the whole layer (mixer and MLP) is skipped: ``h = h``; extraction deletes it.
+* ``mixer`` (every layer with one) — the token mixer's branch contributes nothing and the MLP stays:
+  ``h = h + feed_forward(pre_ff_layernorm(h))``. The mixer is the Mamba-2 mixer or the attention
+  (on an attention layer ``mixer`` is the same removal as ``attention``); with ``input_layernorm`` it
+  goes. The Hymba-style block removal of the official code (``mask_hymba_block``).
 * ``ssm`` / ``head`` (Mamba layers) — as in Mamba-2, through ``mamba2_core``.
 * ``attention`` (attention layers) — the self-attention branch contributes nothing: ``h = h`` before
   the MLP; its projections and ``input_layernorm`` go. The extracted layer is listed as a
@@ -29,6 +33,7 @@ import functools
 
 import transformers
 
+from ..errors import PlanError
 from ..plan import Component, PruningPlan
 from .common import sliced_state_dict
 from .hybrid_common import (FeedForwardGroups, check_attention_left, check_mlp_groups, num_mlp_groups, present,
@@ -40,7 +45,7 @@ from .spec import LayerSpec, PrunedSpec
 class BambaAdapter(FeedForwardGroups, Mamba2StyleAdapter):
     architectures = ("BambaForCausalLM",)
     model_types = ("bamba",)
-    kinds = ("block", "ssm", "head", "attention", "mlp", "mlp_channel_group")
+    kinds = ("block", "mixer", "ssm", "head", "attention", "mlp", "mlp_channel_group")
     model_class = transformers.BambaForCausalLM
     layers_path = "model.layers"
     mixer_name = "mamba"
@@ -74,6 +79,8 @@ class BambaAdapter(FeedForwardGroups, Mamba2StyleAdapter):
 
     def layer_components(self, layer: int) -> list[Component]:
         comps = [Component("block", layer)]
+        if self.has_ssm_mixer(layer) or self.has_attention(layer):
+            comps.append(Component("mixer", layer))
         if self.has_ssm_mixer(layer):
             comps += ssm_components(layer, mixer_layout(self.mixer(layer)))
         if self.has_attention(layer):
@@ -89,8 +96,12 @@ class BambaAdapter(FeedForwardGroups, Mamba2StyleAdapter):
         super().check(plan)
         attention = [i for i, (_, attn, _) in enumerate(self._structure) if attn]
         check_attention_left("Bamba", "attention layer", attention,
-                             [c.layer for c in plan.components if c.kind in ("block", "attention")])
+                             [c.layer for c in plan.components if c.kind in ("block", "mixer", "attention")])
         for layer, comps in self.by_layer(plan).items():
+            if any(c.kind == "mixer" for c in comps):
+                inside = [c for c in comps if c.kind in ("ssm", "head", "attention")]
+                if inside:
+                    raise PlanError(f"{inside[0]} is redundant: the mixer of layer {layer} is removed as a whole")
             groups = [c.index for c in comps if c.kind == "mlp_channel_group"]
             if groups and not any(c.kind == "mlp" for c in comps):  # a removed MLP takes its groups with it
                 check_mlp_groups(layer, self.mlp_width(layer), self.mlp_group_size, groups)
@@ -109,15 +120,17 @@ class BambaAdapter(FeedForwardGroups, Mamba2StyleAdapter):
         super().mask_layer(layer, comps, stack)  # ssm / head
         block = self.layers()[layer]
         kinds = {c.kind for c in comps}
-        if "attention" in kinds:
+        if "attention" in kinds or ("mixer" in kinds and self.has_attention(layer)):
             skip_sub_block(stack, block.self_attn, block.input_layernorm, returns_tuple=True, cache_slot=layer)
+        elif "mixer" in kinds:
+            skip_sub_block(stack, block.mamba, block.input_layernorm)
         self.mask_feed_forward(layer, comps, stack)
 
     # ------------------------------------------------------------------ extraction
     def layer_spec(self, layer: int, comps: list[Component]) -> LayerSpec | None:
         kinds = {c.kind for c in comps}
-        mamba = self.has_ssm_mixer(layer)
-        has_mixer = mamba or (self.has_attention(layer) and "attention" not in kinds)
+        mamba = self.has_ssm_mixer(layer) and "mixer" not in kinds
+        has_mixer = mamba or (self.has_attention(layer) and not kinds & {"attention", "mixer"})
         width = self.mlp_width_under(layer, comps)
         if not has_mixer and not width:
             return None  # nothing left: the identity

@@ -57,12 +57,12 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from ..errors import PlanError
-from ..plan import KINDS, Component, ModelIdentity, PruningPlan
+from ..plan import KINDS, SCHEMA1_MARK, Component, ModelIdentity, PruningPlan
 from .spec import LayerSpec, Limits, PrunedSpec
 
 
 #: Kinds whose removal can delete a whole layer (the only ones that can leave a model with none).
-LAYER_DELETING_KINDS = frozenset({"block", "attention", "mlp"})
+LAYER_DELETING_KINDS = frozenset({"block", "mixer", "shared_block", "attention", "mlp"})
 
 
 class Adapter:
@@ -78,6 +78,10 @@ class Adapter:
     layers_path: ClassVar[str] = "model.layers"
     #: The stock ``transformers`` class ``build`` starts from.
     model_class: ClassVar[type[nn.Module]]
+    #: What each official Mamba-Shedder config key removes in this family (``shedder.official``);
+    #: a key mapped to a kind the family does not offer is refused when it is not empty.
+    official_keys: ClassVar[dict[str, str]] = {"pruned_mamba_block_idx": "block", "pruned_ssm_idx": "ssm",
+                                               "pruned_mha_idx": "attention", "pruned_mlp_idx": "mlp"}
 
     def __init__(self, model: nn.Module, group_sizes: dict[str, int] | None = None):
         self.model = model
@@ -274,21 +278,34 @@ class Adapter:
         return out
 
     def resolve(self, plan: PruningPlan) -> PruningPlan:
-        """Attach this model's identity to an anonymous plan and map official ordinal indices."""
-        if plan.meta.get("official_ordinal"):
-            remapped = []
-            for c in plan.components:
-                if c.kind in ("attention", "mlp"):
-                    offered = self.components(c.kind)
-                    if not 0 <= c.layer < len(offered):
-                        raise PlanError(f"official config: {c.kind} #{c.layer} does not exist (the model has {len(offered)})")
-                    c = offered[c.layer]
-                remapped.append(c)
-            meta = {k: v for k, v in plan.meta.items() if k != "official_ordinal"}
-            plan = PruningPlan(frozenset(remapped), plan.model, dict(plan.group_sizes), meta)
+        """Attach this model's identity to an anonymous plan; turn an official config into components."""
+        if SCHEMA1_MARK in plan.meta:
+            plan = self.upgrade_schema1(plan)
+            plan = PruningPlan(plan.components, plan.model, dict(plan.group_sizes),
+                               {k: v for k, v in plan.meta.items() if k != SCHEMA1_MARK})
+        if "official" in plan.meta:
+            from ..official import plan_from_official
+
+            official = plan_from_official(self, plan.meta["official"])
+            meta = {k: v for k, v in plan.meta.items() if k != "official"}
+            plan = PruningPlan(official.components, plan.model, official.group_sizes, meta)
         if plan.model is None:
             plan = PruningPlan(plan.components, self.identity(), dict(plan.group_sizes), dict(plan.meta))
         return plan
+
+    def upgrade_schema1(self, plan: PruningPlan) -> PruningPlan:
+        """A plan read from schema 1 in today's kinds (default: unchanged)."""
+        return plan
+
+    def same_removal_as_official(self, comp: Component) -> Component:
+        """``comp``, or the component of an official kind that removes exactly the same (written to
+        official configs in its place); default: ``comp``."""
+        return comp
+
+    def official_mlp_width(self, layer: int) -> int:
+        """Intermediate channels of the MLP at ``layer`` (what an official ``pruned_mlp_channels``
+        width counts); the families with MLP channel groups define ``mlp_width``."""
+        return self.mlp_width(layer)
 
     def validate(self, plan: PruningPlan) -> PruningPlan:
         """Check a plan against this model; return it resolved. Raises ``PlanError``."""

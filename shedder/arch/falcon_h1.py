@@ -14,6 +14,9 @@ Removing a component means:
 * ``ssm`` / ``head`` — the Mamba branch's SSD scan / one of its heads, as in Mamba-2, through the
   shared ``mamba2_core`` with Falcon-H1's hooks (below). Removing every head of a layer is refused
   (remove the block instead), so the Mamba branch never vanishes.
+* ``mixer`` — the whole parallel mixer (Mamba and attention, with ``input_layernorm``) leaves, the
+  MLP stays: ``h = h + feed_forward(pre_ff_layernorm(h))`` (the Hymba-style block removal of the
+  official code, ``mask_hymba_block``). The layer's key/value slot only records the length.
 * ``mlp`` — the feed-forward branch (with ``pre_ff_layernorm``) contributes nothing.
 * ``mlp_channel_group`` — a group of MLP intermediate channels (gate/up rows, down columns); the
   gate / down multipliers stay as they are.
@@ -31,7 +34,7 @@ seen, as a ``[batch, 1, seq, 1]`` placeholder, so generation with a cache stays 
 
 Extracted models that only lose whole blocks have a stock config (``num_hidden_layers`` changed);
 otherwise each kept layer's ``LayerSpec`` holds what differs from stock: ``attention=False``,
-``ssm`` / ``heads_per_group``, ``mlp`` (0 = none).
+``mixer=False`` (no Mamba branch, no input norm), ``ssm`` / ``heads_per_group``, ``mlp`` (0 = none).
 """
 from __future__ import annotations
 
@@ -43,10 +46,11 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
+from ..errors import PlanError
 from ..plan import Component, PruningPlan
 from .common import sliced_state_dict
-from .hybrid_common import (FeedForwardGroups, RemovedAttention, mlp_groups, present, resize_feed_forward, skip_layer,
-                            skip_sub_block)
+from .hybrid_common import (FeedForwardGroups, RemovedAttention, mlp_groups, present, remove_sub_block,
+                            resize_feed_forward, skip_layer, skip_sub_block)
 from .mamba2_core import (Mamba2Hooks, Mamba2StyleAdapter, MixerLayout, Selection, gated_group_rms_norm, mixer_layout,
                           ssm_components)
 from .spec import LayerSpec, PrunedSpec
@@ -99,7 +103,7 @@ FALCON_H1_HOOKS = FalconH1Hooks()
 class FalconH1Adapter(FeedForwardGroups, Mamba2StyleAdapter):
     architectures = ("FalconH1ForCausalLM",)
     model_types = ("falcon_h1",)
-    kinds = ("block", "attention", "ssm", "head", "mlp", "mlp_channel_group")
+    kinds = ("block", "mixer", "attention", "ssm", "head", "mlp", "mlp_channel_group")
     hooks = FALCON_H1_HOOKS
     model_class = transformers.FalconH1ForCausalLM
     layers_path = "model.layers"
@@ -108,7 +112,12 @@ class FalconH1Adapter(FeedForwardGroups, Mamba2StyleAdapter):
 
     # ------------------------------------------------------------------ inventory
     def layer_kind(self, layer: int) -> str:
-        return "hybrid" if self.has_attention(layer) else "mamba"
+        if self.has_attention(layer):
+            return "hybrid"
+        return "mamba" if self.has_ssm_mixer(layer) else "mlp"
+
+    def has_ssm_mixer(self, layer: int) -> bool:
+        return present(self.layers()[layer].mamba)
 
     def has_attention(self, layer: int) -> bool:
         return present(self.layers()[layer].self_attn)
@@ -120,9 +129,12 @@ class FalconH1Adapter(FeedForwardGroups, Mamba2StyleAdapter):
 
     def layer_components(self, layer: int) -> list[Component]:
         comps = [Component("block", layer)]
+        if self.has_ssm_mixer(layer):
+            comps.append(Component("mixer", layer))
         if self.has_attention(layer):
             comps.append(Component("attention", layer))
-        comps += ssm_components(layer, mixer_layout(self.mixer(layer)))
+        if self.has_ssm_mixer(layer):
+            comps += ssm_components(layer, mixer_layout(self.mixer(layer)))
         width = self.mlp_width(layer)
         if width:
             comps.append(Component("mlp", layer))
@@ -134,24 +146,32 @@ class FalconH1Adapter(FeedForwardGroups, Mamba2StyleAdapter):
         super().check(plan)  # at least one layer kept; head removals leave every group a head
         for layer, comps in self.by_layer(plan).items():
             self.check_feed_forward(layer, comps)
+            inside = [c for c in comps if c.kind in ("attention", "ssm", "head")]
+            if inside and any(c.kind == "mixer" for c in comps):
+                raise PlanError(f"{inside[0]} is redundant: the mixer of layer {layer} is removed as a whole")
 
     # ------------------------------------------------------------------ live masks
     def skip_forward(self, layer: int):
         # every layer has an attention cache slot; layers return a 1-tuple
-        return skip_layer(self.layers()[layer].mamba.layer_idx, lambda h: (h,))
+        return skip_layer(layer, lambda h: (h,))
 
     def mask_layer(self, layer: int, comps: list[Component], stack: contextlib.ExitStack) -> None:
         super().mask_layer(layer, comps, stack)  # ssm / head
         block = self.layers()[layer]
-        if any(c.kind == "attention" for c in comps):
-            skip_sub_block(stack, block.self_attn, returns_tuple=True, cache_slot=block.self_attn.layer_idx)
+        kinds = {c.kind for c in comps}
+        if kinds & {"attention", "mixer"} and self.has_attention(layer):
+            skip_sub_block(stack, block.self_attn, returns_tuple=True, cache_slot=layer)
+        if "mixer" in kinds:
+            skip_sub_block(stack, block.mamba, block.input_layernorm)
         self.mask_feed_forward(layer, comps, stack)
 
     # ------------------------------------------------------------------ extraction
     def layer_spec(self, layer: int, comps: list[Component]) -> LayerSpec:
         kinds = {c.kind for c in comps}
-        fields = self.mixer_spec(layer, comps)
-        if not self.has_attention(layer) or "attention" in kinds:
+        fields = {"mixer": False} if "mixer" in kinds else self.mixer_spec(layer, comps)
+        if not self.has_ssm_mixer(layer):
+            fields["mixer"] = False
+        if not self.has_attention(layer) or kinds & {"attention", "mixer"}:
             fields["attention"] = False
         width = self.mlp_width_under(layer, comps)
         if width != self.config.intermediate_size:
@@ -179,6 +199,9 @@ class FalconH1Adapter(FeedForwardGroups, Mamba2StyleAdapter):
         block = layers[index]
         if not spec.attention:
             block.self_attn = RemovedAttention(index)
-        cls.apply_mixer(block, spec)
+        if not spec.mixer:
+            remove_sub_block(block, "mamba", "input_layernorm")
+        else:
+            cls.apply_mixer(block, spec)
         if spec.mlp is not None:
             resize_feed_forward(block, spec.mlp)

@@ -292,6 +292,8 @@ class FeedForwardGroups:
     #: What a removed ``attention`` takes out of a layer's state dict (its pre-norm too, unless
     #: another branch still reads it).
     attention_modules: tuple[str, ...] = ("self_attn", "input_layernorm")
+    #: every token-mixer module a layer may hold, dropped by ``mixer`` (the FFN stays)
+    mixer_modules: tuple[str, ...] = ("mamba", "self_attn", "input_layernorm")
 
     def config_group_sizes(self) -> dict[str, int]:
         return {"mlp_channel_group": default_mlp_group_size(self.config.intermediate_size)}
@@ -339,6 +341,8 @@ class FeedForwardGroups:
             comps = by_layer.get(layer, [])
             kinds = {c.kind for c in comps}
             mods = {name: {} for name in self.attention_modules} if "attention" in kinds else {}
+            if "mixer" in kinds:
+                mods.update({name: {} for name in self.mixer_modules})
             mods.update(self.feed_forward_state(layer, comps, removed="mlp" in kinds))
             if mods:
                 replace.setdefault(layer, {}).update(mods)

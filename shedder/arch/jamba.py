@@ -12,6 +12,8 @@ Removing a component means:
   scan replaced by ``y = x * silu(z)`` / a group of inner channels gone.
 * ``attention`` (attention layers) — the attention branch contributes nothing; its projections and
   ``input_layernorm`` go.
+* ``mixer`` (every layer with one) — the token mixer (Mamba-1 or attention) with ``input_layernorm``
+  contributes nothing, the feed-forward stays (on an attention layer the same as ``attention``).
 * ``mlp`` (every layer) — the feed-forward branch, dense MLP or the whole MoE (router and all
   experts), contributes nothing; with ``pre_ff_layernorm`` it goes.
 * ``mlp_channel_group`` (dense-MLP layers only) — a group of MLP intermediate channels. Experts are
@@ -29,9 +31,10 @@ count as deleting it. Other layers left with neither mixer nor feed-forward are 
 Extracted models that only lose whole blocks, and whose remaining layer pattern a period / offset
 pair still describes, have a stock config. Otherwise every kept layer's ``LayerSpec`` holds its
 ``type`` (``"mamba"`` / ``"attention"``), ``moe``, and what differs from stock: ``ssm`` / ``inner``,
-``attention=False``, ``mlp`` (0 = no feed-forward). ``build`` then builds from a
-``PatternJambaConfig`` (a Jamba config whose layer pattern is given per layer, constructed from
-the saved one) so the stock model classes, masks and cache follow the pattern.
+``mixer=False`` (a Mamba layer without its mixer), ``attention=False``, ``mlp`` (0 = no
+feed-forward). ``build`` then builds from a ``PatternJambaConfig`` (a Jamba config whose layer
+pattern is given per layer, constructed from the saved one) so the stock model classes, masks and
+cache follow the pattern.
 """
 from __future__ import annotations
 
@@ -42,11 +45,12 @@ import torch
 import transformers
 from torch import nn
 
+from ..errors import PlanError
 from ..plan import Component, PruningPlan
 from .base import Adapter
 from .common import sliced_state_dict
-from .hybrid_common import (FeedForwardGroups, RemovedAttention, mlp_groups, present, resize_feed_forward, skip_layer,
-                            skip_sub_block)
+from .hybrid_common import (FeedForwardGroups, RemovedAttention, mlp_groups, present, remove_sub_block,
+                            resize_feed_forward, skip_layer, skip_sub_block)
 from .mamba1_core import (build_mixer, check_group_size, check_mixer, default_channel_group_size, mask_mixer,
                           mixer_components, mixer_spec, pruned_mixer_weights)
 from .spec import LayerSpec, PrunedSpec
@@ -90,7 +94,7 @@ def period_offset(flags: list[bool], prefer: tuple[int, int]) -> tuple[int, int]
 class JambaAdapter(FeedForwardGroups, Adapter):
     architectures = ("JambaForCausalLM",)
     model_types = ("jamba",)
-    kinds = ("block", "ssm", "channel_group", "attention", "mlp", "mlp_channel_group")
+    kinds = ("block", "mixer", "ssm", "channel_group", "attention", "mlp", "mlp_channel_group")
     model_class = transformers.JambaForCausalLM
     layers_path = "model.layers"
 
@@ -109,6 +113,10 @@ class JambaAdapter(FeedForwardGroups, Adapter):
 
     def has_attention(self, layer: int) -> bool:
         return present(getattr(self.layers()[layer], "self_attn", None))
+
+    def has_mamba(self, layer: int) -> bool:
+        """A Mamba layer that still has its mixer."""
+        return present(getattr(self.layers()[layer], "mamba", None))
 
     def is_moe(self, layer: int) -> bool:
         """Whether the layer was built with an MoE feed-forward (present or removed)."""
@@ -129,7 +137,9 @@ class JambaAdapter(FeedForwardGroups, Adapter):
     def layer_components(self, layer: int) -> list[Component]:
         block = self.layers()[layer]
         comps = [Component("block", layer)]
-        if self.is_mamba(layer):
+        if self.has_mamba(layer) or self.has_attention(layer):
+            comps.append(Component("mixer", layer))
+        if self.has_mamba(layer):
             comps += mixer_components(block.mamba, layer, self.group_sizes["channel_group"])
         if self.has_attention(layer):
             comps.append(Component("attention", layer))
@@ -144,7 +154,11 @@ class JambaAdapter(FeedForwardGroups, Adapter):
         for layer, comps in self.by_layer(plan).items():
             if any(c.kind == "block" for c in comps):
                 continue
-            if self.is_mamba(layer):
+            if any(c.kind == "mixer" for c in comps):
+                inside = [c for c in comps if c.kind in ("attention",) + _MIXER_KINDS]
+                if inside:
+                    raise PlanError(f"{inside[0]} is redundant: the mixer of layer {layer} is removed as a whole")
+            elif self.has_mamba(layer):
                 check_mixer(self.layers()[layer].mamba, layer, comps, self.group_sizes["channel_group"])
             self.check_feed_forward(layer, comps)
 
@@ -161,9 +175,11 @@ class JambaAdapter(FeedForwardGroups, Adapter):
         kinds = {c.kind for c in comps}
         if kinds & set(_MIXER_KINDS):
             mask_mixer(block.mamba, comps, self.group_sizes["channel_group"], stack)
-        if "attention" in kinds:
+        if "attention" in kinds or ("mixer" in kinds and self.has_attention(layer)):
             skip_sub_block(stack, block.self_attn, block.input_layernorm, returns_tuple=True,
                            cache_slot=block.self_attn.layer_idx)
+        elif "mixer" in kinds:
+            skip_sub_block(stack, block.mamba, block.input_layernorm)
         self.mask_feed_forward(layer, comps, stack)
 
     # ------------------------------------------------------------------ extraction
@@ -173,9 +189,12 @@ class JambaAdapter(FeedForwardGroups, Adapter):
         kinds = {c.kind for c in comps}
         fields = {"type": "mamba" if self.is_mamba(layer) else "attention", "moe": self.is_moe(layer)}
         if self.is_mamba(layer):
-            fields.update(mixer_spec(self.layers()[layer].mamba, comps, self.group_sizes["channel_group"],
-                                     config.mamba_expand * config.hidden_size))
-        elif emptied or not self.has_attention(layer) or "attention" in kinds:
+            if "mixer" in kinds or not self.has_mamba(layer):
+                fields["mixer"] = False
+            else:
+                fields.update(mixer_spec(self.layers()[layer].mamba, comps, self.group_sizes["channel_group"],
+                                         config.mamba_expand * config.hidden_size))
+        elif emptied or not self.has_attention(layer) or kinds & {"attention", "mixer"}:
             fields["attention"] = False
         if emptied or "mlp" in kinds or not present(self.layers()[layer].feed_forward):
             fields["mlp"] = 0
@@ -183,8 +202,8 @@ class JambaAdapter(FeedForwardGroups, Adapter):
             fields["mlp"] = len(self.mlp_kept_channels(layer, comps))
         elif not fields["moe"] and self.mlp_width(layer) != config.intermediate_size:
             fields["mlp"] = self.mlp_width(layer)
-        if not emptied and fields.get("attention", True) is False and fields.get("mlp") == 0:
-            return None  # an attention-type layer with nothing left computes the identity
+        if not emptied and False in (fields.get("attention", True), fields.get("mixer", True)) and fields.get("mlp") == 0:
+            return None  # a layer with nothing left computes the identity
         return LayerSpec(**fields)
 
     def cache_anchor_layers(self) -> list[int]:
@@ -219,6 +238,8 @@ class JambaAdapter(FeedForwardGroups, Adapter):
                 mods["mamba"] = pruned_mixer_weights(self.layers()[old].mamba, comps, self.group_sizes["channel_group"])
             if not s.attention:
                 mods.update({"self_attn": {}, "input_layernorm": {}})
+            if not s.mixer:
+                mods.update({"mamba": {}, "input_layernorm": {}})
             mods.update(self.feed_forward_state(old, comps, removed=s.mlp == 0))
             if mods:
                 replace[old] = mods
@@ -234,7 +255,9 @@ class JambaAdapter(FeedForwardGroups, Adapter):
     @classmethod
     def apply_layer(cls, layers, index, spec) -> None:
         block = layers[index]
-        if hasattr(block, "mamba"):
+        if hasattr(block, "mamba") and not spec.mixer:
+            remove_sub_block(block, "mamba", "input_layernorm")
+        elif hasattr(block, "mamba"):
             block.mamba = build_mixer(block.mamba, spec)
         if not spec.attention:
             block.self_attn = RemovedAttention(index)

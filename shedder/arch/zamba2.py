@@ -11,20 +11,25 @@ In a plain Mamba layer ``T`` is absent. Removing a component means:
   layer, its shared-block application. Extraction deletes the layer.
 * ``ssm`` / ``head`` (every layer) — the layer's Mamba-2 mixer loses its SSD scan / a head
   (``mamba2_core``).
-* ``attention`` (hybrid layers) — the application at this layer is removed: ``T`` is gone and the
-  layer computes as a plain Mamba layer. The shared block has no residual path around its
-  attention, so without it nothing reaches the MLP; dropping the whole application is what a
-  zeroed attention computes when the block has no linear biases (all published Zamba2 models).
-  The application's adapters and ``linear`` go, and the extracted layer is a stock Mamba layer
-  (no key/value cache).
-* ``mlp`` (hybrid layers) — the application skips the shared MLP (with its ``pre_ff_norm``); the
-  MLP has no residual path either, so skipping it passes the attention output straight on:
-  ``T = linear(attn(...))``. The application's gate_up adapter goes.
+* ``mixer`` (every layer) — the official "mamba block" removal (``pruned_mamba_block_idx``): the
+  layer's Mamba-2 mixer and its input norm go, the shared block still runs, ``h = h + linear(T)``.
+  On a plain Mamba layer there is no ``T``, so it is the same as ``block`` (the layer is deleted).
+* ``attention`` (hybrid layers) — the official MHA mask (``pruned_mha_idx``): this application skips
+  the concatenation with the embeddings, ``input_norm`` and attention, and its MLP runs on the
+  stream, ``T = mlp(pre_ff_norm(h))``. The application's attention adapters go; its key/value slot
+  stays in the cache and only records the sequence length.
+* ``shared_block`` (hybrid layers) — the whole application goes (no official counterpart): ``T`` is
+  gone and the layer computes as a plain Mamba layer. Its adapters and ``linear`` go, and the
+  extracted layer is a stock Mamba layer (no key/value cache).
+* ``mlp`` (hybrid layers) — the official MLP mask (``pruned_mlp_idx``): the application skips the
+  shared MLP (with its ``pre_ff_norm``); the MLP has no residual path, so skipping it passes the
+  attention output straight on: ``T = linear(attn(...))`` (with ``attention`` removed too,
+  ``T = h``). The application's gate_up adapter goes.
 
 MLP channel groups are not offered: the MLP's channels are shared by every application of its
 memory block, so they are not a per-layer component.
 
-A plan must keep at least one application: ``transformers`` derives the causal mask from the
+A plan must keep at least one attention: ``transformers`` derives the causal mask from the
 cache's attention slots, so a Zamba2 without any cannot generate with a cache. Live masks keep
 the removed applications' cache slots filled with placeholders for the same reason.
 
@@ -32,9 +37,11 @@ Shared weights stay shared: they disappear only when no remaining application us
 Extraction keeps one module per application with tied parameters, exactly like stock Zamba2.
 When the result is expressible by a stock config (applications removed while the memory blocks
 still alternate in the stock order, no mixer or MLP changes), the extracted config is a stock
-one. Otherwise the ``PrunedSpec`` holds each layer's ``ssm`` / ``heads_per_group`` and ``mlp=0``
-(an application without its MLP), and ``shared_blocks`` (the memory block of each application, in
-order) when they no longer alternate; ``build`` recreates adapters, pass-throughs and ties from it.
+one. Otherwise the ``PrunedSpec`` holds each layer's ``ssm`` / ``heads_per_group``, ``mixer=False``
+(a hybrid layer without its Mamba mixer), ``attention=False`` (an application without attention)
+and ``mlp=0`` (an application without its MLP), and ``shared_blocks`` (the memory block of each
+application, in order) when they no longer alternate; ``build`` recreates adapters,
+pass-throughs, attention-free applications, mixer-free layers and ties from it.
 """
 from __future__ import annotations
 
@@ -47,7 +54,7 @@ import torch
 import transformers
 from torch import nn
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, PlanError
 from ..plan import Component, PruningPlan
 from .base import patch_forward
 from .hybrid_common import check_attention_left, record_length, skip_layer
@@ -72,14 +79,64 @@ def _pass_through(hidden_states, *args, **kwargs):
     return hidden_states
 
 
+def _mlp_only(shared: nn.Module, cache_slot: int):
+    """The forward of an application without attention (the official MHA mask):
+    ``T = feed_forward(pre_ff_layernorm(h))``; the attention's cache slot records the length."""
+    def forward(hidden_states, original_hidden_states=None, layer_idx=None, *args, **kwargs):
+        record_length(kwargs.get("cache"), cache_slot, hidden_states)
+        return shared.feed_forward(shared.pre_ff_layernorm(hidden_states), layer_idx)
+    return forward
+
+
+def _add_transformer_output(hidden_states, *args, transformer_hidden_states=None, **kwargs):
+    """The forward of a hybrid layer's Mamba side without its mixer (the official mamba-block
+    mask): the shared block's output still joins the stream, ``h + linear(T)``."""
+    return hidden_states + transformer_hidden_states
+
+
+class AttentionFreeApplication(nn.Module):
+    """An extracted application without attention: the shared MLP (and its norm) on the stream.
+    ``cache_slot`` is the layer's index, whose key/value slot only records the sequence length."""
+
+    def __init__(self, pre_ff_layernorm: nn.Module, feed_forward: nn.Module, block_id: int, cache_slot: int):
+        super().__init__()
+        self.pre_ff_layernorm, self.feed_forward, self.block_id = pre_ff_layernorm, feed_forward, block_id
+        self._forward = _mlp_only(self, cache_slot)
+
+    def forward(self, *args, **kwargs):
+        return self._forward(*args, **kwargs)
+
+
+class MixerFreeMambaDecoder(nn.Module):
+    """An extracted hybrid layer's Mamba side without its mixer: ``h + linear(T)``, no parameters."""
+
+    def forward(self, *args, **kwargs):
+        return _add_transformer_output(*args, **kwargs)
+
+
+def _slot_of(shared: nn.Module, layer: int) -> int | None:
+    """Which adapter slot of its shared block the application at ``layer`` uses (None: no adapters left)."""
+    for part in (getattr(shared, "self_attn", None), shared.feed_forward):
+        if hasattr(part, "layer_dic"):
+            return part.layer_dic[layer]
+    return None
+
+
 def _is_hybrid(layer: nn.Module) -> bool:
     return hasattr(layer, "shared_transformer")
+
+
+def _emptied(hybrid: bool, kinds: set[str]) -> bool:
+    """Whether a layer losing ``kinds`` keeps nothing (its mixer goes, and it has no application or
+    loses it): it computes the identity and extraction deletes it, like a ``block``."""
+    return "mixer" in kinds and (not hybrid or "shared_block" in kinds)
 
 
 class Zamba2Adapter(Mamba2StyleAdapter):
     architectures = ("Zamba2ForCausalLM",)
     model_types = ("zamba2",)
-    kinds = ("block", "ssm", "head", "attention", "mlp")
+    kinds = ("block", "mixer", "shared_block", "ssm", "head", "attention", "mlp")
+    official_keys = {**Mamba2StyleAdapter.official_keys, "pruned_mamba_block_idx": "mixer"}
     model_class = transformers.Zamba2ForCausalLM
     layers_path = "model.layers"
 
@@ -95,12 +152,34 @@ class Zamba2Adapter(Mamba2StyleAdapter):
     def has_mlp(self, layer: int) -> bool:
         return self.is_hybrid(layer) and not isinstance(self.layers()[layer].shared_transformer.feed_forward, PassThrough)
 
+    def upgrade_schema1(self, plan: PruningPlan) -> PruningPlan:
+        """Schema 1's ``attention`` removed the whole application: today's ``shared_block``."""
+        return PruningPlan(frozenset(Component("shared_block", c.layer) if c.kind == "attention" else c
+                                     for c in plan.components), plan.model, dict(plan.group_sizes), dict(plan.meta))
+
+    def same_removal_as_official(self, comp: Component) -> Component:
+        """A plain Mamba layer's ``block`` is its ``mixer`` (the official mamba block)."""
+        return Component("mixer", comp.layer) if comp.kind == "block" and not self.is_hybrid(comp.layer) else comp
+
+    def official_mlp_width(self, layer: int) -> int:
+        return self.config.intermediate_size  # every application runs its memory block's full MLP
+
+    def has_attention(self, layer: int) -> bool:
+        return self.is_hybrid(layer) and not isinstance(self.layers()[layer].shared_transformer, AttentionFreeApplication)
+
+    def has_ssm_mixer(self, layer: int) -> bool:
+        return not (self.is_hybrid(layer) and isinstance(self.layers()[layer].mamba_decoder, MixerFreeMambaDecoder))
+
     def layer_kind(self, layer: int) -> str:
         return "hybrid" if self.is_hybrid(layer) else "mamba"
 
     def layer_components(self, layer: int) -> list[Component]:
-        comps = [Component("block", layer)] + ssm_components(layer, mixer_layout(self.mixer(layer)))
+        comps = [Component("block", layer)]
+        if self.has_ssm_mixer(layer):
+            comps += [Component("mixer", layer)] + ssm_components(layer, mixer_layout(self.mixer(layer)))
         if self.is_hybrid(layer):
+            comps.append(Component("shared_block", layer))
+        if self.has_attention(layer):
             comps.append(Component("attention", layer))
         if self.has_mlp(layer):
             comps.append(Component("mlp", layer))
@@ -111,7 +190,7 @@ class Zamba2Adapter(Mamba2StyleAdapter):
         block = self.layers()[layer]
         if not _is_hybrid(block):
             return list(block.modules())
-        own = block.shared_transformer.self_attn.layer_dic[layer]
+        own = _slot_of(block.shared_transformer, layer)
         others = set()
         for name, module in block.shared_transformer.named_modules():
             slot = _ADAPTER_SLOT.match(name)
@@ -121,13 +200,14 @@ class Zamba2Adapter(Mamba2StyleAdapter):
 
     def check(self, plan: PruningPlan) -> None:
         super().check(plan)
-        check_attention_left("Zamba2", "shared-block application", self._hybrid,
-                             [c.layer for c in plan.components if c.kind in ("block", "attention")])
-
-    def candidates(self, plan: PruningPlan, kinds: list[str]) -> list[Component]:
-        """As the base, minus the MLP of an application the plan already removes (a no-op)."""
-        return [c for c in super().candidates(plan, kinds)
-                if not (c.kind == "mlp" and Component("attention", c.layer) in plan)]
+        for c in plan.components:
+            inside = {"mixer": ("ssm", "head"), "shared_block": ("attention", "mlp")}.get(c.kind, ())
+            for other in plan.components:
+                if other.layer == c.layer and other.kind in inside:
+                    raise PlanError(f"{other} is redundant: the {c.kind} of layer {c.layer} is removed as a whole")
+        attending = {i for i in self._hybrid if self.has_attention(i)}
+        check_attention_left("Zamba2", "attention", attending,
+                             [c.layer for c in plan.components if c.kind in ("block", "shared_block", "attention")])
 
     # ------------------------------------------------------------------ live masks
     def skip_forward(self, layer: int):
@@ -137,25 +217,39 @@ class Zamba2Adapter(Mamba2StyleAdapter):
         super().mask_layer(layer, comps, stack)  # ssm / head
         kinds = {c.kind for c in comps}
         block = self.layers()[layer]
-        if "attention" in kinds:  # the layer runs as its own plain Mamba layer (same call signature)
+        if "mixer" in kinds:
+            if _emptied(self.is_hybrid(layer), kinds):  # nothing left: as ``block``
+                patch_forward(block, self.skip_forward(layer), stack)
+                return
+            patch_forward(block.mamba_decoder, _add_transformer_output, stack)
+        if "shared_block" in kinds:  # the layer runs as its own plain Mamba layer (same call signature)
             mamba_layer = block.mamba_decoder
 
             def forward(hidden_states, *args, **kwargs):
                 record_length(kwargs.get("cache"), layer, hidden_states)  # its key/value slot stays in the cache
                 return mamba_layer(hidden_states, *args, **kwargs)
             patch_forward(block, forward, stack)
-        elif "mlp" in kinds:
+            return
+        if "attention" in kinds:
+            patch_forward(block.shared_transformer, _mlp_only(block.shared_transformer, layer), stack)
+        if "mlp" in kinds:
             patch_forward(block.shared_transformer.pre_ff_layernorm, _pass_through, stack)
             patch_forward(block.shared_transformer.feed_forward, _pass_through, stack)
 
     # ------------------------------------------------------------------ extraction
     def _applications(self, plan: PruningPlan) -> list[int]:
         """Old indices of the layers that keep their shared-block application, in order."""
-        gone = {c.layer for c in plan.components if c.kind in ("block", "attention")}
+        gone = {c.layer for c in plan.components if c.kind in ("block", "shared_block")}
         return [i for i in range(self.num_layers) if self.is_hybrid(i) and i not in gone]
 
     def _keeps_mlp(self, plan: PruningPlan, layer: int) -> bool:
         return self.has_mlp(layer) and Component("mlp", layer) not in plan
+
+    def _keeps_attention(self, plan: PruningPlan, layer: int) -> bool:
+        return self.has_attention(layer) and Component("attention", layer) not in plan
+
+    def _keeps_mixer(self, plan: PruningPlan, layer: int) -> bool:
+        return self.has_ssm_mixer(layer) and Component("mixer", layer) not in plan
 
     def _block_id(self, layer: int) -> int:
         return self.layers()[layer].shared_transformer.block_id
@@ -164,11 +258,19 @@ class Zamba2Adapter(Mamba2StyleAdapter):
         block = self.layers()[layer]
         return block.mamba_decoder.mamba if _is_hybrid(block) else block.mamba
 
-    def layer_spec(self, layer: int, comps: list[Component]) -> LayerSpec:
-        fields = self.mixer_spec(layer, comps)
+    def layer_spec(self, layer: int, comps: list[Component]) -> LayerSpec | None:
         kinds = {c.kind for c in comps}
-        if self.is_hybrid(layer) and "attention" not in kinds and not (self.has_mlp(layer) and "mlp" not in kinds):
-            fields["mlp"] = 0  # the application stays, without its MLP
+        if _emptied(self.is_hybrid(layer), kinds):
+            return None
+        if "mixer" in kinds or not self.has_ssm_mixer(layer):
+            fields = {"mixer": False}
+        else:
+            fields = self.mixer_spec(layer, comps)
+        if self.is_hybrid(layer) and "shared_block" not in kinds:  # the application stays
+            if not (self.has_mlp(layer) and "mlp" not in kinds):
+                fields["mlp"] = 0
+            if not (self.has_attention(layer) and "attention" not in kinds):
+                fields["attention"] = False
         return LayerSpec(**fields)
 
     def pruned_spec(self, plan: PruningPlan) -> PrunedSpec:
@@ -199,7 +301,7 @@ class Zamba2Adapter(Mamba2StyleAdapter):
         old_app_at = {}  # adapter slot in the source model -> layer of that application
         for i in range(self.num_layers):
             if self.is_hybrid(i):
-                old_app_at[self.layers()[i].shared_transformer.self_attn.layer_dic[i]] = i
+                old_app_at[_slot_of(self.layers()[i].shared_transformer, i)] = i
         prefix = self.layer_prefix
         out = {k: v for k, v in self.model.state_dict().items() if not k.startswith(prefix)}
         for j, i in enumerate(kept):
@@ -208,7 +310,8 @@ class Zamba2Adapter(Mamba2StyleAdapter):
             mamba_prefix = f"{prefix}{j}.mamba_decoder." if i in new_pos else f"{prefix}{j}."
             remove_ssm, heads = ssm_removals(c for c in plan.components if c.layer == i)
             pruned = remove_ssm or heads
-            for name, t in mamba_layer.state_dict().items():
+            keeps_mixer = self._keeps_mixer(plan, i)
+            for name, t in (mamba_layer.state_dict() if keeps_mixer else {}).items():
                 if not (pruned and name.startswith("mamba.")):
                     out[mamba_prefix + name] = t
             if pruned:
@@ -217,15 +320,17 @@ class Zamba2Adapter(Mamba2StyleAdapter):
             if i not in new_pos:
                 continue
             out[f"{prefix}{j}.linear.weight"] = block.linear.weight
-            keeps_mlp = self._keeps_mlp(plan, i)
+            keeps_mlp, keeps_attention = self._keeps_mlp(plan, i), self._keeps_attention(plan, i)
             for name, t in block.shared_transformer.state_dict().items():
                 if not keeps_mlp and name.startswith(("feed_forward.", "pre_ff_layernorm.")):
+                    continue
+                if not keeps_attention and name.startswith(("self_attn.", "input_layernorm.")):
                     continue
                 slot = _ADAPTER_KEY.match(name)
                 if slot:
                     owner = old_app_at[int(slot.group(2))]
-                    mlp_adapter = slot.group(1).startswith("feed_forward")
-                    if owner not in new_pos or (mlp_adapter and not self._keeps_mlp(plan, owner)):
+                    keeps = self._keeps_mlp if slot.group(1).startswith("feed_forward") else self._keeps_attention
+                    if owner not in new_pos or not keeps(plan, owner):
                         continue
                     name = f"{slot.group(1)}.{new_pos[owner]}.{slot.group(3)}"
                 out[f"{prefix}{j}.shared_transformer.{name}"] = t
@@ -243,15 +348,22 @@ class Zamba2Adapter(Mamba2StyleAdapter):
             raise ModelLoadError(f"config.json: shedder.shared_blocks names memory blocks for {len(blocks)} "
                                  f"applications, but the config has {len(apps)} hybrid layers")
         no_mlp = {k for k, j in enumerate(apps) if spec.layers[j].mlp == 0}
+        no_attention = {k for k, j in enumerate(apps) if not spec.layers[j].attention}
         for k, j in enumerate(apps):
             shared = layers[j].shared_transformer
             users = {k2 for k2, b in enumerate(blocks) if b == blocks[k]}
-            _set_block(shared, config, blocks[k], users, users - no_mlp)
+            _set_block(shared, config, blocks[k], users - no_attention, users - no_mlp)
             if k in no_mlp:
                 shared.pre_ff_layernorm = nn.Identity()
                 shared.feed_forward = PassThrough()
+            if k in no_attention:
+                layers[j].shared_transformer = AttentionFreeApplication(shared.pre_ff_layernorm, shared.feed_forward,
+                                                                        blocks[k], j)
         for layer, layer_spec in zip(layers, spec.layers):
-            cls.apply_mixer(layer.mamba_decoder if _is_hybrid(layer) else layer, layer_spec, "mamba")
+            if not layer_spec.mixer:
+                layer.mamba_decoder = MixerFreeMambaDecoder()
+            else:
+                cls.apply_mixer(layer.mamba_decoder if _is_hybrid(layer) else layer, layer_spec, "mamba")
         _tie_shared(model, apps, blocks)
 
 
