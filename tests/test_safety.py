@@ -108,6 +108,7 @@ def test_kill_during_extract_leaves_no_model_behind(tmp_path, tiny_model_dir):
     script = f"""
 import time
 from shedder.extract import save
+from shedder.loading import load_model
 model, tok = load_model({str(tiny_model_dir)!r})
 def slow(self, *a, **k):
     print("writing", flush=True)
