@@ -111,7 +111,7 @@ def bench_speed(model_name: str, plan: PruningPlan | str | Path | None = None, p
     models = {"original": original, "pruned": pruned}
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, original.config.vocab_size, (batch_size, seq_len), generator=generator).to(device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(original, tokenizer)
     cache = {name: supports_cache(model, pad_id) for name, model in models.items()}
     total_steps = warmup + repeats + (2 if memory else 0)
     samples = _timing_rounds(models, cache, ids, new_tokens, pad_id, device, warmup, repeats, total_steps, progress)
@@ -156,6 +156,14 @@ def bench_speed(model_name: str, plan: PruningPlan | str | Path | None = None, p
         "measured_prefill_speedup_spread": asdict(paired),
         "measured_over_expected": paired.median / expected,
     }
+
+
+def pad_token_id(model, tokenizer) -> int:
+    """The tokenizer's pad id, else the config's (a directory without a tokenizer), else 0."""
+    for pad in (getattr(tokenizer, "pad_token_id", None), getattr(model.config, "pad_token_id", None)):
+        if isinstance(pad, int):
+            return pad
+    return 0
 
 
 def _load_pair(model_name: str, plan, pruned_dir, dtype: str, device: str):
@@ -314,7 +322,7 @@ def _memory_probe(spec: dict) -> dict:
     model, tokenizer = load_model(spec["model_dir"], dtype=spec["dtype"], device="cpu")
     generator = torch.Generator().manual_seed(spec["seed"])
     ids = torch.randint(0, model.config.vocab_size, (spec["batch_size"], spec["seq_len"]), generator=generator)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(model, tokenizer)
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     except OSError:
@@ -427,6 +435,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(f"bench: {args.warmup} warm-up + {args.repeats} timed rounds, each a prefill of {args.batch} × "
+          f"{args.seq_len} tokens and a {args.new_tokens}-token generation on the original and the extracted "
+          f"model" + ("" if args.no_memory else ", then one peak-memory run of each (CPU: in a fresh process)"),
+          file=sys.stderr, flush=True)
     with TqdmProgress(enabled=not getattr(args, "no_progress", False)) as progress:
         result = bench_speed(args.model, plan=args.plan, pruned_dir=args.pruned, batch_size=args.batch,
                              seq_len=args.seq_len, new_tokens=args.new_tokens, repeats=args.repeats,

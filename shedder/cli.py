@@ -7,6 +7,8 @@
     python -m shedder search  --model mamba2-tiny --kinds ssm --steps 4 --out runs/ssm [--resume]
     python -m shedder bench   --model mamba2-tiny --plan plan.json     (speed of the extracted model)
     python -m shedder bench search [--model mamba2-tiny --kinds ssm --steps 4]  (fast vs reference search)
+    python -m shedder bench scale [--sizes S,M,130m]   (time and memory as models grow)
+    python -m shedder bench gpu-check                  (the whole journey on CUDA; skips without a GPU)
 
 Every command takes ``--json`` for machine-readable output. Progress bars go to stderr. A mistake in
 the input (bad path, plan for another model, empty text, ...) prints one line ``error: ...`` and exits
@@ -40,7 +42,15 @@ def _load(args):
     if not str(args.device).startswith("cuda"):
         # The GPU kernels' "install mamba-ssm / causal-conv1d" advice is no use on a CPU run.
         logging.getLogger("transformers.integrations.hub_kernels").setLevel(logging.ERROR)
-    return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
+    return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+                      tokenizer=args.tokenizer)
+
+
+def _text_tokenizer(args, tokenizer):
+    """The tokenizer of a command that reads text (one clear error when the model has none)."""
+    from .loading import require_tokenizer
+
+    return require_tokenizer(tokenizer, args.model)
 
 
 def _plan_for(model, path: str | None):
@@ -56,13 +66,32 @@ def _plan_for(model, path: str | None):
 def _windows(args, tokenizer, source: str):
     from .data import windows_from
 
-    return windows_from(tokenizer, source, samples=args.samples, seq_len=args.seq_len)
+    return windows_from(_text_tokenizer(args, tokenizer), source, samples=args.samples, seq_len=args.seq_len)
 
 
 def _progress(args):
     from .progress import TqdmProgress
 
     return TqdmProgress(enabled=not args.no_progress)
+
+
+def _announce(args, what: str, model, adapter, windows, kinds, base, steps: int | None = 1):
+    """Say what a score or search will cost before it runs (on stderr), with an ETA from timing the
+    base plan's pass; returns the evaluator, whose cache keeps that pass for the run itself."""
+    from .budget import run_cost
+    from .evaluator import PlanEvaluator, check_kinds
+    from .plan import PruningPlan
+
+    base = base or PruningPlan()
+    candidates = len(adapter.candidates(base, check_kinds(adapter, kinds)))
+    ev = PlanEvaluator(model, windows, adapter, args.batch_size)
+    cost = run_cost(what, model, windows, candidates, steps, args.batch_size, ev.max_cache_bytes)
+    print(cost.describe(), file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    ev.perplexity(base)
+    print(f"{what}: ETA " + cost.describe(time.perf_counter() - started).split("; first pass ", 1)[1],
+          file=sys.stderr, flush=True)
+    return ev
 
 
 def _pct(part: int, whole: int) -> str:
@@ -104,7 +133,7 @@ def cmd_info(args) -> int:
 # ---------------------------------------------------------------------------------------- eval
 def cmd_eval(args) -> int:
     from .masking import masked
-    from .metrics import describe_protocol, next_word_accuracy, next_word_protocol, perplexity
+    from .metrics import MAX_CONTEXT_TOKENS, describe_protocol, next_word_accuracy, next_word_protocol, perplexity
 
     model, tokenizer = _load(args)
     adapter, plan = _plan_for(model, args.plan)
@@ -113,11 +142,19 @@ def cmd_eval(args) -> int:
     params = adapter.param_count(plan)
     payload = {"model": args.model, "plan": plan.to_dict() if plan else None,
                "perplexity_protocol": describe_protocol(windows, args.data)}
+    n, seq = windows.shape
+    print(f"eval: perplexity over {n:,} windows × {seq:,} tokens in batches of {args.batch_size}"
+          + (f"; next-word accuracy over up to {args.accuracy_n} passages (≤ {MAX_CONTEXT_TOKENS} context tokens each), "
+             f"batches of {args.batch_size}" if args.accuracy else ""), file=sys.stderr, flush=True)
     with _progress(args) as progress, (masked(model, plan, adapter) if plan else contextlib.nullcontext()):
+        started = time.perf_counter()
         payload["perplexity"] = perplexity(model, windows, args.batch_size, progress)
         if args.accuracy:
-            payload["accuracy"] = next_word_accuracy(model, tokenizer, args.data, args.accuracy_n, progress,
-                                                     args.batch_size)
+            # The same forwards over about as many tokens: the perplexity's time is the ETA.
+            print(f"eval: perplexity took {time.perf_counter() - started:.1f} s; next-word accuracy runs "
+                  f"~{args.accuracy_n * MAX_CONTEXT_TOKENS:,} tokens at most", file=sys.stderr, flush=True)
+            payload["accuracy"] = next_word_accuracy(model, _text_tokenizer(args, tokenizer), args.data,
+                                                     args.accuracy_n, progress, args.batch_size)
     payload.update(params=params, params_original=full)
     lines = [f"model: {args.model} ({type(model).__name__})",
              f"plan: {plan.describe() if plan else 'none'}",
@@ -150,15 +187,18 @@ def cmd_extract(args) -> int:
 
 # ---------------------------------------------------------------------------------------- score
 def cmd_score(args) -> int:
-    from .importance import score
+    from .importance import cache_status, score
 
     model, tokenizer = _load(args)
     adapter, base = _plan_for(model, args.base_plan)
     windows = _windows(args, tokenizer, args.data)
+    ev = None
+    if not cache_status(model, windows, args.kinds, base, args.cache_dir):
+        ev = _announce(args, "score", model, adapter, windows, args.kinds, base)
     try:
         with _progress(args) as progress:
             table = score(model, windows, args.kinds, base_plan=base, progress=progress,
-                          cache_dir=args.cache_dir, batch_size=args.batch_size)
+                          cache_dir=args.cache_dir, batch_size=args.batch_size, evaluator=ev)
     except (Cancelled, KeyboardInterrupt):
         print("scoring stopped: the finished components are kept; the same command resumes them", file=sys.stderr)
         raise
@@ -187,6 +227,7 @@ def cmd_search(args) -> int:
     protocol = "calibration " + describe_protocol(windows, args.data)
     if not args.json:
         print(f"searching {args.kinds} on {args.model}; {protocol}", flush=True)
+    ev = _announce(args, "search", model, adapter, windows, args.kinds, base, args.steps)
 
     with _progress(args) as progress:
         def on_step(step):
@@ -197,7 +238,7 @@ def cmd_search(args) -> int:
 
         result = greedy_search(model, windows, args.kinds, steps=args.steps, target_params=args.target_params,
                                max_ppl=args.max_ppl, run_dir=args.out, resume=args.resume, progress=progress,
-                               base_plan=base, batch_size=args.batch_size, on_step=on_step)
+                               base_plan=base, batch_size=args.batch_size, on_step=on_step, evaluator=ev)
     payload = {"run_dir": str(result.run_dir), "protocol": protocol, "base_ppl": result.base_ppl,
                "base_params": result.base_params, "stopped": result.stopped,
                "steps": [{"step": s.step, "component": str(s.component), "ppl": s.ppl, "params": s.params}
@@ -218,7 +259,7 @@ def cmd_bench_search(args) -> int:
     from .search import greedy_search, reference_search
 
     model, tokenizer = _load(args)
-    windows = calibration_windows(tokenizer, args.data, samples=args.samples, seq_len=args.seq_len)
+    windows = calibration_windows(_text_tokenizer(args, tokenizer), args.data, samples=args.samples, seq_len=args.seq_len)
     with torch.inference_mode():
         nll_sum(model, windows[: args.batch_size], args.batch_size)  # warm-up, untimed
     timings, cpu, results = {}, {}, {}
@@ -268,6 +309,8 @@ def _model_options(p: argparse.ArgumentParser, model_required: bool = False) -> 
     p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default float32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
+    p.add_argument("--tokenizer", help="tokenizer name, directory or hub id (default: the model's own; needed "
+                                       "only to read text when the model directory has none)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -313,7 +356,9 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(p, DEFAULT_EVAL, None)  # the whole test split, as the model cards report
     p.add_argument("--accuracy", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure next-word accuracy (default on)")
-    p.add_argument("--accuracy-n", type=int, default=200, help="passages for next-word accuracy (default 200)")
+    p.add_argument("--accuracy-n", type=int, default=100,
+                   help="passages for next-word accuracy, batched by --batch-size (default 100: about a third of "
+                        "the tokens of the test split's perplexity)")
     _common(p)
     p.set_defaults(func=cmd_eval)
 
@@ -349,7 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("bench", help="speed of an extracted model vs its original; `bench search` for the search",
-                       epilog="`python -m shedder bench search --help`: fast vs reference greedy search.")
+                       epilog="`python -m shedder bench search --help`: fast vs reference greedy search; "
+                              "`bench scale --help`: cost as models grow; `bench gpu-check --help`: the journey on CUDA.")
     from . import bench
 
     bench.add_arguments(p)
@@ -379,6 +425,10 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()  # our own bars show the work; weight loading is quick
     if argv[:2] == ["bench", "search"]:
         args = build_bench_search_parser().parse_args(argv[2:])
+    elif argv[:2] in (["bench", "scale"], ["bench", "gpu-check"]):
+        from . import scale
+
+        args = scale.build_parser(argv[1]).parse_args(argv[2:])
     else:
         args = build_parser().parse_args(argv)
     try:

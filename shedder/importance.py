@@ -40,15 +40,36 @@ def default_cache_dir() -> Path:
 
 @torch.no_grad()
 def model_fingerprint(model) -> str:
-    """Config hash plus a hash of every parameter's name, shape, dtype and a strided sample of its
-    values: two checkpoints of one architecture get different keys, reading it costs no full pass."""
+    """Config hash plus, for every parameter, its name, shape, dtype, a strided sample of its values
+    and two float64 checksums of all of them: two checkpoints of one architecture (a fine-tune, a
+    recovered model) get different keys in practice, at the cost of one read of the weights.
+
+    Sample indices are exact integers (``i * (n - 1) // (k - 1)``): a float ``linspace`` rounds
+    indices past 2**24 and overshoots the end of a 38M-element embedding."""
     h = hashlib.sha256(config_hash(model.config).encode())
     for name, p in model.named_parameters():
         h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
         flat = p.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(flat.numel(), _FINGERPRINT_SAMPLES), device=flat.device).long()
+        n, k = flat.numel(), min(flat.numel(), _FINGERPRINT_SAMPLES)
+        idx = torch.arange(k, dtype=torch.long, device=flat.device) * (n - 1) // max(k - 1, 1)  # [k]
         h.update(flat[idx].float().cpu().numpy().tobytes())
+        h.update(_checksums(flat).numpy().tobytes())
     return h.hexdigest()[:16]
+
+
+#: Elements per chunk of the checksums (bounds their float64 temporaries to 32 MiB).
+_CHECKSUM_CHUNK = 1 << 22
+
+
+def _checksums(flat: torch.Tensor) -> torch.Tensor:
+    """``[sum x, sum x * w]`` in float64 over a flat tensor, with position weights ``w`` cycling
+    through 1..251 so that values swapped between positions change the second sum."""
+    total = torch.zeros(2, dtype=torch.float64, device=flat.device)
+    for start in range(0, flat.numel(), _CHECKSUM_CHUNK):
+        part = flat[start:start + _CHECKSUM_CHUNK].double()
+        weights = (torch.arange(start, start + part.numel(), device=flat.device) % 251 + 1).double()
+        total += torch.stack([part.sum(), (part * weights).sum()])
+    return total.cpu()
 
 
 def plan_key(plan: PruningPlan) -> dict:

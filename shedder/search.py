@@ -82,11 +82,13 @@ Chooser = Callable[[PruningPlan, list[Component], Callable[[int, int, str], None
 def greedy_search(model, windows: torch.Tensor, kinds, steps: int | None = None, target_params: float | None = None,
                   max_ppl: float | None = None, run_dir: str | Path | None = None, resume: bool = False,
                   progress: Progress | None = None, base_plan: PruningPlan | None = None, batch_size: int = 8,
-                  on_step: Callable[[SearchStep], None] | None = None) -> SearchResult:
+                  on_step: Callable[[SearchStep], None] | None = None,
+                  evaluator: PlanEvaluator | None = None) -> SearchResult:
     """The greedy search with the prefix cache and exact early abandoning (same choices as
-    ``reference_search``)."""
-    adapter = adapter_for(model, (base_plan or PruningPlan()).group_sizes)
-    ev = PlanEvaluator(model, windows, adapter, batch_size)
+    ``reference_search``). ``evaluator``: one already built on ``windows`` (e.g. after timing its
+    first pass for the cost announcement), whose cache the search then reuses."""
+    adapter = evaluator.adapter if evaluator else adapter_for(model, (base_plan or PruningPlan()).group_sizes)
+    ev = evaluator or PlanEvaluator(model, windows, adapter, batch_size)
     stats = {"evaluated": 0, "abandoned": 0}
 
     def choose(plan, cands, tick):

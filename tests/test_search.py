@@ -141,6 +141,22 @@ def test_fingerprint_sees_weight_changes(tiny_model_factory):
     assert model_fingerprint(a) != model_fingerprint(b)
 
 
+def test_fingerprint_of_a_real_size_embedding(tiny_model_factory):
+    """Past 2**24 elements a float linspace cannot index exactly (it overshot the end of a 50,288 × 768
+    embedding); and a change the strided sample misses (swapped values) still changes the key."""
+    a, b = tiny_model_factory("mamba2"), tiny_model_factory("mamba2")
+    for m in (a, b):
+        m.resize_token_embeddings(50288)
+    with torch.no_grad():
+        b.backbone.embeddings.weight.copy_(a.backbone.embeddings.weight)
+    assert a.backbone.embeddings.weight.numel() > 1 << 24
+    assert model_fingerprint(a) == model_fingerprint(b)
+    with torch.no_grad():
+        w = b.backbone.embeddings.weight.view(-1)
+        w[[1, 2]] = w[[2, 1]]  # between sampled positions: only the checksums see it
+    assert model_fingerprint(a) != model_fingerprint(b)
+
+
 def test_unknown_kind_is_refused(mamba2, tmp_path):
     with pytest.raises(PlanError, match="no component kind 'attention'"):
         score(mamba2, windows(), ["attention"], cache_dir=tmp_path)
