@@ -20,7 +20,8 @@ alternated so that drift in machine load hits both alike; warm-up rounds are dis
   (``VmHWM``) — so the figure is the process's real peak (interpreter, libraries, weights,
   activations, cache), and ``delta`` is the part above the loaded model;
 * parameters (tied weights once) and on-disk size (both models saved as safetensors to a temporary
-  directory).
+  directory when the CPU memory probe needs them there; otherwise the bytes of the tensors a save
+  writes, i.e. the file less its header).
 
 Every timing is reported as median with quartiles and min–max; each ratio is pruned / original
 (for throughputs that is the speedup); for timings it is the median of per-round ratios (both
@@ -117,13 +118,17 @@ def bench_speed(model_name: str, plan: PruningPlan | str | Path | None = None, p
     samples = _timing_rounds(models, cache, ids, new_tokens, pad_id, device, warmup, repeats, total_steps, progress)
 
     results: dict[str, dict] = {}
+    # Saved only for the CPU memory probe, which loads each model in a fresh process: a 7B model
+    # is not written to a temporary directory just to read its size.
+    probe = memory and not device.startswith("cuda")
     with tempfile.TemporaryDirectory(prefix="shedder-bench-") as tmp:
         for i, (name, model) in enumerate(models.items()):
-            out = save(model, tokenizer, Path(tmp) / name, plan if name == "pruned" else None)
+            out = save(model, tokenizer, Path(tmp) / name, plan if name == "pruned" else None) if probe else None
             entry = {
                 "params": count_parameters(model),
                 "decode_with_cache": cache[name],
-                "disk_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
+                "disk_bytes": (sum(f.stat().st_size for f in out.glob("*.safetensors")) if out
+                               else _state_bytes(model)),
                 **{key: asdict(Spread.of(values)) for key, values in samples[name].items()},
                 "flops_per_token_prefill": costs[name].flops_per_token_prefill,
                 "state_bytes_per_sequence": costs[name].state_bytes_per_sequence,
@@ -271,6 +276,16 @@ def _time_generate(model, ids: torch.Tensor, new_tokens: int, pad_id: int, use_c
     if len(stamps.times) != new_tokens:
         raise RuntimeError(f"generate produced {len(stamps.times)} tokens, expected {new_tokens}")
     return stamps.times[0] - start, stamps.times[-1] - stamps.times[0]
+
+
+def _state_bytes(model) -> int:
+    """Bytes of the tensors ``save`` writes (tied ones once): the safetensors size, less its header."""
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
 
 
 def _weight_bytes(model) -> int:

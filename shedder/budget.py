@@ -104,10 +104,13 @@ class RunCost:
                 f"{human_bytes(self.cache_bytes)} (budget {human_bytes(self.budget_bytes)}), "
                 f"logits {human_bytes(self.logits_bytes)} per batch")
         if seconds_per_pass is not None:
-            text += (f"; first pass took {seconds_per_pass:.2f} s, so at most "
-                     f"~{human_seconds(self.eta_seconds(seconds_per_pass))} (less: the prefix cache re-runs "
-                     "only the layers a candidate changes)")
+            text += "; " + self.eta_text(seconds_per_pass)
         return text
+
+    def eta_text(self, seconds_per_pass: float) -> str:
+        return (f"the first pass took {seconds_per_pass:.2f} s, so at most ~"
+                f"{human_seconds(self.eta_seconds(seconds_per_pass))} in all (less: the prefix cache re-runs only "
+                "the layers a candidate changes)")
 
 
 def run_cost(what: str, model, windows: torch.Tensor, candidates: int, steps: int | None = 1, batch_size: int = 8,

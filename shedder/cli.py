@@ -89,8 +89,7 @@ def _announce(args, what: str, model, adapter, windows, kinds, base, steps: int 
     print(cost.describe(), file=sys.stderr, flush=True)
     started = time.perf_counter()
     ev.perplexity(base)
-    print(f"{what}: ETA " + cost.describe(time.perf_counter() - started).split("; first pass ", 1)[1],
-          file=sys.stderr, flush=True)
+    print(f"{what}: {cost.eta_text(time.perf_counter() - started)}", file=sys.stderr, flush=True)
     return ev
 
 

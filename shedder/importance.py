@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import weakref
 from pathlib import Path
 
 import pandas as pd
@@ -29,8 +30,6 @@ from .metrics import Progress
 from .plan import KINDS, Component, PruningPlan, config_hash
 
 COLUMNS = ["layer", "kind", "index", "ppl", "delta_ppl", "params_removed"]
-#: Elements sampled from each parameter tensor for the weights fingerprint.
-_FINGERPRINT_SAMPLES = 256
 
 
 def default_cache_dir() -> Path:
@@ -38,38 +37,31 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SHEDDER_CACHE_DIR") or Path.home() / ".cache" / "shedder")
 
 
+#: Bytes hashed per step (bounds the host copy of a GPU tensor).
+_HASH_CHUNK = 64 << 20
+#: model -> (the parameters' storage and version counters, fingerprint): in-place updates of a weight
+#: bump its version counter, so a changed model is hashed again and an unchanged one is not.
+_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 @torch.no_grad()
 def model_fingerprint(model) -> str:
-    """Config hash plus, for every parameter, its name, shape, dtype, a strided sample of its values
-    and two float64 checksums of all of them: two checkpoints of one architecture (a fine-tune, a
-    recovered model) get different keys in practice, at the cost of one read of the weights.
-
-    Sample indices are exact integers (``i * (n - 1) // (k - 1)``): a float ``linspace`` rounds
-    indices past 2**24 and overshoots the end of a 38M-element embedding."""
-    h = hashlib.sha256(config_hash(model.config).encode())
+    """Config hash plus a BLAKE2 hash of every parameter's name, shape, dtype and raw bytes: weights
+    that differ anywhere give another key (no sampling, so no sample index to get wrong on a
+    38M-element embedding). One read of the weights (about a second per GB), remembered per model
+    until a weight changes in place."""
+    state = tuple((name, p.data_ptr(), p._version) for name, p in model.named_parameters())
+    known = _FINGERPRINTS.get(model)
+    if known is not None and known[0] == state:
+        return known[1]
+    h = hashlib.blake2b(config_hash(model.config).encode(), digest_size=16)
     for name, p in model.named_parameters():
         h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-        flat = p.detach().reshape(-1)
-        n, k = flat.numel(), min(flat.numel(), _FINGERPRINT_SAMPLES)
-        idx = torch.arange(k, dtype=torch.long, device=flat.device) * (n - 1) // max(k - 1, 1)  # [k]
-        h.update(flat[idx].float().cpu().numpy().tobytes())
-        h.update(_checksums(flat).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-#: Elements per chunk of the checksums (bounds their float64 temporaries to 32 MiB).
-_CHECKSUM_CHUNK = 1 << 22
-
-
-def _checksums(flat: torch.Tensor) -> torch.Tensor:
-    """``[sum x, sum x * w]`` in float64 over a flat tensor, with position weights ``w`` cycling
-    through 1..251 so that values swapped between positions change the second sum."""
-    total = torch.zeros(2, dtype=torch.float64, device=flat.device)
-    for start in range(0, flat.numel(), _CHECKSUM_CHUNK):
-        part = flat[start:start + _CHECKSUM_CHUNK].double()
-        weights = (torch.arange(start, start + part.numel(), device=flat.device) % 251 + 1).double()
-        total += torch.stack([part.sum(), (part * weights).sum()])
-    return total.cpu()
+        raw = p.detach().contiguous().view(-1).view(torch.uint8)  # [bytes]
+        for start in range(0, raw.numel(), _HASH_CHUNK):
+            h.update(raw[start:start + _HASH_CHUNK].cpu().numpy().data)
+    _FINGERPRINTS[model] = (state, h.hexdigest()[:16])
+    return _FINGERPRINTS[model][1]
 
 
 def plan_key(plan: PruningPlan) -> dict:
