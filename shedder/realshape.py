@@ -49,9 +49,11 @@ class RealShape:
 def _cut_layout(shape: RealShape, values: dict, layers: int) -> dict:
     """The first ``layers`` layers of the published layout."""
     key = shape.layout_key
-    if key in ("layers_block_type",):
+    if key == "layers_block_type":
         values[key] = values[key][:layers]
-    elif key in ("attn_layer_indices", "hybrid_layer_ids"):
+        if "num_hidden_layers" in values:
+            values["num_hidden_layers"] = len(values[key])
+    elif key == "attn_layer_indices":
         values[key] = [i for i in values[key] if i < layers]
         values["num_hidden_layers"] = layers
     else:
@@ -93,12 +95,15 @@ REAL_SHAPES: dict[str, RealShape] = {s.family: s for s in [
         pad_token_id=128001),
         shrink=dict(intermediate_size=1024, attn_layer_indices=[1]), layout_key="attn_layer_indices"),
     RealShape("zamba2", "Zyphra/Zamba2-1.2B", "Zamba2Config", dict(
-        vocab_size=32000, hidden_size=2048, num_hidden_layers=38, hybrid_layer_ids=[6, 12, 18, 24, 30, 36],
+        vocab_size=32000, hidden_size=2048, num_hidden_layers=38,
+        layers_block_type=["hybrid" if i in (6, 12, 18, 24, 30, 36) else "mamba" for i in range(38)],
         mamba_d_state=128, n_mamba_heads=64, mamba_ngroups=1, mamba_expand=2, mamba_d_conv=4, chunk_size=256,
         num_attention_heads=32, num_key_value_heads=32, intermediate_size=8192, num_mem_blocks=1,
         use_shared_attention_adapter=True, adapter_rank=128, use_mem_rope=True, tie_word_embeddings=True,
         bos_token_id=1, eos_token_id=2, pad_token_id=0),
-        shrink=dict(intermediate_size=1024, hybrid_layer_ids=[1]), layout_key="hybrid_layer_ids"),
+        # layers 5 and 6 of the published layout: a Mamba layer, then the first hybrid one.
+        shrink=dict(intermediate_size=1024, layers_block_type=["mamba", "hybrid"], num_hidden_layers=2),
+        layout_key="layers_block_type"),
     RealShape("falcon_h1", "tiiuae/Falcon-H1-0.5B-Base", "FalconH1Config", dict(
         vocab_size=32784, hidden_size=1024, num_hidden_layers=36, num_attention_heads=8, num_key_value_heads=2,
         head_dim=64, intermediate_size=2048, mamba_d_ssm=1536, mamba_n_heads=24, mamba_d_head=64,
