@@ -119,7 +119,7 @@ REAL_SHAPES: dict[str, RealShape] = {s.family: s for s in [
         vocab_size=65536, hidden_size=4096, num_hidden_layers=32, attn_layer_period=8, attn_layer_offset=4,
         expert_layer_period=2, expert_layer_offset=1, num_experts=16, num_experts_per_tok=2,
         mamba_d_state=16, mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=256, num_attention_heads=32,
-        num_key_value_heads=8, intermediate_size=14336, tie_word_embeddings=False, use_mamba_kernels=False,
+        num_key_value_heads=8, intermediate_size=14336, tie_word_embeddings=False,
         bos_token_id=1, eos_token_id=2, pad_token_id=0),
         # The first attention layer is layer 4 of the published layout; a 2-layer build puts it at
         # layer 1 (period 2, offset 1), next to an MoE layer, as the real layer 5 is.

@@ -120,7 +120,7 @@ def test_cli_journey_on_real_shape(family, tmp_path, capsys):
     assert {r["kind"] for r in scores["rows"]} == scored_kinds
     assert all(r["ppl"] == r["ppl"] for r in scores["rows"])
 
-    search = run_json(capsys, "search", *opts, *text, "--kinds", "ssm", "--steps", "2",
+    search = run_json(capsys, "search", *opts, *text, "--kinds", "ssm,block", "--steps", "2",
                       "--out", str(tmp_path / "run"), *SCORE)
     assert [s["step"] for s in search["steps"]] == [1, 2]
 
