@@ -73,6 +73,21 @@ def windows(model_key: tuple, source: str, samples: int, seq_len: int):
     return calibration_windows(load(*model_key).tokenizer, source=source, samples=samples, seq_len=seq_len)
 
 
+@st.cache_resource(show_spinner="Starting Ray workers…", max_entries=2)
+def worker_pool(model_key: tuple, source: str, samples: int, seq_len: int, workers: int | None, address: str | None):
+    """Ray workers holding the model and one text source's windows, shared by every session (the
+    model is shipped to them once; ``shedder.distributed``)."""
+    from shedder.distributed import WorkerPool
+
+    return WorkerPool(load(*model_key).model, windows(model_key, source, samples, seq_len), workers, address)
+
+
+def ray_options() -> tuple[int | None, str | None]:
+    """``SHEDDER_WORKERS=N`` and/or ``SHEDDER_RAY_ADDRESS=ADDR``: scores and searches run on Ray workers."""
+    workers = os.environ.get("SHEDDER_WORKERS")
+    return (int(workers) if workers else None), (os.environ.get("SHEDDER_RAY_ADDRESS") or None)
+
+
 def stash_upload(name: str, data: bytes) -> str:
     """Write an uploaded text file where ``shedder.data.load_text`` can read it. The file name is
     the content hash, so the same upload reuses the cached windows."""
@@ -123,6 +138,14 @@ class Workspace:
             self.importance, self.search, self.search_kinds = None, None, ()
         if not same_model:
             self.plan, self.history, self.saved = PruningPlan(), [], {}
+
+    def pool(self):
+        """The Ray workers for scores and searches on the calibration windows, or None (in-process)."""
+        workers, address = ray_options()
+        if workers is None and address is None:
+            return None
+        s = self.settings
+        return worker_pool(s.model_key, s.calibration, s.samples, s.seq_len, workers, address)
 
     # -- plans -----------------------------------------------------------------------------------
     def set_plan(self, plan: PruningPlan) -> None:
@@ -207,7 +230,7 @@ class Workspace:
             windows = self.windows(self.settings.calibration)
             run_dir = default_run_dir(loaded.model, windows, list(kinds))  # a cancelled search resumes
             self.search = greedy_search(loaded.model, windows, list(kinds), steps=steps, progress=progress,
-                                        run_dir=run_dir, resume=True)
+                                        run_dir=run_dir, resume=True, pool=self.pool())
             self.search_kinds = kinds
         return self.search
 

@@ -33,7 +33,7 @@ with right:
     ui.cancel_button("imp_cancel")
 if compute:
     with ui.shown_errors(), ui.progress("scoring components") as cb:
-        ws.importance = importance.score(loaded.model, calibration, kinds, progress=cb)
+        ws.importance = importance.score(loaded.model, calibration, kinds, progress=cb, pool=ws.pool())
 
 scores = ws.importance
 if scores is None:

@@ -5,10 +5,12 @@
     python -m shedder extract --model mamba2-tiny --plan plan.json --out pruned/
     python -m shedder score   --model mamba2-tiny --kinds block,ssm --out scores.csv
     python -m shedder search  --model mamba2-tiny --kinds ssm --steps 4 --out runs/ssm [--resume]
+                              [--workers N | --ray-address ADDR]   (score too: on Ray workers)
     python -m shedder bench   --model mamba2-tiny --plan plan.json     (speed of the extracted model)
     python -m shedder bench search [--model mamba2-tiny --kinds ssm --steps 4]  (fast vs reference search)
     python -m shedder bench scale [--sizes S,M,130m]   (time and memory as models grow)
     python -m shedder bench gpu-check                  (the whole journey on CUDA; skips without a GPU)
+    python -m shedder bench search --workers 1,2                       (speed-up of Ray workers)
 
 Every command takes ``--json`` for machine-readable output. Progress bars go to stderr. A mistake in
 the input (bad path, plan for another model, empty text, ...) prints one line ``error: ...`` and exits
@@ -42,7 +44,9 @@ def _load(args):
     if not str(args.device).startswith("cuda"):
         # The GPU kernels' "install mamba-ssm / causal-conv1d" advice is no use on a CPU run.
         logging.getLogger("transformers.integrations.hub_kernels").setLevel(logging.ERROR)
-    return load_model(args.model, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code,
+    # With Ray workers the model runs on them (on --device); this process only reads its weights.
+    device = "cpu" if _distributed(args) else args.device
+    return load_model(args.model, dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code,
                       tokenizer=args.tokenizer)
 
 
@@ -51,6 +55,25 @@ def _text_tokenizer(args, tokenizer):
     from .loading import require_tokenizer
 
     return require_tokenizer(tokenizer, args.model)
+
+
+def _distributed(args) -> bool:
+    return getattr(args, "workers", None) is not None or getattr(args, "ray_address", None) is not None
+
+
+@contextlib.contextmanager
+def _worker_pool(args, model, windows, group_sizes=None):
+    """The Ray workers of ``--workers`` / ``--ray-address`` (None without them)."""
+    if not _distributed(args):
+        yield None
+        return
+    from .distributed import WorkerPool
+
+    with WorkerPool(model, windows, args.workers, args.ray_address, args.batch_size, group_sizes,
+                    device=args.device) as pool:
+        if not args.json:
+            print(f"evaluating on {len(pool.actors)} Ray workers ({args.device})", file=sys.stderr, flush=True)
+        yield pool
 
 
 def _plan_for(model, path: str | None):
@@ -192,12 +215,12 @@ def cmd_score(args) -> int:
     adapter, base = _plan_for(model, args.base_plan)
     windows = _windows(args, tokenizer, args.data)
     ev = None
-    if not cache_status(model, windows, args.kinds, base, args.cache_dir):
+    if not _distributed(args) and not cache_status(model, windows, args.kinds, base, args.cache_dir):
         ev = _announce(args, "score", model, adapter, windows, args.kinds, base)
     try:
-        with _progress(args) as progress:
+        with _progress(args) as progress, _worker_pool(args, model, windows, adapter.group_sizes) as pool:
             table = score(model, windows, args.kinds, base_plan=base, progress=progress,
-                          cache_dir=args.cache_dir, batch_size=args.batch_size, evaluator=ev)
+                          cache_dir=args.cache_dir, batch_size=args.batch_size, evaluator=ev, pool=pool)
     except (Cancelled, KeyboardInterrupt):
         print("scoring stopped: the finished components are kept; the same command resumes them", file=sys.stderr)
         raise
@@ -226,9 +249,9 @@ def cmd_search(args) -> int:
     protocol = "calibration " + describe_protocol(windows, args.data)
     if not args.json:
         print(f"searching {args.kinds} on {args.model}; {protocol}", flush=True)
-    ev = _announce(args, "search", model, adapter, windows, args.kinds, base, args.steps)
+    ev = None if _distributed(args) else _announce(args, "search", model, adapter, windows, args.kinds, base, args.steps)
 
-    with _progress(args) as progress:
+    with _progress(args) as progress, _worker_pool(args, model, windows, adapter.group_sizes) as pool:
         def on_step(step):
             if not args.json:
                 progress.close()
@@ -237,7 +260,8 @@ def cmd_search(args) -> int:
 
         result = greedy_search(model, windows, args.kinds, steps=args.steps, target_params=args.target_params,
                                max_ppl=args.max_ppl, run_dir=args.out, resume=args.resume, progress=progress,
-                               base_plan=base, batch_size=args.batch_size, on_step=on_step, evaluator=ev)
+                               base_plan=base, batch_size=args.batch_size, on_step=on_step, evaluator=ev,
+                               pool=pool)
     payload = {"run_dir": str(result.run_dir), "protocol": protocol, "base_ppl": result.base_ppl,
                "base_params": result.base_params, "stopped": result.stopped,
                "steps": [{"step": s.step, "component": str(s.component), "ppl": s.ppl, "params": s.params}
@@ -259,6 +283,8 @@ def cmd_bench_search(args) -> int:
 
     model, tokenizer = _load(args)
     windows = calibration_windows(_text_tokenizer(args, tokenizer), args.data, samples=args.samples, seq_len=args.seq_len)
+    if args.workers:
+        return _bench_workers(args, model, windows)
     with torch.inference_mode():
         nll_sum(model, windows[: args.batch_size], args.batch_size)  # warm-up, untimed
     timings, cpu, results = {}, {}, {}
@@ -295,6 +321,23 @@ def cmd_bench_search(args) -> int:
     return 0 if same else 1
 
 
+def _bench_workers(args, model, windows) -> int:
+    """``bench search --workers 1,2``: the same search on pools of each size, timed."""
+    from .distributed import bench_workers
+
+    with _progress(args) as progress:
+        report = bench_workers(model, windows, args.kinds, args.steps, args.workers, args.batch_size,
+                               args.ray_address, progress)
+    first = report["runs"][0]["workers"]
+    lines = [f"model {args.model}, kinds {args.kinds}, {args.steps} steps, "
+             f"{windows.shape[0]} windows × {windows.shape[1]} tokens of {args.data!r}, workers on {args.device}"]
+    lines += [f"{r['workers']} worker{'s' if r['workers'] > 1 else ''}: {r['seconds']:.2f} s  "
+              f"speed-up over {first}: {r['speedup']:.2f}×  ({', '.join(r['choices'])})" for r in report["runs"]]
+    lines.append(f"identical choices and perplexities: {'yes' if report['identical'] else 'NO'}")
+    _emit(args, {"model": args.model, "kinds": args.kinds, "steps": args.steps, **report}, "\n".join(lines))
+    return 0 if report["identical"] else 1
+
+
 def cmd_bench(args) -> int:
     from . import bench
 
@@ -324,6 +367,24 @@ def _data_options(p: argparse.ArgumentParser, data: str, samples: int | None, se
                    help=f"number of windows (default {samples if samples else 'all'})")
     p.add_argument("--seq-len", type=int, default=seq_len, help=f"tokens per window (default {seq_len})")
     p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+
+
+def _distributed_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--workers", type=int, help="evaluate candidates on N Ray workers, each with its own model "
+                                               "replica (one GPU each with --device cuda); starts a local Ray "
+                                               "unless --ray-address is given")
+    p.add_argument("--ray-address", help="run the workers on this Ray cluster (e.g. auto, or ray://HEAD:10001); "
+                                         "without --workers: one per GPU (--device cuda) or per node")
+
+
+def _counts(text: str) -> list[int]:
+    try:
+        counts = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"not a list of worker counts like 1,2: {text!r}")
+    return counts
 
 
 def _kinds(text: str) -> list[str]:
@@ -374,6 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="CSV file to write")
     p.add_argument("--base-plan", help="score on top of this plan")
     p.add_argument("--cache-dir", help="score cache (default $SHEDDER_CACHE_DIR or ~/.cache/shedder)")
+    _distributed_options(p)
     _data_options(p, DEFAULT_CALIBRATION, 16)
     _common(p)
     p.set_defaults(func=cmd_score)
@@ -388,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-ppl", type=float, help="stop before a step would exceed this calibration perplexity")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--base-plan", help="start from this plan")
+    _distributed_options(p)
     _data_options(p, DEFAULT_CALIBRATION, 16)
     _common(p)
     p.set_defaults(func=cmd_search)
@@ -411,6 +474,9 @@ def build_bench_search_parser() -> argparse.ArgumentParser:
     _model_options(p)
     p.add_argument("--kinds", type=_kinds, default=["ssm"], help="comma-separated kinds (default ssm)")
     p.add_argument("--steps", type=int, default=4, help="search steps (default 4)")
+    p.add_argument("--workers", type=_counts, help="instead: the fast search on Ray pools of these sizes "
+                                                   "(e.g. 1,2), and the speed-up over the first")
+    p.add_argument("--ray-address", help="with --workers: run the pools on this Ray cluster")
     _data_options(p, DEFAULT_CALIBRATION, 16)
     _common(p)
     p.set_defaults(func=cmd_bench_search)

@@ -14,8 +14,10 @@ and a line torn by a kill mid-write fails to parse instead of passing for a shor
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import math
 import os
 import weakref
 from pathlib import Path
@@ -26,7 +28,7 @@ import torch
 from .arch import adapter_for
 from .data import windows_hash
 from .evaluator import PlanEvaluator, check_kinds, removing
-from .metrics import Progress
+from .metrics import Progress, predicted_tokens
 from .plan import KINDS, Component, PruningPlan, config_hash
 
 COLUMNS = ["layer", "kind", "index", "ppl", "delta_ppl", "params_removed"]
@@ -77,12 +79,16 @@ def cache_key(model, windows: torch.Tensor, kinds: list[str], base: PruningPlan)
 
 def score(model, windows: torch.Tensor, kinds, base_plan: PruningPlan | None = None,
           progress: Progress | None = None, cache_dir: str | Path | None = None,
-          batch_size: int = 8, evaluator: PlanEvaluator | None = None) -> pd.DataFrame:
+          batch_size: int = 8, evaluator: PlanEvaluator | None = None, workers: int | None = None,
+          ray_address: str | None = None, pool=None) -> pd.DataFrame:
     """Single-removal scores ``[layer, kind, index, ppl, delta_ppl, params_removed]`` sorted by
     layer, kind (in ``KINDS`` order) and index; ``delta_ppl`` is over ``base_plan``'s perplexity.
 
     ``table.attrs["resumed"]`` counts the rows taken over from an interrupted run with the same key
     (0 when none, or when the finished table came from the cache).
+
+    ``workers`` / ``ray_address`` / ``pool``: measure on Ray workers, as ``search.greedy_search``
+    does; the table is the same.
     """
     base_plan = base_plan or PruningPlan()
     adapter = evaluator.adapter if evaluator else adapter_for(model, base_plan.group_sizes)
@@ -91,13 +97,33 @@ def score(model, windows: torch.Tensor, kinds, base_plan: PruningPlan | None = N
     path = _cache_path(model, windows, kinds, base, cache_dir)
     if path.is_file():
         return _resumed(pd.read_csv(path), 0)
-    ev = evaluator or PlanEvaluator(model, windows, adapter, batch_size)
+    with _measuring(model, windows, adapter, batch_size, evaluator, workers, ray_address, pool) as perplexities:
+        return _score(adapter, kinds, base, path, progress, perplexities)
+
+
+@contextlib.contextmanager
+def _measuring(model, windows, adapter, batch_size, evaluator, workers, ray_address, pool):
+    """``perplexities(plans, base)``: ``(index, calibration perplexity)`` of every plan (each
+    extending ``base``) as they finish, in this process or on Ray workers (``shedder.distributed``)."""
+    if workers is None and ray_address is None and pool is None:
+        ev = evaluator or PlanEvaluator(model, windows, adapter, batch_size)
+        yield lambda plans, base=None: ((i, ev.perplexity(plan)) for i, plan in enumerate(plans))
+        return
+    from .distributed import pooled
+
+    tokens = predicted_tokens(windows)
+    with pooled(model, windows, batch_size, adapter.group_sizes, workers, ray_address, pool) as pool:
+        # exp(total / tokens), as PlanEvaluator.perplexity computes it
+        yield lambda plans, base=None: ((i, math.exp(nll / tokens)) for i, nll in pool.nlls(plans, base))
+
+
+def _score(adapter, kinds, base, path, progress, perplexities) -> pd.DataFrame:
     # Descending layers: consecutive plans differ late in the model, so the evaluator skips the most.
     order = sorted(adapter.candidates(base, kinds), key=lambda c: (-c.layer, KINDS.index(c.kind), c.index))
     partial = partial_path(path)
     base_ppl, finished = _read_partial(partial, order)
     if base_ppl is None:
-        base_ppl = ev.perplexity(base)
+        [(_, base_ppl)] = perplexities([base])
     base_params = adapter.param_count(base)
     path.parent.mkdir(parents=True, exist_ok=True)
     # Rewritten with only its valid lines, so appends never continue a line torn by a kill.
@@ -105,12 +131,11 @@ def score(model, windows: torch.Tensor, kinds, base_plan: PruningPlan | None = N
     rows = list(finished.values())
     if rows and progress:
         progress(len(rows), len(order), f"scoring: resumed {len(rows)} of {len(order)} components")
+    todo = [comp for comp in order if comp not in finished]
+    plans = [removing(base, comp) for comp in todo]
     with partial.open("a", encoding="utf-8") as log:
-        for comp in order:
-            if comp in finished:
-                continue
-            plan = removing(base, comp)
-            ppl = ev.perplexity(plan)
+        for i, ppl in perplexities(plans, base):
+            comp, plan = todo[i], plans[i]
             row = {"layer": comp.layer, "kind": comp.kind, "index": comp.index, "ppl": ppl,
                    "delta_ppl": ppl - base_ppl, "params_removed": base_params - adapter.param_count(plan)}
             log.write(_line(row))

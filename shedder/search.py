@@ -82,12 +82,26 @@ Chooser = Callable[[PruningPlan, list[Component], Callable[[int, int, str], None
 def greedy_search(model, windows: torch.Tensor, kinds, steps: int | None = None, target_params: float | None = None,
                   max_ppl: float | None = None, run_dir: str | Path | None = None, resume: bool = False,
                   progress: Progress | None = None, base_plan: PruningPlan | None = None, batch_size: int = 8,
-                  on_step: Callable[[SearchStep], None] | None = None,
-                  evaluator: PlanEvaluator | None = None) -> SearchResult:
+                  on_step: Callable[[SearchStep], None] | None = None, workers: int | None = None,
+                  ray_address: str | None = None, pool=None, evaluator: PlanEvaluator | None = None) -> SearchResult:
     """The greedy search with the prefix cache and exact early abandoning (same choices as
-    ``reference_search``). ``evaluator``: one already built on ``windows`` (e.g. after timing its
-    first pass for the cost announcement), whose cache the search then reuses."""
+    ``reference_search``).
+
+    ``workers`` / ``ray_address``: evaluate the candidates on that many Ray workers (a local Ray is
+    started unless ``ray_address`` names a cluster), or ``pool``: on an open
+    ``shedder.distributed.WorkerPool`` (reused across calls). The choices, the logged numbers and
+    the run log are the same as without them (see ``shedder.distributed``). ``evaluator``: one
+    already built on ``windows`` (e.g. after timing its first pass for the cost announcement),
+    whose cache the search then reuses."""
     adapter = evaluator.adapter if evaluator else adapter_for(model, (base_plan or PruningPlan()).group_sizes)
+    if workers is not None or ray_address is not None or pool is not None:
+        from .distributed import pool_stats, pooled
+
+        with pooled(model, windows, batch_size, adapter.group_sizes, workers, ray_address, pool) as pool:
+            result = _search(model, windows, kinds, pool.choose, steps, target_params, max_ppl, run_dir, resume,
+                             progress, base_plan, on_step, adapter, base_nll=pool.nll)
+            result.stats = pool_stats(pool)
+        return result
     ev = evaluator or PlanEvaluator(model, windows, adapter, batch_size)
     stats = {"evaluated": 0, "abandoned": 0}
 
@@ -97,7 +111,7 @@ def greedy_search(model, windows: torch.Tensor, kinds, steps: int | None = None,
         n = len(cands)
         first = {}
         for done, c in enumerate(cands, 1):  # the first batch of each: an estimate to order by
-            first[c] = _sort_key(ev.nll(plans[c], first_batches=1))
+            first[c] = sort_key(ev.nll(plans[c], first_batches=1))
             tick(done, 2 * n, f"{c} (first batch)")
         best, best_nll = None, math.inf
         for done, c in enumerate(sorted(cands, key=lambda c: (first[c], rank[c])), n + 1):
@@ -105,7 +119,7 @@ def greedy_search(model, windows: torch.Tensor, kinds, steps: int | None = None,
             stats["evaluated"] += 1
             if value is None:
                 stats["abandoned"] += 1
-            elif value < best_nll or (value == best_nll and best is not None and rank[c] < rank[best]):
+            elif beats(value, rank[c], best_nll, None if best is None else rank[best]):
                 best, best_nll = c, value
             tick(done, 2 * n, str(c))
         return best, best_nll
@@ -116,9 +130,16 @@ def greedy_search(model, windows: torch.Tensor, kinds, steps: int | None = None,
     return result
 
 
-def _sort_key(value: float) -> float:
+def sort_key(value: float) -> float:
     """NaN sorts last (it never wins a comparison)."""
     return math.inf if math.isnan(value) else value
+
+
+def beats(value: float, rank: int, best_value: float, best_rank: int | None) -> bool:
+    """Whether a candidate's complete NLL total ``value`` wins over the best so far: lower, or equal
+    and listed earlier (``rank``: its position in ``adapter.candidates``), whatever the order in
+    which candidates are completed. NaN never wins."""
+    return value < best_value or (value == best_value and best_rank is not None and rank < best_rank)
 
 
 def reference_search(model, windows: torch.Tensor, kinds, steps: int | None = None, target_params: float | None = None,
