@@ -122,7 +122,9 @@ def test_cli_journey_on_real_shape(family, tmp_path, capsys):
 
     search = run_json(capsys, "search", *opts, *text, "--kinds", "ssm,block", "--steps", "2",
                       "--out", str(tmp_path / "run"), *SCORE)
-    assert [s["step"] for s in search["steps"]] == [1, 2]
+    # Hybrids cut to 2-3 layers may run out of candidates after one step (a hybrid keeps a Mamba
+    # layer and, in Bamba and Zamba2, its one attention): the search then stops and says why.
+    assert [s["step"] for s in search["steps"]] in ([1], [1, 2]) and search["stopped"]
 
     out = tmp_path / "pruned"
     saved = run_json(capsys, "extract", *opts, "--plan", str(plan_file), "--out", str(out))
