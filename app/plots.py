@@ -130,7 +130,7 @@ def switchboard(adapter, plan: PruningPlan, kinds: list[str], scores: pd.DataFra
                 marker = dict(color=colour, coloraxis="coloraxis")
             else:
                 marker = dict(color="#4C78A8")
-            inside = [c.kind != "block" and Component("block", c.layer) in plan for c in kept]
+            inside = [plan.in_removed_block(c) for c in kept]
             text = [f"{c}: {'inside a removed block' if gone else 'kept'}" + ("" if v is None else f"<br>Δ ppl alone {v:+.4f}")
                     for c, gone, v in zip(kept, inside, known)]
             fig.add_scatter(x=[c.layer for c in kept], y=[c.index for c in kept], mode="markers", text=text,

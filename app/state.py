@@ -19,11 +19,12 @@ import streamlit as st
 from shedder.arch import adapter_for
 from shedder.bench import bench_speed
 from shedder.cost import estimate
-from shedder.data import calibration_windows
+from shedder import downstream
+from shedder.data import OFFICIAL, calibration_windows
 from shedder.evaluator import PlanEvaluator
 from shedder.loading import DEFAULT_MODEL, load_model
 from shedder.masking import masked
-from shedder.metrics import next_word_accuracy
+from shedder.metrics import calibration_protocol, next_word_accuracy
 from shedder.plan import Component, PruningPlan
 from shedder.search import default_run_dir, greedy_search
 
@@ -42,6 +43,7 @@ class Settings:
     device: str = "cpu"
     trust_remote_code: bool = False
     calibration: str = "calibration"    # shedder.data.load_text source for importance and search
+    protocol: str = "shedder"           # calibration sampling (shedder.data.PROTOCOLS); "official" fixes rows and window
     evaluation: str = "test"            # source for the live perplexity and next-word accuracy
     samples: int = 8                    # windows per text source
     seq_len: int = 128                  # tokens per window
@@ -50,6 +52,18 @@ class Settings:
     @property
     def model_key(self) -> tuple:
         return (self.model, self.dtype, self.device, self.trust_remote_code)
+
+    @property
+    def calibration_key(self) -> tuple:
+        """(source, samples, seq_len, protocol) of the calibration windows: the official protocol
+        samples its fixed 256 rows into 2048-token windows, whatever the evaluation windows are."""
+        if self.protocol == "official":
+            return (self.calibration, OFFICIAL.rows, OFFICIAL.seq_len, "official")
+        return (self.calibration, self.samples, self.seq_len, "shedder")
+
+    @property
+    def calibration_batch_size(self) -> int:
+        return OFFICIAL.batch_size if self.protocol == "official" else 8
 
 
 @dataclass(frozen=True)
@@ -68,18 +82,20 @@ def load(model: str, dtype: str, device: str, trust_remote_code: bool) -> Loaded
 
 
 @st.cache_resource(show_spinner="Tokenizing text…", max_entries=16)
-def windows(model_key: tuple, source: str, samples: int, seq_len: int):
-    """Token windows ``LongTensor[samples, seq_len]`` of one text source for one model's tokenizer."""
-    return calibration_windows(load(*model_key).tokenizer, source=source, samples=samples, seq_len=seq_len)
+def windows(model_key: tuple, source: str, samples: int, seq_len: int, protocol: str = "shedder"):
+    """Token windows ``LongTensor[n, seq_len]`` of one text source for one model's tokenizer."""
+    return calibration_windows(load(*model_key).tokenizer, source=source, samples=samples, seq_len=seq_len,
+                               protocol=protocol)
 
 
 @st.cache_resource(show_spinner="Starting Ray workers…", max_entries=2)
-def worker_pool(model_key: tuple, source: str, samples: int, seq_len: int, workers: int | None, address: str | None):
+def worker_pool(model_key: tuple, source: str, samples: int, seq_len: int, protocol: str, workers: int | None,
+                address: str | None):
     """Ray workers holding the model and one text source's windows, shared by every session (the
     model is shipped to them once; ``shedder.distributed``)."""
     from shedder.distributed import WorkerPool
 
-    return WorkerPool(load(*model_key).model, windows(model_key, source, samples, seq_len), workers, address)
+    return WorkerPool(load(*model_key).model, windows(model_key, source, samples, seq_len, protocol), workers, address)
 
 
 def ray_options() -> tuple[int | None, str | None]:
@@ -111,6 +127,7 @@ class Workspace:
     search_kinds: tuple = ()
     saved: dict = field(default_factory=dict)   # name -> PruningPlan
     _metrics: dict = field(default_factory=dict)  # PruningPlan -> {"ppl", "params", "flops", ...}
+    _downstream: dict = field(default_factory=dict)  # (PruningPlan, tasks, limit) -> shedder.downstream.TaskScores
     _evaluator: object = None
 
     # -- model and data ----------------------------------------------------------------------
@@ -122,18 +139,27 @@ class Workspace:
         s = self.settings
         return windows(s.model_key, source, s.samples, s.seq_len)
 
+    def calibration(self):
+        """The calibration windows of importance and search, drawn by the chosen protocol."""
+        return windows(self.settings.model_key, *self.settings.calibration_key)
+
+    def calibration_protocol(self) -> str:
+        s = self.settings
+        return calibration_protocol(self.calibration(), s.calibration, s.protocol, rows=s.calibration_key[1])
+
     def configure(self, settings: Settings) -> None:
         """Switch model or data. Loads first, so a failure leaves the previous setup intact;
         results computed for another model or other windows are dropped."""
         load(*settings.model_key)
-        windows(settings.model_key, settings.calibration, settings.samples, settings.seq_len)
+        windows(settings.model_key, *settings.calibration_key)
         windows(settings.model_key, settings.evaluation, settings.samples, settings.seq_len)
         same_model = settings.model_key == self.settings.model_key
-        same_calibration = same_model and (settings.calibration, settings.samples, settings.seq_len) == (
-            self.settings.calibration, self.settings.samples, self.settings.seq_len)
+        same_calibration = same_model and settings.calibration_key == self.settings.calibration_key
         self.settings = settings
         self._metrics.clear()
         self._evaluator = None
+        if not same_model:
+            self._downstream.clear()
         if not same_calibration:
             self.importance, self.search, self.search_kinds = None, None, ()
         if not same_model:
@@ -145,7 +171,7 @@ class Workspace:
         if workers is None and address is None:
             return None
         s = self.settings
-        return worker_pool(s.model_key, s.calibration, s.samples, s.seq_len, workers, address)
+        return worker_pool(s.model_key, *s.calibration_key, workers, address)
 
     # -- plans -----------------------------------------------------------------------------------
     def set_plan(self, plan: PruningPlan) -> None:
@@ -158,17 +184,12 @@ class Workspace:
     def toggle(self, comp: Component) -> None:
         """Remove or restore one component. Removing a block subsumes its finer components."""
         plan = self.plan.toggle(comp)
-        if comp.kind == "block" and comp in plan:
-            plan = plan.without_components([c for c in plan.components if c.layer == comp.layer and c.kind != "block"])
-        self.set_plan(plan)
+        self.set_plan(plan.blocks_subsuming() if comp.kind == "block" else plan)
 
     def replace_kind(self, kind: str, comps) -> None:
         """Make ``comps`` exactly the removed components of ``kind`` (the per-kind pickers)."""
         plan = self.plan.without_components(self.plan.of_kind(kind)).with_components(comps)
-        if kind == "block":
-            layers = {c.layer for c in comps}
-            plan = plan.without_components([c for c in plan.components if c.layer in layers and c.kind != "block"])
-        self.set_plan(plan)
+        self.set_plan(plan.blocks_subsuming() if kind == "block" else plan)
 
     def undo(self) -> None:
         if self.history:
@@ -227,12 +248,29 @@ class Workspace:
         kinds = tuple(kinds)
         if self.search is None or self.search_kinds != kinds or len(self.search.steps) < steps:
             loaded = self.loaded
-            windows = self.windows(self.settings.calibration)
+            windows = self.calibration()
             run_dir = default_run_dir(loaded.model, windows, list(kinds))  # a cancelled search resumes
             self.search = greedy_search(loaded.model, windows, list(kinds), steps=steps, progress=progress,
-                                        run_dir=run_dir, resume=True, pool=self.pool())
+                                        run_dir=run_dir, resume=True, batch_size=self.settings.calibration_batch_size,
+                                        pool=self.pool())
             self.search_kinds = kinds
         return self.search
+
+    def downstream(self, plan: PruningPlan, tasks: tuple, limit: int | None, progress=None, run: bool = False):
+        """lm-eval scores of ``plan`` (``shedder.downstream``): from this session or the disk cache, and
+        computed only when ``run`` is set, so a rerun of the page never starts an evaluation."""
+        loaded = self.loaded
+        plan = loaded.adapter.validate(plan)
+        key = (plan, tuple(tasks), limit)
+        if key not in self._downstream:
+            mask = plan if plan.components else None
+            found = (downstream.scores(loaded.model, loaded.tokenizer, tasks, mask, limit=limit, progress=progress,
+                                       adapter=loaded.adapter) if run else
+                     downstream.cached(loaded.model, loaded.tokenizer, tasks, mask, limit=limit))
+            if found is None:
+                return None
+            self._downstream[key] = found
+        return self._downstream[key]
 
     def known(self, plan: PruningPlan) -> dict:
         """Whatever has been measured for ``plan`` so far (possibly nothing)."""

@@ -1,10 +1,13 @@
 """Model page: choose the model and the text, see the architecture and the baseline numbers."""
+import contextlib
 from dataclasses import replace
 
 import streamlit as st
 import torch
 
 from app import plots, state, ui
+from shedder import downstream
+from shedder.data import OFFICIAL, PROTOCOLS
 from shedder.loading import DEFAULT_MODEL, bundled_models
 from shedder.metrics import describe_protocol, next_word_protocol
 from shedder.plan import PruningPlan
@@ -57,9 +60,18 @@ with right:
     st.subheader("Text")
     calibration = text_source("calibration text (importance, search)", "calib", s.calibration)
     evaluation = text_source("evaluation text (live perplexity, accuracy)", "eval", s.evaluation)
+    protocols = list(PROTOCOLS)
+    protocol = st.radio("calibration protocol", protocols, index=protocols.index(s.protocol), horizontal=True,
+                        key="model_protocol",
+                        help="shedder: the first windows of the calibration text. official: the Mamba-Shedder "
+                             f"code's sampling ({OFFICIAL.rows} rows of the 10 % part of an 80/10/10 split with seed "
+                             f"{OFFICIAL.seed} of a datasets id or a .json/.jsonl with a 'text' field, e.g. "
+                             f"{OFFICIAL.source}; joined, cut into {OFFICIAL.seq_len}-token windows, batch "
+                             f"{OFFICIAL.batch_size}).")
     c1, c2, c3 = st.columns(3)
     samples = c1.number_input("windows", min_value=1, max_value=4096, value=s.samples, key="model_samples",
-                              help="Non-overlapping windows per text (the paper uses 256 for calibration).")
+                              help="Non-overlapping windows per text (the official calibration protocol instead "
+                                   f"samples {OFFICIAL.rows} rows and cuts {OFFICIAL.seq_len}-token windows).")
     seq_len = c2.number_input("window length", min_value=8, max_value=8192, value=s.seq_len, step=32, key="model_seq_len")
     passages = c3.number_input("accuracy passages", min_value=1, max_value=5000, value=s.accuracy_passages,
                                key="model_passages")
@@ -70,7 +82,7 @@ if st.button("Load", type="primary", key="model_load"):
     else:
         with ui.shown_errors():
             ws.configure(replace(ws.settings, model=model.strip(), dtype=dtype, device=device, trust_remote_code=trust,
-                                 calibration=calibration, evaluation=evaluation, samples=int(samples),
+                                 calibration=calibration, protocol=protocol, evaluation=evaluation, samples=int(samples),
                                  seq_len=int(seq_len), accuracy_passages=int(passages)))
             st.success(f"Loaded {model}.")
 
@@ -96,3 +108,33 @@ with ui.shown_errors():
             acc = ws.accuracy(PruningPlan(), progress=cb)
         st.metric("next-word accuracy", f"{acc:.1%}")
         st.caption(next_word_protocol(s.evaluation, s.accuracy_passages))
+
+# -- lm-eval accuracy (run on request only; results come back from the session or the disk cache) ----------
+st.divider()
+st.subheader("Downstream accuracy (lm-eval)")
+task_options = list(downstream.LOCAL_TASKS + downstream.PAPER_TASKS)
+tasks = st.multiselect("tasks", task_options, default=[], key="model_tasks",
+                       help="Zero-shot lm-eval tasks. shedder_lastword and shedder_choice are bundled and run offline; "
+                            "the paper's seven download their data from the hub.")
+limit = st.number_input("examples per task (0 = all)", min_value=0, value=50, step=10, key="model_task_limit")
+if tasks:
+    limit_or_all = int(limit) or None
+    plans = {"unpruned": PruningPlan()} | ({"current plan": ws.plan} if ws.plan.components else {})
+    run = st.button("Run lm-eval", key="model_run_lm_eval", type="primary")
+    with ui.shown_errors():
+        if run:
+            downstream.require_lm_eval()
+        found = {}
+        for name, plan in plans.items():
+            with (ui.progress(f"lm-eval: {name}") if run else contextlib.nullcontext(None)) as cb:
+                found[name] = ws.downstream(plan, tuple(tasks), limit_or_all, progress=cb, run=run)
+        base = found["unpruned"]
+        if base is None:
+            st.info("Press **Run lm-eval** to score the chosen tasks (results are cached on disk).")
+        else:
+            for name, result in found.items():
+                if result is None:
+                    continue
+                st.write(f"**{name}**: average {result.average:.4f}, relative accuracy {result.relative_text(base)}")
+                st.dataframe(result.rows(base), hide_index=True, key=f"model_lm_eval_{name}")
+            st.caption(base.protocol())

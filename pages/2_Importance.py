@@ -3,7 +3,6 @@ import streamlit as st
 
 from app import plots, ui
 from shedder import importance
-from shedder.metrics import describe_protocol
 
 ws = ui.ready()
 s, loaded = ws.settings, ws.loaded
@@ -15,8 +14,8 @@ st.write("Each component is removed **on its own** and the calibration perplexit
 offered = list(adapter.kind_counts())
 kinds = st.multiselect("component kinds", offered, default=offered, key="imp_kinds",
                        format_func=lambda k: f"{k} ({adapter.kind_counts()[k]})")
-calibration = ws.windows(s.calibration)
-st.caption("Scored by " + describe_protocol(calibration, s.calibration) + ".")
+calibration = ws.calibration()
+st.caption("Scored by " + ws.calibration_protocol() + ".")
 
 if kinds:
     with ui.shown_errors():
@@ -33,7 +32,8 @@ with right:
     ui.cancel_button("imp_cancel")
 if compute:
     with ui.shown_errors(), ui.progress("scoring components") as cb:
-        ws.importance = importance.score(loaded.model, calibration, kinds, progress=cb, pool=ws.pool())
+        ws.importance = importance.score(loaded.model, calibration, kinds, progress=cb,
+                                         batch_size=s.calibration_batch_size, pool=ws.pool())
 
 scores = ws.importance
 if scores is None:

@@ -42,7 +42,7 @@ if result is not None and result.steps:
                             for x in result.steps])
     st.subheader(f"Trajectory ({', '.join(ws.search_kinds)})")
     st.plotly_chart(plots.trajectory(trail), key="search_trajectory")
-    st.caption(f"Stopped: {result.stopped}. Calibration " + describe_protocol(ws.windows(s.calibration), s.calibration) + ".")
+    st.caption(f"Stopped: {result.stopped}. Measured on the {ws.calibration_protocol()}.")
     st.dataframe(trail, hide_index=True, key="search_table")
 
 # -- the frontier: every configuration evaluated so far, measured the same way --------------------

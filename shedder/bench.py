@@ -42,8 +42,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
-
 import torch
 
 from .arch import adapter_for, count_parameters
@@ -52,8 +50,7 @@ from .errors import ShedderError
 from .extract import extract, save, saved_plan
 from .loading import DEFAULT_MODEL, REPO_ROOT, load_model, parse_dtype
 from .plan import PruningPlan
-
-Progress = Callable[[int, int, str], None]
+from .progress import Progress
 
 
 @dataclass
@@ -429,7 +426,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``python -m shedder bench``."""
     parser.add_argument("--model", default=DEFAULT_MODEL,
                         help=f"bundled name, local directory or hub id of the original model (default {DEFAULT_MODEL})")
-    which = parser.add_mutually_exclusive_group(required=True)
+    which = parser.add_mutually_exclusive_group()  # one of them is required unless `bench search`
     which.add_argument("--plan", help="pruning plan JSON (the model is extracted in memory)")
     which.add_argument("--pruned", help="directory of a saved pruned model")
     parser.add_argument("--batch", type=int, default=1, help="sequences per batch (default 1)")

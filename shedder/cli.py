@@ -2,9 +2,11 @@
 
     python -m shedder info    --model mamba2-tiny
     python -m shedder eval    --model mamba2-tiny [--plan plan.json] [--data test] [--samples N --seq-len 256]
+                              [--tasks local|paper|lambada_openai,hellaswag,... [--limit N]]   (lm-eval accuracy)
     python -m shedder extract --model mamba2-tiny --plan plan.json --out pruned/
     python -m shedder score   --model mamba2-tiny --kinds block,ssm --out scores.csv
     python -m shedder search  --model mamba2-tiny --kinds ssm --steps 4 --out runs/ssm [--resume]
+                              [--protocol official --data hf:tatsu-lab/alpaca:train|rows.jsonl]
                               [--workers N | --ray-address ADDR]   (score too: on Ray workers)
     python -m shedder bench   --model mamba2-tiny --plan plan.json     (speed of the extracted model)
     python -m shedder bench search [--model mamba2-tiny --kinds ssm --steps 4]  (fast vs reference search)
@@ -31,6 +33,7 @@ from .loading import DEFAULT_MODEL
 
 DEFAULT_CALIBRATION = "calibration"
 DEFAULT_EVAL = "test"
+DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, DEFAULT_BATCH = 16, 256, 8
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -90,6 +93,22 @@ def _windows(args, tokenizer, source: str):
     from .data import windows_from
 
     return windows_from(_text_tokenizer(args, tokenizer), source, samples=args.samples, seq_len=args.seq_len)
+
+
+def _calibration(args, tokenizer):
+    """(windows, protocol line) of score/search, by ``--protocol``; the official one fills in the
+    official defaults (alpaca, 256 rows, 2048-token windows, batch 2) for what was not given."""
+    from .data import OFFICIAL, calibration_windows
+    from .metrics import calibration_protocol
+
+    official = args.protocol == "official"
+    args.data = args.data or (OFFICIAL.source if official else DEFAULT_CALIBRATION)
+    args.samples = args.samples or (OFFICIAL.rows if official else DEFAULT_SAMPLES)
+    args.seq_len = args.seq_len or (OFFICIAL.seq_len if official else DEFAULT_SEQ_LEN)
+    args.batch_size = args.batch_size or (OFFICIAL.batch_size if official else DEFAULT_BATCH)
+    windows = calibration_windows(_text_tokenizer(args, tokenizer), args.data, samples=args.samples,
+                                  seq_len=args.seq_len, protocol=args.protocol)
+    return windows, calibration_protocol(windows, args.data, args.protocol, rows=args.samples)
 
 
 def _progress(args):
@@ -157,6 +176,11 @@ def cmd_eval(args) -> int:
     from .masking import masked
     from .metrics import MAX_CONTEXT_TOKENS, describe_protocol, next_word_accuracy, next_word_protocol, perplexity
 
+    if args.tasks:  # refuse a missing lm-eval or an unknown task before any model work
+        from . import downstream
+
+        args.tasks = downstream.parse_tasks(args.tasks)
+        downstream.task_manager(args.tasks)
     model, tokenizer = _load(args)
     adapter, plan = _plan_for(model, args.plan)
     windows = _windows(args, tokenizer, args.data)
@@ -185,8 +209,62 @@ def cmd_eval(args) -> int:
         payload["accuracy_protocol"] = next_word_protocol(args.data, args.accuracy_n)
         lines.append(f"next-word accuracy: {payload['accuracy']:.4f}   [{payload['accuracy_protocol']}]")
     lines.append(f"parameters: {params:,} ({_pct(params, full)} of {full:,})")
+    if args.tasks:
+        payload["lm_eval"], text = _lm_eval(args, model, tokenizer, plan, adapter)
+        lines.append(text)
     _emit(args, payload, "\n".join(lines))
     return 0
+
+
+def _lm_eval(args, model, tokenizer, plan, adapter) -> tuple[dict, str]:
+    """lm-eval scores of the model (masked by ``plan``) and of its unpruned baseline: the same model
+    unmasked, ``--baseline``, or the source a pruned directory records."""
+    from . import downstream
+
+    kw = dict(limit=args.limit, batch_size=args.batch_size, cache_dir=args.cache_dir)
+    with _progress(args) as progress:
+        result = downstream.scores(model, tokenizer, args.tasks, plan, progress=progress, adapter=adapter, **kw)
+        baseline_model = _baseline(args)
+        if baseline_model is not None:
+            progress.close()
+            base = downstream.scores(*baseline_model, args.tasks, progress=progress, **kw)
+        elif plan is not None and plan.components:
+            base = downstream.scores(model, tokenizer, args.tasks, progress=progress, **kw)
+        else:
+            base = None if _pruned_dir(args.model) else result
+    rows = result.rows(base)
+    payload = {"protocol": result.protocol(), "tasks": rows, "average": result.average,
+               "relative": result.relative(base) if base else None, "unpruned_average": base.average if base else None}
+    table = [f"{'task':<18} {'metric':<9} {'value':>8} {'± stderr':>9}" + (f" {'unpruned':>9}" if base else "")]
+    for r in rows:
+        err = "" if r["stderr"] != r["stderr"] else f"{r['stderr']:.4f}"  # NaN for the average
+        table.append(f"{r['task']:<18} {r['metric']:<9} {r['value']:>8.4f} {err:>9}"
+                     + (f" {r['unpruned']:>9.4f}" if base else ""))
+    relative = (f"relative accuracy: {result.relative_text(base)} (average / unpruned average)" if base else
+                "relative accuracy: unknown (pass --baseline with the unpruned model)")
+    return payload, "\n".join([f"lm-eval accuracy   [{result.protocol()}]", *table, relative])
+
+
+def _pruned_dir(model: str):
+    from .extract import saved_plan
+    from .loading import resolve
+
+    return saved_plan(resolve(model)) if Path(resolve(model)).is_dir() else None
+
+
+def _baseline(args):
+    """(model, tokenizer) of ``--baseline``, or of the source model a pruned directory's plan names
+    when that directory exists here; None when neither applies."""
+    from .loading import load_model
+
+    source = args.baseline
+    if source is None:
+        plan = _pruned_dir(args.model)
+        name = plan.model.name if plan is not None else ""
+        source = name if name and Path(name).is_dir() else None
+    if source is None:
+        return None
+    return load_model(source, dtype=args.dtype, device=args.device, trust_remote_code=args.trust_remote_code)
 
 
 # ---------------------------------------------------------------------------------------- extract
@@ -213,7 +291,7 @@ def cmd_score(args) -> int:
 
     model, tokenizer = _load(args)
     adapter, base = _plan_for(model, args.base_plan)
-    windows = _windows(args, tokenizer, args.data)
+    windows, protocol = _calibration(args, tokenizer)
     ev = None
     if not _distributed(args) and not cache_status(model, windows, args.kinds, base, args.cache_dir):
         ev = _announce(args, "score", model, adapter, windows, args.kinds, base)
@@ -226,9 +304,6 @@ def cmd_score(args) -> int:
         raise
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
-    from .metrics import describe_protocol
-
-    protocol = "calibration " + describe_protocol(windows, args.data)
     resumed = table.attrs.get("resumed", 0)
     payload = {"out": args.out, "protocol": protocol, "resumed": resumed, "rows": table.to_dict(orient="records")}
     text = f"{table.to_string(index=False)}\n\nwrote {args.out} ({len(table)} components; {protocol})"
@@ -240,13 +315,11 @@ def cmd_score(args) -> int:
 
 # ---------------------------------------------------------------------------------------- search
 def cmd_search(args) -> int:
-    from .metrics import describe_protocol
     from .search import greedy_search
 
     model, tokenizer = _load(args)
     adapter, base = _plan_for(model, args.base_plan)
-    windows = _windows(args, tokenizer, args.data)
-    protocol = "calibration " + describe_protocol(windows, args.data)
+    windows, protocol = _calibration(args, tokenizer)
     if not args.json:
         print(f"searching {args.kinds} on {args.model}; {protocol}", flush=True)
     ev = None if _distributed(args) else _announce(args, "search", model, adapter, windows, args.kinds, base, args.steps)
@@ -341,6 +414,8 @@ def _bench_workers(args, model, windows) -> int:
 def cmd_bench(args) -> int:
     from . import bench
 
+    if not (args.plan or args.pruned):
+        raise ShedderError("bench needs --plan or --pruned (or the `search` subcommand: python -m shedder bench search)")
     return bench.run(args)
 
 
@@ -360,13 +435,26 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
-def _data_options(p: argparse.ArgumentParser, data: str, samples: int | None, seq_len: int = 256) -> None:
+def _data_options(p: argparse.ArgumentParser, data: str, samples: int | None, seq_len: int = DEFAULT_SEQ_LEN) -> None:
     p.add_argument("--data", default=data, help=f"text source: calibration, test, a .txt/.jsonl file or "
                                                 f"hf:DATASET[:CONFIG]:SPLIT (default {data})")
     p.add_argument("--samples", type=int, default=samples,
                    help=f"number of windows (default {samples if samples else 'all'})")
     p.add_argument("--seq-len", type=int, default=seq_len, help=f"tokens per window (default {seq_len})")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per forward (default 8)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help=f"windows per forward (default {DEFAULT_BATCH})")
+
+
+def _calibration_options(p: argparse.ArgumentParser) -> None:
+    """Data options of score/search: defaults depend on --protocol, so they are filled in later."""
+    p.add_argument("--protocol", choices=["shedder", "official"], default="shedder",
+                   help="calibration sampling: shedder (the first --samples windows of --data) or official "
+                        "(the Mamba-Shedder code's: --samples rows of the 10%% part of an 80/10/10 split, seed 42, "
+                        "of a datasets id or a local .json/.jsonl with a 'text' field; defaults alpaca, 256 rows, "
+                        "2048-token windows, batch 2)")
+    p.add_argument("--data", help=f"text source (default {DEFAULT_CALIBRATION}; official: hf:tatsu-lab/alpaca:train)")
+    p.add_argument("--samples", type=int, help=f"windows (default {DEFAULT_SAMPLES}); official: rows (default 256)")
+    p.add_argument("--seq-len", type=int, help=f"tokens per window (default {DEFAULT_SEQ_LEN}; official 2048)")
+    p.add_argument("--batch-size", type=int, help=f"windows per forward (default {DEFAULT_BATCH}; official 2)")
 
 
 def _distributed_options(p: argparse.ArgumentParser) -> None:
@@ -419,6 +507,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accuracy-n", type=int, default=100,
                    help="passages for next-word accuracy, batched by --batch-size (default 100: about a third of "
                         "the tokens of the test split's perplexity)")
+    p.add_argument("--tasks", help="lm-eval zero-shot accuracy on these tasks: comma-separated names, 'paper' "
+                                   "(the paper's seven) or 'local' (the bundled offline shedder_lastword,"
+                                   "shedder_choice); needs lm-eval")
+    p.add_argument("--limit", type=int, help="lm-eval examples per task (default all)")
+    p.add_argument("--baseline", help="the unpruned model, for relative accuracy of an extracted model (default: "
+                                      "the source recorded in a pruned directory; with --plan, the model unmasked)")
+    p.add_argument("--cache-dir", help="lm-eval result cache (default $SHEDDER_CACHE_DIR or ~/.cache/shedder)")
     _common(p)
     p.set_defaults(func=cmd_eval)
 
@@ -436,7 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base-plan", help="score on top of this plan")
     p.add_argument("--cache-dir", help="score cache (default $SHEDDER_CACHE_DIR or ~/.cache/shedder)")
     _distributed_options(p)
-    _data_options(p, DEFAULT_CALIBRATION, 16)
+    _calibration_options(p)
     _common(p)
     p.set_defaults(func=cmd_score)
 
@@ -451,36 +546,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--base-plan", help="start from this plan")
     _distributed_options(p)
-    _data_options(p, DEFAULT_CALIBRATION, 16)
+    _calibration_options(p)
     _common(p)
     p.set_defaults(func=cmd_search)
 
     p = sub.add_parser("bench", help="speed of an extracted model vs its original; `bench search` for the search",
-                       epilog="`python -m shedder bench search --help`: fast vs reference greedy search; "
-                              "`bench scale --help`: cost as models grow; `bench gpu-check --help`: the journey on CUDA.")
+                       epilog="`bench scale --help`: cost as models grow; `bench gpu-check --help`: the journey on CUDA.")
     from . import bench
 
     bench.add_arguments(p)
     p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
-    return parser
-
-
-def build_bench_search_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m shedder bench search",
-                                description="Run the reference and the fast greedy search on the same model and "
-                                            "data; print both wall times, the speed-up and whether they chose "
-                                            "identical components.")
-    _model_options(p)
-    p.add_argument("--kinds", type=_kinds, default=["ssm"], help="comma-separated kinds (default ssm)")
-    p.add_argument("--steps", type=int, default=4, help="search steps (default 4)")
-    p.add_argument("--workers", type=_counts, help="instead: the fast search on Ray pools of these sizes "
+    bench_sub = p.add_subparsers(dest="bench_command", metavar="{search}")
+    s = bench_sub.add_parser("search", help="fast vs reference greedy search",
+                             description="Run the reference and the fast greedy search on the same model and "
+                                         "data; print both wall times, the speed-up and whether they chose "
+                                         "identical components.")
+    _model_options(s)
+    s.add_argument("--kinds", type=_kinds, default=["ssm"], help="comma-separated kinds (default ssm)")
+    s.add_argument("--steps", type=int, default=4, help="search steps (default 4)")
+    s.add_argument("--workers", type=_counts, help="instead: the fast search on Ray pools of these sizes "
                                                    "(e.g. 1,2), and the speed-up over the first")
-    p.add_argument("--ray-address", help="with --workers: run the pools on this Ray cluster")
-    _data_options(p, DEFAULT_CALIBRATION, 16)
-    _common(p)
-    p.set_defaults(func=cmd_bench_search)
-    return p
+    s.add_argument("--ray-address", help="with --workers: run the pools on this Ray cluster")
+    _data_options(s, DEFAULT_CALIBRATION, DEFAULT_SAMPLES)
+    _common(s)
+    s.set_defaults(func=cmd_bench_search)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -488,9 +579,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars show the work; weight loading is quick
-    if argv[:2] == ["bench", "search"]:
-        args = build_bench_search_parser().parse_args(argv[2:])
-    elif argv[:2] in (["bench", "scale"], ["bench", "gpu-check"]):
+    if argv[:2] in (["bench", "scale"], ["bench", "gpu-check"]):
         from . import scale
 
         args = scale.build_parser(argv[1]).parse_args(argv[2:])

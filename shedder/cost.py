@@ -151,14 +151,7 @@ def estimate(model: nn.Module, plan: PruningPlan | None = None, seq_len: int = 2
     skeleton_layers = skeleton_adapter.layers()
 
     n = adapter.num_layers
-    kept = adapter.kept_layers(plan)
-    if len(skeleton_layers) == len(kept):
-        where = dict(zip(kept, range(len(kept))))
-    elif len(skeleton_layers) == n:  # removed layers left in place as pass-through layers
-        where = {i: i for i in kept}
-    else:
-        raise RuntimeError(f"the extracted structure has {len(skeleton_layers)} layers, but the adapter keeps "
-                           f"{len(kept)} of {n} under this plan")
+    where = adapter.layer_map(plan)  # old layer -> its index in the extracted model
 
     top_k = int(getattr(skeleton.config, "num_experts_per_tok", 1) or 1)
     layers, in_layers = [], set()

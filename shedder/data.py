@@ -10,13 +10,18 @@ A text source is a string, so the CLI, the app and plan files can name it:
 Perplexity is measured over non-overlapping windows of ``seq_len`` tokens cut from the start of the
 tokenised text (the remainder that does not fill a window is dropped), which is the protocol
 ``metrics.describe_protocol`` states next to every number.
+
+Calibration windows follow one of two protocols (``PROTOCOLS``): ``"shedder"`` takes the first
+``samples`` windows of a text source; ``"official"`` reproduces the official Mamba-Shedder sampling
+(``official_windows``), for numbers comparable with the paper's.
 """
 from __future__ import annotations
 
 import contextlib
-
 import hashlib
 import json
+import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -25,6 +30,22 @@ from .errors import DataError
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "assets" / "data"
 BUNDLED = ("calibration", "test")
+PROTOCOLS = ("shedder", "official")
+
+
+@dataclass(frozen=True)
+class Official:
+    """The official calibration settings (``prune.py``: alpaca, 256 rows, 2048-token windows, batch 2,
+    seed 42; the Hymba script alone uses 1024-token windows and batch 4)."""
+
+    source: str = "hf:tatsu-lab/alpaca:train"
+    rows: int = 256
+    seq_len: int = 2048
+    batch_size: int = 2
+    seed: int = 42
+
+
+OFFICIAL = Official()
 
 
 def load_text(source: str) -> str:
@@ -56,6 +77,10 @@ def _non_empty(text: str, source: str) -> str:
 
 
 def _read_jsonl(path: Path) -> str:
+    return "\n\n".join(_jsonl_texts(path))
+
+
+def _jsonl_texts(path: Path) -> list[str]:
     texts = []
     for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -67,7 +92,7 @@ def _read_jsonl(path: Path) -> str:
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
             raise DataError(f"{path}:{lineno}: each line needs a string field 'text'")
         texts.append(record["text"])
-    return "\n\n".join(texts)
+    return texts
 
 
 def parse_hf(source: str) -> tuple[str, str | None, str]:
@@ -83,7 +108,7 @@ def parse_hf(source: str) -> tuple[str, str | None, str]:
 def _load_hf(source: str) -> str:
     dataset, config, split = parse_hf(source)
     try:
-        with _offline_when_unreachable():
+        with offline_when_unreachable():
             import datasets
 
             ds = datasets.load_dataset(dataset, config, split=split)
@@ -97,7 +122,7 @@ def _load_hf(source: str) -> str:
 
 
 @contextlib.contextmanager
-def _offline_when_unreachable():
+def offline_when_unreachable():
     """With no route to the hub, let `datasets` use its local cache at once instead of retrying the
     network for half a minute (the same check ``shedder.loading`` makes for models)."""
     from .loading import hub_unreachable
@@ -186,9 +211,85 @@ def windows_from(tokenizer, source: str, samples: int | None = None, seq_len: in
     return token_windows(tokenizer, load_text(source), seq_len=seq_len, samples=samples, source=repr(source))
 
 
-def calibration_windows(tokenizer, source: str = "calibration", samples: int = 16, seq_len: int = 256) -> torch.LongTensor:
-    """The search's calibration set: ``samples`` windows of ``seq_len`` tokens (paper: 256 × 2048)."""
+def calibration_windows(tokenizer, source: str = "calibration", samples: int = 16, seq_len: int = 256,
+                        protocol: str = "shedder") -> torch.LongTensor:
+    """The search's calibration set. ``"shedder"``: the first ``samples`` windows of ``seq_len`` tokens
+    of ``source``. ``"official"``: ``samples`` *rows* sampled as the official code does, joined and cut
+    into windows of ``seq_len`` (official: 256 rows, 2048 tokens; see ``official_windows``)."""
+    if protocol == "official":
+        return official_windows(tokenizer, source, rows=samples, seq_len=seq_len)
+    if protocol != "shedder":
+        raise DataError(f"unknown calibration protocol {protocol!r}; use one of {', '.join(PROTOCOLS)}")
     return windows_from(tokenizer, source, samples=samples, seq_len=seq_len)
+
+
+# ---------------------------------------------------------------------------- the official protocol
+def official_rows(source: str = OFFICIAL.source, rows: int = OFFICIAL.rows, seed: int = OFFICIAL.seed) -> list[str]:
+    """The calibration rows of the official Mamba-Shedder code (``prune.py`` with ``utils.get_dataset``),
+    in its order: the ``text`` field of every row of ``source`` (a ``datasets`` id, by default alpaca's
+    train split, or a local .json/.jsonl file), split 80/10/10 with ``datasets``' ``train_test_split``
+    (20 % off with ``seed``, that part halved with ``seed``; its first half is the "test" part), then
+    ``rows`` of that 10 % drawn by Python's ``random.sample`` right after seeding with ``seed``."""
+    import datasets
+
+    texts = _official_texts(source)
+    ds = datasets.Dataset.from_dict({"text": texts})
+    held_out = ds.train_test_split(test_size=0.2, seed=seed, keep_in_memory=True)["test"]
+    part = held_out.train_test_split(test_size=0.5, seed=seed, keep_in_memory=True)["train"]
+    if not 1 <= rows <= len(part):
+        raise DataError(f"the official protocol samples rows from the 10 % part of {source!r}, which has "
+                        f"{len(part)} rows; asked for {rows}")
+    picked = random.Random(seed).sample(range(len(part)), rows)
+    return [part[i]["text"] for i in picked]
+
+
+def official_windows(tokenizer, source: str = OFFICIAL.source, rows: int = OFFICIAL.rows,
+                     seq_len: int = OFFICIAL.seq_len) -> torch.LongTensor:
+    """The official calibration windows: ``official_rows`` joined with blank lines, tokenised in one
+    pass with the tokenizer's defaults (as the official ``prepare_test_dataloader``: a BOS, for a
+    tokenizer that adds one, starts the first window), cut into non-overlapping ``seq_len`` windows
+    with the tail dropped."""
+    if seq_len < 2:
+        raise DataError(f"seq_len must be at least 2 tokens, got {seq_len}")
+    ids = tokenizer("\n\n".join(official_rows(source, rows)))["input_ids"]
+    if len(ids) < seq_len:
+        raise DataError(f"the {rows} official calibration rows of {source!r} make {len(ids)} tokens, "
+                        f"fewer than one window of {seq_len}")
+    return cut_windows(torch.tensor(ids, dtype=torch.long), seq_len)
+
+
+def _official_texts(source: str) -> list[str]:
+    """Every row's ``text`` field of a datasets id (``hf:ID[:CONFIG][:SPLIT]``, split train by default)
+    or of a local .json (a list of objects) / .jsonl (one object a line) file."""
+    if source.startswith("hf:"):
+        parts = source[len("hf:"):].split(":")
+        dataset, config, split = parse_hf(source) if len(parts) > 1 else (parts[0], None, "train")
+        try:
+            with offline_when_unreachable():
+                import datasets
+
+                ds = datasets.load_dataset(dataset, config, split=split)
+        except Exception as e:  # offline, unknown id, unknown split: all reach the user as one message
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DataError(f"cannot load {source!r} with `datasets` ({first}); without the hub, pass a local "
+                            ".json/.jsonl file with a 'text' field") from None
+        if "text" not in ds.column_names:
+            raise DataError(f"{source!r} has no 'text' field (columns: {', '.join(ds.column_names)}); "
+                            "the official protocol reads 'text'")
+        return list(ds["text"])
+    path = Path(source).expanduser()
+    if path.suffix not in (".json", ".jsonl") or not path.is_file():
+        raise DataError(f"the official protocol needs a datasets id (hf:ID[:CONFIG][:SPLIT]) or a local "
+                        f".json/.jsonl file with a 'text' field; got {source!r}")
+    if path.suffix == ".jsonl":
+        return _jsonl_texts(path)
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(records, list) or not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in records):
+        raise DataError(f"{path}: expected a JSON list of objects, each with a string field 'text'")
+    return [r["text"] for r in records]
 
 
 def windows_hash(windows: torch.Tensor) -> str:

@@ -24,3 +24,7 @@ class DataError(ShedderError):
 
 class Cancelled(ShedderError):
     """Raised by a progress callback to stop long work; finished, logged steps are kept."""
+
+
+class DownstreamError(ShedderError):
+    """lm-eval missing, an unknown task, or task data that cannot be loaded."""

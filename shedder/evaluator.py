@@ -44,7 +44,8 @@ import torch
 from .arch import adapter_for, patch_forward
 from .arch.base import model_lock
 from .errors import PlanError
-from .metrics import Progress, batches, predicted_tokens, token_nll
+from .metrics import batches, predicted_tokens, token_nll
+from .progress import Progress
 from .plan import Component, PruningPlan
 
 #: Evaluators sharing the process budget (those created without ``max_cache_bytes``).

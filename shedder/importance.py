@@ -28,7 +28,8 @@ import torch
 from .arch import adapter_for
 from .data import windows_hash
 from .evaluator import PlanEvaluator, check_kinds, removing
-from .metrics import Progress, predicted_tokens
+from .metrics import predicted_tokens
+from .progress import Progress
 from .plan import KINDS, Component, PruningPlan, config_hash
 
 COLUMNS = ["layer", "kind", "index", "ppl", "delta_ppl", "params_removed"]

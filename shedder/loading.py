@@ -110,9 +110,11 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype="float32", device: str =
     torch_dtype = parse_dtype(dtype)
     config = load_config(source, trust_remote_code)
     try:
-        if getattr(config, "shedder", None):
+        if hasattr(config, "shedder"):
             model = _load_pruned(source, config, torch_dtype, device)
         else:
+            if Path(source).is_dir():
+                check_weight_shapes(Path(source), config)
             model = AutoModelForCausalLM.from_pretrained(
                 source, config=config, dtype=torch_dtype, use_safetensors=True,
                 trust_remote_code=trust_remote_code, local_files_only=_offline(source)).to(device)
@@ -153,6 +155,37 @@ def require_tokenizer(tokenizer, model_name: str):
     return tokenizer
 
 
+def check_weight_shapes(local: Path, config):
+    """Before anything is allocated: check config.json's ``shedder`` section (types, layer count,
+    sizes within the config's; ``arch.spec``) and that every tensor the config builds has the
+    shape ``model.safetensors`` holds (read from the file's header, no tensor loaded). Returns the
+    adapter class. Raises ``ModelLoadError`` naming the file and the field or tensor at fault."""
+    from safetensors import safe_open
+
+    from .arch.spec import PrunedSpec
+    from .extract import WEIGHTS_FILE
+
+    architecture = (getattr(config, "architectures", None) or [None])[0]
+    cls = adapter_class(architecture, config.model_type)
+    PrunedSpec.of_config(config, cls.limits(config), where=str(local / "config.json"))
+    weights = local / WEIGHTS_FILE
+    if not weights.is_file():
+        return cls
+    try:
+        with safe_open(str(weights), "pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # a truncated or foreign file: safetensors raises its own error types
+        raise ModelLoadError(f"{weights}: not a readable safetensors file ({e})") from None
+    with torch.device("meta"):
+        skeleton = cls.build(config)
+    for name, tensor in skeleton.state_dict().items():
+        if name in shapes and shapes[name] != tuple(tensor.shape):
+            section = "its shedder section" if hasattr(config, "shedder") else "no shedder section (deleted?)"
+            raise ModelLoadError(f"{weights}: {name} has shape {list(shapes[name])}, but {local / 'config.json'} "
+                                 f"(with {section}) describes {list(tensor.shape)}")
+    return cls
+
+
 def _load_pruned(source: str, config, dtype: torch.dtype, device: str):
     """Rebuild a pruned model with uneven shapes through its adapter and load its safetensors
     (written by ``shedder.extract.save`` under module names)."""
@@ -167,8 +200,7 @@ def _load_pruned(source: str, config, dtype: torch.dtype, device: str):
     weights = local / WEIGHTS_FILE
     if not weights.is_file():
         raise ModelLoadError(f"{local} has no {WEIGHTS_FILE}")
-    architecture = (getattr(config, "architectures", None) or [None])[0]
-    cls = adapter_class(architecture, config.model_type)
+    cls = check_weight_shapes(local, config)
     model = instantiate(cls, config, device=device, dtype=dtype)
     if hasattr(model, "tie_weights"):
         model.tie_weights()  # before loading: the file holds a tied tensor once

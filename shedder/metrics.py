@@ -16,15 +16,14 @@ import contextlib
 import math
 import re
 from dataclasses import dataclass
-from typing import Callable
-
 import torch
 import torch.nn.functional as F
 
 from .data import load_text
 from .errors import DataError
+from .progress import Progress
 
-Progress = Callable[[int, int, str], None]
+
 
 #: Next-word passages: paragraphs with at least this many words ...
 MIN_PASSAGE_WORDS = 30
@@ -105,6 +104,15 @@ def describe_protocol(windows: torch.Tensor, source: str | None = None) -> str:
     where = f" of {source!r}" if source else ""
     return (f"token-level perplexity over {n} non-overlapping windows of {seq} tokens{where} "
             f"({predicted_tokens(windows):,} predicted tokens)")
+
+
+def calibration_protocol(windows: torch.Tensor, source: str, protocol: str = "shedder", rows: int | None = None) -> str:
+    """The calibration protocol in one line, naming which one ran (``shedder.data.PROTOCOLS``)."""
+    if protocol == "official":
+        return (f"calibration, official Mamba-Shedder protocol ({rows} rows sampled with seed 42 from the 10 % "
+                f"part of an 80/10/10 split with seed 42 of {source!r}, joined with blank lines): "
+                + describe_protocol(windows))
+    return "calibration, shedder protocol: " + describe_protocol(windows, source)
 
 
 # ---------------------------------------------------------------------------- next-word accuracy

@@ -117,6 +117,15 @@ class PruningPlan:
     def without_components(self, comps: Iterable[Component]) -> "PruningPlan":
         return self._replace(self.components - frozenset(comps))
 
+    def in_removed_block(self, comp: Component) -> bool:
+        """Whether ``comp`` is a finer component of a layer whose whole block the plan removes (the
+        block subsumes it: naming it too is redundant)."""
+        return comp.kind != "block" and Component("block", comp.layer) in self.components
+
+    def blocks_subsuming(self) -> "PruningPlan":
+        """This plan without the finer components its removed blocks already take away."""
+        return self.without_components([c for c in self.components if self.in_removed_block(c)])
+
     def toggle(self, comp: Component) -> "PruningPlan":
         return self.without_components([comp]) if comp in self.components else self.with_components([comp])
 

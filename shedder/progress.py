@@ -6,6 +6,10 @@ the message's part before ``": "`` (e.g. ``step 3``); the rest of the message is
 from __future__ import annotations
 
 import sys
+from typing import Callable
+
+#: ``progress(done, total, message)``: what every long-running engine function accepts.
+Progress = Callable[[int, int, str], None]
 
 
 class TqdmProgress:

@@ -39,7 +39,8 @@ from .errors import ShedderError
 from .evaluator import PlanEvaluator, check_kinds, removing
 from .importance import cache_key, default_cache_dir, model_fingerprint, plan_key
 from .masking import masked
-from .metrics import Progress, nll_sum, predicted_tokens
+from .metrics import nll_sum, predicted_tokens
+from .progress import Progress
 from .plan import Component, PruningPlan
 
 LOG_FILE = "log.jsonl"

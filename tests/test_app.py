@@ -211,3 +211,20 @@ def test_two_sessions_never_see_each_others_plans():
     assert workspace(one).loaded.model is workspace(two).loaded.model  # weights shared
     assert not workspace(two).plan.components
     assert metric(two, "perplexity") == baseline != metric(one, "perplexity")
+
+
+def test_model_page_runs_lm_eval_only_on_request_and_reuses_the_result():
+    at = open_app()
+    at.multiselect(key="model_tasks").set_value(["shedder_lastword"]).run()
+    at.number_input(key="model_task_limit").set_value(2).run()
+    assert_clean(at)
+    assert not at.dataframe and any("Run lm-eval" in i.value for i in at.info)  # choosing tasks runs nothing
+    at.button(key="model_run_lm_eval").click().run()
+    assert_clean(at)
+    result = workspace(at).downstream(PruningPlan(), ("shedder_lastword",), 2)
+    assert result is not None and result.samples == {"shedder_lastword": 2}
+    assert len(at.dataframe) == 1 and "relative accuracy" in " ".join(m.value for m in at.markdown)
+    assert "lm-eval" in " ".join(c.value for c in at.caption)
+    workspace(at)._downstream.clear()
+    at.run()  # a new session with the same choice finds the result in the disk cache
+    assert len(at.dataframe) == 1

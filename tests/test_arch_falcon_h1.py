@@ -137,7 +137,8 @@ def test_pruned_structure(model):
     assert layers[1].feed_forward.gate_proj.out_features == 56
     assert layers[1].mamba.num_heads == 7 and not hasattr(layers[1].mamba, "A_log")
     assert layers[1].mamba.mup_vector.shape[-1] == 2 * 7 * 4      # z and x rows only, no B/C/dt
-    assert small.config.shedder["layers"] == [{"mlp": 0}, {"attention": False, "mamba": {"ssm": False, "heads_per_group": [3, 4]}, "mlp": 56}]
+    assert small.config.shedder["layers"] == [{"source": 0, "mlp": 0},
+                                              {"source": 2, "attention": False, "ssm": False, "heads_per_group": [3, 4], "mlp": 56}]
     # the extracted model re-prunes like any other
     adapter = adapter_for(small)
     assert [adapter.layer_kind(i) for i in range(2)] == ["hybrid", "mamba"]

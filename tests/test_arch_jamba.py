@@ -133,10 +133,10 @@ def test_pruned_structure(model):
     assert len(layers) == 4
     assert small.config.layers_block_type == ["mamba", "mamba", "attention", "mamba"]   # no period describes it
     assert small.config.shedder["layers"] == [
-        {"type": "mamba", "moe": False, "mlp": 56},
-        {"type": "mamba", "moe": False, "mamba": {"ssm": False, "intermediate_size": 48}},
-        {"type": "attention", "moe": False, "attention": False},
-        {"type": "mamba", "moe": True, "mlp": 0},
+        {"source": 0, "type": "mamba", "moe": False, "mlp": 56},
+        {"source": 2, "type": "mamba", "moe": False, "ssm": False, "inner": 48},
+        {"source": 3, "type": "attention", "moe": False, "attention": False},
+        {"source": 4, "type": "mamba", "moe": True, "mlp": 0},
     ]
     assert isinstance(layers[2].self_attn, ZeroBranch) and layers[2].self_attn.layer_idx == 2
     assert isinstance(layers[3].feed_forward, ZeroBranch)

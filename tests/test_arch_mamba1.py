@@ -151,9 +151,9 @@ def test_extracted_structure(model):
     assert small.config.num_hidden_layers == len(layers) == 3
     assert len(small.config.layer_types) == 3
     assert [layer.mixer.layer_idx for layer in layers] == [0, 1, 2]
-    assert small.config.shedder == {"layers": [{"ssm": False, "intermediate_size": 48},
-                                               {"ssm": True, "intermediate_size": 48},
-                                               {"ssm": False, "intermediate_size": 48}]}
+    assert small.config.shedder == {"schema_version": 2, "layers": [{"source": 0, "ssm": False, "inner": 48},
+                                                                    {"source": 1, "inner": 48},
+                                                                    {"source": 3, "ssm": False, "inner": 48}]}
     m0 = layers[0].mixer
     assert isinstance(m0, PrunedMamba1Mixer) and not has_ssm(m0)
     assert not any(n.startswith(("x_proj", "dt_proj", "A_log", "D")) for n, _ in m0.named_parameters())

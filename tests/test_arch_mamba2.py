@@ -16,6 +16,7 @@ from adapter_checks import (TOL, check_cached_generation, check_mask_restores, c
 from shedder.arch import adapter_for
 from shedder.arch.mamba2_core import (MixerLayout, PrunedMamba2Mixer, Selection, gated_group_rms_norm, mixer_layout,
                                       ssd_forward)
+from shedder.arch.spec import PrunedSpec
 from shedder.errors import PlanError
 from shedder.extract import extract
 from shedder.masking import masked
@@ -158,9 +159,9 @@ def test_uniform_head_removal_gives_a_stock_config(model, ids):
 def test_extracted_structure(model):
     small = extract(model, comps("block:3", "ssm:0", "head:1:1"))
     assert small.config.num_hidden_layers == 3
-    entries = small.config.shedder["layers"]
-    assert [e["ssm"] for e in entries] == [False, True, True]
-    assert sum(entries[1]["heads_per_group"]) == 7 and len(entries[1]["heads_per_group"]) == model.config.n_groups
+    entries = PrunedSpec.from_json(small.config.shedder).layers
+    assert [e.ssm for e in entries] == [False, True, True]
+    assert sum(entries[1].heads_per_group) == 7 and len(entries[1].heads_per_group) == model.config.n_groups
     m0, m1 = small.backbone.layers[0].mixer, small.backbone.layers[1].mixer
     assert isinstance(m0, PrunedMamba2Mixer) and not hasattr(m0, "A_log") and m0.in_proj.out_features == 256
     assert m0.conv1d.weight.shape[0] == 128

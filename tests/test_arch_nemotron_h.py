@@ -87,9 +87,9 @@ def test_extracted_structure(model, adapter):
     assert small.config.layers_block_type == ["linear_attention", "full_attention", "linear_attention", "mlp", "mlp"]
     assert small.config.use_cache is not False
     entries = small.config.shedder["layers"]
-    assert entries[0] == {"ssm": True, "heads_per_group": [3, 4]} and entries[2]["ssm"] is False
-    assert entries[1] == {"attention": False}
-    assert entries[3:] == [{"intermediate_size": 96}, {"intermediate_size": 64}]
+    assert entries[0] == {"source": 0, "heads_per_group": [3, 4]} and entries[2]["ssm"] is False
+    assert entries[1] == {"source": 1, "attention": False}
+    assert entries[3:] == [{"source": 3}, {"source": 6, "mlp": 64}]
     layers = small.model.layers
     assert isinstance(layers[0].mixer, PrunedMamba2Mixer) and layers[4].mixer.up_proj.out_features == 64
     assert isinstance(layers[1], RemovedAttentionLayer) and count_parameters(layers[1]) == 0
@@ -117,7 +117,7 @@ def test_removing_every_attention_keeps_the_cache_usable(model, adapter, ids, bu
     check_refused(loaded, plan("attention:1"), ["layer 1 (attention) has no attention"], again)
     twice = check_removal(loaded, plan("block:2"), ids, adapter=again)
     assert isinstance(twice.model.layers[1], RemovedAttentionLayer)
-    assert twice.config.shedder["layers"][1] == {"attention": False}
+    assert twice.config.shedder["layers"][1] == {"source": 1, "attention": False}
 
 
 def test_a_skipped_attention_keeps_counting_for_the_others(ids):

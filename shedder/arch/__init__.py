@@ -1,48 +1,34 @@
-"""Registry of model-family adapters. Adding a family means adding one module here and listing it
-in ``_FAMILY_MODULES``; nothing outside ``shedder.arch`` knows about families."""
+"""Registry of model-family adapters, discovered: every module of this package is imported once and
+each ``Adapter`` subclass it defines with ``architectures`` is a family. Adding a family means adding
+one file here; nothing else is edited, and nothing outside ``shedder.arch`` knows about families."""
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
+import pkgutil
 
 from ..errors import UnsupportedModelError
 from .base import Adapter, count_parameters, instantiate, patch_forward
 
-_FAMILY_MODULES = ("mamba", "falcon_mamba", "mamba2", "nemotron_h", "bamba", "zamba2", "falcon_h1", "jamba")
 
-_REGISTRY: list[type[Adapter]] = []
-
-
-def register(cls: type[Adapter]) -> type[Adapter]:
-    """Class decorator used by each family module."""
-    _REGISTRY.append(cls)
-    return cls
-
-
-_LOADED = False
-
-
-def _load_families() -> list[type[Adapter]]:
-    # A flag, not "registry empty": importing one family module directly (e.g. in a test) registers
-    # that family early, and the others must still be imported on the first lookup.
-    global _LOADED
-    if not _LOADED:
-        _LOADED = True
-        for name in _FAMILY_MODULES:
-            try:
-                importlib.import_module(f"{__name__}.{name}")
-            except ModuleNotFoundError as e:  # a family file not written yet must not break the rest
-                if e.name != f"{__name__}.{name}":
-                    raise
-    return _REGISTRY
+@functools.lru_cache(maxsize=1)
+def _families() -> tuple[type[Adapter], ...]:
+    found = []
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        found += [cls for _, cls in inspect.getmembers(module, inspect.isclass)
+                  if issubclass(cls, Adapter) and cls.architectures and cls.__module__ == module.__name__]
+    return tuple(found)
 
 
 def supported_architectures() -> list[str]:
-    return [a for cls in _load_families() for a in cls.architectures]
+    return [a for cls in _families() for a in cls.architectures]
 
 
 def adapter_class(architecture: str | None = None, model_type: str | None = None) -> type[Adapter]:
     """The adapter for a ``transformers`` class name or ``config.model_type``."""
-    for cls in _load_families():
+    for cls in _families():
         if architecture in cls.architectures or model_type in cls.model_types:
             return cls
     found = architecture or model_type or "an unknown architecture"
@@ -55,4 +41,4 @@ def adapter_for(model, group_sizes: dict[str, int] | None = None) -> Adapter:
 
 
 __all__ = ["Adapter", "adapter_class", "adapter_for", "count_parameters", "instantiate", "patch_forward",
-           "register", "supported_architectures"]
+           "supported_architectures"]

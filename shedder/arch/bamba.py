@@ -18,46 +18,32 @@ must keep at least one attention layer: ``transformers`` derives the causal mask
 attention slots, so a Bamba without any cannot generate with a cache. Live masks keep the removed
 attention's cache slot filled with placeholders for the same reason.
 Extracted models whose layers all keep stock shapes (block removals only) have a stock config;
-otherwise ``config.shedder = {"layers": [spec, ...]}`` with one dict per kept layer holding only
-what differs from stock: ``"mixer": false``, ``"mamba": MixerLayout.to_dict()``, ``"mlp": width``
-(0 = no MLP).
+otherwise each kept layer's ``LayerSpec`` says what differs from stock: ``mixer=False`` (an
+attention layer that lost its attention), ``ssm`` / ``heads_per_group``, ``mlp`` (0 = no MLP).
 """
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 import functools
 
-from torch import nn
+import transformers
 
 from ..plan import Component, PruningPlan
-from . import register
-from .hybrid_common import (
-    Mamba2HybridAdapter,
-    check_attention_left,
-    check_mlp_groups,
-    num_mlp_groups,
-    present,
-    remove_sub_block,
-    resize_feed_forward,
-    skip_layer,
-    skip_sub_block,
-)
-from .mamba2_core import (
-    MixerLayout,
-    PrunedMamba2Mixer,
-    mixer_layout,
-    set_shedder,
-    shedder_layers,
-    ssm_components,
-)
+from .common import sliced_state_dict
+from .hybrid_common import (FeedForwardGroups, check_attention_left, check_mlp_groups, num_mlp_groups, present,
+                            remove_sub_block, resize_feed_forward, skip_layer, skip_sub_block)
+from .mamba2_core import Mamba2StyleAdapter, MixerLayout, mixer_layout, ssm_components
+from .spec import LayerSpec, PrunedSpec
 
 
-@register
-class BambaAdapter(Mamba2HybridAdapter):
+class BambaAdapter(FeedForwardGroups, Mamba2StyleAdapter):
     architectures = ("BambaForCausalLM",)
     model_types = ("bamba",)
     kinds = ("block", "ssm", "head", "attention", "mlp", "mlp_channel_group")
+    model_class = transformers.BambaForCausalLM
+    layers_path = "model.layers"
+    mixer_name = "mamba"
 
     # ------------------------------------------------------------------ inventory
     @functools.cached_property
@@ -128,56 +114,45 @@ class BambaAdapter(Mamba2HybridAdapter):
         self.mask_feed_forward(layer, comps, stack)
 
     # ------------------------------------------------------------------ extraction
-    def _layer_plan(self, layer: int, comps: list[Component]) -> tuple[bool, bool, int]:
-        """(keeps a mixer, mixer is Mamba, MLP width) of ``layer`` after removing ``comps`` (its components)."""
+    def layer_spec(self, layer: int, comps: list[Component]) -> LayerSpec | None:
         kinds = {c.kind for c in comps}
         mamba = self.has_ssm_mixer(layer)
         has_mixer = mamba or (self.has_attention(layer) and "attention" not in kinds)
-        return has_mixer, mamba, self.mlp_width_under(layer, comps)
+        width = self.mlp_width_under(layer, comps)
+        if not has_mixer and not width:
+            return None  # nothing left: the identity
+        fields = self.mixer_spec(layer, comps) if mamba else {}
+        if not has_mixer:
+            fields["mixer"] = False
+        if width != self.config.intermediate_size:
+            fields["mlp"] = width
+        return LayerSpec(**fields)
 
-    def removed_layers(self, plan: PruningPlan) -> set[int]:
-        gone = super().removed_layers(plan)
-        for layer, comps in self.by_layer(plan).items():
-            has_mixer, _, width = self._layer_plan(layer, comps)
-            if not has_mixer and not width:  # nothing left: the identity
-                gone.add(layer)
-        return gone
-
-    def pruned_config(self, plan: PruningPlan):
-        config = copy.deepcopy(self.config)
-        stock = MixerLayout((config.mamba_n_heads // config.mamba_n_groups,) * config.mamba_n_groups)
-        specs, attention, by_layer = [], [], self.by_layer(plan)
-        for new, old in enumerate(self.kept_layers(plan)):
-            has_mixer, mamba, width = self._layer_plan(old, by_layer.get(old, []))
-            spec = {}
-            if not has_mixer:
-                spec["mixer"] = False
-            elif mamba:
-                layout = self.new_layout(plan, old)
-                if layout != stock:
-                    spec["mamba"] = layout.to_dict()
-            else:
-                attention.append(new)
-            if width != config.intermediate_size:
-                spec["mlp"] = width
-            specs.append(spec)
-        config.num_hidden_layers = len(specs)
-        config.attn_layer_indices = attention
-        set_shedder(config, {"layers": specs} if any(specs) else None)
-        return config
+    def configure(self, config, spec: PrunedSpec, plan) -> bool:
+        config.num_hidden_layers = len(spec.layers)
+        config.attn_layer_indices = [j for j, s in enumerate(spec.layers)
+                                     if s.mixer and not self.has_ssm_mixer(s.source)]
+        return False
 
     @classmethod
-    def build(cls, config) -> nn.Module:
-        from transformers import BambaForCausalLM
+    def stock_layout(cls, config) -> MixerLayout:
+        return MixerLayout((config.mamba_n_heads // config.mamba_n_groups,) * config.mamba_n_groups)
 
-        model = BambaForCausalLM(config)
-        layers = model.model.layers
-        for block, spec in zip(layers, shedder_layers(config, len(layers)) or []):
-            if spec.get("mixer", True) is False:
-                remove_sub_block(block, "mamba" if hasattr(block, "mamba") else "self_attn", "input_layernorm",
-                                 returns_tuple=not hasattr(block, "mamba"))
-            elif "mamba" in spec:
-                block.mamba = PrunedMamba2Mixer(block.mamba, MixerLayout.from_dict(spec["mamba"]), cls.hooks)
-            if "mlp" in spec:
-                resize_feed_forward(block, int(spec["mlp"]))
-        return model
+    @classmethod
+    def limits(cls, config):
+        return dataclasses.replace(super().limits(config), mlp=int(config.intermediate_size))
+
+    def pruned_state_dict(self, plan: PruningPlan):
+        replace = self.sub_block_replacements(plan, self.mixer_replacements(plan))
+        return sliced_state_dict(self.model.state_dict(), self.layer_prefix, self.layer_map(plan), replace)
+
+    @classmethod
+    def apply_layer(cls, layers, index, spec) -> None:
+        block = layers[index]
+        mamba = hasattr(block, "mamba")
+        if not spec.mixer:
+            remove_sub_block(block, "mamba" if mamba else "self_attn", "input_layernorm", returns_tuple=not mamba)
+        elif mamba:
+            cls.apply_mixer(block, spec)
+        if spec.mlp is not None:
+            resize_feed_forward(block, spec.mlp)

@@ -1,26 +1,52 @@
-"""The adapter contract: one subclass per model family, registered in ``shedder.arch``.
+"""The adapter contract: one subclass per model family, one file in ``shedder/arch/``.
 
 An adapter answers three questions about a loaded ``transformers`` model:
 
-* **inventory** — which components exist (``components``), what each layer is (``layer_kind``);
+* **inventory** — which components exist (``layer_components``), what each layer is (``layer_kind``);
 * **live masks** — how to make the model compute as if a plan's components were gone, by patching
-  ``forward`` on module instances (never copying or touching weights), undone on exit;
-* **extraction** — the config and state dict of the physically smaller model, and how to build the
-  module tree for such a config (``build``), so that extraction and loading a saved pruned model
-  share one code path.
+  ``forward`` on module instances (never copying or touching weights), undone on exit (``mask_layer``);
+* **extraction** — what each kept layer keeps (``layer_spec``, a typed ``spec.LayerSpec``), the
+  sliced weights (``pruned_state_dict``), and how a freshly built stock layer is made to match a
+  spec (``apply_layer``). Extraction and loading a saved pruned model share ``build``.
 
 Exactness rule: for every plan, ``extract(plan)`` computes the same logits as the masked model.
 The simplest way to keep that rule is for a family to write its mixer forward once, as a function
 that takes the mask (SSM on/off, kept heads or channels) as arguments, and to use it both as the
-live-mask forward and as the forward of the pruned module class.
+live-mask forward and as the forward of the pruned module class (``mamba2_core``, ``mamba1_core``).
 
-Everything generic — grouping a plan by layer, the block-skip patch, counting parameters under a
-plan, extraction, validation messages — lives here so the family files stay about their family.
+Following one removal, e.g. "head 3 of layer 2" of a Bamba model, from plan to weight::
+
+    plan ─ validate ─ layer_components(2) offers Component("head", 2, 3)       (bamba.py)
+         ├ apply(plan)            ─ mask_layer(2, [head:2:3]) ─ mamba2_core.mask_mixer
+         └ extract(plan)          ─ pruned_config ─ pruned_spec ─ layer_spec(2, [head:2:3])  (bamba.py)
+                                      → LayerSpec(source=2, heads_per_group=(4, 3))
+                                  ─ pruned_state_dict ─ mamba2_core.pruned_mixer_state (sliced rows)
+                                  ─ build(config) ─ stock model, then apply_layer(layer, j, spec)  (bamba.py)
+                                      → layer.mamba = PrunedMamba2Mixer(...)
+
+How a family adds a component kind (say ``"foo"``):
+
+1. name it in ``plan.KINDS`` and in the family's ``kinds``;
+2. inventory: ``layer_components`` lists ``Component("foo", layer, index)`` where it exists (read
+   from the modules, so an already-pruned model offers what it still has); ``check`` refuses
+   plans that would leave a layer broken;
+3. mask: ``mask_layer`` patches the modules of the layer for the ``foo`` components (``patch_forward``);
+4. spec: a ``LayerSpec`` field (``spec.py``, with its type and bound in ``Limits``) says what the
+   layer keeps; ``layer_spec`` sets it, ``apply_layer`` rebuilds it, ``configure`` folds it into a
+   stock config when every layer agrees;
+5. extract: ``pruned_state_dict`` slices the tensors (``common.sliced_state_dict`` renumbers layers
+   and swaps sub-modules' tensors).
+
+The tests in ``tests/adapter_checks.py`` then prove masked == extracted for the new kind.
+
+Everything generic — grouping a plan by layer, the block-skip patch, the old→new layer map,
+counting parameters under a plan, extraction, validation messages — lives here.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import functools
 import threading
 import weakref
@@ -28,9 +54,15 @@ from typing import Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from ..errors import PlanError
 from ..plan import KINDS, Component, ModelIdentity, PruningPlan
+from .spec import LayerSpec, Limits, PrunedSpec
+
+
+#: Kinds whose removal can delete a whole layer (the only ones that can leave a model with none).
+LAYER_DELETING_KINDS = frozenset({"block", "attention", "mlp"})
 
 
 class Adapter:
@@ -42,16 +74,29 @@ class Adapter:
     kinds: ClassVar[tuple[str, ...]] = ("block",)
     #: Channels per group for the grouped kinds, when the plan does not say.
     default_group_sizes: ClassVar[dict[str, int]] = {}
+    #: Where the decoder layers are (``model.get_submodule``); also their state-dict prefix.
+    layers_path: ClassVar[str] = "model.layers"
+    #: The stock ``transformers`` class ``build`` starts from.
+    model_class: ClassVar[type[nn.Module]]
 
     def __init__(self, model: nn.Module, group_sizes: dict[str, int] | None = None):
         self.model = model
         self.config = model.config
-        self.group_sizes = {**self.default_group_sizes, **(group_sizes or {})}
+        self.group_sizes = {**self.default_group_sizes, **self.config_group_sizes(), **(group_sizes or {})}
+
+    def config_group_sizes(self) -> dict[str, int]:
+        """Channels per group for the grouped kinds that depend on the config (below a plan's own)."""
+        return {}
 
     # ------------------------------------------------------------------ inventory (per family)
     def layers(self) -> nn.ModuleList:
         """The decoder layers, in order (the ``layer`` of a Component indexes this list)."""
-        raise NotImplementedError
+        return self.model.get_submodule(self.layers_path)
+
+    @property
+    def layer_prefix(self) -> str:
+        """State-dict prefix of the layer list (``"model.layers."``)."""
+        return self.layers_path + "."
 
     def layer_kind(self, layer: int) -> str:
         """What a layer is, for display: 'mamba', 'attention', 'mlp', 'moe', 'hybrid', ..."""
@@ -60,13 +105,6 @@ class Adapter:
     def layer_components(self, layer: int) -> list[Component]:
         """Every component of one layer of the *unpruned* model, all kinds."""
         raise NotImplementedError
-
-    def kept_layers(self, plan: PruningPlan) -> list[int]:
-        """Indices (in this model) of the layers the model extracted under ``plan`` keeps, in order:
-        extracted layer ``j`` is layer ``kept_layers(plan)[j]``. Default: every layer whose block is
-        not removed; a family whose extraction also drops layers a plan empties overrides this."""
-        removed = {c.layer for c in plan.of_kind("block")}
-        return [i for i in range(self.num_layers) if i not in removed]
 
     def layer_cost_modules(self, layer: int) -> list[nn.Module]:
         """The modules one pass through ``layer`` runs for every token (``shedder.cost`` counts
@@ -97,10 +135,16 @@ class Adapter:
         return forward
 
     # ------------------------------------------------------------------ extraction (per family)
-    def pruned_config(self, plan: PruningPlan):
-        """The config of the extracted model. Uneven per-layer shapes go into ``config.shedder``
-        (a JSON-able dict) so that ``build`` can recreate them; when every layer keeps the same
-        dimensions, the config must be one stock ``transformers`` loads as is."""
+    def layer_spec(self, layer: int, comps: list[Component]) -> LayerSpec | None:
+        """What ``layer`` keeps when ``comps`` (the plan's components in it; never a ``block``) are
+        removed, as differences from a stock layer; None when nothing is left (the layer computes
+        the identity and extraction deletes it). ``source`` is filled in by ``pruned_spec``."""
+        raise NotImplementedError
+
+    def configure(self, config, spec: PrunedSpec, plan: PruningPlan) -> bool:
+        """Make ``config`` (a copy of the model's) describe the kept layers: the layer count, the
+        layer types. Return True when the stock config then expresses ``spec`` entirely (its
+        fields changed accordingly, e.g. a uniform head count), so no ``shedder`` section is needed."""
         raise NotImplementedError
 
     def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
@@ -108,12 +152,84 @@ class Adapter:
         raise NotImplementedError
 
     @classmethod
-    def build(cls, config) -> nn.Module:
-        """Module tree (uninitialised weights are fine) for a config, pruned or not: the stock
-        class, with modules swapped for pruned variants as ``config.shedder`` describes."""
-        raise NotImplementedError
+    def limits(cls, config) -> Limits:
+        """What ``config`` allows a ``shedder`` section to say (layer count, stock sizes)."""
+        return Limits(int(config.num_hidden_layers))
+
+    @classmethod
+    def stock_model(cls, config, spec: PrunedSpec | None) -> nn.Module:
+        """The stock module tree ``build`` starts from (override when the layer pattern is in ``spec``)."""
+        return cls.model_class(config)
+
+    @classmethod
+    def apply_layer(cls, layers: nn.ModuleList, index: int, spec: LayerSpec) -> None:
+        """Swap the modules of freshly built stock layer ``layers[index]`` (or the layer itself) so
+        it holds what ``spec`` keeps: pruned mixers, resized MLPs, parameterless stand-ins. Modules
+        are created on the device and in the dtype of the ones they replace."""
+
+    @classmethod
+    def apply_spec(cls, model: nn.Module, spec: PrunedSpec) -> None:
+        """Apply every layer's spec (override for structure shared across layers, e.g. Zamba2)."""
+        layers = model.get_submodule(cls.layers_path)
+        for index, layer_spec in enumerate(spec.layers):
+            cls.apply_layer(layers, index, layer_spec)
 
     # ------------------------------------------------------------------ generic machinery
+    def pruned_spec(self, plan: PruningPlan) -> PrunedSpec:
+        """One ``LayerSpec`` per layer the model extracted under ``plan`` keeps, in order."""
+        by_layer = self.by_layer(plan)
+        specs = []
+        for i in range(self.num_layers):
+            comps = by_layer.get(i, [])
+            if any(c.kind == "block" for c in comps):
+                continue
+            spec = self.layer_spec(i, comps)
+            if spec is not None:
+                specs.append(dataclasses.replace(spec, source=i))
+        anchors = self.cache_anchor_layers()
+        if specs and anchors and not any(s.source in anchors for s in specs):  # keep the first, emptied
+            specs = sorted(specs + [dataclasses.replace(self.emptied_anchor_spec(anchors[0]), source=anchors[0])],
+                           key=lambda s: s.source)
+        return PrunedSpec(tuple(specs))
+
+    def cache_anchor_layers(self) -> list[int]:
+        """Attention-type layers of which extraction keeps at least one, emptied if a plan removes
+        them all: ``transformers`` reads the cache's sequence length from an attention slot
+        (Nemotron-H, Jamba). Default: none."""
+        return []
+
+    def emptied_anchor_spec(self, layer: int) -> LayerSpec:
+        """The spec of an anchor layer kept only to hold its cache slot (nothing inside)."""
+        raise NotImplementedError
+
+    def layer_map(self, plan: PruningPlan) -> dict[int, int]:
+        """Old layer index → new layer index of the model extracted under ``plan`` (kept layers only,
+        in order): the one answer to "which layer did this become"."""
+        return self.pruned_spec(plan).layer_map()
+
+    def pruned_config(self, plan: PruningPlan):
+        """The config of the extracted model: stock when every kept layer has stock shapes (or the
+        family's stock config can say them), else with a ``shedder`` section (``spec.PrunedSpec``)."""
+        spec = self.pruned_spec(plan)
+        config = copy.deepcopy(self.config)
+        if self.configure(config, spec, plan) or spec.stock:
+            if hasattr(config, "shedder"):
+                del config.shedder
+        else:
+            config.shedder = spec.to_json()
+        return config
+
+    @classmethod
+    def build(cls, config) -> nn.Module:
+        """Module tree (uninitialised weights are fine) for a config, pruned or not: the stock
+        class, with each layer matched to its ``LayerSpec``. Allocates on the ambient device and
+        dtype (``instantiate`` sets them for one thread; the meta device costs nothing)."""
+        spec = PrunedSpec.of_config(config, cls.limits(config))
+        model = cls.stock_model(config, spec)
+        if spec is not None:
+            cls.apply_spec(model, spec)
+        return model
+
     @property
     def num_layers(self) -> int:
         return len(self.layers())
@@ -138,18 +254,21 @@ class Adapter:
     def candidates(self, plan: PruningPlan, kinds: list[str]) -> list[Component]:
         """Components of ``kinds`` that can still be removed on top of ``plan`` (the search's
         candidate list): not already removed, not inside a removed block, and leaving a plan that
-        passes ``check``."""
+        passes ``check`` and keeps a layer."""
         out = []
         for c in self.components():
             if c.kind not in kinds or c in plan:
                 continue
-            if c.kind != "block" and Component("block", c.layer) in plan:
+            if plan.in_removed_block(c):
                 continue
             if c.kind == "block" and any(p.layer == c.layer for p in plan.components):
                 continue  # the plan already removes parts of this layer; a block on top is redundant
+            after = plan.with_components([c])
             try:
-                self.check(plan.with_components([c]))
+                self.check(after)
             except PlanError:
+                continue
+            if c.kind in LAYER_DELETING_KINDS and not self.layer_map(after):
                 continue
             out.append(c)
         return out
@@ -197,8 +316,11 @@ class Adapter:
                 if not have:
                     raise PlanError(f"{c}: layer {c.layer} ({self.layer_kind(c.layer)}) has no {c.kind}")
                 raise PlanError(f"{c}: layer {c.layer} has {c.kind} indices 0..{max(have)}, not {c.index}")
-            if c.kind != "block" and Component("block", c.layer) in plan:
+            if plan.in_removed_block(c):
                 raise PlanError(f"{c} is redundant: block {c.layer} is removed as a whole")
+        if not self.layer_map(plan):
+            raise PlanError(f"the plan removes all {self.num_layers} layers (all {self.num_layers} blocks, or everything "
+                            "inside them); nothing would be left of the model")
         self.check(plan)
         return plan
 
@@ -264,16 +386,34 @@ def count_parameters(model: nn.Module) -> int:
 
 
 def instantiate(adapter_cls: type[Adapter], config, device="cpu", dtype=torch.float32) -> nn.Module:
-    """Allocate (without the cost of random init) the module tree ``adapter_cls.build`` describes."""
+    """Allocate (without the cost of random init) the module tree ``adapter_cls.build`` describes,
+    on ``device`` and in ``dtype``. Both are set for this thread only (torch function modes), never
+    process-wide, so concurrent sessions building models in other dtypes are unaffected."""
     from transformers.initialization import no_init_weights
 
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with no_init_weights(), torch.device(device):
-            return adapter_cls.build(config)
-    finally:
-        torch.set_default_dtype(previous)
+    with no_init_weights(), torch.device(device), FloatDtype(dtype):
+        model = adapter_cls.build(config)
+    for p in model.parameters():  # a parameter computed from integers (e.g. log(arange)) is float32
+        if p.is_floating_point() and p.dtype != dtype:
+            p.data = p.data.to(dtype)
+    return model
+
+
+class FloatDtype(TorchFunctionMode):
+    """Within the block, tensor factories called without a ``dtype`` create ``dtype`` instead of
+    float32: a thread-local stand-in for ``torch.set_default_dtype``."""
+
+    _FACTORIES = frozenset({torch.empty, torch.zeros, torch.ones, torch.rand, torch.randn, torch.empty_strided})
+
+    def __init__(self, dtype: torch.dtype):
+        super().__init__()
+        self.dtype = dtype
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self._FACTORIES and kwargs.get("dtype") is None:
+            kwargs["dtype"] = self.dtype
+        return func(*args, **kwargs)
 
 
 _LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()

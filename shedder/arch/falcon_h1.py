@@ -30,27 +30,30 @@ branch (and, in the live mask, a skipped block) therefore still records the leng
 seen, as a ``[batch, 1, seq, 1]`` placeholder, so generation with a cache stays correct.
 
 Extracted models that only lose whole blocks have a stock config (``num_hidden_layers`` changed);
-otherwise ``config.shedder = {"layers": [spec, ...]}``, one dict per kept layer holding what differs
-from stock: ``"attention": false``, ``"mamba": MixerLayout.to_dict()``, ``"mlp": width`` (0 = none).
+otherwise each kept layer's ``LayerSpec`` holds what differs from stock: ``attention=False``,
+``ssm`` / ``heads_per_group``, ``mlp`` (0 = none).
 """
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 
 from ..plan import Component, PruningPlan
-from . import register
-from .hybrid_common import (Mamba2HybridAdapter, RemovedAttention, mlp_groups, present, resize_feed_forward, skip_layer,
+from .common import sliced_state_dict
+from .hybrid_common import (FeedForwardGroups, RemovedAttention, mlp_groups, present, resize_feed_forward, skip_layer,
                             skip_sub_block)
-from .mamba2_core import (Mamba2Hooks, MixerLayout, PrunedMamba2Mixer, Selection, gated_group_rms_norm, mixer_layout,
-                          set_shedder, shedder_layers, ssm_components)
+from .mamba2_core import (Mamba2Hooks, Mamba2StyleAdapter, MixerLayout, Selection, gated_group_rms_norm, mixer_layout,
+                          ssm_components)
+from .spec import LayerSpec, PrunedSpec
 
 
 # ------------------------------------------------------------------------------ mixer hooks
+# Adapted from transformers.models.falcon_h1.modeling_falcon_h1.FalconH1Mixer.forward, v5.24
 class FalconH1Hooks(Mamba2Hooks):
     """Falcon-H1's differences around the shared Mamba-2 forward (see the module docstring)."""
 
@@ -93,12 +96,14 @@ FALCON_H1_HOOKS = FalconH1Hooks()
 
 
 # ------------------------------------------------------------------------------------ adapter
-@register
-class FalconH1Adapter(Mamba2HybridAdapter):
+class FalconH1Adapter(FeedForwardGroups, Mamba2StyleAdapter):
     architectures = ("FalconH1ForCausalLM",)
     model_types = ("falcon_h1",)
     kinds = ("block", "attention", "ssm", "head", "mlp", "mlp_channel_group")
     hooks = FALCON_H1_HOOKS
+    model_class = transformers.FalconH1ForCausalLM
+    layers_path = "model.layers"
+    mixer_name = "mamba"
     attention_modules = ("self_attn",)  # input_layernorm also feeds the Mamba branch
 
     # ------------------------------------------------------------------ inventory
@@ -143,44 +148,37 @@ class FalconH1Adapter(Mamba2HybridAdapter):
         self.mask_feed_forward(layer, comps, stack)
 
     # ------------------------------------------------------------------ extraction
-    def _layer_spec(self, plan: PruningPlan, layer: int) -> dict:
-        """What differs from a stock layer in kept layer ``layer`` after ``plan``."""
-        config = self.config
-        comps = [c for c in plan.components if c.layer == layer]
+    def layer_spec(self, layer: int, comps: list[Component]) -> LayerSpec:
         kinds = {c.kind for c in comps}
-        spec = {}
+        fields = self.mixer_spec(layer, comps)
         if not self.has_attention(layer) or "attention" in kinds:
-            spec["attention"] = False
-        layout = self.new_layout(plan, layer)
-        if layout != _stock_layout(config):
-            spec["mamba"] = layout.to_dict()
+            fields["attention"] = False
         width = self.mlp_width_under(layer, comps)
-        if width != config.intermediate_size:
-            spec["mlp"] = width
-        return spec
+        if width != self.config.intermediate_size:
+            fields["mlp"] = width
+        return LayerSpec(**fields)
 
-    def pruned_config(self, plan: PruningPlan):
-        config = copy.deepcopy(self.config)
-        specs = [self._layer_spec(plan, i) for i in self.kept_layers(plan)]
-        config.num_hidden_layers = len(specs)
-        set_shedder(config, {"layers": specs} if any(specs) else None)
-        return config
+    def configure(self, config, spec: PrunedSpec, plan) -> bool:
+        config.num_hidden_layers = len(spec.layers)
+        return False
 
     @classmethod
-    def build(cls, config) -> nn.Module:
-        from transformers import FalconH1ForCausalLM
+    def stock_layout(cls, config) -> MixerLayout:
+        return MixerLayout((config.mamba_n_heads // config.mamba_n_groups,) * config.mamba_n_groups)
 
-        model = FalconH1ForCausalLM(config)
-        layers = model.model.layers
-        for i, (block, spec) in enumerate(zip(layers, shedder_layers(config, len(layers)) or [])):
-            if spec.get("attention", True) is False:
-                block.self_attn = RemovedAttention(i)
-            if "mamba" in spec:
-                block.mamba = PrunedMamba2Mixer(block.mamba, MixerLayout.from_dict(spec["mamba"]), cls.hooks)
-            if "mlp" in spec:
-                resize_feed_forward(block, int(spec["mlp"]))
-        return model
+    @classmethod
+    def limits(cls, config):
+        return dataclasses.replace(super().limits(config), mlp=int(config.intermediate_size))
 
+    def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
+        replace = self.sub_block_replacements(plan, self.mixer_replacements(plan))
+        return sliced_state_dict(self.model.state_dict(), self.layer_prefix, self.layer_map(plan), replace)
 
-def _stock_layout(config) -> MixerLayout:
-    return MixerLayout((config.mamba_n_heads // config.mamba_n_groups,) * config.mamba_n_groups)
+    @classmethod
+    def apply_layer(cls, layers, index, spec) -> None:
+        block = layers[index]
+        if not spec.attention:
+            block.self_attn = RemovedAttention(index)
+        cls.apply_mixer(block, spec)
+        if spec.mlp is not None:
+            resize_feed_forward(block, spec.mlp)

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import transformers
 
-from . import register
 from .mamba import MambaAdapter
 
 
-@register
 class FalconMambaAdapter(MambaAdapter):
     architectures = ("FalconMambaForCausalLM",)
     model_types = ("falcon_mamba",)

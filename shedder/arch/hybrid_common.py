@@ -42,7 +42,7 @@ projection; the attribute names default to the Llama-style ``gate_proj`` / ``up_
   own forward (multipliers, activation, ...) runs unchanged.
 * ``pruned_mlp_state(mlp, kept, rows=ROWS, cols=COLS) -> dict[str, Tensor]`` — extraction: the
   sliced tensors, named relative to the MLP (``"gate_proj.weight"``, ...), ready for
-  ``mamba2_core.sliced_state_dict(..., replace={layer: {"feed_forward": tensors}})``.
+  ``common.sliced_state_dict(..., replace={layer: {"feed_forward": tensors}})``.
 * ``resize_mlp(mlp, width, rows=ROWS, cols=COLS)`` — build: give a module tree's MLP ``width``
   intermediate channels (new ``nn.Linear`` modules on the same device / dtype).
 * ``default_mlp_group_size(width)`` — channels per group when the plan does not say.
@@ -50,7 +50,6 @@ projection; the attribute names default to the Llama-style ``gate_proj`` / ``up_
 Layers ending in ``h = h + feed_forward(pre_ff_layernorm(h))`` (Bamba, Falcon-H1, Jamba) get the
 whole MLP sub-block from ``FeedForwardGroups`` (an adapter mixin: group size, kept channels, live
 mask, extracted tensors) and ``resize_feed_forward(layer, width)`` (build; 0 removes it).
-``Mamba2HybridAdapter`` adds the Mamba-2 side shared by Bamba and Falcon-H1 (layer list, state dict).
 
 Attention that must stay:
 
@@ -58,7 +57,7 @@ Attention that must stay:
   covers every layer in ``with_attention``: ``transformers`` builds a causal mask from the cache's
   attention layers, so a Bamba / Zamba2 (etc.) model without any cannot generate with a cache.
 
-Deleting layers and renumbering state-dict keys is ``mamba2_core.sliced_state_dict`` (pass an empty
+Deleting layers and renumbering state-dict keys is ``common.sliced_state_dict`` (pass an empty
 dict for a removed sub-block, e.g. ``{"self_attn": {}}``, to drop its tensors).
 """
 from __future__ import annotations
@@ -72,7 +71,6 @@ from torch import nn
 
 from ..errors import PlanError
 from .base import patch_forward
-from .mamba2_core import Mamba2StyleAdapter, sliced_state_dict
 
 ROWS = ("gate_proj", "up_proj")
 COLS = ("down_proj",)
@@ -295,9 +293,8 @@ class FeedForwardGroups:
     #: another branch still reads it).
     attention_modules: tuple[str, ...] = ("self_attn", "input_layernorm")
 
-    def __init__(self, model: nn.Module, group_sizes: dict[str, int] | None = None):
-        super().__init__(model, group_sizes)
-        self.group_sizes.setdefault("mlp_channel_group", default_mlp_group_size(self.config.intermediate_size))
+    def config_group_sizes(self) -> dict[str, int]:
+        return {"mlp_channel_group": default_mlp_group_size(self.config.intermediate_size)}
 
     @property
     def mlp_group_size(self) -> int:
@@ -338,7 +335,7 @@ class FeedForwardGroups:
         """``replace`` (``sliced_state_dict``'s argument, e.g. the mixers' replacements) plus what
         removed attention and feed-forward sub-blocks take away in every kept layer."""
         by_layer = self.by_layer(plan)
-        for layer in self.kept_layers(plan):
+        for layer in self.layer_map(plan):
             comps = by_layer.get(layer, [])
             kinds = {c.kind for c in comps}
             mods = {name: {} for name in self.attention_modules} if "attention" in kinds else {}
@@ -356,18 +353,3 @@ class FeedForwardGroups:
             ff = self.layers()[layer].feed_forward
             return {"feed_forward": pruned_mlp_state(ff, self.mlp_kept_channels(layer, comps))}
         return {}
-
-
-class Mamba2HybridAdapter(FeedForwardGroups, Mamba2StyleAdapter):
-    """Bamba and Falcon-H1: ``model.layers[i]`` holds a Mamba-2 mixer ``mamba`` (Bamba: or a
-    ``self_attn`` instead; Falcon-H1: and one beside it) and the feed-forward sub-block."""
-
-    layer_prefix = "model.layers."
-    mixer_name = "mamba"
-
-    def layers(self) -> nn.ModuleList:
-        return self.model.model.layers
-
-    def pruned_state_dict(self, plan) -> dict[str, torch.Tensor]:
-        replace = self.sub_block_replacements(plan, self.mixer_replacements(plan))
-        return sliced_state_dict(self.model.state_dict(), self.layer_prefix, self.kept_layers(plan), replace)

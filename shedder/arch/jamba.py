@@ -27,51 +27,52 @@ attention-type layer: if a plan removes them all, the first one stays as a param
 count as deleting it. Other layers left with neither mixer nor feed-forward are deleted.
 
 Extracted models that only lose whole blocks, and whose remaining layer pattern a period / offset
-pair still describes, have a stock config. Otherwise ``config.shedder = {"layers": [spec, ...]}``
-with one dict per kept layer: ``"type"`` (``"mamba"`` / ``"attention"``), ``"moe"`` (bool), and
-what differs from stock: ``"mamba": {"ssm", "intermediate_size"}``, ``"attention": false``,
-``"mlp": width`` (0 = no feed-forward). ``build`` then gives the config a per-layer pattern
-(``ShedderJambaConfig``) so the stock model classes, masks and cache follow it.
+pair still describes, have a stock config. Otherwise every kept layer's ``LayerSpec`` holds its
+``type`` (``"mamba"`` / ``"attention"``), ``moe``, and what differs from stock: ``ssm`` / ``inner``,
+``attention=False``, ``mlp`` (0 = no feed-forward). ``build`` then builds from a
+``PatternJambaConfig`` (a Jamba config whose layer pattern is given per layer, constructed from
+the saved one) so the stock model classes, masks and cache follow the pattern.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 
 import torch
+import transformers
 from torch import nn
-from transformers import JambaConfig
 
-from ..errors import PlanError
 from ..plan import Component, PruningPlan
-from . import register
 from .base import Adapter
+from .common import sliced_state_dict
 from .hybrid_common import (FeedForwardGroups, RemovedAttention, mlp_groups, present, resize_feed_forward, skip_layer,
                             skip_sub_block)
-from .mamba1_core import (build_mixer, check_group_size, check_mixer, default_channel_group_size, layer_spec,
-                          mask_mixer, mixer_components, pruned_mixer_weights)
-from .mamba2_core import set_shedder, shedder_layers, sliced_state_dict
+from .mamba1_core import (build_mixer, check_group_size, check_mixer, default_channel_group_size, mask_mixer,
+                          mixer_components, mixer_spec, pruned_mixer_weights)
+from .spec import LayerSpec, PrunedSpec
 
 _MIXER_KINDS = ("ssm", "channel_group")
 
 
-class ShedderJambaConfig(JambaConfig):
-    """A Jamba config whose layer pattern comes from ``shedder["layers"]`` instead of the period /
-    offset fields (which cannot describe an arbitrary pattern). Only ``build`` creates it; saved, it
-    is a plain Jamba config.json with the ``shedder`` entry."""
+class PatternJambaConfig(transformers.JambaConfig):
+    """A Jamba config whose layer pattern is given per layer (``PrunedSpec``'s ``type`` / ``moe``)
+    instead of by the period / offset fields, which cannot describe an arbitrary pattern. ``build``
+    constructs one from the saved config; it saves as a plain Jamba config.json."""
 
-    def _specs(self):
-        return (getattr(self, "shedder", None) or {}).get("layers")
+    def __init__(self, pattern: tuple[tuple[str, bool], ...] = (), **kwargs):
+        super().__init__(**kwargs)
+        self._pattern = tuple(pattern)
+
+    def to_dict(self):
+        return {k: v for k, v in super().to_dict().items() if k != "_pattern"}
 
     @property
     def layers_block_type(self):
-        specs = self._specs()
-        return super().layers_block_type if specs is None else [s["type"] for s in specs]
+        return [t for t, _ in self._pattern] if self._pattern else super().layers_block_type
 
     @property
     def layers_num_experts(self):
-        specs = self._specs()
-        return super().layers_num_experts if specs is None else [self.num_experts if s["moe"] else 1 for s in specs]
+        return [self.num_experts if moe else 1 for _, moe in self._pattern] if self._pattern else super().layers_num_experts
 
 
 def period_offset(flags: list[bool], prefer: tuple[int, int]) -> tuple[int, int] | None:
@@ -86,12 +87,12 @@ def period_offset(flags: list[bool], prefer: tuple[int, int]) -> tuple[int, int]
     return None
 
 
-@register
 class JambaAdapter(FeedForwardGroups, Adapter):
     architectures = ("JambaForCausalLM",)
     model_types = ("jamba",)
     kinds = ("block", "ssm", "channel_group", "attention", "mlp", "mlp_channel_group")
-    layer_prefix = "model.layers."
+    model_class = transformers.JambaForCausalLM
+    layers_path = "model.layers"
 
     def __init__(self, model: nn.Module, group_sizes: dict[str, int] | None = None):
         super().__init__(model, group_sizes)
@@ -103,9 +104,6 @@ class JambaAdapter(FeedForwardGroups, Adapter):
                 check_group_size(self.layers()[i].mamba, i, self.group_sizes["channel_group"])
 
     # ------------------------------------------------------------------ inventory
-    def layers(self) -> nn.ModuleList:
-        return self.model.model.layers
-
     def is_mamba(self, layer: int) -> bool:
         return hasattr(self.layers()[layer], "mamba")
 
@@ -143,8 +141,6 @@ class JambaAdapter(FeedForwardGroups, Adapter):
         return comps
 
     def check(self, plan: PruningPlan) -> None:
-        if len(plan.of_kind("block")) >= self.num_layers:
-            raise PlanError(f"the plan removes all {self.num_layers} layers; nothing would be left of the model")
         for layer, comps in self.by_layer(plan).items():
             if any(c.kind == "block" for c in comps):
                 continue
@@ -171,91 +167,77 @@ class JambaAdapter(FeedForwardGroups, Adapter):
         self.mask_feed_forward(layer, comps, stack)
 
     # ------------------------------------------------------------------ extraction
-    def _spec(self, plan: PruningPlan, layer: int, emptied: bool = False) -> dict:
-        """The kept layer ``layer`` after ``plan`` (``emptied``: kept only as the cache's length
-        recorder, with nothing inside)."""
+    def layer_spec(self, layer: int, comps: list[Component], emptied: bool = False) -> LayerSpec | None:
+        """``emptied``: the layer is kept only as the cache's length recorder, with nothing inside."""
         config = self.config
-        comps = [c for c in plan.components if c.layer == layer and c.kind != "block"]
         kinds = {c.kind for c in comps}
-        spec = {"type": "mamba" if self.is_mamba(layer) else "attention", "moe": self.is_moe(layer)}
+        fields = {"type": "mamba" if self.is_mamba(layer) else "attention", "moe": self.is_moe(layer)}
         if self.is_mamba(layer):
-            mixer = layer_spec(self.layers()[layer].mamba, comps, self.group_sizes["channel_group"])
-            if mixer != {"ssm": True, "intermediate_size": config.mamba_expand * config.hidden_size}:
-                spec["mamba"] = mixer
+            fields.update(mixer_spec(self.layers()[layer].mamba, comps, self.group_sizes["channel_group"],
+                                     config.mamba_expand * config.hidden_size))
         elif emptied or not self.has_attention(layer) or "attention" in kinds:
-            spec["attention"] = False
+            fields["attention"] = False
         if emptied or "mlp" in kinds or not present(self.layers()[layer].feed_forward):
-            spec["mlp"] = 0
+            fields["mlp"] = 0
         elif "mlp_channel_group" in kinds:
-            spec["mlp"] = len(self.mlp_kept_channels(layer, comps))
-        elif not spec["moe"] and self.mlp_width(layer) != config.intermediate_size:
-            spec["mlp"] = self.mlp_width(layer)
-        return spec
+            fields["mlp"] = len(self.mlp_kept_channels(layer, comps))
+        elif not fields["moe"] and self.mlp_width(layer) != config.intermediate_size:
+            fields["mlp"] = self.mlp_width(layer)
+        if not emptied and fields.get("attention", True) is False and fields.get("mlp") == 0:
+            return None  # an attention-type layer with nothing left computes the identity
+        return LayerSpec(**fields)
 
-    def _kept_specs(self, plan: PruningPlan) -> list[tuple[int, dict]]:
-        """(old index, spec) of every layer the extracted model keeps, in order."""
-        blocks = {c.layer for c in plan.of_kind("block")}
-        kept = []
-        for i in range(self.num_layers):
-            if i in blocks:
-                continue
-            spec = self._spec(plan, i)
-            if spec.get("attention", True) is False and spec.get("mlp") == 0:
-                continue  # an attention-type layer with nothing left computes the identity
-            kept.append((i, spec))
-        attention_layers = [i for i in range(self.num_layers) if not self.is_mamba(i)]
-        if attention_layers and not any(spec["type"] == "attention" for _, spec in kept):
-            first = attention_layers[0]
-            kept = sorted(kept + [(first, self._spec(plan, first, emptied=True))])
-        return kept
+    def cache_anchor_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if not self.is_mamba(i)]
 
-    def kept_layers(self, plan: PruningPlan) -> list[int]:
-        return [old for old, _ in self._kept_specs(plan)]
+    def emptied_anchor_spec(self, layer: int) -> LayerSpec:
+        return self.layer_spec(layer, [], emptied=True)
 
-    def pruned_config(self, plan: PruningPlan):
-        config = copy.deepcopy(self.config)
-        specs = [spec for _, spec in self._kept_specs(plan)]
-        config.num_hidden_layers = len(specs)
-        attn = period_offset([s["type"] == "attention" for s in specs], (config.attn_layer_period, config.attn_layer_offset))
-        moe = period_offset([s["moe"] for s in specs], (config.expert_layer_period, config.expert_layer_offset))
-        stock = attn is not None and moe is not None and all(set(s) == {"type", "moe"} for s in specs)
-        if stock:
-            config.attn_layer_period, config.attn_layer_offset = attn
-            config.expert_layer_period, config.expert_layer_offset = moe
-        set_shedder(config, None if stock else {"layers": specs})
-        return config
-
-    def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
-        replace = {}
-        for old, spec in self._kept_specs(plan):
-            comps = [c for c in plan.components if c.layer == old and c.kind != "block"]
-            mods = {}
-            if "mamba" in spec:
-                mods["mamba"] = pruned_mixer_weights(self.layers()[old].mamba, comps, self.group_sizes["channel_group"])
-            if spec.get("attention", True) is False:
-                mods.update({"self_attn": {}, "input_layernorm": {}})
-            mods.update(self.feed_forward_state(old, comps, removed=spec.get("mlp") == 0))
-            if mods:
-                replace[old] = mods
-        return sliced_state_dict(self.model.state_dict(), self.layer_prefix, self.kept_layers(plan), replace)
+    def configure(self, config, spec: PrunedSpec, plan) -> bool:
+        config.num_hidden_layers = len(spec.layers)
+        attn = period_offset([s.type == "attention" for s in spec.layers], (config.attn_layer_period, config.attn_layer_offset))
+        moe = period_offset([s.moe for s in spec.layers], (config.expert_layer_period, config.expert_layer_offset))
+        if attn is None or moe is None or not all(s.stock for s in spec.layers):
+            return False
+        config.attn_layer_period, config.attn_layer_offset = attn
+        config.expert_layer_period, config.expert_layer_offset = moe
+        return True
 
     @classmethod
-    def build(cls, config) -> nn.Module:
-        from transformers import JambaForCausalLM
+    def limits(cls, config):
+        return dataclasses.replace(super().limits(config), inner=config.mamba_expand * config.hidden_size,
+                                   mlp=int(config.intermediate_size))
 
-        specs = shedder_layers(config, config.num_hidden_layers)
-        if specs is None:
-            return JambaForCausalLM(config)
-        config = copy.deepcopy(config)
-        config.__class__ = ShedderJambaConfig
-        model = JambaForCausalLM(config)
-        for i, (block, spec) in enumerate(zip(model.model.layers, specs)):
-            if "mamba" in spec:
-                block.mamba = build_mixer(block.mamba, spec["mamba"])
-            if spec.get("attention", True) is False:
-                block.self_attn = RemovedAttention(i)
-                block.input_layernorm = nn.Identity()
-            if "mlp" in spec:
-                resize_feed_forward(block, int(spec["mlp"]))
-        return model
+    def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
+        replace, by_layer = {}, self.by_layer(plan)
+        spec = self.pruned_spec(plan)
+        for s in spec.layers:
+            old = s.source
+            comps = [c for c in by_layer.get(old, []) if c.kind != "block"]
+            mods = {}
+            if self.is_mamba(old) and any(c.kind in _MIXER_KINDS for c in comps):
+                mods["mamba"] = pruned_mixer_weights(self.layers()[old].mamba, comps, self.group_sizes["channel_group"])
+            if not s.attention:
+                mods.update({"self_attn": {}, "input_layernorm": {}})
+            mods.update(self.feed_forward_state(old, comps, removed=s.mlp == 0))
+            if mods:
+                replace[old] = mods
+        return sliced_state_dict(self.model.state_dict(), self.layer_prefix, spec.layer_map(), replace)
 
+    @classmethod
+    def stock_model(cls, config, spec: PrunedSpec | None) -> nn.Module:
+        if spec is None or all(s.type is None for s in spec.layers):
+            return transformers.JambaForCausalLM(config)
+        pattern = tuple((s.type, bool(s.moe)) for s in spec.layers)
+        return transformers.JambaForCausalLM(PatternJambaConfig(pattern=pattern, **config.to_dict()))
+
+    @classmethod
+    def apply_layer(cls, layers, index, spec) -> None:
+        block = layers[index]
+        if hasattr(block, "mamba"):
+            block.mamba = build_mixer(block.mamba, spec)
+        if not spec.attention:
+            block.self_attn = RemovedAttention(index)
+            block.input_layernorm = nn.Identity()
+        if spec.mlp is not None:
+            resize_feed_forward(block, spec.mlp)

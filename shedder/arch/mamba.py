@@ -7,30 +7,26 @@ Falcon-Mamba shares the layout and subclasses this adapter.
 from __future__ import annotations
 
 import contextlib
-import copy
-from typing import ClassVar
+import dataclasses
 
 import torch
 import transformers
 from torch import nn
 
-from ..errors import PlanError
 from ..plan import Component, PruningPlan
-from . import register
 from .base import Adapter
-from .mamba1_core import (build_mixer, check_group_size, check_mixer, default_channel_group_size, layer_spec,
-                          mask_mixer, mixer_components, pruned_mixer_weights)
-from .mamba2_core import set_shedder, shedder_layers, sliced_state_dict
+from .common import sliced_state_dict
+from .mamba1_core import (build_mixer, check_group_size, check_mixer, default_channel_group_size, mask_mixer,
+                          mixer_components, mixer_spec, pruned_mixer_weights)
+from .spec import LayerSpec, PrunedSpec
 
 
-@register
 class MambaAdapter(Adapter):
     architectures = ("MambaForCausalLM",)
     model_types = ("mamba",)
     kinds = ("block", "ssm", "channel_group")
-    #: The stock ``transformers`` class ``build`` starts from.
-    model_class: ClassVar[type[nn.Module]] = transformers.MambaForCausalLM
-    layers_key: ClassVar[str] = "backbone.layers."
+    model_class = transformers.MambaForCausalLM
+    layers_path = "backbone.layers"
 
     def __init__(self, model: nn.Module, group_sizes: dict[str, int] | None = None):
         super().__init__(model, group_sizes)
@@ -45,20 +41,11 @@ class MambaAdapter(Adapter):
         return self.group_sizes["channel_group"]
 
     # ------------------------------------------------------------------ inventory
-    def layers(self) -> nn.ModuleList:
-        return self.model.backbone.layers
-
-    def layer_kind(self, layer: int) -> str:
-        return "mamba"
-
     def layer_components(self, layer: int) -> list[Component]:
         return [Component("block", layer)] + mixer_components(self.layers()[layer].mixer, layer, self.group_size)
 
     def check(self, plan: PruningPlan) -> None:
-        by_layer = self.by_layer(plan)
-        if len(plan.of_kind("block")) >= self.num_layers:
-            raise PlanError(f"removing all {self.num_layers} blocks leaves no layers")
-        for layer, comps in by_layer.items():
+        for layer, comps in self.by_layer(plan).items():
             if not any(c.kind == "block" for c in comps):
                 check_mixer(self.layers()[layer].mixer, layer, comps, self.group_size)
 
@@ -67,26 +54,24 @@ class MambaAdapter(Adapter):
         mask_mixer(self.layers()[layer].mixer, comps, self.group_size, stack)
 
     # ------------------------------------------------------------------ extraction
-    def pruned_config(self, plan: PruningPlan):
-        by_layer = self.by_layer(plan)
-        specs = [layer_spec(self.layers()[i].mixer, by_layer.get(i, []), self.group_size)
-                 for i in self.kept_layers(plan)]
-        config = copy.deepcopy(self.config)
-        config.num_hidden_layers = len(specs)  # layer_types follows (a property of num_hidden_layers)
-        full = {"ssm": True, "intermediate_size": config.intermediate_size}
-        set_shedder(config, None if all(spec == full for spec in specs) else {"layers": specs})
-        return config
+    def layer_spec(self, layer, comps) -> LayerSpec:
+        return LayerSpec(**mixer_spec(self.layers()[layer].mixer, comps, self.group_size, self.config.intermediate_size))
 
-    def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
-        kept, by_layer = self.kept_layers(plan), self.by_layer(plan)
-        replace = {i: {"mixer": pruned_mixer_weights(self.layers()[i].mixer, by_layer[i], self.group_size)}
-                   for i in kept if i in by_layer}
-        return sliced_state_dict(self.model.state_dict(), self.layers_key, kept, replace)
+    def configure(self, config, spec: PrunedSpec, plan) -> bool:
+        config.num_hidden_layers = len(spec.layers)  # layer_types follows (a property of num_hidden_layers)
+        return False
 
     @classmethod
-    def build(cls, config) -> nn.Module:
-        model = cls.model_class(config)
-        layers = model.backbone.layers
-        for layer, spec in zip(layers, shedder_layers(config, len(layers)) or []):
-            layer.mixer = build_mixer(layer.mixer, spec)
-        return model
+    def limits(cls, config):
+        return dataclasses.replace(super().limits(config), inner=int(config.intermediate_size))
+
+    def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
+        by_layer = self.by_layer(plan)
+        layer_map = self.layer_map(plan)
+        replace = {i: {"mixer": pruned_mixer_weights(self.layers()[i].mixer, by_layer[i], self.group_size)}
+                   for i in layer_map if i in by_layer}
+        return sliced_state_dict(self.model.state_dict(), self.layer_prefix, layer_map, replace)
+
+    @classmethod
+    def apply_layer(cls, layers, index, spec) -> None:
+        layers[index].mixer = build_mixer(layers[index].mixer, spec)

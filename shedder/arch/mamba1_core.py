@@ -41,6 +41,7 @@ from transformers.models.mamba import modeling_mamba as hf_mamba
 from ..errors import PlanError
 from ..plan import Component
 from .base import patch_forward
+from .spec import LayerSpec
 
 #: Parameters that belong to the selective scan: gone when a layer's SSM is removed.
 SSM_PARAM_PREFIXES = ("x_proj.", "dt_proj.", "A_log", "D", "dt_layernorm.", "b_layernorm.", "c_layernorm.")
@@ -88,12 +89,12 @@ def slice_channels(name: str, tensor: torch.Tensor, kept: torch.Tensor | None, i
     return tensor.index_select(dim, index)
 
 
-def pruned_mixer_state(mixer: nn.Module, ssm: bool, kept: torch.Tensor | None) -> dict[str, torch.Tensor]:
-    """The state dict (names relative to the mixer) of ``mixer`` with its SSM removed (``ssm=False``)
-    and/or restricted to ``kept`` inner channels."""
+def pruned_mixer_state(mixer: nn.Module, remove_ssm: bool, kept: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """The state dict (names relative to the mixer) of ``mixer`` with its SSM removed and/or
+    restricted to ``kept`` inner channels (the Mamba-2 core's function takes the same booleans)."""
     out = {}
     for name, tensor in mixer.state_dict().items():
-        if not ssm and name.startswith(SSM_PARAM_PREFIXES):
+        if remove_ssm and name.startswith(SSM_PARAM_PREFIXES):
             continue
         out[name] = slice_channels(name, tensor, kept, mixer.intermediate_size)
     return out
@@ -109,6 +110,7 @@ def _weights(mixer: nn.Module, ssm: bool, kept: torch.Tensor | None) -> dict[str
             for n in names}
 
 
+# Adapted from transformers.models.mamba.modeling_mamba.MambaMixer.forward, v5.24
 def mamba1_forward(mixer: nn.Module, hidden_states: torch.Tensor, cache=None, attention_mask=None, *,
                    ssm: bool = True, kept: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
     """Mamba-1 mixer forward with a mask: ``ssm=False`` replaces the selective scan and its D skip by
@@ -156,6 +158,7 @@ def mamba1_forward(mixer: nn.Module, hidden_states: torch.Tensor, cache=None, at
     return F.linear(y.transpose(1, 2).to(dtype), w["out_proj.weight"], w["out_proj.bias"])
 
 
+# Adapted from transformers.models.mamba.modeling_mamba.MambaMixer.forward, v5.24 (its step 3)
 def _selective_scan(mixer, w, x, gate, cache, recurrent_state) -> torch.Tensor:
     """x: [B, L, I], gate: [B, I, L] -> [B, I, L], mirroring the stock mixer's step 3."""
     seq_len = x.shape[1]
@@ -213,24 +216,26 @@ class PrunedMamba1Mixer(nn.Module):
     dt_proj, A_log, D and any dt/B/C norms) exist only when ``ssm`` is True.
     """
 
-    def __init__(self, dims: Mamba1Dims, layer_idx: int, ssm: bool, norms: dict[str, nn.Module] | None = None):
+    def __init__(self, dims: Mamba1Dims, layer_idx: int, ssm: bool, norms: dict[str, nn.Module] | None = None,
+                 device=None, dtype=None):
         super().__init__()
+        factory = {"device": device, "dtype": dtype}
         I, H, N, R, K = (dims.intermediate_size, dims.hidden_size, dims.ssm_state_size,
                          dims.time_step_rank, dims.conv_kernel_size)
         self.layer_idx = layer_idx
         self.hidden_size, self.intermediate_size, self.ssm_state_size = H, I, N
         self.time_step_rank, self.conv_kernel_size, self.activation = R, K, dims.activation
         self.use_mambapy = self.use_associative_scan = False
-        self.in_proj = nn.Linear(H, 2 * I, bias=dims.use_bias)
-        self.conv1d = nn.Conv1d(I, I, kernel_size=K, groups=I, padding=K - 1, bias=dims.use_conv_bias)
+        self.in_proj = nn.Linear(H, 2 * I, bias=dims.use_bias, **factory)
+        self.conv1d = nn.Conv1d(I, I, kernel_size=K, groups=I, padding=K - 1, bias=dims.use_conv_bias, **factory)
         if ssm:
-            self.x_proj = nn.Linear(I, R + 2 * N, bias=False)
-            self.dt_proj = nn.Linear(R, I, bias=True)
-            self.A_log = nn.Parameter(torch.empty(I, N))
-            self.D = nn.Parameter(torch.empty(I))
+            self.x_proj = nn.Linear(I, R + 2 * N, bias=False, **factory)
+            self.dt_proj = nn.Linear(R, I, bias=True, **factory)
+            self.A_log = nn.Parameter(torch.empty(I, N, **factory))
+            self.D = nn.Parameter(torch.empty(I, **factory))
             for name, module in (norms or {}).items():
                 self.add_module(name, module)
-        self.out_proj = nn.Linear(I, H, bias=dims.use_bias)
+        self.out_proj = nn.Linear(I, H, bias=dims.use_bias, **factory)
 
     @classmethod
     def from_stock(cls, stock: nn.Module, intermediate_size: int, ssm: bool) -> "PrunedMamba1Mixer":
@@ -238,7 +243,8 @@ class PrunedMamba1Mixer(nn.Module):
         the stock mixer's dt/B/C norms (if any) are carried over, as they do not depend on the width."""
         dims = dataclasses.replace(Mamba1Dims.of(stock), intermediate_size=intermediate_size)
         norms = {n: copy.deepcopy(getattr(stock, n)) for n in _NORMS} if has_bcdt_norms(stock) else None
-        pruned = cls(dims, stock.layer_idx, ssm, norms)
+        w = stock.in_proj.weight
+        pruned = cls(dims, stock.layer_idx, ssm, norms, device=w.device, dtype=w.dtype)
         # the stock scan-implementation switches (mamba.py pscan, associative scan under torch.compile)
         pruned.use_mambapy = getattr(stock, "use_mambapy", False)
         pruned.use_associative_scan = getattr(stock, "use_associative_scan", False)
@@ -266,8 +272,8 @@ def default_channel_group_size(intermediate_size: int, widths=()) -> int:
 
 # ---------------------------------------------------------------------------- adapter helpers
 # Per-mixer pieces of an adapter, shared by every family with Mamba-1 mixers. ``comps`` are the
-# plan's components of one layer (never a ``block``); a layer spec is the JSON-able
-# ``{"ssm": bool, "intermediate_size": int}`` stored per kept layer in ``config.shedder["layers"]``.
+# plan's components of one layer (never a ``block``); what a pruned mixer keeps is the ``ssm`` and
+# ``inner`` fields of its layer's ``LayerSpec``.
 
 def mixer_components(mixer: nn.Module, layer: int, group_size: int) -> list[Component]:
     """The ssm (if the mixer still has one) and channel groups of one mixer."""
@@ -305,19 +311,24 @@ def mask_mixer(mixer: nn.Module, comps: list[Component], group_size: int, stack)
     patch_forward(mixer, functools.partial(mamba1_forward, mixer, ssm=ssm, kept=kept), stack)
 
 
-def layer_spec(mixer: nn.Module, comps: list[Component], group_size: int) -> dict:
+def mixer_spec(mixer: nn.Module, comps: list[Component], group_size: int, stock_inner: int) -> dict:
+    """``LayerSpec`` fields of a mixer after removing ``comps`` (what differs from a stock mixer of
+    ``stock_inner`` channels)."""
     ssm, kept = mixer_mask(mixer, comps, group_size)
-    return {"ssm": ssm, "intermediate_size": mixer.intermediate_size if kept is None else int(kept.numel())}
+    inner = mixer.intermediate_size if kept is None else int(kept.numel())
+    return {**({} if ssm else {"ssm": False}), **({} if inner == stock_inner else {"inner": inner})}
 
 
 def pruned_mixer_weights(mixer: nn.Module, comps: list[Component], group_size: int) -> dict[str, torch.Tensor]:
     """Extracted weights of one mixer (names relative to it)."""
-    return pruned_mixer_state(mixer, *mixer_mask(mixer, comps, group_size))
+    ssm, kept = mixer_mask(mixer, comps, group_size)
+    return pruned_mixer_state(mixer, not ssm, kept)
 
 
-def build_mixer(stock: nn.Module, spec: dict | None) -> nn.Module:
+def build_mixer(stock: nn.Module, spec: LayerSpec) -> nn.Module:
     """The mixer a freshly built stock layer should hold for ``spec``: the stock one when the spec
     asks for its full structure, else a ``PrunedMamba1Mixer``."""
-    if spec is None or (spec["ssm"] and spec["intermediate_size"] == stock.intermediate_size):
+    inner = spec.inner or stock.intermediate_size
+    if spec.ssm and inner == stock.intermediate_size:
         return stock
-    return PrunedMamba1Mixer.from_stock(stock, int(spec["intermediate_size"]), bool(spec["ssm"]))
+    return PrunedMamba1Mixer.from_stock(stock, inner, spec.ssm)

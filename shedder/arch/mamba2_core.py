@@ -21,34 +21,12 @@ logits. Removing a component means:
   tensor, and the gated RMSNorm normalises each group over its kept channels only (zeroing channels
   would not be equivalent: it changes the group's RMS).
 
-How another family's adapter uses this module (Bamba, Zamba2, Falcon-H1; Mamba-2 and Nemotron-H do)::
-
-    from .mamba2_core import Mamba2StyleAdapter, MixerLayout, PrunedMamba2Mixer, mixer_layout, ssm_components
-
-    class BambaAdapter(Mamba2StyleAdapter):            # check / mask_layer / pruned_state_dict come with it
-        layer_prefix = "model.layers."                 # state-dict prefix of the layer list
-        mixer_name = "mamba"                           # the mixer's attribute inside a layer
-        hooks = MAMBA2_HOOKS                           # or a Mamba2Hooks subclass (Falcon-H1)
-        def layers(self): ...
-        def has_ssm_mixer(self, layer): ...            # False for attention-only layers
-        def removed_layers(self, plan): ...            # layers deleted by the plan (default: blocks)
-        def layer_components(self, layer):             # inventory, stock or already-pruned mixers
-            return [Component("block", layer)] + ssm_components(layer, mixer_layout(self.mixer(layer)))
-        def pruned_config(self, plan):                 # self.new_layout(plan, i) per kept layer;
-            ...                                        # uniform_layout(layouts) -> stock-expressible or None;
-                                                       # else config.shedder["layers"][j] = layout.to_dict()
-        @classmethod
-        def build(cls, config):                        # stock model, then for each uneven layer:
-            ...                                        # layer.mamba = PrunedMamba2Mixer(layer.mamba,
-                                                       #     MixerLayout.from_dict(entry), cls.hooks)
-
-Lower-level pieces, for adapters that cannot subclass: ``mask_mixer(mixer, remove_ssm,
-remove_heads, stack, hooks)`` (live mask), ``pruned_mixer_state(mixer, remove_ssm, remove_heads,
-hooks)`` (the pruned mixer's tensors, names relative to the mixer), ``sliced_state_dict(state,
-prefix, kept_layers, {old_layer: {module: tensors}})`` (renumber layers, swap sub-modules),
-``head_group_problems(layout, layer, heads)`` (validation messages), ``ssm_removals(comps)``.
-Every family's config side (Mamba-1 ones too) uses ``shedder_layers(config, n)`` (read the
-per-layer specs of a pruned config, checked) and ``set_shedder(config, entry_or_None)``.
+How a family uses this module: subclass ``Mamba2StyleAdapter`` (``check``, ``mask_layer`` and the
+pruned mixers' tensors come with it), say where the mixer is (``mixer_name``) and what a stock
+config builds (``stock_layout``); list ``ssm_components`` in ``layer_components``; put
+``mixer_spec(layer, comps)`` (the ``ssm`` / ``heads_per_group`` fields) into ``layer_spec``; and call
+``apply_mixer(layer, spec)`` in ``apply_layer``, which swaps in a ``PrunedMamba2Mixer`` when the
+spec changes the mixer.
 
 Per-family differences (Falcon-H1's muP multipliers and optional norm) go into a ``Mamba2Hooks``
 subclass: ``project`` (in_proj, given the selected rows), ``gate_norm`` (the gated norm) and
@@ -57,6 +35,7 @@ subclass: ``project`` (in_proj, given the selected rows), ``gate_norm`` (the gat
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from dataclasses import dataclass
 from typing import Iterable
@@ -72,9 +51,11 @@ from transformers.models.mamba2.modeling_mamba2 import (
     mamba2_selective_state_update,
 )
 
-from ..errors import ModelLoadError, PlanError
+from ..errors import PlanError
 from ..plan import Component, PruningPlan
 from .base import Adapter, patch_forward
+from .common import sliced_state_dict
+from .spec import LayerSpec
 
 
 # ---------------------------------------------------------------------------------------- layout
@@ -92,11 +73,16 @@ class MixerLayout:
         return cls(tuple([per] * mixer.n_groups), True)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "MixerLayout":
-        return cls(tuple(int(n) for n in d["heads_per_group"]), bool(d.get("ssm", True)))
+    def of_spec(cls, spec: LayerSpec, stock: "MixerLayout") -> "MixerLayout":
+        """The layout a ``LayerSpec`` asks of a layer whose stock layout is ``stock``."""
+        return cls(spec.heads_per_group or stock.heads_per_group, spec.ssm)
 
-    def to_dict(self) -> dict:
-        return {"ssm": self.ssm, "heads_per_group": list(self.heads_per_group)}
+    def spec_fields(self, stock: "MixerLayout") -> dict:
+        """This layout as ``LayerSpec`` fields (only what differs from ``stock``)."""
+        out = {} if self.ssm else {"ssm": False}
+        if self.heads_per_group != stock.heads_per_group:
+            out["heads_per_group"] = self.heads_per_group
+        return out
 
     @property
     def num_heads(self) -> int:
@@ -282,6 +268,8 @@ def _weights(mixer, select: Selection | None, ssm: bool) -> _Weights:
           if ssm else (None, None, None)))
 
 
+# Adapted from transformers.models.mamba2.modeling_mamba2.Mamba2Mixer.forward, v5.24
+# (the same computation as BambaMixer, NemotronHMamba2Mixer and Zamba2MambaMixer; tests compare all four)
 def ssd_forward(mixer: nn.Module, hidden_states: torch.Tensor, cache=None, attention_mask=None, *,
                 layout: MixerLayout, select: Selection | None = None, hooks: Mamba2Hooks = MAMBA2_HOOKS,
                 **kwargs) -> torch.Tensor:
@@ -333,6 +321,7 @@ def ssd_forward(mixer: nn.Module, hidden_states: torch.Tensor, cache=None, atten
     return F.linear(y.to(dtype), w.out_w, w.out_b)
 
 
+# Adapted from transformers.models.mamba2.modeling_mamba2.Mamba2Mixer.forward, v5.24 (its scan part)
 def _scan(mixer, layout: MixerLayout, x, B, C, dt, w: _Weights, cache, recurrent_state, **kwargs):
     """The SSD scan (chunked for prefill, recurrent for one-token decode) with D skip."""
     batch, seq_len, _ = x.shape
@@ -399,9 +388,9 @@ def pruned_mixer_state(mixer: nn.Module, remove_ssm: bool, remove_heads: Iterabl
 class GroupedGatedNorm(nn.Module):
     """Holds the pruned mixer's gated-norm weight (named ``norm.weight`` as in the stock mixers)."""
 
-    def __init__(self, width: int, eps: float):
+    def __init__(self, width: int, eps: float, device=None, dtype=None):
         super().__init__()
-        self.weight = nn.Parameter(torch.empty(width))
+        self.weight = nn.Parameter(torch.empty(width, device=device, dtype=dtype))
         self.variance_epsilon = eps
 
 
@@ -424,69 +413,24 @@ class PrunedMamba2Mixer(nn.Module):
         self.intermediate_size = layout.num_heads * self.head_dim
         rows, self.conv_dim = _proj_sizes(layout, self.head_dim, self.ssm_state_size)
         hidden = template.in_proj.in_features
-        self.in_proj = nn.Linear(hidden, rows, bias=template.in_proj.bias is not None)
+        w = template.in_proj.weight
+        factory = {"device": w.device, "dtype": w.dtype}  # the template's, never a process-wide default
+        self.in_proj = nn.Linear(hidden, rows, bias=template.in_proj.bias is not None, **factory)
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel_size=self.conv_kernel_size, groups=self.conv_dim,
-                                padding=self.conv_kernel_size - 1, bias=template.conv1d.bias is not None)
+                                padding=self.conv_kernel_size - 1, bias=template.conv1d.bias is not None, **factory)
         if getattr(getattr(template, "norm", None), "weight", None) is not None:  # not None / nn.Identity
-            self.norm = GroupedGatedNorm(self.intermediate_size, _norm_eps(template))
+            self.norm = GroupedGatedNorm(self.intermediate_size, _norm_eps(template), **factory)
         if layout.ssm:
-            self.dt_bias = nn.Parameter(torch.empty(layout.num_heads))
-            self.A_log = nn.Parameter(torch.empty(layout.num_heads))
-            self.D = nn.Parameter(torch.empty(layout.num_heads))
+            self.dt_bias = nn.Parameter(torch.empty(layout.num_heads, **factory))
+            self.A_log = nn.Parameter(torch.empty(layout.num_heads, **factory))
+            self.D = nn.Parameter(torch.empty(layout.num_heads, **factory))
         self.out_proj = nn.Linear(self.intermediate_size, template.out_proj.out_features,
-                                  bias=template.out_proj.bias is not None)
+                                  bias=template.out_proj.bias is not None, **factory)
         hooks.init_pruned(self, template)
 
     def forward(self, hidden_states, cache=None, attention_mask=None, **kwargs):
         cache = kwargs.pop("cache_params", cache)  # the stock mixers' deprecated name
         return ssd_forward(self, hidden_states, cache, attention_mask, layout=self.layout, hooks=self.hooks, **kwargs)
-
-
-def sliced_state_dict(state: dict[str, torch.Tensor], prefix: str, kept_layers: list[int],
-                      replace: dict[int, dict[str, dict[str, torch.Tensor]]] | None = None) -> dict[str, torch.Tensor]:
-    """A model state dict with layers renumbered and some sub-modules' tensors replaced.
-
-    ``prefix`` is the layer list's key prefix (``"backbone.layers."``); ``kept_layers`` the old
-    indices kept, in order; ``replace[old][module]`` the new tensors of sub-module ``module`` of
-    layer ``old`` (e.g. ``{"mixer": pruned_mixer_state(...)}``), replacing all its old tensors.
-    """
-    replace = replace or {}
-    new_index = {old: new for new, old in enumerate(kept_layers)}
-    out = {}
-    for key, value in state.items():
-        if not key.startswith(prefix):
-            out[key] = value
-            continue
-        num, rest = key[len(prefix):].split(".", 1)
-        old = int(num)
-        if old not in new_index:
-            continue
-        if any(rest.startswith(module + ".") for module in replace.get(old, {})):
-            continue
-        out[f"{prefix}{new_index[old]}.{rest}"] = value
-    for old, modules in replace.items():
-        if old in new_index:
-            for module, tensors in modules.items():
-                out.update({f"{prefix}{new_index[old]}.{module}.{k}": v for k, v in tensors.items()})
-    return out
-
-
-def shedder_layers(config, num_layers: int) -> list[dict] | None:
-    """The per-layer specs ``config.shedder["layers"]`` of a pruned config (None when it has none),
-    checked against the number of layers the config builds."""
-    specs = (getattr(config, "shedder", None) or {}).get("layers")
-    if specs is not None and len(specs) != num_layers:
-        raise ModelLoadError(f"config.shedder describes {len(specs)} layers but num_hidden_layers is {num_layers}")
-    return specs
-
-
-def set_shedder(config, shedder: dict | None) -> None:
-    """Store what a stock config cannot express in ``config.shedder``; ``None`` (a stock-expressible
-    model) removes any entry a pruned source config carried."""
-    if shedder:
-        config.shedder = shedder
-    elif hasattr(config, "shedder"):
-        del config.shedder
 
 
 # ------------------------------------------------------------------------- adapter helpers
@@ -503,12 +447,11 @@ def ssm_removals(comps: Iterable[Component]) -> tuple[bool, list[int]]:
 
 class Mamba2StyleAdapter(Adapter):
     """What every family whose layers hold Mamba-2 mixers shares: SSM/head components, their
-    validation, live masks and the pruned mixers' tensors. Subclasses say where layers and mixers
-    are (``layers``, ``mixer``, ``layer_prefix``, ``mixer_name``) and how configs describe shapes."""
+    validation, live masks and the pruned mixers' tensors. Subclasses say where the mixer is in a
+    layer (``mixer_name``) and which layers have one (``has_ssm_mixer``)."""
 
     hooks = MAMBA2_HOOKS
-    #: state-dict prefix of the layer list, and the mixer's attribute name inside a layer
-    layer_prefix = "backbone.layers."
+    #: the mixer's attribute name inside a layer
     mixer_name = "mixer"
 
     def mixer(self, layer: int) -> nn.Module:
@@ -517,21 +460,31 @@ class Mamba2StyleAdapter(Adapter):
     def has_ssm_mixer(self, layer: int) -> bool:
         return True
 
-    def removed_layers(self, plan: PruningPlan) -> set[int]:
-        """Layers that disappear entirely under ``plan``."""
-        return {c.layer for c in plan.components if c.kind == "block"}
+    def mixer_spec(self, layer: int, comps: Iterable[Component]) -> dict:
+        """``LayerSpec`` fields of ``layer``'s mixer after removing ``comps`` (what differs from stock)."""
+        if not self.has_ssm_mixer(layer):
+            return {}
+        return mixer_layout(self.mixer(layer)).without(*ssm_removals(comps)).spec_fields(self.stock_layout(self.config))
 
-    def kept_layers(self, plan: PruningPlan) -> list[int]:
-        gone = self.removed_layers(plan)
-        return [i for i in range(self.num_layers) if i not in gone]
+    @classmethod
+    def stock_layout(cls, config) -> MixerLayout:
+        """The layout of every mixer a stock ``config`` builds."""
+        raise NotImplementedError
 
-    def new_layout(self, plan: PruningPlan, layer: int) -> MixerLayout:
-        comps = [c for c in plan.components if c.layer == layer]
-        return mixer_layout(self.mixer(layer)).without(*ssm_removals(comps))
+    @classmethod
+    def apply_mixer(cls, host: nn.Module, spec: LayerSpec, name: str | None = None) -> None:
+        """Build time: swap ``host.<mixer>`` (a stock mixer) for a ``PrunedMamba2Mixer`` when
+        ``spec`` changes it."""
+        stock = getattr(host, name or cls.mixer_name)
+        layout = MixerLayout.of_spec(spec, MixerLayout.of_stock(stock))
+        if layout != MixerLayout.of_stock(stock):
+            setattr(host, name or cls.mixer_name, PrunedMamba2Mixer(stock, layout, cls.hooks))
+
+    @classmethod
+    def limits(cls, config):
+        return dataclasses.replace(super().limits(config), heads_per_group=cls.stock_layout(config).heads_per_group)
 
     def check(self, plan: PruningPlan) -> None:
-        if not self.kept_layers(plan):
-            raise PlanError(f"the plan removes all {self.num_layers} layers; nothing would be left of the model")
         for layer, comps in self.by_layer(plan).items():
             _, heads = ssm_removals(comps)
             if heads and self.has_ssm_mixer(layer):
@@ -546,15 +499,15 @@ class Mamba2StyleAdapter(Adapter):
 
     def mixer_replacements(self, plan: PruningPlan) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
         """Pruned tensors of every kept layer whose mixer loses its SSM or heads."""
-        out = {}
-        for layer in self.kept_layers(plan):
-            remove_ssm, heads = ssm_removals(c for c in plan.components if c.layer == layer)
+        out, by_layer = {}, self.by_layer(plan)
+        for layer in self.layer_map(plan):
+            remove_ssm, heads = ssm_removals(by_layer.get(layer, []))
             if remove_ssm or heads:
                 out[layer] = {self.mixer_name: pruned_mixer_state(self.mixer(layer), remove_ssm, heads, self.hooks)}
         return out
 
     def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
-        return sliced_state_dict(self.model.state_dict(), self.layer_prefix, self.kept_layers(plan),
+        return sliced_state_dict(self.model.state_dict(), self.layer_prefix, self.layer_map(plan),
                                  self.mixer_replacements(plan))
 
 

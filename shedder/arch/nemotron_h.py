@@ -13,9 +13,8 @@ or ``moe``. Components offered:
 Extraction deletes skipped layers (renumbering the rest, ``layer_types`` shrinks) and slices
 mixers and MLPs. When all kept Mamba layers share one stock-expressible layout and all kept MLPs
 one width, the config is stock (``mamba_num_heads`` / ``intermediate_size`` changed); otherwise
-``config.shedder = {"layers": [...]}`` holds one entry per kept layer: a Mamba layout
-(``{"ssm", "heads_per_group"}``), ``{"intermediate_size": n}`` for an MLP, ``{"attention": false}``
-for a ``RemovedAttentionLayer``, ``{}`` for the rest.
+each kept layer's ``LayerSpec`` says what differs: ``ssm`` / ``heads_per_group`` (Mamba), ``mlp``
+(an MLP's width), ``attention=False`` (a ``RemovedAttentionLayer``).
 
 Cache: ``transformers``' Nemotron-H reads the sequence length (positions, causal masks) from the
 first attention layer's key/value slot and cannot run with a cache without one. So a skipped
@@ -27,18 +26,19 @@ bookkeeping: the same function and parameter count as deleting it.
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 
 import torch
+import transformers
 from torch import nn
 
 from ..errors import PlanError
 from ..plan import Component, PruningPlan
-from . import register
 from .base import patch_forward
-from .hybrid_common import kept_mlp_channels, mask_mlp_channels, mlp_groups, pruned_mlp_state, skip_layer
-from .mamba2_core import (Mamba2StyleAdapter, MixerLayout, PrunedMamba2Mixer, mixer_layout, set_shedder, shedder_layers,
-                          sliced_state_dict, ssm_components, uniform_layout)
+from .common import sliced_state_dict
+from .hybrid_common import kept_mlp_channels, mask_mlp_channels, mlp_groups, pruned_mlp_state, resize_mlp, skip_layer
+from .mamba2_core import Mamba2StyleAdapter, MixerLayout, mixer_layout, ssm_components, uniform_layout
+from .spec import LayerSpec, PrunedSpec
 
 #: Nemotron-H's MLP is ungated: ``down_proj(act(up_proj(x)))``.
 _MLP_ROWS = ("up_proj",)
@@ -67,16 +67,13 @@ class RemovedAttentionLayer(nn.Module):
         return f"layer_idx={self.layer_idx}, attention removed"
 
 
-@register
 class NemotronHAdapter(Mamba2StyleAdapter):
     architectures = ("NemotronHForCausalLM",)
     model_types = ("nemotron_h",)
     kinds = ("block", "ssm", "head", "attention", "mlp", "mlp_channel_group")
     default_group_sizes = {"mlp_channel_group": 64}
-    layer_prefix = "model.layers."
-
-    def layers(self) -> nn.ModuleList:
-        return self.model.model.layers
+    model_class = transformers.NemotronHForCausalLM
+    layers_path = "model.layers"
 
     def layer_kind(self, layer: int) -> str:
         return _KIND_OF_TYPE[self.layers()[layer].block_type]
@@ -107,27 +104,6 @@ class NemotronHAdapter(Mamba2StyleAdapter):
                                                 for g in range(len(self.mlp_groups(layer)))]
         return [Component("mlp", layer)]
 
-    def removed_layers(self, plan: PruningPlan) -> set[int]:
-        """Layers a plan skips whole (``kept_layers`` may still keep one attention layer among them,
-        as a ``RemovedAttentionLayer``)."""
-        return {c.layer for c in plan.components if c.kind in ("block", "attention", "mlp")}
-
-    def kept_layers(self, plan: PruningPlan) -> list[int]:
-        """Layers not removed, plus the first attention layer when the plan removes them all (kept
-        as a ``RemovedAttentionLayer`` so the cache still has an attention slot)."""
-        gone = self.removed_layers(plan)
-        kept = [i for i in range(self.num_layers) if i not in gone]
-        attention = [i for i in range(self.num_layers) if self.layer_kind(i) == "attention"]
-        if attention and not set(attention) & set(kept):
-            kept = sorted(kept + attention[:1])
-        return kept
-
-    def emptied_attention(self, plan: PruningPlan) -> set[int]:
-        """Kept layers that the extracted model holds as a ``RemovedAttentionLayer``."""
-        gone = self.removed_layers(plan)
-        return {i for i in self.kept_layers(plan)
-                if self.layer_kind(i) == "attention" and (i in gone or self.is_removed_attention(i))}
-
     def kept_channels(self, layer: int, comps) -> torch.Tensor:
         """Intermediate channels of an MLP layer left after removing the ``mlp_channel_group``
         components among ``comps``: [kept] indices in channel order."""
@@ -136,9 +112,6 @@ class NemotronHAdapter(Mamba2StyleAdapter):
 
     # ------------------------------------------------------------------ validation
     def check(self, plan: PruningPlan) -> None:
-        gone = self.removed_layers(plan)
-        if all(i in gone or self.is_removed_attention(i) for i in range(self.num_layers)):
-            raise PlanError(f"the plan removes all {self.num_layers} layers; nothing would be left of the model")
         super().check(plan)
         for layer, comps in self.by_layer(plan).items():
             groups = [c for c in comps if c.kind == "mlp_channel_group"]
@@ -164,57 +137,65 @@ class NemotronHAdapter(Mamba2StyleAdapter):
             super().mask_layer(layer, comps, stack)
 
     # ------------------------------------------------------------------ extraction
-    def pruned_config(self, plan: PruningPlan):
-        config = copy.deepcopy(self.config)
-        kept = self.kept_layers(plan)
-        emptied = self.emptied_attention(plan)
-        entries, layouts, widths = [], [], []
-        for layer in kept:
-            kind = self.layer_kind(layer)
-            if layer in emptied:
-                entries.append({"attention": False})
-            elif kind == "mamba":
-                layouts.append(self.new_layout(plan, layer))
-                entries.append(layouts[-1].to_dict())
-            elif kind == "mlp":
-                widths.append(len(self.kept_channels(layer, plan.components)))
-                entries.append({"intermediate_size": widths[-1]})
-            else:
-                entries.append({})
-        config.layers_block_type = [config.layers_block_type[i] for i in kept]
-        stock = uniform_layout(layouts)
-        expressible = (stock or not layouts) and len(set(widths)) <= 1 and not emptied
-        if expressible:
-            if stock:
-                config.mamba_num_heads = stock.num_heads
-            if widths:
-                config.intermediate_size = widths[0]
-        set_shedder(config, None if expressible else {"layers": entries})
-        return config
+    def layer_spec(self, layer: int, comps: list[Component]) -> LayerSpec | None:
+        kind = self.layer_kind(layer)
+        if any(c.kind in ("attention", "mlp") for c in comps):
+            return None  # the layer is its sub-block: skipped, deleted
+        if kind == "mamba":
+            return LayerSpec(**self.mixer_spec(layer, comps))
+        if kind == "attention" and self.is_removed_attention(layer):
+            return LayerSpec(attention=False)
+        if kind == "mlp":
+            width = len(self.kept_channels(layer, comps))
+            return LayerSpec(mlp=width) if width != self.config.intermediate_size else LayerSpec()
+        return LayerSpec()
+
+    def cache_anchor_layers(self) -> list[int]:
+        return [i for i in range(self.num_layers) if self.layer_kind(i) == "attention"]
+
+    def emptied_anchor_spec(self, layer: int) -> LayerSpec:
+        return LayerSpec(attention=False)
+
+    def configure(self, config, spec: PrunedSpec, plan) -> bool:
+        types = [config.layers_block_type[s.source] for s in spec.layers]
+        config.layers_block_type = types
+        stock = self.stock_layout(config)
+        layouts = [MixerLayout.of_spec(s, stock) for s, t in zip(spec.layers, types) if _KIND_OF_TYPE[t] == "mamba"]
+        widths = {s.mlp or config.intermediate_size for s, t in zip(spec.layers, types) if t == "mlp"}
+        uniform = uniform_layout(layouts)
+        if not ((uniform or not layouts) and len(widths) <= 1 and all(s.attention for s in spec.layers)):
+            return False
+        if uniform:
+            config.mamba_num_heads = uniform.num_heads
+        if widths:
+            config.intermediate_size = widths.pop()
+        return True
+
+    @classmethod
+    def stock_layout(cls, config) -> MixerLayout:
+        return MixerLayout((config.mamba_num_heads // config.n_groups,) * config.n_groups)
+
+    @classmethod
+    def limits(cls, config):
+        return dataclasses.replace(super().limits(config), mlp=int(config.intermediate_size))
 
     def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
         replace = self.mixer_replacements(plan)
-        for layer in self.emptied_attention(plan):
-            replace[layer] = {self.mixer_name: {}, "norm": {}}
-        for layer in self.kept_layers(plan):
-            if self.layer_kind(layer) == "mlp" and any(c.layer == layer for c in plan.components):
-                kept = self.kept_channels(layer, plan.components)
+        layer_map, by_layer = self.layer_map(plan), self.by_layer(plan)
+        for layer in layer_map:
+            if self.layer_kind(layer) == "attention" and (layer in by_layer or self.is_removed_attention(layer)):
+                replace[layer] = {self.mixer_name: {}, "norm": {}}  # kept only as the cache's anchor
+            elif self.layer_kind(layer) == "mlp" and layer in by_layer:
+                kept = self.kept_channels(layer, by_layer[layer])
                 replace[layer] = {self.mixer_name: pruned_mlp_state(self.mixer(layer), kept, rows=_MLP_ROWS)}
-        return sliced_state_dict(self.model.state_dict(), self.layer_prefix, self.kept_layers(plan), replace)
+        return sliced_state_dict(self.model.state_dict(), self.layer_prefix, layer_map, replace)
 
     @classmethod
-    def build(cls, config) -> nn.Module:
-        from transformers import NemotronHForCausalLM
-        from transformers.models.nemotron_h.modeling_nemotron_h import NemotronHMLP
-
-        model = NemotronHForCausalLM(config)
-        layers = model.model.layers
-        for i, entry in enumerate(shedder_layers(config, len(layers)) or []):
-            if entry.get("attention", True) is False:
-                layers[i] = RemovedAttentionLayer(i)
-            elif "heads_per_group" in entry:
-                layers[i].mixer = PrunedMamba2Mixer(layers[i].mixer, MixerLayout.from_dict(entry), cls.hooks)
-            elif "intermediate_size" in entry:
-                layers[i].mixer = NemotronHMLP(config, intermediate_size=entry["intermediate_size"])
-        return model
-
+    def apply_layer(cls, layers, index, spec) -> None:
+        block = layers[index]
+        if not spec.attention:
+            layers[index] = RemovedAttentionLayer(index)
+        elif _KIND_OF_TYPE[block.block_type] == "mamba":
+            cls.apply_mixer(block, spec)
+        elif spec.mlp is not None:
+            resize_mlp(block.mixer, spec.mlp, rows=_MLP_ROWS)

@@ -32,36 +32,27 @@ Shared weights stay shared: they disappear only when no remaining application us
 Extraction keeps one module per application with tied parameters, exactly like stock Zamba2.
 When the result is expressible by a stock config (applications removed while the memory blocks
 still alternate in the stock order, no mixer or MLP changes), the extracted config is a stock
-one. Otherwise ``config.shedder`` holds ``"layers"`` (one dict per layer: ``"mamba":
-MixerLayout.to_dict()``, ``"mlp": false``) and/or ``"shared_blocks"`` (the memory block of each
-application, in order), and ``build`` recreates adapters, pass-throughs and ties from it.
+one. Otherwise the ``PrunedSpec`` holds each layer's ``ssm`` / ``heads_per_group`` and ``mlp=0``
+(an application without its MLP), and ``shared_blocks`` (the memory block of each application, in
+order) when they no longer alternate; ``build`` recreates adapters, pass-throughs and ties from it.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
+import dataclasses
 import functools
 import re
 
 import torch
+import transformers
 from torch import nn
 
 from ..errors import ModelLoadError
 from ..plan import Component, PruningPlan
-from . import register
 from .base import patch_forward
 from .hybrid_common import check_attention_left, record_length, skip_layer
-from .mamba2_core import (
-    Mamba2StyleAdapter,
-    MixerLayout,
-    PrunedMamba2Mixer,
-    mixer_layout,
-    pruned_mixer_state,
-    set_shedder,
-    shedder_layers,
-    ssm_components,
-    ssm_removals,
-)
+from .mamba2_core import Mamba2StyleAdapter, MixerLayout, mixer_layout, pruned_mixer_state, ssm_components, ssm_removals
+from .spec import LayerSpec, PrunedSpec
 
 _ADAPTER_LISTS = r"(self_attn\.linear_[qkv]_adapter_list|feed_forward\.gate_up_proj_adapter_list)"
 #: a per-application adapter slot's parameter inside a shared block: (adapter list, slot, parameter)
@@ -85,21 +76,14 @@ def _is_hybrid(layer: nn.Module) -> bool:
     return hasattr(layer, "shared_transformer")
 
 
-@register
 class Zamba2Adapter(Mamba2StyleAdapter):
     architectures = ("Zamba2ForCausalLM",)
     model_types = ("zamba2",)
     kinds = ("block", "ssm", "head", "attention", "mlp")
-    layer_prefix = "model.layers."
+    model_class = transformers.Zamba2ForCausalLM
+    layers_path = "model.layers"
 
     # ------------------------------------------------------------------ inventory
-    def layers(self) -> nn.ModuleList:
-        return self.model.model.layers
-
-    def mixer(self, layer: int) -> nn.Module:
-        block = self.layers()[layer]
-        return block.mamba_decoder.mamba if _is_hybrid(block) else block.mamba
-
     @functools.cached_property
     def _hybrid(self) -> frozenset[int]:
         """Layers holding a shared-block application (read once: validation runs per search candidate)."""
@@ -167,8 +151,8 @@ class Zamba2Adapter(Mamba2StyleAdapter):
     # ------------------------------------------------------------------ extraction
     def _applications(self, plan: PruningPlan) -> list[int]:
         """Old indices of the layers that keep their shared-block application, in order."""
-        gone_app = {c.layer for c in plan.components if c.kind == "attention"}
-        return [i for i in self.kept_layers(plan) if self.is_hybrid(i) and i not in gone_app]
+        gone = {c.layer for c in plan.components if c.kind in ("block", "attention")}
+        return [i for i in range(self.num_layers) if self.is_hybrid(i) and i not in gone]
 
     def _keeps_mlp(self, plan: PruningPlan, layer: int) -> bool:
         return self.has_mlp(layer) and Component("mlp", layer) not in plan
@@ -176,33 +160,41 @@ class Zamba2Adapter(Mamba2StyleAdapter):
     def _block_id(self, layer: int) -> int:
         return self.layers()[layer].shared_transformer.block_id
 
-    def pruned_config(self, plan: PruningPlan):
-        config = copy.deepcopy(self.config)
-        kept, apps = self.kept_layers(plan), self._applications(plan)
-        stock = MixerLayout((config.n_mamba_heads // config.mamba_ngroups,) * config.mamba_ngroups)
-        specs = []
-        for i in kept:
-            spec = {}
-            layout = self.new_layout(plan, i)
-            if layout != stock:
-                spec["mamba"] = layout.to_dict()
-            if i in apps and not self._keeps_mlp(plan, i):
-                spec["mlp"] = False
-            specs.append(spec)
+    def mixer(self, layer: int) -> nn.Module:
+        block = self.layers()[layer]
+        return block.mamba_decoder.mamba if _is_hybrid(block) else block.mamba
+
+    def layer_spec(self, layer: int, comps: list[Component]) -> LayerSpec:
+        fields = self.mixer_spec(layer, comps)
+        kinds = {c.kind for c in comps}
+        if self.is_hybrid(layer) and "attention" not in kinds and not (self.has_mlp(layer) and "mlp" not in kinds):
+            fields["mlp"] = 0  # the application stays, without its MLP
+        return LayerSpec(**fields)
+
+    def pruned_spec(self, plan: PruningPlan) -> PrunedSpec:
+        spec = super().pruned_spec(plan)
+        blocks = [self._block_id(i) for i in self._applications(plan)]
+        stock_order = blocks == [k % self.config.num_mem_blocks for k in range(len(blocks))]
+        return dataclasses.replace(spec, shared_blocks=None if stock_order else tuple(blocks))
+
+    def configure(self, config, spec: PrunedSpec, plan) -> bool:
+        kept, apps = list(self.layer_map(plan)), set(self._applications(plan))
         config.layers_block_type = ["hybrid" if i in apps else "linear_attention" for i in kept]
         config.hybrid_layer_ids = [j for j, i in enumerate(kept) if i in apps]
         config.num_hidden_layers = len(kept)
-        blocks = [self._block_id(i) for i in apps]
-        shedder = {}
-        if any(specs):
-            shedder["layers"] = specs
-        if blocks != [k % config.num_mem_blocks for k in range(len(blocks))]:
-            shedder["shared_blocks"] = blocks
-        set_shedder(config, shedder)
-        return config
+        return False
+
+    @classmethod
+    def stock_layout(cls, config) -> MixerLayout:
+        return MixerLayout((config.n_mamba_heads // config.mamba_ngroups,) * config.mamba_ngroups)
+
+    @classmethod
+    def limits(cls, config):
+        return dataclasses.replace(super().limits(config), mlp=int(config.intermediate_size),
+                                   num_mem_blocks=int(config.num_mem_blocks))
 
     def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
-        kept, apps = self.kept_layers(plan), self._applications(plan)
+        kept, apps = list(self.layer_map(plan)), self._applications(plan)
         new_pos = {i: k for k, i in enumerate(apps)}
         old_app_at = {}  # adapter slot in the source model -> layer of that application
         for i in range(self.num_layers):
@@ -240,21 +232,17 @@ class Zamba2Adapter(Mamba2StyleAdapter):
         return out
 
     @classmethod
-    def build(cls, config) -> nn.Module:
-        from transformers import Zamba2ForCausalLM
-
-        model = Zamba2ForCausalLM(config)
-        shedder = getattr(config, "shedder", None)
-        if not shedder:
-            return model
+    def apply_spec(cls, model: nn.Module, spec: PrunedSpec) -> None:
+        """Shared blocks first (which memory block each application uses, their adapters and MLPs),
+        then each layer's mixer, then the ties between applications of one memory block."""
+        config = model.config
         layers = model.model.layers
-        specs = shedder_layers(config, len(layers)) or [{} for _ in layers]
         apps = [j for j, layer in enumerate(layers) if _is_hybrid(layer)]
-        blocks = shedder.get("shared_blocks") or [k % config.num_mem_blocks for k in range(len(apps))]
+        blocks = spec.shared_blocks or tuple(k % config.num_mem_blocks for k in range(len(apps)))
         if len(blocks) != len(apps):
-            raise ModelLoadError(f"config.shedder names memory blocks for {len(blocks)} applications, "
-                                 f"but the config has {len(apps)} hybrid layers")
-        no_mlp = {k for k, j in enumerate(apps) if specs[j].get("mlp") is False}
+            raise ModelLoadError(f"config.json: shedder.shared_blocks names memory blocks for {len(blocks)} "
+                                 f"applications, but the config has {len(apps)} hybrid layers")
+        no_mlp = {k for k, j in enumerate(apps) if spec.layers[j].mlp == 0}
         for k, j in enumerate(apps):
             shared = layers[j].shared_transformer
             users = {k2 for k2, b in enumerate(blocks) if b == blocks[k]}
@@ -262,12 +250,9 @@ class Zamba2Adapter(Mamba2StyleAdapter):
             if k in no_mlp:
                 shared.pre_ff_layernorm = nn.Identity()
                 shared.feed_forward = PassThrough()
-        for layer, spec in zip(layers, specs):
-            if "mamba" in spec:
-                host = layer.mamba_decoder if _is_hybrid(layer) else layer
-                host.mamba = PrunedMamba2Mixer(host.mamba, MixerLayout.from_dict(spec["mamba"]), cls.hooks)
+        for layer, layer_spec in zip(layers, spec.layers):
+            cls.apply_mixer(layer.mamba_decoder if _is_hybrid(layer) else layer, layer_spec, "mamba")
         _tie_shared(model, apps, blocks)
-        return model
 
 
 def _set_block(shared: nn.Module, config, block_id: int, attn_slots: set[int], mlp_slots: set[int]) -> None:
@@ -275,11 +260,14 @@ def _set_block(shared: nn.Module, config, block_id: int, attn_slots: set[int], m
     slots (application positions) that use it; every other slot holds ``nn.Identity``."""
     shared.block_id = shared.self_attn.block_id = shared.feed_forward.block_id = block_id
     rank, width, hidden = config.adapter_rank, config.attention_hidden_size, config.hidden_size
+    w = shared.feed_forward.gate_up_proj.weight
+    factory = {"device": w.device, "dtype": w.dtype}
 
     def fill(slots: nn.ModuleList, used: set[int], d_in: int, d_out: int) -> None:
         for pos in range(len(slots)):
             if pos in used and isinstance(slots[pos], nn.Identity):
-                slots[pos] = nn.Sequential(nn.Linear(d_in, rank, bias=False), nn.Linear(rank, d_out, bias=False))
+                slots[pos] = nn.Sequential(nn.Linear(d_in, rank, bias=False, **factory),
+                                           nn.Linear(rank, d_out, bias=False, **factory))
             elif pos not in used:
                 slots[pos] = nn.Identity()
 
