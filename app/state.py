@@ -38,8 +38,6 @@ from shedder.search import default_run_dir, greedy_search
 
 #: Session-state key of the workspace.
 WORKSPACE_KEY = "shedder_workspace"
-#: Activation cache of each session's evaluator (the engine's default, 4 GiB, is sized for one user).
-EVALUATOR_CACHE_BYTES = 512 << 20
 
 
 @dataclass(frozen=True)
@@ -261,8 +259,8 @@ class Workspace:
     def evaluator(self):
         if self._evaluator is None:
             loaded = self.loaded
-            self._evaluator = PlanEvaluator(loaded.model, self.windows(self.settings.evaluation), adapter=loaded.adapter,
-                                            max_cache_bytes=EVALUATOR_CACHE_BYTES)
+            # No budget of its own: the sessions' evaluators share the process's (shedder.budget).
+            self._evaluator = PlanEvaluator(loaded.model, self.windows(self.settings.evaluation), adapter=loaded.adapter)
         return self._evaluator
 
     def metrics(self, plan: PruningPlan, progress=None) -> dict:

@@ -3,6 +3,7 @@ a model that is always loaded, and human labels for components and numbers."""
 from __future__ import annotations
 
 import contextlib
+import time
 from typing import Callable, Iterator
 
 import streamlit as st
@@ -53,11 +54,13 @@ def progress(label: str) -> Iterator[Callable[[int, int, str], None]]:
     """
     bar = st.progress(0.0, text=label)
     interrupted: list[BaseException] = []
+    started = time.perf_counter()
 
     def callback(done: int, total: int, message: str = "") -> None:
         try:
             detail = f" — {message}" if message and message != label else ""
-            bar.progress(min(max(done / max(total, 1), 0.0), 1.0), text=f"{label}{detail} ({done}/{total})")
+            bar.progress(min(max(done / max(total, 1), 0.0), 1.0),
+                         text=f"{label}{detail} ({done}/{total}{_eta(started, done, total)})")
         except ScriptControlException as e:
             interrupted.append(e)
             raise Cancelled("cancelled from the app") from None
@@ -69,6 +72,28 @@ def progress(label: str) -> Iterator[Callable[[int, int, str], None]]:
             raise interrupted[0] from None
         raise
     bar.empty()
+
+
+def _eta(started: float, done: int, total: int) -> str:
+    """", about N left", measured from the steps done so far ("" before the first one)."""
+    if done <= 0 or done >= total:
+        return ""
+    from shedder.budget import human_seconds
+
+    return f", about {human_seconds((time.perf_counter() - started) / done * (total - done))} left"
+
+
+def cost_caption(what: str, kinds: list[str], steps: int | None = 1) -> None:
+    """Say what a score or search on the calibration windows will cost, before it is started."""
+    from shedder.budget import run_cost
+    from shedder.plan import PruningPlan
+
+    ws = workspace()
+    loaded = ws.loaded
+    windows = ws.windows(ws.settings.calibration)
+    candidates = len(loaded.adapter.candidates(PruningPlan(), kinds))
+    text = run_cost(what, loaded.model, windows, candidates, steps).describe()
+    st.caption(text[:1].upper() + text[1:] + "; the progress bar shows the time left once it starts.")
 
 
 def cancel_button(key: str) -> None:

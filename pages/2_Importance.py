@@ -32,6 +32,9 @@ if kinds and metric == "ppl":
         if status:
             st.caption(status)
 
+if kinds:
+    with ui.shown_errors():
+        ui.cost_caption("scoring", kinds)
 left, right, _ = st.columns([2, 1, 5])
 compute = left.button("Compute importance", type="primary", key="imp_compute", disabled=not kinds)
 with right:

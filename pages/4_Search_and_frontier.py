@@ -26,6 +26,9 @@ kinds = left.multiselect("kinds to prune", offered, default=offered[:1], key="se
 available = len(adapter.candidates(PruningPlan(), kinds)) if kinds else 1
 steps = right.number_input("steps", min_value=1, max_value=max(1, available), value=min(4, max(1, available)),
                            key="search_steps")
+if kinds:
+    with ui.shown_errors():
+        ui.cost_caption("greedy search", kinds, int(steps))
 run_col, cancel_col, _ = st.columns([2, 1, 5])
 run = run_col.button("Run greedy search", type="primary", key="search_run", disabled=not kinds)
 with cancel_col:

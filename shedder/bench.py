@@ -20,7 +20,8 @@ alternated so that drift in machine load hits both alike; warm-up rounds are dis
   (``VmHWM``) — so the figure is the process's real peak (interpreter, libraries, weights,
   activations, cache), and ``delta`` is the part above the loaded model;
 * parameters (tied weights once) and on-disk size (both models saved as safetensors to a temporary
-  directory).
+  directory when the CPU memory probe needs them there; otherwise the bytes of the tensors a save
+  writes, i.e. the file less its header).
 
 Every timing is reported as median with quartiles and min–max; each ratio is pruned / original
 (for throughputs that is the speedup); for timings it is the median of per-round ratios (both
@@ -108,19 +109,23 @@ def bench_speed(model_name: str, plan: PruningPlan | str | Path | None = None, p
     models = {"original": original, "pruned": pruned}
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, original.config.vocab_size, (batch_size, seq_len), generator=generator).to(device)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(original, tokenizer)
     cache = {name: supports_cache(model, pad_id) for name, model in models.items()}
     total_steps = warmup + repeats + (2 if memory else 0)
     samples = _timing_rounds(models, cache, ids, new_tokens, pad_id, device, warmup, repeats, total_steps, progress)
 
     results: dict[str, dict] = {}
+    # Saved only for the CPU memory probe, which loads each model in a fresh process: a 7B model
+    # is not written to a temporary directory just to read its size.
+    probe = memory and not device.startswith("cuda")
     with tempfile.TemporaryDirectory(prefix="shedder-bench-") as tmp:
         for i, (name, model) in enumerate(models.items()):
-            out = save(model, tokenizer, Path(tmp) / name, plan if name == "pruned" else None)
+            out = save(model, tokenizer, Path(tmp) / name, plan if name == "pruned" else None) if probe else None
             entry = {
                 "params": count_parameters(model),
                 "decode_with_cache": cache[name],
-                "disk_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
+                "disk_bytes": (sum(f.stat().st_size for f in out.glob("*.safetensors")) if out
+                               else _state_bytes(model)),
                 **{key: asdict(Spread.of(values)) for key, values in samples[name].items()},
                 "flops_per_token_prefill": costs[name].flops_per_token_prefill,
                 "state_bytes_per_sequence": costs[name].state_bytes_per_sequence,
@@ -153,6 +158,14 @@ def bench_speed(model_name: str, plan: PruningPlan | str | Path | None = None, p
         "measured_prefill_speedup_spread": asdict(paired),
         "measured_over_expected": paired.median / expected,
     }
+
+
+def pad_token_id(model, tokenizer) -> int:
+    """The tokenizer's pad id, else the config's (a directory without a tokenizer), else 0."""
+    for pad in (getattr(tokenizer, "pad_token_id", None), getattr(model.config, "pad_token_id", None)):
+        if isinstance(pad, int):
+            return pad
+    return 0
 
 
 def _load_pair(model_name: str, plan, pruned_dir, dtype: str, device: str):
@@ -262,6 +275,16 @@ def _time_generate(model, ids: torch.Tensor, new_tokens: int, pad_id: int, use_c
     return stamps.times[0] - start, stamps.times[-1] - stamps.times[0]
 
 
+def _state_bytes(model) -> int:
+    """Bytes of the tensors ``save`` writes (tied ones once): the safetensors size, less its header."""
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
 def _weight_bytes(model) -> int:
     seen, total = set(), 0
     for t in [*model.parameters(), *model.buffers()]:
@@ -311,7 +334,7 @@ def _memory_probe(spec: dict) -> dict:
     model, tokenizer = load_model(spec["model_dir"], dtype=spec["dtype"], device="cpu")
     generator = torch.Generator().manual_seed(spec["seed"])
     ids = torch.randint(0, model.config.vocab_size, (spec["batch_size"], spec["seq_len"]), generator=generator)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pad_id = pad_token_id(model, tokenizer)
     try:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     except OSError:
@@ -424,6 +447,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    print(f"bench: {args.warmup} warm-up + {args.repeats} timed rounds, each a prefill of {args.batch} × "
+          f"{args.seq_len} tokens and a {args.new_tokens}-token generation on the original and the extracted "
+          f"model" + ("" if args.no_memory else ", then one peak-memory run of each (CPU: in a fresh process)"),
+          file=sys.stderr, flush=True)
     with TqdmProgress(enabled=not getattr(args, "no_progress", False)) as progress:
         result = bench_speed(args.model, plan=args.plan, pruned_dir=args.pruned, batch_size=args.batch,
                              seq_len=args.seq_len, new_tokens=args.new_tokens, repeats=args.repeats,

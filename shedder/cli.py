@@ -11,6 +11,8 @@
                               [--workers N | --ray-address ADDR]   (score too: on Ray workers)
     python -m shedder bench   --model mamba2-tiny --plan plan.json     (speed of the extracted model)
     python -m shedder bench search [--model mamba2-tiny --kinds ssm --steps 4]  (fast vs reference search)
+    python -m shedder bench scale [--sizes S,M,130m]   (time and memory as models grow)
+    python -m shedder bench gpu-check                  (the whole journey on CUDA; skips without a GPU)
     python -m shedder bench search --workers 1,2                       (speed-up of Ray workers)
     python -m shedder recover --model mamba2-tiny --plan plan.json --method lora --out recovered/ [--resume]
     python -m shedder bench recover [--steps 12]   (recovery per method for the same token budget)
@@ -60,7 +62,15 @@ def _load(args):
         import torch
 
         torch.set_num_threads(args.threads)
-    return load_model(args.model, dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code)
+    return load_model(args.model, dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code,
+                      tokenizer=args.tokenizer)
+
+
+def _text_tokenizer(args, tokenizer):
+    """The tokenizer of a command that reads text (one clear error when the model has none)."""
+    from .loading import require_tokenizer
+
+    return require_tokenizer(tokenizer, args.model)
 
 
 def _distributed(args) -> bool:
@@ -95,7 +105,7 @@ def _plan_for(model, path: str | None):
 def _windows(args, tokenizer, source: str):
     from .data import windows_from
 
-    return windows_from(tokenizer, source, samples=args.samples, seq_len=args.seq_len)
+    return windows_from(_text_tokenizer(args, tokenizer), source, samples=args.samples, seq_len=args.seq_len)
 
 
 def _calibration(args, tokenizer):
@@ -109,8 +119,8 @@ def _calibration(args, tokenizer):
     args.samples = args.samples or (OFFICIAL.rows if official else DEFAULT_SAMPLES)
     args.seq_len = args.seq_len or (OFFICIAL.seq_len if official else DEFAULT_SEQ_LEN)
     args.batch_size = args.batch_size or (OFFICIAL.batch_size if official else DEFAULT_BATCH)
-    windows = calibration_windows(tokenizer, args.data, samples=args.samples, seq_len=args.seq_len,
-                                  protocol=args.protocol)
+    windows = calibration_windows(_text_tokenizer(args, tokenizer), args.data, samples=args.samples,
+                                  seq_len=args.seq_len, protocol=args.protocol)
     return windows, calibration_protocol(windows, args.data, args.protocol, rows=args.samples)
 
 
@@ -118,6 +128,24 @@ def _progress(args):
     from .progress import TqdmProgress
 
     return TqdmProgress(enabled=not args.no_progress)
+
+
+def _announce(args, what: str, model, adapter, windows, kinds, base, steps: int | None = 1):
+    """Say what a score or search will cost before it runs (on stderr), with an ETA from timing the
+    base plan's pass; returns the evaluator, whose cache keeps that pass for the run itself."""
+    from .budget import run_cost
+    from .evaluator import PlanEvaluator, check_kinds
+    from .plan import PruningPlan
+
+    base = base or PruningPlan()
+    candidates = len(adapter.candidates(base, check_kinds(adapter, kinds)))
+    ev = PlanEvaluator(model, windows, adapter, args.batch_size)
+    cost = run_cost(what, model, windows, candidates, steps, args.batch_size, ev.max_cache_bytes)
+    print(cost.describe(), file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    ev.perplexity(base)
+    print(f"{what}: {cost.eta_text(time.perf_counter() - started)}", file=sys.stderr, flush=True)
+    return ev
 
 
 def _pct(part: int, whole: int) -> str:
@@ -159,7 +187,7 @@ def cmd_info(args) -> int:
 # ---------------------------------------------------------------------------------------- eval
 def cmd_eval(args) -> int:
     from .masking import masked
-    from .metrics import describe_protocol, next_word_accuracy, next_word_protocol, perplexity
+    from .metrics import MAX_CONTEXT_TOKENS, describe_protocol, next_word_accuracy, next_word_protocol, perplexity
 
     if args.tasks:  # refuse a missing lm-eval or an unknown task before any model work
         from . import downstream
@@ -173,11 +201,19 @@ def cmd_eval(args) -> int:
     params = adapter.param_count(plan)
     payload = {"model": args.model, "plan": plan.to_dict() if plan else None,
                "perplexity_protocol": describe_protocol(windows, args.data)}
+    n, seq = windows.shape
+    print(f"eval: perplexity over {n:,} windows × {seq:,} tokens in batches of {args.batch_size}"
+          + (f"; next-word accuracy over up to {args.accuracy_n} passages (≤ {MAX_CONTEXT_TOKENS} context tokens each), "
+             f"batches of {args.batch_size}" if args.accuracy else ""), file=sys.stderr, flush=True)
     with _progress(args) as progress, (masked(model, plan, adapter) if plan else contextlib.nullcontext()):
+        started = time.perf_counter()
         payload["perplexity"] = perplexity(model, windows, args.batch_size, progress)
         if args.accuracy:
-            payload["accuracy"] = next_word_accuracy(model, tokenizer, args.data, args.accuracy_n, progress,
-                                                     args.batch_size)
+            # The same forwards over about as many tokens: the perplexity's time is the ETA.
+            print(f"eval: perplexity took {time.perf_counter() - started:.1f} s; next-word accuracy runs "
+                  f"~{args.accuracy_n * MAX_CONTEXT_TOKENS:,} tokens at most", file=sys.stderr, flush=True)
+            payload["accuracy"] = next_word_accuracy(model, _text_tokenizer(args, tokenizer), args.data,
+                                                     args.accuracy_n, progress, args.batch_size)
     payload.update(params=params, params_original=full)
     lines = [f"model: {args.model} ({type(model).__name__})",
              f"plan: {plan.describe() if plan else 'none'}",
@@ -269,16 +305,21 @@ def cmd_extract(args) -> int:
 
 # ---------------------------------------------------------------------------------------- score
 def cmd_score(args) -> int:
+    from .importance import cache_status
+
     model, tokenizer = _load(args)
     adapter, base = _plan_for(model, args.base_plan)
     windows, protocol = _calibration(args, tokenizer)
     if args.compare:
         return _compare(args, model, windows, protocol)
+    one_pass = args.metric != "ppl"  # one forward (and backward) in this process: no workers to start
+    ev = None
+    if not one_pass and not _distributed(args) and not cache_status(model, windows, args.kinds, base, args.cache_dir):
+        ev = _announce(args, "score", model, adapter, windows, args.kinds, base)
     try:
-        one_pass = args.metric != "ppl"  # one forward (and backward) in this process: no workers to start
         workers = contextlib.nullcontext() if one_pass else _worker_pool(args, model, windows, adapter.group_sizes)
         with _progress(args) as progress, workers as pool:
-            table = _score_table(args, model, windows, base, progress, pool)
+            table = _score_table(args, model, windows, base, progress, pool, ev)
     except (Cancelled, KeyboardInterrupt):
         print("scoring stopped: the finished components are kept; the same command resumes them", file=sys.stderr)
         raise
@@ -302,7 +343,7 @@ def cmd_score(args) -> int:
     return 0
 
 
-def _score_table(args, model, windows, base, progress, pool):
+def _score_table(args, model, windows, base, progress, pool, evaluator=None):
     """``--metric ppl``: the single-removal table (``importance.score``, on Ray workers with a
     ``pool``); other metrics (one pass in this process): their ``[layer, kind, index, score,
     params_removed]`` table."""
@@ -310,7 +351,7 @@ def _score_table(args, model, windows, base, progress, pool):
         from .importance import score
 
         return score(model, windows, args.kinds, base_plan=base, progress=progress, cache_dir=args.cache_dir,
-                     batch_size=args.batch_size, pool=pool)
+                     batch_size=args.batch_size, evaluator=evaluator, pool=pool)
     from .importance_metrics import metric_scores
 
     return metric_scores(model, windows, args.kinds, args.metric, base_plan=base, progress=progress,
@@ -346,6 +387,7 @@ def cmd_search(args) -> int:
     windows, protocol = _calibration(args, tokenizer)
     if not args.json:
         print(f"searching {args.kinds} on {args.model}; {protocol}", flush=True)
+    ev = None if _distributed(args) else _announce(args, "search", model, adapter, windows, args.kinds, base, args.steps)
 
     with _progress(args) as progress, _worker_pool(args, model, windows, adapter.group_sizes) as pool:
         def on_step(step):
@@ -356,7 +398,8 @@ def cmd_search(args) -> int:
 
         result = greedy_search(model, windows, args.kinds, steps=args.steps, target_params=args.target_params,
                                max_ppl=args.max_ppl, run_dir=args.out, resume=args.resume, progress=progress,
-                               base_plan=base, batch_size=args.batch_size, on_step=on_step, pool=pool)
+                               base_plan=base, batch_size=args.batch_size, on_step=on_step, evaluator=ev,
+                               pool=pool)
     if args.official_layout:
         from .official import write_official_run
 
@@ -426,7 +469,7 @@ def cmd_bench_search(args) -> int:
     from .search import greedy_search, reference_search
 
     model, tokenizer = _load(args)
-    windows = calibration_windows(tokenizer, args.data, samples=args.samples, seq_len=args.seq_len)
+    windows = calibration_windows(_text_tokenizer(args, tokenizer), args.data, samples=args.samples, seq_len=args.seq_len)
     if args.workers:
         return _bench_workers(args, model, windows)
     with torch.inference_mode():
@@ -558,6 +601,8 @@ def _model_options(p: argparse.ArgumentParser, model_required: bool = False) -> 
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
     p.add_argument("--threads", type=_positive_int, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    p.add_argument("--tokenizer", help="tokenizer name, directory or hub id (default: the model's own; needed "
+                                       "only to read text when the model directory has none)")
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -659,7 +704,9 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(p, DEFAULT_EVAL, None)  # the whole test split, as the model cards report
     p.add_argument("--accuracy", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure next-word accuracy (default on)")
-    p.add_argument("--accuracy-n", type=int, default=200, help="passages for next-word accuracy (default 200)")
+    p.add_argument("--accuracy-n", type=int, default=100,
+                   help="passages for next-word accuracy, batched by --batch-size (default 100: about a third of "
+                        "the tokens of the test split's perplexity)")
     p.add_argument("--tasks", help="lm-eval zero-shot accuracy on these tasks: comma-separated names, 'paper' "
                                    "(the paper's seven) or 'local' (the bundled offline shedder_lastword,"
                                    "shedder_choice); needs lm-eval")
@@ -745,7 +792,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.set_defaults(func=cmd_import_run)
 
-    p = sub.add_parser("bench", help="speed of an extracted model vs its original; `bench search` for the search")
+    p = sub.add_parser("bench", help="speed of an extracted model vs its original; `bench search` for the search",
+                       epilog="`bench scale --help`: cost as models grow; `bench gpu-check --help`: the journey on CUDA.")
     from . import bench
 
     bench.add_arguments(p)
@@ -821,7 +869,12 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars show the work; weight loading is quick
-    args = build_parser().parse_args(argv)
+    if argv[:2] in (["bench", "scale"], ["bench", "gpu-check"]):
+        from . import scale
+
+        args = scale.build_parser(argv[1]).parse_args(argv[2:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except Cancelled:

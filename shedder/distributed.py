@@ -45,7 +45,7 @@ import torch
 
 from .arch import adapter_for
 from .errors import ShedderError
-from .evaluator import DEFAULT_MAX_CACHE_BYTES, PlanEvaluator, removing
+from .evaluator import PlanEvaluator, removing
 from .plan import PruningPlan
 
 INSTALL_HINT = "scoring or searching with Ray workers needs Ray: pip install 'shedder-studio[distributed]'"
@@ -67,7 +67,7 @@ class Worker:
     """One model replica and its evaluator; runs inside a Ray actor."""
 
     def __init__(self, model, windows: torch.Tensor, group_sizes: dict, batch_size: int, device: str,
-                 threads: int, max_cache_bytes: int):
+                 threads: int, max_cache_bytes: int | None):
         if threads:
             torch.set_num_threads(threads)
         if not device.startswith("cuda"):  # the GPU kernels' install advice is no use on a CPU worker
@@ -98,7 +98,7 @@ class WorkerPool:
 
     def __init__(self, model, windows: torch.Tensor, workers: int | None = None, address: str | None = None,
                  batch_size: int = 8, group_sizes: dict | None = None, device: str | None = None,
-                 max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES, threads: int | None = None):
+                 max_cache_bytes: int | None = None, threads: int | None = None):
         ray = import_ray()
         if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
             raise ShedderError(f"workers must be a positive number, got {workers!r}")

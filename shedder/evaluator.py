@@ -26,13 +26,16 @@ per-window head is used only when both agree bit for bit (a model whose logits a
 ``lm_head(h)``, e.g. with a multiplier, keeps the plain whole-batch loss).
 
 Memory: one plan costs up to ``layers × windows × seq × hidden`` activations, shared with the plan
-it resumed from up to the resume point. When one plan's activations exceed ``max_cache_bytes`` only
+it resumed from up to the resume point. When one plan's activations exceed the cache budget only
 every k-th layer is cached and plans resume from the nearest cached layer (still exact, slower).
+The budget is ``max_cache_bytes`` when given; by default the evaluators alive in a process (the
+app's sessions) share ``shedder.budget.process_cache_budget``, a quarter of the memory available.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -45,7 +48,8 @@ from .metrics import batches, predicted_tokens, token_nll
 from .progress import Progress
 from .plan import Component, PruningPlan
 
-DEFAULT_MAX_CACHE_BYTES = 4 << 30
+#: Evaluators sharing the process budget (those created without ``max_cache_bytes``).
+_SHARING: "weakref.WeakSet[PlanEvaluator]" = weakref.WeakSet()
 
 
 #: Within a batch, the windows' NLLs are summed in another order than the batch's own total, which
@@ -79,7 +83,7 @@ class PlanEvaluator:
     """Exact calibration perplexity under plans, fast for plans that share a prefix of layers."""
 
     def __init__(self, model, windows: torch.Tensor, adapter=None, batch_size: int = 8,
-                 max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES):
+                 max_cache_bytes: int | None = None):
         self.model = model
         self.adapter = adapter or adapter_for(model)
         self.windows = windows  # [n, seq]
@@ -87,8 +91,10 @@ class PlanEvaluator:
         self.device = next(model.parameters()).device
         self.batches = batches(windows, batch_size)
         self.tokens = predicted_tokens(windows)
-        self.max_cache_bytes = max_cache_bytes
-        self._cached_layers = self._choose_cached_layers(max_cache_bytes)
+        self._own_budget = max_cache_bytes
+        if max_cache_bytes is None:
+            _SHARING.add(self)
+        self._cached_layers = self._choose_cached_layers(self.max_cache_bytes)
         self._cache: list[OrderedDict[tuple, _Entry]] = [OrderedDict() for _ in self.batches]
         self._head = model.get_output_embeddings()
         self._split_head: dict[tuple, bool] = {}  # batch shape -> per-window head verified identical
@@ -96,6 +102,15 @@ class PlanEvaluator:
         #: was computed, since creation: the work the cache and abandoning save, whatever the load.
         self.layers_run = 0
         self.windows_scored = 0
+
+    @property
+    def max_cache_bytes(self) -> int:
+        """This evaluator's activation budget now: its own, or its share of the process budget."""
+        if self._own_budget is not None:
+            return self._own_budget
+        from .budget import process_cache_budget
+
+        return process_cache_budget(self.device) // max(len(_SHARING), 1)
 
     def _choose_cached_layers(self, budget: int) -> list[int]:
         """Layers whose inputs are cached: all of 1..n-1, or every k-th when one plan's do not fit."""

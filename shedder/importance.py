@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import weakref
 from pathlib import Path
 
 import pandas as pd
@@ -33,8 +34,6 @@ from .progress import Progress
 from .plan import KINDS, Component, PruningPlan, config_hash
 
 COLUMNS = ["layer", "kind", "index", "ppl", "delta_ppl", "params_removed"]
-#: Elements sampled from each parameter tensor for the weights fingerprint.
-_FINGERPRINT_SAMPLES = 256
 
 
 def default_cache_dir() -> Path:
@@ -42,17 +41,31 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("SHEDDER_CACHE_DIR") or Path.home() / ".cache" / "shedder")
 
 
+#: Bytes hashed per step (bounds the host copy of a GPU tensor).
+_HASH_CHUNK = 64 << 20
+#: model -> (the parameters' storage and version counters, fingerprint): in-place updates of a weight
+#: bump its version counter, so a changed model is hashed again and an unchanged one is not.
+_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 @torch.no_grad()
 def model_fingerprint(model) -> str:
-    """Config hash plus a hash of every parameter's name, shape, dtype and a strided sample of its
-    values: two checkpoints of one architecture get different keys, reading it costs no full pass."""
-    h = hashlib.sha256(config_hash(model.config).encode())
+    """Config hash plus a BLAKE2 hash of every parameter's name, shape, dtype and raw bytes: weights
+    that differ anywhere give another key (no sampling, so no sample index to get wrong on a
+    38M-element embedding). One read of the weights (about a second per GB), remembered per model
+    until a weight changes in place."""
+    state = tuple((name, p.data_ptr(), p._version) for name, p in model.named_parameters())
+    known = _FINGERPRINTS.get(model)
+    if known is not None and known[0] == state:
+        return known[1]
+    h = hashlib.blake2b(config_hash(model.config).encode(), digest_size=16)
     for name, p in model.named_parameters():
         h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-        flat = p.detach().reshape(-1)
-        idx = torch.linspace(0, flat.numel() - 1, min(flat.numel(), _FINGERPRINT_SAMPLES), device=flat.device).long()
-        h.update(flat[idx].float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+        raw = p.detach().contiguous().view(-1).view(torch.uint8)  # [bytes]
+        for start in range(0, raw.numel(), _HASH_CHUNK):
+            h.update(raw[start:start + _HASH_CHUNK].cpu().numpy().data)
+    _FINGERPRINTS[model] = (state, h.hexdigest()[:16])
+    return _FINGERPRINTS[model][1]
 
 
 def plan_key(plan: PruningPlan) -> dict:

@@ -121,10 +121,18 @@ def load_config(name_or_path: str, trust_remote_code: bool = False):
     return config
 
 
+#: Files any of which makes a directory carry its own tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
 def load_model(name_or_path: str = DEFAULT_MODEL, dtype="float32", device: str = "cpu",
-               trust_remote_code: bool = False):
-    """Return ``(model, tokenizer)`` in eval mode on ``device``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+               trust_remote_code: bool = False, tokenizer: str | None = None):
+    """Return ``(model, tokenizer)`` in eval mode on ``device``.
+
+    The tokenizer comes from ``tokenizer`` (a name, directory or hub id) when given, else from the
+    model's own source; a local directory without tokenizer files gives ``None`` (``info``,
+    ``extract`` and ``bench`` need none; commands that read text say so, see ``require_tokenizer``)."""
+    from transformers import AutoModelForCausalLM
 
     source = resolve(name_or_path)
     torch_dtype = parse_dtype(dtype)
@@ -141,14 +149,41 @@ def load_model(name_or_path: str = DEFAULT_MODEL, dtype="float32", device: str =
             model = AutoModelForCausalLM.from_pretrained(
                 source, config=config, dtype=torch_dtype, use_safetensors=True,
                 trust_remote_code=trust_remote_code, local_files_only=_offline(source)).to(device)
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
-                                                  local_files_only=_offline(source))
     except OSError as e:
         raise ModelLoadError(f"cannot load {source}: {e}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     model.eval()
-    return model, tokenizer
+    return model, load_tokenizer(tokenizer or source, trust_remote_code, required=tokenizer is not None)
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False, required: bool = True):
+    """The tokenizer of a bundled name, directory or hub id; ``None`` for a local directory that has
+    no tokenizer files unless ``required`` (transformers would otherwise try, and fail, to convert a
+    slow tokenizer for some families)."""
+    from transformers import AutoTokenizer
+
+    source = resolve(name_or_path)
+    local = Path(source)
+    if local.is_dir() and not any((local / f).is_file() for f in TOKENIZER_FILES):
+        if required:
+            raise ModelLoadError(f"{local} has no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+        return None
+    try:
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code,
+                                            local_files_only=_offline(source))
+    except (OSError, ValueError, TypeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelLoadError(f"cannot load a tokenizer from {source}: {first}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def require_tokenizer(tokenizer, model_name: str):
+    """``tokenizer``, or the one-line error every command that reads text gives without one."""
+    if tokenizer is None:
+        raise ModelLoadError(f"{model_name} has no tokenizer files, and this command reads text: "
+                             "pass --tokenizer NAME_OR_DIR (e.g. the checkpoint the model came from)")
+    return tokenizer
 
 
 def check_weight_shapes(local: Path, config):

@@ -87,15 +87,17 @@ def greedy_search(model, windows: torch.Tensor, kinds, steps: int | None = None,
                   max_ppl: float | None = None, run_dir: str | Path | None = None, resume: bool = False,
                   progress: Progress | None = None, base_plan: PruningPlan | None = None, batch_size: int = 8,
                   on_step: Callable[[SearchStep], None] | None = None, workers: int | None = None,
-                  ray_address: str | None = None, pool=None) -> SearchResult:
+                  ray_address: str | None = None, pool=None, evaluator: PlanEvaluator | None = None) -> SearchResult:
     """The greedy search with the prefix cache and exact early abandoning (same choices as
     ``reference_search``).
 
     ``workers`` / ``ray_address``: evaluate the candidates on that many Ray workers (a local Ray is
     started unless ``ray_address`` names a cluster), or ``pool``: on an open
     ``shedder.distributed.WorkerPool`` (reused across calls). The choices, the logged numbers and
-    the run log are the same as without them (see ``shedder.distributed``)."""
-    adapter = adapter_for(model, (base_plan or PruningPlan()).group_sizes)
+    the run log are the same as without them (see ``shedder.distributed``). ``evaluator``: one
+    already built on ``windows`` (e.g. after timing its first pass for the cost announcement),
+    whose cache the search then reuses."""
+    adapter = evaluator.adapter if evaluator else adapter_for(model, (base_plan or PruningPlan()).group_sizes)
     if workers is not None or ray_address is not None or pool is not None:
         from .distributed import pool_stats, pooled
 
@@ -104,7 +106,7 @@ def greedy_search(model, windows: torch.Tensor, kinds, steps: int | None = None,
                              progress, base_plan, on_step, adapter, base_nll=pool.nll)
             result.stats = pool_stats(pool)
         return result
-    ev = PlanEvaluator(model, windows, adapter, batch_size)
+    ev = evaluator or PlanEvaluator(model, windows, adapter, batch_size)
     stats = {"evaluated": 0, "abandoned": 0}
 
     def choose(plan, cands, tick):

@@ -109,6 +109,22 @@ def test_token_windows_are_non_overlapping_from_the_start(bundled_tokenizer):
     assert data.windows_hash(w) != data.windows_hash(w[:3])
 
 
+@pytest.mark.parametrize("needed", [1, 300, 5000, 10 ** 9])
+def test_tokenize_prefix_equals_the_whole_texts_first_tokens(bundled_tokenizer, needed):
+    text = data.load_text("test")
+    assert data.tokenize_prefix(bundled_tokenizer, text, needed) == data.tokenize(bundled_tokenizer, text)[:needed]
+
+
+def test_a_few_windows_of_a_huge_text_tokenise_only_a_prefix(bundled_tokenizer, monkeypatch):
+    one_line = " ".join(data.load_text("test").split()) * 40  # ~5 MB on one line
+    seen = []
+    real = data.tokenize
+    monkeypatch.setattr(data, "tokenize", lambda tok, text: seen.append(len(text)) or real(tok, text))
+    windows = data.token_windows(bundled_tokenizer, one_line, seq_len=256, samples=2)
+    assert windows.shape == (2, 256) and max(seen) < 100_000
+    assert windows.flatten().tolist() == real(bundled_tokenizer, one_line[:100_000])[:512]
+
+
 def test_short_or_empty_text_is_refused(bundled_tokenizer):
     with pytest.raises(DataError, match="'tiny' has 2 tokens, fewer than one window of 64"):
         data.token_windows(bundled_tokenizer, "a b", seq_len=64, source="'tiny'")

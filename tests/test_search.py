@@ -141,6 +141,20 @@ def test_fingerprint_sees_weight_changes(tiny_model_factory):
     assert model_fingerprint(a) != model_fingerprint(b)
 
 
+def test_fingerprint_of_a_real_size_embedding():
+    """A 50,288 × 768 embedding (past 2**24 elements, where a float linspace of sample indices
+    overshot the end) is fingerprinted, and swapping two of its values changes the key."""
+    from shedder.realshape import build
+
+    a, b = build("mamba2", layers=1), build("mamba2", layers=1)
+    assert a.backbone.embeddings.weight.numel() > 1 << 24
+    assert model_fingerprint(a) == model_fingerprint(b)
+    with torch.no_grad():
+        w = b.backbone.embeddings.weight.view(-1)
+        w[[1, 2]] = w[[2, 1]]
+    assert model_fingerprint(a) != model_fingerprint(b)
+
+
 def test_unknown_kind_is_refused(mamba2, tmp_path):
     with pytest.raises(PlanError, match="no component kind 'attention'"):
         score(mamba2, windows(), ["attention"], cache_dir=tmp_path)
@@ -321,3 +335,30 @@ def test_fast_search_abandons_losing_candidates(tiny_model_factory):
     assert fast.stats["abandoned"] >= 3
     assert fast.stats["windows_scored"] < ref.stats["windows_scored"] - 3 * 4
     assert fast.stats["layers_run"] < ref.stats["layers_run"]
+
+
+def test_evaluators_share_the_process_cache_budget(mamba2, monkeypatch):
+    import gc
+
+    from shedder import budget
+
+    monkeypatch.setattr(budget, "_PROCESS_BUDGET", {"cpu": 1 << 30})
+    gc.collect()
+    first = PlanEvaluator(mamba2, windows())
+    alone = first.max_cache_bytes
+    second = PlanEvaluator(mamba2, windows())
+    own = PlanEvaluator(mamba2, windows(), max_cache_bytes=123)  # its own budget: not a sharer
+    assert first.max_cache_bytes == second.max_cache_bytes < alone and own.max_cache_bytes == 123
+    del second
+    gc.collect()
+    assert first.max_cache_bytes == alone
+
+
+def test_run_cost_counts_passes_and_states_the_eta(mamba2):
+    from shedder.budget import run_cost
+
+    cost = run_cost("search", mamba2, windows(n=6, seq=16), candidates=4, steps=2, batch_size=2, budget_bytes=1 << 20)
+    assert cost.passes == 1 + 4 + 3 and cost.tokens == 8 * 6 * 16
+    assert cost.logits_bytes == 2 * 16 * mamba2.config.vocab_size * 4
+    text = cost.describe(0.5)
+    assert "at most 8 forward passes × 96 tokens" in text and "~4 s in all" in text
