@@ -147,6 +147,11 @@ class PruningPlan:
     def __len__(self) -> int:
         return len(self.components)
 
+    def __bool__(self) -> bool:
+        """Always true: a plan that removes nothing (or an official config not yet resolved against a
+        model, which holds no components yet) is still a plan, so ``plan or default`` never drops it."""
+        return True
+
     def __contains__(self, comp) -> bool:
         return comp in self.components
 

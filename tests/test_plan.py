@@ -100,3 +100,14 @@ def test_plan_for_another_model(mamba2, tiny_model_factory):
                         ModelIdentity("Mamba2ForCausalLM", 4, "0123456789abcdef", "other-model"))
     with pytest.raises(PlanError, match="another Mamba2ForCausalLM configuration .*made for other-model"):
         adapter.validate(wider)
+
+
+def test_an_official_config_not_yet_resolved_is_still_a_plan(tiny_model_factory):
+    """An official config holds no components until a model resolves it; ``plan or default`` (used
+    for base plans throughout the engine) must not mistake it for "no plan" and drop it."""
+    from shedder.arch import adapter_for
+
+    official = PruningPlan.from_official({"pruned_mamba_block_idx": [1]})
+    assert len(official) == 0 and official
+    adapter = adapter_for(tiny_model_factory("mamba2"))
+    assert adapter.validate(official or PruningPlan()).components == {Component("block", 1)}
