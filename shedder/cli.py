@@ -387,6 +387,12 @@ def cmd_search(args) -> int:
     windows, protocol = _calibration(args, tokenizer)
     if not args.json:
         print(f"searching {args.kinds} on {args.model}; {protocol}", flush=True)
+    if args.out:
+        from .fileio import exclusive
+        from .search import LOCK_FILE
+
+        with exclusive(Path(args.out) / LOCK_FILE, f"the search run {args.out}"):
+            pass  # another process on this run: refused now, before the cost is measured and announced
     ev = None if _distributed(args) else _announce(args, "search", model, adapter, windows, args.kinds, base, args.steps)
 
     with _progress(args) as progress, _worker_pool(args, model, windows, adapter.group_sizes) as pool:
