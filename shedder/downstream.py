@@ -38,7 +38,7 @@ PAPER_TASKS = ("lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge
 LOCAL_TASKS = ("shedder_lastword", "shedder_choice")
 #: Names that stand for a task list on the command line and in the app.
 TASK_SETS = {"paper": PAPER_TASKS, "local": LOCAL_TASKS}
-INSTALL_HINT = "pip install 'shedder-studio[eval]'  (or: pip install lm-eval)"
+INSTALL_HINT = "pip install 'shedder-studio[eval]'  (or: pip install 'lm-eval[hf]')"
 CACHE_VERSION = 1
 
 
@@ -156,8 +156,10 @@ def require_lm_eval():
     """The ``lm_eval`` package, or one DownstreamError saying how to install it."""
     try:
         import lm_eval
-    except ImportError:
-        raise DownstreamError(f"downstream accuracy needs lm-eval, which is not installed: {INSTALL_HINT}") from None
+        import lm_eval.models.huggingface  # noqa: F401  (its HF wrapper needs accelerate: lm-eval's [hf] extra)
+    except ImportError as e:
+        raise DownstreamError(f"downstream accuracy needs lm-eval with its HF wrapper ({e.name} is not installed): "
+                              f"{INSTALL_HINT}") from None
     return lm_eval
 
 

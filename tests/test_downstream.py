@@ -117,4 +117,4 @@ def test_cli_without_lm_eval_says_how_to_install(capsys, monkeypatch, tiny_model
     monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
     assert main(["eval", "--model", str(tiny_model_dir), "--tasks", "local"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "pip install 'shedder-studio[eval]'" in err and "pip install lm-eval" in err
+    assert err.count("\n") == 1 and "pip install 'shedder-studio[eval]'" in err and "pip install 'lm-eval[hf]'" in err
