@@ -28,21 +28,19 @@ attention layer that lost its attention), ``ssm`` / ``heads_per_group``, ``mlp``
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 
 import transformers
 
 from ..errors import PlanError
 from ..plan import Component, PruningPlan
-from .common import sliced_state_dict
-from .hybrid_common import (FeedForwardGroups, check_attention_left, check_mlp_groups, num_mlp_groups, present,
+from .hybrid_common import (Mamba2FeedForwardAdapter, check_attention_left, check_mlp_groups, num_mlp_groups, present,
                             remove_sub_block, resize_feed_forward, skip_layer, skip_sub_block)
-from .mamba2_core import Mamba2StyleAdapter, MixerLayout, mixer_layout, ssm_components
+from .mamba2_core import mixer_layout, ssm_components
 from .spec import LayerSpec, PrunedSpec
 
 
-class BambaAdapter(FeedForwardGroups, Mamba2StyleAdapter):
+class BambaAdapter(Mamba2FeedForwardAdapter):
     architectures = ("BambaForCausalLM",)
     model_types = ("bamba",)
     kinds = ("block", "mixer", "ssm", "head", "attention", "mlp", "mlp_channel_group")
@@ -146,18 +144,6 @@ class BambaAdapter(FeedForwardGroups, Mamba2StyleAdapter):
         config.attn_layer_indices = [j for j, s in enumerate(spec.layers)
                                      if s.mixer and not self.has_ssm_mixer(s.source)]
         return False
-
-    @classmethod
-    def stock_layout(cls, config) -> MixerLayout:
-        return MixerLayout((config.mamba_n_heads // config.mamba_n_groups,) * config.mamba_n_groups)
-
-    @classmethod
-    def limits(cls, config):
-        return dataclasses.replace(super().limits(config), mlp=int(config.intermediate_size))
-
-    def pruned_state_dict(self, plan: PruningPlan):
-        replace = self.sub_block_replacements(plan, self.mixer_replacements(plan))
-        return sliced_state_dict(self.model.state_dict(), self.layer_prefix, self.layer_map(plan), replace)
 
     @classmethod
     def apply_layer(cls, layers, index, spec) -> None:

@@ -39,7 +39,6 @@ otherwise each kept layer's ``LayerSpec`` holds what differs from stock: ``atten
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -48,10 +47,9 @@ from torch import nn
 
 from ..errors import PlanError
 from ..plan import Component, PruningPlan
-from .common import sliced_state_dict
-from .hybrid_common import (FeedForwardGroups, RemovedAttention, mlp_groups, present, remove_sub_block,
+from .hybrid_common import (Mamba2FeedForwardAdapter, RemovedAttention, mlp_groups, present, remove_sub_block,
                             resize_feed_forward, skip_layer, skip_sub_block)
-from .mamba2_core import (Mamba2Hooks, Mamba2StyleAdapter, MixerLayout, Selection, gated_group_rms_norm, mixer_layout,
+from .mamba2_core import (Mamba2Hooks, MixerLayout, Selection, gated_group_rms_norm, mixer_layout,
                           ssm_components)
 from .spec import LayerSpec, PrunedSpec
 
@@ -100,7 +98,7 @@ FALCON_H1_HOOKS = FalconH1Hooks()
 
 
 # ------------------------------------------------------------------------------------ adapter
-class FalconH1Adapter(FeedForwardGroups, Mamba2StyleAdapter):
+class FalconH1Adapter(Mamba2FeedForwardAdapter):
     architectures = ("FalconH1ForCausalLM",)
     model_types = ("falcon_h1",)
     kinds = ("block", "mixer", "attention", "ssm", "head", "mlp", "mlp_channel_group")
@@ -181,18 +179,6 @@ class FalconH1Adapter(FeedForwardGroups, Mamba2StyleAdapter):
     def configure(self, config, spec: PrunedSpec, plan) -> bool:
         config.num_hidden_layers = len(spec.layers)
         return False
-
-    @classmethod
-    def stock_layout(cls, config) -> MixerLayout:
-        return MixerLayout((config.mamba_n_heads // config.mamba_n_groups,) * config.mamba_n_groups)
-
-    @classmethod
-    def limits(cls, config):
-        return dataclasses.replace(super().limits(config), mlp=int(config.intermediate_size))
-
-    def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
-        replace = self.sub_block_replacements(plan, self.mixer_replacements(plan))
-        return sliced_state_dict(self.model.state_dict(), self.layer_prefix, self.layer_map(plan), replace)
 
     @classmethod
     def apply_layer(cls, layers, index, spec) -> None:

@@ -63,6 +63,7 @@ dict for a removed sub-block, e.g. ``{"self_attn": {}}``, to drop its tensors).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Callable, Iterable, Sequence
 
 import torch
@@ -70,7 +71,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import PlanError
+from ..plan import PruningPlan
 from .base import patch_forward
+from .common import sliced_state_dict
+from .mamba2_core import Mamba2StyleAdapter, MixerLayout
 
 ROWS = ("gate_proj", "up_proj")
 COLS = ("down_proj",)
@@ -357,3 +361,21 @@ class FeedForwardGroups:
             ff = self.layers()[layer].feed_forward
             return {"feed_forward": pruned_mlp_state(ff, self.mlp_kept_channels(layer, comps))}
         return {}
+
+
+class Mamba2FeedForwardAdapter(FeedForwardGroups, Mamba2StyleAdapter):
+    """Base of the hybrids whose layers hold a Mamba-2 mixer (config ``mamba_n_heads`` /
+    ``mamba_n_groups``) and end in a feed-forward block (Bamba, Falcon-H1): the parts of their
+    extraction that do not depend on the family."""
+
+    @classmethod
+    def stock_layout(cls, config) -> MixerLayout:
+        return MixerLayout((config.mamba_n_heads // config.mamba_n_groups,) * config.mamba_n_groups)
+
+    @classmethod
+    def limits(cls, config):
+        return dataclasses.replace(super().limits(config), mlp=int(config.intermediate_size))
+
+    def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
+        replace = self.sub_block_replacements(plan, self.mixer_replacements(plan))
+        return sliced_state_dict(self.model.state_dict(), self.layer_prefix, self.layer_map(plan), replace)
