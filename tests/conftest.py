@@ -1,6 +1,11 @@
 """Shared fixtures: the bundled tokenizer and tiny random models of each family."""
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import transformers
@@ -53,3 +58,19 @@ def tiny_model_dir(tmp_path_factory, bundled_tokenizer):
     make_tiny_model("mamba2", layers=3, vocab_size=len(bundled_tokenizer)).save_pretrained(out)
     bundled_tokenizer.save_pretrained(out)
     return out
+
+
+@contextlib.contextmanager
+def lock_held_by_another_process(lock_file):
+    """Another process holds ``shedder.fileio.exclusive`` on ``lock_file`` for the block."""
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+from shedder.fileio import exclusive
+with exclusive({str(lock_file)!r}, "run"):
+    print("held", flush=True)
+    input()
+"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield
+    finally:
+        holder.communicate("\n")

@@ -243,10 +243,7 @@ def test_shared_server_exports_as_a_download_and_confines_saves(tmp_path, monkey
 
 
 def test_a_search_another_session_is_running_is_refused_with_a_message():
-    import subprocess
-    import sys
-
-    from shedder.loading import REPO_ROOT
+    from conftest import lock_held_by_another_process
     from shedder.search import LOCK_FILE, default_run_dir
 
     at = open_app("search")
@@ -254,20 +251,11 @@ def test_a_search_another_session_is_running_is_refused_with_a_message():
     kinds = at.multiselect(key="search_kinds").value
     run = default_run_dir(ws.loaded.model, ws.windows(ws.settings.calibration), list(kinds))
     at.number_input(key="search_steps").set_value(1).run()
-    holder = subprocess.Popen([sys.executable, "-c", f"""
-from shedder.fileio import exclusive
-with exclusive({str(run / LOCK_FILE)!r}, "run"):
-    print("held", flush=True)
-    input()
-"""], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(REPO_ROOT)})
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_by_another_process(run / LOCK_FILE):
         at.button(key="search_run").click().run()
         assert not at.exception
         assert [e.value for e in at.error] == ["Another session is running this search right now. Try again when it "
                                                "has finished; its steps are reused."]
-    finally:
-        holder.communicate("\n")
     assert workspace(at).search is None and not (run / "log.jsonl").exists()
 
 

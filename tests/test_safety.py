@@ -20,6 +20,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from conftest import lock_held_by_another_process
+
 from shedder import cli, fileio
 from shedder.cli import main
 from shedder.data import load_text
@@ -153,20 +155,11 @@ def test_publish_dir_refuses_a_target_created_meanwhile(tmp_path):
 # ------------------------------------------------------------------------------ runs, caches, logs
 def test_two_processes_on_one_run_directory(capsys, tiny_model_dir, tmp_path):
     run = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", f"""
-from shedder.fileio import exclusive
-with exclusive({str(run / LOCK_FILE)!r}, "run"):
-    print("held", flush=True)
-    input()
-"""], env=ENV, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_by_another_process(run / LOCK_FILE):
         argv = ["search", "--model", str(tiny_model_dir), "--out", str(run), "--steps", "1", *DATA]
         assert main(argv) == 2
         assert "is in use by another process" in one_error_line(capsys)
         assert not (run / "log.jsonl").exists()
-    finally:
-        holder.communicate("\n")
     assert main([*argv, "--json"]) == 0  # free again once the other process is done
     capsys.readouterr()
 
