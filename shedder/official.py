@@ -259,10 +259,7 @@ def read_official_run(run_dir: str | Path) -> list[tuple[dict, float, Path]]:
     log_path = run_dir / OFFICIAL_LOG
     if not log_path.is_file():
         raise ShedderError(f"{run_dir} is not an official Mamba-Shedder run: {OFFICIAL_LOG} not found")
-    try:
-        log = json.loads(log_path.read_text())
-    except json.JSONDecodeError as e:
-        raise ShedderError(f"{log_path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    log = _read_json(log_path)
     results = log.get("pruning_results") if isinstance(log, dict) else None
     if not isinstance(results, list) or not results:
         raise ShedderError(f"{log_path} has no 'pruning_results' (the run recorded no step)")
@@ -275,14 +272,19 @@ def read_official_run(run_dir: str | Path) -> list[tuple[dict, float, Path]]:
         path = run_dir / CONFIG_DIR / Path(str(r.get("config_save_to", ""))).name
         if not path.is_file():
             raise ShedderError(f"{log_path}: the config of step {expected} ({path.name}) is not in {run_dir / CONFIG_DIR}")
-        try:
-            config = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ShedderError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+        config = _read_json(path)
         if not isinstance(config, dict):
             raise PlanError(f"{path}: an official config must be a JSON object")
         out.append((config, float(r["importance"]), path))
     return out
+
+
+def _read_json(path: Path):
+    """The JSON in ``path``, or one ShedderError naming the file and where it is broken."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShedderError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
 
 
 def import_run(model, official_dir: str | Path, out_dir: str | Path):
