@@ -10,8 +10,8 @@ What is trained (the student):
   training it would also change the teacher and the unpruned baseline; the extracted student is
   smaller than the original, so teacher + student stay below two full copies.
 * ``lora``: low-rank factors ``A [r, in]``, ``B [out, r]`` on the chosen linear layers (per-family
-  defaults in ``LORA_TARGETS``, overridable), merged into the weights at the end, so the saved result
-  is an ordinary checkpoint. The factors are a ``torch.nn.utils.parametrize`` parametrization of the
+  defaults in each adapter's ``lora_targets``, overridable), merged into the weights at the end, so
+  the saved result is an ordinary checkpoint. The factors are a ``torch.nn.utils.parametrize`` parametrization of the
   weight itself (``weight = W + alpha/r · B @ A``): every read of ``layer.weight`` sees them, the
   stock forward as well as our pruned mixers and live masks, which call ``F.linear(x,
   mixer.in_proj.weight)`` directly. (``peft`` wraps the module instead, so those direct reads would
@@ -63,15 +63,6 @@ SCHEDULES = ("cosine", "linear", "constant")
 TEMPLATES = (None, "alpaca")
 #: Learning rates that recovered the most per token on the bundled models (``bench recover``).
 DEFAULT_LR = {"lora": 2e-3, "full": 5e-4, "distill": 5e-4}
-#: LoRA targets per ``model_type``: the official recipe's ``in_proj,out_proj,down_proj,up_proj`` plus
-#: gated MLPs' ``gate_proj``; names are matched against the last part of linear modules' names.
-LORA_TARGETS = {
-    "mamba": ("in_proj", "out_proj"),
-    "falcon_mamba": ("in_proj", "out_proj"),
-    "mamba2": ("in_proj", "out_proj"),
-    "nemotron_h": ("in_proj", "out_proj", "up_proj", "down_proj"),
-}
-LORA_TARGETS_HYBRID = ("in_proj", "out_proj", "up_proj", "down_proj", "gate_proj")
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 CARD_JSON = "recovery.json"
@@ -98,7 +89,7 @@ class RecoverConfig:
     seed: int = 0
     lora_rank: int = 16
     lora_alpha: float = 32.0
-    lora_targets: tuple[str, ...] | None = None   # default: LORA_TARGETS by model_type
+    lora_targets: tuple[str, ...] | None = None   # default: the family adapter's lora_targets
     temperature: float = 2.0
     lm_weight: float = 0.0              # distill: weight of the plain next-token loss
     eval_data: str = "test"
@@ -211,8 +202,8 @@ class LoraDelta(nn.Module):
 
 def lora_targets(model, names: tuple[str, ...] | None = None) -> list[str]:
     """Names of the linear modules LoRA adapts: those whose last name part is in ``names`` (default:
-    ``LORA_TARGETS`` for the model's family); the LM head and embeddings never."""
-    names = tuple(names or LORA_TARGETS.get(model.config.model_type, LORA_TARGETS_HYBRID))
+    the family adapter's ``lora_targets``); the LM head and embeddings never."""
+    names = tuple(names or adapter_for(model).lora_targets)
     found = [n for n, m in model.named_modules()
              if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in names and "lm_head" not in n]
     if not found:

@@ -74,6 +74,9 @@ class Adapter:
     kinds: ClassVar[tuple[str, ...]] = ("block",)
     #: Channels per group for the grouped kinds, when the plan does not say.
     default_group_sizes: ClassVar[dict[str, int]] = {}
+    #: Linear modules (last name part) that LoRA recovery adapts by default: the official recipe's
+    #: ``in_proj,out_proj,down_proj,up_proj`` plus gated MLPs' ``gate_proj``, where the family has them.
+    lora_targets: ClassVar[tuple[str, ...]] = ("in_proj", "out_proj", "up_proj", "down_proj", "gate_proj")
     #: Where the decoder layers are (``model.get_submodule``); also their state-dict prefix.
     layers_path: ClassVar[str] = "model.layers"
     #: The stock ``transformers`` class ``build`` starts from.

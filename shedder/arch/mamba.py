@@ -25,6 +25,7 @@ class MambaAdapter(Adapter):
     architectures = ("MambaForCausalLM",)
     model_types = ("mamba",)
     kinds = ("block", "ssm", "channel_group")
+    lora_targets = ("in_proj", "out_proj")
     model_class = transformers.MambaForCausalLM
     layers_path = "backbone.layers"
 

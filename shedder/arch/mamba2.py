@@ -19,6 +19,7 @@ class Mamba2Adapter(Mamba2StyleAdapter):
     architectures = ("Mamba2ForCausalLM",)
     model_types = ("mamba2",)
     kinds = ("block", "ssm", "head")
+    lora_targets = ("in_proj", "out_proj")
     model_class = transformers.Mamba2ForCausalLM
     layers_path = "backbone.layers"
 

@@ -71,6 +71,7 @@ class NemotronHAdapter(Mamba2StyleAdapter):
     architectures = ("NemotronHForCausalLM",)
     model_types = ("nemotron_h",)
     kinds = ("block", "ssm", "head", "attention", "mlp", "mlp_channel_group")
+    lora_targets = ("in_proj", "out_proj", "up_proj", "down_proj")
     default_group_sizes = {"mlp_channel_group": 64}
     model_class = transformers.NemotronHForCausalLM
     layers_path = "model.layers"
