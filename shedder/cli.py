@@ -66,6 +66,14 @@ def _load(args):
                       tokenizer=args.tokenizer)
 
 
+def _sources(args) -> list[str]:
+    """The local directories a command reads models from: no output may go into (or over) them."""
+    from .loading import resolve
+
+    names = [getattr(args, k, None) for k in ("model", "teacher", "baseline")]
+    return [resolve(n) for n in names if n and Path(resolve(n)).is_dir()]
+
+
 def _text_tokenizer(args, tokenizer):
     """The tokenizer of a command that reads text (one clear error when the model has none)."""
     from .loading import require_tokenizer
@@ -285,10 +293,8 @@ def cmd_extract(args) -> int:
     from .arch import count_parameters
     from .extract import model_card, save
     from .fileio import check_output_dir
-    from .loading import resolve
 
-    source = resolve(args.model)
-    protected = [source] if Path(source).exists() else []
+    protected = _sources(args)
     check_output_dir(args.out, args.overwrite, protected)  # before the work, so a refusal costs nothing
     model, tokenizer = _load(args)
     adapter, plan = _plan_for(model, args.plan)
@@ -307,6 +313,9 @@ def cmd_extract(args) -> int:
 def cmd_score(args) -> int:
     from .importance import cache_status
 
+    from .fileio import check_output_file
+
+    check_output_file(args.out, args.overwrite, _sources(args))  # before the work, so a refusal costs nothing
     model, tokenizer = _load(args)
     adapter, base = _plan_for(model, args.base_plan)
     windows, protocol = _calibration(args, tokenizer)
@@ -323,10 +332,9 @@ def cmd_score(args) -> int:
     except (Cancelled, KeyboardInterrupt):
         print("scoring stopped: the finished components are kept; the same command resumes them", file=sys.stderr)
         raise
-    from .fileio import atomic_write_text
+    from .fileio import write_output_file
 
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, table.to_csv(index=False))  # an interrupted write never leaves half a table
+    write_output_file(args.out, table.to_csv(index=False), args.overwrite, _sources(args))
     resumed = table.attrs.get("resumed", 0)
     cost = table.attrs.get("seconds")
     payload = {"out": args.out, "metric": args.metric, "protocol": protocol, "resumed": resumed, "seconds": cost,
@@ -368,10 +376,9 @@ def _compare(args, model, windows, protocol: str) -> int:
         tables, rows = compare(model, windows, args.kinds, metrics, stability=not args.no_stability,
                                top_k=args.top_k, progress=progress, cache_dir=args.cache_dir,
                                batch_size=args.batch_size)
-    from .fileio import atomic_write_text
+    from .fileio import write_output_file
 
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, rows.to_csv(index=False))
+    write_output_file(args.out, rows.to_csv(index=False), args.overwrite, _sources(args))
     payload = {"out": args.out, "protocol": protocol, "agreement": rows.to_dict(orient="records"),
                "costs": {m: {k: t.attrs.get(k) for k in ("seconds", "forwards", "backwards")} for m, t in tables.items()}}
     _emit(args, payload, f"{format_agreement(rows, tables)}\n\nwrote {args.out} ({protocol})")
@@ -387,10 +394,11 @@ def cmd_search(args) -> int:
     windows, protocol = _calibration(args, tokenizer)
     if not args.json:
         print(f"searching {args.kinds} on {args.model}; {protocol}", flush=True)
-    if args.out:
+    if args.out is not None:
         from .fileio import exclusive
-        from .search import LOCK_FILE
+        from .search import LOCK_FILE, claim_search_dir
 
+        claim_search_dir(args.out, model)
         with exclusive(Path(args.out) / LOCK_FILE, f"the search run {args.out}"):
             pass  # another process on this run: refused now, before the cost is measured and announced
     ev = None if _distributed(args) else _announce(args, "search", model, adapter, windows, args.kinds, base, args.steps)
@@ -426,7 +434,7 @@ def cmd_plan_convert(args) -> int:
     """Our plan -> official config, or official config -> our plan, for one model (what an official
     key removes depends on the family, and ordinals and widths on the model's layers)."""
     from .arch import adapter_for
-    from .official import to_official, write_json
+    from .official import to_official
     from .plan import PruningPlan
 
     plan = PruningPlan.load(args.plan)
@@ -435,9 +443,9 @@ def cmd_plan_convert(args) -> int:
         if official_in or plan.model is None or not plan.model.name:
             raise ShedderError("--model is needed: an official config does not say which model it is for")
         args.model = plan.model.name
-    out = Path(args.out)
-    if out.exists():
-        raise ShedderError(f"{out} already exists; choose another --out")
+    from .fileio import check_output_file, write_output_file
+
+    check_output_file(args.out, args.overwrite, _sources(args))
     if args.to == "official" and official_in:
         raise ShedderError(f"{args.plan} is already an official config")
     if args.to == "shedder" and not official_in:
@@ -446,7 +454,7 @@ def cmd_plan_convert(args) -> int:
     adapter = adapter_for(model, plan.group_sizes)
     resolved = adapter.validate(plan)
     data = to_official(adapter, resolved) if args.to == "official" else resolved.to_dict()
-    write_json(out, data)
+    out = write_output_file(args.out, json.dumps(data, indent=4, default=str), args.overwrite, _sources(args))
     _emit(args, {"out": str(out), "to": args.to, "plan": resolved.to_dict(), "written": data},
           f"wrote {out} ({args.to} format): {resolved.describe()}")
     return 0
@@ -735,7 +743,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("score", help="importance of every component (heatmap numbers) to CSV; --compare for agreement")
     _model_options(p)
     p.add_argument("--kinds", type=_kinds, default=["block"], help="comma-separated kinds (default block)")
-    p.add_argument("--out", required=True, help="CSV file to write (with --compare: the agreement rows)")
+    p.add_argument("--out", required=True, help="CSV file to write (with --compare: the agreement rows); new, "
+                                                "or an earlier output of this tool with --overwrite")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if this tool wrote it and it is unchanged since (never any other file)")
     p.add_argument("--metric", default="ppl", choices=["ppl", "block_influence", "activation", "taylor"],
                    help="ppl: perplexity increase when removed alone (default); block_influence: ShortGPT "
                         "1 - cos(in, out), blocks; activation: mean output-activation norm; taylor: |grad * weight|")
@@ -787,7 +798,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", required=True, choices=("official", "shedder"), help="the format to write")
     _model_options(p)
     p.set_defaults(model=None)
-    p.add_argument("--out", required=True, help="file to write (must not exist)")
+    p.add_argument("--out", required=True, help="file to write (new, or an earlier output of this tool with --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if this tool wrote it and it is unchanged since (never any other file)")
     _common(p)
     p.set_defaults(func=cmd_plan_convert)
 

@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 import threading
 import uuid
 from pathlib import Path
@@ -66,26 +65,135 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
         raise
 
 
-# ------------------------------------------------------------------------------ directories
+# ------------------------------------------------------------------------------ the output policy
+# Every writer of the tool goes through one of three claims, each checked before any work and again
+# just before publishing: ``check_output_file`` (a CSV, a plan, an official config), ``check_output_dir``
+# (an exported model) and ``claim_run_dir`` (a search, recovery or imported run). The shared rules
+# (``_check_place``): an empty name is refused; the working directory, the source model's directory
+# and their parents are never targets, and nothing is written inside a source model's directory.
+
+#: A file beside every output file (``.NAME.shedder``): the hash of what this tool wrote, so that
+#: ``--overwrite`` replaces only an unchanged output of ours, never a user's file of the same name.
+OUTPUT_SIDECAR = ".{name}.shedder"
+#: A file every run directory holds from its creation: marks a directory ``--resume`` may write into.
+RUN_MARKER = ".shedder-run"
+#: The lock file of a run directory (``exclusive``); a directory holding only it is still empty.
+RUN_LOCK = ".lock"
+
+
+def _check_place(target: str | Path, protected: Iterable[str | Path], what: str) -> Path:
+    if not str(target).strip():
+        raise ShedderError(f"no {what} given (the name is empty); name a new one")
+    if "\x00" in str(target):
+        raise ShedderError(f"{printable(target)} is not a usable name (it contains a NUL byte)")
+    out = Path(target).expanduser().resolve()
+    cwd = Path.cwd().resolve()
+    if out == cwd or out in cwd.parents:
+        where = "is" if out == cwd else "contains"
+        raise ShedderError(f"refusing to write to {printable(target)}: it {where} the working directory; "
+                           f"name a new {what}")
+    for p in protected:
+        keep = Path(p).expanduser().resolve()
+        if out == keep or out in keep.parents or keep in out.parents:
+            where = "is" if out == keep else ("contains" if out in keep.parents else "lies inside")
+            raise ShedderError(f"refusing to write to {printable(target)}: it {where} the source model's directory "
+                               f"{printable(p)}; choose a {what} elsewhere")
+    return out
+
+
+def model_dirs(*models) -> list[Path]:
+    """The local directories ``models`` were loaded from (``name_or_path``): places no output may touch."""
+    dirs = []
+    for model in models:
+        name = str(getattr(model, "name_or_path", "") or "")
+        if name and Path(name).expanduser().is_dir():
+            dirs.append(Path(name).expanduser().resolve())
+    return dirs
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(OUTPUT_SIDECAR.format(name=path.name))
+
+
+def written_by_us(path: str | Path) -> bool:
+    """True when ``path`` is a file this tool wrote and nobody has changed since."""
+    path = Path(path)
+    try:
+        record = json.loads(_sidecar(path).read_text(encoding="utf-8"))
+        return path.is_file() and isinstance(record, dict) and record.get("sha256") == _sha256(path)
+    except (OSError, ValueError):
+        return False
+
+
+def check_output_file(target: str | Path, overwrite: bool = False, protected: Iterable[str | Path] = ()) -> Path:
+    """The resolved output file, or ``ShedderError`` saying why it may not be written: an existing
+    file is replaced only with ``overwrite`` and only if this tool wrote it, unchanged since."""
+    out = _check_place(target, protected, "output file")
+    if out.is_dir():
+        raise ShedderError(f"{printable(target)} is a directory; name a file to write")
+    if out.exists() or out.is_symlink():
+        if not overwrite:
+            raise ShedderError(f"{printable(target)} already exists; choose a new file, or pass --overwrite to "
+                               "replace an earlier output of this tool")
+        if not written_by_us(out) or out.is_symlink():
+            raise ShedderError(f"refusing to replace {printable(target)}: this tool did not write it (or it was "
+                               "changed since); choose a new file")
+    return out
+
+
+def write_output_file(target: str | Path, data: str | bytes, overwrite: bool = False,
+                      protected: Iterable[str | Path] = ()) -> Path:
+    """Write an output file under the policy (checked, then written atomically, then recorded as
+    ours); returns its resolved path."""
+    out = check_output_file(target, overwrite, protected)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    check_output_file(target, overwrite, protected)  # checked again: it may have appeared meanwhile
+    atomic_write_bytes(out, payload)
+    atomic_write_text(_sidecar(out), json.dumps({"written_by": "shedder", "sha256": _sha256(out)}) + "\n")
+    return out
+
+
 def check_output_dir(target: str | Path, overwrite: bool = False, protected: Iterable[str | Path] = ()) -> Path:
     """The resolved output directory, or ``ShedderError`` saying why it may not be written."""
-    if not str(target).strip():
-        raise ShedderError("no output directory given (the name is empty); name a new directory")
-    out = Path(target).expanduser().resolve()
-    for keep, what in [(Path.cwd(), "the working directory"),
-                       *((Path(p).expanduser().resolve(), f"the source model's directory {p}") for p in protected)]:
-        if out == keep or out in keep.parents:
-            where = "is" if out == keep else "contains"
-            raise ShedderError(f"refusing to write to {printable(target)}: it {where} {what}; choose a new directory")
+    out = _check_place(target, protected, "output directory")
     if out.exists() and not out.is_dir():
-        raise ShedderError(f"{target} exists and is not a directory")
+        raise ShedderError(f"{printable(target)} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise ShedderError(f"{target} exists and is not empty; choose a new directory, or pass --overwrite "
-                               "to replace a previous export of this tool")
+            raise ShedderError(f"{printable(target)} exists and is not empty; choose a new directory, or pass "
+                               "--overwrite to replace a previous export of this tool")
         if not (out / EXPORT_MARKER).is_file():
-            raise ShedderError(f"refusing to replace {target}: it is not a directory this tool exported "
+            raise ShedderError(f"refusing to replace {printable(target)}: it is not a directory this tool exported "
                                f"(no {EXPORT_MARKER} file in it)")
+    return out
+
+
+def claim_run_dir(target: str | Path, protected: Iterable[str | Path] = (), what: str = "run",
+                  legacy: Iterable[str] = ()) -> Path:
+    """Create (or reopen) a run directory: refused when the place is not allowed, when it is a
+    file, or when it is a non-empty directory this tool did not make (no ``RUN_MARKER``; runs from
+    before the marker are recognised by a file named in ``legacy``). Returns the resolved path,
+    created and marked. Whether an existing run may be resumed is for the caller to say."""
+    out = _check_place(target, protected, f"{what} directory")
+    if out.exists() and not out.is_dir():
+        raise ShedderError(f"{printable(target)} exists and is not a directory; name a directory for the {what}")
+    if out.is_dir() and any(p.name != RUN_LOCK for p in out.iterdir()) and not (out / RUN_MARKER).is_file() \
+            and not any((out / name).is_file() for name in legacy):
+        raise ShedderError(f"refusing to write the {what} into {printable(target)}: it is not empty and is not a "
+                           "run directory of this tool; choose a new directory")
+    out.mkdir(parents=True, exist_ok=True)
+    if not (out / RUN_MARKER).is_file():
+        atomic_write_text(out / RUN_MARKER, json.dumps({"written_by": "shedder", "run": what}) + "\n")
     return out
 
 
@@ -95,6 +203,8 @@ def inside(root: str | Path, name: str | Path) -> Path:
     base = Path(root).expanduser().resolve()
     if not str(name).strip():
         raise ShedderError("no output directory given (the name is empty); name a new directory")
+    if "\x00" in str(name):
+        raise ShedderError(f"{printable(name)} is not a usable name (it contains a NUL byte)")
     path = (base / Path(name).expanduser()).resolve()
     if path == base or base not in path.parents:
         raise ShedderError(f"{printable(name)} is outside the export directory {base}; "
@@ -109,7 +219,8 @@ def publish_dir(target: str | Path, overwrite: bool = False, protected: Iterable
     untouched. See ``check_output_dir`` for what is refused."""
     out = check_output_dir(target, overwrite, protected)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
+    tmp.mkdir()  # not mkdtemp: the export gets the process umask's permissions, readable by its team
     try:
         yield tmp
         (tmp / EXPORT_MARKER).write_text(json.dumps({"written_by": "shedder"}) + "\n")

@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 from .errors import PlanError, ShedderError
+from .fileio import atomic_write_text, check_output_dir, claim_run_dir, model_dirs
 from .plan import Component, PruningPlan
 
 #: Every key the official code writes, in the order it writes them.
@@ -242,15 +241,8 @@ def _target_field(adapter) -> str:
 
 
 def write_json(path: Path, data) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=4, default=str)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """An official JSON file (4-space indent, as the official scripts write them), atomically."""
+    atomic_write_text(path, json.dumps(data, indent=4, default=str))
 
 
 def read_official_run(run_dir: str | Path) -> list[tuple[dict, float, Path]]:
@@ -299,9 +291,10 @@ def import_run(model, official_dir: str | Path, out_dir: str | Path):
     from .search import LOG_VERSION, SearchStep, _now, _RunLog
 
     adapter = adapter_for(model)
+    protected = [*model_dirs(model), official_dir]
+    check_output_dir(out_dir, protected=protected)  # a new (or empty) directory only
+    claim_run_dir(out_dir, protected, "imported run")
     out = _RunLog(Path(out_dir))
-    if out.exists() or (Path(out_dir).exists() and any(Path(out_dir).iterdir())):
-        raise ShedderError(f"{out_dir} is not empty; choose a new directory for the imported run")
     steps, previous = [], adapter.validate(PruningPlan())
     records = read_official_run(official_dir)
     plans = []

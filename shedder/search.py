@@ -37,7 +37,7 @@ from .arch import adapter_for
 from .data import windows_hash
 from .errors import ShedderError
 from .evaluator import PlanEvaluator, check_kinds, removing
-from .fileio import atomic_write_text, drop_torn_tail, exclusive
+from .fileio import RUN_LOCK, atomic_write_text, claim_run_dir, drop_torn_tail, exclusive, model_dirs
 from .importance import cache_key, default_cache_dir, model_fingerprint, plan_key
 from .masking import masked
 from .metrics import nll_sum, predicted_tokens
@@ -46,7 +46,7 @@ from .plan import Component, PruningPlan
 
 LOG_FILE = "log.jsonl"
 #: Held (``fileio.exclusive``) while a search writes its run directory: one writer per run.
-LOCK_FILE = ".lock"
+LOCK_FILE = RUN_LOCK
 PLAN_FILE = "pruning_config.json"
 LOG_VERSION = 1
 
@@ -199,8 +199,15 @@ def _search(model, windows, kinds, choose: Chooser, steps, target_params, max_pp
     if run_dir is None:
         return _search_loop(*args)
     _check_limits(steps, target_params, max_ppl)
+    claim_search_dir(run_dir, model)
     with exclusive(Path(run_dir) / LOCK_FILE, f"the search run {run_dir}", progress):
         return _search_loop(*args)
+
+
+def claim_search_dir(run_dir: str | Path, model) -> Path:
+    """The output policy for a search run directory (``fileio.claim_run_dir``): never the working
+    directory, the model's directory or a directory of someone else's files."""
+    return claim_run_dir(run_dir, model_dirs(model), "search run", legacy=(LOG_FILE,))
 
 
 def _search_loop(model, windows, kinds, choose: Chooser, steps, target_params, max_ppl, run_dir, resume, progress,
