@@ -96,8 +96,8 @@ def _check_place(target: str | Path, protected: Iterable[str | Path], what: str)
         keep = Path(p).expanduser().resolve()
         if out == keep or out in keep.parents or keep in out.parents:
             where = "is" if out == keep else ("contains" if out in keep.parents else "lies inside")
-            raise ShedderError(f"refusing to write to {printable(target)}: it {where} the source model's directory "
-                               f"{printable(p)}; choose a {what} elsewhere")
+            raise ShedderError(f"refusing to write to {printable(target)}: it {where} the source directory "
+                               f"{printable(p)}, which this command reads; choose another place")
     return out
 
 

@@ -53,7 +53,7 @@ from torch.nn.utils import parametrize
 from .arch import adapter_for, count_parameters
 from .data import load_records, load_text, tokenize, windows_from
 from .errors import Cancelled, DataError, ShedderError
-from .fileio import atomic_write, claim_run_dir, model_dirs
+from .fileio import RUN_LOCK, RUN_MARKER, atomic_write, claim_run_dir, model_dirs
 from .progress import Progress
 from .metrics import describe_protocol, perplexity
 
@@ -325,19 +325,17 @@ def _fingerprint(config: RecoverConfig, student) -> dict:
     return {"recipe": recipe, "student": hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]}
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool, protected=()) -> dict | None:
-    """Create the run directory, or return its checkpoint when resuming; refuse to reuse anything else."""
+def _prepare_run_dir(run_dir: Path, resume: bool) -> dict | None:
+    """The checkpoint of a claimed run directory when resuming; refuse to reuse anything else."""
     checkpoint = run_dir / CHECKPOINT
     if resume:
         if not checkpoint.is_file():
             raise ShedderError(f"nothing to resume in {run_dir}: no {CHECKPOINT} (the run finished or never started)")
-        claim_run_dir(run_dir, protected, "recovery run", legacy=(CHECKPOINT,))
         return torch.load(checkpoint, map_location="cpu", weights_only=False)
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if any(p.name not in (RUN_MARKER, RUN_LOCK) for p in run_dir.iterdir()):
         if checkpoint.is_file():
             raise ShedderError(f"{run_dir} holds an interrupted recovery; add --resume to continue it, or choose another --out")
         raise ShedderError(f"{run_dir} is not empty; choose a new directory for the recovered model")
-    claim_run_dir(run_dir, protected, "recovery run")
     return None
 
 
@@ -351,13 +349,14 @@ def recover(student, tokenizer, config: RecoverConfig, run_dir: str | Path, teac
     with) is saved alongside the model. ``progress(done, total, message)`` may raise ``Cancelled``:
     the step that just finished is checkpointed first, so ``resume=True`` continues exactly.
     """
-    run_dir = Path(run_dir)
+    # The output policy first, before any work: never the working or a model's directory, nor someone else's.
+    run_dir = claim_run_dir(run_dir, model_dirs(student, teacher), "recovery run", legacy=(CHECKPOINT,))
     if config.method == "distill" and teacher is None:
         raise ShedderError("distillation needs the unpruned model as teacher (--teacher, or --model with --plan)")
     device = next(student.parameters()).device
     train_ids = training_ids(tokenizer, config)
     eval_windows = windows_from(tokenizer, config.eval_data, samples=config.eval_samples, seq_len=config.seq_len)
-    state = _prepare_run_dir(run_dir, resume, model_dirs(student, teacher))
+    state = _prepare_run_dir(run_dir, resume)
     fingerprint = _fingerprint(config, student)
     if state is not None and state["fingerprint"] != fingerprint:
         raise ShedderError(f"{run_dir} was started with other settings or another model; resume with the same "

@@ -64,7 +64,7 @@ def test_extract_refuses_cwd_existing_and_source_directories(capsys, tiny_model_
     (mine / "config.json").write_text("{}")
     cases = {"": "no output directory given", ".": "is the working directory",
              str(tmp_path.parent): "contains the working directory", str(mine): "exists and is not empty",
-             str(tiny_model_dir): "source model's directory"}
+             str(tiny_model_dir): "source directory"}
     before = tree(tmp_path), tree(tiny_model_dir)
     for out, words in cases.items():
         for extra in ([], ["--overwrite"]):
@@ -150,6 +150,96 @@ def test_publish_dir_refuses_a_target_created_meanwhile(tmp_path):
             out.mkdir()
             (out / "theirs").write_text("keep")
     assert tree(out) == {"theirs": b"keep"}
+
+
+# ------------------------------------------------------------------------------ the output policy
+SCORE = ["score", "--kinds", "block", "--metric", "activation", *DATA]
+
+
+def test_score_never_replaces_a_file_it_did_not_write(capsys, tiny_model_dir, tmp_path, monkeypatch):
+    """The score and compare CSVs: a model's own file, a user's file, an empty name, the working
+    directory are refused (also with --overwrite); only an unchanged earlier output is replaced."""
+    monkeypatch.chdir(tmp_path)
+    model = tiny_model_dir
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine")
+    before = tree(tmp_path), tree(model)
+    for out, words in {str(model / "config.json"): "source directory", str(model / "new.csv"): "lies inside",
+                       str(notes): "already exists", "": "is empty", ".": "working directory",
+                       str(tmp_path.parent): "working directory"}.items():
+        for extra in ([], ["--overwrite"]):
+            for compare in ([], ["--compare", "activation,block_influence"]):
+                assert main([*SCORE, "--model", str(model), "--out", out, *extra, *compare]) == 2
+                line = one_error_line(capsys)
+                assert words in line or (extra and "did not write it" in line), (out, extra, line)
+    assert (tree(tmp_path), tree(model)) == before
+
+    out = tmp_path / "scores.csv"
+    assert main([*SCORE, "--model", str(model), "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main([*SCORE, "--model", str(model), "--out", str(out)]) == 2
+    assert "--overwrite" in one_error_line(capsys)
+    assert main([*SCORE, "--model", str(model), "--out", str(out), "--overwrite"]) == 0  # an unchanged output of ours
+    capsys.readouterr()
+    out.write_text(out.read_text() + "my notes\n")  # edited by its user: theirs now
+    assert main([*SCORE, "--model", str(model), "--out", str(out), "--overwrite"]) == 2
+    assert "did not write it" in one_error_line(capsys)
+    assert out.read_text().endswith("my notes\n")
+
+
+def test_runs_go_only_into_new_or_own_directories(capsys, tiny_model_dir, tmp_path, monkeypatch):
+    """search, recover and import-run: never into the working directory (``--out ""``), the model's
+    directory or a directory of someone else's files; the official layout stays inside the run."""
+    monkeypatch.chdir(tmp_path)
+    mine = tmp_path / "documents"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("mine")
+    before = tree(tmp_path), tree(tiny_model_dir)
+    model = ["--model", str(tiny_model_dir)]
+    commands = [["search", *model, "--steps", "1", *DATA], ["recover", *model, "--steps", "1", "--batch-size", "1",
+                "--seq-len", "16", "--eval-samples", "1", "--no-progress"], ["import-run", str(tmp_path / "official-run"), *model]]
+    for argv in commands:
+        for out, words in {"": "is empty", ".": "working directory", str(tiny_model_dir): "source directory",
+                           str(tiny_model_dir / "run"): "lies inside", str(mine): "not empty",
+                           str(mine / "thesis.tex"): "not a directory"}.items():
+            assert main([*argv, "--out", out]) == 2, (argv[0], out)
+            line = one_error_line(capsys)
+            assert words in line, (argv[0], out, line)
+    assert (tree(tmp_path), tree(tiny_model_dir)) == before
+
+    run = tmp_path / "run"
+    assert main(["search", *model, "--steps", "1", "--out", str(run), "--official-layout", *DATA]) == 0
+    assert (run / fileio.RUN_MARKER).is_file() and (run / "log.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["documents", "run"]
+    assert main(["search", *model, "--steps", "2", "--out", str(run), "--resume", *DATA]) == 0  # its own run
+
+
+def test_plan_convert_writes_under_the_policy(capsys, tiny_model_dir, plan_file, tmp_path):
+    out = tmp_path / "official.json"
+    out.write_text("mine")
+    argv = ["plan", "convert", str(plan_file), "--to", "official", "--model", str(tiny_model_dir)]
+    for extra in ([], ["--overwrite"]):
+        assert main([*argv, "--out", str(out), *extra]) == 2
+        capsys.readouterr()
+    assert out.read_text() == "mine"
+    assert main([*argv, "--out", str(tiny_model_dir / "official.json")]) == 2
+    assert "source directory" in one_error_line(capsys)
+    out.unlink()
+    assert main([*argv, "--out", str(out)]) == 0 and fileio.written_by_us(out)
+    assert main([*argv, "--out", str(out), "--overwrite"]) == 0
+
+
+def test_a_run_left_by_an_older_version_still_resumes(tmp_path):
+    """Runs from before the marker are recognised by their log (resume keeps working); the marker is added."""
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "log.jsonl").write_text("{}\n")
+    assert fileio.claim_run_dir(run, legacy=("log.jsonl",)) == run.resolve()
+    assert (run / fileio.RUN_MARKER).is_file()
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "log.jsonl").write_text("{}\n")
+    with pytest.raises(ShedderError, match="not a run directory of this tool"):
+        fileio.claim_run_dir(tmp_path / "theirs")
 
 
 # ------------------------------------------------------------------------------ runs, caches, logs
