@@ -197,6 +197,10 @@ def cmd_eval(args) -> int:
     from .masking import masked
     from .metrics import MAX_CONTEXT_TOKENS, describe_protocol, next_word_accuracy, next_word_protocol, perplexity
 
+    if args.cache_dir is not None:
+        from .fileio import check_cache_dir
+
+        check_cache_dir(args.cache_dir, _sources(args))
     if args.tasks:  # refuse a missing lm-eval or an unknown task before any model work
         from . import downstream
 
@@ -313,9 +317,11 @@ def cmd_extract(args) -> int:
 def cmd_score(args) -> int:
     from .importance import cache_status
 
-    from .fileio import check_output_file
+    from .fileio import check_cache_dir, check_output_file
 
     check_output_file(args.out, args.overwrite, _sources(args))  # before the work, so a refusal costs nothing
+    if args.cache_dir is not None:
+        check_cache_dir(args.cache_dir, _sources(args))
     model, tokenizer = _load(args)
     adapter, base = _plan_for(model, args.base_plan)
     windows, protocol = _calibration(args, tokenizer)

@@ -178,6 +178,16 @@ def check_output_dir(target: str | Path, overwrite: bool = False, protected: Ite
     return out
 
 
+def check_cache_dir(target: str | Path, protected: Iterable[str | Path] = ()) -> Path:
+    """A cache directory given by the user (``--cache-dir``): the tool writes its own entries under
+    it, so it may exist and hold files, but it is never the working directory, a source directory,
+    inside one, or a file."""
+    out = _check_place(target, protected, "cache directory")
+    if out.exists() and not out.is_dir():
+        raise ShedderError(f"{printable(target)} exists and is not a directory; name a directory for the cache")
+    return out
+
+
 def claim_run_dir(target: str | Path, protected: Iterable[str | Path] = (), what: str = "run",
                   legacy: Iterable[str] = ()) -> Path:
     """Create (or reopen) a run directory: refused when the place is not allowed, when it is a

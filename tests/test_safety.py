@@ -174,6 +174,13 @@ def test_score_never_replaces_a_file_it_did_not_write(capsys, tiny_model_dir, tm
                 assert words in line or (extra and "did not write it" in line), (out, extra, line)
     assert (tree(tmp_path), tree(model)) == before
 
+    for cache in ("", ".", str(model), str(model / "cache"), str(notes)):
+        assert main([*SCORE, "--model", str(model), "--out", "s.csv", "--cache-dir", cache]) == 2
+        capsys.readouterr()
+        assert main(["eval", "--model", str(model), "--cache-dir", cache, *DATA]) == 2
+        capsys.readouterr()
+    assert (tree(tmp_path), tree(model)) == before
+
     out = tmp_path / "scores.csv"
     assert main([*SCORE, "--model", str(model), "--out", str(out)]) == 0
     capsys.readouterr()
