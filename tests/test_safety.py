@@ -453,20 +453,42 @@ def test_two_sessions_in_parallel_threads_get_single_session_numbers(tiny_model_
     assert Workspace(settings=settings).loaded.model is Workspace(settings=settings).loaded.model  # one shared copy
 
 
-def test_uploads_are_per_session_named_by_file_and_deleted_with_the_session():
+def test_uploads_are_per_session_named_by_file_and_deleted_with_the_session(tmp_path, monkeypatch):
+    """The real path: each rerun (``workspace()``) is a heartbeat and sweeps at most once a minute;
+    a session Streamlit no longer has active loses its uploads once past the reconnect grace."""
     pytest.importorskip("streamlit")
-    import gc
+    from types import SimpleNamespace
 
+    from app import sessions
     from app.state import Workspace
 
+    monkeypatch.setenv("SHEDDER_CACHE_DIR", str(tmp_path))
+    live = {"one", "two"}
+    monkeypatch.setattr(sessions, "runtime", SimpleNamespace(
+        exists=lambda: True, get_instance=lambda: SimpleNamespace(is_active_session=lambda s: s in live)))
     one, two = Workspace(), Workspace()
-    a, b = one.stash_upload("../../notes.txt", b"some text"), two.stash_upload("notes.txt", b"some text")
+    monkeypatch.setattr(sessions, "session_id", lambda: "one")
+    a = one.stash_upload("../../notes.txt", b"some text")
+    monkeypatch.setattr(sessions, "session_id", lambda: "two")
+    b = two.stash_upload("notes.txt", b"some text")
     assert Path(a).parent.parent != Path(b).parent.parent and Path(a).name == "notes.txt"
+    assert Path(a).is_relative_to(tmp_path / "uploads")
     assert Path(a).read_bytes() == b"some text" and one.label(a) == "upload notes.txt"
     assert one.public(f"text source not found: {a!r}") == "text source not found: 'notes.txt'"
     folder = Path(a).parent.parent
-    del one
-    gc.collect()
+
+    def rerun_after(seconds):
+        monkeypatch.setattr(sessions, "_last_sweep", float("-inf"))
+        clock = sessions.time.time() + seconds
+        monkeypatch.setattr(sessions.time, "time", lambda: clock)
+        two.heartbeat()
+
+    rerun_after(2 * sessions.DEFAULT_TTL_S)
+    assert folder.exists() and Path(b).exists()  # live sessions keep their files, however idle
+    live.discard("one")  # the tab was closed
+    rerun_after(sessions.RECONNECT_GRACE_S / 2)
+    assert folder.exists()  # it may still reconnect
+    rerun_after(2 * sessions.RECONNECT_GRACE_S)
     assert not folder.exists() and Path(b).exists()
 
 
