@@ -3,10 +3,12 @@
 * ``atomic_write_text``: a temporary file beside the target, then a rename; readers see the old
   file or the whole new one, never half of it. Temporary names are unique per process and thread.
 * ``publish_dir``: a model (or any directory of outputs) is written into a fresh temporary
-  directory beside the target and renamed into place only when complete. A target that exists and
-  is not empty is refused unless ``overwrite``, and even then only if it is a previous export of
-  this tool (it holds ``EXPORT_MARKER``); the working directory, the source model's directory and
-  their parents are never targets. Any failure leaves the target exactly as it was.
+  directory beside the target and renamed into place only when complete, every file and directory
+  in it with the permissions the process umask gives (readable by a team under umask 022). A
+  target that exists and is not empty is refused unless ``overwrite``, and even then only if it is
+  a previous export of this tool (it holds ``EXPORT_MARKER``); the working directory, the source
+  model's directory and their parents are never targets. Any failure leaves the target exactly as
+  it was.
 * ``exclusive``: an inter-process lock (``filelock``) for a run directory or a cache entry; a second
   process is refused at once with a message saying what is busy (``Busy``); a second thread of this
   process waits, shown and cancellable through its progress callback.
@@ -296,10 +298,26 @@ def publish_dir(target: str | Path, overwrite: bool = False, protected: Iterable
     try:
         yield tmp
         (tmp / EXPORT_MARKER).write_text(json.dumps({"written_by": "shedder"}) + "\n")
+        _umask_modes(tmp)
         _replace_dir(tmp, check_output_dir(target, overwrite, protected))  # checked again: it may have changed
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask_modes(top: Path) -> None:
+    """Give every directory and file under ``top`` the permissions the process umask gives a new one
+    (e.g. 0755 and 0644 under umask 022), as read from ``top``, made with ``mkdir`` just before:
+    some writers (safetensors, through a temporary file) leave 0600 files a team cannot read. The
+    umask is read this way because ``os.umask`` can only be read by setting it, for every thread."""
+    dir_mode = top.stat().st_mode & 0o777
+    for path in [top, *top.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode
+        want = dir_mode if path.is_dir() else (0o777 if mode & 0o100 else 0o666) & dir_mode
+        if mode & 0o777 != want:
+            path.chmod(want)
 
 
 def _replace_dir(new: Path, out: Path) -> None:
