@@ -23,9 +23,10 @@ import os
 import re
 import shutil
 import threading
+import unicodedata
 import uuid
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NoReturn
 
 from .errors import Busy, ShedderError, printable
 
@@ -217,7 +218,7 @@ def name_problem(name: str) -> str | None:
         return "it contains a NUL byte"
     if "/" in name:
         return "it contains '/'"
-    if any(not ch.isprintable() and ch != " " for ch in name):
+    if any(unicodedata.category(ch) == "Cc" for ch in name):
         return "it contains a control character"
     if set(name) == {"."}:
         return "it is only dots"
@@ -247,7 +248,7 @@ def check_path_names(path: str | Path, what: str = "name") -> str:
     return text
 
 
-def _refuse(name: str, what: str, problem: str):
+def _refuse(name: str, what: str, problem: str) -> NoReturn:
     raise ShedderError(f"{_shown(name)} is not a usable {what}: {problem} ({NAME_RULE})")
 
 

@@ -649,7 +649,8 @@ def test_output_names_are_refused_with_the_rule(tmp_path, capsys, tiny_model_dir
         with pytest.raises(ShedderError, match="empty"):
             inside(tmp_path, bad)
     assert inside(tmp_path, "a/b") == tmp_path.resolve() / "a" / "b"  # parts are fine, names are judged each
-    assert fileio.check_name("model-1.2_final") == "model-1.2_final"
+    for fine in ("model-1.2_final", "modèle\u00a0final 🙂", "é" * 127):  # letters, spaces, 254 bytes
+        assert fileio.check_name(fine) == fine
     with pytest.raises(ShedderError, match="contains '/'"):
         fileio.check_name("a/b")
     out = tmp_path / ("z" * 300)
