@@ -11,9 +11,6 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-import shutil
-import tempfile
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,8 +23,9 @@ from shedder.arch.base import model_lock
 from shedder.continuation import continue_text
 from shedder.cost import estimate
 from shedder.data import OFFICIAL, calibration_windows
-from shedder.errors import ShedderError
+from shedder.errors import ShedderError, printable
 from shedder.evaluator import PlanEvaluator
+from shedder.fileio import safe_name
 from shedder.importance_metrics import metric_scores
 from shedder.loading import DEFAULT_MODEL, load_model
 from shedder.masking import WAITING, masked
@@ -35,6 +33,8 @@ from shedder.metrics import calibration_protocol, next_word_accuracy, perplexity
 from shedder.plan import Component, PruningPlan
 from shedder.recover import CHECKPOINT, RecoverConfig, finished, recover, recovery_run_dir, student_for
 from shedder.search import default_run_dir, greedy_search
+
+from . import sessions
 
 #: Session-state key of the workspace.
 WORKSPACE_KEY = "shedder_workspace"
@@ -151,21 +151,27 @@ class Workspace:
     uploads: dict = field(default_factory=dict)  # stashed path -> the uploaded file's name
     _upload_dir: Path | None = None
 
-    # -- uploads (this session's own, deleted when the session ends) ------------------------------
+    # -- uploads (this session's own, deleted once the session has ended: ``app.sessions``) --------
     def stash_upload(self, name: str, data: bytes) -> str:
-        """Write an uploaded text file where ``shedder.data.load_text`` can read it, in a directory
-        of this session's own that is deleted when the session (this workspace) goes away. The
-        content hash names its folder, so the same upload reuses the cached windows."""
-        if self._upload_dir is None:
-            self._upload_dir = Path(tempfile.mkdtemp(prefix="shedder-session-"))
-            weakref.finalize(self, shutil.rmtree, str(self._upload_dir), True)
-        safe = re.sub(r"[^\w.-]+", "_", Path(name).name).lstrip(".") or "upload.txt"
-        path = self._upload_dir / hashlib.sha256(data).hexdigest()[:16] / safe
+        """Write an uploaded text file where ``shedder.data.load_text`` can read it, in a folder of
+        this session's own (``app.sessions``: deleted once the session has ended). The content hash
+        names its subfolder, so the same upload reuses the cached windows; the file gets a safe,
+        length-capped version of the uploaded name, and messages still show the name as uploaded."""
+        if self._upload_dir is None or not self._upload_dir.is_dir():
+            self._upload_dir = sessions.open_folder(sessions.session_id(), self._upload_dir)
+        path = self._upload_dir / hashlib.sha256(data).hexdigest()[:16] / safe_name(name, "upload.txt")
         if not path.exists():
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
-        self.uploads[str(path)] = Path(name).name
+        self.uploads[str(path)] = printable(re.split(r"[/\\]", name)[-1])
         return str(path)
+
+    def heartbeat(self) -> None:
+        """Mark this session alive (a rerun) and delete the uploads of ended sessions (at most once a
+        minute per process)."""
+        if self._upload_dir is not None:
+            sessions.touch(self._upload_dir)
+        sessions.maybe_sweep()
 
     def label(self, source: str) -> str:
         """A text source as the visitor knows it: an upload by its file name, not its server path."""
@@ -422,7 +428,10 @@ class Recovered:
 
 
 def workspace() -> Workspace:
-    """This browser session's workspace, created with default settings on first use."""
+    """This browser session's workspace, created with default settings on first use; every call
+    (each page, each rerun) is a heartbeat of the session (``Workspace.heartbeat``)."""
     if WORKSPACE_KEY not in st.session_state:
         st.session_state[WORKSPACE_KEY] = Workspace()
-    return st.session_state[WORKSPACE_KEY]
+    ws = st.session_state[WORKSPACE_KEY]
+    ws.heartbeat()
+    return ws

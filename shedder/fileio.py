@@ -3,10 +3,12 @@
 * ``atomic_write_text``: a temporary file beside the target, then a rename; readers see the old
   file or the whole new one, never half of it. Temporary names are unique per process and thread.
 * ``publish_dir``: a model (or any directory of outputs) is written into a fresh temporary
-  directory beside the target and renamed into place only when complete. A target that exists and
-  is not empty is refused unless ``overwrite``, and even then only if it is a previous export of
-  this tool (it holds ``EXPORT_MARKER``); the working directory, the source model's directory and
-  their parents are never targets. Any failure leaves the target exactly as it was.
+  directory beside the target and renamed into place only when complete, every file and directory
+  in it with the permissions the process umask gives (readable by a team under umask 022). A
+  target that exists and is not empty is refused unless ``overwrite``, and even then only if it is
+  a previous export of this tool (it holds ``EXPORT_MARKER``); the working directory, the source
+  model's directory and their parents are never targets. Any failure leaves the target exactly as
+  it was.
 * ``exclusive``: an inter-process lock (``filelock``) for a run directory or a cache entry; a second
   process is refused at once with a message saying what is busy (``Busy``); a second thread of this
   process waits, shown and cancellable through its progress callback.
@@ -18,11 +20,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import threading
+import unicodedata
 import uuid
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator, NoReturn
 
 from .errors import Busy, ShedderError, printable
 
@@ -84,8 +88,7 @@ RUN_LOCK = ".lock"
 def _check_place(target: str | Path, protected: Iterable[str | Path], what: str) -> Path:
     if not str(target).strip():
         raise ShedderError(f"no {what} given (the name is empty); name a new one")
-    if "\x00" in str(target):
-        raise ShedderError(f"{printable(target)} is not a usable name (it contains a NUL byte)")
+    check_path_names(target, f"{what} name")
     out = Path(target).expanduser().resolve()
     cwd = Path.cwd().resolve()
     if out == cwd or out in cwd.parents:
@@ -207,14 +210,86 @@ def claim_run_dir(target: str | Path, protected: Iterable[str | Path] = (), what
     return out
 
 
+# ------------------------------------------------------------------------------ names
+#: The longest name of one file or directory most file systems take, in bytes (UTF-8).
+NAME_MAX = 255
+#: What a name given for an output must be, said whenever one is refused.
+NAME_RULE = (f"a name is 1 to {NAME_MAX} bytes (UTF-8) with no NUL byte and no control characters, and is not only "
+             "dots")
+
+
+def name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be one file or directory name (``"it contains a NUL byte"``), or None.
+    File systems refuse some of these only with a raw ``OSError`` (``ENAMETOOLONG``) or
+    ``ValueError`` (NUL), and accept others (a newline, ``...``) that later confuse people."""
+    if not name.strip():
+        return "it is empty"
+    if "\x00" in name:
+        return "it contains a NUL byte"
+    if "/" in name:
+        return "it contains '/'"
+    if any(unicodedata.category(ch) == "Cc" for ch in name):
+        return "it contains a control character"
+    if set(name) == {"."}:
+        return "it is only dots"
+    if len(name.encode("utf-8", "surrogateescape")) > NAME_MAX:
+        return f"it is longer than {NAME_MAX} bytes"
+    return None
+
+
+def check_name(name: str, what: str = "name") -> str:
+    """``name`` when it is a usable single file or directory name, else ``ShedderError`` naming the rule."""
+    problem = name_problem(name)
+    if problem:
+        _refuse(name, what, problem)
+    return name
+
+
+def check_path_names(path: str | Path, what: str = "name") -> str:
+    """``path`` when every one of its parts is a usable name (``name_problem``), else ``ShedderError``
+    naming the rule; ``.`` and ``..`` parts pass here and are judged by where the path leads (``inside``)."""
+    text = str(path)
+    if not text.strip() or "\x00" in text:  # refused whole: there are no parts to judge
+        check_name(text, what)
+    for part in Path(text).parts:
+        problem = None if part in (".", "..", Path(text).anchor) else name_problem(part)
+        if problem:
+            _refuse(text, what, problem if part == text else f"its part {_shown(part)}: {problem}")
+    return text
+
+
+def _refuse(name: str, what: str, problem: str) -> NoReturn:
+    raise ShedderError(f"{_shown(name)} is not a usable {what}: {problem} ({NAME_RULE})")
+
+
+def _shown(name: str, limit: int = 60) -> str:
+    """``name`` escaped (``printable``) and, when long, cut in the middle: a message stays readable."""
+    text = printable(name)
+    return text if len(text) <= limit else f"{text[:limit - 20]}…{text[-19:]}"
+
+
+def safe_name(name: str, default: str = "file", limit: int = 120) -> str:
+    """A name safe to create for a file a visitor named (an upload): its last part only, every
+    character but letters, digits, ``.``, ``-`` and ``_`` replaced by ``_``, no leading dot, at most
+    ``limit`` bytes (UTF-8) with its extension kept; ``default`` when nothing usable is left."""
+    safe = re.sub(r"[^\w.-]+", "_", re.split(r"[/\\]", name)[-1]).lstrip(".")
+    if not safe.strip("._-"):
+        return default
+    stem, ext = os.path.splitext(safe)
+    if len(ext.encode("utf-8")) > 16:  # not an extension, just a dot late in a long name
+        stem, ext = safe, ""
+    room = limit - len(ext.encode("utf-8"))
+    return stem.encode("utf-8")[:room].decode("utf-8", errors="ignore") + ext
+
+
 def inside(root: str | Path, name: str | Path) -> Path:
-    """``root / name`` resolved, or ``ShedderError`` when it lies outside ``root`` (``..``, an
-    absolute path elsewhere, a symlink out) or is ``root`` itself: saves confined to one directory."""
+    """``root / name`` resolved, or ``ShedderError`` when a part of ``name`` is not a usable name
+    (``check_name``) or when it lies outside ``root`` (``..``, an absolute path elsewhere, a symlink
+    out) or is ``root`` itself: saves confined to one directory."""
     base = Path(root).expanduser().resolve()
     if not str(name).strip():
         raise ShedderError("no output directory given (the name is empty); name a new directory")
-    if "\x00" in str(name):
-        raise ShedderError(f"{printable(name)} is not a usable name (it contains a NUL byte)")
+    check_path_names(name, "directory name")
     path = (base / Path(name).expanduser()).resolve()
     if path == base or base not in path.parents:
         raise ShedderError(f"{printable(name)} is outside the export directory {base}; "
@@ -234,10 +309,26 @@ def publish_dir(target: str | Path, overwrite: bool = False, protected: Iterable
     try:
         yield tmp
         (tmp / EXPORT_MARKER).write_text(json.dumps({"written_by": "shedder"}) + "\n")
+        _umask_modes(tmp)
         _replace_dir(tmp, check_output_dir(target, overwrite, protected))  # checked again: it may have changed
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _umask_modes(top: Path) -> None:
+    """Give every directory and file under ``top`` the permissions the process umask gives a new one
+    (e.g. 0755 and 0644 under umask 022), as read from ``top``, made with ``mkdir`` just before:
+    some writers (safetensors, through a temporary file) leave 0600 files a team cannot read. The
+    umask is read this way because ``os.umask`` can only be read by setting it, for every thread."""
+    dir_mode = top.stat().st_mode & 0o777
+    for path in [top, *top.rglob("*")]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode
+        want = dir_mode if path.is_dir() else (0o777 if mode & 0o100 else 0o666) & dir_mode
+        if mode & 0o777 != want:
+            path.chmod(want)
 
 
 def _replace_dir(new: Path, out: Path) -> None:

@@ -335,3 +335,27 @@ def test_frontier_puts_strategies_side_by_side_with_measured_speed(monkeypatch):
     assert_clean(at)
     original, pruned = [t.value for t in at.text][-2:]
     assert original.startswith("It is a truth") and pruned.startswith("It is a truth") and original != pruned
+
+
+@pytest.mark.parametrize("bad,problem", [("a\x00b", "NUL byte"), ("x" * 300, "longer than 255 bytes"),
+                                         ("new\nline", "control character"), ("...", "only dots")])
+def test_export_page_refuses_an_unusable_name_with_one_message(tmp_path, bad, problem):
+    at = open_app("export")
+    at.text_input(key="export_dir").set_value(bad).run()
+    at.button(key="export_save").click().run()
+    assert not at.exception
+    assert len(at.error) == 1 and problem in at.error[0].value and "a name is 1 to 255 bytes" in at.error[0].value
+    assert not [p for p in tmp_path.iterdir() if p.name != "cache"]  # nothing written
+
+
+def test_an_upload_with_an_unusable_name_is_stashed_and_named_as_uploaded(tmp_path):
+    at = open_app()
+    at.radio(key="calib_how").set_value("upload a .txt/.jsonl").run()
+    name = "é" * 150 + "\x1b.txt"
+    at.file_uploader(key="calib_file").set_value((name, b"Some words to read. " * 200, "text/plain")).run()
+    at.button(key="model_load").click().run()
+    assert_clean(at)
+    ws = workspace(at)
+    source = Path(ws.settings.calibration)
+    assert source.is_file() and source.is_relative_to(tmp_path / "cache" / "uploads")
+    assert len(source.name.encode()) <= 120 and ws.label(str(source)) == "upload " + "é" * 150 + "\\x1b.txt"

@@ -550,20 +550,42 @@ def test_two_sessions_in_parallel_threads_get_single_session_numbers(tiny_model_
     assert Workspace(settings=settings).loaded.model is Workspace(settings=settings).loaded.model  # one shared copy
 
 
-def test_uploads_are_per_session_named_by_file_and_deleted_with_the_session():
+def test_uploads_are_per_session_named_by_file_and_deleted_with_the_session(tmp_path, monkeypatch):
+    """The real path: each rerun (``workspace()``) is a heartbeat and sweeps at most once a minute;
+    a session Streamlit no longer has active loses its uploads once past the reconnect grace."""
     pytest.importorskip("streamlit")
-    import gc
+    from types import SimpleNamespace
 
+    from app import sessions
     from app.state import Workspace
 
+    monkeypatch.setenv("SHEDDER_CACHE_DIR", str(tmp_path))
+    live = {"one", "two"}
+    monkeypatch.setattr(sessions, "runtime", SimpleNamespace(
+        exists=lambda: True, get_instance=lambda: SimpleNamespace(is_active_session=lambda s: s in live)))
     one, two = Workspace(), Workspace()
-    a, b = one.stash_upload("../../notes.txt", b"some text"), two.stash_upload("notes.txt", b"some text")
+    monkeypatch.setattr(sessions, "session_id", lambda: "one")
+    a = one.stash_upload("../../notes.txt", b"some text")
+    monkeypatch.setattr(sessions, "session_id", lambda: "two")
+    b = two.stash_upload("notes.txt", b"some text")
     assert Path(a).parent.parent != Path(b).parent.parent and Path(a).name == "notes.txt"
+    assert Path(a).is_relative_to(tmp_path / "uploads")
     assert Path(a).read_bytes() == b"some text" and one.label(a) == "upload notes.txt"
     assert one.public(f"text source not found: {a!r}") == "text source not found: 'notes.txt'"
     folder = Path(a).parent.parent
-    del one
-    gc.collect()
+
+    def rerun_after(seconds):
+        monkeypatch.setattr(sessions, "_last_sweep", float("-inf"))
+        clock = sessions.time.time() + seconds
+        monkeypatch.setattr(sessions.time, "time", lambda: clock)
+        two.heartbeat()
+
+    rerun_after(2 * sessions.DEFAULT_TTL_S)
+    assert folder.exists() and Path(b).exists()  # live sessions keep their files, however idle
+    live.discard("one")  # the tab was closed
+    rerun_after(sessions.RECONNECT_GRACE_S / 2)
+    assert folder.exists()  # it may still reconnect
+    rerun_after(2 * sessions.RECONNECT_GRACE_S)
     assert not folder.exists() and Path(b).exists()
 
 
@@ -619,3 +641,162 @@ def test_a_second_thread_waits_for_a_run_lock_shown_and_cancellable(tmp_path):
     with exclusive(lock, "the run", lambda *a: release.set()):  # waits for the other, then holds it
         assert not worker.is_alive() or release.is_set()
     worker.join()
+
+
+# ------------------------------------------------------------------------------ the shared studio
+def _session_folder(root: Path, record: dict | None, age_s: float, now: float) -> Path:
+    """An upload folder under ``root`` owned as ``record`` says, its heartbeat ``age_s`` before ``now``."""
+    from app import sessions
+
+    folder = root / f"session-{len(list(root.glob('session-*')))}"
+    folder.mkdir(parents=True)
+    (folder / "abc" / "notes.txt").parent.mkdir()
+    (folder / "abc" / "notes.txt").write_text("text")
+    if record is not None:
+        (folder / sessions.RECORD).write_text(json.dumps(record))
+    for path in (folder, folder / sessions.RECORD):
+        if path.exists():
+            os.utime(path, (now - age_s, now - age_s))
+    return folder
+
+
+def test_upload_sweeper_deletes_only_ended_sessions(tmp_path):
+    """A fake clock and a fake Streamlit session list: every owner case of ``app.sessions.ended``."""
+    pytest.importorskip("streamlit")
+    import socket
+
+    from app import sessions
+
+    now, ttl, grace = 1_000_000.0, 3600.0, sessions.RECONNECT_GRACE_S
+    ours = {"process": sessions.PROCESS, "pid": os.getpid(), "host": socket.gethostname()}
+    other = {"process": "another", "pid": 12345, "host": socket.gethostname()}
+    keep = {  # folder -> why it stays
+        _session_folder(tmp_path, {**ours, "session": "live"}, 10 * ttl, now): "active, however idle",
+        _session_folder(tmp_path, {**ours, "session": "dropped"}, grace / 2, now): "may reconnect",
+        _session_folder(tmp_path, {**ours, "session": None}, ttl / 2, now): "no runtime, within the TTL",
+        _session_folder(tmp_path, {**other, "session": "x"}, 10 * ttl, now): "its server still runs here",
+        _session_folder(tmp_path, {**other, "pid": 999, "session": "x"}, ttl / 2, now): "ended server, within the TTL",
+    }
+    gone = {
+        _session_folder(tmp_path, {**ours, "session": "closed"}, 2 * grace, now),
+        _session_folder(tmp_path, {**ours, "session": None}, 2 * ttl, now),
+        _session_folder(tmp_path, {**other, "pid": 999, "session": "x"}, 2 * ttl, now),
+        _session_folder(tmp_path, {**other, "host": "elsewhere", "session": "x"}, 2 * ttl, now),
+        _session_folder(tmp_path, None, 2 * ttl, now),  # no record (a torn creation)
+    }
+    deleted = sessions.sweep(tmp_path, now=now, ttl=ttl, active=lambda s: None if s is None else s == "live",
+                             pid_alive=lambda pid: pid == 12345)
+    assert set(deleted) == gone and not any(p.exists() for p in gone)
+    assert all(p.exists() for p in keep), [why for p, why in keep.items() if not p.exists()]
+    live = next(p for p, why in keep.items() if why.startswith("active"))
+    assert (live / sessions.RECORD).stat().st_mtime == now  # seen active: the grace starts again
+
+
+def test_upload_ttl_setting_and_sweeps_at_most_once_a_minute(tmp_path, monkeypatch):
+    pytest.importorskip("streamlit")
+    from app import sessions
+
+    monkeypatch.delenv("SHEDDER_UPLOAD_TTL_S", raising=False)
+    assert sessions.ttl_s() == 3600
+    monkeypatch.setenv("SHEDDER_UPLOAD_TTL_S", "60")
+    assert sessions.ttl_s() == 60
+    monkeypatch.setenv("SHEDDER_UPLOAD_TTL_S", "soon")
+    with pytest.raises(ValueError, match="SHEDDER_UPLOAD_TTL_S"):
+        sessions.ttl_s()
+    calls = []
+    monkeypatch.setattr(sessions, "sweep", lambda: calls.append(1))
+    monkeypatch.setattr(sessions, "_last_sweep", float("-inf"))
+    for _ in range(5):
+        sessions.maybe_sweep()
+    assert calls == [1]
+
+
+def test_uploads_of_this_server_are_deleted_when_it_stops(tmp_path, monkeypatch):
+    """``atexit``: the server's own folders go, another server's stay."""
+    pytest.importorskip("streamlit")
+    import atexit
+
+    from app import sessions
+
+    registered = []
+    monkeypatch.setattr(atexit, "register", registered.append)
+    monkeypatch.setattr(sessions, "_ROOTS", set())
+    mine = sessions.open_folder("s1", root=tmp_path)
+    theirs = _session_folder(tmp_path, {"process": "another", "pid": 1, "host": "h"}, 0, sessions.time.time())
+    assert registered == [sessions.remove_own_folders] and oct(mine.stat().st_mode & 0o777) == "0o700"
+    registered[0]()
+    assert not mine.exists() and theirs.exists()
+
+
+BAD_NAMES = {"a\x00b": "NUL byte", "x" * 300: "longer than 255 bytes", "é" * 200: "longer than 255 bytes",
+             "line\nbreak": "control character", "esc\x1b[31m": "control character", "...": "only dots",
+             "a/.../b": "only dots", "a/" + "y" * 256: "longer than 255 bytes"}
+
+
+def test_output_names_are_refused_with_the_rule(tmp_path, capsys, tiny_model_dir, plan_file):
+    """Export names (``inside``) and every writer's target (``check_output_dir``, the CLI): one
+    message naming the rule, never a raw ValueError or ENAMETOOLONG, and nothing written."""
+    for bad, problem in BAD_NAMES.items():
+        for check in (lambda n: inside(tmp_path, n), lambda n: check_output_dir(tmp_path / n)):
+            with pytest.raises(ShedderError) as e:
+                check(bad)
+            assert problem in str(e.value) and fileio.NAME_RULE in str(e.value), str(e.value)
+            assert "\n" not in str(e.value) and len(str(e.value)) < 400
+    for bad in ("", "  "):
+        with pytest.raises(ShedderError, match="empty"):
+            inside(tmp_path, bad)
+    assert inside(tmp_path, "a/b") == tmp_path.resolve() / "a" / "b"  # parts are fine, names are judged each
+    for fine in ("model-1.2_final", "modèle\u00a0final 🙂", "é" * 127):  # letters, spaces, 254 bytes
+        assert fileio.check_name(fine) == fine
+    with pytest.raises(ShedderError, match="contains '/'"):
+        fileio.check_name("a/b")
+    out = tmp_path / ("z" * 300)
+    assert main(["extract", "--model", str(tiny_model_dir), "--plan", str(plan_file), "--out", str(out)]) == 2
+    assert "longer than 255 bytes" in one_error_line(capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_upload_names_are_made_safe_and_shown_as_uploaded(tmp_path, monkeypatch):
+    pytest.importorskip("streamlit")
+    from app.state import Workspace
+
+    monkeypatch.setenv("SHEDDER_CACHE_DIR", str(tmp_path))
+    ws = Workspace()
+    names = ["x" * 300 + ".txt", "é" * 200 + ".jsonl", "a\x00b.txt", "../../etc/passwd", "C:\\docs\\notes.txt",
+             "...", "", "line\nbreak.txt", "\x1b[31mred.txt"]
+    for i, name in enumerate(names):
+        path = Path(ws.stash_upload(name, f"text {i}".encode()))
+        assert path.read_bytes() == f"text {i}".encode() and path.is_relative_to(tmp_path / "uploads")
+        assert fileio.name_problem(path.name) is None and len(path.name.encode()) <= 120
+        assert not path.name.startswith(".")
+        shown = ws.public(f"cannot read {path}")
+        assert str(tmp_path) not in shown and "\x00" not in shown and "\x1b" not in shown and "\n" not in shown
+    assert Path(ws.stash_upload("x" * 300 + ".txt", b"t")).suffix == ".txt"
+    assert ws.label(ws.stash_upload("../../notes.txt", b"n")) == "upload notes.txt"
+
+
+def _modes(path: Path) -> dict:
+    return {str(p.relative_to(path)): oct(p.stat().st_mode & 0o777) for p in [path, *sorted(path.rglob("*"))]}
+
+
+@pytest.mark.parametrize("umask,dirs,files", [(0o022, "0o755", "0o644"), (0o027, "0o750", "0o640")])
+def test_exports_get_the_umask_permissions(tiny_model_dir, plan_file, tmp_path, umask, dirs, files):
+    """A team reads an export: the directory and every file in it (marker, weights, config, tokenizer,
+    plan, card) get the process umask's permissions, from ``extract.save`` and ``python -m shedder extract``."""
+    out_api, out_cli = tmp_path / "api", tmp_path / "cli"
+    from shedder.loading import load_model
+
+    model, tokenizer = load_model(str(tiny_model_dir))
+    old = os.umask(umask)
+    try:
+        save(model, tokenizer, out_api, plan=PruningPlan(frozenset({Component("block", 1)})), card="# card")
+    finally:
+        os.umask(old)
+    subprocess.run(["sh", "-c", f'umask {umask:03o} && exec "$@"', "sh", sys.executable, "-m", "shedder", "extract",
+                    "--model", str(tiny_model_dir), "--plan", str(plan_file), "--out", str(out_cli)],
+                   env=ENV, check=True, capture_output=True, timeout=300)
+    for out in (out_api, out_cli):
+        modes = _modes(out)
+        assert {EXPORT_MARKER, "config.json", "model.safetensors", PLAN_FILE, "README.md"} <= set(modes), modes
+        assert any("tokenizer" in name for name in modes), modes
+        assert all(m == (dirs if (out / p).is_dir() else files) for p, m in modes.items()), modes
