@@ -126,7 +126,8 @@ class RecoverConfig:
             raise ShedderError(f"--seq-len must be a whole number of at least 2, got {self.seq_len!r}")
         if not _is_int(self.seed) or not 0 <= self.seed < 2 ** 63:
             raise ShedderError(f"--seed must be a whole number in [0, 2**63), got {self.seed!r}")
-        _check_number("lr", self.lr, "a positive number", lambda v: v > 0, optional=True)
+        # beyond 1 an AdamW step outgrows any weight (and past float32's range the optimizer fails)
+        _check_number("lr", self.lr, "a positive number at most 1", lambda v: 0 < v <= 1, optional=True)
         _check_number("warmup", self.warmup, "a fraction of the steps in [0, 1)", lambda v: 0 <= v < 1)
         _check_number("lora_alpha", self.lora_alpha, "a positive number", lambda v: v > 0)
         _check_number("temperature", self.temperature, "a positive number", lambda v: v > 0)
@@ -583,11 +584,23 @@ def recover(student, tokenizer, config: RecoverConfig, run_dir: str | Path, teac
     run_dir = Path(run_dir)
     if config.method == "distill" and teacher is None:
         raise ShedderError("distillation needs the unpruned model as teacher (--teacher, or --model with --plan)")
+    _check_teacher(student, teacher)
     _check_run_dir(run_dir, resume)  # read-only: a plain mistake creates nothing
     claim_run_dir(run_dir, model_dirs(student, teacher), "recovery run", legacy=(LEGACY_CHECKPOINT,))
     with exclusive(run_dir / RUN_LOCK, f"the recovery run {run_dir}", progress):
         _check_run_dir(run_dir, resume)  # again: another writer may have finished or started meanwhile
         return _run(student, tokenizer, config, run_dir, teacher, plan, source, progress, resume)
+
+
+def _check_teacher(student, teacher) -> None:
+    """The teacher must read the student's tokens and predict over the same vocabulary (its
+    perplexity is the baseline, and distillation compares the two distributions token by token)."""
+    if teacher is None:
+        return
+    ours, theirs = student.get_input_embeddings().num_embeddings, teacher.get_input_embeddings().num_embeddings
+    if ours != theirs:
+        raise ShedderError(f"the teacher's vocabulary has {theirs} tokens, the student's {ours}; the teacher must be "
+                           "the unpruned model the student was pruned from (same tokenizer and vocabulary)")
 
 
 def _run(student, tokenizer, config: RecoverConfig, run_dir: Path, teacher, plan, source: str,

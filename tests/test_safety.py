@@ -746,7 +746,7 @@ def test_a_damaged_checkpoint_is_one_error(capsys, stopped_copy, damage, words):
 
 
 @pytest.mark.parametrize("flag,value", [
-    ("--lr", "nan"), ("--lr", "-1"), ("--lr", "0"), ("--lr", "inf"), ("--warmup", "1"), ("--warmup", "-0.1"),
+    ("--lr", "nan"), ("--lr", "-1"), ("--lr", "0"), ("--lr", "inf"), ("--lr", "1e300"), ("--warmup", "1"), ("--warmup", "-0.1"),
     ("--warmup", "nan"), ("--steps", "0"), ("--steps", "-1"), ("--tokens", "0"), ("--batch-size", "0"),
     ("--seq-len", "0"), ("--seq-len", "-5"), ("--lora-rank", "0"), ("--lora-alpha", "nan"), ("--lora-alpha", "0"),
     ("--temperature", "0"), ("--temperature", "nan"), ("--lm-weight", "nan"), ("--lm-weight", "-1"),
@@ -757,4 +757,16 @@ def test_bad_recover_options_are_one_error(capsys, tmp_path, tiny_model_dir, pla
     assert main(["recover", "--model", str(tiny_model_dir), "--plan", str(plan_file), "--out", str(out),
                  "--no-progress", flag, value]) == 2
     assert flag in one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_a_teacher_of_another_vocabulary_is_one_error(capsys, tmp_path, tiny_model_dir, tiny_model_factory,
+                                                      bundled_tokenizer):
+    teacher = tmp_path / "teacher"
+    tiny_model_factory("mamba2", layers=3, vocab_size=100).save_pretrained(teacher)
+    bundled_tokenizer.save_pretrained(teacher)
+    out = tmp_path / "rec"
+    assert main(["recover", "--model", str(tiny_model_dir), "--teacher", str(teacher), "--method", "distill",
+                 "--out", str(out), *RECOVER]) == 2
+    assert "the teacher's vocabulary has 100 tokens" in one_error_line(capsys)
     assert not out.exists()
