@@ -401,7 +401,8 @@ def _check_run_dir(run_dir: Path, resume: bool) -> None:
     if resume and not resumable(run_dir):
         raise ShedderError(f"nothing to resume in {run_dir}: no {CHECKPOINT} (the run finished or never started)")
     if not resume and resumable(run_dir):
-        raise ShedderError(f"{run_dir} holds an interrupted recovery; add --resume to continue it, or choose another --out")
+        raise ShedderError(f"{run_dir} holds an interrupted recovery; add --resume to continue it, "
+                           "or choose another --out")
     if not resume and run_dir.is_dir() and any(p.name not in (RUN_MARKER, RUN_LOCK) for p in run_dir.iterdir()):
         raise ShedderError(f"{run_dir} is not empty; choose a new directory for the recovered model")
 
@@ -506,7 +507,8 @@ def _check_meta(run_dir: Path, meta) -> None:
             raise _damaged(run_dir, f"{key!r} has the wrong type ({type(meta[key]).__name__})")
     if meta["step"] < 0 or not math.isfinite(meta["seconds"]) or meta["seconds"] < 0:
         raise _damaged(run_dir, f"step {meta['step']} / seconds {meta['seconds']} are out of range")
-    if not re.fullmatch(r"[0-9a-f]{64}", meta["sha256"]) or meta["tensors"] != TENSORS.format(digest=meta["sha256"][:16]):
+    own = TENSORS.format(digest=meta["sha256"][:16])
+    if not re.fullmatch(r"[0-9a-f]{64}", meta["sha256"]) or meta["tensors"] != own:
         raise _damaged(run_dir, "it does not name a tensor file of its own (tensors, sha256)")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in meta["ppl"].values()):
         raise _damaged(run_dir, "'ppl' must map names to numbers")

@@ -7,8 +7,11 @@ options, and property tests of the plan parser and the text sources.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
+import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,16 +22,18 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file, save_file
 
 from conftest import lock_held_by_another_process
 
 from shedder import cli, fileio
+from shedder import recover as recovery
 from shedder.cli import main
 from shedder.data import load_text
 from shedder.errors import Busy, Cancelled, DataError, PlanError, ShedderError
 from shedder.extract import PLAN_FILE, save
 from shedder.fileio import EXPORT_MARKER, check_output_dir, drop_torn_tail, exclusive, inside, publish_dir
-from shedder.loading import REPO_ROOT
+from shedder.loading import REPO_ROOT, load_model
 from shedder.masking import WAITING, holding, masked
 from shedder.official import OFFICIAL_KEYS
 from shedder.plan import KINDS, Component, PruningPlan
@@ -536,10 +541,8 @@ def recover_argv(model_dir, plan, out) -> list[str]:
 @pytest.fixture(scope="module")
 def stopped_recovery(tmp_path_factory, tiny_model_dir, plan_file):
     """A recovery run interrupted (Ctrl-C) during step 7 of 12: its checkpoint holds step 6."""
-    from shedder import recover as recover_module
-
     run = tmp_path_factory.mktemp("recoveries") / "stopped"
-    real, calls = recover_module.sample_batch, []
+    real, calls = recovery.sample_batch, []
 
     def interrupt_at_7(*args, **kwargs):
         calls.append(1)
@@ -548,7 +551,7 @@ def stopped_recovery(tmp_path_factory, tiny_model_dir, plan_file):
         return real(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(recover_module, "sample_batch", interrupt_at_7)
+        mp.setattr(recovery, "sample_batch", interrupt_at_7)
         assert main(recover_argv(tiny_model_dir, plan_file, run)) == 130
     assert json.loads((run / "checkpoint.json").read_text())["step"] == 6
     return run
@@ -557,8 +560,6 @@ def stopped_recovery(tmp_path_factory, tiny_model_dir, plan_file):
 @pytest.fixture
 def stopped_copy(stopped_recovery, tmp_path, tiny_model_dir, plan_file):
     """A copy of the stopped run of this test's own, and the command that made it."""
-    import shutil
-
     run = tmp_path / "run"
     shutil.copytree(stopped_recovery, run)
     return run, recover_argv(tiny_model_dir, plan_file, run)
@@ -581,9 +582,6 @@ def test_two_processes_on_one_recovery_run(capsys, stopped_copy):
 
 
 def test_a_second_session_waits_for_a_recovery_run_shown_and_cancellable(stopped_copy, plan_file):
-    from shedder.loading import load_model
-    from shedder.recover import recover, student_for
-
     run, argv = stopped_copy
     args = cli.build_parser().parse_args([*argv, "--resume"])
     model, tokenizer = load_model(args.model)
@@ -604,18 +602,16 @@ def test_a_second_session_waits_for_a_recovery_run_shown_and_cancellable(stopped
         seen.append(message)
         raise Cancelled("stop")
 
+    def resume(progress):
+        return recovery.recover(recovery.student_for(model, plan), tokenizer, cli._recover_config(args), run,
+                                plan=plan, progress=progress, resume=True)
+
     try:
         with pytest.raises(Cancelled):
-            recover(student_for(model, plan), tokenizer, cli._recover_config(args), run, plan=plan, progress=cancel,
-                    resume=True)
+            resume(cancel)
         assert seen == [f"waiting: another session is writing the recovery run {run}"]
         assert tree(run) == before
-
-        def wait_then_watch(done, total, message):
-            release.set()  # the other session finishes while this one waits
-
-        result = recover(student_for(model, plan), tokenizer, cli._recover_config(args), run, plan=plan,
-                         progress=wait_then_watch, resume=True)
+        result = resume(lambda *a: release.set())  # the other session finishes while this one waits
     finally:
         release.set()
         worker.join()
@@ -668,8 +664,6 @@ class _Trap:
 
 
 def test_a_pickle_checkpoint_is_refused_never_read(capsys, tmp_path, tiny_model_dir, plan_file):
-    import pickle
-
     pickle.loads(pickle.dumps(_Trap(tmp_path / "proof")))
     assert (tmp_path / "proof").exists()  # the trap works when unpickled
     trap = tmp_path / "trapped"
@@ -686,15 +680,11 @@ def test_a_pickle_checkpoint_is_refused_never_read(capsys, tmp_path, tiny_model_
 
 def _retensor(run: Path, change) -> None:
     """Rewrite the checkpoint's tensor file with ``change(tensors)`` applied, its JSON consistent."""
-    from safetensors.torch import load_file, save_file
-
     meta = json.loads((run / "checkpoint.json").read_text())
     tensors = load_file(str(run / meta["tensors"]))
     change(tensors)
     (run / meta["tensors"]).unlink()
     save_file(tensors, str(run / "new.safetensors"))
-    import hashlib
-
     meta["sha256"] = hashlib.sha256((run / "new.safetensors").read_bytes()).hexdigest()
     meta["tensors"] = f"checkpoint-{meta['sha256'][:16]}.safetensors"
     (run / "new.safetensors").rename(run / meta["tensors"])
@@ -733,7 +723,8 @@ def _tensor_file(run: Path) -> Path:
     (lambda run: _retensor(run, lambda t: t.pop(_first_trained(t))), "1 missing"),
     (lambda run: _retensor(run, lambda t: t.update({"evil": torch.zeros(1)})), "1 unknown, e.g. evil"),
     (lambda run: _retensor(run, lambda t: t.pop("optimizer/0/exp_avg")), "state of parameter 0 is incomplete"),
-    (lambda run: _retensor(run, lambda t: t.update({"generator": torch.zeros(3, dtype=torch.uint8)})), "generator"),
+    (lambda run: _retensor(run, lambda t: t.update({"generator": torch.zeros(3, dtype=torch.uint8)})),
+     "generator is torch.uint8 [3]"),
 ])
 def test_a_damaged_checkpoint_is_one_error(capsys, stopped_copy, damage, words):
     run, argv = stopped_copy
@@ -746,8 +737,8 @@ def test_a_damaged_checkpoint_is_one_error(capsys, stopped_copy, damage, words):
 
 
 @pytest.mark.parametrize("flag,value", [
-    ("--lr", "nan"), ("--lr", "-1"), ("--lr", "0"), ("--lr", "inf"), ("--lr", "1e300"), ("--warmup", "1"), ("--warmup", "-0.1"),
-    ("--warmup", "nan"), ("--steps", "0"), ("--steps", "-1"), ("--tokens", "0"), ("--batch-size", "0"),
+    ("--lr", "nan"), ("--lr", "-1"), ("--lr", "0"), ("--lr", "inf"), ("--lr", "1e300"), ("--warmup", "1"),
+    ("--warmup", "-0.1"), ("--warmup", "nan"), ("--steps", "0"), ("--steps", "-1"), ("--tokens", "0"), ("--batch-size", "0"),
     ("--seq-len", "0"), ("--seq-len", "-5"), ("--lora-rank", "0"), ("--lora-alpha", "nan"), ("--lora-alpha", "0"),
     ("--temperature", "0"), ("--temperature", "nan"), ("--lm-weight", "nan"), ("--lm-weight", "-1"),
     ("--eval-samples", "0"), ("--checkpoint-every", "0"), ("--seed", "-1"), ("--seed", str(2 ** 64)),
