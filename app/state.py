@@ -22,7 +22,6 @@ import streamlit as st
 from shedder import downstream, frontier
 from shedder.agreement import compare
 from shedder.arch import adapter_for, count_parameters
-from shedder.arch.base import model_lock
 from shedder.continuation import continue_text
 from shedder.cost import estimate
 from shedder.data import OFFICIAL, calibration_windows
@@ -30,7 +29,7 @@ from shedder.errors import ShedderError
 from shedder.evaluator import PlanEvaluator
 from shedder.importance_metrics import metric_scores
 from shedder.loading import DEFAULT_MODEL, load_model
-from shedder.masking import WAITING, masked
+from shedder.masking import WAITING, holding, masked
 from shedder.metrics import calibration_protocol, next_word_accuracy, perplexity
 from shedder.plan import Component, PruningPlan
 from shedder.recover import RecoverConfig, finished, recover, recovery_run_dir, resumable, student_for
@@ -387,7 +386,7 @@ class Workspace:
         if not plan.components:
             raise ShedderError("the current plan removes nothing; prune something before recovering")
         run_dir = recovery_run_dir(self.settings.model, plan, config)
-        with model_lock(loaded.model):  # the teacher's weights are shared with other sessions
+        with holding(loaded.model, progress):  # shared weights: another session recovering is waited for, shown
             if finished(run_dir) is None:  # decided under the lock: another session may just have run it
                 student = student_for(loaded.model, plan, loaded.adapter)
                 teacher = loaded.model if config.method == "distill" else None
