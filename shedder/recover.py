@@ -465,8 +465,10 @@ def _write_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], meta: dic
 
 
 def _remove_checkpoint(run_dir: Path) -> None:
-    (run_dir / CHECKPOINT).unlink(missing_ok=True)  # the JSON first: no checkpoint naming a missing file
-    for path in run_dir.glob(TENSORS.format(digest="*")):
+    """Delete the checkpoint, the JSON first (never a checkpoint naming a missing file), and the
+    temporary files of checkpoints a kill interrupted (this run holds the lock: nobody else writes them)."""
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    for path in [*run_dir.glob(TENSORS.format(digest="*")), *run_dir.glob(".checkpoint*.tmp")]:
         path.unlink(missing_ok=True)
 
 

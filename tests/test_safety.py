@@ -22,7 +22,8 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from conftest import lock_held_by_another_process
 
@@ -680,14 +681,18 @@ def test_a_pickle_checkpoint_is_refused_never_read(capsys, tmp_path, tiny_model_
 
 def _retensor(run: Path, change) -> None:
     """Rewrite the checkpoint's tensor file with ``change(tensors)`` applied, its JSON consistent."""
-    meta = json.loads((run / "checkpoint.json").read_text())
-    tensors = load_file(str(run / meta["tensors"]))
+    tensors = load_file(str(_tensor_file(run)))
     change(tensors)
+    _replace_tensor_file(run, safetensors_bytes(tensors))
+
+
+def _replace_tensor_file(run: Path, data: bytes) -> None:
+    """Put ``data`` in place of the checkpoint's tensor file, named and hashed in its JSON as ours are."""
+    meta = json.loads((run / "checkpoint.json").read_text())
     (run / meta["tensors"]).unlink()
-    save_file(tensors, str(run / "new.safetensors"))
-    meta["sha256"] = hashlib.sha256((run / "new.safetensors").read_bytes()).hexdigest()
+    meta["sha256"] = hashlib.sha256(data).hexdigest()
     meta["tensors"] = f"checkpoint-{meta['sha256'][:16]}.safetensors"
-    (run / "new.safetensors").rename(run / meta["tensors"])
+    (run / meta["tensors"]).write_bytes(data)
     (run / "checkpoint.json").write_text(json.dumps(meta))
 
 
@@ -719,6 +724,7 @@ def _tensor_file(run: Path) -> Path:
     (lambda run: (run / "checkpoint.json").write_text("[1, 2]"), "is not a JSON object"),
     (lambda run: _tensor_file(run).write_bytes(b"x" * 100), "changed or truncated"),
     (lambda run: _tensor_file(run).unlink(), "is missing"),
+    (lambda run: _replace_tensor_file(run, b"x" * 100), "is not a readable safetensors file"),
     (lambda run: _retensor(run, lambda t: t.update({_first_trained(t): torch.zeros(3, 3)})), "this run needs"),
     (lambda run: _retensor(run, lambda t: t.pop(_first_trained(t))), "1 missing"),
     (lambda run: _retensor(run, lambda t: t.update({"evil": torch.zeros(1)})), "1 unknown, e.g. evil"),
