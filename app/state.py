@@ -19,7 +19,6 @@ import streamlit as st
 from shedder import downstream, frontier
 from shedder.agreement import compare
 from shedder.arch import adapter_for, count_parameters
-from shedder.arch.base import model_lock
 from shedder.continuation import continue_text
 from shedder.cost import estimate
 from shedder.data import OFFICIAL, calibration_windows
@@ -28,10 +27,10 @@ from shedder.evaluator import PlanEvaluator
 from shedder.fileio import safe_name
 from shedder.importance_metrics import metric_scores
 from shedder.loading import DEFAULT_MODEL, load_model
-from shedder.masking import WAITING, masked
+from shedder.masking import WAITING, holding, masked
 from shedder.metrics import calibration_protocol, next_word_accuracy, perplexity
 from shedder.plan import Component, PruningPlan
-from shedder.recover import CHECKPOINT, RecoverConfig, finished, recover, recovery_run_dir, student_for
+from shedder.recover import RecoverConfig, finished, recover, recovery_run_dir, resumable, student_for
 from shedder.search import default_run_dir, greedy_search
 
 from . import sessions
@@ -393,12 +392,12 @@ class Workspace:
         if not plan.components:
             raise ShedderError("the current plan removes nothing; prune something before recovering")
         run_dir = recovery_run_dir(self.settings.model, plan, config)
-        if finished(run_dir) is None:
-            student = student_for(loaded.model, plan, loaded.adapter)
-            teacher = loaded.model if config.method == "distill" else None
-            with model_lock(loaded.model):  # the teacher's weights are shared with other sessions
+        with holding(loaded.model, progress):  # shared weights: another session recovering is waited for, shown
+            if finished(run_dir) is None:  # decided under the lock: another session may just have run it
+                student = student_for(loaded.model, plan, loaded.adapter)
+                teacher = loaded.model if config.method == "distill" else None
                 recover(student, loaded.tokenizer, config, run_dir, teacher=teacher, plan=plan,
-                        source=self.settings.model, progress=progress, resume=(run_dir / CHECKPOINT).is_file())
+                        source=self.settings.model, progress=progress, resume=resumable(run_dir))
         model, _ = load_model(str(run_dir), dtype=self.settings.dtype, device=self.settings.device)
         result = Recovered(plan, config, str(run_dir), finished(run_dir),
                            {"ppl": float(perplexity(model, self.windows(self.settings.evaluation))),

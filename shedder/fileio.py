@@ -73,7 +73,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
 # Every writer of the tool goes through one of three claims, each checked before any work and again
 # just before publishing: ``check_output_file`` (a CSV, a plan, an official config), ``check_output_dir``
 # (an exported model) and ``claim_run_dir`` (a search, recovery or imported run). The shared rules
-# (``_check_place``): an empty name is refused; the working directory, the source model's directory
+# (``check_place``): an empty name is refused; the working directory, the source model's directory
 # and their parents are never targets, and nothing is written inside a source model's directory.
 
 #: A file beside every output file (``.NAME.shedder``): the hash of what this tool wrote, so that
@@ -85,7 +85,7 @@ RUN_MARKER = ".shedder-run"
 RUN_LOCK = ".lock"
 
 
-def _check_place(target: str | Path, protected: Iterable[str | Path], what: str) -> Path:
+def check_place(target: str | Path, protected: Iterable[str | Path], what: str) -> Path:
     if not str(target).strip():
         raise ShedderError(f"no {what} given (the name is empty); name a new one")
     check_path_names(target, f"{what} name")
@@ -141,7 +141,7 @@ def written_by_us(path: str | Path) -> bool:
 def check_output_file(target: str | Path, overwrite: bool = False, protected: Iterable[str | Path] = ()) -> Path:
     """The resolved output file, or ``ShedderError`` saying why it may not be written: an existing
     file is replaced only with ``overwrite`` and only if this tool wrote it, unchanged since."""
-    out = _check_place(target, protected, "output file")
+    out = check_place(target, protected, "output file")
     if out.is_dir():
         raise ShedderError(f"{printable(target)} is a directory; name a file to write")
     if out.exists() or out.is_symlink():
@@ -168,7 +168,7 @@ def write_output_file(target: str | Path, data: str | bytes, overwrite: bool = F
 
 def check_output_dir(target: str | Path, overwrite: bool = False, protected: Iterable[str | Path] = ()) -> Path:
     """The resolved output directory, or ``ShedderError`` saying why it may not be written."""
-    out = _check_place(target, protected, "output directory")
+    out = check_place(target, protected, "output directory")
     if out.exists() and not out.is_dir():
         raise ShedderError(f"{printable(target)} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()):
@@ -185,7 +185,7 @@ def check_cache_dir(target: str | Path, protected: Iterable[str | Path] = ()) ->
     """A cache directory given by the user (``--cache-dir``): the tool writes its own entries under
     it, so it may exist and hold files, but it is never the working directory, a source directory,
     inside one, or a file."""
-    out = _check_place(target, protected, "cache directory")
+    out = check_place(target, protected, "cache directory")
     if out.exists() and not out.is_dir():
         raise ShedderError(f"{printable(target)} exists and is not a directory; name a directory for the cache")
     return out
@@ -197,7 +197,7 @@ def claim_run_dir(target: str | Path, protected: Iterable[str | Path] = (), what
     file, or when it is a non-empty directory this tool did not make (no ``RUN_MARKER``; runs from
     before the marker are recognised by a file named in ``legacy``). Returns the resolved path,
     created and marked. Whether an existing run may be resumed is for the caller to say."""
-    out = _check_place(target, protected, f"{what} directory")
+    out = check_place(target, protected, f"{what} directory")
     if out.exists() and not out.is_dir():
         raise ShedderError(f"{printable(target)} exists and is not a directory; name a directory for the {what}")
     if out.is_dir() and any(p.name != RUN_LOCK for p in out.iterdir()) and not (out / RUN_MARKER).is_file() \

@@ -28,11 +28,15 @@ sample, never the test split, and training on the evaluation text is refused). `
 formats instruction records (``instruction``/``input``/``output``) with the Alpaca prompt.
 
 Runs are resumable exactly: every ``checkpoint_every`` steps, and when stopped (``Cancelled``,
-Ctrl-C), ``RUN_DIR/checkpoint.pt`` receives the trained tensors, the optimizer state, the step (the
-learning rate is a function of the step) and the sampling generator's state, written to a
-temporary file and renamed. ``resume=True`` continues from it and refuses other settings.
+Ctrl-C), the run directory receives a checkpoint in which nothing is a pickle: the trained tensors,
+the optimizer's state tensors and the sampling generator's state in ``checkpoint-<hash>.safetensors``,
+the step (the learning rate is a function of the step), the recipe and the numbers so far in
+``checkpoint.json``, which names the tensor file by hash and is renamed into place last.
+``resume=True`` continues from it after checking every field, tensor name and shape, and refuses
+other settings; the pickle ``checkpoint.pt`` of earlier versions is refused, never read.
 ``RUN_DIR/log.jsonl`` records the recipe, the loss curve and the held-out numbers; at the end the
-recovered model is saved into ``RUN_DIR`` with a model card, and the checkpoint is removed.
+recovered model is saved into ``RUN_DIR`` with a model card, and the checkpoint is removed. One
+process writes a run directory at a time (its lock, ``fileio.exclusive``, is held for the whole run).
 """
 from __future__ import annotations
 
@@ -40,6 +44,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -47,13 +52,16 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn.utils import parametrize
 
 from .arch import adapter_for, count_parameters
 from .data import load_records, load_text, tokenize, windows_from
 from .errors import Cancelled, DataError, ShedderError
-from .fileio import RUN_LOCK, RUN_MARKER, atomic_write, claim_run_dir, model_dirs
+from .fileio import (RUN_LOCK, RUN_MARKER, atomic_write_text, check_place, claim_run_dir, drop_torn_tail, exclusive,
+                     model_dirs, temp_path)
 from .progress import Progress
 from .metrics import describe_protocol, perplexity
 
@@ -63,10 +71,14 @@ SCHEDULES = ("cosine", "linear", "constant")
 TEMPLATES = (None, "alpaca")
 #: Learning rates that recovered the most per token on the bundled models (``bench recover``).
 DEFAULT_LR = {"lora": 2e-3, "full": 5e-4, "distill": 5e-4}
-CHECKPOINT = "checkpoint.pt"
+#: An interrupted run's state (JSON), naming its tensor file (safetensors) by hash; see "checkpoints".
+CHECKPOINT = "checkpoint.json"
+TENSORS = "checkpoint-{digest}.safetensors"
+#: The pickle checkpoint of earlier versions: refused, never read (unpickling can run any code).
+LEGACY_CHECKPOINT = "checkpoint.pt"
 LOG = "log.jsonl"
 CARD_JSON = "recovery.json"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # of checkpoint.json (1 was the pickle format)
 
 ALPACA_PROMPT = ("Below is an instruction that describes a task{paired}. Write a response that appropriately "
                  "completes the request.\n\n### Instruction:\n{instruction}\n\n{input_block}### Response:\n{output}")
@@ -98,20 +110,28 @@ class RecoverConfig:
     tasks: tuple[str, ...] = ()          # lm-eval tasks before and after (needs shedder.downstream)
 
     def __post_init__(self):
+        """Refuse a recipe a user can get wrong (a CLI flag, an app field) with one message naming the
+        option and what it allows, before anything is loaded or written."""
         if self.method not in METHODS:
             raise ShedderError(f"unknown recovery method {self.method!r}; choose one of {', '.join(METHODS)}")
         if self.schedule not in SCHEDULES:
             raise ShedderError(f"unknown lr schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
         if self.template not in TEMPLATES:
             raise ShedderError(f"unknown template {self.template!r}; the only template is 'alpaca'")
-        for name in ("steps", "tokens", "batch_size", "lora_rank", "checkpoint_every"):
+        for name in ("steps", "tokens", "batch_size", "lora_rank", "checkpoint_every", "eval_samples"):
             value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ShedderError(f"{name.replace('_', '-')} must be at least 1, got {value}")
-        if self.seq_len < 2:
-            raise ShedderError(f"seq-len must be at least 2, got {self.seq_len}")
-        if self.temperature <= 0:
-            raise ShedderError(f"temperature must be positive, got {self.temperature}")
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ShedderError(f"{_flag(name)} must be a whole number of at least 1, got {value!r}")
+        if not _is_int(self.seq_len) or self.seq_len < 2:
+            raise ShedderError(f"--seq-len must be a whole number of at least 2, got {self.seq_len!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2 ** 63:
+            raise ShedderError(f"--seed must be a whole number in [0, 2**63), got {self.seed!r}")
+        # beyond 1 an AdamW step outgrows any weight (and past float32's range the optimizer fails)
+        _check_number("lr", self.lr, "a positive number at most 1", lambda v: 0 < v <= 1, optional=True)
+        _check_number("warmup", self.warmup, "a fraction of the steps in [0, 1)", lambda v: 0 <= v < 1)
+        _check_number("lora_alpha", self.lora_alpha, "a positive number", lambda v: v > 0)
+        _check_number("temperature", self.temperature, "a positive number", lambda v: v > 0)
+        _check_number("lm_weight", self.lm_weight, "a number of at least 0", lambda v: v >= 0)
 
     @property
     def learning_rate(self) -> float:
@@ -142,6 +162,22 @@ class RecoverConfig:
         return (f"{self.method}, {self.total_steps} steps × {self.batch_size} windows × {self.seq_len} tokens of "
                 f"{self.data!r}{' (alpaca template)' if self.template else ''}, lr {self.learning_rate:g} "
                 f"({self.schedule})")
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_number(name: str, value, allowed: str, ok, optional: bool = False) -> None:
+    """``value`` must be a finite real number for which ``ok`` holds (NaN and infinity never pass)."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
+        raise ShedderError(f"{_flag(name)} must be {allowed}, got {value!r}")
 
 
 @dataclass
@@ -318,25 +354,220 @@ def _log(run_dir: Path, entry: dict) -> None:
         f.write(json.dumps(entry, default=str) + "\n")
 
 
+def _rewind_log(run_dir: Path, step: int) -> None:
+    """Before resuming from ``step``: cut a line a kill left torn, and the step entries after
+    ``step`` (a kill came after them but before the next checkpoint; those steps are redone), so the
+    log holds each step once."""
+    log = run_dir / LOG
+    if not log.is_file():
+        return
+    drop_torn_tail(log)
+    lines = log.read_text(encoding="utf-8").splitlines(keepends=True)
+    kept = [line for line in lines if not _step_after(line, step)]
+    if kept != lines:
+        atomic_write_text(log, "".join(kept))
+
+
+def _step_after(line: str, step: int) -> bool:
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return False
+    return isinstance(entry, dict) and entry.get("event") == "step" and _is_int(entry.get("step")) \
+        and entry["step"] > step
+
+
 def _fingerprint(config: RecoverConfig, student) -> dict:
-    """What must match to resume: the recipe (minus how often to checkpoint) and the student's shape."""
+    """What must match to resume: the recipe (minus how often to checkpoint) and the student's shape,
+    as JSON gives it back (tuples become lists)."""
     recipe = asdict(replace(config, checkpoint_every=1))
     shapes = {n: list(p.shape) for n, p in student.state_dict().items()}
-    return {"recipe": recipe, "student": hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]}
+    fingerprint = {"recipe": recipe,
+                   "student": hashlib.sha256(json.dumps(shapes, sort_keys=True).encode()).hexdigest()[:16]}
+    return json.loads(json.dumps(fingerprint, default=str))
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool) -> dict | None:
-    """The checkpoint of a claimed run directory when resuming; refuse to reuse anything else."""
-    checkpoint = run_dir / CHECKPOINT
-    if resume:
-        if not checkpoint.is_file():
-            raise ShedderError(f"nothing to resume in {run_dir}: no {CHECKPOINT} (the run finished or never started)")
-        return torch.load(checkpoint, map_location="cpu", weights_only=False)
-    if any(p.name not in (RUN_MARKER, RUN_LOCK) for p in run_dir.iterdir()):
-        if checkpoint.is_file():
-            raise ShedderError(f"{run_dir} holds an interrupted recovery; add --resume to continue it, or choose another --out")
+def resumable(run_dir: str | Path) -> bool:
+    """True when ``run_dir`` holds an interrupted run's checkpoint (``resume=True`` continues it)."""
+    return (Path(run_dir) / CHECKPOINT).is_file()
+
+
+def _check_run_dir(run_dir: Path, resume: bool) -> None:
+    """What the run directory allows, read-only: an old pickle checkpoint is refused (never read),
+    resuming needs a checkpoint, and a new run needs a directory holding nothing yet."""
+    if (run_dir / LEGACY_CHECKPOINT).is_file():
+        raise ShedderError(f"{run_dir} holds a checkpoint in the old pickle format ({LEGACY_CHECKPOINT}), which is "
+                           "not read for safety; start a new run in another directory")
+    if resume and not resumable(run_dir):
+        raise ShedderError(f"nothing to resume in {run_dir}: no {CHECKPOINT} (the run finished or never started)")
+    if not resume and resumable(run_dir):
+        raise ShedderError(f"{run_dir} holds an interrupted recovery; add --resume to continue it, "
+                           "or choose another --out")
+    if not resume and run_dir.is_dir() and any(p.name not in (RUN_MARKER, RUN_LOCK) for p in run_dir.iterdir()):
         raise ShedderError(f"{run_dir} is not empty; choose a new directory for the recovered model")
-    return None
+
+
+# --------------------------------------------------------------------------------------- checkpoints
+# A checkpoint is two files, neither of them a pickle: ``checkpoint-<hash>.safetensors`` (every
+# tensor: the trained ones, the optimizer's per-parameter state, the sampling generator's state) and
+# ``checkpoint.json`` (everything else, naming that file and its SHA-256). The tensors are written
+# first, the JSON renamed into place last, older tensor files deleted after: a kill at any moment
+# leaves a consistent pair. Reading checks the JSON's form, the hash, and every tensor's name and
+# shape against the live run before anything is loaded into it.
+_META = {"schema_version": int, "fingerprint": dict, "step": int, "seconds": (int, float), "ppl": dict,
+         "tasks": dict, "param_groups": list, "tensors": str, "sha256": str}
+#: AdamW's per-parameter state: the step count (a scalar) and moments shaped like the parameter.
+_ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
+
+
+def _damaged(run_dir: Path, why: str) -> ShedderError:
+    return ShedderError(f"the checkpoint in {run_dir} cannot be resumed: {why}; start a new run in another directory")
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _run_state(trainable: dict, opt, gen: torch.Generator) -> tuple[dict[str, torch.Tensor], list]:
+    """The run's state split for the checkpoint: every tensor by name (AdamW's per-parameter state
+    is all tensors; a plain number there would become a scalar tensor, which AdamW also reads), and
+    the optimizer's param groups, plain JSON."""
+    tensors = {f"trainable/{n}": p.detach().cpu().contiguous() for n, p in trainable.items()}
+    state = opt.state_dict()
+    for index, values in state["state"].items():
+        for key, value in values.items():
+            tensors[f"optimizer/{index}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
+    tensors["generator"] = gen.get_state()
+    return tensors, state["param_groups"]
+
+
+def _write_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+    """Tensors into a new file named by its hash, then the JSON naming it, then older tensor files go."""
+    tmp = temp_path(run_dir / "checkpoint.safetensors")
+    try:
+        save_file(tensors, str(tmp))
+        with tmp.open("rb") as f:
+            os.fsync(f.fileno())  # on disk before the JSON that names it
+        digest = _file_sha256(tmp)
+        name = TENSORS.format(digest=digest[:16])
+        tmp.replace(run_dir / name)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    atomic_write_text(run_dir / CHECKPOINT, json.dumps({**meta, "tensors": name, "sha256": digest}, default=str) + "\n")
+    for old in run_dir.glob(TENSORS.format(digest="*")):
+        if old.name != name:
+            old.unlink(missing_ok=True)
+
+
+def _remove_checkpoint(run_dir: Path) -> None:
+    """Delete the checkpoint, the JSON first (never a checkpoint naming a missing file), and the
+    temporary files of checkpoints a kill interrupted (this run holds the lock: nobody else writes them)."""
+    (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    for path in [*run_dir.glob(TENSORS.format(digest="*")), *run_dir.glob(".checkpoint*.tmp")]:
+        path.unlink(missing_ok=True)
+
+
+def _read_checkpoint(run_dir: Path, fingerprint: dict) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The checkpoint's JSON and tensors, checked for form (types, schema, the run it belongs to,
+    the tensor file's hash); one ShedderError naming what is wrong."""
+    try:
+        meta = json.loads((run_dir / CHECKPOINT).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # a UnicodeDecodeError is a ValueError
+        raise _damaged(run_dir, f"{CHECKPOINT} is not readable JSON ({type(e).__name__})") from None
+    _check_meta(run_dir, meta)
+    if meta["fingerprint"] != fingerprint:
+        raise ShedderError(f"{run_dir} was started with other settings or another model; resume with the same "
+                           f"command, or choose another --out (it was: {meta['fingerprint'].get('recipe')})")
+    path = run_dir / meta["tensors"]
+    try:
+        if _file_sha256(path) != meta["sha256"]:
+            raise _damaged(run_dir, f"{meta['tensors']} is not the file {CHECKPOINT} records (changed or truncated)")
+        tensors = load_file(str(path))
+    except FileNotFoundError:
+        raise _damaged(run_dir, f"its tensor file {meta['tensors']} is missing") from None
+    except (OSError, SafetensorError) as e:
+        raise _damaged(run_dir, f"{meta['tensors']} is not a readable safetensors file ({e})") from None
+    return meta, tensors
+
+
+def _check_meta(run_dir: Path, meta) -> None:
+    if not isinstance(meta, dict):
+        raise _damaged(run_dir, f"{CHECKPOINT} is not a JSON object")
+    version = meta.get("schema_version")
+    if not _is_int(version) or version != SCHEMA_VERSION:
+        raise _damaged(run_dir, f"schema_version {version!r} is not supported (this version reads {SCHEMA_VERSION})")
+    if set(meta) != set(_META):
+        odd = sorted(set(meta) ^ set(_META))
+        raise _damaged(run_dir, f"{CHECKPOINT} lacks or adds the field(s) {', '.join(map(repr, odd))}")
+    for key, kind in _META.items():
+        if isinstance(meta[key], bool) or not isinstance(meta[key], kind):
+            raise _damaged(run_dir, f"{key!r} has the wrong type ({type(meta[key]).__name__})")
+    if meta["step"] < 0 or not math.isfinite(meta["seconds"]) or meta["seconds"] < 0:
+        raise _damaged(run_dir, f"step {meta['step']} / seconds {meta['seconds']} are out of range")
+    own = TENSORS.format(digest=meta["sha256"][:16])
+    if not re.fullmatch(r"[0-9a-f]{64}", meta["sha256"]) or meta["tensors"] != own:
+        raise _damaged(run_dir, "it does not name a tensor file of its own (tensors, sha256)")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in meta["ppl"].values()):
+        raise _damaged(run_dir, "'ppl' must map names to numbers")
+
+
+def _restore(run_dir: Path, meta: dict, tensors: dict[str, torch.Tensor], trainable: dict, opt, gen,
+             total: int) -> None:
+    """Load a checked checkpoint into the live run, after checking it fits: the step within the
+    run, every tensor's name and shape, the optimizer's param groups."""
+    if meta["step"] > total:
+        raise _damaged(run_dir, f"it is at step {meta['step']} of a {total}-step run")
+    _check_tensors(run_dir, tensors, trainable, opt, gen)
+    live = opt.state_dict()
+    if _without_lr(meta["param_groups"]) != _without_lr(json.loads(json.dumps(live["param_groups"]))):
+        raise _damaged(run_dir, "its optimizer settings are not this run's")
+    state: dict[int, dict] = {}
+    for name, tensor in tensors.items():
+        if name.startswith("optimizer/"):
+            _, index, key = name.split("/")
+            state.setdefault(int(index), {})[key] = tensor
+    with torch.no_grad():
+        for name, param in trainable.items():
+            param.copy_(tensors[f"trainable/{name}"])
+    opt.load_state_dict({"state": state, "param_groups": live["param_groups"]})
+    gen.set_state(tensors["generator"])
+
+
+def _without_lr(groups: list) -> list:
+    """Param groups less the learning rate (set from the step before every step)."""
+    return [{k: v for k, v in g.items() if k != "lr"} if isinstance(g, dict) else g for g in groups]
+
+
+def _check_tensors(run_dir: Path, tensors: dict[str, torch.Tensor], trainable: dict, opt, gen) -> None:
+    """Every tensor the run needs is there with its shape (optimizer state per parameter: all of
+    it or none, before a parameter's first update), and nothing else."""
+    expected = {f"trainable/{n}": (list(p.shape), p.dtype) for n, p in trainable.items()}
+    params = [p for group in opt.param_groups for p in group["params"]]
+    optional = {}
+    for index, param in enumerate(params):
+        for key in _ADAM_STATE:
+            optional[f"optimizer/{index}/{key}"] = ([] if key == "step" else list(param.shape), None)
+    live_gen = gen.get_state()
+    expected["generator"] = (list(live_gen.shape), live_gen.dtype)
+    unknown = sorted(set(tensors) - set(expected) - set(optional))
+    missing = sorted(set(expected) - set(tensors))
+    if unknown or missing:
+        raise _damaged(run_dir, f"its tensors are not this run's ({len(missing)} missing, e.g. "
+                                f"{(missing or ['-'])[0]}; {len(unknown)} unknown, e.g. {(unknown or ['-'])[0]})")
+    for index in range(len(params)):
+        present = sum(f"optimizer/{index}/{key}" in tensors for key in _ADAM_STATE)
+        if present not in (0, len(_ADAM_STATE)):
+            raise _damaged(run_dir, f"the optimizer state of parameter {index} is incomplete")
+    for name, tensor in tensors.items():
+        shape, dtype = {**expected, **optional}[name]
+        if list(tensor.shape) != shape or (dtype is not None and tensor.dtype != dtype):
+            raise _damaged(run_dir, f"{name} is {tensor.dtype} {list(tensor.shape)}, this run needs "
+                                    f"{dtype or 'a tensor'} {shape}")
 
 
 # --------------------------------------------------------------------------------------- the run
@@ -348,21 +579,45 @@ def recover(student, tokenizer, config: RecoverConfig, run_dir: str | Path, teac
     perplexity is reported as the unpruned baseline. ``plan`` (the pruning plan the student was made
     with) is saved alongside the model. ``progress(done, total, message)`` may raise ``Cancelled``:
     the step that just finished is checkpointed first, so ``resume=True`` continues exactly.
+
+    One writer per run directory: the run holds its lock from before the first read of the
+    directory to the saved model. Another process is refused at once (``Busy``), before anything is
+    loaded, measured or written; another thread of this process (an app session) waits, shown
+    through ``progress``, which may cancel the wait.
     """
-    # The output policy first, before any work: never the working or a model's directory, nor someone else's.
-    run_dir = claim_run_dir(run_dir, model_dirs(student, teacher), "recovery run", legacy=(CHECKPOINT,))
+    protected = model_dirs(student, teacher)
+    run_dir = check_place(run_dir, protected, "recovery run directory")  # never the working or a model's directory
     if config.method == "distill" and teacher is None:
         raise ShedderError("distillation needs the unpruned model as teacher (--teacher, or --model with --plan)")
+    _check_teacher(student, teacher)
+    _check_run_dir(run_dir, resume)  # read-only: a plain mistake creates nothing
+    claim_run_dir(run_dir, protected, "recovery run", legacy=(LEGACY_CHECKPOINT,))
+    with exclusive(run_dir / RUN_LOCK, f"the recovery run {run_dir}", progress):
+        _check_run_dir(run_dir, resume)  # again: another writer may have finished or started meanwhile
+        return _run(student, tokenizer, config, run_dir, teacher, plan, source, progress, resume)
+
+
+def _check_teacher(student, teacher) -> None:
+    """The teacher must read the student's tokens and predict over the same vocabulary (its
+    perplexity is the baseline, and distillation compares the two distributions token by token)."""
+    if teacher is None:
+        return
+    ours, theirs = student.get_input_embeddings().num_embeddings, teacher.get_input_embeddings().num_embeddings
+    if ours != theirs:
+        raise ShedderError(f"the teacher's vocabulary has {theirs} tokens, the student's {ours}; the teacher must be "
+                           "the unpruned model the student was pruned from (same tokenizer and vocabulary)")
+
+
+def _run(student, tokenizer, config: RecoverConfig, run_dir: Path, teacher, plan, source: str,
+         progress: Progress | None, resume: bool) -> RecoverResult:
+    """The recovery itself, under the run directory's lock."""
     device = next(student.parameters()).device
     train_ids = training_ids(tokenizer, config)
     eval_windows = windows_from(tokenizer, config.eval_data, samples=config.eval_samples, seq_len=config.seq_len)
-    state = _prepare_run_dir(run_dir, resume)
     fingerprint = _fingerprint(config, student)
-    if state is not None and state["fingerprint"] != fingerprint:
-        raise ShedderError(f"{run_dir} was started with other settings or another model; resume with the same "
-                           f"command, or choose another --out (it was: {state['fingerprint']['recipe']})")
+    checkpoint = _read_checkpoint(run_dir, fingerprint) if resume else None
 
-    if state is None:
+    if checkpoint is None:
         ppl = {"pruned": perplexity(student, eval_windows)}
         if teacher is not None:
             ppl = {"unpruned": perplexity(teacher, eval_windows), **ppl}
@@ -371,26 +626,24 @@ def recover(student, tokenizer, config: RecoverConfig, run_dir: str | Path, teac
                        "protocol": describe_protocol(eval_windows, config.eval_data), "ppl": ppl,
                        "plan": plan.to_dict() if plan is not None else None})
     else:
-        ppl, tasks = state["ppl"], state["tasks"]
+        ppl, tasks = checkpoint[0]["ppl"], checkpoint[0]["tasks"]
 
     trainable = _trainable(student, config)
     opt = torch.optim.AdamW(list(trainable.values()), lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=0.0)
     gen = torch.Generator().manual_seed(config.seed)
     start_step, elapsed = 0, 0.0
-    if state is not None:
-        with torch.no_grad():
-            for name, tensor in state["trainable"].items():
-                trainable[name].copy_(tensor)
-        opt.load_state_dict(state["optimizer"])
-        gen.set_state(state["generator"])
-        start_step, elapsed = state["step"], state["seconds"]
+    if checkpoint is not None:
+        meta, tensors = checkpoint
+        _restore(run_dir, meta, tensors, trainable, opt, gen, config.total_steps)
+        start_step, elapsed = meta["step"], meta["seconds"]
+        _rewind_log(run_dir, start_step)
         _log(run_dir, {"event": "resume", "step": start_step})
 
     def save_checkpoint(step: int, seconds: float) -> None:
-        payload = {"schema_version": SCHEMA_VERSION, "fingerprint": fingerprint, "step": step, "seconds": seconds,
-                   "trainable": {n: p.detach().cpu() for n, p in trainable.items()},
-                   "optimizer": opt.state_dict(), "generator": gen.get_state(), "ppl": ppl, "tasks": tasks}
-        atomic_write(run_dir / CHECKPOINT, lambda p: torch.save(payload, p))
+        tensors, groups = _run_state(trainable, opt, gen)
+        _write_checkpoint(run_dir, tensors, {"schema_version": SCHEMA_VERSION, "fingerprint": fingerprint,
+                                             "step": step, "seconds": seconds, "ppl": ppl, "tasks": tasks,
+                                             "param_groups": groups})
 
     if teacher is not None:
         teacher.eval()
@@ -441,7 +694,7 @@ def recover(student, tokenizer, config: RecoverConfig, run_dir: str | Path, teac
                            sum(p.numel() for p in trainable.values()), start_step, tasks)
     _save(student, tokenizer, result, plan, source)
     _log(run_dir, {"event": "done", **result.to_dict()})
-    (run_dir / CHECKPOINT).unlink(missing_ok=True)
+    _remove_checkpoint(run_dir)
     return result
 
 
@@ -450,8 +703,10 @@ def recovery_run_dir(source: str, plan, config: RecoverConfig, cache_dir: str | 
     place of its own (the app) resumes a cancelled run there and finds a finished one."""
     from .importance import default_cache_dir
 
+    # The checkpoint format is part of the key: a run left in the old pickle format (refused, never
+    # read) is not reused, so the app starts that recipe afresh instead of being blocked by it.
     key = json.dumps({"source": str(source), "plan": plan.to_dict() if plan is not None else None,
-                      "recipe": asdict(config)}, sort_keys=True, default=str)
+                      "recipe": asdict(config), "checkpoint_schema": SCHEMA_VERSION}, sort_keys=True, default=str)
     return Path(cache_dir or default_cache_dir()) / "recoveries" / hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

@@ -3,8 +3,9 @@ masked), held-out loss falls, runs resume exactly, the test split is never train
 model reloads with the same logits."""
 from __future__ import annotations
 
+import hashlib
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -13,11 +14,13 @@ from adapter_checks import comps, logits, max_diff, snapshot, tokens
 from conftest import make_tiny_model
 
 from shedder import cli
+from shedder import recover as recover_module
 from shedder.arch import adapter_for
 from shedder.data import load_text
 from shedder.errors import Cancelled, DataError, ShedderError
 from shedder.loading import load_model
 from shedder.masking import masked
+from shedder.plan import Component, PruningPlan
 from shedder.recover import (RecoverConfig, add_lora, distill_loss, format_alpaca, lm_loss, recover, student_for,
                              training_ids)
 
@@ -110,7 +113,7 @@ def test_an_interrupted_run_resumes_exactly(bundled_tokenizer, tmp_path):
     result = recover(resumed, bundled_tokenizer, config, tmp_path / "run", plan=plan, resume=True)
     assert result.resumed_from == 3
     assert all(torch.equal(p, snapshot(straight)[n]) for n, p in snapshot(resumed).items())
-    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+    assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("checkpoint")]
 
 
 def test_never_trains_on_the_test_split(bundled_tokenizer, tmp_path):
@@ -168,3 +171,12 @@ def test_cli_recover(capsys, tiny_model_dir, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "pruning_plan.json").is_file()
     assert cli.main(args) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_the_app_does_not_reuse_a_run_directory_of_the_pickle_format():
+    """Cache run directories are keyed by the checkpoint format: an old pickle run is left alone."""
+    config = RecoverConfig(steps=2)
+    plan = PruningPlan(frozenset({Component("block", 1)}))
+    new = recover_module.recovery_run_dir("m", plan, config, cache_dir="/cache")
+    old_key = json.dumps({"source": "m", "plan": plan.to_dict(), "recipe": asdict(config)}, sort_keys=True, default=str)
+    assert new.name != hashlib.sha256(old_key.encode()).hexdigest()[:16]

@@ -7,8 +7,11 @@ options, and property tests of the plan parser and the text sources.
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import os
+import pickle
+import shutil
 import signal
 import subprocess
 import sys
@@ -19,16 +22,19 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 
 from conftest import lock_held_by_another_process
 
 from shedder import cli, fileio
+from shedder import recover as recovery
 from shedder.cli import main
 from shedder.data import load_text
 from shedder.errors import Busy, Cancelled, DataError, PlanError, ShedderError
 from shedder.extract import PLAN_FILE, save
 from shedder.fileio import EXPORT_MARKER, check_output_dir, drop_torn_tail, exclusive, inside, publish_dir
-from shedder.loading import REPO_ROOT
+from shedder.loading import REPO_ROOT, load_model
 from shedder.masking import WAITING, holding, masked
 from shedder.official import OFFICIAL_KEYS
 from shedder.plan import KINDS, Component, PruningPlan
@@ -800,3 +806,242 @@ def test_exports_get_the_umask_permissions(tiny_model_dir, plan_file, tmp_path, 
         assert {EXPORT_MARKER, "config.json", "model.safetensors", PLAN_FILE, "README.md"} <= set(modes), modes
         assert any("tokenizer" in name for name in modes), modes
         assert all(m == (dirs if (out / p).is_dir() else files) for p, m in modes.items()), modes
+
+
+# ------------------------------------------------------------------------------ recovery runs
+RECOVER = ["--steps", "12", "--batch-size", "2", "--seq-len", "16", "--eval-samples", "1", "--checkpoint-every", "4",
+           "--lr", "1e-3", "--no-progress"]
+
+
+def recover_argv(model_dir, plan, out) -> list[str]:
+    return ["recover", "--model", str(model_dir), "--plan", str(plan), "--out", str(out), *RECOVER]
+
+
+@pytest.fixture(scope="module")
+def stopped_recovery(tmp_path_factory, tiny_model_dir, plan_file):
+    """A recovery run interrupted (Ctrl-C) during step 7 of 12: its checkpoint holds step 6."""
+    run = tmp_path_factory.mktemp("recoveries") / "stopped"
+    real, calls = recovery.sample_batch, []
+
+    def interrupt_at_7(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 7:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(recovery, "sample_batch", interrupt_at_7)
+        assert main(recover_argv(tiny_model_dir, plan_file, run)) == 130
+    assert json.loads((run / "checkpoint.json").read_text())["step"] == 6
+    return run
+
+
+@pytest.fixture
+def stopped_copy(stopped_recovery, tmp_path, tiny_model_dir, plan_file):
+    """A copy of the stopped run of this test's own, and the command that made it."""
+    run = tmp_path / "run"
+    shutil.copytree(stopped_recovery, run)
+    return run, recover_argv(tiny_model_dir, plan_file, run)
+
+
+def log_events(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_on_one_recovery_run(capsys, stopped_copy):
+    run, argv = stopped_copy
+    before = tree(run)
+    with lock_held_by_another_process(run / fileio.RUN_LOCK):
+        assert main([*argv, "--resume"]) == 2
+        line = one_error_line(capsys)
+        assert f"the recovery run {run} is in use by another process" in line, line
+        assert tree(run) == before  # refused before anything was measured or written
+    assert main([*argv, "--resume", "--json"]) == 0  # free again once the other process is done
+    assert json.loads(capsys.readouterr().out)["resumed_from"] == 6
+
+
+def test_a_second_session_waits_for_a_recovery_run_shown_and_cancellable(stopped_copy, plan_file):
+    run, argv = stopped_copy
+    args = cli.build_parser().parse_args([*argv, "--resume"])
+    model, tokenizer = load_model(args.model)
+    plan = PruningPlan.load(plan_file)
+    held, release = threading.Event(), threading.Event()
+
+    def other():
+        with exclusive(run / fileio.RUN_LOCK, "the run"):
+            held.set()
+            release.wait(30)
+
+    worker = threading.Thread(target=other)
+    worker.start()
+    held.wait(30)
+    seen, before = [], tree(run)
+
+    def cancel(done, total, message):
+        seen.append(message)
+        raise Cancelled("stop")
+
+    def resume(progress):
+        return recovery.recover(recovery.student_for(model, plan), tokenizer, cli._recover_config(args), run,
+                                plan=plan, progress=progress, resume=True)
+
+    try:
+        with pytest.raises(Cancelled):
+            resume(cancel)
+        assert seen == [f"waiting: another session is writing the recovery run {run}"]
+        assert tree(run) == before
+        result = resume(lambda *a: release.set())  # the other session finishes while this one waits
+    finally:
+        release.set()
+        worker.join()
+    assert result.resumed_from == 6 and result.steps == 12
+
+
+def test_kill_during_recovery_then_resume_logs_each_step_once(capsys, tmp_path, tiny_model_dir, plan_file):
+    """Killed after step 10 was logged but before its checkpoint (step 8): the resumed run redoes
+    steps 9 to 12 and the log still holds each step once."""
+    run = tmp_path / "run"
+    argv = recover_argv(tiny_model_dir, plan_file, run)
+    script = f"""
+import time
+import shedder.recover as r
+from shedder import cli
+real, calls = r.sample_batch, []
+def slow(*a, **k):
+    calls.append(1)
+    if len(calls) == 11:
+        print("step 11", flush=True)
+        time.sleep(60)
+    return real(*a, **k)
+r.sample_batch = slow
+cli.main({[*argv, "--json"]!r})
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script], env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "step 11"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert json.loads((run / "checkpoint.json").read_text())["step"] == 8
+    assert [e["step"] for e in log_events(run) if e["event"] == "step"] == [10]
+    assert main([*argv, "--resume", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["resumed_from"] == 8
+    events = log_events(run)
+    assert [e["step"] for e in events if e["event"] == "step"] == [10, 12]
+    assert [e["event"] for e in events] == ["start", "resume", "step", "step", "done"]
+    assert not [p.name for p in run.iterdir() if p.name.startswith("checkpoint")]
+
+
+class _Trap:
+    """Unpickling this creates a file: proof that a pickle was read."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return open, (self.path, "w")
+
+
+def test_a_pickle_checkpoint_is_refused_never_read(capsys, tmp_path, tiny_model_dir, plan_file):
+    pickle.loads(pickle.dumps(_Trap(tmp_path / "proof")))
+    assert (tmp_path / "proof").exists()  # the trap works when unpickled
+    trap = tmp_path / "trapped"
+    run = tmp_path / "old-run"
+    run.mkdir()
+    (run / "checkpoint.pt").write_bytes(pickle.dumps({"fingerprint": _Trap(trap)}))
+    before = tree(run)
+    for extra in (["--resume"], []):
+        assert main([*recover_argv(tiny_model_dir, plan_file, run), *extra]) == 2
+        line = one_error_line(capsys)
+        assert "old pickle format (checkpoint.pt), which is not read for safety; start a new run" in line, line
+    assert not trap.exists() and tree(run) == before
+
+
+def _retensor(run: Path, change) -> None:
+    """Rewrite the checkpoint's tensor file with ``change(tensors)`` applied, its JSON consistent."""
+    tensors = load_file(str(_tensor_file(run)))
+    change(tensors)
+    _replace_tensor_file(run, safetensors_bytes(tensors))
+
+
+def _replace_tensor_file(run: Path, data: bytes) -> None:
+    """Put ``data`` in place of the checkpoint's tensor file, named and hashed in its JSON as ours are."""
+    meta = json.loads((run / "checkpoint.json").read_text())
+    (run / meta["tensors"]).unlink()
+    meta["sha256"] = hashlib.sha256(data).hexdigest()
+    meta["tensors"] = f"checkpoint-{meta['sha256'][:16]}.safetensors"
+    (run / meta["tensors"]).write_bytes(data)
+    (run / "checkpoint.json").write_text(json.dumps(meta))
+
+
+def _edit_meta(**fields):
+    def edit(run: Path) -> None:
+        meta = json.loads((run / "checkpoint.json").read_text())
+        (run / "checkpoint.json").write_text(json.dumps({**meta, **fields}))
+    return edit
+
+
+def _first_trained(tensors: dict) -> str:
+    return next(n for n in sorted(tensors) if n.startswith("trainable/"))
+
+
+def _tensor_file(run: Path) -> Path:
+    return run / json.loads((run / "checkpoint.json").read_text())["tensors"]
+
+
+@pytest.mark.parametrize("damage,words", [
+    (_edit_meta(schema_version=99), "schema_version 99 is not supported"),
+    (_edit_meta(schema_version=True), "schema_version True is not supported"),
+    (_edit_meta(step="6"), "'step' has the wrong type"),
+    (_edit_meta(step=1000), "step 1000 of a 12-step run"),
+    (_edit_meta(seconds=-1), "out of range"),
+    (_edit_meta(extra=1), "lacks or adds the field(s) 'extra'"),
+    (_edit_meta(tensors="../elsewhere.safetensors"), "does not name a tensor file of its own"),
+    (_edit_meta(param_groups=[{"params": [0], "betas": [0.5, 0.5]}]), "optimizer settings are not this run's"),
+    (lambda run: (run / "checkpoint.json").write_bytes(b"\x00garbage{"), "checkpoint.json is not readable JSON"),
+    (lambda run: (run / "checkpoint.json").write_text("[1, 2]"), "is not a JSON object"),
+    (lambda run: _tensor_file(run).write_bytes(b"x" * 100), "changed or truncated"),
+    (lambda run: _tensor_file(run).unlink(), "is missing"),
+    (lambda run: _replace_tensor_file(run, b"x" * 100), "is not a readable safetensors file"),
+    (lambda run: _retensor(run, lambda t: t.update({_first_trained(t): torch.zeros(3, 3)})), "this run needs"),
+    (lambda run: _retensor(run, lambda t: t.pop(_first_trained(t))), "1 missing"),
+    (lambda run: _retensor(run, lambda t: t.update({"evil": torch.zeros(1)})), "1 unknown, e.g. evil"),
+    (lambda run: _retensor(run, lambda t: t.pop("optimizer/0/exp_avg")), "state of parameter 0 is incomplete"),
+    (lambda run: _retensor(run, lambda t: t.update({"generator": torch.zeros(3, dtype=torch.uint8)})),
+     "generator is torch.uint8 [3]"),
+])
+def test_a_damaged_checkpoint_is_one_error(capsys, stopped_copy, damage, words):
+    run, argv = stopped_copy
+    damage(run)
+    before = tree(run)
+    assert main([*argv, "--resume"]) == 2
+    line = one_error_line(capsys)
+    assert words in line and ("cannot be resumed" in line or "schema" in line), line
+    assert tree(run) == before
+
+
+@pytest.mark.parametrize("flag,value", [
+    ("--lr", "nan"), ("--lr", "-1"), ("--lr", "0"), ("--lr", "inf"), ("--lr", "1e300"), ("--warmup", "1"),
+    ("--warmup", "-0.1"), ("--warmup", "nan"), ("--steps", "0"), ("--steps", "-1"), ("--tokens", "0"), ("--batch-size", "0"),
+    ("--seq-len", "0"), ("--seq-len", "-5"), ("--lora-rank", "0"), ("--lora-alpha", "nan"), ("--lora-alpha", "0"),
+    ("--temperature", "0"), ("--temperature", "nan"), ("--lm-weight", "nan"), ("--lm-weight", "-1"),
+    ("--eval-samples", "0"), ("--checkpoint-every", "0"), ("--seed", "-1"), ("--seed", str(2 ** 64)),
+])
+def test_bad_recover_options_are_one_error(capsys, tmp_path, tiny_model_dir, plan_file, flag, value):
+    out = tmp_path / "rec"
+    assert main(["recover", "--model", str(tiny_model_dir), "--plan", str(plan_file), "--out", str(out),
+                 "--no-progress", flag, value]) == 2
+    assert flag in one_error_line(capsys)
+    assert not out.exists()
+
+
+def test_a_teacher_of_another_vocabulary_is_one_error(capsys, tmp_path, tiny_model_dir, tiny_model_factory,
+                                                      bundled_tokenizer):
+    teacher = tmp_path / "teacher"
+    tiny_model_factory("mamba2", layers=3, vocab_size=100).save_pretrained(teacher)
+    bundled_tokenizer.save_pretrained(teacher)
+    out = tmp_path / "rec"
+    assert main(["recover", "--model", str(tiny_model_dir), "--teacher", str(teacher), "--method", "distill",
+                 "--out", str(out), *RECOVER]) == 2
+    assert "the teacher's vocabulary has 100 tokens" in one_error_line(capsys)
+    assert not out.exists()
