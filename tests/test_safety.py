@@ -97,7 +97,7 @@ def test_disk_error_during_save_leaves_the_target_as_it_was(tiny_model_factory, 
 
     monkeypatch.setattr(type(bundled_tokenizer), "save_pretrained", disk_full)
     for target in (out, tmp_path / "new"):
-        with pytest.raises(OSError, match="No space left"):
+        with pytest.raises(ShedderError, match="no space left on the device writing .*; nothing was changed"):
             save(model, bundled_tokenizer, target, overwrite=True)
     assert tree(out) == before and not (tmp_path / "new").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
@@ -170,7 +170,9 @@ def test_search_log_drops_a_torn_last_line_before_appending(tiny_model_factory, 
     run = tmp_path / "run"
     first = greedy_search(model, windows, ["block"], steps=1, run_dir=run)
     log = run / "log.jsonl"
-    for garbage in ('{"type": "step", "step": 2, "comp', "not json at all\n", "[1, 2]\n"):
+    garbages = ('{"type": "step", "step": 2, "comp', "not json at all\n", "[1, 2]\n", "two\ngarbage lines\n",
+                "\n\n\n", '{"type": "step"\n\n')
+    for garbage in garbages:
         with log.open("a") as f:
             f.write(garbage)
         again = greedy_search(model, windows, ["block"], steps=2, run_dir=run, resume=True)
@@ -178,15 +180,26 @@ def test_search_log_drops_a_torn_last_line_before_appending(tiny_model_factory, 
         lines = log.read_text().splitlines()
         assert len(lines) == 3 and all(isinstance(json.loads(x), dict) for x in lines)
         log.write_text("\n".join(lines[:2]) + "\n")  # back to one step for the next kind of damage
+    # everything cut is kept beside the log, blank lines aside
+    assert (run / "log.jsonl.damaged").read_text().splitlines() == [
+        '{"type": "step", "step": 2, "comp', "not json at all", "[1, 2]", "two", "garbage lines", '{"type": "step"']
 
 
 def test_drop_torn_tail(tmp_path):
     p = tmp_path / "log.jsonl"
-    for text, kept in [('{"a": 1}\n{"b"', '{"a": 1}\n'), ('{"a": 1}\n{"b": 2}', '{"a": 1}\n{"b": 2}\n'),
-                       ('{"a": 1}\n', '{"a": 1}\n'), ('{"a": 1}\n7\n', '{"a": 1}\n'), ("", "")]:
+    damaged = tmp_path / "log.jsonl.damaged"
+    for text, kept, aside in [('{"a": 1}\n{"b"', '{"a": 1}\n', '{"b"\n'),
+                              ('{"a": 1}\n{"b": 2}', '{"a": 1}\n{"b": 2}\n', ""),
+                              ('{"a": 1}\n', '{"a": 1}\n', ""), ('{"a": 1}\n7\n', '{"a": 1}\n', "7\n"),
+                              ('{"a": 1}\nx\n\n{"b\n\n', '{"a": 1}\n', 'x\n{"b\n'), ("", "", "")]:
         p.write_text(text)
+        damaged.unlink(missing_ok=True)
         drop_torn_tail(p)
-        assert p.read_text() == kept
+        assert p.read_text() == kept and (damaged.read_text() if damaged.exists() else "") == aside
+    p.write_text('{"a": 1}\nnot json\n{"b": 2}\n')
+    with pytest.raises(ShedderError, match="line 2 is not a JSON object, but records follow it"):
+        drop_torn_tail(p)
+    assert p.read_text() == '{"a": 1}\nnot json\n{"b": 2}\n'
 
 
 def test_score_cache_entry_has_one_writer(tiny_model_factory, tmp_path, monkeypatch):
@@ -291,7 +304,8 @@ def test_bad_numbers_are_refused_by_the_parser(capsys, argv):
     with pytest.raises(SystemExit) as e:
         main(["search", "--out", "unused", *argv])
     assert e.value.code == 2
-    err = capsys.readouterr().err
+    err = one_error_line(capsys)
+    assert err.endswith("(see python -m shedder search --help)")
     assert argv[0] in err and ("integer count ≥ 1, a fraction in (0, 1), or a percentage in (0, 100%)" in err
                                if argv[0] == "--target-params" else "at least 1" in err)
 
