@@ -48,14 +48,10 @@ DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, DEFAULT_BATCH = 16, 256, 8
 
 # ---------------------------------------------------------------------------------------- helpers
 def _emit(args, payload: dict, text: str) -> None:
-    """Print the result: JSON with ``--json``, else ``text`` line by line with control characters
-    escaped (``printable``), so a path or name echoed from the command line (``--out $'a\\nb'``)
-    can neither split a line nor drive the terminal."""
-    print(json.dumps(payload, indent=2, default=str) if args.json else _lines(text))
-
-
-def _lines(text: str) -> str:
-    return "\n".join(printable(line) for line in text.split("\n"))
+    """Print the result: JSON with ``--json`` (which escapes control characters), else ``text``,
+    in which every path or name echoed from the command line went through ``printable``
+    (``--out $'a\\nb'`` must neither split a line nor drive the terminal)."""
+    print(json.dumps(payload, indent=2, default=str) if args.json else text)
 
 
 def _load(args):
@@ -187,7 +183,7 @@ def cmd_info(args) -> int:
     payload = {"model": args.model, "architecture": type(model).__name__, "model_type": model.config.model_type,
                "num_layers": adapter.num_layers, "layers": layers, "components": adapter.kind_counts(),
                "parameters": params, "pruned_with": plan.to_dict() if plan else None}
-    lines = [f"model: {args.model} ({type(model).__name__}, model_type {model.config.model_type})",
+    lines = [f"model: {printable(args.model)} ({type(model).__name__}, model_type {model.config.model_type})",
              f"parameters: {params:,}",
              f"layers: {adapter.num_layers}"]
     for row in layers:
@@ -231,12 +227,12 @@ def cmd_eval(args) -> int:
             payload["accuracy"] = next_word_accuracy(model, _text_tokenizer(args, tokenizer), args.data,
                                                      args.accuracy_n, progress, args.batch_size)
     payload.update(params=params, params_original=full)
-    lines = [f"model: {args.model} ({type(model).__name__})",
+    lines = [f"model: {printable(args.model)} ({type(model).__name__})",
              f"plan: {plan.describe() if plan else 'none'}",
-             f"perplexity: {payload['perplexity']:.4f}   [{payload['perplexity_protocol']}]"]
+             f"perplexity: {payload['perplexity']:.4f}   [{printable(payload['perplexity_protocol'])}]"]
     if args.accuracy:
         payload["accuracy_protocol"] = next_word_protocol(args.data, args.accuracy_n)
-        lines.append(f"next-word accuracy: {payload['accuracy']:.4f}   [{payload['accuracy_protocol']}]")
+        lines.append(f"next-word accuracy: {payload['accuracy']:.4f}   [{printable(payload['accuracy_protocol'])}]")
     lines.append(f"parameters: {params:,} ({_pct(params, full)} of {full:,})")
     if args.tasks:
         payload["lm_eval"], text = _lm_eval(args, model, tokenizer, plan, adapter)
@@ -312,7 +308,7 @@ def cmd_extract(args) -> int:
     card = model_card(args.model, type(model).__name__, plan, before, after)
     out = save(small, tokenizer, args.out, plan=plan, card=card, overwrite=args.overwrite, protected=protected)
     payload = {"out": str(out), "plan": plan.to_dict(), "params_before": before, "params_after": after}
-    _emit(args, payload, f"saved {out}: {plan.describe()}; parameters {after:,} (from {before:,}, "
+    _emit(args, payload, f"saved {printable(out)}: {plan.describe()}; parameters {after:,} (from {before:,}, "
                          f"{_pct(before - after, before)} removed)")
     return 0
 
@@ -347,7 +343,7 @@ def cmd_score(args) -> int:
     cost = table.attrs.get("seconds")
     payload = {"out": args.out, "metric": args.metric, "protocol": protocol, "resumed": resumed, "seconds": cost,
                "left_out": table.attrs.get("left_out", []), "rows": table.to_dict(orient="records")}
-    text = f"{table.to_string(index=False)}\n\nwrote {args.out} ({len(table)} components; {args.metric}; {protocol})"
+    text = f"{table.to_string(index=False)}\n\nwrote {printable(args.out)} ({len(table)} components; {args.metric}; {printable(protocol)})"
     if cost is not None:
         text += (f"\ncost: {cost:.2f} s, {table.attrs['forwards']} forward(s) and {table.attrs['backwards']} "
                  "backward(s) over the calibration windows")
@@ -389,7 +385,7 @@ def _compare(args, model, windows, protocol: str) -> int:
     write_output_file(args.out, rows.to_csv(index=False), args.overwrite, _sources(args))
     payload = {"out": args.out, "protocol": protocol, "agreement": rows.to_dict(orient="records"),
                "costs": {m: {k: t.attrs.get(k) for k in ("seconds", "forwards", "backwards")} for m, t in tables.items()}}
-    _emit(args, payload, f"{format_agreement(rows, tables)}\n\nwrote {args.out} ({protocol})")
+    _emit(args, payload, f"{format_agreement(rows, tables)}\n\nwrote {printable(args.out)} ({printable(protocol)})")
     return 0
 
 
@@ -407,7 +403,7 @@ def cmd_search(args) -> int:
         to_official(adapter, base or PruningPlan())
     windows, protocol = _calibration(args, tokenizer)
     if not args.json:
-        print(_lines(f"searching {args.kinds} on {args.model}; {protocol}"), flush=True)
+        print(f"searching {args.kinds} on {printable(args.model)}; {printable(protocol)}", flush=True)
     if args.out is not None:
         from .fileio import exclusive
         from .search import LOCK_FILE, claim_search_dir
@@ -439,7 +435,7 @@ def cmd_search(args) -> int:
                          for s in result.steps]}
     final = result.plan.describe() if result.plan else "nothing removed"
     _emit(args, payload, f"stopped: {result.stopped}\nbase ppl {result.base_ppl:.4f}; final: {final}\n"
-                         f"plans in {result.run_dir}/step_XX/pruning_config.json")
+                         f"plans in {printable(result.run_dir)}/step_XX/pruning_config.json")
     return 0
 
 
@@ -470,7 +466,7 @@ def cmd_plan_convert(args) -> int:
     data = to_official(adapter, resolved) if args.to == "official" else resolved.to_dict()
     out = write_output_file(args.out, json.dumps(data, indent=4, default=str), args.overwrite, _sources(args))
     _emit(args, {"out": str(out), "to": args.to, "plan": resolved.to_dict(), "written": data},
-          f"wrote {out} ({args.to} format): {resolved.describe()}")
+          f"wrote {printable(out)} ({args.to} format): {resolved.describe()}")
     return 0
 
 
@@ -482,7 +478,7 @@ def cmd_import_run(args) -> int:
     payload = {"run_dir": args.out, "steps": [{"step": s.step, "component": str(s.component), "ppl": s.ppl,
                                                "params": s.params} for s in steps]}
     lines = [f"step {s.step}: removed {s.component}  ppl {s.ppl:.4f}  params {s.params:,}" for s in steps]
-    lines.append(f"imported {len(steps)} steps into {args.out} (log.jsonl, step_XX/pruning_config.json)")
+    lines.append(f"imported {len(steps)} steps into {printable(args.out)} (log.jsonl, step_XX/pruning_config.json)")
     _emit(args, payload, "\n".join(lines))
     return 0
 
@@ -520,7 +516,7 @@ def cmd_bench_search(args) -> int:
                "fast_stats": fast.stats,
                # layer forwards (batches × layers, removed blocks not counted): the work, whatever the load
                "reference_layer_runs": ref.stats["layers_run"], "fast_layer_runs": fast.stats["layers_run"]}
-    lines = [f"model {args.model}, kinds {args.kinds}, {len(ref.steps)} steps, "
+    lines = [f"model {printable(args.model)}, kinds {args.kinds}, {len(ref.steps)} steps, "
              f"{windows.shape[0]} windows × {windows.shape[1]} tokens of {args.data!r}",
              f"reference search: {timings['reference']:.2f} s wall, {cpu['reference']:.2f} s CPU  "
              f"({', '.join(payload['reference_choices'])})",
@@ -544,7 +540,7 @@ def _bench_workers(args, model, windows) -> int:
         report = bench_workers(model, windows, args.kinds, args.steps, args.workers, args.batch_size,
                                args.ray_address, progress)
     first = report["runs"][0]["workers"]
-    lines = [f"model {args.model}, kinds {args.kinds}, {args.steps} steps, "
+    lines = [f"model {printable(args.model)}, kinds {args.kinds}, {args.steps} steps, "
              f"{windows.shape[0]} windows × {windows.shape[1]} tokens of {args.data!r}, workers on {args.device}"]
     lines += [f"{r['workers']} worker{'s' if r['workers'] > 1 else ''}: {r['seconds']:.2f} s  "
               f"speed-up over {first}: {r['speedup']:.2f}×  ({', '.join(r['choices'])})" for r in report["runs"]]
@@ -572,7 +568,8 @@ def cmd_recover(args) -> int:
             teacher, _ = load_model(args.teacher, dtype=args.dtype, device=args.device,
                                     trust_remote_code=args.trust_remote_code)
     if not args.json:
-        print(_lines(f"recovering {args.model}{f' ({plan.describe()})' if plan else ''}: {config.describe()}"), flush=True)
+        print(f"recovering {printable(args.model)}{f' ({plan.describe()})' if plan else ''}: {config.describe()}",
+              flush=True)
     try:
         with _progress(args) as progress:
             result = recover(student, tokenizer, config, args.out, teacher=teacher, plan=plan, source=args.model,
@@ -583,11 +580,11 @@ def cmd_recover(args) -> int:
         raise
     ppl = result.ppl
     fraction = result.recovered_fraction
-    lines = [f"saved {result.run_dir} ({result.steps} steps, {result.tokens:,} tokens, {result.seconds / 60:.1f} min)"]
+    lines = [f"saved {printable(result.run_dir)} ({result.steps} steps, {result.tokens:,} tokens, {result.seconds / 60:.1f} min)"]
     lines += [f"{name:>9} perplexity {ppl[name]:.4f}" for name in ("unpruned", "pruned", "recovered") if name in ppl]
     if fraction is not None:
         lines.append(f"recovered {100 * fraction:.1f}% of the log-perplexity lost to pruning")
-    lines.append(f"[{result.protocol}]")
+    lines.append(f"[{printable(result.protocol)}]")
     _emit(args, result.to_dict(), "\n".join(lines))
     return 0
 

@@ -536,3 +536,130 @@ def test_a_second_thread_waits_for_a_run_lock_shown_and_cancellable(tmp_path):
     with exclusive(lock, "the run", lambda *a: release.set()):  # waits for the other, then holds it
         assert not worker.is_alive() or release.is_set()
     worker.join()
+
+
+# ------------------------------------------------------------------------------ one error line for every user mistake
+@pytest.mark.parametrize("argv,command", [
+    (["bogus"], ""), (["search"], " search"), (["eval", "--samples", "x"], " eval"),
+    (["plan", "convert", "p.json"], " plan convert"), (["bench", "--repeats", "0"], " bench"),
+    (["bench", "search", "--steps", "0"], " bench search"), (["bench", "scale", "--samples", "0"], " bench scale"),
+    (["bench", "gpu-check", "--layers", "x"], " bench gpu-check"), (["bench", "recover", "--nope"], ""),
+    (["recover", "--out", "r", "--steps", "0"], " recover"), (["info", "--nope", "a\nb"], ""),
+])
+def test_argument_errors_are_one_line_naming_the_help(capsys, argv, command):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    line = one_error_line(capsys)
+    assert line.endswith(f"(see python -m shedder{command} --help)") and "usage:" not in line
+
+
+def test_help_still_exits_0(capsys):
+    for argv in (["--help"], ["search", "--help"], ["bench", "scale", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "--accuracy-n", "0"], ["eval", "--accuracy-n", "-1"], ["eval", "--samples", "0"],
+    ["eval", "--seq-len", "-16"], ["eval", "--limit", "0"], ["score", "--out", "s.csv", "--top-k", "0"],
+    ["score", "--out", "s.csv", "--workers", "0"], ["search", "--out", "r", "--steps", "0"],
+    ["search", "--out", "r", "--steps", "-2"], ["search", "--out", "r", "--samples", "-1"],
+    ["search", "--out", "r", "--max-ppl", "nan"], ["search", "--out", "r", "--max-ppl", "0"],
+    ["search", "--out", "r", "--max-ppl", "-3"], ["search", "--out", "r", "--target-params", "nan"],
+    ["search", "--out", "r", "--threads", "100000"], ["bench", "search", "--workers", "0"],
+    ["bench", "--plan", "p", "--threads", "100000"], ["bench", "scale", "--threads", "100000"],
+    ["eval", "--samples", "9" * 5000],
+])
+def test_counts_and_limits_out_of_range_are_refused_by_the_parser(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    line = one_error_line(capsys)
+    assert argv[-2] in line and len(line) < 300
+
+
+def test_a_thread_count_beyond_the_machine_is_one_error_not_a_crash(tiny_model_dir):
+    result = subprocess.run([sys.executable, "-m", "shedder", "info", "--model", str(tiny_model_dir),
+                             "--threads", "100000"], capture_output=True, text=True, env=ENV, cwd=REPO_ROOT,
+                            timeout=120)
+    assert result.returncode == 2, result
+    assert result.stderr.startswith("error: argument --threads: must be at most") and \
+        len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_number_too_long_for_python_in_a_plan_is_a_plan_error(capsys, tiny_model_dir, tmp_path):
+    path = tmp_path / "long.json"
+    path.write_text('{"schema_version": 2, "components": [{"kind": "block", "layer": ' + "7" * 5000 + "}]}")
+    assert main(["eval", "--model", str(tiny_model_dir), "--plan", str(path), "--no-accuracy", *DATA]) == 2
+    assert "holds a number too long to read" in one_error_line(capsys)
+    with pytest.raises(PlanError, match="number too long"):
+        PruningPlan.load(path)
+
+
+def test_a_ray_client_address_without_the_client_extra_says_what_to_install(capsys, tiny_model_dir, tmp_path,
+                                                                           monkeypatch):
+    pytest.importorskip("ray")
+    monkeypatch.setitem(sys.modules, "grpc", None)  # the client's gRPC missing, as in a minimal Ray
+    assert main(["search", "--model", str(tiny_model_dir), "--out", str(tmp_path / "run"), "--steps", "1",
+                 "--ray-address", "ray://127.0.0.1:1", *DATA]) == 2
+    assert "pip install 'ray[client]'" in one_error_line(capsys)
+
+
+def test_a_full_disk_during_extract_is_one_line_and_changes_nothing(capsys, tiny_model_dir, plan_file, tmp_path,
+                                                                    monkeypatch):
+    import transformers
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "model.safetensors")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", disk_full)
+    out = tmp_path / "pruned"
+    assert main(["extract", "--model", str(tiny_model_dir), "--plan", str(plan_file), "--out", str(out)]) == 2
+    assert one_error_line(capsys) == (f"error: no space left on the device writing {out}; nothing was changed "
+                                      "(free space, or choose another --out)")
+    assert list(tmp_path.iterdir()) == []
+    csv = tmp_path / "scores.csv"
+    monkeypatch.setattr(fileio.os, "fsync", disk_full)
+    assert main(["score", "--model", str(tiny_model_dir), "--metric", "activation", "--out", str(csv), *DATA,
+                 "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert one_error_line(capsys).startswith(f"error: no space left on the device writing {csv}; nothing was changed")
+    assert not csv.exists()
+
+
+def test_official_layout_for_kinds_it_cannot_write_is_refused_before_the_search(capsys, tiny_model_dir, tmp_path,
+                                                                                monkeypatch):
+    from shedder import search
+
+    monkeypatch.setattr(search, "greedy_search", lambda *a, **k: pytest.fail("the search ran"))
+    run = tmp_path / "run"
+    assert main(["search", "--model", str(tiny_model_dir), "--kinds", "head", "--out", str(run), "--steps", "1",
+                 "--official-layout", *DATA]) == 2
+    assert "'head' on Mamba2ForCausalLM has no counterpart in the official config format" in one_error_line(capsys)
+    assert not run.exists()
+
+
+def test_paths_echoed_in_results_are_escaped(capsys, tiny_model_dir, plan_file, tmp_path):
+    out = tmp_path / "a\nb\x1b[2J"
+    assert main(["extract", "--model", str(tiny_model_dir), "--plan", str(plan_file), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and "a\\nb\\x1b[2J" in printed[0] and out.is_dir()
+
+
+def test_junk_after_the_last_record_of_a_search_log_is_set_aside_and_the_run_resumes(capsys, tiny_model_dir,
+                                                                                   tmp_path):
+    run = tmp_path / "run"
+    argv = ["search", "--model", str(tiny_model_dir), "--out", str(run), *DATA]
+    assert main([*argv, "--steps", "1"]) == 0
+    capsys.readouterr()
+    log = run / "log.jsonl"
+    with log.open("a") as f:
+        f.write("garbage one\n{\"torn\": \n\n\n")
+    assert main([*argv, "--steps", "2", "--resume", "--json"]) == 0
+    assert [s["step"] for s in json.loads(capsys.readouterr().out)["steps"]] == [1, 2]
+    assert (run / "log.jsonl.damaged").read_text() == "garbage one\n{\"torn\": \n"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([lines[0], "garbage in the middle", *lines[1:]]) + "\n")
+    assert main([*argv, "--steps", "3", "--resume"]) == 2  # after the cost announcement, one error line
+    assert "line 2 is not a JSON object, but records follow it" in capsys.readouterr().err.splitlines()[-1]
