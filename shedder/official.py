@@ -272,6 +272,8 @@ def write_json(path: Path, data) -> None:
 
 def read_official_run(run_dir: str | Path) -> list[tuple[dict, float, Path]]:
     """``(config, importance, config path)`` for every step of an official run, in step order."""
+    if not str(run_dir).strip():
+        raise ShedderError("no official run directory given (the name is empty)")
     run_dir = Path(run_dir)
     log_path = run_dir / OFFICIAL_LOG
     if not log_path.is_file():

@@ -237,6 +237,8 @@ class PruningPlan:
 
     @classmethod
     def load(cls, path: str | Path, identity: ModelIdentity | None = None) -> "PruningPlan":
+        if not str(path).strip():
+            raise PlanError("no plan file given (the name is empty)")
         p = Path(path)
         if not p.is_file():
             raise PlanError(f"plan file not found: {p}")
