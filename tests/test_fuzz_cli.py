@@ -8,10 +8,11 @@ command including the long benches); entry points run in this process on the tin
 data flags injected (a handful of examples, each quick); a few nasty command lines run in a
 subprocess to catch a crash by signal. Examples are derandomized: CI sees the same ones every run.
 
-Not generated yet (being fixed elsewhere; add them once fixed): a model directory whose config is
-damaged (wrong types, missing fields: the model-loading checks), ``--dtype float16`` / ``bfloat16``
-runs (NaN perplexity), and the ``recover`` options beyond the data sizes (their validation lives in
-``shedder.recover``).
+Not generated yet (being fixed elsewhere; add them to the strategies once fixed): a model directory
+whose config has fields of the wrong type or range (the model-loading checks in ``shedder.loading``;
+``test_a_damaged_config_is_one_error`` is an expected failure until then), and the ``recover``
+options beyond the data sizes (``--lora-rank``, ``--lr``, ``--warmup``, ``--checkpoint-every``, ...:
+their validation lives in ``shedder.recover``).
 """
 from __future__ import annotations
 
@@ -83,7 +84,7 @@ def _flags(files: dict[str, Path], model_dir: Path) -> dict[str, st.SearchStrate
     return {
         "--model": st.sampled_from([str(model_dir), str(files["garbage"]), str(files["dir"]), "/no/such/model",
                                     "no-such-org/no-such-model", ""]),
-        "--dtype": st.one_of(st.sampled_from(["float32", "nonsense", "int8"]), TEXTS),
+        "--dtype": st.one_of(st.sampled_from(["float32", "float16", "bfloat16", "nonsense", "int8"]), TEXTS),
         "--device": st.one_of(st.sampled_from(["cpu", "cuda:7", "nonsense"]), TEXTS),
         "--threads": st.sampled_from(["0", "-1", "100000", "x", "1"]),
         "--tokenizer": _paths(files, ["garbage", "dir"]),
@@ -314,3 +315,17 @@ def test_nasty_command_lines_end_without_a_signal(sandbox):
     assert result.returncode == 0, (result.returncode, result.stderr[-3000:])  # a signal is negative
     assert [line for line in result.stdout.splitlines() if line.startswith("exit")] == ["exit 2"] * len(NASTY)
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.xfail(reason="config field types and ranges are checked by the model-loading work in progress "
+                          "(today: an internal error, exit 1)", strict=False)
+@pytest.mark.parametrize("fields", [{"num_hidden_layers": "x"}, {"num_hidden_layers": -1}, {"hidden_size": 0}])
+def test_a_damaged_config_is_one_error(sandbox, tmp_path, capsys, fields):
+    _, model, _ = sandbox
+    damaged = tmp_path / "model"
+    shutil.copytree(model, damaged)
+    config = json.loads((damaged / "config.json").read_text())
+    (damaged / "config.json").write_text(json.dumps({**config, **fields}))
+    assert cli.main(["info", "--model", str(damaged)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "internal error" not in err[0]
