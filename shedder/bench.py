@@ -49,6 +49,7 @@ from .cost import estimate
 from .errors import ShedderError
 from .extract import extract, save, saved_plan
 from .loading import DEFAULT_MODEL, REPO_ROOT, load_model, parse_dtype
+from .options import non_negative_int, positive_int, threads
 from .plan import PruningPlan
 from .progress import Progress
 
@@ -429,14 +430,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     which = parser.add_mutually_exclusive_group()  # one of them is required unless `bench search`
     which.add_argument("--plan", help="pruning plan JSON (the model is extracted in memory)")
     which.add_argument("--pruned", help="directory of a saved pruned model")
-    parser.add_argument("--batch", type=int, default=1, help="sequences per batch (default 1)")
-    parser.add_argument("--seq-len", type=int, default=256, help="prompt length in tokens (default 256)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated for decode timing (default 32)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds per model (default 5)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (default 1)")
+    parser.add_argument("--batch", type=positive_int, default=1, help="sequences per batch (default 1)")
+    parser.add_argument("--seq-len", type=positive_int, default=256, help="prompt length in tokens (default 256)")
+    parser.add_argument("--new-tokens", type=positive_int, default=32, help="tokens generated for decode timing (default 32)")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed rounds per model (default 5)")
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed rounds first (default 1)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default float32)")
-    parser.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    parser.add_argument("--threads", type=threads, help="CPU threads for PyTorch (default: PyTorch's choice)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
 

@@ -39,6 +39,7 @@ from pathlib import Path
 
 from .errors import Cancelled, ShedderError, printable
 from .loading import DEFAULT_MODEL
+from .options import OneLineParser, positive_float, positive_int, threads
 
 DEFAULT_CALIBRATION = "calibration"
 DEFAULT_EVAL = "test"
@@ -47,6 +48,9 @@ DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, DEFAULT_BATCH = 16, 256, 8
 
 # ---------------------------------------------------------------------------------------- helpers
 def _emit(args, payload: dict, text: str) -> None:
+    """Print the result: JSON with ``--json`` (which escapes control characters), else ``text``,
+    in which every path or name echoed from the command line went through ``printable``
+    (``--out $'a\\nb'`` must neither split a line nor drive the terminal)."""
     print(json.dumps(payload, indent=2, default=str) if args.json else text)
 
 
@@ -179,7 +183,7 @@ def cmd_info(args) -> int:
     payload = {"model": args.model, "architecture": type(model).__name__, "model_type": model.config.model_type,
                "num_layers": adapter.num_layers, "layers": layers, "components": adapter.kind_counts(),
                "parameters": params, "pruned_with": plan.to_dict() if plan else None}
-    lines = [f"model: {args.model} ({type(model).__name__}, model_type {model.config.model_type})",
+    lines = [f"model: {printable(args.model)} ({type(model).__name__}, model_type {model.config.model_type})",
              f"parameters: {params:,}",
              f"layers: {adapter.num_layers}"]
     for row in layers:
@@ -227,12 +231,12 @@ def cmd_eval(args) -> int:
             payload["accuracy"] = next_word_accuracy(model, _text_tokenizer(args, tokenizer), args.data,
                                                      args.accuracy_n, progress, args.batch_size)
     payload.update(params=params, params_original=full)
-    lines = [f"model: {args.model} ({type(model).__name__})",
+    lines = [f"model: {printable(args.model)} ({type(model).__name__})",
              f"plan: {plan.describe() if plan else 'none'}",
-             f"perplexity: {payload['perplexity']:.4f}   [{payload['perplexity_protocol']}]"]
+             f"perplexity: {payload['perplexity']:.4f}   [{printable(payload['perplexity_protocol'])}]"]
     if args.accuracy:
         payload["accuracy_protocol"] = next_word_protocol(args.data, args.accuracy_n)
-        lines.append(f"next-word accuracy: {payload['accuracy']:.4f}   [{payload['accuracy_protocol']}]")
+        lines.append(f"next-word accuracy: {payload['accuracy']:.4f}   [{printable(payload['accuracy_protocol'])}]")
     lines.append(f"parameters: {params:,} ({_pct(params, full)} of {full:,})")
     if args.tasks:
         payload["lm_eval"], text = _lm_eval(args, model, tokenizer, plan, adapter)
@@ -308,7 +312,7 @@ def cmd_extract(args) -> int:
     card = model_card(args.model, type(model).__name__, plan, before, after)
     out = save(small, tokenizer, args.out, plan=plan, card=card, overwrite=args.overwrite, protected=protected)
     payload = {"out": str(out), "plan": plan.to_dict(), "params_before": before, "params_after": after}
-    _emit(args, payload, f"saved {out}: {plan.describe()}; parameters {after:,} (from {before:,}, "
+    _emit(args, payload, f"saved {printable(out)}: {plan.describe()}; parameters {after:,} (from {before:,}, "
                          f"{_pct(before - after, before)} removed)")
     return 0
 
@@ -345,7 +349,7 @@ def cmd_score(args) -> int:
     cost = table.attrs.get("seconds")
     payload = {"out": args.out, "metric": args.metric, "protocol": protocol, "resumed": resumed, "seconds": cost,
                "left_out": table.attrs.get("left_out", []), "rows": table.to_dict(orient="records")}
-    text = f"{table.to_string(index=False)}\n\nwrote {args.out} ({len(table)} components; {args.metric}; {protocol})"
+    text = f"{table.to_string(index=False)}\n\nwrote {printable(args.out)} ({len(table)} components; {args.metric}; {printable(protocol)})"
     if cost is not None:
         text += (f"\ncost: {cost:.2f} s, {table.attrs['forwards']} forward(s) and {table.attrs['backwards']} "
                  "backward(s) over the calibration windows")
@@ -387,19 +391,25 @@ def _compare(args, model, windows, protocol: str) -> int:
     write_output_file(args.out, rows.to_csv(index=False), args.overwrite, _sources(args))
     payload = {"out": args.out, "protocol": protocol, "agreement": rows.to_dict(orient="records"),
                "costs": {m: {k: t.attrs.get(k) for k in ("seconds", "forwards", "backwards")} for m, t in tables.items()}}
-    _emit(args, payload, f"{format_agreement(rows, tables)}\n\nwrote {args.out} ({protocol})")
+    _emit(args, payload, f"{format_agreement(rows, tables)}\n\nwrote {printable(args.out)} ({printable(protocol)})")
     return 0
 
 
 # ---------------------------------------------------------------------------------------- search
 def cmd_search(args) -> int:
+    from .plan import PruningPlan
     from .search import greedy_search
 
     model, tokenizer = _load(args)
     adapter, base = _plan_for(model, args.base_plan)
+    if args.official_layout:  # refused now, not once the whole search has run
+        from .official import check_official_kinds, to_official
+
+        check_official_kinds(adapter, args.kinds)
+        to_official(adapter, base or PruningPlan())
     windows, protocol = _calibration(args, tokenizer)
     if not args.json:
-        print(f"searching {args.kinds} on {args.model}; {protocol}", flush=True)
+        print(f"searching {args.kinds} on {printable(args.model)}; {printable(protocol)}", flush=True)
     if args.out is not None:
         from .fileio import exclusive
         from .search import LOCK_FILE, claim_search_dir
@@ -431,7 +441,7 @@ def cmd_search(args) -> int:
                          for s in result.steps]}
     final = result.plan.describe() if result.plan else "nothing removed"
     _emit(args, payload, f"stopped: {result.stopped}\nbase ppl {result.base_ppl:.4f}; final: {final}\n"
-                         f"plans in {result.run_dir}/step_XX/pruning_config.json")
+                         f"plans in {printable(result.run_dir)}/step_XX/pruning_config.json")
     return 0
 
 
@@ -462,7 +472,7 @@ def cmd_plan_convert(args) -> int:
     data = to_official(adapter, resolved) if args.to == "official" else resolved.to_dict()
     out = write_output_file(args.out, json.dumps(data, indent=4, default=str), args.overwrite, _sources(args))
     _emit(args, {"out": str(out), "to": args.to, "plan": resolved.to_dict(), "written": data},
-          f"wrote {out} ({args.to} format): {resolved.describe()}")
+          f"wrote {printable(out)} ({args.to} format): {resolved.describe()}")
     return 0
 
 
@@ -474,7 +484,7 @@ def cmd_import_run(args) -> int:
     payload = {"run_dir": args.out, "steps": [{"step": s.step, "component": str(s.component), "ppl": s.ppl,
                                                "params": s.params} for s in steps]}
     lines = [f"step {s.step}: removed {s.component}  ppl {s.ppl:.4f}  params {s.params:,}" for s in steps]
-    lines.append(f"imported {len(steps)} steps into {args.out} (log.jsonl, step_XX/pruning_config.json)")
+    lines.append(f"imported {len(steps)} steps into {printable(args.out)} (log.jsonl, step_XX/pruning_config.json)")
     _emit(args, payload, "\n".join(lines))
     return 0
 
@@ -512,7 +522,7 @@ def cmd_bench_search(args) -> int:
                "fast_stats": fast.stats,
                # layer forwards (batches × layers, removed blocks not counted): the work, whatever the load
                "reference_layer_runs": ref.stats["layers_run"], "fast_layer_runs": fast.stats["layers_run"]}
-    lines = [f"model {args.model}, kinds {args.kinds}, {len(ref.steps)} steps, "
+    lines = [f"model {printable(args.model)}, kinds {args.kinds}, {len(ref.steps)} steps, "
              f"{windows.shape[0]} windows × {windows.shape[1]} tokens of {args.data!r}",
              f"reference search: {timings['reference']:.2f} s wall, {cpu['reference']:.2f} s CPU  "
              f"({', '.join(payload['reference_choices'])})",
@@ -536,7 +546,7 @@ def _bench_workers(args, model, windows) -> int:
         report = bench_workers(model, windows, args.kinds, args.steps, args.workers, args.batch_size,
                                args.ray_address, progress)
     first = report["runs"][0]["workers"]
-    lines = [f"model {args.model}, kinds {args.kinds}, {args.steps} steps, "
+    lines = [f"model {printable(args.model)}, kinds {args.kinds}, {args.steps} steps, "
              f"{windows.shape[0]} windows × {windows.shape[1]} tokens of {args.data!r}, workers on {args.device}"]
     lines += [f"{r['workers']} worker{'s' if r['workers'] > 1 else ''}: {r['seconds']:.2f} s  "
               f"speed-up over {first}: {r['speedup']:.2f}×  ({', '.join(r['choices'])})" for r in report["runs"]]
@@ -564,21 +574,23 @@ def cmd_recover(args) -> int:
             teacher, _ = load_model(args.teacher, dtype=args.dtype, device=args.device,
                                     trust_remote_code=args.trust_remote_code)
     if not args.json:
-        print(f"recovering {args.model}{f' ({plan.describe()})' if plan else ''}: {config.describe()}", flush=True)
+        print(f"recovering {printable(args.model)}{f' ({plan.describe()})' if plan else ''}: {config.describe()}",
+              flush=True)
     try:
         with _progress(args) as progress:
             result = recover(student, tokenizer, config, args.out, teacher=teacher, plan=plan, source=args.model,
                              progress=progress, resume=args.resume)
     except (Cancelled, KeyboardInterrupt):
-        print(f"recovery stopped: checkpoint kept in {args.out}; add --resume to continue", file=sys.stderr)
+        print(f"recovery stopped: checkpoint kept in {printable(args.out)}; add --resume to continue",
+              file=sys.stderr)
         raise
     ppl = result.ppl
     fraction = result.recovered_fraction
-    lines = [f"saved {result.run_dir} ({result.steps} steps, {result.tokens:,} tokens, {result.seconds / 60:.1f} min)"]
+    lines = [f"saved {printable(result.run_dir)} ({result.steps} steps, {result.tokens:,} tokens, {result.seconds / 60:.1f} min)"]
     lines += [f"{name:>9} perplexity {ppl[name]:.4f}" for name in ("unpruned", "pruned", "recovered") if name in ppl]
     if fraction is not None:
         lines.append(f"recovered {100 * fraction:.1f}% of the log-perplexity lost to pruning")
-    lines.append(f"[{result.protocol}]")
+    lines.append(f"[{printable(result.protocol)}]")
     _emit(args, result.to_dict(), "\n".join(lines))
     return 0
 
@@ -620,7 +632,7 @@ def _model_options(p: argparse.ArgumentParser, model_required: bool = False) -> 
     p.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default float32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
-    p.add_argument("--threads", type=_positive_int, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    p.add_argument("--threads", type=threads, help="CPU threads for PyTorch (default: PyTorch's choice)")
     p.add_argument("--tokenizer", help="tokenizer name, directory or hub id (default: the model's own; needed "
                                        "only to read text when the model directory has none)")
 
@@ -634,10 +646,10 @@ def _common(p: argparse.ArgumentParser) -> None:
 def _data_options(p: argparse.ArgumentParser, data: str, samples: int | None, seq_len: int = DEFAULT_SEQ_LEN) -> None:
     p.add_argument("--data", default=data, help=f"text source: calibration, test, a .txt/.jsonl file or "
                                                 f"hf:DATASET[:CONFIG]:SPLIT (default {data})")
-    p.add_argument("--samples", type=int, default=samples,
+    p.add_argument("--samples", type=positive_int, default=samples,
                    help=f"number of windows (default {samples if samples else 'all'})")
-    p.add_argument("--seq-len", type=int, default=seq_len, help=f"tokens per window (default {seq_len})")
-    p.add_argument("--batch-size", type=_positive_int, default=DEFAULT_BATCH, help=f"windows per forward (default {DEFAULT_BATCH})")
+    p.add_argument("--seq-len", type=positive_int, default=seq_len, help=f"tokens per window (default {seq_len})")
+    p.add_argument("--batch-size", type=positive_int, default=DEFAULT_BATCH, help=f"windows per forward (default {DEFAULT_BATCH})")
 
 
 def _calibration_options(p: argparse.ArgumentParser) -> None:
@@ -648,13 +660,13 @@ def _calibration_options(p: argparse.ArgumentParser) -> None:
                         "of a datasets id or a local .json/.jsonl with a 'text' field; defaults alpaca, 256 rows, "
                         "2048-token windows, batch 2)")
     p.add_argument("--data", help=f"text source (default {DEFAULT_CALIBRATION}; official: hf:tatsu-lab/alpaca:train)")
-    p.add_argument("--samples", type=int, help=f"windows (default {DEFAULT_SAMPLES}); official: rows (default 256)")
-    p.add_argument("--seq-len", type=int, help=f"tokens per window (default {DEFAULT_SEQ_LEN}; official 2048)")
-    p.add_argument("--batch-size", type=_positive_int, help=f"windows per forward (default {DEFAULT_BATCH}; official 2)")
+    p.add_argument("--samples", type=positive_int, help=f"windows (default {DEFAULT_SAMPLES}); official: rows (default 256)")
+    p.add_argument("--seq-len", type=positive_int, help=f"tokens per window (default {DEFAULT_SEQ_LEN}; official 2048)")
+    p.add_argument("--batch-size", type=positive_int, help=f"windows per forward (default {DEFAULT_BATCH}; official 2)")
 
 
 def _distributed_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--workers", type=int, help="evaluate candidates on N Ray workers, each with its own model "
+    p.add_argument("--workers", type=positive_int, help="evaluate candidates on N Ray workers, each with its own model "
                                                "replica (one GPU each with --device cuda); starts a local Ray "
                                                "unless --ray-address is given")
     p.add_argument("--ray-address", help="run the workers on this Ray cluster (e.g. auto, or ray://HEAD:10001); "
@@ -673,16 +685,6 @@ def _counts(text: str) -> list[int]:
 
 def _kinds(text: str) -> list[str]:
     return [k.strip() for k in text.split(",") if k.strip()]
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {text!r}")
-    return value
 
 
 TARGET_RULE = "an integer count ≥ 1, a fraction in (0, 1), or a percentage in (0, 100%)"
@@ -707,7 +709,7 @@ def _target(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m shedder", description=__doc__.split("\n\n")[0],
+    parser = OneLineParser(prog="python -m shedder", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     sub = parser.add_subparsers(dest="command", required=True,
@@ -724,13 +726,13 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(p, DEFAULT_EVAL, None)  # the whole test split, as the model cards report
     p.add_argument("--accuracy", action=argparse.BooleanOptionalAction, default=True,
                    help="also measure next-word accuracy (default on)")
-    p.add_argument("--accuracy-n", type=int, default=100,
+    p.add_argument("--accuracy-n", type=positive_int, default=100,
                    help="passages for next-word accuracy, batched by --batch-size (default 100: about a third of "
                         "the tokens of the test split's perplexity)")
     p.add_argument("--tasks", help="lm-eval zero-shot accuracy on these tasks: comma-separated names, 'paper' "
                                    "(the paper's seven) or 'local' (the bundled offline shedder_lastword,"
                                    "shedder_choice); needs lm-eval")
-    p.add_argument("--limit", type=int, help="lm-eval examples per task (default all)")
+    p.add_argument("--limit", type=positive_int, help="lm-eval examples per task (default all)")
     p.add_argument("--baseline", help="the unpruned model, for relative accuracy of an extracted model (default: "
                                       "the source recorded in a pruned directory; with --plan, the model unmasked)")
     p.add_argument("--cache-dir", help="lm-eval result cache (default $SHEDDER_CACHE_DIR or ~/.cache/shedder)")
@@ -759,7 +761,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compare", type=_kinds, metavar="METRICS",
                    help="comma-separated metrics (or 'all'): Spearman / Kendall rank correlation between them and "
                         "between two halves of the calibration windows, per kind, and top-k overlap")
-    p.add_argument("--top-k", type=int, help="k of the top-k overlap (default a quarter of the components)")
+    p.add_argument("--top-k", type=positive_int, help="k of the top-k overlap (default a quarter of the components)")
     p.add_argument("--no-stability", action="store_true", help="with --compare: skip the calibration-halves rows")
     p.add_argument("--base-plan", help="score on top of this plan")
     p.add_argument("--cache-dir", help="score cache (default $SHEDDER_CACHE_DIR or ~/.cache/shedder)")
@@ -772,11 +774,11 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(p)
     p.add_argument("--kinds", type=_kinds, default=["block"], help="comma-separated kinds (default block)")
     p.add_argument("--out", required=True, help="run directory (log.jsonl, step_XX/pruning_config.json)")
-    p.add_argument("--steps", type=int, help="number of components to remove")
+    p.add_argument("--steps", type=positive_int, help="number of components to remove")
     p.add_argument("--target-params", type=_target,
                    help="stop once this many parameters are removed: a count (250000), a fraction (0.2) or a "
                         "percentage (20%%) of the model")
-    p.add_argument("--max-ppl", type=float, help="stop before a step would exceed this calibration perplexity")
+    p.add_argument("--max-ppl", type=positive_float, help="stop before a step would exceed this calibration perplexity")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--base-plan", help="start from this plan")
     p.add_argument("--official-layout", action="store_true",
@@ -832,7 +834,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "identical components.")
     _model_options(s)
     s.add_argument("--kinds", type=_kinds, default=["ssm"], help="comma-separated kinds (default ssm)")
-    s.add_argument("--steps", type=int, default=4, help="search steps (default 4)")
+    s.add_argument("--steps", type=positive_int, default=4, help="search steps (default 4)")
     s.add_argument("--workers", type=_counts, help="instead: the fast search on Ray pools of these sizes "
                                                    "(e.g. 1,2), and the speed-up over the first")
     s.add_argument("--ray-address", help="with --workers: run the pools on this Ray cluster")
@@ -855,10 +857,10 @@ def _recover_options(p: argparse.ArgumentParser) -> None:
                                                    "the default), calibration, a .txt/.jsonl file or hf:DATASET[:CONFIG]:SPLIT")
     p.add_argument("--template", choices=["alpaca"], help="format instruction/input/output records with the Alpaca prompt")
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--steps", type=int, help="optimizer steps (default 100)")
-    budget.add_argument("--tokens", type=int, help="token budget, rounded up to whole steps")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per step (default 8)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
+    budget.add_argument("--steps", type=positive_int, help="optimizer steps (default 100)")
+    budget.add_argument("--tokens", type=positive_int, help="token budget, rounded up to whole steps")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows per step (default 8)")
+    p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per window (default 256)")
     p.add_argument("--lr", type=float, help="peak learning rate (default " +
                    ", ".join(f"{m} {v:g}" for m, v in DEFAULT_LR.items()) + ")")
     p.add_argument("--schedule", choices=SCHEDULES, default="cosine", help="after the warm-up (default cosine)")
@@ -871,7 +873,7 @@ def _recover_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=2.0, help="distill: softmax temperature (default 2)")
     p.add_argument("--lm-weight", type=float, default=0.0, help="distill: weight of the next-token loss (default 0)")
     p.add_argument("--eval-data", default=DEFAULT_EVAL, help="held-out text for before/after perplexity (default test)")
-    p.add_argument("--eval-samples", type=int, default=64, help="held-out windows (default 64)")
+    p.add_argument("--eval-samples", type=positive_int, default=64, help="held-out windows (default 64)")
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints (default 50)")
     p.add_argument("--tasks", type=_kinds, help="lm-eval tasks to run before and after (needs shedder.downstream)")
 
@@ -880,11 +882,11 @@ def _bench_recover_options(p: argparse.ArgumentParser) -> None:
     from .recover import METHODS
 
     p.add_argument("--methods", type=_kinds, default=list(METHODS), help="comma-separated (default all)")
-    p.add_argument("--steps", type=int, default=12, help="steps per method (default 12)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per step (default 8)")
-    p.add_argument("--seq-len", type=int, default=64, help="tokens per window (default 64)")
-    p.add_argument("--eval-samples", type=int, default=32, help="held-out test windows (default 32)")
-    p.add_argument("--threads", type=int, default=2, help="CPU threads (default 2)")
+    p.add_argument("--steps", type=positive_int, default=12, help="steps per method (default 12)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows per step (default 8)")
+    p.add_argument("--seq-len", type=positive_int, default=64, help="tokens per window (default 64)")
+    p.add_argument("--eval-samples", type=positive_int, default=32, help="held-out test windows (default 32)")
+    p.add_argument("--threads", type=threads, default=2, help="CPU threads (default 2)")
     _common(p)
     p.set_defaults(func=cmd_bench_recover)
 

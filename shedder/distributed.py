@@ -49,6 +49,8 @@ from .evaluator import PlanEvaluator, removing
 from .plan import PruningPlan
 
 INSTALL_HINT = "scoring or searching with Ray workers needs Ray: pip install 'shedder-studio[distributed]'"
+#: The pip extra a ``ray://`` address needs (minimal Ray lacks the client's gRPC).
+CLIENT_EXTRA = "ray[client]"
 #: Replacements allowed per worker over a pool's life before giving up (a worker that dies each
 #: time it starts, e.g. out of memory, must not be replaced forever).
 MAX_REPLACEMENTS_PER_WORKER = 3
@@ -107,6 +109,11 @@ class WorkerPool:
                 ray.init(address=address, include_dashboard=False) if address else ray.init(include_dashboard=False)
             except ConnectionError as e:
                 raise ShedderError(f"cannot reach the Ray cluster at {address}: {e}") from None
+            except ValueError as e:  # how Ray says a ray:// address needs its client extra
+                if CLIENT_EXTRA not in str(e):
+                    raise
+                raise ShedderError(f"the Ray address {address} needs the Ray client: pip install "
+                                   f"'{CLIENT_EXTRA}'") from None
         self.model, self.windows, self.batch_size = model, windows, batch_size
         self.group_sizes = adapter_for(model, group_sizes).group_sizes  # with the family's defaults
         self.device = str(device or next(model.parameters()).device)

@@ -12,12 +12,14 @@
 * ``exclusive``: an inter-process lock (``filelock``) for a run directory or a cache entry; a second
   process is refused at once with a message saying what is busy (``Busy``); a second thread of this
   process waits, shown and cancellable through its progress callback.
-* ``drop_torn_tail``: before appending to a JSON-lines log, cut a last line that a kill left torn
-  or that is not JSON, so the next line never glues onto it.
+* ``drop_torn_tail``: before appending to a JSON-lines log, move what follows its last record (a
+  line a kill left torn, garbage, blank lines) into ``LOG.damaged``, so the next line never glues
+  onto it and the run resumes; junk followed by records is refused as corruption.
 """
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -161,9 +163,29 @@ def write_output_file(target: str | Path, data: str | bytes, overwrite: bool = F
     out = check_output_file(target, overwrite, protected)
     payload = data.encode("utf-8") if isinstance(data, str) else data
     check_output_file(target, overwrite, protected)  # checked again: it may have appeared meanwhile
-    atomic_write_bytes(out, payload)
-    atomic_write_text(_sidecar(out), json.dumps({"written_by": "shedder", "sha256": _sha256(out)}) + "\n")
+    with reporting_full_disk(target):
+        atomic_write_bytes(out, payload)
+        atomic_write_text(_sidecar(out), json.dumps({"written_by": "shedder", "sha256": _sha256(out)}) + "\n")
     return out
+
+
+#: errno values of a device that cannot take more data: out of space, or out of the user's quota.
+FULL_DISK = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exceeded"}
+
+
+@contextlib.contextmanager
+def reporting_full_disk(target: str | Path) -> Iterator[None]:
+    """Turn a full disk (``ENOSPC``, ``EDQUOT``) while writing ``target`` into one ``ShedderError``
+    that says so and that nothing was changed: every writer of the output policy writes through a
+    temporary name, so a failed write leaves the target as it was, and the raw ``OSError`` (errno,
+    temporary file name) would only hide that."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in FULL_DISK:
+            raise
+        raise ShedderError(f"{FULL_DISK[e.errno]} writing {printable(target)}; nothing was changed "
+                           "(free space, or choose another --out)") from None
 
 
 def check_output_dir(target: str | Path, overwrite: bool = False, protected: Iterable[str | Path] = ()) -> Path:
@@ -303,17 +325,18 @@ def publish_dir(target: str | Path, overwrite: bool = False, protected: Iterable
     (marked as an export). On any exception the temporary directory is removed and ``target`` is
     untouched. See ``check_output_dir`` for what is refused."""
     out = check_output_dir(target, overwrite, protected)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
-    tmp.mkdir()  # not mkdtemp: the export gets the process umask's permissions, readable by its team
-    try:
-        yield tmp
-        (tmp / EXPORT_MARKER).write_text(json.dumps({"written_by": "shedder"}) + "\n")
-        _umask_modes(tmp)
-        _replace_dir(tmp, check_output_dir(target, overwrite, protected))  # checked again: it may have changed
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with reporting_full_disk(target):
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.{uuid.uuid4().hex[:12]}.tmp"
+        tmp.mkdir()  # not mkdtemp: the export gets the process umask's permissions, readable by its team
+        try:
+            yield tmp
+            (tmp / EXPORT_MARKER).write_text(json.dumps({"written_by": "shedder"}) + "\n")
+            _umask_modes(tmp)
+            _replace_dir(tmp, check_output_dir(target, overwrite, protected))  # checked again: it may have changed
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
 
 def _umask_modes(top: Path) -> None:
@@ -398,22 +421,47 @@ def exclusive(lock_file: str | Path, what: str, progress=None, poll_s: float = 0
 
 
 # ------------------------------------------------------------------------------ logs
-def drop_torn_tail(path: str | Path) -> bool:
-    """Cut the last line of a JSON-lines file when it is unterminated or not JSON (a write
-    interrupted by a kill, or garbage); True when something was cut."""
+#: Beside a JSON-lines log, what ``drop_torn_tail`` cut from its end (appended, never deleted).
+DAMAGED_SUFFIX = ".damaged"
+
+
+def drop_torn_tail(path: str | Path) -> int:
+    """Before appending to a JSON-lines log, cut what follows its last record: a last line a kill
+    left torn, garbage, blank lines. Every line of our logs is a JSON object; the lines after the
+    last one that is (not JSON, not an object, not UTF-8, a torn fragment) are appended to
+    ``PATH.damaged`` beside the log (blank lines hold nothing and are just dropped), then the log is
+    rewritten atomically without them, so the next line never glues onto a fragment and nothing
+    that was in the file is lost. A last record whose newline was lost gets it back. A line that is
+    not a record but is *followed* by records is corruption, not a torn tail: ``ShedderError``
+    naming the line, and the file is left as it was. Returns the number of lines cut."""
     path = Path(path)
     data = path.read_bytes()
-    if not data:
-        return False
-    body, _, last = data.rstrip(b"\n").rpartition(b"\n")
-    keep = body + b"\n" if body else b""
-    try:
-        if not isinstance(json.loads(last), dict):  # every line of our logs is an object
-            raise ValueError(last)
-        if data.endswith(b"\n"):
-            return False
-        keep = data + b"\n"  # whole JSON, only the newline was lost
-    except (ValueError, RecursionError):
-        pass
+    lines = data.split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()  # the file ends with a newline: no line after it
+    good = [_is_record(line) for line in lines]
+    last = max((i for i, ok in enumerate(good) if ok), default=-1)
+    for i in range(last):
+        if not good[i]:
+            raise ShedderError(f"{printable(path)}: line {i + 1} is not a JSON object, but records follow it; "
+                               "the log is damaged (repair or remove that line)")
+    tail = lines[last + 1:]
+    keep = b"".join(line + b"\n" for line in lines[:last + 1])
+    if keep == data:
+        return 0
+    junk = [line for line in tail if line.strip()]
+    if junk:
+        with path.with_name(path.name + DAMAGED_SUFFIX).open("ab") as f:
+            f.write(b"".join(line + b"\n" for line in junk))
+            f.flush()
+            os.fsync(f.fileno())
     atomic_write_bytes(path, keep)
-    return True
+    return len(tail)
+
+
+def _is_record(line: bytes) -> bool:
+    """Whether one line of a log is a JSON object (anything unreadable is not)."""
+    try:
+        return isinstance(json.loads(line), dict)
+    except (ValueError, RecursionError):  # not JSON or not UTF-8 (both ValueError), nested too deeply
+        return False

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 from .errors import PlanError, ShedderError
@@ -164,7 +165,7 @@ def to_official(adapter, plan: PruningPlan, order: list[Component] | None = None
     family = _family(adapter)
     rank = {c: i for i, c in enumerate(order or [])}
     comps = sorted(plan.components, key=lambda c: (rank.get(c, len(rank)), c.layer, c.index))
-    key_of = {kind: key for key, kind in adapter.official_keys.items() if kind in adapter.kinds}
+    key_of = _keys_of_kinds(adapter)
     out: dict = {key: [] for key in LIST_KEYS if key in adapter.official_keys.keys() and
                  adapter.official_keys[key] in adapter.kinds}
     mlps = _mlps(adapter)
@@ -174,7 +175,7 @@ def to_official(adapter, plan: PruningPlan, order: list[Component] | None = None
         c = adapter.same_removal_as_official(c)
         key = key_of.get(c.kind)
         if key is None:
-            raise PlanError(f"{c}: {c.kind!r} on {family} has no counterpart in the official config format")
+            raise PlanError(f"{c}: {_no_counterpart(c.kind, family)}")
         if key in ORDINAL_KEYS:
             out[key].append([x.layer for x in adapter.components(c.kind)].index(c.layer))
         else:
@@ -193,6 +194,29 @@ def to_official(adapter, plan: PruningPlan, order: list[Component] | None = None
             widths[str(ordinal)] = min(full, first * size)
         out[WIDTH_KEY] = widths
     return out
+
+
+def check_official_kinds(adapter, kinds) -> None:
+    """``PlanError`` when removals of one of ``kinds`` (those this model offers) cannot be written
+    in the official config format: ``search --official-layout`` checks this before any work, so an
+    impossible layout is refused at once instead of after the whole search."""
+    key_of = _keys_of_kinds(adapter)
+    family = _family(adapter)
+    for kind in dict.fromkeys(kinds):
+        if kind == "mlp_channel_group" or kind not in adapter.kinds:  # widths: checked per plan; unknown: elsewhere
+            continue
+        if any(adapter.same_removal_as_official(c).kind not in key_of for c in adapter.components(kind)):
+            raise PlanError(f"--official-layout: {_no_counterpart(kind, family)}; search other kinds, or "
+                            "leave out --official-layout")
+
+
+def _keys_of_kinds(adapter) -> dict[str, str]:
+    """Our kind -> the official list key recording its removals, for the kinds this family offers."""
+    return {kind: key for key, kind in adapter.official_keys.items() if kind in adapter.kinds}
+
+
+def _no_counterpart(kind: str, family: str) -> str:
+    return f"{kind!r} on {family} has no counterpart in the official config format"
 
 
 def target_name(adapter, kinds: list[str]) -> str:
@@ -215,6 +239,7 @@ def write_official_run(adapter, run_dir: str | Path, steps, kinds: list[str], ar
     """Write the official layout for a finished (or partial) search of ours into ``run_dir``:
     one config per step (official steps count from 0), ``log.json`` and the final
     ``pruning_config.json``. Every file goes through a temporary name. Returns the paths written."""
+    check_official_kinds(adapter, kinds)
     run_dir = Path(run_dir)
     target = target_name(adapter, kinds)
     order = [s.component for s in steps]
@@ -247,6 +272,8 @@ def write_json(path: Path, data) -> None:
 
 def read_official_run(run_dir: str | Path) -> list[tuple[dict, float, Path]]:
     """``(config, importance, config path)`` for every step of an official run, in step order."""
+    if not str(run_dir).strip():
+        raise ShedderError("no official run directory given (the name is empty)")
     run_dir = Path(run_dir)
     log_path = run_dir / OFFICIAL_LOG
     if not log_path.is_file():
@@ -274,9 +301,16 @@ def read_official_run(run_dir: str | Path) -> list[tuple[dict, float, Path]]:
 def _read_json(path: Path):
     """The JSON in ``path``, or one ShedderError naming the file and where it is broken."""
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ShedderError(f"{path} is not valid JSON: {e.msg} at line {e.lineno}") from None
+    except UnicodeDecodeError:
+        raise ShedderError(f"{path} is not valid JSON: it is not UTF-8 text") from None
+    except RecursionError:
+        raise ShedderError(f"{path} is not valid JSON that can be read: it is nested too deeply") from None
+    except ValueError:  # Python's limit on converting long digit strings to int
+        raise ShedderError(f"{path} holds a number too long to read (more than {sys.get_int_max_str_digits()} "
+                           "digits)") from None
 
 
 def import_run(model, official_dir: str | Path, out_dir: str | Path):

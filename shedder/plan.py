@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -229,10 +230,15 @@ class PruningPlan:
             raise PlanError(f"the plan is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
         except RecursionError:
             raise PlanError("the plan is not a pruning plan: its JSON is nested too deeply") from None
+        except ValueError:  # Python's limit on converting long digit strings to int
+            raise PlanError("the plan is not a pruning plan: it holds a number too long to read "
+                            f"(more than {sys.get_int_max_str_digits()} digits)") from None
         return cls.from_dict(data, identity)
 
     @classmethod
     def load(cls, path: str | Path, identity: ModelIdentity | None = None) -> "PruningPlan":
+        if not str(path).strip():
+            raise PlanError("no plan file given (the name is empty)")
         p = Path(path)
         if not p.is_file():
             raise PlanError(f"plan file not found: {p}")

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from .options import OneLineParser, positive_int, threads
+
 #: name -> (hidden, layers, vocab, heads of 64 channels, state, chunk)
 SIZES = {
     "S": (256, 4, 8192, 8, 64, 256),
@@ -227,22 +229,22 @@ def run_gpu_check(args) -> int:
 
 def build_parser(command: str) -> argparse.ArgumentParser:
     if command == "scale":
-        p = argparse.ArgumentParser(prog="python -m shedder bench scale",
+        p = OneLineParser(prog="python -m shedder bench scale",
                                     description="Time per candidate evaluation and peak memory of eval, score and "
                                                 "search on random Mamba-2 models of growing size.")
         p.add_argument("--sizes", default="S,M,130m", help=f"comma-separated, from {', '.join(SIZES)} (default all)")
-        p.add_argument("--samples", type=int, default=4, help="calibration windows (default 4)")
-        p.add_argument("--seq-len", type=int, default=256, help="tokens per window (default 256)")
-        p.add_argument("--batch-size", type=int, default=4, help="windows per forward (default 4)")
-        p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's choice)")
+        p.add_argument("--samples", type=positive_int, default=4, help="calibration windows (default 4)")
+        p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per window (default 256)")
+        p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward (default 4)")
+        p.add_argument("--threads", type=threads, help="CPU threads for PyTorch (default: PyTorch's choice)")
         p.set_defaults(func=run_scale)
     else:
         from .realshape import FAMILIES
 
-        p = argparse.ArgumentParser(prog="python -m shedder bench gpu-check",
+        p = OneLineParser(prog="python -m shedder bench gpu-check",
                                     description="The whole CLI journey on CUDA on a real-shape random model.")
         p.add_argument("--family", default="mamba2", choices=FAMILIES, help="family (default mamba2)")
-        p.add_argument("--layers", type=int, default=4, help="layers of the published layout (default 4)")
+        p.add_argument("--layers", type=positive_int, default=4, help="layers of the published layout (default 4)")
         p.set_defaults(func=run_gpu_check)
     p.add_argument("--device", default="cuda" if command == "gpu-check" else "cpu", help=argparse.SUPPRESS
                    if command == "gpu-check" else "cpu or cuda (default cpu)")

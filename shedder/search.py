@@ -333,21 +333,12 @@ class _RunLog:
             f.write(json.dumps(rec) + "\n")
 
     def read(self) -> tuple[dict, list[dict]]:
-        """Header and steps. A last line cut short by an interruption (or garbage) is dropped from
-        the file first, so the step is redone and the next append starts on a line of its own."""
+        """Header and steps. What follows the last record (a line cut short by an interruption,
+        garbage, blank lines) is first moved aside into ``log.jsonl.damaged``
+        (``fileio.drop_torn_tail``), so that step is redone and the next append starts on a line
+        of its own; a bad line followed by records is refused as damage, naming the line."""
         drop_torn_tail(self.path)
-        try:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError:
-            raise ShedderError(f"{self.path} is not a search log (not UTF-8 text)") from None
-        records = []
-        for i, line in enumerate(lines):
-            try:
-                records.append(json.loads(line))
-            except (json.JSONDecodeError, RecursionError):
-                raise ShedderError(f"{self.path}: line {i + 1} is not valid JSON; the log is damaged") from None
-        if not all(isinstance(r, dict) for r in records):
-            raise ShedderError(f"{self.path}: a line is not a JSON object; the log is damaged")
+        records = [json.loads(line) for line in self.path.read_bytes().split(b"\n") if line]  # all objects now
         if not records or records[0].get("type") != "header" or records[0].get("version") != LOG_VERSION:
             raise ShedderError(f"{self.path} is not a search log of this version (no header line)")
         steps = [r for r in records[1:] if r.get("type") == "step"]

@@ -9,7 +9,7 @@ import pytest
 from shedder.arch import adapter_for
 from shedder.cli import main
 from shedder.errors import PlanError
-from shedder.official import import_run, to_official
+from shedder.official import check_official_kinds, import_run, to_official
 from shedder.plan import Component, PruningPlan
 
 
@@ -98,6 +98,16 @@ def test_kinds_without_official_counterpart_are_refused_on_export(mamba2):
     assert to_official(adapter, plan) == {"pruned_mamba_block_idx": [4], "pruned_ssm_idx": [1]}
     with pytest.raises(PlanError, match="'head' on Mamba2ForCausalLM has no counterpart"):
         to_official(adapter, PruningPlan(frozenset({Component("head", 1, 0)})))
+    check_official_kinds(adapter, ["block", "ssm"])  # what a search --official-layout checks first
+    with pytest.raises(PlanError, match="--official-layout: 'head' on Mamba2ForCausalLM has no counterpart"):
+        check_official_kinds(adapter, ["ssm", "head"])
+
+
+def test_a_kind_only_some_of_whose_components_have_a_counterpart_is_refused_for_a_layout(zamba2):
+    adapter = adapter_for(zamba2)
+    check_official_kinds(adapter, ["mixer", "ssm", "attention", "mlp"])
+    with pytest.raises(PlanError, match="'block' on Zamba2ForCausalLM has no counterpart"):
+        check_official_kinds(adapter, ["block"])  # a hybrid layer's block has none: the search could pick it
 
 
 def _official_run(tmp_path, steps: list[tuple[list[int], float]]):

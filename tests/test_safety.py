@@ -103,7 +103,7 @@ def test_disk_error_during_save_leaves_the_target_as_it_was(tiny_model_factory, 
 
     monkeypatch.setattr(type(bundled_tokenizer), "save_pretrained", disk_full)
     for target in (out, tmp_path / "new"):
-        with pytest.raises(OSError, match="No space left"):
+        with pytest.raises(ShedderError, match="no space left on the device writing .*; nothing was changed"):
             save(model, bundled_tokenizer, target, overwrite=True)
     assert tree(out) == before and not (tmp_path / "new").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["export"]
@@ -273,7 +273,9 @@ def test_search_log_drops_a_torn_last_line_before_appending(tiny_model_factory, 
     run = tmp_path / "run"
     first = greedy_search(model, windows, ["block"], steps=1, run_dir=run)
     log = run / "log.jsonl"
-    for garbage in ('{"type": "step", "step": 2, "comp', "not json at all\n", "[1, 2]\n"):
+    garbages = ('{"type": "step", "step": 2, "comp', "not json at all\n", "[1, 2]\n", "two\ngarbage lines\n",
+                "\n\n\n", '{"type": "step"\n\n')
+    for garbage in garbages:
         with log.open("a") as f:
             f.write(garbage)
         again = greedy_search(model, windows, ["block"], steps=2, run_dir=run, resume=True)
@@ -281,15 +283,26 @@ def test_search_log_drops_a_torn_last_line_before_appending(tiny_model_factory, 
         lines = log.read_text().splitlines()
         assert len(lines) == 3 and all(isinstance(json.loads(x), dict) for x in lines)
         log.write_text("\n".join(lines[:2]) + "\n")  # back to one step for the next kind of damage
+    # everything cut is kept beside the log, blank lines aside
+    assert (run / "log.jsonl.damaged").read_text().splitlines() == [
+        '{"type": "step", "step": 2, "comp', "not json at all", "[1, 2]", "two", "garbage lines", '{"type": "step"']
 
 
 def test_drop_torn_tail(tmp_path):
     p = tmp_path / "log.jsonl"
-    for text, kept in [('{"a": 1}\n{"b"', '{"a": 1}\n'), ('{"a": 1}\n{"b": 2}', '{"a": 1}\n{"b": 2}\n'),
-                       ('{"a": 1}\n', '{"a": 1}\n'), ('{"a": 1}\n7\n', '{"a": 1}\n'), ("", "")]:
+    damaged = tmp_path / "log.jsonl.damaged"
+    for text, kept, aside in [('{"a": 1}\n{"b"', '{"a": 1}\n', '{"b"\n'),
+                              ('{"a": 1}\n{"b": 2}', '{"a": 1}\n{"b": 2}\n', ""),
+                              ('{"a": 1}\n', '{"a": 1}\n', ""), ('{"a": 1}\n7\n', '{"a": 1}\n', "7\n"),
+                              ('{"a": 1}\nx\n\n{"b\n\n', '{"a": 1}\n', 'x\n{"b\n'), ("", "", "")]:
         p.write_text(text)
+        damaged.unlink(missing_ok=True)
         drop_torn_tail(p)
-        assert p.read_text() == kept
+        assert p.read_text() == kept and (damaged.read_text() if damaged.exists() else "") == aside
+    p.write_text('{"a": 1}\nnot json\n{"b": 2}\n')
+    with pytest.raises(ShedderError, match="line 2 is not a JSON object, but records follow it"):
+        drop_torn_tail(p)
+    assert p.read_text() == '{"a": 1}\nnot json\n{"b": 2}\n'
 
 
 def test_score_cache_entry_has_one_writer(tiny_model_factory, tmp_path, monkeypatch):
@@ -394,7 +407,8 @@ def test_bad_numbers_are_refused_by_the_parser(capsys, argv):
     with pytest.raises(SystemExit) as e:
         main(["search", "--out", "unused", *argv])
     assert e.value.code == 2
-    err = capsys.readouterr().err
+    err = one_error_line(capsys)
+    assert err.endswith("(see python -m shedder search --help)")
     assert argv[0] in err and ("integer count ≥ 1, a fraction in (0, 1), or a percentage in (0, 100%)" in err
                                if argv[0] == "--target-params" else "at least 1" in err)
 
@@ -1029,8 +1043,12 @@ def test_a_damaged_checkpoint_is_one_error(capsys, stopped_copy, damage, words):
 ])
 def test_bad_recover_options_are_one_error(capsys, tmp_path, tiny_model_dir, plan_file, flag, value):
     out = tmp_path / "rec"
-    assert main(["recover", "--model", str(tiny_model_dir), "--plan", str(plan_file), "--out", str(out),
-                 "--no-progress", flag, value]) == 2
+    try:
+        code = main(["recover", "--model", str(tiny_model_dir), "--plan", str(plan_file), "--out", str(out),
+                     "--no-progress", flag, value])
+    except SystemExit as e:  # refused by the parser, before the command runs
+        code = e.code
+    assert code == 2
     assert flag in one_error_line(capsys)
     assert not out.exists()
 
@@ -1045,3 +1063,136 @@ def test_a_teacher_of_another_vocabulary_is_one_error(capsys, tmp_path, tiny_mod
                  "--out", str(out), *RECOVER]) == 2
     assert "the teacher's vocabulary has 100 tokens" in one_error_line(capsys)
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------ one error line for every user mistake
+@pytest.mark.parametrize("argv,command", [
+    (["bogus"], ""), (["search"], " search"), (["eval", "--samples", "x"], " eval"),
+    (["plan", "convert", "p.json"], " plan convert"), (["bench", "--repeats", "0"], " bench"),
+    (["bench", "search", "--steps", "0"], " bench search"), (["bench", "scale", "--samples", "0"], " bench scale"),
+    (["bench", "gpu-check", "--layers", "x"], " bench gpu-check"), (["bench", "recover", "--nope"], ""),
+    (["recover", "--out", "r", "--steps", "0"], " recover"), (["info", "--nope", "a\nb"], ""),
+])
+def test_argument_errors_are_one_line_naming_the_help(capsys, argv, command):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    line = one_error_line(capsys)
+    assert line.endswith(f"(see python -m shedder{command} --help)") and "usage:" not in line
+
+
+def test_help_still_exits_0(capsys):
+    for argv in (["--help"], ["search", "--help"], ["bench", "scale", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0 and "usage:" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [
+    ["eval", "--accuracy-n", "0"], ["eval", "--accuracy-n", "-1"], ["eval", "--samples", "0"],
+    ["eval", "--seq-len", "-16"], ["eval", "--limit", "0"], ["score", "--out", "s.csv", "--top-k", "0"],
+    ["score", "--out", "s.csv", "--workers", "0"], ["search", "--out", "r", "--steps", "0"],
+    ["search", "--out", "r", "--steps", "-2"], ["search", "--out", "r", "--samples", "-1"],
+    ["search", "--out", "r", "--max-ppl", "nan"], ["search", "--out", "r", "--max-ppl", "0"],
+    ["search", "--out", "r", "--max-ppl", "-3"], ["search", "--out", "r", "--target-params", "nan"],
+    ["search", "--out", "r", "--threads", "100000"], ["bench", "search", "--workers", "0"],
+    ["bench", "--plan", "p", "--threads", "100000"], ["bench", "scale", "--threads", "100000"],
+    ["eval", "--samples", "9" * 5000],
+])
+def test_counts_and_limits_out_of_range_are_refused_by_the_parser(capsys, argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    line = one_error_line(capsys)
+    assert argv[-2] in line and len(line) < 300
+
+
+def test_a_thread_count_beyond_the_machine_is_one_error_not_a_crash(tiny_model_dir):
+    result = subprocess.run([sys.executable, "-m", "shedder", "info", "--model", str(tiny_model_dir),
+                             "--threads", "100000"], capture_output=True, text=True, env=ENV, cwd=REPO_ROOT,
+                            timeout=120)
+    assert result.returncode == 2, result
+    assert result.stderr.startswith("error: argument --threads: must be at most") and \
+        len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_number_too_long_for_python_in_a_plan_is_a_plan_error(capsys, tiny_model_dir, tmp_path):
+    path = tmp_path / "long.json"
+    path.write_text('{"schema_version": 2, "components": [{"kind": "block", "layer": ' + "7" * 5000 + "}]}")
+    assert main(["eval", "--model", str(tiny_model_dir), "--plan", str(path), "--no-accuracy", *DATA]) == 2
+    assert "holds a number too long to read" in one_error_line(capsys)
+    with pytest.raises(PlanError, match="number too long"):
+        PruningPlan.load(path)
+
+
+def test_a_ray_client_address_without_the_client_extra_says_what_to_install(capsys, tiny_model_dir, tmp_path,
+                                                                           monkeypatch):
+    pytest.importorskip("ray")
+    monkeypatch.setitem(sys.modules, "grpc", None)  # the client's gRPC missing, as in a minimal Ray
+    assert main(["search", "--model", str(tiny_model_dir), "--out", str(tmp_path / "run"), "--steps", "1",
+                 "--ray-address", "ray://127.0.0.1:1", *DATA]) == 2
+    assert "pip install 'ray[client]'" in one_error_line(capsys)
+
+
+def test_a_full_disk_during_extract_is_one_line_and_changes_nothing(capsys, tiny_model_dir, plan_file, tmp_path,
+                                                                    monkeypatch):
+    import transformers
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", "model.safetensors")
+
+    monkeypatch.setattr(transformers.PreTrainedModel, "save_pretrained", disk_full)
+    out = tmp_path / "pruned"
+    assert main(["extract", "--model", str(tiny_model_dir), "--plan", str(plan_file), "--out", str(out)]) == 2
+    assert one_error_line(capsys) == (f"error: no space left on the device writing {out}; nothing was changed "
+                                      "(free space, or choose another --out)")
+    assert list(tmp_path.iterdir()) == []
+    csv = tmp_path / "scores.csv"
+    monkeypatch.setattr(fileio.os, "fsync", disk_full)
+    assert main(["score", "--model", str(tiny_model_dir), "--metric", "activation", "--out", str(csv), *DATA,
+                 "--cache-dir", str(tmp_path / "cache")]) == 2
+    assert one_error_line(capsys).startswith(f"error: no space left on the device writing {csv}; nothing was changed")
+    assert not csv.exists()
+
+
+def test_official_layout_for_kinds_it_cannot_write_is_refused_before_the_search(capsys, tiny_model_dir, tmp_path,
+                                                                                monkeypatch):
+    from shedder import search
+
+    monkeypatch.setattr(search, "greedy_search", lambda *a, **k: pytest.fail("the search ran"))
+    run = tmp_path / "run"
+    assert main(["search", "--model", str(tiny_model_dir), "--kinds", "head", "--out", str(run), "--steps", "1",
+                 "--official-layout", *DATA]) == 2
+    assert "'head' on Mamba2ForCausalLM has no counterpart in the official config format" in one_error_line(capsys)
+    assert not run.exists()
+
+
+def test_paths_echoed_in_results_are_escaped(capsys, tiny_model_dir, plan_file, tmp_path):
+    """A name with control characters is refused as an output (one escaped line); read as an input
+    (a model directory named so), it is echoed escaped."""
+    out = tmp_path / "a\nb\x1b[2J"
+    assert main(["extract", "--model", str(tiny_model_dir), "--plan", str(plan_file), "--out", str(out)]) == 2
+    assert "a\\nb\\x1b[2J" in one_error_line(capsys) and not out.exists()
+    model = tmp_path / "m\nx\x1b[2J"
+    shutil.copytree(tiny_model_dir, model)
+    assert main(["info", "--model", str(model)]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert "m\\nx\\x1b[2J" in printed[0] and "\x1b" not in printed[0]
+
+
+def test_junk_after_the_last_record_of_a_search_log_is_set_aside_and_the_run_resumes(capsys, tiny_model_dir,
+                                                                                   tmp_path):
+    run = tmp_path / "run"
+    argv = ["search", "--model", str(tiny_model_dir), "--out", str(run), *DATA]
+    assert main([*argv, "--steps", "1"]) == 0
+    capsys.readouterr()
+    log = run / "log.jsonl"
+    with log.open("a") as f:
+        f.write("garbage one\n{\"torn\": \n\n\n")
+    assert main([*argv, "--steps", "2", "--resume", "--json"]) == 0
+    assert [s["step"] for s in json.loads(capsys.readouterr().out)["steps"]] == [1, 2]
+    assert (run / "log.jsonl.damaged").read_text() == "garbage one\n{\"torn\": \n"
+    lines = log.read_text().splitlines()
+    log.write_text("\n".join([lines[0], "garbage in the middle", *lines[1:]]) + "\n")
+    assert main([*argv, "--steps", "3", "--resume"]) == 2  # after the cost announcement, one error line
+    assert "line 2 is not a JSON object, but records follow it" in capsys.readouterr().err.splitlines()[-1]
