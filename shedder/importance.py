@@ -113,7 +113,9 @@ def _measuring(model, windows, adapter, batch_size, evaluator, workers, ray_addr
     extending ``base``) as they finish, in this process or on Ray workers (``shedder.distributed``)."""
     if workers is None and ray_address is None and pool is None:
         ev = evaluator or PlanEvaluator(model, windows, adapter, batch_size)
-        yield lambda plans, base=None: ((i, ev.perplexity(plan)) for i, plan in enumerate(plans))
+        # exp(total / tokens) without PlanEvaluator.perplexity's refusal of nan: a removal that breaks
+        # the model is a score (it ranks last), not an error, here as on Ray workers below
+        yield lambda plans, base=None: ((i, math.exp(ev.nll(plan) / ev.tokens)) for i, plan in enumerate(plans))
         return
     from .distributed import pooled
 
