@@ -34,14 +34,17 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 BUNDLED_MODELS = REPO_ROOT / "assets" / "models"
 DEFAULT_MODEL = "mamba2-tiny"
 
-#: Files a model directory may hold that loading reads; each must be a regular file.
+#: Files any of which makes a directory carry its own tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+#: The weight map of a sharded checkpoint (tensor name -> shard file).
 INDEX_FILE = WEIGHTS_FILE + ".index.json"
+#: Files of a model directory that loading (or transformers) reads; each must be a regular file,
+#: as must every ``*.safetensors``.
 READ_FILES = ("config.json", "generation_config.json", INDEX_FILE, "special_tokens_map.json", "added_tokens.json",
               "merges.txt", *TOKENIZER_FILES)
 #: What the safetensors header of a weight may say: the model computes in floating point.
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
-#: A config.json or weight index larger than this is not one (real ones are a few kB to a few MB).
+#: A config.json or weight index larger than this is not one (real ones: a few kB to a few MB).
 MAX_JSON_BYTES = 64 << 20
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
@@ -107,7 +110,7 @@ def read_json_object(path: Path) -> dict:
     """``path`` parsed as one JSON object, or one ``ModelLoadError`` naming it (not UTF-8, not
     JSON, nested too deeply for the parser, too large, or not an object)."""
     if path.stat().st_size > MAX_JSON_BYTES:
-        raise ModelLoadError(f"{path} is over {MAX_JSON_BYTES >> 20} MiB; it is not a model config")
+        raise ModelLoadError(f"{path} is over {MAX_JSON_BYTES >> 20} MiB, too large for a model's config or weight index")
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
