@@ -14,6 +14,10 @@ class UnsupportedModelError(ModelLoadError):
     """A checkpoint of an architecture no adapter handles."""
 
 
+class NonFiniteError(ShedderError):
+    """A loss or perplexity that came out nan or inf: a broken model or dtype, never a number to show."""
+
+
 class PlanError(ShedderError, ValueError):
     """A plan that cannot be read or does not fit the model."""
 

@@ -44,7 +44,7 @@ import torch
 from .arch import adapter_for, patch_forward
 from .masking import masked
 from .errors import PlanError
-from .metrics import batches, predicted_tokens, token_nll
+from .metrics import batches, perplexity_of, predicted_tokens, token_nll
 from .progress import Progress
 from .plan import Component, PruningPlan
 
@@ -131,7 +131,7 @@ class PlanEvaluator:
     def perplexity(self, plan: PruningPlan | None = None, progress: Progress | None = None) -> float:
         """Calibration perplexity under ``plan`` (same value as a full masked forward)."""
         total = self.nll(plan, progress=progress)
-        return math.exp(total / self.tokens)
+        return perplexity_of(total, self.tokens)
 
     def nll(self, plan: PruningPlan | None = None, bound: float | None = None,
             progress: Progress | None = None, first_batches: int | None = None) -> float | None:

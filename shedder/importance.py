@@ -27,6 +27,7 @@ import torch
 
 from .arch import adapter_for
 from .data import windows_hash
+from .errors import NonFiniteError
 from .evaluator import PlanEvaluator, check_kinds, removing
 from .fileio import atomic_write_text, exclusive
 from .metrics import predicted_tokens
@@ -113,7 +114,7 @@ def _measuring(model, windows, adapter, batch_size, evaluator, workers, ray_addr
     extending ``base``) as they finish, in this process or on Ray workers (``shedder.distributed``)."""
     if workers is None and ray_address is None and pool is None:
         ev = evaluator or PlanEvaluator(model, windows, adapter, batch_size)
-        yield lambda plans, base=None: ((i, ev.perplexity(plan)) for i, plan in enumerate(plans))
+        yield lambda plans, base=None: ((i, _score_of(ev, plan)) for i, plan in enumerate(plans))
         return
     from .distributed import pooled
 
@@ -121,6 +122,15 @@ def _measuring(model, windows, adapter, batch_size, evaluator, workers, ray_addr
     with pooled(model, windows, batch_size, adapter.group_sizes, workers, ray_address, pool) as pool:
         # exp(total / tokens), as PlanEvaluator.perplexity computes it
         yield lambda plans, base=None: ((i, math.exp(nll / tokens)) for i, nll in pool.nlls(plans, base))
+
+
+def _score_of(ev: PlanEvaluator, plan: PruningPlan) -> float:
+    """The calibration perplexity under ``plan``; nan where the removal breaks the model (nan or
+    inf logits): here that is a score to rank, not an error, as on Ray workers."""
+    try:
+        return ev.perplexity(plan)
+    except NonFiniteError:
+        return math.nan
 
 
 def _score(adapter, kinds, base, path, progress, perplexities) -> pd.DataFrame:

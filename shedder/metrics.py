@@ -16,13 +16,13 @@ import contextlib
 import math
 import re
 from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
 from .data import load_text
-from .errors import DataError
+from .errors import DataError, NonFiniteError
 from .progress import Progress
-
 
 
 #: Next-word passages: paragraphs with at least this many words ...
@@ -84,7 +84,21 @@ def perplexity(model, windows: torch.Tensor, batch_size: int = 8, progress: Prog
     """Token-level perplexity over non-overlapping windows (under ``plan``'s live mask when given)."""
     with _maybe_masked(model, plan):
         total, count = nll_sum(model, windows, batch_size, progress)
-    return math.exp(total / count)
+    return perplexity_of(total, count)
+
+
+def perplexity_of(total_nll: float, tokens: int) -> float:
+    """``exp(total_nll / tokens)``, or ``NonFiniteError`` with the likely cause when the NLL is nan
+    or inf or its exponential overflows: such a perplexity is a broken model, not a result, and
+    every command and the studio show this error instead of printing it."""
+    mean = total_nll / tokens
+    if math.isnan(mean) or mean == math.inf:
+        raise NonFiniteError(f"perplexity is {'nan' if math.isnan(mean) else 'inf'}: the model produced non-finite "
+                             "logits; its weights or dtype (float16 overflow?) are the likely cause")
+    if mean > math.log(torch.finfo(torch.float64).max):
+        raise NonFiniteError(f"perplexity is inf: the mean NLL is {mean:.4g} nats per token, far beyond any working "
+                             "model; its weights or dtype (float16 overflow?) are the likely cause")
+    return math.exp(mean)
 
 
 @contextlib.contextmanager

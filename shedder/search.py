@@ -40,7 +40,7 @@ from .evaluator import PlanEvaluator, check_kinds, removing
 from .fileio import RUN_LOCK, atomic_write_text, claim_run_dir, drop_torn_tail, exclusive, model_dirs
 from .importance import cache_key, default_cache_dir, model_fingerprint, plan_key
 from .masking import masked
-from .metrics import nll_sum, predicted_tokens
+from .metrics import nll_sum, perplexity_of, predicted_tokens
 from .progress import Progress
 from .plan import Component, PruningPlan
 
@@ -239,7 +239,7 @@ def _search_loop(model, windows, kinds, choose: Chooser, steps, target_params, m
             done_steps.append(SearchStep(rec["step"], comp, _step_plan(plan, rec, settings), rec["ppl"], rec["params"]))
         plan = done_steps[-1].plan if done_steps else base
     else:
-        base_ppl = math.exp(base_nll(base) / tokens)
+        base_ppl = perplexity_of(base_nll(base), tokens)
         base_params = adapter.param_count(base)
         if log is not None:
             log.start({"type": "header", "version": LOG_VERSION, "settings": settings, "limits": limits,

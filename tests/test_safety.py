@@ -16,18 +16,21 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from safetensors.torch import save as safetensors_bytes
 
 from conftest import lock_held_by_another_process
 
 from shedder import cli, fileio
+from shedder.arch.base import Adapter
 from shedder import recover as recovery
 from shedder.cli import main
 from shedder.data import load_text
@@ -1196,3 +1199,198 @@ def test_junk_after_the_last_record_of_a_search_log_is_set_aside_and_the_run_res
     log.write_text("\n".join([lines[0], "garbage in the middle", *lines[1:]]) + "\n")
     assert main([*argv, "--steps", "3", "--resume"]) == 2  # after the cost announcement, one error line
     assert "line 2 is not a JSON object, but records follow it" in capsys.readouterr().err.splitlines()[-1]
+
+
+# ------------------------------------------------------------------------------ loading: weights that match their config
+def _model_copy(src: Path, dst: Path, config=None, weights=None) -> Path:
+    """A copy of the model directory ``src`` at ``dst``, its config.json dict changed by
+    ``config(dict)`` and its tensors by ``weights(dict)`` (both in place)."""
+    shutil.copytree(src, dst)
+    if config is not None:
+        data = json.loads((dst / "config.json").read_text())
+        config(data)
+        (dst / "config.json").write_text(json.dumps(data))
+    if weights is not None:
+        tensors = load_file(dst / "model.safetensors")
+        weights(tensors)
+        save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture
+def nothing_is_built(monkeypatch):
+    """Building any model (adapter skeletons, transformers' own classes) fails the test: a config
+    must be refused before work proportional to its sizes starts."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("a model was built before the config was checked")
+
+    monkeypatch.setattr(Adapter, "build", classmethod(refuse))
+    monkeypatch.setattr(transformers.PreTrainedModel, "__init__", refuse)
+
+
+def test_a_config_without_its_layer_count_is_refused_naming_the_missing_layers(capsys, tmp_path):
+    model_dir = _model_copy(REPO_ROOT / "assets" / "models" / "mamba2-tiny", tmp_path / "m",
+                            config=lambda c: c.pop("num_hidden_layers"))  # transformers' default: 64
+    assert main(["eval", "--model", str(model_dir), "--no-accuracy", *DATA]) == 2
+    line = one_error_line(capsys)
+    assert "are missing" in line and "layer(s) 8..63" in line and "num_hidden_layers" in line, line
+
+
+def test_tensors_the_config_does_not_build_are_refused(capsys, tiny_model_dir, tmp_path):
+    def extra(tensors):
+        tensors["backbone.layers.3.mixer.D"] = tensors["backbone.layers.0.mixer.D"].clone()
+
+    model_dir = _model_copy(tiny_model_dir, tmp_path / "m", weights=extra)
+    assert main(["info", "--model", str(model_dir)]) == 2
+    assert "1 tensor(s) in the weights are not in the model" in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("case,edit,words", [
+    ("int32", lambda t: t.update({"backbone.layers.0.mixer.D": t["backbone.layers.0.mixer.D"].to(torch.int32)}),
+     "backbone.layers.0.mixer.D is stored as I32; weights must be floating point"),
+    ("nan", lambda t: t["backbone.layers.1.mixer.D"].__setitem__(0, float("nan")),
+     "weight backbone.layers.1.mixer.D holds nan or inf values"),
+    ("inf", lambda t: t["backbone.norm_f.weight"].__setitem__(0, float("inf")), "weight backbone.norm_f.weight holds nan"),
+])
+def test_weights_that_are_not_finite_floats_are_refused(capsys, tiny_model_dir, tmp_path, case, edit, words):
+    model_dir = _model_copy(tiny_model_dir, tmp_path / case, weights=edit)
+    assert main(["eval", "--model", str(model_dir), "--no-accuracy", *DATA]) == 2
+    assert words in one_error_line(capsys)
+
+
+@pytest.mark.parametrize("scale,words", [(1e38, "perplexity is nan: the model produced non-finite logits"),
+                                         (1e25, "perplexity is inf: the mean NLL is")])
+def test_a_non_finite_perplexity_is_an_error_not_a_number(capsys, tiny_model_dir, tmp_path, scale, words):
+    def huge(tensors):  # finite weights whose logits overflow (nan) or whose NLL overflows exp (inf)
+        tensors["backbone.norm_f.weight"].fill_(scale)
+
+    model_dir = _model_copy(tiny_model_dir, tmp_path / "m", weights=huge)
+    assert main(["eval", "--model", str(model_dir), "--no-accuracy", *DATA]) == 2
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and err.strip().splitlines()[-1] == errors[0], err  # after eval's status line
+    assert "perplexity" not in out, out  # no number printed
+    line = errors[0]
+    assert words in line and "float16 overflow?" in line, line
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "config.json", "tokenizer.json"])
+def test_a_fifo_in_place_of_a_model_file_is_refused_without_reading_it(tiny_model_dir, tmp_path, name):
+    model_dir = _model_copy(tiny_model_dir, tmp_path / "m")
+    (model_dir / name).unlink()
+    os.mkfifo(model_dir / name)
+    try:  # in another process, so that a reader blocked on the FIFO fails the test instead of hanging it
+        done = subprocess.run([sys.executable, "-m", "shedder", "info", "--model", str(model_dir)], env=ENV,
+                              capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"info blocked on the FIFO {name}")
+    err = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(err) == 1, done.stderr
+    assert err[0].startswith("error: ") and f"{name} is a FIFO, not a regular file" in err[0], err
+
+
+def test_a_directory_in_place_of_the_weights_is_refused(capsys, tiny_model_dir, tmp_path):
+    model_dir = _model_copy(tiny_model_dir, tmp_path / "m")
+    (model_dir / "model.safetensors").unlink()
+    (model_dir / "model.safetensors").mkdir()
+    assert main(["info", "--model", str(model_dir)]) == 2
+    assert "model.safetensors is a directory, not a regular file" in one_error_line(capsys)
+
+
+def test_a_link_to_a_regular_weights_file_loads(tiny_model_dir, tmp_path):
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    for f in tiny_model_dir.iterdir():
+        (model_dir / f.name).symlink_to(f)
+    assert main(["info", "--model", str(model_dir)]) == 0
+
+
+@pytest.mark.parametrize("field,value,also", [
+    ("num_hidden_layers", 10_000_000, {}), ("hidden_size", 1 << 17, {"num_heads": 1 << 14}),  # as consistent as asked
+    ("vocab_size", 10 ** 9, {}), ("state_size", 100_000, {}), ("conv_kernel", 1 << 20, {})])
+def test_huge_sizes_are_refused_before_anything_is_built(capsys, tiny_model_dir, tmp_path, nothing_is_built,
+                                                         field, value, also):
+    model_dir = _model_copy(tiny_model_dir, tmp_path / "m", config=lambda c: c.update({field: value, **also}))
+    started = time.monotonic()
+    assert main(["info", "--model", str(model_dir)]) == 2
+    assert time.monotonic() - started < 20
+    line = one_error_line(capsys)
+    assert f"{field} is {value}; expected an integer from 1 to" in line and "config.json" in line, line
+
+
+@pytest.mark.parametrize("field,value", [("hidden_size", "128"), ("num_hidden_layers", -1), ("num_heads", 8.5),
+                                         ("num_hidden_layers", True), ("vocab_size", None), ("n_groups", [2])])
+def test_config_values_of_the_wrong_type_are_one_error(capsys, tiny_model_dir, tmp_path, field, value):
+    model_dir = _model_copy(tiny_model_dir, tmp_path / "m", config=lambda c: c.update({field: value}))
+    assert main(["info", "--model", str(model_dir)]) == 2
+    line = one_error_line(capsys)
+    assert "config.json" in line and field in line, line
+
+
+@pytest.mark.parametrize("content,words", [
+    ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+    ('{"a": ' * 100_000 + "1" + "}" * 100_000, "nested too deeply"),
+    ("[1, 2]", "must hold a JSON object, not list"),
+    ('"mamba2"', "must hold a JSON object, not str"),
+    ("{not json", "is not valid JSON"),
+])
+def test_a_config_json_that_is_not_a_json_object_is_one_error(capsys, tiny_model_dir, tmp_path, content, words):
+    model_dir = _model_copy(tiny_model_dir, tmp_path / "m")
+    (model_dir / "config.json").write_text(content)
+    assert main(["info", "--model", str(model_dir)]) == 2
+    line = one_error_line(capsys)
+    assert "config.json" in line and words in line, line
+
+
+def test_a_config_json_that_is_not_utf8_is_one_error(capsys, tiny_model_dir, tmp_path):
+    model_dir = _model_copy(tiny_model_dir, tmp_path / "m")
+    (model_dir / "config.json").write_bytes(b'{"model_type": "mamba2\xff"}')
+    assert main(["info", "--model", str(model_dir)]) == 2
+    assert "config.json is not UTF-8 text" in one_error_line(capsys)
+
+
+@pytest.fixture(scope="module")
+def uneven_model_dir(tmp_path_factory, tiny_model_dir):
+    """A pruned tiny Mamba-2 whose config.json has a ``shedder`` section (layer 0's SSM removed)."""
+    out = tmp_path_factory.mktemp("uneven") / "model"
+    plan = out.parent / "plan.json"
+    PruningPlan(frozenset({Component("ssm", 0)})).save(plan)
+    assert main(["extract", "--model", str(tiny_model_dir), "--plan", str(plan), "--out", str(out)]) == 0
+    assert [s["source"] for s in json.loads((out / "config.json").read_text())["shedder"]["layers"]] == [0, 1, 2]
+    return out
+
+
+def _sources(*sources):
+    def edit(config):
+        for layer, source in zip(config["shedder"]["layers"], sources):
+            layer["source"] = source
+    return edit
+
+
+def _many_layers(config):
+    config["num_hidden_layers"] = 100_000
+    config["shedder"]["layers"] = [{"source": j} for j in range(100_000)]
+
+
+@pytest.mark.parametrize("edit,words", [
+    (_sources(0, 0, 2), "shedder.layers[1].source is 0, which repeats the source of layers[0]"),
+    (_sources(0, 2, 1), "shedder.layers[2].source is 1, which comes before the source of layers[1]"),
+    (_sources(0, 1, 5000), "shedder.layers[2].source is 5,000, out of range"),
+    (_sources(0, 1, 10 ** 30), "shedder.layers[2].source is 1,000,000,000,000,000,000,000,000,000,000, out of range"),
+    (_sources(True, 1, 2), "shedder.layers[0].source is true; expected a layer index"),
+    (_sources(0, 1.0, 2), "shedder.layers[1].source is 1.0; expected a layer index"),
+    (_many_layers, "num_hidden_layers is 100000; expected an integer from 1 to 1,000"),
+    (lambda c: c["shedder"].update(layers=[{}] * 100_000), "shedder.layers has 100,000 layers; this tool reads at most 1,000"),
+])
+def test_a_bad_shedder_section_is_refused_before_anything_is_built(capsys, uneven_model_dir, tmp_path,
+                                                                   nothing_is_built, edit, words):
+    model_dir = _model_copy(uneven_model_dir, tmp_path / "m", config=edit)
+    started = time.monotonic()
+    assert main(["info", "--model", str(model_dir)]) == 2
+    assert time.monotonic() - started < 20
+    line = one_error_line(capsys)
+    assert words in line and "config.json" in line, line
+
+
+def test_the_uneven_model_itself_loads(capsys, uneven_model_dir):
+    assert main(["info", "--model", str(uneven_model_dir)]) == 0

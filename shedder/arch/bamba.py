@@ -46,6 +46,10 @@ class BambaAdapter(Mamba2FeedForwardAdapter):
     kinds = ("block", "mixer", "ssm", "head", "attention", "mlp", "mlp_channel_group")
     model_class = transformers.BambaForCausalLM
     layers_path = "model.layers"
+    size_fields = Mamba2FeedForwardAdapter.size_fields + ("intermediate_size", "mamba_n_heads", "mamba_d_head",
+                                                          "mamba_n_groups", "mamba_d_state", "mamba_chunk_size",
+                                                          "mamba_d_conv", "mamba_expand", "num_attention_heads",
+                                                          "num_key_value_heads")
     mixer_name = "mamba"
 
     # ------------------------------------------------------------------ inventory

@@ -77,6 +77,9 @@ class Adapter:
     #: Linear modules (last name part) that LoRA recovery adapts by default: the official recipe's
     #: ``in_proj,out_proj,down_proj,up_proj`` plus gated MLPs' ``gate_proj``, where the family has them.
     lora_targets: ClassVar[tuple[str, ...]] = ("in_proj", "out_proj", "up_proj", "down_proj", "gate_proj")
+    #: Config fields that size what ``build`` allocates; each is bounded (``spec.check_config_sizes``)
+    #: before anything is built. Families add their own (heads, state, MLP widths, experts).
+    size_fields: ClassVar[tuple[str, ...]] = ("num_hidden_layers", "hidden_size", "vocab_size")
     #: Where the decoder layers are (``model.get_submodule``); also their state-dict prefix.
     layers_path: ClassVar[str] = "model.layers"
     #: The stock ``transformers`` class ``build`` starts from.

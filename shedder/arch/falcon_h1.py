@@ -105,6 +105,10 @@ class FalconH1Adapter(Mamba2FeedForwardAdapter):
     hooks = FALCON_H1_HOOKS
     model_class = transformers.FalconH1ForCausalLM
     layers_path = "model.layers"
+    size_fields = Mamba2FeedForwardAdapter.size_fields + ("intermediate_size", "mamba_n_heads", "mamba_d_head",
+                                                          "mamba_n_groups", "mamba_d_state", "mamba_d_ssm",
+                                                          "mamba_chunk_size", "mamba_d_conv", "mamba_expand",
+                                                          "num_attention_heads", "num_key_value_heads", "head_dim")
     mixer_name = "mamba"
     attention_modules = ("self_attn",)  # input_layernorm also feeds the Mamba branch
 

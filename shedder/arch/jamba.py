@@ -97,6 +97,9 @@ class JambaAdapter(FeedForwardGroups, Adapter):
     kinds = ("block", "mixer", "ssm", "channel_group", "attention", "mlp", "mlp_channel_group")
     model_class = transformers.JambaForCausalLM
     layers_path = "model.layers"
+    size_fields = Adapter.size_fields + ("intermediate_size", "mamba_d_state", "mamba_d_conv", "mamba_expand",
+                                         "mamba_dt_rank", "num_attention_heads", "num_key_value_heads", "num_experts",
+                                         "num_experts_per_tok", "attn_layer_period", "expert_layer_period")
 
     def __init__(self, model: nn.Module, group_sizes: dict[str, int] | None = None):
         super().__init__(model, group_sizes)

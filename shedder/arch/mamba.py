@@ -28,6 +28,7 @@ class MambaAdapter(Adapter):
     lora_targets = ("in_proj", "out_proj")
     model_class = transformers.MambaForCausalLM
     layers_path = "backbone.layers"
+    size_fields = Adapter.size_fields + ("intermediate_size", "state_size", "time_step_rank", "conv_kernel", "expand")
 
     def __init__(self, model: nn.Module, group_sizes: dict[str, int] | None = None):
         super().__init__(model, group_sizes)

@@ -22,6 +22,8 @@ class Mamba2Adapter(Mamba2StyleAdapter):
     lora_targets = ("in_proj", "out_proj")
     model_class = transformers.Mamba2ForCausalLM
     layers_path = "backbone.layers"
+    size_fields = Mamba2StyleAdapter.size_fields + ("num_heads", "head_dim", "n_groups", "state_size", "chunk_size",
+                                                    "conv_kernel", "expand", "time_step_rank")
 
     def layer_components(self, layer: int) -> list[Component]:
         return [Component("block", layer)] + ssm_components(layer, mixer_layout(self.mixer(layer)))

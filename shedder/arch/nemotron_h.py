@@ -75,6 +75,10 @@ class NemotronHAdapter(Mamba2StyleAdapter):
     default_group_sizes = {"mlp_channel_group": 64}
     model_class = transformers.NemotronHForCausalLM
     layers_path = "model.layers"
+    size_fields = Mamba2StyleAdapter.size_fields + ("intermediate_size", "mamba_num_heads", "mamba_head_dim",
+                                                    "n_groups", "ssm_state_size", "chunk_size", "conv_kernel",
+                                                    "expand", "num_attention_heads", "num_key_value_heads",
+                                                    "head_dim", "moe_intermediate_size", "n_routed_experts")
 
     def layer_kind(self, layer: int) -> str:
         return _KIND_OF_TYPE[self.layers()[layer].block_type]

@@ -26,6 +26,13 @@ from ..errors import ModelLoadError
 
 SCHEMA_VERSION = 2
 
+#: Bounds on what a config may ask to build, checked before anything is built: far above every
+#: published Mamba-family checkpoint (64 layers, 256k vocabulary, 8,192 wide, 21,504-wide MLPs),
+#: far below what would take minutes or gigabytes to build from an edited or hostile file.
+MAX_LAYERS = 1_000
+MAX_VOCAB = 1 << 20
+MAX_WIDTH = 1 << 16
+
 
 @dataclass(frozen=True)
 class LayerSpec:
@@ -119,9 +126,12 @@ class PrunedSpec:
             layers = [{} for _ in range(limits.num_layers if limits else 0)]
         if not isinstance(layers, list):
             fail(".layers", "must be a list with one object per layer")
+        if len(layers) > MAX_LAYERS:
+            fail(".layers", f"has {len(layers):,} layers; this tool reads at most {MAX_LAYERS:,}")
         if version == 1:
             layers = [_from_schema1(entry, model_type) if isinstance(entry, dict) else entry for entry in layers]
         specs = tuple(_layer(entry, f".layers[{j}]", fail) for j, entry in enumerate(layers))
+        _check_sources(specs, fail)
         blocks = data.get("shared_blocks")
         if blocks is not None:
             if not isinstance(blocks, list) or not all(_is_int(b) and b >= 0 for b in blocks):
@@ -171,6 +181,38 @@ class Limits:
 
 def _is_int(value) -> bool:
     return type(value) is int
+
+
+def _check_sources(specs: tuple[LayerSpec, ...], fail) -> None:
+    """Sources are the kept layers' indices in the model extracted from, so they rise strictly (a
+    repeated or out-of-order source would make the old->new layer map, and every plan read
+    through it, wrong) and stay below ``MAX_LAYERS``."""
+    previous = None
+    for j, s in enumerate(specs):
+        if s.source is None:
+            continue
+        if s.source >= MAX_LAYERS:
+            fail(f".layers[{j}].source", f"is {s.source:,}, out of range (layer indices are below {MAX_LAYERS:,})")
+        if previous is not None and s.source <= previous[1]:
+            word = "repeats" if s.source == previous[1] else "comes before"
+            fail(f".layers[{j}].source", f"is {s.source}, which {word} the source of layers[{previous[0]}] "
+                 f"({previous[1]}); sources are the kept layers' indices, in order")
+        previous = (j, s.source)
+
+
+def check_config_sizes(config, fields: tuple[str, ...], where: str = "config.json") -> None:
+    """Every size of ``config`` named in ``fields`` is an integer within this tool's bounds, so a
+    config asking for millions of layers or a huge width is refused before anything is built.
+    Fields the config does not have, or leaves unset (None, derived later), are skipped."""
+    for name in fields:
+        value = getattr(config, name, None)
+        if value is None:
+            continue
+        most, what = {"num_hidden_layers": (MAX_LAYERS, "layers"), "vocab_size": (MAX_VOCAB, "vocabulary size")}.get(
+            name, (MAX_WIDTH, "width"))
+        if not _is_int(value) or not 1 <= value <= most:
+            raise ModelLoadError(f"{where}: {name} is {json.dumps(value, default=repr)[:40]}; expected an integer from 1 to "
+                                 f"{most:,} (the bound this tool sets on a model's {what})")
 
 
 _TYPES = {"source": "index", "type": "name", "moe": bool, "ssm": bool, "heads_per_group": "counts", "inner": "size",

@@ -139,6 +139,10 @@ class Zamba2Adapter(Mamba2StyleAdapter):
     official_keys = {**Mamba2StyleAdapter.official_keys, "pruned_mamba_block_idx": "mixer"}
     model_class = transformers.Zamba2ForCausalLM
     layers_path = "model.layers"
+    size_fields = Mamba2StyleAdapter.size_fields + ("intermediate_size", "n_mamba_heads", "mamba_headdim",
+                                                    "mamba_ngroups", "mamba_d_state", "chunk_size", "mamba_d_conv",
+                                                    "mamba_expand", "num_attention_heads", "num_key_value_heads",
+                                                    "attention_head_dim", "adapter_rank", "num_mem_blocks")
 
     # ------------------------------------------------------------------ inventory
     @functools.cached_property
