@@ -2,8 +2,8 @@
 plus what the app measured on the extracted model."""
 from __future__ import annotations
 
-from shedder.extract import model_card as engine_card
-from shedder.plan import PruningPlan
+from shedder.formats.extract import model_card as engine_card
+from shedder.core.plan import PruningPlan
 
 
 def model_card(source: str, architecture: str, plan: PruningPlan, measured: dict, protocol: str) -> str:

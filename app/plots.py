@@ -13,7 +13,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from shedder.plan import Component, PruningPlan
+from shedder.core.plan import Component, PruningPlan
 
 KIND_COLOURS = {"mamba": "#4C78A8", "attention": "#F58518", "mlp": "#54A24B", "moe": "#B279A2", "hybrid": "#9D755D"}
 #: Diverging, centred on zero: red = removal hurts, blue = removal helps (happens on small models).

@@ -16,22 +16,23 @@ from pathlib import Path
 
 import streamlit as st
 
-from shedder import downstream, frontier
-from shedder.agreement import compare
+from shedder.measure import downstream
+from shedder.prune import frontier
+from shedder.prune.agreement import compare
 from shedder.arch import adapter_for, count_parameters
-from shedder.continuation import continue_text
-from shedder.cost import estimate
-from shedder.data import OFFICIAL, calibration_windows
-from shedder.errors import ShedderError, printable
-from shedder.evaluator import PlanEvaluator
-from shedder.fileio import safe_name
-from shedder.importance_metrics import metric_scores
-from shedder.loading import DEFAULT_MODEL, load_model
-from shedder.masking import WAITING, holding, masked
-from shedder.metrics import calibration_protocol, next_word_accuracy, perplexity
-from shedder.plan import Component, PruningPlan
-from shedder.recover import RecoverConfig, finished, recover, recovery_run_dir, resumable, student_for
-from shedder.search import default_run_dir, greedy_search
+from shedder.measure.continuation import continue_text
+from shedder.measure.cost import estimate
+from shedder.measure.data import OFFICIAL, calibration_windows
+from shedder.core.errors import ShedderError, printable
+from shedder.measure.evaluator import PlanEvaluator
+from shedder.core.fileio import safe_name
+from shedder.prune.importance_metrics import metric_scores
+from shedder.formats.loading import DEFAULT_MODEL, load_model
+from shedder.measure.masking import WAITING, holding, masked
+from shedder.measure.metrics import calibration_protocol, next_word_accuracy, perplexity
+from shedder.core.plan import Component, PruningPlan
+from shedder.prune.recover import RecoverConfig, finished, recover, recovery_run_dir, resumable, student_for
+from shedder.prune.search import default_run_dir, greedy_search
 
 from . import sessions
 
@@ -48,8 +49,8 @@ class Settings:
     dtype: str = "float32"
     device: str = "cpu"
     trust_remote_code: bool = False
-    calibration: str = "calibration"    # shedder.data.load_text source for importance and search
-    protocol: str = "shedder"           # calibration sampling (shedder.data.PROTOCOLS); "official" fixes rows and window
+    calibration: str = "calibration"    # shedder.measure.data.load_text source for importance and search
+    protocol: str = "shedder"           # calibration sampling (shedder.measure.data.PROTOCOLS); "official" fixes rows and window
     evaluation: str = "test"            # source for the live perplexity and next-word accuracy
     samples: int = 8                    # windows per text source
     seq_len: int = 128                  # tokens per window
@@ -116,8 +117,8 @@ def waiting_notice():
 def worker_pool(model_key: tuple, source: str, samples: int, seq_len: int, protocol: str, workers: int | None,
                 address: str | None):
     """Ray workers holding the model and one text source's windows, shared by every session (the
-    model is shipped to them once; ``shedder.distributed``)."""
-    from shedder.distributed import WorkerPool
+    model is shipped to them once; ``shedder.prune.distributed``)."""
+    from shedder.prune.distributed import WorkerPool
 
     return WorkerPool(load(*model_key).model, windows(model_key, source, samples, seq_len, protocol), workers, address)
 
@@ -135,24 +136,24 @@ class Workspace:
     settings: Settings = field(default_factory=Settings)
     plan: PruningPlan = field(default_factory=PruningPlan)
     history: list = field(default_factory=list)
-    importance: object = None            # DataFrame from shedder.importance.score
-    search: object = None                # SearchResult from shedder.search.greedy_search
+    importance: object = None            # DataFrame from shedder.prune.importance.score
+    search: object = None                # SearchResult from shedder.prune.search.greedy_search
     search_kinds: tuple = ()
     saved: dict = field(default_factory=dict)   # name -> PruningPlan
     recovered: list = field(default_factory=list)  # Recovered models of this session (frontier points)
-    series: dict = field(default_factory=dict)  # name -> shedder.frontier.Series (strategies on the frontier)
+    series: dict = field(default_factory=dict)  # name -> shedder.prune.frontier.Series (strategies on the frontier)
     metric_tables: dict = field(default_factory=dict)  # (metric, kinds) -> metric_scores table
-    agreement: object = None             # (tables, rows) from shedder.agreement.compare
+    agreement: object = None             # (tables, rows) from shedder.prune.agreement.compare
     texts: dict = field(default_factory=dict)  # (plan, prompt, tokens) -> greedy continuation
     _metrics: dict = field(default_factory=dict)  # PruningPlan -> {"ppl", "params", "flops", ...}
-    _downstream: dict = field(default_factory=dict)  # (PruningPlan, tasks, limit) -> shedder.downstream.TaskScores
+    _downstream: dict = field(default_factory=dict)  # (PruningPlan, tasks, limit) -> shedder.measure.downstream.TaskScores
     _evaluator: object = None
     uploads: dict = field(default_factory=dict)  # stashed path -> the uploaded file's name
     _upload_dir: Path | None = None
 
     # -- uploads (this session's own, deleted once the session has ended: ``app.sessions``) --------
     def stash_upload(self, name: str, data: bytes) -> str:
-        """Write an uploaded text file where ``shedder.data.load_text`` can read it, in a folder of
+        """Write an uploaded text file where ``shedder.measure.data.load_text`` can read it, in a folder of
         this session's own (``app.sessions``: deleted once the session has ended). The content hash
         names its subfolder, so the same upload reuses the cached windows; the file gets a safe,
         length-capped version of the uploaded name, and messages still show the name as uploaded."""
@@ -264,7 +265,7 @@ class Workspace:
     def evaluator(self):
         if self._evaluator is None:
             loaded = self.loaded
-            # No budget of its own: the sessions' evaluators share the process's (shedder.budget).
+            # No budget of its own: the sessions' evaluators share the process's (shedder.measure.budget).
             self._evaluator = PlanEvaluator(loaded.model, self.windows(self.settings.evaluation), adapter=loaded.adapter)
         return self._evaluator
 
@@ -370,7 +371,7 @@ class Workspace:
         return self.search
 
     def downstream(self, plan: PruningPlan, tasks: tuple, limit: int | None, progress=None, run: bool = False):
-        """lm-eval scores of ``plan`` (``shedder.downstream``): from this session or the disk cache, and
+        """lm-eval scores of ``plan`` (``shedder.measure.downstream``): from this session or the disk cache, and
         computed only when ``run`` is set, so a rerun of the page never starts an evaluation."""
         loaded = self.loaded
         plan = loaded.adapter.validate(plan)

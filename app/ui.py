@@ -9,8 +9,8 @@ from typing import Callable, Iterator
 import streamlit as st
 from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
-from shedder.errors import Busy, Cancelled, ShedderError
-from shedder.plan import ONCE_PER_LAYER, Component
+from shedder.core.errors import Busy, Cancelled, ShedderError
+from shedder.core.plan import ONCE_PER_LAYER, Component
 
 from .state import Workspace, workspace
 
@@ -78,15 +78,15 @@ def _eta(started: float, done: int, total: int) -> str:
     """", about N left", measured from the steps done so far ("" before the first one)."""
     if done <= 0 or done >= total:
         return ""
-    from shedder.budget import human_seconds
+    from shedder.measure.budget import human_seconds
 
     return f", about {human_seconds((time.perf_counter() - started) / done * (total - done))} left"
 
 
 def cost_caption(what: str, kinds: list[str], steps: int | None = 1) -> None:
     """Say what a score or search on the calibration windows will cost, before it is started."""
-    from shedder.budget import run_cost
-    from shedder.plan import PruningPlan
+    from shedder.measure.budget import run_cost
+    from shedder.core.plan import PruningPlan
 
     ws = workspace()
     loaded = ws.loaded

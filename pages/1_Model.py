@@ -7,11 +7,11 @@ import torch
 
 from app import plots, state, ui
 from app.hosting import hosting
-from shedder import downstream
-from shedder.data import OFFICIAL, PROTOCOLS
-from shedder.loading import DEFAULT_MODEL, bundled_models
-from shedder.metrics import describe_protocol, next_word_protocol
-from shedder.plan import PruningPlan
+from shedder.measure import downstream
+from shedder.measure.data import OFFICIAL, PROTOCOLS
+from shedder.formats.loading import DEFAULT_MODEL, bundled_models
+from shedder.measure.metrics import describe_protocol, next_word_protocol
+from shedder.core.plan import PruningPlan
 
 ws = state.workspace()
 s = ws.settings
@@ -21,7 +21,7 @@ st.write("Pick a Mamba-family model and the text its numbers are measured on, th
 
 
 def text_source(label: str, key: str, current: str) -> str | None:
-    """A text source for ``shedder.data.load_text``: bundled split, uploaded file or datasets id."""
+    """A text source for ``shedder.measure.data.load_text``: bundled split, uploaded file or datasets id."""
     options = ["bundled", "upload a .txt/.jsonl", "datasets id"]
     start = 0 if current in ("calibration", "test") else (2 if current.startswith("hf:") else 1)
     how = st.radio(label, options, index=start, key=f"{key}_how", horizontal=True)

@@ -3,9 +3,9 @@ the metrics' rankings agree."""
 import streamlit as st
 
 from app import plots, ui
-from shedder import importance
-from shedder.agreement import matrix
-from shedder.importance_metrics import DESCRIPTIONS, METRICS, applicable
+from shedder.prune import importance
+from shedder.prune.agreement import matrix
+from shedder.prune.importance_metrics import DESCRIPTIONS, METRICS, applicable
 
 ws = ui.ready()
 s, loaded = ws.settings, ws.loaded

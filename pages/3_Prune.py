@@ -2,8 +2,8 @@
 import streamlit as st
 
 from app import plots, ui
-from shedder.metrics import describe_protocol, next_word_protocol
-from shedder.plan import PruningPlan
+from shedder.measure.metrics import describe_protocol, next_word_protocol
+from shedder.core.plan import PruningPlan
 
 PENDING = "prune_pending"      # a change requested by a widget callback, applied by the page body
 GENERATION = "prune_chart_gen"  # bumped after each chart click so the next chart starts unselected

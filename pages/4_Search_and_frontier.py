@@ -4,11 +4,11 @@ import pandas as pd
 import streamlit as st
 
 from app import nav, plots, ui
-from shedder import frontier
-from shedder.frontier import MEASURED, X_AXES, Y_AXES
-from shedder.importance_metrics import DESCRIPTIONS, METRICS, applicable
-from shedder.metrics import describe_protocol, next_word_protocol
-from shedder.plan import PruningPlan
+from shedder.prune import frontier
+from shedder.prune.frontier import MEASURED, X_AXES, Y_AXES
+from shedder.prune.importance_metrics import DESCRIPTIONS, METRICS, applicable
+from shedder.measure.metrics import describe_protocol, next_word_protocol
+from shedder.core.plan import PruningPlan
 
 LOAD = "frontier_load"  # index of a clicked point, recorded by the chart callback
 GENERATION = "frontier_chart_gen"

@@ -8,13 +8,13 @@ import streamlit as st
 
 from app import card, ui
 from app.hosting import hosting
-from shedder.errors import PlanError
-from shedder.extract import extract, save
-from shedder.fileio import check_output_dir, inside, zip_dir
-from shedder.loading import resolve
-from shedder.metrics import describe_protocol, perplexity
-from shedder.official import to_official
-from shedder.plan import PruningPlan
+from shedder.core.errors import PlanError
+from shedder.formats.extract import extract, save
+from shedder.core.fileio import check_output_dir, inside, zip_dir
+from shedder.formats.loading import resolve
+from shedder.measure.metrics import describe_protocol, perplexity
+from shedder.formats.official import to_official
+from shedder.core.plan import PruningPlan
 
 ws = ui.ready()
 s, loaded = ws.settings, ws.loaded
@@ -82,7 +82,7 @@ if st.button(label, key="export_save", disabled=host.allow_save and not out_dir.
                         overwrite=overwrite, protected=[resolve(s.model)] if Path(resolve(s.model)).exists() else [])
             st.session_state["export_zip"] = (f"{folder}.zip", zip_dir(path))
         if target is not None:
-            st.success(f"Saved to `{path}`; load it with `shedder.loading.load_model('{path}')`.")
+            st.success(f"Saved to `{path}`; load it with `shedder.formats.loading.load_model('{path}')`.")
         with st.expander("Model card (README.md)", expanded=True):
             st.markdown(text)
 if "export_zip" in st.session_state:

@@ -2,8 +2,8 @@
 
 The engine never imports Streamlit; the app in ``app/`` and ``pages/`` is a thin layer over it.
 """
-from .errors import Cancelled, DataError, DownstreamError, ModelLoadError, PlanError, ShedderError, UnsupportedModelError
-from .plan import KINDS, Component, ModelIdentity, PruningPlan
+from shedder.core.errors import Cancelled, DataError, DownstreamError, ModelLoadError, PlanError, ShedderError, UnsupportedModelError
+from shedder.core.plan import KINDS, Component, ModelIdentity, PruningPlan
 
 __all__ = ["KINDS", "Cancelled", "Component", "DataError", "DownstreamError", "ModelIdentity", "ModelLoadError", "PlanError", "PruningPlan",
            "ShedderError", "UnsupportedModelError"]

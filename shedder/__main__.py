@@ -1,6 +1,6 @@
 """``python -m shedder``: see ``shedder.cli``."""
 import sys
 
-from .cli import main
+from shedder.cli import main
 
 sys.exit(main())

@@ -16,13 +16,13 @@ import torch
 import transformers
 
 from shedder.arch import adapter_for, count_parameters
-from shedder.errors import PlanError
-from shedder.evaluator import PlanEvaluator
-from shedder.extract import extract, save
-from shedder.loading import load_model
-from shedder.masking import masked
-from shedder.metrics import perplexity
-from shedder.plan import Component, PruningPlan
+from shedder.core.errors import PlanError
+from shedder.measure.evaluator import PlanEvaluator
+from shedder.formats.extract import extract, save
+from shedder.formats.loading import load_model
+from shedder.measure.masking import masked
+from shedder.measure.metrics import perplexity
+from shedder.core.plan import Component, PruningPlan
 
 TOL = 1e-4  # masked vs extracted logits, fp32
 
@@ -240,7 +240,7 @@ def check_evaluator(model, plans, windows, batch_size: int = 8, rel: float = 1e-
     """The prefix-reusing evaluator (resuming mid-model, skipping layers) gives the masked model's
     perplexity (within ``rel``) for each plan in turn; with ``cost``, the analytic cost model's
     parameter total equals ``param_count``."""
-    from shedder.cost import estimate
+    from shedder.measure.cost import estimate
 
     evaluator = PlanEvaluator(model, windows, batch_size=batch_size)
     adapter = adapter_for(model)

@@ -12,7 +12,7 @@ import transformers
 
 from adapter_checks import spread_around_init
 
-from shedder.loading import REPO_ROOT
+from shedder.formats.loading import REPO_ROOT
 
 
 _CONFIGS = {
@@ -62,9 +62,9 @@ def tiny_model_dir(tmp_path_factory, bundled_tokenizer):
 
 @contextlib.contextmanager
 def lock_held_by_another_process(lock_file):
-    """Another process holds ``shedder.fileio.exclusive`` on ``lock_file`` for the block."""
+    """Another process holds ``shedder.core.fileio.exclusive`` on ``lock_file`` for the block."""
     holder = subprocess.Popen([sys.executable, "-c", f"""
-from shedder.fileio import exclusive
+from shedder.core.fileio import exclusive
 with exclusive({str(lock_file)!r}, "run"):
     print("held", flush=True)
     input()

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from shedder.arch import count_parameters
-from shedder.loading import BUNDLED_MODELS, DEFAULT_MODEL, load_model
-from shedder.plan import Component, PruningPlan
+from shedder.formats.loading import BUNDLED_MODELS, DEFAULT_MODEL, load_model
+from shedder.core.plan import Component, PruningPlan
 
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
@@ -244,7 +244,7 @@ def test_shared_server_exports_as_a_download_and_confines_saves(tmp_path, monkey
 
 def test_a_search_another_session_is_running_is_refused_with_a_message():
     from conftest import lock_held_by_another_process
-    from shedder.search import LOCK_FILE, default_run_dir
+    from shedder.prune.search import LOCK_FILE, default_run_dir
 
     at = open_app("search")
     ws = workspace(at)
@@ -310,7 +310,7 @@ def test_importance_page_scores_by_another_metric():
 
 
 def test_frontier_puts_strategies_side_by_side_with_measured_speed(monkeypatch):
-    from shedder import frontier
+    from shedder.prune import frontier
 
     monkeypatch.setitem(frontier.BENCH_DEFAULTS, "repeats", 1)  # one timed round per point: behaviour, not speed
     monkeypatch.setitem(frontier.BENCH_DEFAULTS, "new_tokens", 2)

@@ -6,14 +6,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from shedder.plan import Component
+from shedder.core.plan import Component
 
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
 
 from app import ui  # noqa: E402
 from app.state import WORKSPACE_KEY, Settings, Workspace  # noqa: E402
-from shedder.realshape import build, save_checkpoint  # noqa: E402
+from shedder.dev.realshape import build, save_checkpoint  # noqa: E402
 
 pytestmark = pytest.mark.realshape
 MAIN = str(Path(__file__).resolve().parent.parent / "app" / "main.py")

@@ -15,9 +15,9 @@ from adapter_checks import (TOL, check_evaluator, check_mask_restores, check_pla
 
 from shedder.arch import adapter_for
 from shedder.arch.hybrid_common import ZeroBranch
-from shedder.extract import extract
-from shedder.masking import masked
-from shedder.plan import Component, PruningPlan
+from shedder.formats.extract import extract
+from shedder.measure.masking import masked
+from shedder.core.plan import Component, PruningPlan
 
 SEQ = 20  # not a multiple of the chunk size (8)
 

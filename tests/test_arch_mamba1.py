@@ -17,10 +17,10 @@ from adapter_checks import (TOL, check_cached_generation, check_mask_restores, c
 
 from shedder.arch import adapter_for, count_parameters, patch_forward
 from shedder.arch.mamba1_core import PrunedMamba1Mixer, default_channel_group_size, has_ssm, mamba1_forward
-from shedder.errors import PlanError
-from shedder.extract import extract
-from shedder.masking import masked
-from shedder.plan import Component, PruningPlan
+from shedder.core.errors import PlanError
+from shedder.formats.extract import extract
+from shedder.measure.masking import masked
+from shedder.core.plan import Component, PruningPlan
 
 ARCHS = {
     "mamba": (transformers.MambaConfig, transformers.MambaForCausalLM),

@@ -17,10 +17,10 @@ from shedder.arch import adapter_for
 from shedder.arch.mamba2_core import (MixerLayout, PrunedMamba2Mixer, Selection, gated_group_rms_norm, mixer_layout,
                                       ssd_forward)
 from shedder.arch.spec import PrunedSpec
-from shedder.errors import PlanError
-from shedder.extract import extract
-from shedder.masking import masked
-from shedder.plan import Component, PruningPlan
+from shedder.core.errors import PlanError
+from shedder.formats.extract import extract
+from shedder.measure.masking import masked
+from shedder.core.plan import Component, PruningPlan
 
 N_LAYERS = 4
 SEQ = 13  # not a multiple of chunk_size

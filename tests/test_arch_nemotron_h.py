@@ -14,11 +14,11 @@ from adapter_checks import (TOL, check_cached_generation, check_generation, chec
 from shedder.arch import adapter_for, count_parameters
 from shedder.arch.mamba2_core import PrunedMamba2Mixer
 from shedder.arch.nemotron_h import RemovedAttentionLayer
-from shedder.cost import estimate
-from shedder.errors import PlanError
-from shedder.extract import extract
-from shedder.masking import masked
-from shedder.plan import Component, PruningPlan
+from shedder.measure.cost import estimate
+from shedder.core.errors import PlanError
+from shedder.formats.extract import extract
+from shedder.measure.masking import masked
+from shedder.core.plan import Component, PruningPlan
 
 PATTERN = ["mamba", "attention", "mamba", "mlp", "moe", "mamba", "mlp"]
 GROUPS = {"mlp_channel_group": 32}  # 96 intermediate channels = 3 groups

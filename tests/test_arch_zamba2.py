@@ -19,8 +19,8 @@ from adapter_checks import check_plan as _check_plan
 
 from shedder.arch import adapter_for, count_parameters
 from shedder.arch.zamba2 import PassThrough
-from shedder.extract import extract
-from shedder.plan import Component, PruningPlan
+from shedder.formats.extract import extract
+from shedder.core.plan import Component, PruningPlan
 
 #: generation checks decode a left-padded batch, so the cache's length feeds real causal masks
 check_plan = functools.partial(_check_plan, padded=True)
@@ -183,7 +183,7 @@ def test_validation_errors_name_the_problem(model, specs, message):
 def test_official_masks_compute_what_the_official_patch_computes(model):
     """attention (the official MHA mask): T = mlp(pre_ff_norm(h)), the Mamba side unchanged;
     mixer (the official mamba-block mask): h + linear(T) with the full shared block."""
-    from shedder.masking import masked
+    from shedder.measure.masking import masked
 
     block, seen = model.model.layers[3], {}
 

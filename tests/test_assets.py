@@ -1,6 +1,6 @@
 """The bundled models, tokenizer and text load offline and still score what their cards say.
 
-Perplexity is recomputed here with a standalone helper (not ``shedder.train``), on the first
+Perplexity is recomputed here with a standalone helper (not ``shedder.dev.train``), on the first
 ``check_windows`` non-overlapping 256-token windows of ``assets/data/test.txt``, and must match the
 ``check_ppl`` recorded in each model's ``shedder_card.json`` to within 1%. A wrong tokenizer,
 corrupted or re-initialised weights, or an edited test file moves it far outside that range.
@@ -116,8 +116,8 @@ def test_bundled_text_is_small_and_large_enough():
 
 
 def test_training_scan_matches_stock_mamba1_forward_and_gradients():
-    """Mamba-1 was trained with ``shedder.train_scan``; it must compute what the saved model computes."""
-    from shedder.train_scan import SelectiveScan, training_scan
+    """Mamba-1 was trained with ``shedder.dev.train_scan``; it must compute what the saved model computes."""
+    from shedder.dev.train_scan import SelectiveScan, training_scan
 
     model, _, _ = load("mamba1-tiny")
     ids = torch.arange(2 * 48).view(2, 48) % model.config.vocab_size

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from shedder.loading import BUNDLED_MODELS, DEFAULT_MODEL
+from shedder.formats.loading import BUNDLED_MODELS, DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -10,8 +10,8 @@ import pandas as pd
 import pytest
 
 from shedder.cli import main
-from shedder.loading import REPO_ROOT
-from shedder.plan import Component, PruningPlan
+from shedder.formats.loading import REPO_ROOT
+from shedder.core.plan import Component, PruningPlan
 
 DATA = ["--samples", "3", "--seq-len", "16", "--batch-size", "2", "--no-progress"]
 

@@ -9,8 +9,8 @@ import torch
 import transformers
 
 from shedder.arch import adapter_for, count_parameters
-from shedder.cost import estimate, expected_speedup
-from shedder.plan import Component, PruningPlan
+from shedder.measure.cost import estimate, expected_speedup
+from shedder.core.plan import Component, PruningPlan
 from test_generation import TINY, available, make_model, plan_named
 
 FP32 = 4  # bytes
@@ -174,9 +174,9 @@ def test_bench_reports_measured_next_to_expected(tmp_path):
     assertions) and reports the cost model's numbers for the same plan."""
     from transformers import AutoTokenizer
 
-    from shedder import bench
-    from shedder.extract import save
-    from shedder.loading import REPO_ROOT
+    from shedder.measure import bench
+    from shedder.formats.extract import save
+    from shedder.formats.loading import REPO_ROOT
 
     model = mamba2()
     model.config.use_cache = False  # as training configs often save it: the benchmark must still use the cache
@@ -201,8 +201,8 @@ def test_bench_reports_measured_next_to_expected(tmp_path):
 
 
 def test_bench_needs_exactly_one_of_plan_or_pruned_model():
-    from shedder import bench
-    from shedder.errors import ShedderError
+    from shedder.measure import bench
+    from shedder.core.errors import ShedderError
 
     with pytest.raises(ShedderError, match="exactly one"):
         bench.bench_speed("mamba2-tiny")

@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from shedder import data, metrics
+from shedder.measure import data, metrics
 from shedder.arch import adapter_for, count_parameters
-from shedder.errors import DataError
-from shedder.plan import Component, PruningPlan
+from shedder.core.errors import DataError
+from shedder.core.plan import Component, PruningPlan
 
 
 # ------------------------------------------------------------------------------------ sources
@@ -80,7 +80,7 @@ def test_hf_sources_use_the_local_cache_at_once_when_the_hub_is_unreachable(monk
     import datasets
     import datasets.config
 
-    from shedder import loading
+    from shedder.formats import loading
 
     seen = []
 
@@ -221,7 +221,7 @@ def test_param_count(tiny_model_factory):
 
 
 def test_pareto_mask_keeps_only_undominated_points():
-    from shedder.metrics import pareto_mask
+    from shedder.measure.metrics import pareto_mask
 
     costs, ppl = [1.0, 2.0, 3.0, 2.0, 4.0], [30.0, 20.0, 25.0, 20.0, 10.0]
     # (3, 25) is beaten by (2, 20); the two (2, 20) points tie and both stay

@@ -1,4 +1,4 @@
-"""Scoring and searching on Ray workers (``shedder.distributed``).
+"""Scoring and searching on Ray workers (``shedder.prune.distributed``).
 
 The central property: a search on a pool of two workers picks exactly the components the single
 process picks and logs bit-identical perplexities, also when a worker is killed mid-step and when
@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from shedder.cli import main
-from shedder.data import calibration_windows
-from shedder.distributed import INSTALL_HINT, WorkerPool
-from shedder.errors import ShedderError
-from shedder.importance import score
-from shedder.loading import load_model
-from shedder.search import LOG_FILE, PLAN_FILE, greedy_search
+from shedder.measure.data import calibration_windows
+from shedder.prune.distributed import INSTALL_HINT, WorkerPool
+from shedder.core.errors import ShedderError
+from shedder.prune.importance import score
+from shedder.formats.loading import load_model
+from shedder.prune.search import LOG_FILE, PLAN_FILE, greedy_search
 
 KINDS = ["ssm", "block"]  # a mixed search: 16 candidates in the first step
 STEPS = 2

@@ -1,4 +1,4 @@
-"""lm-eval accuracy (``shedder.downstream``) on the bundled offline tasks, masked and extracted.
+"""lm-eval accuracy (``shedder.measure.downstream``) on the bundled offline tasks, masked and extracted.
 
 A tiny random Mamba-2 scores near zero on these tasks, so besides the official metric the checks
 compare everything lm-eval reports (shedder_lastword's perplexity moves with any change of the model).
@@ -11,12 +11,12 @@ import sys
 
 import pytest
 
-from shedder import downstream, local_tasks
+from shedder.measure import downstream, local_tasks
 from shedder.arch import adapter_for
 from shedder.cli import main
-from shedder.errors import DownstreamError
-from shedder.loading import load_model
-from shedder.plan import Component, PruningPlan
+from shedder.core.errors import DownstreamError
+from shedder.formats.loading import load_model
+from shedder.core.plan import Component, PruningPlan
 
 LIMIT = 4
 PLAN = PruningPlan(components=frozenset({Component("block", 1)}))

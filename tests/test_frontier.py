@@ -5,14 +5,14 @@ import pandas as pd
 import pytest
 import torch
 
-from shedder import frontier
-from shedder.agreement import agreement, compare, correlate, matrix
+from shedder.prune import frontier
+from shedder.prune.agreement import agreement, compare, correlate, matrix
 from shedder.arch import adapter_for
 from shedder.cli import main
-from shedder.continuation import continue_text
-from shedder.importance_metrics import METRICS, MetricError, _Ownership, metric_scores
-from shedder.loading import load_model
-from shedder.plan import Component, PruningPlan
+from shedder.measure.continuation import continue_text
+from shedder.prune.importance_metrics import METRICS, MetricError, _Ownership, metric_scores
+from shedder.formats.loading import load_model
+from shedder.core.plan import Component, PruningPlan
 
 
 @pytest.fixture(scope="module")
@@ -127,9 +127,9 @@ def test_measured_speed_is_cached_on_disk(tiny_model_dir, tmp_path, monkeypatch)
     first = frontier.measure(str(tiny_model_dir), model, plan, **settings)
     assert first["prefill_speedup"] > 0 and first["state_ratio"] == pytest.approx(2 / 3)
     assert first["bench"]["pruned"]["params"] == adapter_for(model).param_count(plan)
-    import shedder.bench
+    import shedder.measure.bench
 
-    monkeypatch.setattr(shedder.bench, "bench_speed", lambda *a, **k: pytest.fail("measured twice"))
+    monkeypatch.setattr(shedder.measure.bench, "bench_speed", lambda *a, **k: pytest.fail("measured twice"))
     again, _ = load_model(str(tiny_model_dir))  # another session: same weights, same key
     assert frontier.measure(str(tiny_model_dir), again, plan, **settings) == json.loads(json.dumps(first))
     assert frontier.measured(model, plan, **{**settings, "dtype": "bfloat16"}) is None

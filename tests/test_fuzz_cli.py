@@ -25,8 +25,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from shedder import cli, scale
-from shedder.loading import REPO_ROOT
+from shedder import cli
+from shedder.dev import scale
+from shedder.formats.loading import REPO_ROOT
 
 FAST = settings(derandomize=True, database=None, deadline=None, print_blob=False,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,

@@ -17,8 +17,8 @@ import torch
 import transformers
 
 from shedder.arch import adapter_class, adapter_for, supported_architectures
-from shedder.errors import UnsupportedModelError
-from shedder.plan import PruningPlan
+from shedder.core.errors import UnsupportedModelError
+from shedder.core.plan import PruningPlan
 
 #: Cached (recurrent) and full (chunked / parallel) paths round differently: ~1e-6 for most families,
 #: up to ~1.5e-4 for Zamba2 even unpruned. A wrong or mis-sized cache shows up as 1e-2 or more.

@@ -6,11 +6,11 @@ import pandas as pd
 import pytest
 import torch
 
-from shedder import importance
+from shedder.prune import importance
 from shedder.cli import main
-from shedder.errors import Cancelled
-from shedder.evaluator import PlanEvaluator
-from shedder.plan import Component, PruningPlan
+from shedder.core.errors import Cancelled
+from shedder.measure.evaluator import PlanEvaluator
+from shedder.core.plan import Component, PruningPlan
 
 KINDS = ["block", "ssm"]
 BASE = PruningPlan(frozenset({Component("ssm", 3)}))
@@ -121,7 +121,7 @@ def test_another_key_does_not_reuse_partial_rows(mamba2, evaluated, tmp_path, ot
 
 
 def test_cli_reports_the_resumed_components(capsys, monkeypatch, tiny_model_dir, tmp_path):
-    from shedder.progress import TqdmProgress
+    from shedder.core.progress import TqdmProgress
 
     args = ["score", "--model", str(tiny_model_dir), "--kinds", "block,ssm", "--out", str(tmp_path / "s.csv"),
             "--cache-dir", str(tmp_path / "cache"), "--samples", "3", "--seq-len", "16", "--batch-size", "2",

@@ -9,8 +9,8 @@ from transformers.models.mamba import modeling_mamba
 from transformers.models.mamba2 import modeling_mamba2
 
 from shedder.arch import adapter_for, mamba1_core, mamba2_core
-from shedder.masking import masked
-from shedder.plan import Component, PruningPlan
+from shedder.measure.masking import masked
+from shedder.core.plan import Component, PruningPlan
 
 
 def test_masked_layers_call_the_functions_transformers_resolved():

@@ -10,8 +10,8 @@ import torch
 import transformers
 from safetensors.torch import load_file, save_file
 
-from shedder import loading
-from shedder.errors import ModelLoadError, UnsupportedModelError
+from shedder.formats import loading
+from shedder.core.errors import ModelLoadError, UnsupportedModelError
 
 
 def test_bundled_name_loads_in_eval_mode_with_its_tokenizer():

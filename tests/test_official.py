@@ -8,9 +8,9 @@ import pytest
 
 from shedder.arch import adapter_for
 from shedder.cli import main
-from shedder.errors import PlanError
-from shedder.official import check_official_kinds, import_run, to_official
-from shedder.plan import Component, PruningPlan
+from shedder.core.errors import PlanError
+from shedder.formats.official import check_official_kinds, import_run, to_official
+from shedder.core.plan import Component, PruningPlan
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,9 @@ import random
 import numpy as np
 import pytest
 
-from shedder import data, metrics
+from shedder.measure import data, metrics
 from shedder.cli import main
-from shedder.errors import DataError
+from shedder.core.errors import DataError
 
 N_ROWS = 300
 

@@ -6,8 +6,8 @@ import json
 import pytest
 
 from shedder.arch import adapter_for
-from shedder.errors import PlanError
-from shedder.plan import SCHEMA_VERSION, Component, ModelIdentity, PruningPlan
+from shedder.core.errors import PlanError
+from shedder.core.plan import SCHEMA_VERSION, Component, ModelIdentity, PruningPlan
 
 
 @pytest.fixture(scope="module")

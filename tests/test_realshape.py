@@ -1,6 +1,6 @@
 """The CLI journey on every family in the real shape of its smallest public checkpoint.
 
-Random weights in the published config (``shedder.realshape``: vocabulary, width, head dim, state,
+Random weights in the published config (``shedder.dev.realshape``: vocabulary, width, head dim, state,
 groups, chunk size, tied embeddings, hybrid layout), cut to a few layers with narrow MLPs, saved like
 a downloaded checkpoint. On each: ``info``, ``eval`` under a plan, ``score`` of every kind the family
 has, a 2-step ``search``, ``extract`` and ``eval`` of the extracted model (masked == extracted),
@@ -17,9 +17,9 @@ import torch
 
 from shedder.arch import adapter_for
 from shedder.cli import main
-from shedder.loading import REPO_ROOT
-from shedder.plan import PruningPlan
-from shedder.realshape import REAL_SHAPES, build, save_checkpoint
+from shedder.formats.loading import REPO_ROOT
+from shedder.core.plan import PruningPlan
+from shedder.dev.realshape import REAL_SHAPES, build, save_checkpoint
 
 pytestmark = pytest.mark.realshape
 

@@ -14,14 +14,14 @@ from adapter_checks import comps, logits, max_diff, snapshot, tokens
 from conftest import make_tiny_model
 
 from shedder import cli
-from shedder import recover as recover_module
+from shedder.prune import recover as recover_module
 from shedder.arch import adapter_for
-from shedder.data import load_text
-from shedder.errors import Cancelled, DataError, ShedderError
-from shedder.loading import load_model
-from shedder.masking import masked
-from shedder.plan import Component, PruningPlan
-from shedder.recover import (RecoverConfig, add_lora, distill_loss, format_alpaca, lm_loss, recover, student_for,
+from shedder.measure.data import load_text
+from shedder.core.errors import Cancelled, DataError, ShedderError
+from shedder.formats.loading import load_model
+from shedder.measure.masking import masked
+from shedder.core.plan import Component, PruningPlan
+from shedder.prune.recover import (RecoverConfig, add_lora, distill_loss, format_alpaca, lm_loss, recover, student_for,
                              training_ids)
 
 #: A budget that moves a tiny random model measurably in a few seconds.

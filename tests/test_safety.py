@@ -29,19 +29,20 @@ from safetensors.torch import save as safetensors_bytes
 
 from conftest import lock_held_by_another_process
 
-from shedder import cli, fileio
+from shedder import cli
+from shedder.core import fileio
 from shedder.arch.base import Adapter
-from shedder import recover as recovery
+from shedder.prune import recover as recovery
 from shedder.cli import main
-from shedder.data import load_text
-from shedder.errors import Busy, Cancelled, DataError, PlanError, ShedderError
-from shedder.extract import PLAN_FILE, save
-from shedder.fileio import EXPORT_MARKER, check_output_dir, drop_torn_tail, exclusive, inside, publish_dir
-from shedder.loading import REPO_ROOT, load_model
-from shedder.masking import WAITING, holding, masked
-from shedder.official import OFFICIAL_KEYS
-from shedder.plan import KINDS, Component, PruningPlan
-from shedder.search import LOCK_FILE, greedy_search
+from shedder.measure.data import load_text
+from shedder.core.errors import Busy, Cancelled, DataError, PlanError, ShedderError
+from shedder.formats.extract import PLAN_FILE, save
+from shedder.core.fileio import EXPORT_MARKER, check_output_dir, drop_torn_tail, exclusive, inside, publish_dir
+from shedder.formats.loading import REPO_ROOT, load_model
+from shedder.measure.masking import WAITING, holding, masked
+from shedder.formats.official import OFFICIAL_KEYS
+from shedder.core.plan import KINDS, Component, PruningPlan
+from shedder.prune.search import LOCK_FILE, greedy_search
 
 DATA = ["--samples", "2", "--seq-len", "16", "--batch-size", "2", "--no-progress"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
@@ -118,8 +119,8 @@ def test_kill_during_extract_leaves_no_model_behind(tmp_path, tiny_model_dir):
     out = tmp_path / "pruned"
     script = f"""
 import time
-from shedder.extract import save
-from shedder.loading import load_model
+from shedder.formats.extract import save
+from shedder.formats.loading import load_model
 model, tok = load_model({str(tiny_model_dir)!r})
 def slow(self, *a, **k):
     print("writing", flush=True)
@@ -309,7 +310,7 @@ def test_drop_torn_tail(tmp_path):
 
 
 def test_score_cache_entry_has_one_writer(tiny_model_factory, tmp_path, monkeypatch):
-    from shedder import importance
+    from shedder.prune import importance
 
     model = tiny_model_factory("mamba2", layers=2)
     windows = torch.randint(0, 128, (2, 12))
@@ -807,7 +808,7 @@ def test_exports_get_the_umask_permissions(tiny_model_dir, plan_file, tmp_path, 
     """A team reads an export: the directory and every file in it (marker, weights, config, tokenizer,
     plan, card) get the process umask's permissions, from ``extract.save`` and ``python -m shedder extract``."""
     out_api, out_cli = tmp_path / "api", tmp_path / "cli"
-    from shedder.loading import load_model
+    from shedder.formats.loading import load_model
 
     model, tokenizer = load_model(str(tiny_model_dir))
     old = os.umask(umask)
@@ -921,7 +922,7 @@ def test_kill_during_recovery_then_resume_logs_each_step_once(capsys, tmp_path, 
     argv = recover_argv(tiny_model_dir, plan_file, run)
     script = f"""
 import time
-import shedder.recover as r
+import shedder.prune.recover as r
 from shedder import cli
 real, calls = r.sample_batch, []
 def slow(*a, **k):
@@ -1160,7 +1161,7 @@ def test_a_full_disk_during_extract_is_one_line_and_changes_nothing(capsys, tiny
 
 def test_official_layout_for_kinds_it_cannot_write_is_refused_before_the_search(capsys, tiny_model_dir, tmp_path,
                                                                                 monkeypatch):
-    from shedder import search
+    from shedder.prune import search
 
     monkeypatch.setattr(search, "greedy_search", lambda *a, **k: pytest.fail("the search ran"))
     run = tmp_path / "run"

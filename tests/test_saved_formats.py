@@ -13,9 +13,9 @@ import torch
 from adapter_checks import TOL
 from safetensors.torch import load_file
 
-from shedder.errors import ModelLoadError
-from shedder.extract import saved_plan
-from shedder.loading import REPO_ROOT, load_model
+from shedder.core.errors import ModelLoadError
+from shedder.formats.extract import saved_plan
+from shedder.formats.loading import REPO_ROOT, load_model
 
 SCHEMA1 = Path(__file__).parent / "fixtures" / "schema1"
 FIXTURES = sorted(p.name for p in SCHEMA1.iterdir() if (p / "config.json").is_file())

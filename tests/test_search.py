@@ -16,13 +16,13 @@ import pytest
 import torch
 
 from shedder.arch import adapter_for
-from shedder.errors import Cancelled, PlanError, ShedderError
-from shedder.evaluator import PlanEvaluator, removing
-from shedder.importance import model_fingerprint, score
-from shedder.masking import masked
-from shedder.metrics import nll_sum, perplexity
-from shedder.plan import Component, PruningPlan
-from shedder.search import LOG_FILE, PLAN_FILE, greedy_search, reference_search
+from shedder.core.errors import Cancelled, PlanError, ShedderError
+from shedder.measure.evaluator import PlanEvaluator, removing
+from shedder.prune.importance import model_fingerprint, score
+from shedder.measure.masking import masked
+from shedder.measure.metrics import nll_sum, perplexity
+from shedder.core.plan import Component, PruningPlan
+from shedder.prune.search import LOG_FILE, PLAN_FILE, greedy_search, reference_search
 
 FAMILIES = ["mamba2", "mamba1", "nemotron_h"]
 
@@ -126,7 +126,7 @@ def test_score_table_matches_direct_masked_evaluation(mamba2, tmp_path):
 def test_score_cache_reopens_without_evaluating(mamba2, tmp_path, monkeypatch):
     w = windows()
     first = score(mamba2, w, "ssm", cache_dir=tmp_path)
-    monkeypatch.setattr("shedder.importance.PlanEvaluator", None)  # any evaluation would now fail
+    monkeypatch.setattr("shedder.prune.importance.PlanEvaluator", None)  # any evaluation would now fail
     again = score(mamba2, w, ["ssm"], cache_dir=tmp_path)
     pd.testing.assert_frame_equal(first, again)
     with pytest.raises(TypeError):  # other data: a different key, so it must evaluate
@@ -144,7 +144,7 @@ def test_fingerprint_sees_weight_changes(tiny_model_factory):
 def test_fingerprint_of_a_real_size_embedding():
     """A 50,288 × 768 embedding (past 2**24 elements, where a float linspace of sample indices
     overshot the end) is fingerprinted, and swapping two of its values changes the key."""
-    from shedder.realshape import build
+    from shedder.dev.realshape import build
 
     a, b = build("mamba2", layers=1), build("mamba2", layers=1)
     assert a.backbone.embeddings.weight.numel() > 1 << 24
@@ -236,7 +236,7 @@ def test_run_directory_and_resume_after_interruption(mamba2, tmp_path):
 
 
 def test_default_run_dir_is_keyed_so_a_cancelled_search_continues(mamba2, tmp_path):
-    from shedder.search import default_run_dir
+    from shedder.prune.search import default_run_dir
 
     w = windows()
     run = default_run_dir(mamba2, w, ["block"], cache_dir=tmp_path)
@@ -340,7 +340,7 @@ def test_fast_search_abandons_losing_candidates(tiny_model_factory):
 def test_evaluators_share_the_process_cache_budget(mamba2, monkeypatch):
     import gc
 
-    from shedder import budget
+    from shedder.measure import budget
 
     monkeypatch.setattr(budget, "_PROCESS_BUDGET", {"cpu": 1 << 30})
     gc.collect()
@@ -355,7 +355,7 @@ def test_evaluators_share_the_process_cache_budget(mamba2, monkeypatch):
 
 
 def test_run_cost_counts_passes_and_states_the_eta(mamba2):
-    from shedder.budget import run_cost
+    from shedder.measure.budget import run_cost
 
     cost = run_cost("search", mamba2, windows(n=6, seq=16), candidates=4, steps=2, batch_size=2, budget_bytes=1 << 20)
     assert cost.passes == 1 + 4 + 3 and cost.tokens == 8 * 6 * 16

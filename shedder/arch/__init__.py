@@ -8,8 +8,8 @@ import importlib
 import inspect
 import pkgutil
 
-from ..errors import UnsupportedModelError
-from .base import Adapter, count_parameters, instantiate, patch_forward
+from shedder.core.errors import UnsupportedModelError
+from shedder.arch.base import Adapter, count_parameters, instantiate, patch_forward
 
 
 @functools.lru_cache(maxsize=1)

@@ -32,12 +32,12 @@ import functools
 
 import transformers
 
-from ..errors import PlanError
-from ..plan import Component, PruningPlan
-from .hybrid_common import (Mamba2FeedForwardAdapter, check_attention_left, check_mlp_groups, num_mlp_groups, present,
+from shedder.core.errors import PlanError
+from shedder.core.plan import Component, PruningPlan
+from shedder.arch.hybrid_common import (Mamba2FeedForwardAdapter, check_attention_left, check_mlp_groups, num_mlp_groups, present,
                             remove_sub_block, resize_feed_forward, skip_layer, skip_sub_block)
-from .mamba2_core import mixer_layout, ssm_components
-from .spec import LayerSpec, PrunedSpec
+from shedder.arch.mamba2_core import mixer_layout, ssm_components
+from shedder.arch.spec import LayerSpec, PrunedSpec
 
 
 class BambaAdapter(Mamba2FeedForwardAdapter):

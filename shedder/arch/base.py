@@ -56,9 +56,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from ..errors import PlanError
-from ..plan import KINDS, SCHEMA1_MARK, Component, ModelIdentity, PruningPlan
-from .spec import LayerSpec, Limits, PrunedSpec
+from shedder.core.errors import PlanError
+from shedder.core.plan import KINDS, SCHEMA1_MARK, Component, ModelIdentity, PruningPlan
+from shedder.arch.spec import LayerSpec, Limits, PrunedSpec
 
 
 #: Kinds whose removal can delete a whole layer (the only ones that can leave a model with none).
@@ -84,7 +84,7 @@ class Adapter:
     layers_path: ClassVar[str] = "model.layers"
     #: The stock ``transformers`` class ``build`` starts from.
     model_class: ClassVar[type[nn.Module]]
-    #: What each official Mamba-Shedder config key removes in this family (``shedder.official``);
+    #: What each official Mamba-Shedder config key removes in this family (``shedder.formats.official``);
     #: a key mapped to a kind the family does not offer is refused when it is not empty.
     official_keys: ClassVar[dict[str, str]] = {"pruned_mamba_block_idx": "block", "pruned_ssm_idx": "ssm",
                                                "pruned_mha_idx": "attention", "pruned_mlp_idx": "mlp"}
@@ -117,7 +117,7 @@ class Adapter:
         raise NotImplementedError
 
     def layer_cost_modules(self, layer: int) -> list[nn.Module]:
-        """The modules one pass through ``layer`` runs for every token (``shedder.cost`` counts
+        """The modules one pass through ``layer`` runs for every token (``shedder.measure.cost`` counts
         their FLOPs and state). Default: every module under the layer. Override when a layer holds
         modules it does not run, e.g. the per-application adapters of a shared block."""
         return list(self.layers()[layer].modules())
@@ -290,7 +290,7 @@ class Adapter:
             plan = PruningPlan(plan.components, plan.model, dict(plan.group_sizes),
                                {k: v for k, v in plan.meta.items() if k != SCHEMA1_MARK})
         if "official" in plan.meta:
-            from ..official import plan_from_official
+            from shedder.formats.official import plan_from_official
 
             official = plan_from_official(self, plan.meta["official"])
             meta = {k: v for k, v in plan.meta.items() if k != "official"}

@@ -45,13 +45,13 @@ import torch.nn.functional as F
 import transformers
 from torch import nn
 
-from ..errors import PlanError
-from ..plan import Component, PruningPlan
-from .hybrid_common import (Mamba2FeedForwardAdapter, RemovedAttention, mlp_groups, present, remove_sub_block,
+from shedder.core.errors import PlanError
+from shedder.core.plan import Component, PruningPlan
+from shedder.arch.hybrid_common import (Mamba2FeedForwardAdapter, RemovedAttention, mlp_groups, present, remove_sub_block,
                             resize_feed_forward, skip_layer, skip_sub_block)
-from .mamba2_core import (Mamba2Hooks, MixerLayout, Selection, gated_group_rms_norm, mixer_layout,
+from shedder.arch.mamba2_core import (Mamba2Hooks, MixerLayout, Selection, gated_group_rms_norm, mixer_layout,
                           ssm_components)
-from .spec import LayerSpec, PrunedSpec
+from shedder.arch.spec import LayerSpec, PrunedSpec
 
 
 # ------------------------------------------------------------------------------ mixer hooks

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import transformers
 
-from .mamba import MambaAdapter
+from shedder.arch.mamba import MambaAdapter
 
 
 class FalconMambaAdapter(MambaAdapter):

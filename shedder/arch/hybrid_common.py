@@ -70,11 +70,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import PlanError
-from ..plan import PruningPlan
-from .base import patch_forward
-from .common import sliced_state_dict
-from .mamba2_core import Mamba2StyleAdapter, MixerLayout
+from shedder.core.errors import PlanError
+from shedder.core.plan import PruningPlan
+from shedder.arch.base import patch_forward
+from shedder.arch.common import sliced_state_dict
+from shedder.arch.mamba2_core import Mamba2StyleAdapter, MixerLayout
 
 ROWS = ("gate_proj", "up_proj")
 COLS = ("down_proj",)

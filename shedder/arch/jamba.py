@@ -45,15 +45,15 @@ import torch
 import transformers
 from torch import nn
 
-from ..errors import PlanError
-from ..plan import Component, PruningPlan
-from .base import Adapter
-from .common import sliced_state_dict
-from .hybrid_common import (FeedForwardGroups, RemovedAttention, mlp_groups, present, remove_sub_block,
+from shedder.core.errors import PlanError
+from shedder.core.plan import Component, PruningPlan
+from shedder.arch.base import Adapter
+from shedder.arch.common import sliced_state_dict
+from shedder.arch.hybrid_common import (FeedForwardGroups, RemovedAttention, mlp_groups, present, remove_sub_block,
                             resize_feed_forward, skip_layer, skip_sub_block)
-from .mamba1_core import (build_mixer, check_group_size, check_mixer, default_channel_group_size, mask_mixer,
+from shedder.arch.mamba1_core import (build_mixer, check_group_size, check_mixer, default_channel_group_size, mask_mixer,
                           mixer_components, mixer_spec, pruned_mixer_weights)
-from .spec import LayerSpec, PrunedSpec
+from shedder.arch.spec import LayerSpec, PrunedSpec
 
 _MIXER_KINDS = ("ssm", "channel_group")
 

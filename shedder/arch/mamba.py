@@ -13,12 +13,12 @@ import torch
 import transformers
 from torch import nn
 
-from ..plan import Component, PruningPlan
-from .base import Adapter
-from .common import sliced_state_dict
-from .mamba1_core import (build_mixer, check_group_size, check_mixer, default_channel_group_size, mask_mixer,
+from shedder.core.plan import Component, PruningPlan
+from shedder.arch.base import Adapter
+from shedder.arch.common import sliced_state_dict
+from shedder.arch.mamba1_core import (build_mixer, check_group_size, check_mixer, default_channel_group_size, mask_mixer,
                           mixer_components, mixer_spec, pruned_mixer_weights)
-from .spec import LayerSpec, PrunedSpec
+from shedder.arch.spec import LayerSpec, PrunedSpec
 
 
 class MambaAdapter(Adapter):

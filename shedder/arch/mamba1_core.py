@@ -38,10 +38,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.mamba import modeling_mamba as hf_mamba
 
-from ..errors import PlanError
-from ..plan import Component
-from .base import patch_forward
-from .spec import LayerSpec
+from shedder.core.errors import PlanError
+from shedder.core.plan import Component
+from shedder.arch.base import patch_forward
+from shedder.arch.spec import LayerSpec
 
 #: Parameters that belong to the selective scan: gone when a layer's SSM is removed.
 SSM_PARAM_PREFIXES = ("x_proj.", "dt_proj.", "A_log", "D", "dt_layernorm.", "b_layernorm.", "c_layernorm.")

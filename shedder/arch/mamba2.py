@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import transformers
 
-from ..plan import Component
-from .mamba2_core import Mamba2StyleAdapter, MixerLayout, mixer_layout, ssm_components, uniform_layout
-from .spec import LayerSpec, PrunedSpec
+from shedder.core.plan import Component
+from shedder.arch.mamba2_core import Mamba2StyleAdapter, MixerLayout, mixer_layout, ssm_components, uniform_layout
+from shedder.arch.spec import LayerSpec, PrunedSpec
 
 
 class Mamba2Adapter(Mamba2StyleAdapter):

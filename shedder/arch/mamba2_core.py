@@ -51,11 +51,11 @@ from transformers.models.mamba2.modeling_mamba2 import (
     mamba2_selective_state_update,
 )
 
-from ..errors import PlanError
-from ..plan import Component, PruningPlan
-from .base import Adapter, patch_forward
-from .common import sliced_state_dict
-from .spec import LayerSpec
+from shedder.core.errors import PlanError
+from shedder.core.plan import Component, PruningPlan
+from shedder.arch.base import Adapter, patch_forward
+from shedder.arch.common import sliced_state_dict
+from shedder.arch.spec import LayerSpec
 
 
 # ---------------------------------------------------------------------------------------- layout

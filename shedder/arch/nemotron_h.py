@@ -32,13 +32,13 @@ import torch
 import transformers
 from torch import nn
 
-from ..errors import PlanError
-from ..plan import Component, PruningPlan
-from .base import patch_forward
-from .common import sliced_state_dict
-from .hybrid_common import kept_mlp_channels, mask_mlp_channels, mlp_groups, pruned_mlp_state, resize_mlp, skip_layer
-from .mamba2_core import Mamba2StyleAdapter, MixerLayout, mixer_layout, ssm_components, uniform_layout
-from .spec import LayerSpec, PrunedSpec
+from shedder.core.errors import PlanError
+from shedder.core.plan import Component, PruningPlan
+from shedder.arch.base import patch_forward
+from shedder.arch.common import sliced_state_dict
+from shedder.arch.hybrid_common import kept_mlp_channels, mask_mlp_channels, mlp_groups, pruned_mlp_state, resize_mlp, skip_layer
+from shedder.arch.mamba2_core import Mamba2StyleAdapter, MixerLayout, mixer_layout, ssm_components, uniform_layout
+from shedder.arch.spec import LayerSpec, PrunedSpec
 
 #: Nemotron-H's MLP is ungated: ``down_proj(act(up_proj(x)))``.
 _MLP_ROWS = ("up_proj",)

@@ -22,7 +22,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
-from ..errors import ModelLoadError
+from shedder.core.errors import ModelLoadError
 
 SCHEMA_VERSION = 2
 

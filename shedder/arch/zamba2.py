@@ -54,12 +54,12 @@ import torch
 import transformers
 from torch import nn
 
-from ..errors import ModelLoadError, PlanError
-from ..plan import Component, PruningPlan
-from .base import patch_forward
-from .hybrid_common import check_attention_left, record_length, skip_layer
-from .mamba2_core import Mamba2StyleAdapter, MixerLayout, mixer_layout, pruned_mixer_state, ssm_components, ssm_removals
-from .spec import LayerSpec, PrunedSpec
+from shedder.core.errors import ModelLoadError, PlanError
+from shedder.core.plan import Component, PruningPlan
+from shedder.arch.base import patch_forward
+from shedder.arch.hybrid_common import check_attention_left, record_length, skip_layer
+from shedder.arch.mamba2_core import Mamba2StyleAdapter, MixerLayout, mixer_layout, pruned_mixer_state, ssm_components, ssm_removals
+from shedder.arch.spec import LayerSpec, PrunedSpec
 
 _ADAPTER_LISTS = r"(self_attn\.linear_[qkv]_adapter_list|feed_forward\.gate_up_proj_adapter_list)"
 #: a per-application adapter slot's parameter inside a shared block: (adapter list, slot, parameter)

@@ -1,0 +1,1 @@
+"""Plans, kinds, errors, files, progress: what every layer above may use."""

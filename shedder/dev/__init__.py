@@ -1,0 +1,1 @@
+"""Developer tools: training the bundled models, real-shape builders, scale benchmarks."""

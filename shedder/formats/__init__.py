@@ -1,0 +1,1 @@
+"""Files in and out: official Mamba-Shedder configs, exported models, loading."""

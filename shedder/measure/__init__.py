@@ -1,0 +1,1 @@
+"""Text, live masks, the plan evaluator, metrics, cost and benchmarks."""

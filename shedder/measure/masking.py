@@ -1,0 +1,63 @@
+"""Reversible live masks: ``with masked(model, plan): ...`` runs the model as if the plan's
+components were removed, without copying a single weight, and restores it exactly on exit.
+
+Masks patch shared module instances, so one mask at a time per model: whoever applies one holds the
+model's lock (other threads, e.g. other app sessions on the same cached weights, wait; the wait is
+reported through ``progress``, which may raise ``Cancelled`` to stop waiting), and a mask of another
+plan inside a mask on the same model is refused instead of stacking two plans' patches (the same
+plan again is a no-op: the model already computes it).
+"""
+from __future__ import annotations
+
+import contextlib
+import weakref
+from typing import Iterator
+
+from shedder.arch import adapter_for
+from shedder.arch.base import model_lock
+from shedder.core.errors import PlanError
+from shedder.measure.metrics import Progress
+from shedder.core.plan import PruningPlan
+
+#: What ``progress`` is told while another thread holds the model.
+WAITING = "waiting for the model: another session is using it"
+#: Models with a live mask applied right now -> (components, group sizes) of its plan.
+_MASKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+@contextlib.contextmanager
+def holding(model, progress: Progress | None = None, poll_s: float = 0.2) -> Iterator[None]:
+    """Hold ``model``'s lock for the block; while another thread has it, call
+    ``progress(0, 1, WAITING)`` every ``poll_s`` seconds (it may raise to give up waiting)."""
+    lock = model_lock(model)
+    while not lock.acquire(timeout=poll_s):
+        if progress:
+            progress(0, 1, WAITING)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def masked(model, plan: PruningPlan, adapter=None, progress: Progress | None = None) -> Iterator[PruningPlan]:
+    """Apply ``plan`` to ``model`` for the duration of the block; yields the validated plan."""
+    adapter = adapter or adapter_for(model, plan.group_sizes)
+    with holding(model, progress):
+        if model in _MASKED:
+            resolved = adapter.validate(plan)
+            if _MASKED[model] != _key(resolved):
+                raise PlanError("this model already has a live mask of another plan applied; nested masks are "
+                                "refused (finish the outer masked block first, or combine the plans into one)")
+            yield resolved
+            return
+        try:
+            with adapter.apply(plan) as resolved:
+                _MASKED[model] = _key(resolved)
+                yield resolved
+        finally:
+            _MASKED.pop(model, None)
+
+
+def _key(plan: PruningPlan) -> tuple:
+    return plan.components, tuple(sorted(plan.group_sizes.items()))

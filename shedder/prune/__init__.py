@@ -1,0 +1,1 @@
+"""Importance metrics, the greedy search and its runs, Ray workers, the frontier, recovery."""

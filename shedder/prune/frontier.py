@@ -1,0 +1,149 @@
+"""The accuracy–efficiency frontier: strategies as named series of plans, measured the same way.
+
+A ``Series`` is one strategy's trail of plans: the steps of a greedy search (over some kinds), a
+one-shot pruning by an importance metric (the k lowest-scored components removed at once, for
+k = 1, 2, ...), the plans a user saved, or models recovered after pruning. Any producer adds its
+own series; the Pareto front is taken over the points of every series together (``pareto_mask``).
+
+Speed is measured, never guessed: ``measure`` extracts a point's plan and runs the side-by-side
+bench (``shedder.measure.bench.bench_speed``: prefill and decode throughput ratios, time to first token,
+recurrent state and, on request, peak memory). Results are cached on disk under the cache
+directory, keyed by the model's weights fingerprint, the plan, the device, the dtype and the bench
+settings, so a point measured once is known in every later session; ``measured`` reads that cache
+without measuring.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from shedder.arch import adapter_for
+from shedder.core.fileio import atomic_write_text
+from shedder.prune.importance import default_cache_dir, model_fingerprint, plan_key
+from shedder.measure.metrics import Progress
+from shedder.core.plan import Component, PruningPlan
+
+#: Cost axes (x) and quality axes (y) a frontier can be drawn on; quality axes that are higher-better.
+X_AXES = {"params": "parameters", "flops": "FLOPs / token (prefill, cost model)",
+          "prefill_speedup": "measured prefill speedup (×)", "decode_speedup": "measured decode speedup (×)",
+          "state_bytes": "recurrent state per sequence (bytes, cost model)"}
+Y_AXES = {"ppl": "perplexity", "accuracy": "next-word accuracy", "lm_eval_average": "lm-eval average accuracy",
+          "relative_accuracy": "relative accuracy (pruned / unpruned lm-eval average)"}
+HIGHER_BETTER = {"accuracy", "lm_eval_average", "relative_accuracy"}
+#: Cost axes where more is better (a speedup), so the Pareto front takes them negated.
+FASTER_BETTER = {"prefill_speedup", "decode_speedup"}
+MEASURED = ("prefill_speedup", "decode_speedup")
+#: Bench settings for frontier points: short, so a whole search can be measured in minutes.
+BENCH_DEFAULTS = {"seq_len": 128, "new_tokens": 8, "repeats": 3, "warmup": 1, "memory": False}
+
+
+@dataclass(frozen=True)
+class Point:
+    label: str
+    plan: PruningPlan
+
+
+@dataclass
+class Series:
+    """One strategy's plans, in order (e.g. search steps 1..n)."""
+
+    name: str
+    origin: str  # "baseline", "greedy search", "one-shot", "saved", "recovered", ...
+    points: list[Point] = field(default_factory=list)
+
+
+def search_series(result, kinds) -> Series:
+    """The steps of a ``greedy_search`` result as a series named after its kinds."""
+    name = f"greedy {'+'.join(kinds)}"
+    return Series(name, "greedy search", [Point(f"step {s.step}: −{s.component}", s.plan) for s in result.steps])
+
+
+def one_shot(model, scores: pd.DataFrame, steps: int, kinds=None, base_plan: PruningPlan | None = None,
+             name: str | None = None) -> Series:
+    """Remove the k lowest-scored components at once, for k = 1..``steps`` (``scores`` from
+    ``importance_metrics.metric_scores``; higher = more important). Components that cannot go on
+    top of the ones before (the last head of a group, a part of a removed block) are passed over,
+    so every plan is valid; plan k+1 contains plan k."""
+    adapter = adapter_for(model, (base_plan or PruningPlan()).group_sizes)
+    plan = adapter.validate(base_plan or PruningPlan())
+    kinds = list(dict.fromkeys(kinds or scores["kind"]))
+    metric = scores.attrs.get("metric", "score")
+    name = name or f"one-shot {metric} ({'+'.join(kinds)})"
+    ranked = scores[scores["kind"].isin(kinds)].sort_values("score", kind="stable")
+    order = [Component(r.kind, int(r.layer), int(r.index)) for r in ranked.itertuples()]
+    points = []
+    for comp in order:
+        if len(points) >= steps:
+            break
+        if comp in adapter.candidates(plan, kinds):
+            plan = adapter.validate(plan.with_components([comp]))
+            points.append(Point(f"k={len(points) + 1}: −{comp}", plan))
+    return Series(name, "one-shot", points)
+
+
+def pareto(rows: pd.DataFrame, x: str, y: str) -> pd.Series:
+    """Bool per row: on the front of cost ``x`` (speedups: higher better) and quality ``y``."""
+    from shedder.measure.metrics import pareto_mask
+
+    xs = [-v if x in FASTER_BETTER else v for v in rows[x]]
+    return pd.Series(pareto_mask(xs, list(rows[y]), y in HIGHER_BETTER), index=rows.index)
+
+
+# ---------------------------------------------------------------------------- measured speed
+def _bench_settings(device: str, dtype: str, settings: dict) -> dict:
+    return {**BENCH_DEFAULTS, **settings, "device": device, "dtype": dtype}
+
+
+def _cache_path(model, plan: PruningPlan, device: str, dtype: str, settings: dict, cache_dir) -> Path:
+    blob = json.dumps({"model": model_fingerprint(model), "plan": plan_key(plan),
+                       "bench": _bench_settings(device, dtype, settings)}, sort_keys=True)
+    key = hashlib.sha256(blob.encode()).hexdigest()[:20]
+    return Path(cache_dir or default_cache_dir()) / "measured" / f"{key}.json"
+
+
+def measured(model, plan: PruningPlan, device: str = "cpu", dtype: str = "float32", cache_dir=None,
+             **settings) -> dict | None:
+    """What ``measure`` found for this point before (in any session), or None."""
+    plan = adapter_for(model, plan.group_sizes).validate(plan)
+    if not plan.components:
+        return _unpruned()
+    path = _cache_path(model, plan, device, dtype, settings, cache_dir)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def measure(model_name: str, model, plan: PruningPlan, device: str = "cpu", dtype: str = "float32",
+            cache_dir=None, progress: Progress | None = None, **settings) -> dict:
+    """Measured speed of ``plan``'s extracted model next to the original (cached on disk):
+    ``prefill_speedup``, ``decode_speedup``, ``ttft_ratio``, ``state_ratio``, ``expected_prefill_speedup``,
+    ``peak_memory_ratio`` (None unless ``memory=True``) and the full ``bench`` result.
+    ``model`` is the loaded original (for the cache key); the bench loads ``model_name`` itself."""
+    from shedder.measure.bench import bench_speed
+
+    plan = adapter_for(model, plan.group_sizes).validate(plan)
+    known = measured(model, plan, device, dtype, cache_dir, **settings)
+    if known is not None:
+        return known
+    s = _bench_settings(device, dtype, settings)
+    result = bench_speed(model_name, plan=plan, progress=progress, **s)
+    r = result["ratios"]
+    out = {"prefill_speedup": result["measured_prefill_speedup"], "decode_speedup": r["decode_tokens_per_s"],
+           "ttft_ratio": r["ttft_ms"], "state_ratio": r["state_bytes_per_sequence"],
+           "expected_prefill_speedup": result["expected_prefill_speedup"],
+           "peak_memory_ratio": r.get("memory_peak_bytes"), "bench": result}
+    path = _cache_path(model, plan, device, dtype, settings, cache_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(out))
+    return out
+
+
+def _unpruned() -> dict:
+    """The unpruned model against itself: every ratio is 1 by definition, nothing to time."""
+    return {"prefill_speedup": 1.0, "decode_speedup": 1.0, "ttft_ratio": 1.0, "state_ratio": 1.0,
+            "expected_prefill_speedup": 1.0, "peak_memory_ratio": 1.0, "bench": None}
