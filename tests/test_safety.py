@@ -259,6 +259,66 @@ def test_a_run_left_by_an_older_version_still_resumes(tmp_path):
         fileio.claim_run_dir(tmp_path / "theirs")
 
 
+# ------------------------------------------------------------------------------ a full disk
+@pytest.fixture
+def small_disk(tmp_path):
+    """A tmpfs of 4 MiB at ``tmp_path / "disk"`` (root only), and ``fill(leave)``, which takes all
+    but ``leave`` bytes of it (``free()`` gives them back): writes there really run out of space."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(disk)],
+                                           capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root")
+    filler = disk / "filler"
+
+    def fill(leave: int) -> None:
+        stat = os.statvfs(disk)
+        filler.write_bytes(b"\0" * max(0, stat.f_bavail * stat.f_frsize - leave))
+
+    try:
+        yield disk, fill, lambda: filler.unlink(missing_ok=True)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_extract_onto_a_full_disk_is_one_line_and_leaves_nothing(capsys, small_disk, tiny_model_dir, plan_file):
+    disk, fill, free = small_disk
+    fill(64 << 10)
+    out = disk / "pruned"
+    assert main(["extract", "--model", str(tiny_model_dir), "--plan", str(plan_file), "--out", str(out)]) == 2
+    assert "no space left on the device" in one_error_line(capsys)
+    assert sorted(p.name for p in disk.iterdir()) == ["filler"]  # no model, no temporary directory
+    free()
+    assert main(["extract", "--model", str(tiny_model_dir), "--plan", str(plan_file), "--out", str(out)]) == 0
+
+
+def test_a_search_that_runs_out_of_disk_resumes_once_there_is_room(capsys, small_disk, tiny_model_dir):
+    disk, fill, free = small_disk
+    run = disk / "run"
+    argv = ["search", "--model", str(tiny_model_dir), "--out", str(run), "--kinds", "head", *DATA]
+    fill(5 * 4096)  # a few pages (tmpfs gives every file one): the marker, the log, a step or two
+    assert main([*argv, "--steps", "6"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
+    free()
+    assert main([*argv, "--steps", "6", "--resume"]) == 0
+    steps = [json.loads(line)["step"] for line in (run / "log.jsonl").read_text().splitlines()[1:]]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_recovery_that_runs_out_of_disk_resumes_once_there_is_room(capsys, small_disk, tiny_model_dir, plan_file):
+    """The checkpoints (LoRA factors) fit, the recovered model does not: one error line, then the
+    same command with --resume finishes from the last checkpoint."""
+    disk, fill, free = small_disk
+    run = disk / "rec"
+    fill(160 << 10)
+    assert main(recover_argv(tiny_model_dir, plan_file, run)) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith("error: ")
+    free()
+    assert main([*recover_argv(tiny_model_dir, plan_file, run), "--resume"]) == 0
+    events = log_events(run)
+    assert [e["step"] for e in events if e["event"] == "step"] == [10, 12]
+
+
 # ------------------------------------------------------------------------------ runs, caches, logs
 def test_two_processes_on_one_run_directory(capsys, tiny_model_dir, tmp_path):
     run = tmp_path / "run"

@@ -38,6 +38,7 @@ import traceback
 from pathlib import Path
 
 from shedder.core.errors import Cancelled, ShedderError, printable
+from shedder.core.fileio import full_disk_reason
 from shedder.formats.loading import DEFAULT_MODEL
 from shedder.cli.options import OneLineParser, positive_float, positive_int, threads
 
@@ -891,6 +892,16 @@ def _bench_recover_options(p: argparse.ArgumentParser) -> None:
     p.set_defaults(func=cmd_bench_recover)
 
 
+def _os_error_text(error: Exception) -> str:
+    """One line for an error of the machine rather than of the input: a full disk says so and that
+    runs keep their finished work; any other ``OSError`` as the system gives it."""
+    reason = full_disk_reason(error)
+    if reason is None:
+        return printable(error)
+    return (f"{reason} ({printable(error)}); free space and run the same command again (search and recover: "
+            "with --resume; their finished steps are kept)")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     from transformers.utils import logging as hf_logging
@@ -911,14 +922,18 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError, ValueError):  # no second error when Python flushes at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141
-    except (ShedderError, OSError) as e:  # OSError: an output path that cannot be written
+    except ShedderError as e:
         print(f"error: {printable(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted (score, search and recover keep their finished work: rerun the same command, "
               "with --resume for search and recover)", file=sys.stderr)
         return 130
-    except Exception as e:  # a bug, not the user's input: one line unless asked for the traceback
+    except Exception as e:
+        if isinstance(e, OSError) or full_disk_reason(e) is not None:  # a path that cannot be written, a full disk
+            print(f"error: {_os_error_text(e)}", file=sys.stderr)
+            return 2
+        # a bug, not the user's input: one line unless asked for the traceback
         if getattr(args, "debug", False):
             traceback.print_exc()
         print(f"error: internal error ({type(e).__name__}: {printable(e)}); rerun with --debug for the traceback",

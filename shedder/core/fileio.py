@@ -177,15 +177,28 @@ FULL_DISK = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the dis
 def reporting_full_disk(target: str | Path) -> Iterator[None]:
     """Turn a full disk (``ENOSPC``, ``EDQUOT``) while writing ``target`` into one ``ShedderError``
     that says so and that nothing was changed: every writer of the output policy writes through a
-    temporary name, so a failed write leaves the target as it was, and the raw ``OSError`` (errno,
+    temporary name, so a failed write leaves the target as it was, and the raw error (errno,
     temporary file name) would only hide that."""
     try:
         yield
-    except OSError as e:
-        if e.errno not in FULL_DISK:
+    except Exception as e:
+        reason = full_disk_reason(e)
+        if reason is None:
             raise
-        raise ShedderError(f"{FULL_DISK[e.errno]} writing {printable(target)}; nothing was changed "
+        raise ShedderError(f"{reason} writing {printable(target)}; nothing was changed "
                            "(free space, or choose another --out)") from None
+
+
+def full_disk_reason(error: BaseException) -> str | None:
+    """What a full device did, when ``error`` says it is one: an ``OSError`` with its errno, or a
+    library's own error wrapping it (safetensors raises ``SafetensorError: ... os error 28``)."""
+    if isinstance(error, OSError) and error.errno in FULL_DISK:
+        return FULL_DISK[error.errno]
+    text = str(error)
+    for code, reason in FULL_DISK.items():
+        if os.strerror(code) in text or f"os error {code})" in text:
+            return reason
+    return None
 
 
 def check_output_dir(target: str | Path, overwrite: bool = False, protected: Iterable[str | Path] = ()) -> Path:
