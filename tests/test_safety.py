@@ -314,7 +314,7 @@ def test_score_cache_entry_has_one_writer(tiny_model_factory, tmp_path, monkeypa
 
     model = tiny_model_factory("mamba2", layers=2)
     windows = torch.randint(0, 128, (2, 12))
-    path = importance._cache_path(model, windows, ["block"], importance.adapter_for(model).validate(PruningPlan()),
+    path = importance._cache_path(model, windows, ["block"], importance.adapter_for(model).resolve(PruningPlan()),
                                   tmp_path)
     with exclusive(path.with_name(f"{path.stem}.lock"), "x"):
         errors = []
