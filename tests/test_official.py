@@ -48,15 +48,15 @@ def test_hymba_and_unknown_keys_are_refused_by_name(mamba2, zamba2):
     assert resolve(mamba2, {"pruned_ssm_idx": [1], "pruned_moe_idx": [], "pruned_self_attn_idx": []}) == \
         {Component("ssm", 1)}
     with pytest.raises(PlanError, match="'pruned_heads_idx' is not known"):
-        PruningPlan.from_dict({"pruned_ssm_idx": [1], "pruned_heads_idx": [0]})
+        OfficialConfig.of({"pruned_ssm_idx": [1], "pruned_heads_idx": [0]})
     with pytest.raises(PlanError, match="'pruned_mha_idx' does not apply to Mamba2ForCausalLM"):
         resolve(mamba2, {"pruned_mha_idx": [0]})
     with pytest.raises(PlanError, match="names layer 6, but Mamba2ForCausalLM has layers 0..5"):
         resolve(mamba2, {"pruned_ssm_idx": [6]})
     with pytest.raises(PlanError, match="lists an index twice"):
-        PruningPlan.from_dict({"pruned_ssm_idx": [1, 1]})
+        OfficialConfig.of({"pruned_ssm_idx": [1, 1]})
     with pytest.raises(PlanError, match="remaining width must be a positive integer"):
-        PruningPlan.from_dict({"pruned_mlp_channels": {"0": 0}})
+        OfficialConfig.of({"pruned_mlp_channels": {"0": 0}})
 
 
 def test_zamba2_config_with_mlp_channels(zamba2):
