@@ -238,7 +238,8 @@ class Workspace:
 
     # -- plans -----------------------------------------------------------------------------------
     def set_plan(self, plan: PruningPlan) -> None:
-        """Validate against the loaded model (raises PlanError) and make it current, undoably."""
+        """Resolve against the loaded model (raises PlanError) and make it current, undoably: the pages
+        then use the resolved plan without checking it again."""
         plan = self.loaded.adapter.resolve(plan)
         if plan != self.plan:
             self.history.append(self.plan)
