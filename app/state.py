@@ -238,8 +238,9 @@ class Workspace:
 
     # -- plans -----------------------------------------------------------------------------------
     def set_plan(self, plan: PruningPlan) -> None:
-        """Validate against the loaded model (raises PlanError) and make it current, undoably."""
-        plan = self.loaded.adapter.validate(plan)
+        """Resolve against the loaded model (raises PlanError) and make it current, undoably: the pages
+        then use the resolved plan without checking it again."""
+        plan = self.loaded.adapter.resolve(plan)
         if plan != self.plan:
             self.history.append(self.plan)
             self.plan = plan
@@ -271,7 +272,7 @@ class Workspace:
 
     def metrics(self, plan: PruningPlan, progress=None) -> dict:
         """Perplexity on the evaluation windows, parameters and analytic FLOPs of ``plan``."""
-        plan = self.loaded.adapter.validate(plan)
+        plan = self.loaded.adapter.resolve(plan)
         m = self._metrics.setdefault(plan, {})
         if "ppl" not in m:
             loaded = self.loaded
@@ -283,7 +284,7 @@ class Workspace:
         return m
 
     def accuracy(self, plan: PruningPlan, progress=None) -> float:
-        plan = self.loaded.adapter.validate(plan)
+        plan = self.loaded.adapter.resolve(plan)
         m = self._metrics.setdefault(plan, {})
         if "accuracy" not in m:
             loaded = self.loaded
@@ -295,7 +296,7 @@ class Workspace:
     def latency(self, plan: PruningPlan, progress=None, **bench) -> dict:
         """Measured speed of the *extracted* model (never a masked one) next to the original, from
         the engine's on-disk cache when this point was measured before (in any session)."""
-        plan = self.loaded.adapter.validate(plan)
+        plan = self.loaded.adapter.resolve(plan)
         m = self._metrics.setdefault(plan, {})
         if "prefill_speedup" not in m:
             s = self.settings
@@ -314,7 +315,7 @@ class Workspace:
 
     def measured(self, plan: PruningPlan, **bench) -> dict:
         """What is known of ``plan``'s measured speed without measuring (possibly nothing)."""
-        plan = self.loaded.adapter.validate(plan)
+        plan = self.loaded.adapter.resolve(plan)
         m = self._metrics.setdefault(plan, {})
         if "prefill_speedup" not in m:
             s = self.settings
@@ -339,7 +340,7 @@ class Workspace:
     def record(self, plan: PruningPlan, **values) -> None:
         """Attach numbers measured elsewhere to a point (e.g. ``lm_eval_average`` and
         ``relative_accuracy`` from lm-eval): the frontier offers every y axis some point has."""
-        self._metrics.setdefault(self.loaded.adapter.validate(plan), {}).update(values)
+        self._metrics.setdefault(self.loaded.adapter.resolve(plan), {}).update(values)
 
     def add_series(self, series) -> None:
         """Put a strategy's plans on the frontier (replacing a series of the same name)."""
@@ -347,7 +348,7 @@ class Workspace:
 
     def continuation(self, plan: PruningPlan, prompt: str, tokens: int) -> str:
         """Greedy continuation of ``prompt`` by the model under ``plan`` (memoised)."""
-        plan = self.loaded.adapter.validate(plan)
+        plan = self.loaded.adapter.resolve(plan)
         key = (plan, prompt, tokens)
         if key not in self.texts:
             loaded = self.loaded
@@ -374,7 +375,7 @@ class Workspace:
         """lm-eval scores of ``plan`` (``shedder.measure.downstream``): from this session or the disk cache, and
         computed only when ``run`` is set, so a rerun of the page never starts an evaluation."""
         loaded = self.loaded
-        plan = loaded.adapter.validate(plan)
+        plan = loaded.adapter.resolve(plan)
         key = (plan, tuple(tasks), limit)
         if key not in self._downstream:
             mask = plan if plan.components else None
@@ -408,7 +409,7 @@ class Workspace:
 
     def known(self, plan: PruningPlan) -> dict:
         """Whatever has been measured for ``plan`` so far (possibly nothing)."""
-        return dict(self._metrics.get(self.loaded.adapter.validate(plan), {}))
+        return dict(self._metrics.get(self.loaded.adapter.resolve(plan), {}))
 
 
 @dataclass(frozen=True)

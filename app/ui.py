@@ -109,7 +109,7 @@ def ready() -> Workspace:
     try:
         ws.windows(ws.settings.evaluation)
         if ws.plan.model is None:  # the first, empty plan gets the model's identity
-            ws.plan = ws.loaded.adapter.validate(ws.plan)
+            ws.plan = ws.loaded.adapter.resolve(ws.plan)
     except ShedderError as e:
         st.error(f"{ws.public(str(e))}  \nChoose another model or text on the Model page.")
         st.stop()

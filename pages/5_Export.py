@@ -13,7 +13,7 @@ from shedder.formats.extract import extract, save
 from shedder.core.fileio import check_output_dir, inside, zip_dir
 from shedder.formats.loading import resolve
 from shedder.measure.metrics import describe_protocol, perplexity
-from shedder.formats.official import to_official
+from shedder.formats.official import read_plan, to_official
 from shedder.core.plan import PruningPlan
 
 ws = ui.ready()
@@ -42,7 +42,7 @@ else:
 upload = st.file_uploader("Load a plan (our JSON, or an official Mamba-Shedder config)", type=["json"], key="export_upload")
 if upload is not None:
     with ui.shown_errors():
-        plan = adapter.validate(PruningPlan.from_json(upload.getvalue().decode("utf-8", errors="replace")))
+        plan = adapter.resolve(read_plan(upload.getvalue()))
         if st.session_state.get("export_upload_id") != upload.file_id:  # apply each upload once
             st.session_state["export_upload_id"] = upload.file_id
             ws.set_plan(plan)
@@ -51,7 +51,7 @@ if upload is not None:
 st.subheader("Pruned model")
 host = hosting()
 if host.allow_save:
-    out_dir = st.text_input(f"save to directory (inside `{host.export_root}`)", value=f"{name}-{len(ws.plan)}-removed",
+    out_dir = st.text_input(f"save to directory (inside `{host.export_root}`)", value=f"{name}-{len(ws.plan.components)}-removed",
                             key="export_dir")
     overwrite = st.checkbox("replace it if it is a previous export", value=False, key="export_overwrite",
                             help="Only a directory this tool exported is ever replaced.")
@@ -76,7 +76,7 @@ if st.button(label, key="export_save", disabled=host.allow_save and not out_dir.
                 measured.update(ws.latency(ws.plan, progress=cb))
         text = card.model_card(s.model, type(loaded.model).__name__, ws.plan, measured,
                                describe_protocol(windows, ws.label(s.evaluation)))
-        folder = f"{name}-{len(ws.plan)}-removed" if target is None else target.name
+        folder = f"{name}-{len(ws.plan.components)}-removed" if target is None else target.name
         with tempfile.TemporaryDirectory() as tmp:
             path = save(pruned, loaded.tokenizer, target or Path(tmp) / folder, plan=ws.plan, card=text,
                         overwrite=overwrite, protected=[resolve(s.model)] if Path(resolve(s.model)).exists() else [])

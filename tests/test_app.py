@@ -168,7 +168,7 @@ def test_prune_page_takes_the_first_k_greedy_steps():
     at.button(key="prune_greedy").click().run()
     assert_clean(at)
     ws = workspace(at)
-    assert len(ws.plan) == 2 and ws.plan.components == ws.search.steps[1].plan.components
+    assert len(ws.plan.components) == 2 and ws.plan.components == ws.search.steps[1].plan.components
 
 
 def test_export_round_trip_and_bad_uploads(tmp_path):

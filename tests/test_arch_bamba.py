@@ -19,6 +19,7 @@ from shedder.arch import adapter_for
 from shedder.arch.hybrid_common import ZeroBranch
 from shedder.formats.extract import extract
 from shedder.measure.masking import masked
+from shedder.formats.official import OfficialConfig
 from shedder.core.plan import Component, PruningPlan
 
 SEQ = 20  # not a multiple of the chunk size (8)
@@ -130,7 +131,7 @@ def test_inventory(model):
 
 
 def test_official_ordinal_attention_maps_to_layers(model):
-    plan = PruningPlan.from_official({"pruned_mha_idx": [1], "pruned_mamba_block_idx": [0]})
+    plan = OfficialConfig.of({"pruned_mha_idx": [1], "pruned_mamba_block_idx": [0]})
     with masked(model, plan) as resolved:
         pass
     assert set(resolved.components) == {Component("attention", 3), Component("block", 0)}

@@ -17,6 +17,7 @@ from shedder.arch import adapter_for
 from shedder.arch.hybrid_common import ZeroBranch
 from shedder.formats.extract import extract
 from shedder.measure.masking import masked
+from shedder.formats.official import OfficialConfig
 from shedder.core.plan import Component, PruningPlan
 
 SEQ = 20  # not a multiple of the chunk size (8)
@@ -159,7 +160,7 @@ def test_inventory(model):
 
 
 def test_official_ordinal_attention_maps_to_layers(model):
-    plan = PruningPlan.from_official({"pruned_mha_idx": [1], "pruned_mlp_idx": [2]})
+    plan = OfficialConfig.of({"pruned_mha_idx": [1], "pruned_mlp_idx": [2]})
     with masked(model, plan) as resolved:
         pass
     assert set(resolved.components) == {Component("attention", 1), Component("mlp", 2)}

@@ -197,7 +197,7 @@ def test_param_count_empty_plan_and_tied_embeddings(model):
 
 # ------------------------------------------------------------------ save / load
 def test_save_load_round_trip(model, ids, bundled_tokenizer, tmp_path):
-    plan = adapter_for(model).validate(PLANS["mixed"](None))
+    plan = adapter_for(model).resolve(PLANS["mixed"](None))
     loaded = check_saved(extract(model, plan), plan, bundled_tokenizer, tmp_path / "pruned", ids, shedder_entry=True)
     assert type(loaded) is type(model)
 
@@ -248,9 +248,9 @@ def test_invalid_plans_are_refused(model, plan, words):
 
 def test_plan_for_another_config_is_refused(model):
     other = make_model(model.config.n_groups, state_size=16)
-    plan = adapter_for(other).validate(comps("ssm:1"))
+    plan = adapter_for(other).resolve(comps("ssm:1"))
     with pytest.raises(PlanError, match="another Mamba2ForCausalLM configuration"):
         masked(model, plan).__enter__()
     deeper = make_model(model.config.n_groups, num_hidden_layers=3)
     with pytest.raises(PlanError, match="3 layers"):
-        extract(model, adapter_for(deeper).validate(comps("ssm:1")))
+        extract(model, adapter_for(deeper).resolve(comps("ssm:1")))

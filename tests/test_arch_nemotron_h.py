@@ -99,7 +99,7 @@ def test_extracted_structure(model, adapter):
 def test_removing_every_attention_keeps_the_cache_usable(model, adapter, ids, bundled_tokenizer, tmp_path):
     """Without any attention the extracted model still generates with the cache: its stand-in layer
     records the sequence length, and it survives a save / load and a second pruning."""
-    p = adapter.validate(plan("attention:1", "ssm:0"))
+    p = adapter.resolve(plan("attention:1", "ssm:0"))
     small = check_removal(model, p, ids, adapter=adapter)
     planned, actual = estimate(model, p, seq_len=16, adapter=adapter), estimate(small, seq_len=16)
     assert planned.params == actual.params == count_parameters(small) == adapter.param_count(p)
@@ -148,7 +148,7 @@ def test_uniform_removals_give_a_stock_config(model, adapter, ids, bundled_token
 
 @pytest.mark.parametrize("name", ["mixed", "ssm_and_heads", "channel_groups_uneven"])  # the last two keep the MoE
 def test_save_load_round_trip(model, adapter, ids, bundled_tokenizer, tmp_path, name):
-    p = adapter.validate(PLANS[name](adapter))
+    p = adapter.resolve(PLANS[name](adapter))
     loaded = check_saved(extract(model, p, adapter), p, bundled_tokenizer, tmp_path / "pruned", ids, shedder_entry=True)
     assert type(loaded) is type(model)
 
@@ -184,5 +184,5 @@ def test_invalid_plans_are_refused(model, adapter, specs, words):
 
 def test_plan_for_another_group_size_is_refused(model, adapter):
     with pytest.raises(PlanError, match="groups of 64"):
-        adapter.validate(PruningPlan(frozenset([Component("mlp_channel_group", 3, 0)]),
+        adapter.resolve(PruningPlan(frozenset([Component("mlp_channel_group", 3, 0)]),
                                      group_sizes={"mlp_channel_group": 64}))

@@ -212,7 +212,7 @@ def test_schema1_plans_keep_their_meaning(model, tmp_path):
     """Schema 1's Zamba2 ``attention`` removed the whole application: it reads as ``shared_block``."""
     old = {"schema_version": 1, "model": None, "group_sizes": {}, "meta": {},
            "components": [{"kind": "attention", "layer": 3, "index": 0}, {"kind": "ssm", "layer": 5, "index": 0}]}
-    resolved = adapter_for(model).validate(PruningPlan.from_dict(old))
+    resolved = adapter_for(model).resolve(PruningPlan.from_dict(old))
     assert resolved.components == {Component("shared_block", 3), Component("ssm", 5)}
     assert resolved.meta == {} and resolved.to_dict()["schema_version"] == 2
-    assert adapter_for(model).validate(PruningPlan.from_json(resolved.to_json())) == resolved
+    assert adapter_for(model).resolve(PruningPlan.from_json(resolved.to_json())) == resolved

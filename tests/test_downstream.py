@@ -33,7 +33,7 @@ def runs(tiny_model_dir, tmp_path_factory):
     base = downstream.scores(model, tok, "local", limit=LIMIT, cache_dir=cache)
     seeds_kept = random.getstate() == state
     masked = downstream.scores(model, tok, "local", PLAN, limit=LIMIT, cache_dir=cache)
-    extracted = downstream.scores(adapter.extract(adapter.validate(PLAN)), tok, "local", limit=LIMIT, cache_dir=cache)
+    extracted = downstream.scores(adapter.extract(adapter.resolve(PLAN)), tok, "local", limit=LIMIT, cache_dir=cache)
     return dict(model=model, tok=tok, cache=cache, base=base, masked=masked, extracted=extracted, seeds_kept=seeds_kept)
 
 

@@ -121,7 +121,7 @@ def test_one_shot_removes_the_lowest_scored_at_once(tiny_model_factory):
 
 def test_measured_speed_is_cached_on_disk(tiny_model_dir, tmp_path, monkeypatch):
     model, _ = load_model(str(tiny_model_dir))
-    plan = adapter_for(model).validate(PruningPlan([Component("block", 1)]))
+    plan = adapter_for(model).resolve(PruningPlan([Component("block", 1)]))
     settings = dict(seq_len=16, new_tokens=2, repeats=1, warmup=0, cache_dir=tmp_path)
     assert frontier.measured(model, plan, **settings) is None
     first = frontier.measure(str(tiny_model_dir), model, plan, **settings)
@@ -150,7 +150,7 @@ def test_continuation_of_the_masked_model_is_the_extracted_models(mamba2, bundle
             return "".join(chr(i) for i in ids)
 
     adapter = adapter_for(mamba2)
-    plan = adapter.validate(PruningPlan([Component("ssm", 1), Component("head", 0, 2)]))
+    plan = adapter.resolve(PruningPlan([Component("ssm", 1), Component("head", 0, 2)]))
     masked_text = continue_text(mamba2, Chars(), "Emma was", plan, new_tokens=12)
     assert masked_text == continue_text(adapter.extract(plan), Chars(), "Emma was", None, new_tokens=12)
     assert len(masked_text) == 12

@@ -95,7 +95,7 @@ def plan_of(adapter, kinds: list[str], per_kind: int) -> PruningPlan:
             if not options:
                 break
             plan = plan.with_components([options[len(options) // 2]])
-    return adapter.validate(plan)
+    return adapter.resolve(plan)
 
 
 def cases() -> list[tuple[str, str]]:

@@ -9,7 +9,7 @@ import pytest
 from shedder.arch import adapter_for
 from shedder.cli import main
 from shedder.core.errors import PlanError
-from shedder.formats.official import check_official_kinds, import_run, to_official
+from shedder.formats.official import OfficialConfig, check_official_kinds, import_run, to_official
 from shedder.core.plan import Component, PruningPlan
 
 
@@ -31,7 +31,7 @@ def zamba2():
 
 
 def resolve(model, config, **group_sizes) -> set[Component]:
-    return set(adapter_for(model, group_sizes).validate(PruningPlan.from_official(config)).components)
+    return set(adapter_for(model, group_sizes).resolve(OfficialConfig.of(config)).components)
 
 
 def test_released_mamba_configs_import(mamba2, tiny_model_factory):
@@ -48,15 +48,15 @@ def test_hymba_and_unknown_keys_are_refused_by_name(mamba2, zamba2):
     assert resolve(mamba2, {"pruned_ssm_idx": [1], "pruned_moe_idx": [], "pruned_self_attn_idx": []}) == \
         {Component("ssm", 1)}
     with pytest.raises(PlanError, match="'pruned_heads_idx' is not known"):
-        PruningPlan.from_dict({"pruned_ssm_idx": [1], "pruned_heads_idx": [0]})
+        OfficialConfig.of({"pruned_ssm_idx": [1], "pruned_heads_idx": [0]})
     with pytest.raises(PlanError, match="'pruned_mha_idx' does not apply to Mamba2ForCausalLM"):
         resolve(mamba2, {"pruned_mha_idx": [0]})
     with pytest.raises(PlanError, match="names layer 6, but Mamba2ForCausalLM has layers 0..5"):
         resolve(mamba2, {"pruned_ssm_idx": [6]})
     with pytest.raises(PlanError, match="lists an index twice"):
-        PruningPlan.from_dict({"pruned_ssm_idx": [1, 1]})
+        OfficialConfig.of({"pruned_ssm_idx": [1, 1]})
     with pytest.raises(PlanError, match="remaining width must be a positive integer"):
-        PruningPlan.from_dict({"pruned_mlp_channels": {"0": 0}})
+        OfficialConfig.of({"pruned_mlp_channels": {"0": 0}})
 
 
 def test_zamba2_config_with_mlp_channels(zamba2):
@@ -66,7 +66,7 @@ def test_zamba2_config_with_mlp_channels(zamba2):
     assert resolve(zamba2, config) == {Component("mixer", 2), Component("attention", 3), Component("mlp", 4),
                                        Component("ssm", 5), Component("ssm", 0)}
     adapter = adapter_for(zamba2)
-    back = to_official(adapter, adapter.validate(PruningPlan.from_official(config)))
+    back = to_official(adapter, adapter.resolve(OfficialConfig.of(config)))
     assert {k: sorted(v) for k, v in back.items()} == {"pruned_mamba_block_idx": [2], "pruned_mha_idx": [1],
                                                       "pruned_mlp_idx": [2], "pruned_ssm_idx": [0, 5]}
     # a plain layer's block is the official mamba block; a hybrid layer's block has no counterpart

@@ -8,6 +8,7 @@ import pytest
 from shedder.arch import adapter_for
 from shedder.core.errors import PlanError
 from shedder.core.plan import SCHEMA_VERSION, Component, ModelIdentity, PruningPlan
+from shedder.formats.official import OfficialConfig, plan_from_dict, plan_from_json, read_plan
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +27,13 @@ def plan_of(*specs: str, **kw) -> PruningPlan:
 
 def test_json_round_trip(mamba2, tmp_path):
     adapter = adapter_for(mamba2)
-    plan = adapter.validate(plan_of("block:2", "ssm:0", "head:1:3", meta={"note": "x", "ppl": 1.5}))
+    plan = adapter.resolve(plan_of("block:2", "ssm:0", "head:1:3", meta={"note": "x", "ppl": 1.5}))
     path = tmp_path / "plan.json"
     plan.save(path)
     back = PruningPlan.load(path)
     assert back == plan and back.model == adapter.identity() and back.meta == {"note": "x", "ppl": 1.5}
     assert json.loads(path.read_text())["schema_version"] == SCHEMA_VERSION
-    assert adapter.validate(back) == plan
+    assert adapter.resolve(back) == plan
     assert [str(c) for c in back.sorted()] == ["ssm:0:0", "head:1:3", "block:2:0"]
     # the compact string form reads too
     assert PruningPlan.from_dict({"schema_version": 1, "components": ["block:2", "head:1:3"]}).components == \
@@ -40,17 +41,18 @@ def test_json_round_trip(mamba2, tmp_path):
 
 
 def test_official_config_import(mamba2, hybrid):
-    plan = PruningPlan.from_json(json.dumps({"pruned_mamba_block_idx": [1], "pruned_ssm_idx": [3]}))
-    assert adapter_for(mamba2).validate(plan).components == {Component("block", 1), Component("ssm", 3)}
+    plan = plan_from_json(json.dumps({"pruned_mamba_block_idx": [1], "pruned_ssm_idx": [3]}))
+    assert isinstance(plan, OfficialConfig)
+    assert adapter_for(mamba2).resolve(plan).components == {Component("block", 1), Component("ssm", 3)}
     # attention / MLP indices count the model's attention / MLP sub-blocks in order
-    official = PruningPlan.from_dict({"pruned_mha_idx": [1], "pruned_mlp_idx": [0], "pruned_mamba_block_idx": []})
-    resolved = adapter_for(hybrid).validate(official)
+    official = plan_from_dict({"pruned_mha_idx": [1], "pruned_mlp_idx": [0], "pruned_mamba_block_idx": []})
+    resolved = adapter_for(hybrid).resolve(official)
     assert resolved.components == {Component("attention", 5), Component("mlp", 3)}
     assert "official_ordinal" not in resolved.meta
     with pytest.raises(PlanError, match="attention #2 does not exist .the model has 2"):
-        adapter_for(hybrid).validate(PruningPlan.from_dict({"pruned_mha_idx": [2]}))
+        adapter_for(hybrid).resolve(plan_from_dict({"pruned_mha_idx": [2]}))
     with pytest.raises(PlanError, match="must be a list of integers"):
-        PruningPlan.from_dict({"pruned_ssm_idx": "3"})
+        plan_from_dict({"pruned_ssm_idx": "3"})
 
 
 @pytest.mark.parametrize("text,words", [
@@ -85,29 +87,41 @@ def test_missing_plan_file(tmp_path):
 ])
 def test_plans_that_do_not_fit_the_model(mamba2, specs, words):
     with pytest.raises(PlanError, match=words):
-        adapter_for(mamba2).validate(plan_of(*specs))
+        adapter_for(mamba2).resolve(plan_of(*specs))
 
 
 def test_plan_for_another_model(mamba2, tiny_model_factory):
     adapter = adapter_for(mamba2)
-    other_arch = adapter_for(tiny_model_factory("mamba1")).validate(plan_of("block:1"))
+    other_arch = adapter_for(tiny_model_factory("mamba1")).resolve(plan_of("block:1"))
     with pytest.raises(PlanError, match="made for MambaForCausalLM, but this model is Mamba2ForCausalLM"):
-        adapter.validate(other_arch)
-    deeper = adapter_for(tiny_model_factory("mamba2", layers=5)).validate(plan_of("block:1"))
+        adapter.resolve(other_arch)
+    deeper = adapter_for(tiny_model_factory("mamba2", layers=5)).resolve(plan_of("block:1"))
     with pytest.raises(PlanError, match="made for a model with 5 layers; this one has 4"):
-        adapter.validate(deeper)
+        adapter.resolve(deeper)
     wider = PruningPlan(frozenset({Component("block", 1)}),
                         ModelIdentity("Mamba2ForCausalLM", 4, "0123456789abcdef", "other-model"))
     with pytest.raises(PlanError, match="another Mamba2ForCausalLM configuration .*made for other-model"):
-        adapter.validate(wider)
+        adapter.resolve(wider)
 
 
-def test_an_official_config_not_yet_resolved_is_still_a_plan(tiny_model_factory):
-    """An official config holds no components until a model resolves it; ``plan or default`` (used
-    for base plans throughout the engine) must not mistake it for "no plan" and drop it."""
-    from shedder.arch import adapter_for
+def test_one_reader_for_both_formats_and_one_type_per_state(tmp_path, tiny_model_factory):
+    """A plan file is ours (a ``PruningPlan``) or official (an ``OfficialConfig``, no components
+    until a model resolves it); resolving gives a ``ResolvedPlan`` that is not checked again."""
+    from shedder.arch import ResolvedPlan
 
-    official = PruningPlan.from_official({"pruned_mamba_block_idx": [1]})
-    assert len(official) == 0 and official
+    path = tmp_path / "official.json"
+    path.write_text(json.dumps({"pruned_mamba_block_idx": [1]}))
+    official = read_plan(path)
+    assert isinstance(official, OfficialConfig) and read_plan(path.read_bytes()) == official
     adapter = adapter_for(tiny_model_factory("mamba2"))
-    assert adapter.validate(official or PruningPlan()).components == {Component("block", 1)}
+    resolved = adapter.resolve(official)
+    assert isinstance(resolved, ResolvedPlan) and resolved.components == {Component("block", 1)}
+    assert adapter.resolve(resolved) is resolved
+    ours = tmp_path / "ours.json"
+    resolved.save(ours)
+    again = read_plan(ours)
+    assert type(again) is PruningPlan and again == resolved
+    assert type(resolved.with_components([Component("ssm", 2)])) is PruningPlan
+    assert bool(PruningPlan())  # a plan removing nothing is still a plan
+    with pytest.raises(PlanError, match="not a pruning plan: no 'schema_version' and none of the official keys"):
+        plan_from_json('{"foo": 1}')

@@ -36,7 +36,7 @@ PLANS = {  # every plan leaves some layer with pruned (uneven) shapes, so the sh
 
 def _pruned(family: str, vocab: int):
     model = make_tiny_model(family, layers=4 if family == "nemotron_h" else 3, vocab_size=vocab)
-    plan = adapter_for(model).validate(comps(*PLANS[family]))
+    plan = adapter_for(model).resolve(comps(*PLANS[family]))
     return model, plan
 
 

@@ -9,7 +9,11 @@ import inspect
 import pkgutil
 
 from shedder.core.errors import UnsupportedModelError
-from shedder.arch.base import Adapter, count_parameters, instantiate, patch_forward
+from shedder.core.plan import PruningPlan
+from shedder.arch.base import Adapter
+from shedder.arch.counting import count_parameters
+from shedder.arch.resolved import PlanSource, ResolvedPlan
+from shedder.arch.runtime import instantiate, patch_forward
 
 
 @functools.lru_cache(maxsize=1)
@@ -40,5 +44,13 @@ def adapter_for(model, group_sizes: dict[str, int] | None = None) -> Adapter:
     return adapter_class(type(model).__name__, getattr(model.config, "model_type", None))(model, group_sizes)
 
 
-__all__ = ["Adapter", "adapter_class", "adapter_for", "count_parameters", "instantiate", "patch_forward",
-           "supported_architectures"]
+def adapter_for_plan(model, plan: PruningPlan | PlanSource | None) -> Adapter:
+    """The adapter to use ``plan`` with on ``model``: the one a ``ResolvedPlan`` was resolved against
+    (so it is not checked again), else one set up for the plan's group sizes."""
+    if isinstance(plan, ResolvedPlan) and plan.adapter.model is model:
+        return plan.adapter
+    return adapter_for(model, plan.group_sizes if isinstance(plan, PruningPlan) else None)
+
+
+__all__ = ["Adapter", "PlanSource", "ResolvedPlan", "adapter_class", "adapter_for", "adapter_for_plan",
+           "count_parameters", "instantiate", "patch_forward", "supported_architectures"]

@@ -16,7 +16,7 @@ live-mask forward and as the forward of the pruned module class (``mamba2_core``
 
 Following one removal, e.g. "head 3 of layer 2" of a Bamba model, from plan to weight::
 
-    plan ─ validate ─ layer_components(2) offers Component("head", 2, 3)       (bamba.py)
+    plan ─ resolve ─ layer_components(2) offers Component("head", 2, 3)       (bamba.py)
          ├ apply(plan)            ─ mask_layer(2, [head:2:3]) ─ mamba2_core.mask_mixer
          └ extract(plan)          ─ pruned_config ─ pruned_spec ─ layer_spec(2, [head:2:3])  (bamba.py)
                                       → LayerSpec(source=2, heads_per_group=(4, 3))
@@ -39,8 +39,10 @@ How a family adds a component kind (say ``"foo"``):
 
 The tests in ``tests/adapter_checks.py`` then prove masked == extracted for the new kind.
 
-Everything generic — grouping a plan by layer, the block-skip patch, the old→new layer map,
-counting parameters under a plan, extraction, validation messages — lives here.
+Everything generic — resolving a plan (``resolved.py``: the ``ResolvedPlan`` masking, extraction,
+cost and counting accept), grouping it by layer, the block-skip patch, the old→new layer map,
+extraction — lives here or beside it: counting parameters in ``counting.py``, building in a dtype,
+the model lock and the ``forward`` patch in ``runtime.py``.
 """
 from __future__ import annotations
 
@@ -48,16 +50,16 @@ import contextlib
 import copy
 import dataclasses
 import functools
-import threading
-import weakref
 from typing import Callable, ClassVar, Iterator
 
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 from shedder.core.errors import PlanError
-from shedder.core.plan import KINDS, SCHEMA1_MARK, Component, ModelIdentity, PruningPlan
+from shedder.core.plan import KINDS, SCHEMA_VERSION, Component, ModelIdentity, PruningPlan
+from shedder.arch.counting import component_params, param_count
+from shedder.arch.resolved import PlanSource, ResolvedPlan, check_plan
+from shedder.arch.runtime import instantiate, model_lock, patch_forward
 from shedder.arch.spec import LayerSpec, Limits, PrunedSpec
 
 
@@ -283,20 +285,21 @@ class Adapter:
             out.append(c)
         return out
 
-    def resolve(self, plan: PruningPlan) -> PruningPlan:
-        """Attach this model's identity to an anonymous plan; turn an official config into components."""
-        if SCHEMA1_MARK in plan.meta:
-            plan = self.upgrade_schema1(plan)
-            plan = PruningPlan(plan.components, plan.model, dict(plan.group_sizes),
-                               {k: v for k, v in plan.meta.items() if k != SCHEMA1_MARK})
-        if "official" in plan.meta:
-            from shedder.formats.official import plan_from_official
+    def resolve(self, plan: PruningPlan | PlanSource) -> ResolvedPlan:
+        """The plan checked against this model: the one entry point every plan passes once.
 
-            official = plan_from_official(self, plan.meta["official"])
-            meta = {k: v for k, v in plan.meta.items() if k != "official"}
-            plan = PruningPlan(official.components, plan.model, official.group_sizes, meta)
-        if plan.model is None:
-            plan = PruningPlan(plan.components, self.identity(), dict(plan.group_sizes), dict(plan.meta))
+        Takes our plan or an official config (any ``PlanSource``); a schema-1 plan is upgraded
+        (``upgrade_schema1``), an anonymous one gets this model's identity. Raises ``PlanError``.
+        A plan already resolved for this model is returned as it is, without checking again."""
+        if isinstance(plan, ResolvedPlan) and plan.resolved_for(self):
+            return plan
+        if not isinstance(plan, PruningPlan):
+            plan = plan.plan_for(self)
+        if plan.schema_version != SCHEMA_VERSION:
+            plan = self.upgrade_schema1(plan)
+        plan = ResolvedPlan(plan.components, plan.model or self.identity(), dict(plan.group_sizes), dict(plan.meta),
+                            adapter=self)
+        check_plan(self, plan)
         return plan
 
     def upgrade_schema1(self, plan: PruningPlan) -> PruningPlan:
@@ -313,44 +316,6 @@ class Adapter:
         width counts); the families with MLP channel groups define ``mlp_width``."""
         return self.mlp_width(layer)
 
-    def validate(self, plan: PruningPlan) -> PruningPlan:
-        """Check a plan against this model; return it resolved. Raises ``PlanError``."""
-        plan = self.resolve(plan)
-        mine = self.identity()
-        theirs = plan.model
-        if theirs.architecture != mine.architecture:
-            raise PlanError(f"the plan was made for {theirs.architecture}, but this model is {mine.architecture}")
-        if theirs.num_layers != mine.num_layers:
-            raise PlanError(f"the plan was made for a model with {theirs.num_layers} layers; this one has {mine.num_layers}")
-        if theirs.config_hash != mine.config_hash:
-            raise PlanError(f"the plan was made for another {mine.architecture} configuration "
-                            f"(config hash {theirs.config_hash}, this model {mine.config_hash}{self._named(theirs)})")
-        for kind, size in plan.group_sizes.items():
-            if kind in self.group_sizes and size != self.group_sizes[kind]:
-                raise PlanError(f"the plan uses {kind} groups of {size} channels; this adapter was set up for {self.group_sizes[kind]}")
-        offered = set(self._all_components)
-        for c in plan.sorted():
-            if c.kind not in self.kinds:
-                raise PlanError(f"{c}: {mine.architecture} has no component kind {c.kind!r} (it offers {', '.join(self.kinds)})")
-            if not 0 <= c.layer < self.num_layers:
-                raise PlanError(f"{c}: layer {c.layer} is out of range (the model has layers 0..{self.num_layers - 1})")
-            if c not in offered:
-                have = [x.index for x in self.layer_components(c.layer) if x.kind == c.kind]
-                if not have:
-                    raise PlanError(f"{c}: layer {c.layer} ({self.layer_kind(c.layer)}) has no {c.kind}")
-                raise PlanError(f"{c}: layer {c.layer} has {c.kind} indices 0..{max(have)}, not {c.index}")
-            if plan.in_removed_block(c):
-                raise PlanError(f"{c} is redundant: block {c.layer} is removed as a whole")
-        if not self.layer_map(plan):
-            raise PlanError(f"the plan removes all {self.num_layers} layers (all {self.num_layers} blocks, or everything "
-                            "inside them); nothing would be left of the model")
-        self.check(plan)
-        return plan
-
-    @staticmethod
-    def _named(identity: ModelIdentity) -> str:
-        return f", made for {identity.name}" if identity.name else ""
-
     def by_layer(self, plan: PruningPlan) -> dict[int, list[Component]]:
         out: dict[int, list[Component]] = {}
         for c in plan.sorted():
@@ -360,7 +325,7 @@ class Adapter:
     @contextlib.contextmanager
     def apply(self, plan: PruningPlan) -> Iterator[PruningPlan]:
         """Live mask: inside the block the model computes as if ``plan`` were extracted."""
-        plan = self.validate(plan)
+        plan = self.resolve(plan)
         with model_lock(self.model), contextlib.ExitStack() as stack:
             layers = self.layers()
             for layer, comps in self.by_layer(plan).items():
@@ -372,7 +337,7 @@ class Adapter:
 
     def extract(self, plan: PruningPlan) -> nn.Module:
         """A physically smaller model computing the masked model's function."""
-        plan = self.validate(plan)
+        plan = self.resolve(plan)
         config = self.pruned_config(plan)
         ref = next(self.model.parameters())
         model = instantiate(type(self), config, device=ref.device, dtype=ref.dtype)
@@ -382,88 +347,9 @@ class Adapter:
         return model.eval()
 
     def param_count(self, plan: PruningPlan | None = None) -> int:
-        """Parameters of the model as extracted under ``plan`` (tied weights counted once),
-        counted on a meta-device skeleton, so it is exact and costs no memory."""
-        plan = self.validate(plan or PruningPlan())
-        config = self.pruned_config(plan) if plan.components else copy.deepcopy(self.config)
-        with torch.device("meta"):
-            skeleton = type(self).build(config)
-        if hasattr(skeleton, "tie_weights"):
-            skeleton.tie_weights()
-        return count_parameters(skeleton)
+        """Parameters of the model as extracted under ``plan`` (``counting.param_count``)."""
+        return param_count(self, self.resolve(plan if plan is not None else PruningPlan()))
 
     def component_params(self, comp: Component, base: PruningPlan | None = None) -> int:
         """Parameters removed by ``comp`` on top of ``base``."""
-        base = base or PruningPlan()
-        return self.param_count(base) - self.param_count(base.with_components([comp]))
-
-
-def count_parameters(model: nn.Module) -> int:
-    """Unique parameters (a tied embedding / lm_head pair counts once)."""
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel()
-    return total
-
-
-def instantiate(adapter_cls: type[Adapter], config, device="cpu", dtype=torch.float32) -> nn.Module:
-    """Allocate (without the cost of random init) the module tree ``adapter_cls.build`` describes,
-    on ``device`` and in ``dtype``. Both are set for this thread only (torch function modes), never
-    process-wide, so concurrent sessions building models in other dtypes are unaffected."""
-    from transformers.initialization import no_init_weights
-
-    with no_init_weights(), torch.device(device), FloatDtype(dtype):
-        model = adapter_cls.build(config)
-    for p in model.parameters():  # a parameter computed from integers (e.g. log(arange)) is float32
-        if p.is_floating_point() and p.dtype != dtype:
-            p.data = p.data.to(dtype)
-    return model
-
-
-class FloatDtype(TorchFunctionMode):
-    """Within the block, tensor factories called without a ``dtype`` create ``dtype`` instead of
-    float32: a thread-local stand-in for ``torch.set_default_dtype``."""
-
-    _FACTORIES = frozenset({torch.empty, torch.zeros, torch.ones, torch.rand, torch.randn, torch.empty_strided})
-
-    def __init__(self, dtype: torch.dtype):
-        super().__init__()
-        self.dtype = dtype
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func in self._FACTORIES and kwargs.get("dtype") is None:
-            kwargs["dtype"] = self.dtype
-        return func(*args, **kwargs)
-
-
-_LOCKS: "weakref.WeakKeyDictionary[nn.Module, threading.RLock]" = weakref.WeakKeyDictionary()
-_LOCKS_GUARD = threading.Lock()
-
-
-def model_lock(model: nn.Module) -> threading.RLock:
-    """One re-entrant lock per model object. Masks patch shared module instances, so whoever runs a
-    masked forward holds it: app sessions sharing cached weights never see each other's masks."""
-    with _LOCKS_GUARD:
-        lock = _LOCKS.get(model)
-        if lock is None:
-            lock = _LOCKS[model] = threading.RLock()
-        return lock
-
-
-def patch_forward(module: nn.Module, forward: Callable, stack: contextlib.ExitStack) -> None:
-    """Replace ``module.forward`` for the lifetime of ``stack`` (instance attribute, so the class and
-    every other instance are untouched); restored exactly on exit, exceptions included."""
-    had_own = "forward" in module.__dict__
-    previous = module.__dict__.get("forward")
-    module.forward = forward
-
-    def restore():
-        if had_own:
-            module.forward = previous
-        else:
-            del module.forward
-
-    stack.callback(restore)
+        return component_params(self, comp, base if base is not None else PruningPlan())

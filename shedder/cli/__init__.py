@@ -106,13 +106,14 @@ def _worker_pool(args, model, windows, group_sizes=None):
 
 
 def _plan_for(model, path: str | None):
-    """(adapter, validated plan or None) for ``--plan``."""
+    """(adapter, resolved plan or None) for ``--plan`` (ours or an official config)."""
     from shedder.arch import adapter_for
     from shedder.core.plan import PruningPlan
+    from shedder.formats.official import read_plan
 
-    plan = PruningPlan.load(path) if path else None
-    adapter = adapter_for(model, plan.group_sizes if plan else None)
-    return adapter, (adapter.validate(plan) if plan else None)
+    plan = read_plan(path) if path else None
+    adapter = adapter_for(model, plan.group_sizes if isinstance(plan, PruningPlan) else None)
+    return adapter, (adapter.resolve(plan) if plan is not None else None)
 
 
 def _windows(args, tokenizer, source: str):
@@ -451,11 +452,11 @@ def cmd_plan_convert(args) -> int:
     """Our plan -> official config, or official config -> our plan, for one model (what an official
     key removes depends on the family, and ordinals and widths on the model's layers)."""
     from shedder.arch import adapter_for
-    from shedder.formats.official import to_official
-    from shedder.core.plan import PruningPlan
+    from shedder.formats.official import OfficialConfig, to_official
+    from shedder.formats.official import read_plan
 
-    plan = PruningPlan.load(args.plan)
-    official_in = "official" in plan.meta
+    plan = read_plan(args.plan)
+    official_in = isinstance(plan, OfficialConfig)
     if args.model is None:
         if official_in or plan.model is None or not plan.model.name:
             raise ShedderError("--model is needed: an official config does not say which model it is for")
@@ -468,8 +469,8 @@ def cmd_plan_convert(args) -> int:
     if args.to == "shedder" and not official_in:
         raise ShedderError(f"{args.plan} is already a plan of ours")
     model, _ = _load(args)
-    adapter = adapter_for(model, plan.group_sizes)
-    resolved = adapter.validate(plan)
+    adapter = adapter_for(model, None if official_in else plan.group_sizes)
+    resolved = adapter.resolve(plan)
     data = to_official(adapter, resolved) if args.to == "official" else resolved.to_dict()
     out = write_output_file(args.out, json.dumps(data, indent=4, default=str), args.overwrite, _sources(args))
     _emit(args, {"out": str(out), "to": args.to, "plan": resolved.to_dict(), "written": data},
@@ -619,10 +620,13 @@ def cmd_bench_recover(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from shedder.formats.official import read_plan
     from shedder.measure import bench
 
     if not (args.plan or args.pruned):
         raise ShedderError("bench needs --plan or --pruned (or the `search` subcommand: python -m shedder bench search)")
+    if args.plan:
+        args.plan = read_plan(args.plan)  # ours or an official config
     return bench.run(args)
 
 

@@ -1,10 +1,12 @@
 """Pruning plans: which components of which model are removed.
 
 A plan is a set of ``Component`` (kind, layer, index) plus the identity of the model it was made
-for, so a plan can never be applied silently to a model of another shape. Plans round-trip through
-JSON with a ``schema_version`` and can be read from the official Mamba-Shedder config files.
-Structural checks that depend on the model (does layer 7 have an SSM? would this head removal leave
-groups of unequal size?) live in the family adapter; ``validate`` runs both.
+for, so a plan can never be applied silently to a model of another shape. ``PruningPlan`` is our
+schema only, what a user writes and reads: it round-trips through JSON with a ``schema_version``
+(older versions still read). It knows nothing of the official Mamba-Shedder configs (those are read
+by ``shedder.formats.official``) nor of any model: checks that depend on the model (does layer 7
+have an SSM? would this head removal leave groups of unequal size?) belong to the family adapter,
+and ``Adapter.resolve`` turns a plan into the ``ResolvedPlan`` everything downstream accepts.
 """
 from __future__ import annotations
 
@@ -20,10 +22,10 @@ from shedder.core.fileio import atomic_write_text
 
 SCHEMA_VERSION = 2
 #: Older versions still read. Schema 1 predates the official Zamba2 semantics: its Zamba2
-#: ``attention`` removed the whole shared-block application (now ``shared_block``). Such plans carry
-#: ``meta[SCHEMA1_MARK]`` until an adapter resolves them (``Adapter.upgrade_schema1``).
+#: ``attention`` removed the whole shared-block application (now ``shared_block``). A plan read from
+#: schema 1 keeps ``schema_version == 1`` (and is written back as such) until an adapter resolves
+#: it (``Adapter.upgrade_schema1``), since only the family knows what the old kinds meant.
 READABLE_VERSIONS = (1, 2)
-SCHEMA1_MARK = "read_from_schema_1"
 
 #: Every kind the project knows. Which ones a given model offers is the adapter's business.
 KINDS = ("block", "mixer", "shared_block", "ssm", "head", "channel_group", "attention", "mlp", "mlp_channel_group")
@@ -103,19 +105,31 @@ def config_hash(config) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class PruningPlan:
     """An immutable set of removed components, for one model.
 
     ``group_sizes`` fixes what one ``channel_group`` / ``mlp_channel_group`` index means (channels
     per group); kinds missing from it use the adapter's default. ``meta`` carries free-form
     provenance (search step, measured perplexity, ...) through the JSON round trip.
+    ``schema_version`` is the version whose meaning the components have (1 only for a plan read
+    from a schema-1 file and not yet resolved). Two plans are equal when they remove the same
+    components of the same model, whatever their provenance or state.
     """
 
     components: frozenset[Component] = frozenset()
     model: ModelIdentity | None = None
-    group_sizes: dict = field(default_factory=dict, hash=False, compare=False)
-    meta: dict = field(default_factory=dict, hash=False, compare=False)
+    group_sizes: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, PruningPlan):
+            return NotImplemented
+        return (self.components, self.model) == (other.components, other.model)
+
+    def __hash__(self) -> int:
+        return hash((self.components, self.model))
 
     # -- set operations (plans are values: each returns a new plan) ---------------------------
     def with_components(self, comps: Iterable[Component]) -> "PruningPlan":
@@ -137,21 +151,13 @@ class PruningPlan:
         return self.without_components([comp]) if comp in self.components else self.with_components([comp])
 
     def _replace(self, comps: frozenset[Component]) -> "PruningPlan":
-        return PruningPlan(frozenset(comps), self.model, dict(self.group_sizes), dict(self.meta))
+        return PruningPlan(frozenset(comps), self.model, dict(self.group_sizes), dict(self.meta), self.schema_version)
 
     def sorted(self) -> list[Component]:
         return sorted(self.components, key=lambda c: (c.layer, KINDS.index(c.kind), c.index))
 
     def of_kind(self, kind: str) -> list[Component]:
         return [c for c in self.sorted() if c.kind == kind]
-
-    def __len__(self) -> int:
-        return len(self.components)
-
-    def __bool__(self) -> bool:
-        """Always true: a plan that removes nothing (or an official config not yet resolved against a
-        model, which holds no components yet) is still a plan, so ``plan or default`` never drops it."""
-        return True
 
     def __contains__(self, comp) -> bool:
         return comp in self.components
@@ -172,7 +178,7 @@ class PruningPlan:
     # -- JSON ------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
         return {
-            "schema_version": SCHEMA_VERSION,
+            "schema_version": self.schema_version,
             "model": self.model.to_dict() if self.model else None,
             "group_sizes": dict(self.group_sizes),
             "components": [c.to_dict() for c in self.sorted()],
@@ -187,17 +193,12 @@ class PruningPlan:
         atomic_write_text(path, self.to_json() + "\n")
 
     @classmethod
-    def from_dict(cls, data, identity: ModelIdentity | None = None) -> "PruningPlan":
-        """Read our format, or an official Mamba-Shedder config (then ``identity`` is attached)."""
+    def from_dict(cls, data) -> "PruningPlan":
+        """Read our format (any of ``READABLE_VERSIONS``); ``PlanError`` naming the field at fault."""
         if not isinstance(data, dict):
             raise PlanError(f"a plan must be a JSON object, got {type(data).__name__}")
         if "schema_version" not in data:
-            from shedder.formats.official import OFFICIAL_KEYS
-
-            if any(k in data for k in OFFICIAL_KEYS):
-                return cls.from_official(data, identity)
-            raise PlanError("not a pruning plan: no 'schema_version' and none of the official keys "
-                            f"({', '.join(OFFICIAL_KEYS)})")
+            raise PlanError("not a pruning plan: no 'schema_version'")
         unknown = sorted(set(data) - PLAN_KEYS)
         if unknown:
             raise PlanError(f"unknown plan field(s) {', '.join(map(repr, unknown))} "
@@ -215,55 +216,49 @@ class PruningPlan:
             if c in seen:
                 raise PlanError(f"component {c} is listed twice")
             seen.add(c)
-        meta = _meta_from(data.get("meta"))
-        if version == 1:
-            meta[SCHEMA1_MARK] = True
-        return cls(frozenset(comps), _identity_from(data.get("model")), _group_sizes_from(data.get("group_sizes")), meta)
+        return cls(frozenset(comps), _identity_from(data.get("model")), _group_sizes_from(data.get("group_sizes")),
+                   _meta_from(data.get("meta")), version)
 
     @classmethod
-    def from_json(cls, text: str, identity: ModelIdentity | None = None) -> "PruningPlan":
-        if not text.strip():
-            raise PlanError("the plan file is empty")
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise PlanError(f"the plan is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
-        except RecursionError:
-            raise PlanError("the plan is not a pruning plan: its JSON is nested too deeply") from None
-        except ValueError:  # Python's limit on converting long digit strings to int
-            raise PlanError("the plan is not a pruning plan: it holds a number too long to read "
-                            f"(more than {sys.get_int_max_str_digits()} digits)") from None
-        return cls.from_dict(data, identity)
+    def from_json(cls, text: str) -> "PruningPlan":
+        return cls.from_dict(parse_json(text))
 
     @classmethod
-    def load(cls, path: str | Path, identity: ModelIdentity | None = None) -> "PruningPlan":
-        if not str(path).strip():
-            raise PlanError("no plan file given (the name is empty)")
-        p = Path(path)
-        if not p.is_file():
-            raise PlanError(f"plan file not found: {p}")
+    def load(cls, path: str | Path) -> "PruningPlan":
+        """A plan file of ours (``shedder.formats.official.read_plan`` also reads official configs)."""
+        text = read_text(path)
         try:
-            text = p.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise PlanError(f"{p} is not a plan: it is not UTF-8 text") from None
-        try:
-            return cls.from_json(text, identity)
+            return cls.from_json(text)
         except PlanError as e:
-            raise PlanError(f"{p}: {e}") from None
+            raise PlanError(f"{Path(path)}: {e}") from None
 
-    @classmethod
-    def from_official(cls, data: dict, identity: ModelIdentity | None = None) -> "PruningPlan":
-        """Read an official Mamba-Shedder config (``{"pruned_mamba_block_idx": [...], ...}``).
 
-        Every value is checked now and any unknown key refused by name, but what a key means
-        depends on the family (``shedder.formats.official``), so the plan holds no components yet: the
-        config waits in ``meta['official']`` until an adapter resolves the plan against its model.
-        """
-        from shedder.formats.official import check_config
+def parse_json(text: str):
+    """The JSON value of a plan file's text; ``PlanError`` saying where and why it cannot be read."""
+    if not text.strip():
+        raise PlanError("the plan file is empty")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PlanError(f"the plan is not valid JSON: {e.msg} at line {e.lineno} column {e.colno}") from None
+    except RecursionError:
+        raise PlanError("the plan is not a pruning plan: its JSON is nested too deeply") from None
+    except ValueError:  # Python's limit on converting long digit strings to int
+        raise PlanError("the plan is not a pruning plan: it holds a number too long to read "
+                        f"(more than {sys.get_int_max_str_digits()} digits)") from None
 
-        if not isinstance(data, dict):
-            raise PlanError(f"an official config must be a JSON object, got {type(data).__name__}")
-        return cls(frozenset(), identity, {}, {"source": "official Mamba-Shedder config", "official": check_config(data)})
+
+def read_text(path: str | Path) -> str:
+    """The text of a plan file; ``PlanError`` for a missing, empty-named or non-UTF-8 file."""
+    if not str(path).strip():
+        raise PlanError("no plan file given (the name is empty)")
+    p = Path(path)
+    if not p.is_file():
+        raise PlanError(f"plan file not found: {p}")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise PlanError(f"{p} is not a plan: it is not UTF-8 text") from None
 
 
 def _is_int(value) -> bool:

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Iterable
 
-from shedder.arch import adapter_for
+from shedder.arch import ResolvedPlan, adapter_for_plan
 from shedder.core.fileio import publish_dir
 from shedder.core.plan import PruningPlan
 
@@ -12,9 +12,10 @@ PLAN_FILE = "pruning_plan.json"
 WEIGHTS_FILE = "model.safetensors"
 
 
-def extract(model, plan: PruningPlan, adapter=None):
-    """A new model with the plan's parameters physically gone; ``model`` is left untouched."""
-    adapter = adapter or adapter_for(model, plan.group_sizes)
+def extract(model, plan: ResolvedPlan | PruningPlan, adapter=None):
+    """A new model with the plan's parameters physically gone; ``model`` is left untouched (a plan
+    not yet resolved for ``model`` is resolved once here)."""
+    adapter = adapter or adapter_for_plan(model, plan)
     return adapter.extract(plan)
 
 

@@ -13,9 +13,10 @@ writes a pruning config as a JSON object of ``pruned_*`` keys:
 What a key means depends on the family (on Zamba2 a "mamba block" is the Mamba mixer of a layer,
 the shared block still runs: our ``mixer``; on Mamba it is the whole layer: our ``block``), so the
 mapping lives on the adapter (``Adapter.official_keys``) and a config is turned into a plan only
-against a model: ``PruningPlan.from_official`` keeps the checked config in ``meta["official"]`` and
-``Adapter.resolve`` calls ``plan_from_official``. A key whose kind the family lacks, a Hymba key
-(we have no Hymba family) and any unknown key are refused by name; empty lists are accepted.
+against a model: a config file is read as an ``OfficialConfig`` (every value checked,
+``read_plan``) and ``Adapter.resolve`` asks it for its components
+(``OfficialConfig.plan_for``). A key whose kind the family lacks, a Hymba key (we have no Hymba
+family) and any unknown key are refused by name; empty lists are accepted.
 
 A run directory of the official code holds ``log.json`` (``args``, ``total_params``,
 ``pruning_results``: one ``{"step", "prune_target" | "pruning_target", "importance", "config_save_to"}``
@@ -26,14 +27,16 @@ searches (``search --official-layout``); ``import_run`` turns an official run in
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from shedder.core.errors import PlanError, ShedderError
 from shedder.core.fileio import atomic_write_text, check_output_dir, claim_run_dir, model_dirs
-from shedder.core.plan import Component, PruningPlan
+from shedder.core.plan import Component, PruningPlan, parse_json, read_text
 
 #: Every key the official code writes, in the order it writes them.
 LIST_KEYS = ("pruned_mamba_block_idx", "pruned_mha_idx", "pruned_mlp_idx", "pruned_ssm_idx",
@@ -50,73 +53,88 @@ TARGET_NAMES = {"pruned_mamba_block_idx": "mamba_block", "pruned_ssm_idx": "ssm"
 
 
 # ---------------------------------------------------------------------------------------- configs in
-def check_config(data: dict) -> dict:
-    """The config with every value checked (lists of distinct non-negative integers; widths as
-    ``{int: positive int}``); ``PlanError`` naming the first key at fault."""
-    unknown = [k for k in data if k not in OFFICIAL_KEYS]
-    if unknown:
-        raise PlanError(f"official config key {unknown[0]!r} is not known (the official keys are {', '.join(OFFICIAL_KEYS)})")
-    out: dict = {}
-    for key in LIST_KEYS:
-        if key not in data:
-            continue
-        idx = data[key]
-        if not isinstance(idx, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in idx):
-            raise PlanError(f"official config key {key!r} must be a list of integers (layer indices or ordinals, >= 0)")
-        if len(set(idx)) != len(idx):
-            raise PlanError(f"official config key {key!r} lists an index twice")
-        out[key] = list(idx)
-    if WIDTH_KEY in data:
-        widths = data[WIDTH_KEY]
-        if not isinstance(widths, dict):
-            raise PlanError(f"official config key {WIDTH_KEY!r} must map MLP ordinals to remaining widths")
-        out[WIDTH_KEY] = {}
-        for k, w in widths.items():
-            try:
-                ordinal = int(k)
-            except (TypeError, ValueError):
-                raise PlanError(f"{WIDTH_KEY}: key {k!r} is not an MLP ordinal") from None
-            if not isinstance(w, int) or isinstance(w, bool) or w <= 0 or ordinal < 0:
-                raise PlanError(f"{WIDTH_KEY}[{k!r}]: the remaining width must be a positive integer, got {w!r}")
-            out[WIDTH_KEY][ordinal] = w
-    return out
+@dataclass(frozen=True)
+class OfficialConfig:
+    """An official Mamba-Shedder pruning config, every value checked (lists of distinct non-negative
+    integers; widths as ``{int: positive int}``). What its keys remove depends on the family, so it
+    holds no components: ``plan_for`` gives them against one model (``Adapter.resolve`` calls it)."""
+
+    keys: dict
+
+    @classmethod
+    def of(cls, data: dict) -> "OfficialConfig":
+        """Check a config read from JSON; ``PlanError`` naming the first key at fault."""
+        if not isinstance(data, dict):
+            raise PlanError(f"an official config must be a JSON object, got {type(data).__name__}")
+        unknown = [k for k in data if k not in OFFICIAL_KEYS]
+        if unknown:
+            raise PlanError(f"official config key {unknown[0]!r} is not known (the official keys are {', '.join(OFFICIAL_KEYS)})")
+        out: dict = {}
+        for key in LIST_KEYS:
+            if key not in data:
+                continue
+            idx = data[key]
+            if not isinstance(idx, list) or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in idx):
+                raise PlanError(f"official config key {key!r} must be a list of integers (layer indices or ordinals, >= 0)")
+            if len(set(idx)) != len(idx):
+                raise PlanError(f"official config key {key!r} lists an index twice")
+            out[key] = list(idx)
+        if WIDTH_KEY in data:
+            widths = data[WIDTH_KEY]
+            if not isinstance(widths, dict):
+                raise PlanError(f"official config key {WIDTH_KEY!r} must map MLP ordinals to remaining widths")
+            out[WIDTH_KEY] = {}
+            for k, w in widths.items():
+                try:
+                    ordinal = int(k)
+                except (TypeError, ValueError):
+                    raise PlanError(f"{WIDTH_KEY}: key {k!r} is not an MLP ordinal") from None
+                if not isinstance(w, int) or isinstance(w, bool) or w <= 0 or ordinal < 0:
+                    raise PlanError(f"{WIDTH_KEY}[{k!r}]: the remaining width must be a positive integer, got {w!r}")
+                out[WIDTH_KEY][ordinal] = w
+        return cls(out)
+
+    def to_dict(self) -> dict:
+        return copy.deepcopy(self.keys)
+
+    def plan_for(self, adapter) -> PruningPlan:
+        """Our plan (components, this model's identity) for this config on ``adapter``'s model."""
+        config = self.keys
+        family = _family(adapter)
+        for key in HYMBA_KEYS:
+            if config.get(key):
+                raise PlanError(f"official config key {key!r} is for Hymba models; {family} has no Hymba blocks "
+                                "(Hymba is not a supported family)")
+        comps: list[Component] = []
+        for key in ("pruned_mamba_block_idx", "pruned_ssm_idx", "pruned_mha_idx", "pruned_mlp_idx"):
+            idx = config.get(key) or []
+            if not idx:
+                continue
+            kind = adapter.official_keys.get(key)
+            if kind is None or kind not in adapter.kinds:
+                raise PlanError(f"official config key {key!r} does not apply to {family} (it has no such component)")
+            if key in ORDINAL_KEYS:
+                offered = adapter.components(kind)
+                for i in idx:
+                    if i >= len(offered):
+                        raise PlanError(f"official config ({key}): {kind} #{i} does not exist (the model has {len(offered)})")
+                comps += [offered[i] for i in idx]
+            else:
+                for i in idx:
+                    if i >= adapter.num_layers:
+                        raise PlanError(f"official config: {key} names layer {i}, but {family} has layers "
+                                        f"0..{adapter.num_layers - 1}")
+                comps += [Component(kind, i) for i in idx]
+        group_sizes = {}
+        widths = config.get(WIDTH_KEY) or {}
+        narrowed = {o: w for o, w in widths.items() if w != _mlp_full_width(adapter, o)}
+        if narrowed:
+            comps += _width_components(adapter, narrowed, family)
+            group_sizes["mlp_channel_group"] = adapter.group_sizes["mlp_channel_group"]
+        meta = {"source": "official Mamba-Shedder config"}
+        return PruningPlan(frozenset(comps), adapter.identity(), group_sizes, meta)
 
 
-def plan_from_official(adapter, config: dict) -> PruningPlan:
-    """Our plan (components, this model's identity) for a checked official config."""
-    family = _family(adapter)
-    for key in HYMBA_KEYS:
-        if config.get(key):
-            raise PlanError(f"official config key {key!r} is for Hymba models; {family} has no Hymba blocks "
-                            "(Hymba is not a supported family)")
-    comps: list[Component] = []
-    for key in ("pruned_mamba_block_idx", "pruned_ssm_idx", "pruned_mha_idx", "pruned_mlp_idx"):
-        idx = config.get(key) or []
-        if not idx:
-            continue
-        kind = adapter.official_keys.get(key)
-        if kind is None or kind not in adapter.kinds:
-            raise PlanError(f"official config key {key!r} does not apply to {family} (it has no such component)")
-        if key in ORDINAL_KEYS:
-            offered = adapter.components(kind)
-            for i in idx:
-                if i >= len(offered):
-                    raise PlanError(f"official config ({key}): {kind} #{i} does not exist (the model has {len(offered)})")
-            comps += [offered[i] for i in idx]
-        else:
-            for i in idx:
-                if i >= adapter.num_layers:
-                    raise PlanError(f"official config: {key} names layer {i}, but {family} has layers "
-                                    f"0..{adapter.num_layers - 1}")
-            comps += [Component(kind, i) for i in idx]
-    group_sizes = {}
-    widths = config.get(WIDTH_KEY) or {}
-    narrowed = {o: w for o, w in widths.items() if w != _mlp_full_width(adapter, o)}
-    if narrowed:
-        comps += _width_components(adapter, narrowed, family)
-        group_sizes["mlp_channel_group"] = adapter.group_sizes["mlp_channel_group"]
-    meta = {"source": "official Mamba-Shedder config"}
-    return PruningPlan(frozenset(comps), adapter.identity(), group_sizes, meta)
 
 
 def _family(adapter) -> str:
@@ -156,12 +174,42 @@ def _width_components(adapter, narrowed: dict[int, int], family: str) -> list[Co
     return comps
 
 
+# ---------------------------------------------------------------------------------------- plan files
+# Every caller that reads ``--plan`` (the CLI, the app's upload, the benchmarks) goes through
+# ``read_plan``: our file (it has a ``schema_version``) becomes a ``PruningPlan``, an official config
+# (only ``pruned_*`` keys) an ``OfficialConfig``; anything else is refused naming both formats.
+def read_plan(source: str | Path | bytes) -> PruningPlan | OfficialConfig:
+    """The plan in a file named by ``source`` (text or a ``Path``), or in the file's content when
+    ``source`` is ``bytes`` (an upload). ``PlanError`` naming the file and what is wrong."""
+    if isinstance(source, bytes):
+        return plan_from_json(source.decode("utf-8", errors="replace"))
+    text = read_text(source)
+    try:
+        return plan_from_json(text)
+    except PlanError as e:
+        raise PlanError(f"{Path(source)}: {e}") from None
+
+
+def plan_from_json(text: str) -> PruningPlan | OfficialConfig:
+    """The plan a plan file's text holds (ours or official)."""
+    return plan_from_dict(parse_json(text))
+
+
+def plan_from_dict(data) -> PruningPlan | OfficialConfig:
+    if isinstance(data, dict) and "schema_version" not in data:
+        if any(k in data for k in OFFICIAL_KEYS):
+            return OfficialConfig.of(data)
+        raise PlanError("not a pruning plan: no 'schema_version' and none of the official keys "
+                        f"({', '.join(OFFICIAL_KEYS)})")
+    return PruningPlan.from_dict(data)
+
+
 # ---------------------------------------------------------------------------------------- configs out
 def to_official(adapter, plan: PruningPlan, order: list[Component] | None = None) -> dict:
     """The official config for a plan on ``adapter``'s model (every key this family maps, lists in
     removal ``order`` when given, else by layer). ``PlanError`` for a kind without an official
     counterpart, or MLP channels that are not the trailing ones."""
-    plan = adapter.validate(plan)
+    plan = adapter.resolve(plan)
     family = _family(adapter)
     rank = {c: i for i, c in enumerate(order or [])}
     comps = sorted(plan.components, key=lambda c: (rank.get(c, len(rank)), c.layer, c.index))
@@ -329,12 +377,12 @@ def import_run(model, official_dir: str | Path, out_dir: str | Path):
     check_output_dir(out_dir, protected=protected)  # a new (or empty) directory only
     claim_run_dir(out_dir, protected, "imported run")
     out = _RunLog(Path(out_dir))
-    steps, previous = [], adapter.validate(PruningPlan())
+    steps, previous = [], adapter.resolve(PruningPlan())
     records = read_official_run(official_dir)
     plans = []
     for config, ppl, path in records:
         try:
-            plan = adapter.validate(PruningPlan.from_official(config))
+            plan = adapter.resolve(OfficialConfig.of(config))
         except PlanError as e:
             raise PlanError(f"{path.name}: {e}") from None
         added = sorted(plan.components - previous.components)
@@ -347,7 +395,7 @@ def import_run(model, official_dir: str | Path, out_dir: str | Path):
     kinds = list(dict.fromkeys(c.kind for c, _, _ in plans))
     settings = {"model": adapter.identity().to_dict(), "weights": model_fingerprint(model),
                 "data": f"official run {Path(official_dir).resolve()}", "windows": None, "kinds": kinds,
-                "base_plan": plan_key(adapter.validate(PruningPlan()))}
+                "base_plan": plan_key(adapter.resolve(PruningPlan()))}
     out.start({"type": "header", "version": LOG_VERSION, "settings": settings, "limits": {},
                "base_ppl": None, "base_params": adapter.param_count(), "created": _now(),
                "imported_from": str(Path(official_dir).resolve())})

@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 from shedder.arch import adapter_for, count_parameters
+from shedder.arch.resolved import PlanSource
 from shedder.measure.cost import estimate
 from shedder.core.errors import ShedderError
 from shedder.formats.extract import extract, save, saved_plan
@@ -85,13 +86,13 @@ def kernel_path(device: str) -> str:
     return "CUDA: PyTorch reference scan and conv (mamba-ssm / causal-conv1d not installed)"
 
 
-def bench_speed(model_name: str, plan: PruningPlan | str | Path | None = None, pruned_dir: str | Path | None = None,
+def bench_speed(model_name: str, plan: PruningPlan | PlanSource | str | Path | None = None, pruned_dir: str | Path | None = None,
                 *, batch_size: int = 1, seq_len: int = 256, new_tokens: int = 32, repeats: int = 5,
                 warmup: int = 1, device: str = "cpu", dtype: str = "float32", memory: bool = True,
                 seed: int = 0, progress: Progress | None = None) -> dict:
     """Measure the original model and its extracted version side by side; returns a JSON-able dict.
 
-    Give either ``plan`` (a ``PruningPlan`` or a plan file; the model is extracted here) or
+    Give either ``plan`` (a plan, an official config, or a plan file of ours; the model is extracted here) or
     ``pruned_dir`` (a saved pruned model; its recorded plan, if any, is checked against the model).
     """
     if (plan is None) == (pruned_dir is None):
@@ -180,10 +181,10 @@ def _load_pair(model_name: str, plan, pruned_dir, dtype: str, device: str):
                                f"a pruned version of {model_name} ({type(original).__name__}, "
                                f"vocabulary {original.config.vocab_size})")
         plan = saved_plan(pruned_dir)
-        return original, pruned, tokenizer, adapter.validate(plan) if plan is not None else None
-    if not isinstance(plan, PruningPlan):
-        plan = PruningPlan.load(plan, adapter.identity(model_name))
-    plan = adapter.validate(plan)
+        return original, pruned, tokenizer, adapter.resolve(plan) if plan is not None else None
+    if isinstance(plan, (str, Path)):  # the CLI reads official configs too (formats.official.read_plan)
+        plan = PruningPlan.load(plan)
+    plan = adapter.resolve(plan)
     return original, extract(original, plan, adapter), tokenizer, plan
 
 

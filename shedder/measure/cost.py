@@ -47,13 +47,13 @@ final norm, ``lm_head``) are counted once, in ``CostEstimate.other``.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass, field, fields
 
 import torch
 from torch import nn
 
-from shedder.arch import adapter_for, count_parameters
+from shedder.arch import ResolvedPlan, adapter_for_plan, count_parameters
+from shedder.arch.counting import pruned_skeleton
 from shedder.core.plan import PruningPlan
 
 #: Reference-implementation count of FLOPs per (channel, state) element of the Mamba-1 scan.
@@ -139,14 +139,15 @@ class CostEstimate:
                 "layers": [part(c) for c in self.layers], "other": part(self.other)}
 
 
-def estimate(model: nn.Module, plan: PruningPlan | None = None, seq_len: int = 256, batch_size: int = 1,
+def estimate(model: nn.Module, plan: ResolvedPlan | PruningPlan | None = None, seq_len: int = 256, batch_size: int = 1,
              adapter=None) -> CostEstimate:
-    """Cost of ``model`` extracted under ``plan`` (``None``: the model as it is)."""
-    adapter = adapter or adapter_for(model, plan.group_sizes if plan is not None else None)
-    plan = adapter.validate(plan or PruningPlan())
+    """Cost of ``model`` extracted under ``plan`` (``None``: the model as it is); a plan not yet
+    resolved for ``model`` is resolved once here."""
+    adapter = adapter or adapter_for_plan(model, plan)
+    plan = adapter.resolve(plan if plan is not None else PruningPlan())
     ref = next(model.parameters())
     dtype_bytes = ref.element_size()
-    skeleton = _skeleton(adapter, plan)
+    skeleton = pruned_skeleton(adapter, plan)
     skeleton_adapter = type(adapter)(skeleton, dict(adapter.group_sizes))
     skeleton_layers = skeleton_adapter.layers()
 
@@ -180,7 +181,7 @@ def estimate(model: nn.Module, plan: PruningPlan | None = None, seq_len: int = 2
 
 def expected_speedup(model: nn.Module, plan: PruningPlan | None, seq_len: int = 256, adapter=None) -> float:
     """Original / pruned prefill FLOPs: the speedup an ideal, compute-bound prefill would show."""
-    adapter = adapter or adapter_for(model, plan.group_sizes if plan is not None else None)
+    adapter = adapter or adapter_for_plan(model, plan)
     base = estimate(model, None, seq_len, adapter=adapter).flops_per_token_prefill
     pruned = estimate(model, plan, seq_len, adapter=adapter).flops_per_token_prefill
     return base / pruned
@@ -237,13 +238,3 @@ def _scan_cost(m: nn.Module, a_log: torch.Tensor) -> tuple[int, int, int]:
 
 def _is_attention(m: nn.Module) -> bool:
     return all(isinstance(getattr(m, name, None), nn.Linear) for name in ("q_proj", "k_proj", "v_proj"))
-
-
-def _skeleton(adapter, plan: PruningPlan) -> nn.Module:
-    """The extracted model's module tree on the meta device (no memory, no initialisation)."""
-    config = adapter.pruned_config(plan) if plan.components else copy.deepcopy(adapter.config)
-    with torch.device("meta"):
-        skeleton = type(adapter).build(config)
-    if hasattr(skeleton, "tie_weights"):
-        skeleton.tie_weights()
-    return skeleton

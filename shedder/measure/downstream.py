@@ -198,7 +198,7 @@ def scores(model, tokenizer, tasks, plan=None, *, limit: int | None = None, batc
         from shedder.arch import adapter_for
 
         adapter = adapter or adapter_for(model, plan.group_sizes)
-        plan = adapter.validate(plan)
+        plan = adapter.resolve(plan)
     path = _cache_path(model, tokenizer, plan, tasks, limit, cache_dir)
     if path.is_file():
         return TaskScores.from_dict(json.loads(path.read_text(encoding="utf-8")))

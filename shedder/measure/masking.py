@@ -13,8 +13,9 @@ import contextlib
 import weakref
 from typing import Iterator
 
-from shedder.arch import adapter_for
-from shedder.arch.base import model_lock
+from shedder.arch import ResolvedPlan, adapter_for_plan
+from shedder.arch.resolved import PlanSource
+from shedder.arch.runtime import model_lock
 from shedder.core.errors import PlanError
 from shedder.measure.metrics import Progress
 from shedder.core.plan import PruningPlan
@@ -40,12 +41,14 @@ def holding(model, progress: Progress | None = None, poll_s: float = 0.2) -> Ite
 
 
 @contextlib.contextmanager
-def masked(model, plan: PruningPlan, adapter=None, progress: Progress | None = None) -> Iterator[PruningPlan]:
-    """Apply ``plan`` to ``model`` for the duration of the block; yields the validated plan."""
-    adapter = adapter or adapter_for(model, plan.group_sizes)
+def masked(model, plan: ResolvedPlan | PruningPlan | PlanSource, adapter=None,
+           progress: Progress | None = None) -> Iterator[ResolvedPlan]:
+    """Apply ``plan`` to ``model`` for the duration of the block; yields the resolved plan (a
+    ``ResolvedPlan`` for this model is used as it is, anything else resolved once here)."""
+    adapter = adapter or adapter_for_plan(model, plan)
     with holding(model, progress):
         if model in _MASKED:
-            resolved = adapter.validate(plan)
+            resolved = adapter.resolve(plan)
             if _MASKED[model] != _key(resolved):
                 raise PlanError("this model already has a live mask of another plan applied; nested masks are "
                                 "refused (finish the outer masked block first, or combine the plans into one)")

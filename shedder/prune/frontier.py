@@ -69,7 +69,7 @@ def one_shot(model, scores: pd.DataFrame, steps: int, kinds=None, base_plan: Pru
     top of the ones before (the last head of a group, a part of a removed block) are passed over,
     so every plan is valid; plan k+1 contains plan k."""
     adapter = adapter_for(model, (base_plan or PruningPlan()).group_sizes)
-    plan = adapter.validate(base_plan or PruningPlan())
+    plan = adapter.resolve(base_plan or PruningPlan())
     kinds = list(dict.fromkeys(kinds or scores["kind"]))
     metric = scores.attrs.get("metric", "score")
     name = name or f"one-shot {metric} ({'+'.join(kinds)})"
@@ -80,7 +80,7 @@ def one_shot(model, scores: pd.DataFrame, steps: int, kinds=None, base_plan: Pru
         if len(points) >= steps:
             break
         if comp in adapter.candidates(plan, kinds):
-            plan = adapter.validate(plan.with_components([comp]))
+            plan = adapter.resolve(plan.with_components([comp]))
             points.append(Point(f"k={len(points) + 1}: −{comp}", plan))
     return Series(name, "one-shot", points)
 
@@ -108,7 +108,7 @@ def _cache_path(model, plan: PruningPlan, device: str, dtype: str, settings: dic
 def measured(model, plan: PruningPlan, device: str = "cpu", dtype: str = "float32", cache_dir=None,
              **settings) -> dict | None:
     """What ``measure`` found for this point before (in any session), or None."""
-    plan = adapter_for(model, plan.group_sizes).validate(plan)
+    plan = adapter_for(model, plan.group_sizes).resolve(plan)
     if not plan.components:
         return _unpruned()
     path = _cache_path(model, plan, device, dtype, settings, cache_dir)
@@ -126,7 +126,7 @@ def measure(model_name: str, model, plan: PruningPlan, device: str = "cpu", dtyp
     ``model`` is the loaded original (for the cache key); the bench loads ``model_name`` itself."""
     from shedder.measure.bench import bench_speed
 
-    plan = adapter_for(model, plan.group_sizes).validate(plan)
+    plan = adapter_for(model, plan.group_sizes).resolve(plan)
     known = measured(model, plan, device, dtype, cache_dir, **settings)
     if known is not None:
         return known

@@ -96,7 +96,7 @@ def score(model, windows: torch.Tensor, kinds, base_plan: PruningPlan | None = N
     base_plan = base_plan or PruningPlan()
     adapter = evaluator.adapter if evaluator else adapter_for(model, base_plan.group_sizes)
     kinds = check_kinds(adapter, kinds)
-    base = adapter.validate(base_plan)
+    base = adapter.resolve(base_plan)
     path = _cache_path(model, windows, kinds, base, cache_dir)
     if path.is_file():
         return _resumed(pd.read_csv(path), 0)
@@ -173,7 +173,7 @@ def cache_status(model, windows: torch.Tensor, kinds, base_plan: PruningPlan | N
     base_plan = base_plan or PruningPlan()
     adapter = adapter_for(model, base_plan.group_sizes)
     kinds = check_kinds(adapter, kinds)
-    base = adapter.validate(base_plan)
+    base = adapter.resolve(base_plan)
     path = _cache_path(model, windows, kinds, base, cache_dir)
     if path.is_file():
         return "These scores are cached on disk: computing them again is instant."

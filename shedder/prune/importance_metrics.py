@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from shedder.arch import adapter_for
-from shedder.arch.base import model_lock
+from shedder.arch.runtime import model_lock
 from shedder.core.errors import ShedderError
 from shedder.measure.evaluator import _hidden, check_kinds
 from shedder.prune.importance import score, tidy
@@ -92,7 +92,7 @@ def metric_scores(model, windows: torch.Tensor, kinds, metric: str = "ppl", *, b
         passes = {"forwards": len(table) + 1, "backwards": 0}
         seconds = time.perf_counter() - started
     else:
-        if adapter.validate(base_plan).components:
+        if adapter.resolve(base_plan).components:
             raise MetricError(f"{metric} scores the unpruned model only; a base plan is supported by ppl")
         comps = adapter.candidates(PruningPlan(), scored)  # what can go alone, as ``ppl`` scores
         fn = {"block_influence": _block_influence, "activation": _activation, "taylor": _taylor}[metric]

@@ -797,7 +797,7 @@ def compare_methods(methods=METHODS, steps: int = 12, batch_size: int = 8, seq_l
     for name, specs in BENCH_PLANS.items():
         model, tokenizer = load_model(name)
         adapter = adapter_for(model)
-        plan = adapter.validate(PruningPlan(components=[Component.parse(s) for s in specs]))
+        plan = adapter.resolve(PruningPlan(components=[Component.parse(s) for s in specs]))
         for method in methods:
             config = RecoverConfig(method=method, steps=steps, batch_size=batch_size, seq_len=seq_len,
                                    eval_samples=eval_samples, checkpoint_every=steps)

@@ -184,7 +184,7 @@ def default_run_dir(model, windows: torch.Tensor, kinds, base_plan: PruningPlan 
     importance cache): a caller without a place of its own for the run (the app) passes it with
     ``resume=True``, so a cancelled search continues where it stopped and a longer one extends it."""
     adapter = adapter_for(model, (base_plan or PruningPlan()).group_sizes)
-    base = adapter.validate(base_plan or PruningPlan())
+    base = adapter.resolve(base_plan or PruningPlan())
     key = cache_key(model, windows, check_kinds(adapter, kinds), base)
     return Path(cache_dir or default_cache_dir()) / "searches" / key
 
@@ -214,7 +214,7 @@ def _search_loop(model, windows, kinds, choose: Chooser, steps, target_params, m
                  base_plan, on_step, adapter, base_nll) -> SearchResult:
     kinds = check_kinds(adapter, kinds)
     _check_limits(steps, target_params, max_ppl)
-    base = adapter.validate(base_plan or PruningPlan())
+    base = adapter.resolve(base_plan or PruningPlan())
     tokens = predicted_tokens(windows)
     full_params = adapter.param_count()
     target = None if target_params is None else (
