@@ -22,8 +22,10 @@ must keep at least one attention layer: ``transformers`` derives the causal mask
 attention slots, so a Bamba without any cannot generate with a cache. Live masks keep the removed
 attention's cache slot filled with placeholders for the same reason.
 Extracted models whose layers all keep stock shapes (block removals only) have a stock config;
-otherwise each kept layer's ``LayerSpec`` says what differs from stock: ``mixer=False`` (an
-attention layer that lost its attention), ``ssm`` / ``heads_per_group``, ``mlp`` (0 = no MLP).
+otherwise each kept layer's ``LayerSpec`` says what differs from stock: ``mamba=False`` (a layer
+left without a token mixer: a Mamba layer that lost its mixer, or an attention layer that lost its
+attention, which the extracted config lists as a Mamba layer, so it is built as one without its
+mixer), ``ssm`` / ``heads_per_group``, ``mlp`` (0 = no MLP).
 """
 from __future__ import annotations
 
@@ -159,8 +161,8 @@ class BambaAdapter(Adapter):
         if not has_mixer and not width:
             return None  # nothing left: the identity
         fields = mamba2_mixer.spec_fields(self.mamba(layer), comps, self.stock_layout(self.config)) if mamba else {}
-        if not has_mixer:
-            fields["mixer"] = False
+        if not has_mixer:  # built as a Mamba layer (``configure``) without its mixer
+            fields["mamba"] = False
         if width != self.config.intermediate_size:
             fields["mlp"] = width
         return LayerSpec(**fields)
@@ -168,7 +170,7 @@ class BambaAdapter(Adapter):
     def configure(self, config, spec: PrunedSpec, plan) -> bool:
         config.num_hidden_layers = len(spec.layers)
         config.attn_layer_indices = [j for j, s in enumerate(spec.layers)
-                                     if s.mixer and not self.has_mamba(s.source)]
+                                     if s.mamba and not self.has_mamba(s.source)]
         return False
 
     def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
@@ -195,7 +197,7 @@ class BambaAdapter(Adapter):
     def apply_layer(cls, layers, index, spec) -> None:
         block = layers[index]
         mamba = hasattr(block, "mamba")
-        if not spec.mixer:
+        if not spec.mamba:
             remove_sub_block(block, "mamba" if mamba else "self_attn", "input_layernorm", returns_tuple=not mamba)
         elif mamba:
             block.mamba = mamba2_mixer.build(block.mamba, spec)

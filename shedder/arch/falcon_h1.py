@@ -34,7 +34,7 @@ seen, as a ``[batch, 1, seq, 1]`` placeholder, so generation with a cache stays 
 
 Extracted models that only lose whole blocks have a stock config (``num_hidden_layers`` changed);
 otherwise each kept layer's ``LayerSpec`` holds what differs from stock: ``attention=False``,
-``mixer=False`` (no Mamba branch, no input norm), ``ssm`` / ``heads_per_group``, ``mlp`` (0 = none).
+``mamba=False`` (no Mamba branch, no input norm), ``ssm`` / ``heads_per_group``, ``mlp`` (0 = none).
 """
 from __future__ import annotations
 
@@ -187,7 +187,7 @@ class FalconH1Adapter(Adapter):
     def layer_spec(self, layer: int, comps: list[Component]) -> LayerSpec:
         kinds = {c.kind for c in comps}
         if "mixer" in kinds or not self.has_mamba(layer):
-            fields = {"mixer": False}
+            fields = {"mamba": False}
         else:
             fields = mamba2_mixer.spec_fields(self.mamba(layer), comps, self.stock_layout(self.config))
         if not self.has_attention(layer) or kinds & {"attention", "mixer"}:
@@ -226,7 +226,7 @@ class FalconH1Adapter(Adapter):
         block = layers[index]
         if not spec.attention:
             block.self_attn = RemovedAttention(index)
-        if not spec.mixer:
+        if not spec.mamba:
             remove_sub_block(block, "mamba", "input_layernorm")
         else:
             block.mamba = mamba2_mixer.build(block.mamba, spec, FALCON_H1_HOOKS)

@@ -31,7 +31,7 @@ count as deleting it. Other layers left with neither mixer nor feed-forward are 
 Extracted models that only lose whole blocks, and whose remaining layer pattern a period / offset
 pair still describes, have a stock config. Otherwise every kept layer's ``LayerSpec`` holds its
 ``type`` (``"mamba"`` / ``"attention"``), ``moe``, and what differs from stock: ``ssm`` / ``inner``,
-``mixer=False`` (a Mamba layer without its mixer), ``attention=False``, ``mlp`` (0 = no
+``mamba=False`` (a Mamba layer without its mixer), ``attention=False``, ``mlp`` (0 = no
 feed-forward). ``build`` then builds from a ``PatternJambaConfig`` (a Jamba config whose layer
 pattern is given per layer, constructed from the saved one) so the stock model classes, masks and
 cache follow the pattern.
@@ -196,7 +196,7 @@ class JambaAdapter(Adapter):
         fields = {"type": "mamba" if self.is_mamba(layer) else "attention", "moe": self.is_moe(layer)}
         if self.is_mamba(layer):
             if "mixer" in kinds or not self.has_mamba(layer):
-                fields["mixer"] = False
+                fields["mamba"] = False
             else:
                 fields.update(mixer_spec(self.layers()[layer].mamba, comps, self.group_sizes["channel_group"],
                                          config.mamba_expand * config.hidden_size))
@@ -208,7 +208,7 @@ class JambaAdapter(Adapter):
             fields["mlp"] = feed_forward.width_after(comps, self.mlp_width(layer), self.mlp_group_size)
         elif not fields["moe"] and self.mlp_width(layer) != config.intermediate_size:
             fields["mlp"] = self.mlp_width(layer)
-        if not emptied and False in (fields.get("attention", True), fields.get("mixer", True)) and fields.get("mlp") == 0:
+        if not emptied and False in (fields.get("attention", True), fields.get("mamba", True)) and fields.get("mlp") == 0:
             return None  # a layer with nothing left computes the identity
         return LayerSpec(**fields)
 
@@ -244,7 +244,7 @@ class JambaAdapter(Adapter):
                 mods["mamba"] = pruned_mixer_weights(self.layers()[old].mamba, comps, self.group_sizes["channel_group"])
             if not s.attention:
                 mods.update({"self_attn": {}, "input_layernorm": {}})
-            if not s.mixer:
+            if not s.mamba:
                 mods.update({"mamba": {}, "input_layernorm": {}})
             mods.update(feed_forward.pruned_state(self.layers()[old], comps, self.mlp_width(old), self.mlp_group_size,
                                                   removed=s.mlp == 0))
@@ -262,7 +262,7 @@ class JambaAdapter(Adapter):
     @classmethod
     def apply_layer(cls, layers, index, spec) -> None:
         block = layers[index]
-        if hasattr(block, "mamba") and not spec.mixer:
+        if hasattr(block, "mamba") and not spec.mamba:
             remove_sub_block(block, "mamba", "input_layernorm")
         elif hasattr(block, "mamba"):
             block.mamba = build_mixer(block.mamba, spec)

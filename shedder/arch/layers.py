@@ -150,7 +150,7 @@ def sliced_state_dict(state: dict[str, torch.Tensor], prefix: str, layer_map: di
 
     ``prefix`` is the layer list's key prefix (``"backbone.layers."``); ``layer_map`` the adapter's
     old → new layer index map (layers not in it are dropped); ``replace[old][module]`` the new
-    tensors of sub-module ``module`` of layer ``old`` (e.g. ``{"mixer": pruned_mixer_state(...)}``),
+    tensors of sub-module ``module`` of layer ``old`` (e.g. ``{"mixer": mamba2_mixer.pruned_state(...)}``),
     replacing all its old tensors (an empty dict drops the sub-module's tensors).
     """
     replace = replace or {}

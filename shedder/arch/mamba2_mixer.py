@@ -27,9 +27,7 @@ holding a Mamba-2 mixer, ``components`` (inventory), ``check`` (validation), ``m
 (extraction) and ``build`` (swaps in a ``PrunedMamba2Mixer`` when the spec changes the mixer);
 ``even_layout`` gives what a stock config builds.
 
-Per-family differences (Falcon-H1's muP multipliers and optional norm) go into a ``Mamba2Hooks``
-value: ``project`` (in_proj, given the selected rows), ``gate_norm`` (the gated norm) and
-``init_pruned`` / ``extra_state`` (extra attributes / buffers of a pruned mixer).
+Per-family differences (Falcon-H1's muP multipliers and optional norm) are a ``Mamba2Hooks`` value.
 """
 from __future__ import annotations
 
@@ -202,15 +200,10 @@ def _no_extra_state(mixer, select: Selection) -> dict[str, torch.Tensor]:
 
 @dataclass(frozen=True)
 class Mamba2Hooks:
-    """Per-family differences around the shared forward, as plain functions. The defaults are
-    Mamba-2's (also Nemotron-H, Bamba and Zamba2); Falcon-H1 gives its own ``project`` (input / muP
-    multipliers), ``gate_norm`` (optional norm) and ``init_pruned`` / ``extra_state`` (its muP buffer).
-
-    * ``project(mixer, hidden_states, weight, bias, select)`` — in_proj on the selected rows;
-    * ``gate_norm(mixer, y, gate, weight, layout)`` — the gated norm;
-    * ``init_pruned(pruned, template)`` — extra attributes / buffers of a freshly built pruned mixer;
-    * ``extra_state(mixer, select)`` — extra tensors (buffers) of the pruned mixer, sliced from ``mixer``.
-    """
+    """Per-family differences around the shared forward, as plain functions (defaults: Mamba-2's,
+    also Nemotron-H's, Bamba's and Zamba2's; Falcon-H1 gives its muP multipliers and optional norm):
+    ``project`` (in_proj on the selected rows), ``gate_norm`` (the gated norm), ``init_pruned``
+    (extra attributes / buffers of a new pruned mixer) and ``extra_state`` (its extra tensors)."""
 
     project: Callable = _project
     gate_norm: Callable = _gate_norm
@@ -364,11 +357,14 @@ def _scan(mixer, layout: MixerLayout, x, B, C, dt, w: _Weights, cache, recurrent
 
 
 # -------------------------------------------------------------------------------- live masks
-def mask_mixer(mixer: nn.Module, remove_ssm: bool, remove_heads: Iterable[int], stack: contextlib.ExitStack,
-               hooks: Mamba2Hooks = MAMBA2_HOOKS) -> None:
-    """Make ``mixer`` (stock or pruned) compute without its SSM and/or some heads until ``stack``
-    closes. The patched forward takes the stock mixer's call signature."""
-    remove_heads = sorted(set(remove_heads))
+def mask(mixer: nn.Module, comps: Iterable[Component], stack: contextlib.ExitStack,
+         hooks: Mamba2Hooks = MAMBA2_HOOKS) -> None:
+    """Live mask: ``mixer`` (stock or pruned) computes without the SSM / heads ``comps`` remove until
+    ``stack`` closes (untouched when they remove none). The patched forward takes the stock mixer's
+    call signature."""
+    remove_ssm, remove_heads = ssm_removals(comps)
+    if not (remove_ssm or remove_heads):
+        return
     layout = mixer_layout(mixer)
     new = layout.without(remove_ssm, remove_heads)
     select = Selection.of(layout, mixer.head_dim, mixer.ssm_state_size, remove_ssm, remove_heads)
@@ -383,9 +379,13 @@ def mask_mixer(mixer: nn.Module, remove_ssm: bool, remove_heads: Iterable[int], 
 
 
 # -------------------------------------------------------------------------------- extraction
-def pruned_mixer_state(mixer: nn.Module, remove_ssm: bool, remove_heads: Iterable[int],
-                       hooks: Mamba2Hooks = MAMBA2_HOOKS) -> dict[str, torch.Tensor]:
-    """The pruned mixer's tensors (names relative to the mixer), sliced copies of ``mixer``'s."""
+def pruned_state(mixer: nn.Module, comps: Iterable[Component],
+                 hooks: Mamba2Hooks = MAMBA2_HOOKS) -> dict[str, torch.Tensor] | None:
+    """Extraction: the pruned mixer's tensors (names relative to the mixer, sliced copies of
+    ``mixer``'s) when ``comps`` change it, else None (the mixer is kept as it is)."""
+    remove_ssm, remove_heads = ssm_removals(comps)
+    if not (remove_ssm or remove_heads):
+        return None
     layout = mixer_layout(mixer)
     new = layout.without(remove_ssm, remove_heads)
     select = Selection.of(layout, mixer.head_dim, mixer.ssm_state_size, remove_ssm, remove_heads)
@@ -448,8 +448,9 @@ class PrunedMamba2Mixer(nn.Module):
 
 
 # ------------------------------------------------------------------- per-kind steps of a family
-# What a family file calls, in order, for the ``ssm`` / ``head`` kinds of a layer holding a Mamba-2
-# mixer. ``comps`` are the plan's components of that layer (other kinds are ignored).
+# With ``mask`` and ``pruned_state`` above: what a family file calls for the ``ssm`` / ``head`` kinds
+# of a layer holding a Mamba-2 mixer. ``comps`` are the plan's components of that layer (other kinds
+# are ignored).
 
 def even_layout(num_heads: int, n_groups: int) -> MixerLayout:
     """The layout a stock config builds: ``num_heads`` split evenly over ``n_groups``."""
@@ -477,24 +478,9 @@ def check(layer: int, mixer: nn.Module, comps: Iterable[Component]) -> None:
             raise PlanError(problems[0])
 
 
-def mask(mixer: nn.Module, comps: Iterable[Component], stack: contextlib.ExitStack,
-         hooks: Mamba2Hooks = MAMBA2_HOOKS) -> None:
-    """Live mask: ``mixer`` computes without the SSM / heads ``comps`` remove (nothing if none)."""
-    remove_ssm, heads = ssm_removals(comps)
-    if remove_ssm or heads:
-        mask_mixer(mixer, remove_ssm, heads, stack, hooks)
-
-
 def spec_fields(mixer: nn.Module, comps: Iterable[Component], stock: MixerLayout) -> dict:
     """Spec: ``LayerSpec`` fields of the mixer after removing ``comps`` (what differs from ``stock``)."""
     return mixer_layout(mixer).without(*ssm_removals(comps)).spec_fields(stock)
-
-
-def pruned_state(mixer: nn.Module, comps: Iterable[Component],
-                 hooks: Mamba2Hooks = MAMBA2_HOOKS) -> dict[str, torch.Tensor] | None:
-    """Extraction: the pruned mixer's tensors when ``comps`` change it, else None (kept as it is)."""
-    remove_ssm, heads = ssm_removals(comps)
-    return pruned_mixer_state(mixer, remove_ssm, heads, hooks) if remove_ssm or heads else None
 
 
 def build(stock: nn.Module, spec: LayerSpec, hooks: Mamba2Hooks = MAMBA2_HOOKS) -> nn.Module:

@@ -37,7 +37,7 @@ Shared weights stay shared: they disappear only when no remaining application us
 Extraction keeps one module per application with tied parameters, exactly like stock Zamba2.
 When the result is expressible by a stock config (applications removed while the memory blocks
 still alternate in the stock order, no mixer or MLP changes), the extracted config is a stock
-one. Otherwise the ``PrunedSpec`` holds each layer's ``ssm`` / ``heads_per_group``, ``mixer=False``
+one. Otherwise the ``PrunedSpec`` holds each layer's ``ssm`` / ``heads_per_group``, ``mamba=False``
 (a hybrid layer without its Mamba mixer), ``attention=False`` (an application without attention)
 and ``mlp=0`` (an application without its MLP), and ``shared_blocks`` (the memory block of each
 application, in order) when they no longer alternate; ``build`` recreates adapters,
@@ -272,7 +272,7 @@ class Zamba2Adapter(Adapter):
         if _emptied(self.is_hybrid(layer), kinds):
             return None
         if "mixer" in kinds or not self.has_mamba(layer):
-            fields = {"mixer": False}
+            fields = {"mamba": False}
         else:
             fields = mamba2_mixer.spec_fields(self.mamba(layer), comps, self.stock_layout(self.config))
         if self.is_hybrid(layer) and "shared_block" not in kinds:  # the application stays
@@ -369,7 +369,7 @@ class Zamba2Adapter(Adapter):
                 layers[j].shared_transformer = AttentionFreeApplication(shared.pre_ff_layernorm, shared.feed_forward,
                                                                         blocks[k], j)
         for layer, layer_spec in zip(layers, spec.layers):
-            if not layer_spec.mixer:
+            if not layer_spec.mamba:
                 layer.mamba_decoder = MixerFreeMambaDecoder()
             else:
                 host = layer.mamba_decoder if _is_hybrid(layer) else layer
