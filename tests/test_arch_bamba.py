@@ -16,7 +16,7 @@ from adapter_checks import check_masked_generation as _check_masked_generation
 from adapter_checks import check_plan as _check_plan
 
 from shedder.arch import adapter_for
-from shedder.arch.hybrid_common import ZeroBranch
+from shedder.arch.layers import ZeroBranch
 from shedder.formats.extract import extract
 from shedder.measure.masking import masked
 from shedder.formats.official import OfficialConfig

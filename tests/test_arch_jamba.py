@@ -15,7 +15,7 @@ from adapter_checks import (TOL, check_evaluator, check_mask_restores, check_pla
                             check_stock_load, comps, logits, random_model, tokens)
 
 from shedder.arch import adapter_for
-from shedder.arch.hybrid_common import ZeroBranch
+from shedder.arch.layers import ZeroBranch
 from shedder.arch.jamba import period_offset
 from shedder.formats.extract import extract
 from shedder.measure.masking import masked

@@ -16,7 +16,7 @@ from adapter_checks import (TOL, check_cached_generation, check_mask_restores, c
                             check_saved, check_stock_load, comps, logits, random_model, random_plan, spread, tokens)
 
 from shedder.arch import adapter_for, count_parameters, patch_forward
-from shedder.arch.mamba1_core import PrunedMamba1Mixer, default_channel_group_size, has_ssm, mamba1_forward
+from shedder.arch.mamba1_mixer import PrunedMamba1Mixer, default_channel_group_size, has_ssm, mamba1_forward
 from shedder.core.errors import PlanError
 from shedder.formats.extract import extract
 from shedder.measure.masking import masked

@@ -14,7 +14,7 @@ from adapter_checks import (TOL, check_cached_generation, check_mask_restores, c
                             spread_around_init, tokens)
 
 from shedder.arch import adapter_for
-from shedder.arch.mamba2_core import (MixerLayout, PrunedMamba2Mixer, Selection, gated_group_rms_norm, mixer_layout,
+from shedder.arch.mamba2_mixer import (MixerLayout, PrunedMamba2Mixer, Selection, gated_group_rms_norm, mixer_layout,
                                       ssd_forward)
 from shedder.arch.spec import PrunedSpec
 from shedder.core.errors import PlanError

@@ -12,7 +12,7 @@ from adapter_checks import (TOL, check_cached_generation, check_generation, chec
                             random_plan, spread_around_init, tokens)
 
 from shedder.arch import adapter_for, count_parameters
-from shedder.arch.mamba2_core import PrunedMamba2Mixer
+from shedder.arch.mamba2_mixer import PrunedMamba2Mixer
 from shedder.arch.nemotron_h import RemovedAttentionLayer
 from shedder.measure.cost import estimate
 from shedder.core.errors import PlanError

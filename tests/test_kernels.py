@@ -8,7 +8,7 @@ the very same resolved functions, so on a GPU with the kernels installed they us
 from transformers.models.mamba import modeling_mamba
 from transformers.models.mamba2 import modeling_mamba2
 
-from shedder.arch import adapter_for, mamba1_core, mamba2_core
+from shedder.arch import adapter_for, mamba1_mixer as mamba1_core, mamba2_mixer as mamba2_core
 from shedder.measure.masking import masked
 from shedder.core.plan import Component, PruningPlan
 

@@ -12,17 +12,17 @@ An adapter answers three questions about a loaded ``transformers`` model:
 Exactness rule: for every plan, ``extract(plan)`` computes the same logits as the masked model.
 The simplest way to keep that rule is for a family to write its mixer forward once, as a function
 that takes the mask (SSM on/off, kept heads or channels) as arguments, and to use it both as the
-live-mask forward and as the forward of the pruned module class (``mamba2_core``, ``mamba1_core``).
+live-mask forward and as the forward of the pruned module class (``mamba2_mixer``, ``mamba1_mixer``).
 
 Following one removal, e.g. "head 3 of layer 2" of a Bamba model, from plan to weight::
 
     plan ─ resolve ─ layer_components(2) offers Component("head", 2, 3)       (bamba.py)
-         ├ apply(plan)            ─ mask_layer(2, [head:2:3]) ─ mamba2_core.mask_mixer
+         ├ apply(plan)            ─ mask_layer(2, [head:2:3]) ─ mamba2_mixer.mask
          └ extract(plan)          ─ pruned_config ─ pruned_spec ─ layer_spec(2, [head:2:3])  (bamba.py)
                                       → LayerSpec(source=2, heads_per_group=(4, 3))
-                                  ─ pruned_state_dict ─ mamba2_core.pruned_mixer_state (sliced rows)
+                                  ─ pruned_state_dict ─ mamba2_mixer.pruned_state (sliced rows)
                                   ─ build(config) ─ stock model, then apply_layer(layer, j, spec)  (bamba.py)
-                                      → layer.mamba = PrunedMamba2Mixer(...)
+                                      → layer.mamba = mamba2_mixer.build(...): PrunedMamba2Mixer
 
 How a family adds a component kind (say ``"foo"``):
 
@@ -34,7 +34,7 @@ How a family adds a component kind (say ``"foo"``):
 4. spec: a ``LayerSpec`` field (``spec.py``, with its type and bound in ``Limits``) says what the
    layer keeps; ``layer_spec`` sets it, ``apply_layer`` rebuilds it, ``configure`` folds it into a
    stock config when every layer agrees;
-5. extract: ``pruned_state_dict`` slices the tensors (``common.sliced_state_dict`` renumbers layers
+5. extract: ``pruned_state_dict`` slices the tensors (``layers.sliced_state_dict`` renumbers layers
    and swaps sub-modules' tensors).
 
 The tests in ``tests/adapter_checks.py`` then prove masked == extracted for the new kind.

@@ -1,6 +1,6 @@
 """Falcon-Mamba (``FalconMambaForCausalLM``): the Mamba-1 layout, with RMS norms on dt, B and C inside
 the mixer. Those norms are weightless and act on the rank / state dimensions, so they go with the SSM
-and are untouched by channel groups; ``mamba1_core`` applies them whenever a mixer has them."""
+and are untouched by channel groups; ``mamba1_mixer`` applies them whenever a mixer has them."""
 from __future__ import annotations
 
 import transformers

@@ -8,7 +8,7 @@ places them by period / offset (``attn_layer_period``/``_offset``, ``expert_laye
 Removing a component means:
 
 * ``block`` — the whole layer is skipped: ``h = h``; extraction deletes it and renumbers the rest.
-* ``ssm`` / ``channel_group`` (Mamba layers) — as in Mamba-1, through ``mamba1_core``: the selective
+* ``ssm`` / ``channel_group`` (Mamba layers) — as in Mamba-1, through ``mamba1_mixer``: the selective
   scan replaced by ``y = x * silu(z)`` / a group of inner channels gone.
 * ``attention`` (attention layers) — the attention branch contributes nothing; its projections and
   ``input_layernorm`` go.
@@ -31,7 +31,7 @@ count as deleting it. Other layers left with neither mixer nor feed-forward are 
 Extracted models that only lose whole blocks, and whose remaining layer pattern a period / offset
 pair still describes, have a stock config. Otherwise every kept layer's ``LayerSpec`` holds its
 ``type`` (``"mamba"`` / ``"attention"``), ``moe``, and what differs from stock: ``ssm`` / ``inner``,
-``mixer=False`` (a Mamba layer without its mixer), ``attention=False``, ``mlp`` (0 = no
+``mamba=False`` (a Mamba layer without its mixer), ``attention=False``, ``mlp`` (0 = no
 feed-forward). ``build`` then builds from a ``PatternJambaConfig`` (a Jamba config whose layer
 pattern is given per layer, constructed from the saved one) so the stock model classes, masks and
 cache follow the pattern.
@@ -48,11 +48,11 @@ from torch import nn
 from shedder.core.errors import PlanError
 from shedder.core.plan import Component, PruningPlan
 from shedder.arch.base import Adapter
-from shedder.arch.common import sliced_state_dict
-from shedder.arch.hybrid_common import (FeedForwardGroups, RemovedAttention, mlp_groups, present, remove_sub_block,
-                            resize_feed_forward, skip_layer, skip_sub_block)
-from shedder.arch.mamba1_core import (build_mixer, check_group_size, check_mixer, default_channel_group_size, mask_mixer,
-                          mixer_components, mixer_spec, pruned_mixer_weights)
+from shedder.arch import feed_forward
+from shedder.arch.feed_forward import default_mlp_group_size
+from shedder.arch.layers import RemovedAttention, present, remove_sub_block, skip_layer, skip_sub_block, sliced_state_dict
+from shedder.arch.mamba1_mixer import (build_mixer, check_group_size, check_mixer, default_channel_group_size, mask_mixer,
+                                       mixer_components, mixer_spec, pruned_mixer_weights)
 from shedder.arch.spec import LayerSpec, PrunedSpec
 
 _MIXER_KINDS = ("ssm", "channel_group")
@@ -91,7 +91,7 @@ def period_offset(flags: list[bool], prefer: tuple[int, int]) -> tuple[int, int]
     return None
 
 
-class JambaAdapter(FeedForwardGroups, Adapter):
+class JambaAdapter(Adapter):
     architectures = ("JambaForCausalLM",)
     model_types = ("jamba",)
     kinds = ("block", "mixer", "ssm", "channel_group", "attention", "mlp", "mlp_channel_group")
@@ -109,6 +109,13 @@ class JambaAdapter(FeedForwardGroups, Adapter):
         for i in range(self.num_layers):
             if self.is_mamba(i):
                 check_group_size(self.layers()[i].mamba, i, self.group_sizes["channel_group"])
+
+    def config_group_sizes(self) -> dict[str, int]:
+        return {"mlp_channel_group": default_mlp_group_size(self.config.intermediate_size)}
+
+    @property
+    def mlp_group_size(self) -> int:
+        return self.group_sizes["mlp_channel_group"]
 
     # ------------------------------------------------------------------ inventory
     def is_mamba(self, layer: int) -> bool:
@@ -146,12 +153,8 @@ class JambaAdapter(FeedForwardGroups, Adapter):
             comps += mixer_components(block.mamba, layer, self.group_sizes["channel_group"])
         if self.has_attention(layer):
             comps.append(Component("attention", layer))
-        if present(block.feed_forward):
-            comps.append(Component("mlp", layer))
-            width = self.mlp_width(layer)
-            groups = len(mlp_groups(width, self.mlp_group_size)) if width else 0
-            comps += [Component("mlp_channel_group", layer, g) for g in range(groups)]
-        return comps
+        return comps + feed_forward.components(layer, self.mlp_width(layer), self.mlp_group_size,
+                                               has_sub_block=present(block.feed_forward))
 
     def check(self, plan: PruningPlan) -> None:
         for layer, comps in self.by_layer(plan).items():
@@ -163,7 +166,7 @@ class JambaAdapter(FeedForwardGroups, Adapter):
                     raise PlanError(f"{inside[0]} is redundant: the mixer of layer {layer} is removed as a whole")
             elif self.has_mamba(layer):
                 check_mixer(self.layers()[layer].mamba, layer, comps, self.group_sizes["channel_group"])
-            self.check_feed_forward(layer, comps)
+            feed_forward.check(layer, comps, self.mlp_width(layer), self.mlp_group_size)
 
     # ------------------------------------------------------------------ live masks
     def _attention_idx(self, layer: int) -> int | None:
@@ -183,7 +186,7 @@ class JambaAdapter(FeedForwardGroups, Adapter):
                            cache_slot=block.self_attn.layer_idx)
         elif "mixer" in kinds:
             skip_sub_block(stack, block.mamba, block.input_layernorm)
-        self.mask_feed_forward(layer, comps, stack)
+        feed_forward.mask(block, comps, self.mlp_width(layer), self.mlp_group_size, stack)
 
     # ------------------------------------------------------------------ extraction
     def layer_spec(self, layer: int, comps: list[Component], emptied: bool = False) -> LayerSpec | None:
@@ -193,7 +196,7 @@ class JambaAdapter(FeedForwardGroups, Adapter):
         fields = {"type": "mamba" if self.is_mamba(layer) else "attention", "moe": self.is_moe(layer)}
         if self.is_mamba(layer):
             if "mixer" in kinds or not self.has_mamba(layer):
-                fields["mixer"] = False
+                fields["mamba"] = False
             else:
                 fields.update(mixer_spec(self.layers()[layer].mamba, comps, self.group_sizes["channel_group"],
                                          config.mamba_expand * config.hidden_size))
@@ -202,10 +205,10 @@ class JambaAdapter(FeedForwardGroups, Adapter):
         if emptied or "mlp" in kinds or not present(self.layers()[layer].feed_forward):
             fields["mlp"] = 0
         elif "mlp_channel_group" in kinds:
-            fields["mlp"] = len(self.mlp_kept_channels(layer, comps))
+            fields["mlp"] = feed_forward.width_after(comps, self.mlp_width(layer), self.mlp_group_size)
         elif not fields["moe"] and self.mlp_width(layer) != config.intermediate_size:
             fields["mlp"] = self.mlp_width(layer)
-        if not emptied and False in (fields.get("attention", True), fields.get("mixer", True)) and fields.get("mlp") == 0:
+        if not emptied and False in (fields.get("attention", True), fields.get("mamba", True)) and fields.get("mlp") == 0:
             return None  # a layer with nothing left computes the identity
         return LayerSpec(**fields)
 
@@ -241,9 +244,10 @@ class JambaAdapter(FeedForwardGroups, Adapter):
                 mods["mamba"] = pruned_mixer_weights(self.layers()[old].mamba, comps, self.group_sizes["channel_group"])
             if not s.attention:
                 mods.update({"self_attn": {}, "input_layernorm": {}})
-            if not s.mixer:
+            if not s.mamba:
                 mods.update({"mamba": {}, "input_layernorm": {}})
-            mods.update(self.feed_forward_state(old, comps, removed=s.mlp == 0))
+            mods.update(feed_forward.pruned_state(self.layers()[old], comps, self.mlp_width(old), self.mlp_group_size,
+                                                  removed=s.mlp == 0))
             if mods:
                 replace[old] = mods
         return sliced_state_dict(self.model.state_dict(), self.layer_prefix, spec.layer_map(), replace)
@@ -258,7 +262,7 @@ class JambaAdapter(FeedForwardGroups, Adapter):
     @classmethod
     def apply_layer(cls, layers, index, spec) -> None:
         block = layers[index]
-        if hasattr(block, "mamba") and not spec.mixer:
+        if hasattr(block, "mamba") and not spec.mamba:
             remove_sub_block(block, "mamba", "input_layernorm")
         elif hasattr(block, "mamba"):
             block.mamba = build_mixer(block.mamba, spec)
@@ -266,4 +270,4 @@ class JambaAdapter(FeedForwardGroups, Adapter):
             block.self_attn = RemovedAttention(index)
             block.input_layernorm = nn.Identity()
         if spec.mlp is not None:
-            resize_feed_forward(block, spec.mlp)
+            feed_forward.resize(block, spec.mlp)

@@ -1,7 +1,7 @@
 """Mamba-1 (``MambaForCausalLM``): blocks, the SSM inside each block, and groups of inner channels.
 
 Everything about the mixer itself (masked forward, pruned mixer class, weight slicing) lives in
-``mamba1_core``; this file maps it onto the ``backbone.layers[i].mixer`` layout of the model.
+``mamba1_mixer``; this file maps it onto the ``backbone.layers[i].mixer`` layout of the model.
 Falcon-Mamba shares the layout and subclasses this adapter.
 """
 from __future__ import annotations
@@ -15,9 +15,9 @@ from torch import nn
 
 from shedder.core.plan import Component, PruningPlan
 from shedder.arch.base import Adapter
-from shedder.arch.common import sliced_state_dict
-from shedder.arch.mamba1_core import (build_mixer, check_group_size, check_mixer, default_channel_group_size, mask_mixer,
-                          mixer_components, mixer_spec, pruned_mixer_weights)
+from shedder.arch.layers import sliced_state_dict
+from shedder.arch.mamba1_mixer import (build_mixer, check_group_size, check_mixer, default_channel_group_size, mask_mixer,
+                                       mixer_components, mixer_spec, pruned_mixer_weights)
 from shedder.arch.spec import LayerSpec, PrunedSpec
 
 

@@ -3,7 +3,7 @@
 ``layer_types`` entries are ``linear_attention`` (a Mamba-2 mixer), ``full_attention``, ``mlp``
 or ``moe``. Components offered:
 
-* Mamba layers: ``block`` (skip the layer), ``ssm``, ``head`` (the shared ``mamba2_core``);
+* Mamba layers: ``block`` (skip the layer), ``ssm``, ``head`` (the shared ``mamba2_mixer``);
 * attention layers: ``attention`` (skip the layer — the layer *is* the attention sub-block);
 * MLP layers: ``mlp`` (skip) and ``mlp_channel_group`` (intermediate channels in groups of
   ``group_sizes["mlp_channel_group"]``: up_proj rows and down_proj columns; the last group may be
@@ -18,7 +18,7 @@ each kept layer's ``LayerSpec`` says what differs: ``ssm`` / ``heads_per_group``
 
 Cache: ``transformers``' Nemotron-H reads the sequence length (positions, causal masks) from the
 first attention layer's key/value slot and cannot run with a cache without one. So a skipped
-attention layer records the length of what it has seen in its slot (``hybrid_common.record_length``),
+attention layer records the length of what it has seen in its slot (``layers.record_length``),
 and extraction never deletes the last attention-type layer: if a plan removes them all, the first
 stays as a ``RemovedAttentionLayer`` (no parameters, output = input) that only does this
 bookkeeping: the same function and parameter count as deleting it.
@@ -34,10 +34,11 @@ from torch import nn
 
 from shedder.core.errors import PlanError
 from shedder.core.plan import Component, PruningPlan
-from shedder.arch.base import patch_forward
-from shedder.arch.common import sliced_state_dict
-from shedder.arch.hybrid_common import kept_mlp_channels, mask_mlp_channels, mlp_groups, pruned_mlp_state, resize_mlp, skip_layer
-from shedder.arch.mamba2_core import Mamba2StyleAdapter, MixerLayout, mixer_layout, ssm_components, uniform_layout
+from shedder.arch import mamba2_mixer
+from shedder.arch.base import Adapter, patch_forward
+from shedder.arch.feed_forward import kept_mlp_channels, mask_mlp_channels, mlp_groups, pruned_mlp_state, resize_mlp
+from shedder.arch.layers import skip_layer, sliced_state_dict
+from shedder.arch.mamba2_mixer import MixerLayout, uniform_layout
 from shedder.arch.spec import LayerSpec, PrunedSpec
 
 #: Nemotron-H's MLP is ungated: ``down_proj(act(up_proj(x)))``.
@@ -67,7 +68,7 @@ class RemovedAttentionLayer(nn.Module):
         return f"layer_idx={self.layer_idx}, attention removed"
 
 
-class NemotronHAdapter(Mamba2StyleAdapter):
+class NemotronHAdapter(Adapter):
     architectures = ("NemotronHForCausalLM",)
     model_types = ("nemotron_h",)
     kinds = ("block", "ssm", "head", "attention", "mlp", "mlp_channel_group")
@@ -75,7 +76,7 @@ class NemotronHAdapter(Mamba2StyleAdapter):
     default_group_sizes = {"mlp_channel_group": 64}
     model_class = transformers.NemotronHForCausalLM
     layers_path = "model.layers"
-    size_fields = Mamba2StyleAdapter.size_fields + ("intermediate_size", "mamba_num_heads", "mamba_head_dim",
+    size_fields = Adapter.size_fields + ("intermediate_size", "mamba_num_heads", "mamba_head_dim",
                                                     "n_groups", "ssm_state_size", "chunk_size", "conv_kernel",
                                                     "expand", "num_attention_heads", "num_key_value_heads",
                                                     "head_dim", "moe_intermediate_size", "n_routed_experts")
@@ -83,8 +84,9 @@ class NemotronHAdapter(Mamba2StyleAdapter):
     def layer_kind(self, layer: int) -> str:
         return _KIND_OF_TYPE[self.layers()[layer].block_type]
 
-    def has_ssm_mixer(self, layer: int) -> bool:
-        return self.layer_kind(layer) == "mamba"
+    def sub_block(self, layer: int) -> nn.Module:
+        """The layer's one sub-block (``layer.mixer``: a Mamba-2 mixer, an attention, an MLP or an MoE)."""
+        return self.layers()[layer].mixer
 
     def is_removed_attention(self, layer: int) -> bool:
         """Whether ``layer`` is an attention layer an earlier extraction already emptied."""
@@ -92,7 +94,7 @@ class NemotronHAdapter(Mamba2StyleAdapter):
 
     # ------------------------------------------------------------------ inventory
     def mlp_width(self, layer: int) -> int:
-        return self.mixer(layer).up_proj.out_features
+        return self.sub_block(layer).up_proj.out_features
 
     def mlp_groups(self, layer: int) -> list[range]:
         """Channel ranges of each ``mlp_channel_group`` of an MLP layer (the last may be short)."""
@@ -101,7 +103,7 @@ class NemotronHAdapter(Mamba2StyleAdapter):
     def layer_components(self, layer: int) -> list[Component]:
         kind = self.layer_kind(layer)
         if kind == "mamba":
-            return [Component("block", layer)] + ssm_components(layer, mixer_layout(self.mixer(layer)))
+            return [Component("block", layer)] + mamba2_mixer.components(layer, self.sub_block(layer))
         if kind == "attention":
             return [] if self.is_removed_attention(layer) else [Component("attention", layer)]
         if kind == "mlp":
@@ -117,8 +119,9 @@ class NemotronHAdapter(Mamba2StyleAdapter):
 
     # ------------------------------------------------------------------ validation
     def check(self, plan: PruningPlan) -> None:
-        super().check(plan)
         for layer, comps in self.by_layer(plan).items():
+            if self.layer_kind(layer) == "mamba":
+                mamba2_mixer.check(layer, self.sub_block(layer), comps)
             groups = [c for c in comps if c.kind == "mlp_channel_group"]
             if groups and Component("mlp", layer) in plan:
                 raise PlanError(f"{groups[0]} is redundant: the MLP of layer {layer} is removed as a whole")
@@ -137,9 +140,9 @@ class NemotronHAdapter(Mamba2StyleAdapter):
         if any(c.kind in ("attention", "mlp") for c in comps):
             patch_forward(self.layers()[layer], self.skip_forward(layer), stack)
         elif any(c.kind == "mlp_channel_group" for c in comps):
-            mask_mlp_channels(self.mixer(layer), self.kept_channels(layer, comps), stack, rows=_MLP_ROWS)
-        else:
-            super().mask_layer(layer, comps, stack)
+            mask_mlp_channels(self.sub_block(layer), self.kept_channels(layer, comps), stack, rows=_MLP_ROWS)
+        elif self.layer_kind(layer) == "mamba":
+            mamba2_mixer.mask(self.sub_block(layer), comps, stack)
 
     # ------------------------------------------------------------------ extraction
     def layer_spec(self, layer: int, comps: list[Component]) -> LayerSpec | None:
@@ -147,7 +150,7 @@ class NemotronHAdapter(Mamba2StyleAdapter):
         if any(c.kind in ("attention", "mlp") for c in comps):
             return None  # the layer is its sub-block: skipped, deleted
         if kind == "mamba":
-            return LayerSpec(**self.mixer_spec(layer, comps))
+            return LayerSpec(**mamba2_mixer.spec_fields(self.sub_block(layer), comps, self.stock_layout(self.config)))
         if kind == "attention" and self.is_removed_attention(layer):
             return LayerSpec(attention=False)
         if kind == "mlp":
@@ -176,23 +179,29 @@ class NemotronHAdapter(Mamba2StyleAdapter):
             config.intermediate_size = widths.pop()
         return True
 
-    @classmethod
-    def stock_layout(cls, config) -> MixerLayout:
-        return MixerLayout((config.mamba_num_heads // config.n_groups,) * config.n_groups)
+    @staticmethod
+    def stock_layout(config) -> MixerLayout:
+        return mamba2_mixer.even_layout(config.mamba_num_heads, config.n_groups)
 
     @classmethod
     def limits(cls, config):
-        return dataclasses.replace(super().limits(config), mlp=int(config.intermediate_size))
+        return dataclasses.replace(super().limits(config), mlp=int(config.intermediate_size),
+                                   heads_per_group=cls.stock_layout(config).heads_per_group)
 
     def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
-        replace = self.mixer_replacements(plan)
+        replace = {}
         layer_map, by_layer = self.layer_map(plan), self.by_layer(plan)
         for layer in layer_map:
-            if self.layer_kind(layer) == "attention" and (layer in by_layer or self.is_removed_attention(layer)):
-                replace[layer] = {self.mixer_name: {}, "norm": {}}  # kept only as the cache's anchor
-            elif self.layer_kind(layer) == "mlp" and layer in by_layer:
+            kind = self.layer_kind(layer)
+            if kind == "mamba":
+                state = mamba2_mixer.pruned_state(self.sub_block(layer), by_layer.get(layer, []))
+                if state is not None:
+                    replace[layer] = {"mixer": state}
+            elif kind == "attention" and (layer in by_layer or self.is_removed_attention(layer)):
+                replace[layer] = {"mixer": {}, "norm": {}}  # kept only as the cache's anchor
+            elif kind == "mlp" and layer in by_layer:
                 kept = self.kept_channels(layer, by_layer[layer])
-                replace[layer] = {self.mixer_name: pruned_mlp_state(self.mixer(layer), kept, rows=_MLP_ROWS)}
+                replace[layer] = {"mixer": pruned_mlp_state(self.sub_block(layer), kept, rows=_MLP_ROWS)}
         return sliced_state_dict(self.model.state_dict(), self.layer_prefix, layer_map, replace)
 
     @classmethod
@@ -201,6 +210,6 @@ class NemotronHAdapter(Mamba2StyleAdapter):
         if not spec.attention:
             layers[index] = RemovedAttentionLayer(index)
         elif _KIND_OF_TYPE[block.block_type] == "mamba":
-            cls.apply_mixer(block, spec)
+            block.mixer = mamba2_mixer.build(block.mixer, spec)
         elif spec.mlp is not None:
             resize_mlp(block.mixer, spec.mlp, rows=_MLP_ROWS)

@@ -53,8 +53,9 @@ class LayerSpec:
     heads_per_group: tuple[int, ...] | None = None
     #: Mamba-1 mixer: inner channels kept
     inner: int | None = None
-    #: the layer's Mamba mixer is there (False: a Bamba layer whose attention was removed has none)
-    mixer: bool = True
+    #: the layer's Mamba mixer is there (False also for a Bamba attention layer that lost its
+    #: attention: it is rebuilt as a Mamba layer without one). JSON key ``"mixer"``, as since schema 1
+    mamba: bool = True
     #: the layer's attention is there
     attention: bool = True
     #: MLP intermediate channels (0: the feed-forward sub-block is removed)
@@ -66,13 +67,13 @@ class LayerSpec:
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value != f.default or (f.name == "source" and value is not None):
-                out[f.name] = list(value) if isinstance(value, tuple) else value
+                out[_KEY_OF_FIELD.get(f.name, f.name)] = list(value) if isinstance(value, tuple) else value
         return out
 
     @property
     def stock(self) -> bool:
         """Whether the layer is exactly what its stock config builds (``source``/``type``/``moe`` aside)."""
-        return (self.ssm and self.heads_per_group is None and self.inner is None and self.mixer
+        return (self.ssm and self.heads_per_group is None and self.inner is None and self.mamba
                 and self.attention and self.mlp is None)
 
 
@@ -217,6 +218,9 @@ def check_config_sizes(config, fields: tuple[str, ...], where: str = "config.jso
 
 _TYPES = {"source": "index", "type": "name", "moe": bool, "ssm": bool, "heads_per_group": "counts", "inner": "size",
           "mixer": bool, "attention": bool, "mlp": "width"}
+#: ``LayerSpec`` fields saved under another key (the on-disk name stays what old files hold)
+_KEY_OF_FIELD = {"mamba": "mixer"}
+_FIELD_OF_KEY = {v: k for k, v in _KEY_OF_FIELD.items()}
 
 
 def _layer(entry, at: str, fail) -> LayerSpec:
@@ -239,7 +243,7 @@ def _layer(entry, at: str, fail) -> LayerSpec:
                         "counts": "a list of head counts (at least one head)", "size": "a positive integer",
                         "width": "an integer >= 0"}[kind]
             fail(f"{at}.{key}", f"is {json.dumps(value)[:60]}; expected {expected}")
-        values[key] = tuple(value) if key == "heads_per_group" else value
+        values[_FIELD_OF_KEY.get(key, key)] = tuple(value) if key == "heads_per_group" else value
     return LayerSpec(**values)
 
 

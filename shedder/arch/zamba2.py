@@ -10,7 +10,7 @@ In a plain Mamba layer ``T`` is absent. Removing a component means:
 * ``block`` (every layer) — the whole layer is skipped, ``h = h``: its Mamba mixer and, in a hybrid
   layer, its shared-block application. Extraction deletes the layer.
 * ``ssm`` / ``head`` (every layer) — the layer's Mamba-2 mixer loses its SSD scan / a head
-  (``mamba2_core``).
+  (``mamba2_mixer``).
 * ``mixer`` (every layer) — the official "mamba block" removal (``pruned_mamba_block_idx``): the
   layer's Mamba-2 mixer and its input norm go, the shared block still runs, ``h = h + linear(T)``.
   On a plain Mamba layer there is no ``T``, so it is the same as ``block`` (the layer is deleted).
@@ -37,7 +37,7 @@ Shared weights stay shared: they disappear only when no remaining application us
 Extraction keeps one module per application with tied parameters, exactly like stock Zamba2.
 When the result is expressible by a stock config (applications removed while the memory blocks
 still alternate in the stock order, no mixer or MLP changes), the extracted config is a stock
-one. Otherwise the ``PrunedSpec`` holds each layer's ``ssm`` / ``heads_per_group``, ``mixer=False``
+one. Otherwise the ``PrunedSpec`` holds each layer's ``ssm`` / ``heads_per_group``, ``mamba=False``
 (a hybrid layer without its Mamba mixer), ``attention=False`` (an application without attention)
 and ``mlp=0`` (an application without its MLP), and ``shared_blocks`` (the memory block of each
 application, in order) when they no longer alternate; ``build`` recreates adapters,
@@ -56,9 +56,10 @@ from torch import nn
 
 from shedder.core.errors import ModelLoadError, PlanError
 from shedder.core.plan import Component, PruningPlan
-from shedder.arch.base import patch_forward
-from shedder.arch.hybrid_common import check_attention_left, record_length, skip_layer
-from shedder.arch.mamba2_core import Mamba2StyleAdapter, MixerLayout, mixer_layout, pruned_mixer_state, ssm_components, ssm_removals
+from shedder.arch import mamba2_mixer
+from shedder.arch.base import Adapter, patch_forward
+from shedder.arch.layers import check_attention_left, record_length, skip_layer
+from shedder.arch.mamba2_mixer import MixerLayout
 from shedder.arch.spec import LayerSpec, PrunedSpec
 
 _ADAPTER_LISTS = r"(self_attn\.linear_[qkv]_adapter_list|feed_forward\.gate_up_proj_adapter_list)"
@@ -132,14 +133,14 @@ def _emptied(hybrid: bool, kinds: set[str]) -> bool:
     return "mixer" in kinds and (not hybrid or "shared_block" in kinds)
 
 
-class Zamba2Adapter(Mamba2StyleAdapter):
+class Zamba2Adapter(Adapter):
     architectures = ("Zamba2ForCausalLM",)
     model_types = ("zamba2",)
     kinds = ("block", "mixer", "shared_block", "ssm", "head", "attention", "mlp")
-    official_keys = {**Mamba2StyleAdapter.official_keys, "pruned_mamba_block_idx": "mixer"}
+    official_keys = {**Adapter.official_keys, "pruned_mamba_block_idx": "mixer"}
     model_class = transformers.Zamba2ForCausalLM
     layers_path = "model.layers"
-    size_fields = Mamba2StyleAdapter.size_fields + ("intermediate_size", "n_mamba_heads", "mamba_headdim",
+    size_fields = Adapter.size_fields + ("intermediate_size", "n_mamba_heads", "mamba_headdim",
                                                     "mamba_ngroups", "mamba_d_state", "chunk_size", "mamba_d_conv",
                                                     "mamba_expand", "num_attention_heads", "num_key_value_heads",
                                                     "attention_head_dim", "adapter_rank", "num_mem_blocks")
@@ -171,7 +172,7 @@ class Zamba2Adapter(Mamba2StyleAdapter):
     def has_attention(self, layer: int) -> bool:
         return self.is_hybrid(layer) and not isinstance(self.layers()[layer].shared_transformer, AttentionFreeApplication)
 
-    def has_ssm_mixer(self, layer: int) -> bool:
+    def has_mamba(self, layer: int) -> bool:
         return not (self.is_hybrid(layer) and isinstance(self.layers()[layer].mamba_decoder, MixerFreeMambaDecoder))
 
     def layer_kind(self, layer: int) -> str:
@@ -179,8 +180,8 @@ class Zamba2Adapter(Mamba2StyleAdapter):
 
     def layer_components(self, layer: int) -> list[Component]:
         comps = [Component("block", layer)]
-        if self.has_ssm_mixer(layer):
-            comps += [Component("mixer", layer)] + ssm_components(layer, mixer_layout(self.mixer(layer)))
+        if self.has_mamba(layer):
+            comps += [Component("mixer", layer)] + mamba2_mixer.components(layer, self.mamba(layer))
         if self.is_hybrid(layer):
             comps.append(Component("shared_block", layer))
         if self.has_attention(layer):
@@ -203,7 +204,9 @@ class Zamba2Adapter(Mamba2StyleAdapter):
         return [m for m in block.modules() if id(m) not in others]
 
     def check(self, plan: PruningPlan) -> None:
-        super().check(plan)
+        for layer, comps in self.by_layer(plan).items():
+            if self.has_mamba(layer):
+                mamba2_mixer.check(layer, self.mamba(layer), comps)
         for c in plan.components:
             inside = {"mixer": ("ssm", "head"), "shared_block": ("attention", "mlp")}.get(c.kind, ())
             for other in plan.components:
@@ -218,7 +221,8 @@ class Zamba2Adapter(Mamba2StyleAdapter):
         return skip_layer(layer if self.is_hybrid(layer) else None)  # a hybrid layer's key/value slot stays
 
     def mask_layer(self, layer: int, comps: list[Component], stack: contextlib.ExitStack) -> None:
-        super().mask_layer(layer, comps, stack)  # ssm / head
+        if self.has_mamba(layer):
+            mamba2_mixer.mask(self.mamba(layer), comps, stack)  # ssm / head
         kinds = {c.kind for c in comps}
         block = self.layers()[layer]
         if "mixer" in kinds:
@@ -253,12 +257,13 @@ class Zamba2Adapter(Mamba2StyleAdapter):
         return self.has_attention(layer) and Component("attention", layer) not in plan
 
     def _keeps_mixer(self, plan: PruningPlan, layer: int) -> bool:
-        return self.has_ssm_mixer(layer) and Component("mixer", layer) not in plan
+        return self.has_mamba(layer) and Component("mixer", layer) not in plan
 
     def _block_id(self, layer: int) -> int:
         return self.layers()[layer].shared_transformer.block_id
 
-    def mixer(self, layer: int) -> nn.Module:
+    def mamba(self, layer: int) -> nn.Module:
+        """The layer's Mamba-2 mixer."""
         block = self.layers()[layer]
         return block.mamba_decoder.mamba if _is_hybrid(block) else block.mamba
 
@@ -266,10 +271,10 @@ class Zamba2Adapter(Mamba2StyleAdapter):
         kinds = {c.kind for c in comps}
         if _emptied(self.is_hybrid(layer), kinds):
             return None
-        if "mixer" in kinds or not self.has_ssm_mixer(layer):
-            fields = {"mixer": False}
+        if "mixer" in kinds or not self.has_mamba(layer):
+            fields = {"mamba": False}
         else:
-            fields = self.mixer_spec(layer, comps)
+            fields = mamba2_mixer.spec_fields(self.mamba(layer), comps, self.stock_layout(self.config))
         if self.is_hybrid(layer) and "shared_block" not in kinds:  # the application stays
             if not (self.has_mlp(layer) and "mlp" not in kinds):
                 fields["mlp"] = 0
@@ -290,14 +295,15 @@ class Zamba2Adapter(Mamba2StyleAdapter):
         config.num_hidden_layers = len(kept)
         return False
 
-    @classmethod
-    def stock_layout(cls, config) -> MixerLayout:
-        return MixerLayout((config.n_mamba_heads // config.mamba_ngroups,) * config.mamba_ngroups)
+    @staticmethod
+    def stock_layout(config) -> MixerLayout:
+        return mamba2_mixer.even_layout(config.n_mamba_heads, config.mamba_ngroups)
 
     @classmethod
     def limits(cls, config):
         return dataclasses.replace(super().limits(config), mlp=int(config.intermediate_size),
-                                   num_mem_blocks=int(config.num_mem_blocks))
+                                   num_mem_blocks=int(config.num_mem_blocks),
+                                   heads_per_group=cls.stock_layout(config).heads_per_group)
 
     def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
         kept, apps = list(self.layer_map(plan)), self._applications(plan)
@@ -312,14 +318,13 @@ class Zamba2Adapter(Mamba2StyleAdapter):
             block = self.layers()[i]
             mamba_layer = block.mamba_decoder if self.is_hybrid(i) else block
             mamba_prefix = f"{prefix}{j}.mamba_decoder." if i in new_pos else f"{prefix}{j}."
-            remove_ssm, heads = ssm_removals(c for c in plan.components if c.layer == i)
-            pruned = remove_ssm or heads
+            pruned = mamba2_mixer.pruned_state(mamba_layer.mamba, [c for c in plan.components if c.layer == i])
             keeps_mixer = self._keeps_mixer(plan, i)
             for name, t in (mamba_layer.state_dict() if keeps_mixer else {}).items():
-                if not (pruned and name.startswith("mamba.")):
+                if not (pruned is not None and name.startswith("mamba.")):
                     out[mamba_prefix + name] = t
-            if pruned:
-                for name, t in pruned_mixer_state(mamba_layer.mamba, remove_ssm, heads, self.hooks).items():
+            if pruned is not None:
+                for name, t in pruned.items():
                     out[f"{mamba_prefix}mamba.{name}"] = t
             if i not in new_pos:
                 continue
@@ -364,10 +369,11 @@ class Zamba2Adapter(Mamba2StyleAdapter):
                 layers[j].shared_transformer = AttentionFreeApplication(shared.pre_ff_layernorm, shared.feed_forward,
                                                                         blocks[k], j)
         for layer, layer_spec in zip(layers, spec.layers):
-            if not layer_spec.mixer:
+            if not layer_spec.mamba:
                 layer.mamba_decoder = MixerFreeMambaDecoder()
             else:
-                cls.apply_mixer(layer.mamba_decoder if _is_hybrid(layer) else layer, layer_spec, "mamba")
+                host = layer.mamba_decoder if _is_hybrid(layer) else layer
+                host.mamba = mamba2_mixer.build(host.mamba, layer_spec)
         _tie_shared(model, apps, blocks)
 
 

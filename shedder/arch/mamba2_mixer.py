@@ -21,24 +21,20 @@ logits. Removing a component means:
   tensor, and the gated RMSNorm normalises each group over its kept channels only (zeroing channels
   would not be equivalent: it changes the group's RMS).
 
-How a family uses this module: subclass ``Mamba2StyleAdapter`` (``check``, ``mask_layer`` and the
-pruned mixers' tensors come with it), say where the mixer is (``mixer_name``) and what a stock
-config builds (``stock_layout``); list ``ssm_components`` in ``layer_components``; put
-``mixer_spec(layer, comps)`` (the ``ssm`` / ``heads_per_group`` fields) into ``layer_spec``; and call
-``apply_mixer(layer, spec)`` in ``apply_layer``, which swaps in a ``PrunedMamba2Mixer`` when the
-spec changes the mixer.
+How a family uses this module: its adapter (a plain ``Adapter`` subclass) calls, for the layers
+holding a Mamba-2 mixer, ``components`` (inventory), ``check`` (validation), ``mask`` (live mask),
+``spec_fields`` (the ``ssm`` / ``heads_per_group`` fields of its ``LayerSpec``), ``pruned_state``
+(extraction) and ``build`` (swaps in a ``PrunedMamba2Mixer`` when the spec changes the mixer);
+``even_layout`` gives what a stock config builds.
 
-Per-family differences (Falcon-H1's muP multipliers and optional norm) go into a ``Mamba2Hooks``
-subclass: ``project`` (in_proj, given the selected rows), ``gate_norm`` (the gated norm) and
-``init_pruned`` / ``extra_state`` (extra attributes / buffers of a pruned mixer).
+Per-family differences (Falcon-H1's muP multipliers and optional norm) are a ``Mamba2Hooks`` value.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -52,9 +48,8 @@ from transformers.models.mamba2.modeling_mamba2 import (
 )
 
 from shedder.core.errors import PlanError
-from shedder.core.plan import Component, PruningPlan
-from shedder.arch.base import Adapter, patch_forward
-from shedder.arch.common import sliced_state_dict
+from shedder.core.plan import Component
+from shedder.arch.base import patch_forward
 from shedder.arch.spec import LayerSpec
 
 
@@ -185,25 +180,35 @@ def _proj_sizes(layout: MixerLayout, head_dim: int, state_size: int) -> tuple[in
 
 
 # -------------------------------------------------------------------------------------- hooks
+def _project(mixer, hidden_states, weight, bias, select: Selection | None):
+    """in_proj with (possibly) selected rows: [b, l, hidden] -> [b, l, rows]."""
+    return F.linear(hidden_states, weight, bias)
+
+
+def _gate_norm(mixer, y, gate, weight, layout: MixerLayout):
+    """Gated RMSNorm normalising each group over its (kept) channels: [b, l, H*P] -> same."""
+    return gated_group_rms_norm(y, gate, weight, _norm_eps(mixer), layout, mixer.head_dim)
+
+
+def _no_init(pruned: nn.Module, template: nn.Module) -> None:
+    pass
+
+
+def _no_extra_state(mixer, select: Selection) -> dict[str, torch.Tensor]:
+    return {}
+
+
+@dataclass(frozen=True)
 class Mamba2Hooks:
-    """Per-family differences around the shared forward. The defaults are Mamba-2's (also
-    Nemotron-H, Bamba and Zamba2); Falcon-H1 overrides ``project`` (input / muP multipliers),
-    ``gate_norm`` (optional norm) and ``init_pruned`` / ``extra_state`` (its muP buffer)."""
+    """Per-family differences around the shared forward, as plain functions (defaults: Mamba-2's,
+    also Nemotron-H's, Bamba's and Zamba2's; Falcon-H1 gives its muP multipliers and optional norm):
+    ``project`` (in_proj on the selected rows), ``gate_norm`` (the gated norm), ``init_pruned``
+    (extra attributes / buffers of a new pruned mixer) and ``extra_state`` (its extra tensors)."""
 
-    def project(self, mixer, hidden_states, weight, bias, select: Selection | None):
-        """in_proj with (possibly) selected rows: [b, l, hidden] -> [b, l, rows]."""
-        return F.linear(hidden_states, weight, bias)
-
-    def gate_norm(self, mixer, y, gate, weight, layout: MixerLayout):
-        """Gated RMSNorm normalising each group over its (kept) channels: [b, l, H*P] -> same."""
-        return gated_group_rms_norm(y, gate, weight, _norm_eps(mixer), layout, mixer.head_dim)
-
-    def init_pruned(self, pruned: nn.Module, template: nn.Module) -> None:
-        """Give a freshly built pruned mixer any extra family attributes / buffers."""
-
-    def extra_state(self, mixer, select: Selection) -> dict[str, torch.Tensor]:
-        """Extra tensors (buffers) of the pruned mixer, sliced from ``mixer``."""
-        return {}
+    project: Callable = _project
+    gate_norm: Callable = _gate_norm
+    init_pruned: Callable = _no_init
+    extra_state: Callable = _no_extra_state
 
 
 MAMBA2_HOOKS = Mamba2Hooks()
@@ -352,11 +357,14 @@ def _scan(mixer, layout: MixerLayout, x, B, C, dt, w: _Weights, cache, recurrent
 
 
 # -------------------------------------------------------------------------------- live masks
-def mask_mixer(mixer: nn.Module, remove_ssm: bool, remove_heads: Iterable[int], stack: contextlib.ExitStack,
-               hooks: Mamba2Hooks = MAMBA2_HOOKS) -> None:
-    """Make ``mixer`` (stock or pruned) compute without its SSM and/or some heads until ``stack``
-    closes. The patched forward takes the stock mixer's call signature."""
-    remove_heads = sorted(set(remove_heads))
+def mask(mixer: nn.Module, comps: Iterable[Component], stack: contextlib.ExitStack,
+         hooks: Mamba2Hooks = MAMBA2_HOOKS) -> None:
+    """Live mask: ``mixer`` (stock or pruned) computes without the SSM / heads ``comps`` remove until
+    ``stack`` closes (untouched when they remove none). The patched forward takes the stock mixer's
+    call signature."""
+    remove_ssm, remove_heads = ssm_removals(comps)
+    if not (remove_ssm or remove_heads):
+        return
     layout = mixer_layout(mixer)
     new = layout.without(remove_ssm, remove_heads)
     select = Selection.of(layout, mixer.head_dim, mixer.ssm_state_size, remove_ssm, remove_heads)
@@ -371,9 +379,13 @@ def mask_mixer(mixer: nn.Module, remove_ssm: bool, remove_heads: Iterable[int], 
 
 
 # -------------------------------------------------------------------------------- extraction
-def pruned_mixer_state(mixer: nn.Module, remove_ssm: bool, remove_heads: Iterable[int],
-                       hooks: Mamba2Hooks = MAMBA2_HOOKS) -> dict[str, torch.Tensor]:
-    """The pruned mixer's tensors (names relative to the mixer), sliced copies of ``mixer``'s."""
+def pruned_state(mixer: nn.Module, comps: Iterable[Component],
+                 hooks: Mamba2Hooks = MAMBA2_HOOKS) -> dict[str, torch.Tensor] | None:
+    """Extraction: the pruned mixer's tensors (names relative to the mixer, sliced copies of
+    ``mixer``'s) when ``comps`` change it, else None (the mixer is kept as it is)."""
+    remove_ssm, remove_heads = ssm_removals(comps)
+    if not (remove_ssm or remove_heads):
+        return None
     layout = mixer_layout(mixer)
     new = layout.without(remove_ssm, remove_heads)
     select = Selection.of(layout, mixer.head_dim, mixer.ssm_state_size, remove_ssm, remove_heads)
@@ -435,9 +447,19 @@ class PrunedMamba2Mixer(nn.Module):
         return ssd_forward(self, hidden_states, cache, attention_mask, layout=self.layout, hooks=self.hooks, **kwargs)
 
 
-# ------------------------------------------------------------------------- adapter helpers
-def ssm_components(layer: int, layout: MixerLayout) -> list[Component]:
-    """The ``ssm`` and ``head`` components a Mamba-2 layer with ``layout`` offers."""
+# ------------------------------------------------------------------- per-kind steps of a family
+# With ``mask`` and ``pruned_state`` above: what a family file calls for the ``ssm`` / ``head`` kinds
+# of a layer holding a Mamba-2 mixer. ``comps`` are the plan's components of that layer (other kinds
+# are ignored).
+
+def even_layout(num_heads: int, n_groups: int) -> MixerLayout:
+    """The layout a stock config builds: ``num_heads`` split evenly over ``n_groups``."""
+    return MixerLayout((num_heads // n_groups,) * n_groups)
+
+
+def components(layer: int, mixer: nn.Module) -> list[Component]:
+    """Inventory: the ``ssm`` and ``head`` components ``mixer`` (stock or pruned) still offers."""
+    layout = mixer_layout(mixer)
     return ([Component("ssm", layer)] if layout.ssm else []) + [Component("head", layer, h) for h in range(layout.num_heads)]
 
 
@@ -447,70 +469,26 @@ def ssm_removals(comps: Iterable[Component]) -> tuple[bool, list[int]]:
     return any(c.kind == "ssm" for c in comps), sorted(c.index for c in comps if c.kind == "head")
 
 
-class Mamba2StyleAdapter(Adapter):
-    """What every family whose layers hold Mamba-2 mixers shares: SSM/head components, their
-    validation, live masks and the pruned mixers' tensors. Subclasses say where the mixer is in a
-    layer (``mixer_name``) and which layers have one (``has_ssm_mixer``)."""
+def check(layer: int, mixer: nn.Module, comps: Iterable[Component]) -> None:
+    """Validation: refuse head removals that would empty the mixer or one of its B/C groups."""
+    _, heads = ssm_removals(comps)
+    if heads:
+        problems = head_group_problems(mixer_layout(mixer), layer, heads)
+        if problems:
+            raise PlanError(problems[0])
 
-    hooks = MAMBA2_HOOKS
-    #: the mixer's attribute name inside a layer
-    mixer_name = "mixer"
 
-    def mixer(self, layer: int) -> nn.Module:
-        return getattr(self.layers()[layer], self.mixer_name)
+def spec_fields(mixer: nn.Module, comps: Iterable[Component], stock: MixerLayout) -> dict:
+    """Spec: ``LayerSpec`` fields of the mixer after removing ``comps`` (what differs from ``stock``)."""
+    return mixer_layout(mixer).without(*ssm_removals(comps)).spec_fields(stock)
 
-    def has_ssm_mixer(self, layer: int) -> bool:
-        return True
 
-    def mixer_spec(self, layer: int, comps: Iterable[Component]) -> dict:
-        """``LayerSpec`` fields of ``layer``'s mixer after removing ``comps`` (what differs from stock)."""
-        if not self.has_ssm_mixer(layer):
-            return {}
-        return mixer_layout(self.mixer(layer)).without(*ssm_removals(comps)).spec_fields(self.stock_layout(self.config))
-
-    @classmethod
-    def stock_layout(cls, config) -> MixerLayout:
-        """The layout of every mixer a stock ``config`` builds."""
-        raise NotImplementedError
-
-    @classmethod
-    def apply_mixer(cls, host: nn.Module, spec: LayerSpec, name: str | None = None) -> None:
-        """Build time: swap ``host.<mixer>`` (a stock mixer) for a ``PrunedMamba2Mixer`` when
-        ``spec`` changes it."""
-        stock = getattr(host, name or cls.mixer_name)
-        layout = MixerLayout.of_spec(spec, MixerLayout.of_stock(stock))
-        if layout != MixerLayout.of_stock(stock):
-            setattr(host, name or cls.mixer_name, PrunedMamba2Mixer(stock, layout, cls.hooks))
-
-    @classmethod
-    def limits(cls, config):
-        return dataclasses.replace(super().limits(config), heads_per_group=cls.stock_layout(config).heads_per_group)
-
-    def check(self, plan: PruningPlan) -> None:
-        for layer, comps in self.by_layer(plan).items():
-            _, heads = ssm_removals(comps)
-            if heads and self.has_ssm_mixer(layer):
-                problems = head_group_problems(mixer_layout(self.mixer(layer)), layer, heads)
-                if problems:
-                    raise PlanError(problems[0])
-
-    def mask_layer(self, layer, comps, stack):
-        remove_ssm, heads = ssm_removals(comps)
-        if remove_ssm or heads:
-            mask_mixer(self.mixer(layer), remove_ssm, heads, stack, self.hooks)
-
-    def mixer_replacements(self, plan: PruningPlan) -> dict[int, dict[str, dict[str, torch.Tensor]]]:
-        """Pruned tensors of every kept layer whose mixer loses its SSM or heads."""
-        out, by_layer = {}, self.by_layer(plan)
-        for layer in self.layer_map(plan):
-            remove_ssm, heads = ssm_removals(by_layer.get(layer, []))
-            if remove_ssm or heads:
-                out[layer] = {self.mixer_name: pruned_mixer_state(self.mixer(layer), remove_ssm, heads, self.hooks)}
-        return out
-
-    def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
-        return sliced_state_dict(self.model.state_dict(), self.layer_prefix, self.layer_map(plan),
-                                 self.mixer_replacements(plan))
+def build(stock: nn.Module, spec: LayerSpec, hooks: Mamba2Hooks = MAMBA2_HOOKS) -> nn.Module:
+    """Build time: the mixer a freshly built stock layer holds for ``spec``: ``stock`` itself when
+    the spec keeps its layout, else a ``PrunedMamba2Mixer``."""
+    full = MixerLayout.of_stock(stock)
+    layout = MixerLayout.of_spec(spec, full)
+    return stock if layout == full else PrunedMamba2Mixer(stock, layout, hooks)
 
 
 def uniform_layout(layouts: list[MixerLayout]) -> MixerLayout | None:
