@@ -8,15 +8,15 @@ the very same resolved functions, so on a GPU with the kernels installed they us
 from transformers.models.mamba import modeling_mamba
 from transformers.models.mamba2 import modeling_mamba2
 
-from shedder.arch import adapter_for, mamba1_mixer as mamba1_core, mamba2_mixer as mamba2_core
+from shedder.arch import adapter_for, mamba1_mixer, mamba2_mixer
 from shedder.measure.masking import masked
 from shedder.core.plan import Component, PruningPlan
 
 
 def test_masked_layers_call_the_functions_transformers_resolved():
     for name in ("causal_conv1d_fn", "causal_conv1d_update", "mamba2_chunk_scan", "mamba2_selective_state_update"):
-        assert getattr(mamba2_core, name) is getattr(modeling_mamba2, name)
-    assert mamba1_core.hf_mamba is modeling_mamba  # looked up at call time
+        assert getattr(mamba2_mixer, name) is getattr(modeling_mamba2, name)
+    assert mamba1_mixer.hf_mamba is modeling_mamba  # looked up at call time
 
 
 def test_only_masked_layers_leave_the_stock_forward(tiny_model_factory):
