@@ -28,8 +28,6 @@ KNOWN_UPWARD: set[tuple[str, str]] = {
     ('shedder.measure.bench', 'shedder.cli.options'),
     ('shedder.measure.bench', 'shedder.formats.extract'),
     ('shedder.measure.bench', 'shedder.formats.loading'),
-    ('shedder.measure.data', 'shedder.formats.loading'),
-    ('shedder.measure.downstream', 'shedder.prune.importance'),
     ('shedder.prune.recover', 'shedder.formats.extract'),
     ('shedder.prune.recover', 'shedder.formats.loading'),
 }
@@ -77,11 +75,6 @@ KNOWN_UNMARKED_LOCAL: set[tuple[str, str]] = {
     ('shedder.formats.official', 'shedder.prune.importance'),
     ('shedder.formats.official', 'shedder.prune.search'),
     ('shedder.measure.bench', 'shedder.core.progress'),
-    ('shedder.measure.data', 'shedder.formats.loading'),
-    ('shedder.measure.downstream', 'shedder.arch'),
-    ('shedder.measure.downstream', 'shedder.measure.data'),
-    ('shedder.measure.downstream', 'shedder.measure.masking'),
-    ('shedder.measure.downstream', 'shedder.prune.importance'),
     ('shedder.measure.evaluator', 'shedder.measure.budget'),
     ('shedder.measure.metrics', 'shedder.arch'),
     ('shedder.measure.metrics', 'shedder.measure.masking'),
@@ -118,7 +111,7 @@ KNOWN_UI: set[str] = {
     'shedder.prune.search',
 }
 KNOWN_CYCLES: list[list[str]] = [
-    ['shedder.arch', 'shedder.arch.base', 'shedder.core.plan', 'shedder.formats.extract', 'shedder.formats.loading', 'shedder.formats.official', 'shedder.measure.data', 'shedder.measure.evaluator', 'shedder.measure.masking', 'shedder.measure.metrics', 'shedder.prune.distributed', 'shedder.prune.importance', 'shedder.prune.search'],
+    ['shedder.arch', 'shedder.arch.base', 'shedder.core.cache', 'shedder.core.plan', 'shedder.formats.official', 'shedder.measure.data', 'shedder.measure.evaluator', 'shedder.measure.masking', 'shedder.measure.metrics', 'shedder.prune.distributed', 'shedder.prune.importance', 'shedder.prune.search'],
     ['shedder.cli', 'shedder.dev.scale'],
 ]
 
