@@ -28,8 +28,6 @@ KNOWN_UPWARD: set[tuple[str, str]] = {
     ('shedder.measure.bench', 'shedder.cli.options'),
     ('shedder.measure.bench', 'shedder.formats.extract'),
     ('shedder.measure.bench', 'shedder.formats.loading'),
-    ('shedder.prune.recover', 'shedder.formats.extract'),
-    ('shedder.prune.recover', 'shedder.formats.loading'),
 }
 KNOWN_UNMARKED_LOCAL: set[tuple[str, str]] = {
     ('app.state', 'shedder.prune.distributed'),
@@ -82,11 +80,6 @@ KNOWN_UNMARKED_LOCAL: set[tuple[str, str]] = {
     ('shedder.prune.frontier', 'shedder.measure.bench'),
     ('shedder.prune.frontier', 'shedder.measure.metrics'),
     ('shedder.prune.importance', 'shedder.prune.distributed'),
-    ('shedder.prune.recover', 'shedder.core.plan'),
-    ('shedder.prune.recover', 'shedder.formats.extract'),
-    ('shedder.prune.recover', 'shedder.formats.loading'),
-    ('shedder.prune.recover', 'shedder.measure.downstream'),
-    ('shedder.prune.recover', 'shedder.prune.importance'),
     ('shedder.prune.search', 'shedder.prune.distributed'),
 }
 KNOWN_UI: set[str] = {

@@ -38,6 +38,7 @@ import traceback
 from pathlib import Path
 
 from shedder.core.errors import Cancelled, ShedderError, printable
+from shedder.dev.recover_bench import compare_methods, format_comparison
 from shedder.formats.loading import DEFAULT_MODEL
 from shedder.cli.options import OneLineParser, positive_float, positive_int, threads
 
@@ -557,7 +558,7 @@ def _bench_workers(args, model, windows) -> int:
 
 # ---------------------------------------------------------------------------------------- recover
 def cmd_recover(args) -> int:
-    from shedder.formats.extract import saved_plan
+    from shedder.formats.extract import save, saved_plan
     from shedder.formats.loading import resolve
     from shedder.formats.loading import load_model
     from shedder.prune.recover import recover, student_for
@@ -579,7 +580,7 @@ def cmd_recover(args) -> int:
     try:
         with _progress(args) as progress:
             result = recover(student, tokenizer, config, args.out, teacher=teacher, plan=plan, source=args.model,
-                             progress=progress, resume=args.resume)
+                             progress=progress, resume=args.resume, save=save)
     except (Cancelled, KeyboardInterrupt):
         print(f"recovery stopped: checkpoint kept in {printable(args.out)}; add --resume to continue",
               file=sys.stderr)
@@ -608,8 +609,6 @@ def _recover_config(args):
 
 
 def cmd_bench_recover(args) -> int:
-    from shedder.prune.recover import compare_methods, format_comparison
-
     with _progress(args) as progress:
         rows = compare_methods(args.methods, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                                eval_samples=args.eval_samples, threads=args.threads, progress=progress)
