@@ -34,7 +34,7 @@ from shedder.core.fileio import atomic_write_text
 from shedder.core.hub import offline_when_unreachable
 from shedder.measure.local_tasks import TASKS_DIR
 from shedder.measure.masking import masked
-from shedder.measure.metrics import Progress
+from shedder.core.progress import Progress
 
 #: The paper's seven zero-shot tasks (Mamba and Zamba2 runs; the Hymba run drops LAMBADA and OpenBookQA).
 PAPER_TASKS = ("lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande", "openbookqa")

@@ -16,8 +16,8 @@ from typing import Iterator
 from shedder.arch import adapter_for
 from shedder.arch.base import model_lock
 from shedder.core.errors import PlanError
-from shedder.measure.metrics import Progress
 from shedder.core.plan import PruningPlan
+from shedder.core.progress import Progress
 
 #: What ``progress`` is told while another thread holds the model.
 WAITING = "waiting for the model: another session is using it"
