@@ -1,5 +1,8 @@
 """Real speed: an extracted model measured next to its original, in one run.
 
+This module measures the models it is given (``bench_models``); ``shedder.formats.bench`` loads them
+from names and files, extracts the plan, and saves each model for the CPU memory probe.
+
     python -m shedder bench --model mamba2-tiny --plan plan.json [--batch 1 --seq-len 256 --new-tokens 32]
     python -m shedder bench --model mamba2-tiny --pruned out/pruned-dir --device cuda --json
 

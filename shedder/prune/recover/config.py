@@ -99,6 +99,7 @@ def _flag(name: str) -> str:
 
 
 def is_int(value) -> bool:
+    """A whole number, and not a bool (JSON and Python both let ``True`` pass for 1)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 

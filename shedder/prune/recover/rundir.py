@@ -1,7 +1,7 @@
 """A recovery run's directory: what it may hold, its log, its place in the cache, and its end.
 
 ``RUN_DIR/log.jsonl`` records the recipe, the loss curve and the held-out numbers; a checkpoint
-(``checkpoint``) while the run is unfinished; at the end the recovered model with its card and
+(``shedder.prune.recover.checkpoint``) while the run is unfinished; at the end the recovered model with its card and
 ``recovery.json``. One process writes a run directory at a time (its lock, ``fileio.exclusive``,
 is held for the whole run).
 """
@@ -22,6 +22,7 @@ CARD_JSON = "recovery.json"
 
 
 def log_event(run_dir: Path, entry: dict) -> None:
+    """Append one JSON line to the run's log."""
     with open(run_dir / LOG, "a", encoding="utf-8") as f:
         f.write(json.dumps(entry, default=str) + "\n")
 
