@@ -27,6 +27,7 @@ from shedder.core.errors import ShedderError, printable
 from shedder.measure.evaluator import PlanEvaluator
 from shedder.core.fileio import safe_name
 from shedder.prune.importance_metrics import metric_scores
+from shedder.formats.extract import save
 from shedder.formats.loading import DEFAULT_MODEL, load_model
 from shedder.measure.masking import WAITING, holding, masked
 from shedder.measure.metrics import calibration_protocol, next_word_accuracy, perplexity
@@ -399,7 +400,7 @@ class Workspace:
                 student = student_for(loaded.model, plan, loaded.adapter)
                 teacher = loaded.model if config.method == "distill" else None
                 recover(student, loaded.tokenizer, config, run_dir, teacher=teacher, plan=plan,
-                        source=self.settings.model, progress=progress, resume=resumable(run_dir))
+                        source=self.settings.model, progress=progress, resume=resumable(run_dir), save=save)
         model, _ = load_model(str(run_dir), dtype=self.settings.dtype, device=self.settings.device)
         result = Recovered(plan, config, str(run_dir), finished(run_dir),
                            {"ppl": float(perplexity(model, self.windows(self.settings.evaluation))),

@@ -174,16 +174,17 @@ def test_bench_reports_measured_next_to_expected(tmp_path):
     assertions) and reports the cost model's numbers for the same plan."""
     from transformers import AutoTokenizer
 
-    from shedder.measure import bench
+    from shedder.formats import bench as named
     from shedder.formats.extract import save
     from shedder.formats.loading import REPO_ROOT
+    from shedder.measure import bench
 
     model = mamba2()
     model.config.use_cache = False  # as training configs often save it: the benchmark must still use the cache
     tokenizer = AutoTokenizer.from_pretrained(REPO_ROOT / "assets" / "tokenizer")
     save(model, tokenizer, tmp_path / "m")
     p = plan("block:1", "head:0:0", "head:0:4")
-    result = bench.bench_speed(str(tmp_path / "m"), plan=p, seq_len=16, new_tokens=3, repeats=2, warmup=0,
+    result = named.bench_speed(str(tmp_path / "m"), plan=p, seq_len=16, new_tokens=3, repeats=2, warmup=0,
                                memory=False)
     assert result["expected_prefill_speedup"] == pytest.approx(expected_speedup(model, p, seq_len=16))
     assert result["ratios"]["params"] == pytest.approx(estimate(model, p).params / estimate(model).params)
@@ -195,13 +196,13 @@ def test_bench_reports_measured_next_to_expected(tmp_path):
     assert result["original"]["decode_with_cache"] and result["pruned"]["decode_with_cache"]
     assert "speedup" in bench.format_report(result)
 
-    probe = bench._memory_probe({"model_dir": str(tmp_path / "m"), "batch_size": 1, "seq_len": 16,
+    probe = named.memory_probe({"model_dir": str(tmp_path / "m"), "batch_size": 1, "seq_len": 16,
                                  "new_tokens": 3, "use_cache": True, "dtype": "float32", "seed": 0})
     assert probe["peak_bytes"] >= probe["peak_bytes"] - probe["delta_bytes"] > probe["weights_bytes"] > 0
 
 
 def test_bench_needs_exactly_one_of_plan_or_pruned_model():
-    from shedder.measure import bench
+    from shedder.formats import bench
     from shedder.core.errors import ShedderError
 
     with pytest.raises(ShedderError, match="exactly one"):

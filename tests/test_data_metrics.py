@@ -80,7 +80,7 @@ def test_hf_sources_use_the_local_cache_at_once_when_the_hub_is_unreachable(monk
     import datasets
     import datasets.config
 
-    from shedder.formats import loading
+    from shedder.core import hub
 
     seen = []
 
@@ -89,11 +89,11 @@ def test_hf_sources_use_the_local_cache_at_once_when_the_hub_is_unreachable(monk
         return datasets.Dataset.from_dict({"text": ["cached doc"]})
 
     monkeypatch.setattr(datasets, "load_dataset", cached)
-    monkeypatch.setattr(loading, "hub_unreachable", lambda: True)
+    monkeypatch.setattr(hub, "hub_unreachable", lambda: True)
     before = datasets.config.HF_HUB_OFFLINE
     assert data.load_text("hf:user/corpus:train") == "cached doc"
     assert seen == [True] and datasets.config.HF_HUB_OFFLINE == before  # offline only during the call
-    monkeypatch.setattr(loading, "hub_unreachable", lambda: False)
+    monkeypatch.setattr(hub, "hub_unreachable", lambda: False)
     data.load_text("hf:user/corpus:train")
     assert seen == [True, before]
 

@@ -127,9 +127,7 @@ def test_measured_speed_is_cached_on_disk(tiny_model_dir, tmp_path, monkeypatch)
     first = frontier.measure(str(tiny_model_dir), model, plan, **settings)
     assert first["prefill_speedup"] > 0 and first["state_ratio"] == pytest.approx(2 / 3)
     assert first["bench"]["pruned"]["params"] == adapter_for(model).param_count(plan)
-    import shedder.measure.bench
-
-    monkeypatch.setattr(shedder.measure.bench, "bench_speed", lambda *a, **k: pytest.fail("measured twice"))
+    monkeypatch.setattr(frontier, "bench_models", lambda *a, **k: pytest.fail("measured twice"))
     again, _ = load_model(str(tiny_model_dir))  # another session: same weights, same key
     assert frontier.measure(str(tiny_model_dir), again, plan, **settings) == json.loads(json.dumps(first))
     assert frontier.measured(model, plan, **{**settings, "dtype": "bfloat16"}) is None

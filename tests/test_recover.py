@@ -18,6 +18,7 @@ from shedder.prune import recover as recover_module
 from shedder.arch import adapter_for
 from shedder.measure.data import load_text
 from shedder.core.errors import Cancelled, DataError, ShedderError
+from shedder.formats.extract import save
 from shedder.formats.loading import load_model
 from shedder.measure.masking import masked
 from shedder.core.plan import Component, PruningPlan
@@ -46,7 +47,7 @@ def test_lora_trains_its_targets_on_pruned_mixers_and_held_out_loss_falls(family
     student = student_for(model, plan)
     before = snapshot(student)
     result = recover(student, bundled_tokenizer, RecoverConfig(method="lora", lora_rank=4, **FAST), tmp_path / "run",
-                     teacher=model, plan=plan)
+                     teacher=model, plan=plan, save=save)
     assert result.ppl["recovered"] < result.ppl["pruned"]
     after = snapshot(student)
     targets = [n for n in before if n.endswith((".in_proj.weight", ".out_proj.weight", ".up_proj.weight",
@@ -76,7 +77,7 @@ def test_distillation_leaves_the_teacher_untouched_and_moves_towards_it(bundled_
     teacher, plan = _pruned("mamba2", len(bundled_tokenizer))
     original = snapshot(teacher)
     result = recover(student_for(teacher, plan), bundled_tokenizer, RecoverConfig(method="distill", **FAST),
-                     tmp_path / "run", teacher=teacher, plan=plan)
+                     tmp_path / "run", teacher=teacher, plan=plan, save=save)
     assert all(torch.equal(original[n], p) for n, p in snapshot(teacher).items())
     assert result.ppl["recovered"] < result.ppl["pruned"]
     log = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
@@ -95,7 +96,7 @@ def test_an_interrupted_run_resumes_exactly(bundled_tokenizer, tmp_path):
     teacher, plan = _pruned("mamba2", len(bundled_tokenizer))
     config = RecoverConfig(method="full", checkpoint_every=2, **{**FAST, "steps": 4, "eval_samples": 1})
     straight = student_for(teacher, plan)
-    recover(straight, bundled_tokenizer, config, tmp_path / "straight", plan=plan)
+    recover(straight, bundled_tokenizer, config, tmp_path / "straight", plan=plan, save=save)
 
     def stop_at_3(done, total, message):
         if done == 3:
@@ -103,14 +104,14 @@ def test_an_interrupted_run_resumes_exactly(bundled_tokenizer, tmp_path):
 
     interrupted = student_for(teacher, plan)
     with pytest.raises(Cancelled):
-        recover(interrupted, bundled_tokenizer, config, tmp_path / "run", plan=plan, progress=stop_at_3)
+        recover(interrupted, bundled_tokenizer, config, tmp_path / "run", plan=plan, progress=stop_at_3, save=save)
     with pytest.raises(ShedderError, match="--resume"):
-        recover(student_for(teacher, plan), bundled_tokenizer, config, tmp_path / "run", plan=plan)
+        recover(student_for(teacher, plan), bundled_tokenizer, config, tmp_path / "run", plan=plan, save=save)
     with pytest.raises(ShedderError, match="other settings"):
         recover(student_for(teacher, plan), bundled_tokenizer, replace(config, lr=1e-3),
-                tmp_path / "run", plan=plan, resume=True)
+                tmp_path / "run", plan=plan, resume=True, save=save)
     resumed = student_for(teacher, plan)
-    result = recover(resumed, bundled_tokenizer, config, tmp_path / "run", plan=plan, resume=True)
+    result = recover(resumed, bundled_tokenizer, config, tmp_path / "run", plan=plan, resume=True, save=save)
     assert result.resumed_from == 3
     assert all(torch.equal(p, snapshot(straight)[n]) for n, p in snapshot(resumed).items())
     assert not [p.name for p in (tmp_path / "run").iterdir() if p.name.startswith("checkpoint")]

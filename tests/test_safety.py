@@ -911,7 +911,7 @@ def stopped_recovery(tmp_path_factory, tiny_model_dir, plan_file):
         return real(*args, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(recovery, "sample_batch", interrupt_at_7)
+        mp.setattr(recovery.loop, "sample_batch", interrupt_at_7)  # the name the loop calls
         assert main(recover_argv(tiny_model_dir, plan_file, run)) == 130
     assert json.loads((run / "checkpoint.json").read_text())["step"] == 6
     return run
@@ -964,7 +964,7 @@ def test_a_second_session_waits_for_a_recovery_run_shown_and_cancellable(stopped
 
     def resume(progress):
         return recovery.recover(recovery.student_for(model, plan), tokenizer, cli._recover_config(args), run,
-                                plan=plan, progress=progress, resume=True)
+                                plan=plan, progress=progress, resume=True, save=save)
 
     try:
         with pytest.raises(Cancelled):
@@ -985,7 +985,7 @@ def test_kill_during_recovery_then_resume_logs_each_step_once(capsys, tmp_path, 
     argv = recover_argv(tiny_model_dir, plan_file, run)
     script = f"""
 import time
-import shedder.prune.recover as r
+import shedder.prune.recover.loop as r
 from shedder import cli
 real, calls = r.sample_batch, []
 def slow(*a, **k):

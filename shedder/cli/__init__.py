@@ -39,8 +39,11 @@ from pathlib import Path
 
 from shedder.core.errors import Cancelled, ShedderError, printable
 from shedder.core.fileio import full_disk_reason
+from shedder.dev.recover_bench import compare_methods, format_comparison
+from shedder.formats.bench import bench_speed
+from shedder.measure.bench import format_report
 from shedder.formats.loading import DEFAULT_MODEL
-from shedder.cli.options import OneLineParser, positive_float, positive_int, threads
+from shedder.cli.options import OneLineParser, non_negative_int, positive_float, positive_int, threads
 
 DEFAULT_CALIBRATION = "calibration"
 DEFAULT_EVAL = "test"
@@ -559,7 +562,7 @@ def _bench_workers(args, model, windows) -> int:
 
 # ---------------------------------------------------------------------------------------- recover
 def cmd_recover(args) -> int:
-    from shedder.formats.extract import saved_plan
+    from shedder.formats.extract import save, saved_plan
     from shedder.formats.loading import resolve
     from shedder.formats.loading import load_model
     from shedder.prune.recover import recover, student_for
@@ -581,7 +584,7 @@ def cmd_recover(args) -> int:
     try:
         with _progress(args) as progress:
             result = recover(student, tokenizer, config, args.out, teacher=teacher, plan=plan, source=args.model,
-                             progress=progress, resume=args.resume)
+                             progress=progress, resume=args.resume, save=save)
     except (Cancelled, KeyboardInterrupt):
         print(f"recovery stopped: checkpoint kept in {printable(args.out)}; add --resume to continue",
               file=sys.stderr)
@@ -610,8 +613,6 @@ def _recover_config(args):
 
 
 def cmd_bench_recover(args) -> int:
-    from shedder.prune.recover import compare_methods, format_comparison
-
     with _progress(args) as progress:
         rows = compare_methods(args.methods, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                                eval_samples=args.eval_samples, threads=args.threads, progress=progress)
@@ -620,14 +621,48 @@ def cmd_bench_recover(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    """Run the benchmark the parsed ``args`` describe and print the report."""
+    import torch
+
+    from shedder.core.progress import TqdmProgress
     from shedder.formats.official import read_plan
-    from shedder.measure import bench
 
     if not (args.plan or args.pruned):
         raise ShedderError("bench needs --plan or --pruned (or the `search` subcommand: python -m shedder bench search)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.plan:
         args.plan = read_plan(args.plan)  # ours or an official config
-    return bench.run(args)
+    print(f"bench: {args.warmup} warm-up + {args.repeats} timed rounds, each a prefill of {args.batch} × "
+          f"{args.seq_len} tokens and a {args.new_tokens}-token generation on the original and the extracted "
+          f"model" + ("" if args.no_memory else ", then one peak-memory run of each (CPU: in a fresh process)"),
+          file=sys.stderr, flush=True)
+    with TqdmProgress(enabled=not getattr(args, "no_progress", False)) as progress:
+        result = bench_speed(args.model, plan=args.plan, pruned_dir=args.pruned, batch_size=args.batch,
+                             seq_len=args.seq_len, new_tokens=args.new_tokens, repeats=args.repeats,
+                             warmup=args.warmup, device=args.device, dtype=args.dtype, memory=not args.no_memory,
+                             progress=progress)
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    return 0
+
+
+def _bench_options(parser: argparse.ArgumentParser) -> None:
+    """Options of ``python -m shedder bench``."""
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"bundled name, local directory or hub id of the original model (default {DEFAULT_MODEL})")
+    which = parser.add_mutually_exclusive_group()  # one of them is required unless `bench search`
+    which.add_argument("--plan", help="pruning plan JSON (the model is extracted in memory)")
+    which.add_argument("--pruned", help="directory of a saved pruned model")
+    parser.add_argument("--batch", type=positive_int, default=1, help="sequences per batch (default 1)")
+    parser.add_argument("--seq-len", type=positive_int, default=256, help="prompt length in tokens (default 256)")
+    parser.add_argument("--new-tokens", type=positive_int, default=32, help="tokens generated for decode timing (default 32)")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed rounds per model (default 5)")
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed rounds first (default 1)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default float32)")
+    parser.add_argument("--threads", type=threads, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
 # ---------------------------------------------------------------------------------------- parser
@@ -826,9 +861,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="speed of an extracted model vs its original; `bench search` for the search",
                        epilog="`bench scale --help`: cost as models grow; `bench gpu-check --help`: the journey on CUDA.")
-    from shedder.measure import bench
-
-    bench.add_arguments(p)
+    _bench_options(p)
     p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)

@@ -13,13 +13,10 @@ randomly initialised layers or a nan perplexity.
 """
 from __future__ import annotations
 
-import functools
 import json
 import re
-import socket
 import stat
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -28,6 +25,7 @@ from safetensors.torch import load_model as load_weights
 from shedder.arch import adapter_class, instantiate, supported_architectures
 from shedder.arch.spec import PrunedSpec, check_config_sizes
 from shedder.core.errors import ModelLoadError, UnsupportedModelError
+from shedder.core.hub import hub_unreachable
 from shedder.formats.extract import WEIGHTS_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -130,22 +128,6 @@ def read_json_object(path: Path) -> dict:
 
 def _one_line(error: Exception) -> str:
     return " ".join(str(error).split()) or type(error).__name__
-
-
-@functools.lru_cache(maxsize=1)
-def hub_unreachable() -> bool:
-    """True when the model hub cannot be reached (checked once per process, 3 s at most), so that
-    hub ids resolve from the local cache at once instead of retrying the network for half a minute."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        return True
-    host = urlparse(constants.ENDPOINT).hostname
-    try:
-        socket.create_connection((host, 443), timeout=3).close()
-        return False
-    except OSError:
-        return True
 
 
 def _offline(source: str) -> bool:

@@ -1,5 +1,8 @@
 """Real speed: an extracted model measured next to its original, in one run.
 
+This module measures the models it is given (``bench_models``); ``shedder.formats.bench`` loads them
+from names and files, extracts the plan, and saves each model for the CPU memory probe.
+
     python -m shedder bench --model mamba2-tiny --plan plan.json [--batch 1 --seq-len 256 --new-tokens 32]
     python -m shedder bench --model mamba2-tiny --pruned out/pruned-dir --device cuda --json
 
@@ -31,28 +34,25 @@ the extracted model, never from a masked one.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
-import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
+
 import torch
 
-from shedder.arch import adapter_for, count_parameters
-from shedder.arch.resolved import PlanSource
-from shedder.measure.cost import estimate
+from shedder.arch import count_parameters
 from shedder.core.errors import ShedderError
-from shedder.formats.extract import extract, save, saved_plan
-from shedder.formats.loading import DEFAULT_MODEL, REPO_ROOT, load_model, parse_dtype
-from shedder.cli.options import non_negative_int, positive_int, threads
 from shedder.core.plan import PruningPlan
 from shedder.core.progress import Progress
+from shedder.measure.cost import estimate
+
+#: ``fresh_process(name, model, spec) -> (disk bytes, memory entry)``: the model saved as safetensors
+#: and its peak memory during one prefill + generate measured in a fresh process that loads it from
+#: there (``shedder.formats.bench.FreshProcess``: saving and loading a model are ``formats``' concern).
+FreshProcess = Callable[[str, object, dict], tuple[int, dict]]
 
 
 @dataclass
@@ -86,26 +86,27 @@ def kernel_path(device: str) -> str:
     return "CUDA: PyTorch reference scan and conv (mamba-ssm / causal-conv1d not installed)"
 
 
-def bench_speed(model_name: str, plan: PruningPlan | PlanSource | str | Path | None = None, pruned_dir: str | Path | None = None,
-                *, batch_size: int = 1, seq_len: int = 256, new_tokens: int = 32, repeats: int = 5,
-                warmup: int = 1, device: str = "cpu", dtype: str = "float32", memory: bool = True,
-                seed: int = 0, progress: Progress | None = None) -> dict:
-    """Measure the original model and its extracted version side by side; returns a JSON-able dict.
-
-    Give either ``plan`` (a plan, an official config, or a plan file of ours; the model is extracted here) or
-    ``pruned_dir`` (a saved pruned model; its recorded plan, if any, is checked against the model).
-    """
-    if (plan is None) == (pruned_dir is None):
-        raise ShedderError("bench needs exactly one of a plan (--plan) or a pruned model directory (--pruned)")
+def check_options(batch_size: int, seq_len: int, new_tokens: int, repeats: int, warmup: int, device: str) -> None:
+    """Refuse options that cannot be measured, before anything is loaded."""
     if min(batch_size, seq_len, repeats) < 1 or warmup < 0:
         raise ShedderError("batch size, sequence length and repeats must be at least 1 (warm-up at least 0)")
     if new_tokens < 2:
         raise ShedderError("--new-tokens must be at least 2 (decode throughput is measured after the first token)")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ShedderError("--device cuda was asked for, but PyTorch sees no CUDA device")
-    torch_dtype = parse_dtype(dtype)
 
-    original, pruned, tokenizer, plan = _load_pair(model_name, plan, pruned_dir, dtype, device)
+
+def bench_models(original, pruned, tokenizer, plan: PruningPlan | None = None, *, model_name: str = "",
+                 batch_size: int = 1, seq_len: int = 256, new_tokens: int = 32, repeats: int = 5, warmup: int = 1,
+                 device: str = "cpu", dtype: str = "float32", memory: bool = True, seed: int = 0,
+                 progress: Progress | None = None, fresh_process: FreshProcess | None = None) -> dict:
+    """Measure ``original`` and its extracted version ``pruned`` side by side (both on ``device``,
+    in ``dtype``); returns a JSON-able dict. ``plan`` is the validated plan ``pruned`` was extracted
+    with (None when unknown). The CPU peak memory (``memory`` on a CPU device) needs ``fresh_process``."""
+    check_options(batch_size, seq_len, new_tokens, repeats, warmup, device)
+    probe = memory and not device.startswith("cuda")
+    if probe and fresh_process is None:
+        raise ShedderError("the CPU peak-memory measurement needs a fresh process to load each saved model in")
     costs = {"original": estimate(original, None, seq_len, batch_size),
              "pruned": estimate(pruned, None, seq_len, batch_size)}
     models = {"original": original, "pruned": pruned}
@@ -119,26 +120,22 @@ def bench_speed(model_name: str, plan: PruningPlan | PlanSource | str | Path | N
     results: dict[str, dict] = {}
     # Saved only for the CPU memory probe, which loads each model in a fresh process: a 7B model
     # is not written to a temporary directory just to read its size.
-    probe = memory and not device.startswith("cuda")
-    with tempfile.TemporaryDirectory(prefix="shedder-bench-") as tmp:
-        for i, (name, model) in enumerate(models.items()):
-            out = save(model, tokenizer, Path(tmp) / name, plan if name == "pruned" else None) if probe else None
-            entry = {
-                "params": count_parameters(model),
-                "decode_with_cache": cache[name],
-                "disk_bytes": (sum(f.stat().st_size for f in out.glob("*.safetensors")) if out
-                               else _state_bytes(model)),
-                **{key: asdict(Spread.of(values)) for key, values in samples[name].items()},
-                "flops_per_token_prefill": costs[name].flops_per_token_prefill,
-                "state_bytes_per_sequence": costs[name].state_bytes_per_sequence,
-            }
-            if memory:
-                if device.startswith("cuda"):
-                    entry["memory"] = _cuda_peak(model, ids, new_tokens, pad_id, cache[name])
-                else:
-                    entry["memory"] = _cpu_peak_subprocess(out, batch_size, seq_len, new_tokens, cache[name], dtype, seed)
-                _report(progress, warmup + repeats + i + 1, total_steps, f"bench: peak memory of the {name} model")
-            results[name] = entry
+    for i, (name, model) in enumerate(models.items()):
+        spec = {"batch_size": batch_size, "seq_len": seq_len, "new_tokens": new_tokens, "use_cache": cache[name],
+                "dtype": dtype, "seed": seed}
+        disk_bytes, peak = fresh_process(name, model, spec) if probe else (_state_bytes(model), None)
+        entry = {
+            "params": count_parameters(model),
+            "decode_with_cache": cache[name],
+            "disk_bytes": disk_bytes,
+            **{key: asdict(Spread.of(values)) for key, values in samples[name].items()},
+            "flops_per_token_prefill": costs[name].flops_per_token_prefill,
+            "state_bytes_per_sequence": costs[name].state_bytes_per_sequence,
+        }
+        if memory:
+            entry["memory"] = _cuda_peak(model, ids, new_tokens, pad_id, cache[name]) if not probe else peak
+            _report(progress, warmup + repeats + i + 1, total_steps, f"bench: peak memory of the {name} model")
+        results[name] = entry
 
     expected = costs["original"].flops_per_token_prefill / costs["pruned"].flops_per_token_prefill
     paired = Spread.of([p / o for p, o in zip(samples["pruned"]["prefill_tokens_per_s"],
@@ -147,7 +144,7 @@ def bench_speed(model_name: str, plan: PruningPlan | PlanSource | str | Path | N
         "model": model_name,
         "plan": plan.describe() if plan is not None else "(plan not recorded in the pruned directory)",
         "device": device,
-        "dtype": str(torch_dtype).replace("torch.", ""),
+        "dtype": dtype,
         "kernels": kernel_path(device),
         "threads": torch.get_num_threads(),
         "batch_size": batch_size, "seq_len": seq_len, "new_tokens": new_tokens,
@@ -168,24 +165,6 @@ def pad_token_id(model, tokenizer) -> int:
         if isinstance(pad, int):
             return pad
     return 0
-
-
-def _load_pair(model_name: str, plan, pruned_dir, dtype: str, device: str):
-    """(original, extracted model, tokenizer, validated plan or None when a pruned directory has none)."""
-    original, tokenizer = load_model(model_name, dtype=dtype, device=device)
-    adapter = adapter_for(original)
-    if pruned_dir is not None:
-        pruned, _ = load_model(str(pruned_dir), dtype=dtype, device=device)
-        if pruned.config.vocab_size != original.config.vocab_size or type(pruned) is not type(original):
-            raise ShedderError(f"{pruned_dir} ({type(pruned).__name__}, vocabulary {pruned.config.vocab_size}) is not "
-                               f"a pruned version of {model_name} ({type(original).__name__}, "
-                               f"vocabulary {original.config.vocab_size})")
-        plan = saved_plan(pruned_dir)
-        return original, pruned, tokenizer, adapter.resolve(plan) if plan is not None else None
-    if isinstance(plan, (str, Path)):  # the CLI reads official configs too (formats.official.read_plan)
-        plan = PruningPlan.load(plan)
-    plan = adapter.resolve(plan)
-    return original, extract(original, plan, adapter), tokenizer, plan
 
 
 def _timing_rounds(models: dict, cache: dict, ids: torch.Tensor, new_tokens: int, pad_id: int, device: str, warmup: int,
@@ -310,20 +289,6 @@ def _cuda_peak(model, ids: torch.Tensor, new_tokens: int, pad_id: int, use_cache
             "how": "torch.cuda.max_memory_allocated during prefill + generate, above the allocation before, plus weights"}
 
 
-def _cpu_peak_subprocess(model_dir: Path, batch_size: int, seq_len: int, new_tokens: int, use_cache: bool, dtype: str,
-                         seed: int) -> dict:
-    """Run ``_memory_probe`` in a fresh interpreter so no other model or allocator cache is counted."""
-    spec = {"model_dir": str(model_dir), "batch_size": batch_size, "seq_len": seq_len,
-            "new_tokens": new_tokens, "use_cache": use_cache, "dtype": dtype, "seed": seed}
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-           "OMP_NUM_THREADS": str(torch.get_num_threads())}
-    code = "import sys, json; from shedder.measure.bench import _memory_probe; print(json.dumps(_memory_probe(json.loads(sys.argv[1]))))"
-    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"memory probe failed for {model_dir}:\n{proc.stderr[-2000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def _proc_status_kb(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
         if line.startswith(field + ":"):
@@ -331,9 +296,9 @@ def _proc_status_kb(field: str) -> int:
     raise KeyError(field)
 
 
-def _memory_probe(spec: dict) -> dict:
-    """In a fresh process: load the model, reset the peak-RSS mark, run prefill + generate, read the peak."""
-    model, tokenizer = load_model(spec["model_dir"], dtype=spec["dtype"], device="cpu")
+def peak_rss(model, tokenizer, spec: dict) -> dict:
+    """In a fresh process that has just loaded ``model``: reset the peak-RSS mark, run one prefill +
+    generate (``spec``: batch_size, seq_len, new_tokens, use_cache, seed), read the peak."""
     generator = torch.Generator().manual_seed(spec["seed"])
     ids = torch.randint(0, model.config.vocab_size, (spec["batch_size"], spec["seq_len"]), generator=generator)
     pad_id = pad_token_id(model, tokenizer)
@@ -421,42 +386,3 @@ def format_report(result: dict) -> str:
               f"expected from FLOPs {result['expected_prefill_speedup']:.3f}x "
               f"(measured/expected {result['measured_over_expected']:.2f})"]
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``python -m shedder bench``."""
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"bundled name, local directory or hub id of the original model (default {DEFAULT_MODEL})")
-    which = parser.add_mutually_exclusive_group()  # one of them is required unless `bench search`
-    which.add_argument("--plan", help="pruning plan JSON (the model is extracted in memory)")
-    which.add_argument("--pruned", help="directory of a saved pruned model")
-    parser.add_argument("--batch", type=positive_int, default=1, help="sequences per batch (default 1)")
-    parser.add_argument("--seq-len", type=positive_int, default=256, help="prompt length in tokens (default 256)")
-    parser.add_argument("--new-tokens", type=positive_int, default=32, help="tokens generated for decode timing (default 32)")
-    parser.add_argument("--repeats", type=positive_int, default=5, help="timed rounds per model (default 5)")
-    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed rounds first (default 1)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default float32)")
-    parser.add_argument("--threads", type=threads, help="CPU threads for PyTorch (default: PyTorch's choice)")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run the benchmark the parsed ``args`` describe and print the report."""
-    from shedder.core.progress import TqdmProgress
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"bench: {args.warmup} warm-up + {args.repeats} timed rounds, each a prefill of {args.batch} × "
-          f"{args.seq_len} tokens and a {args.new_tokens}-token generation on the original and the extracted "
-          f"model" + ("" if args.no_memory else ", then one peak-memory run of each (CPU: in a fresh process)"),
-          file=sys.stderr, flush=True)
-    with TqdmProgress(enabled=not getattr(args, "no_progress", False)) as progress:
-        result = bench_speed(args.model, plan=args.plan, pruned_dir=args.pruned, batch_size=args.batch,
-                             seq_len=args.seq_len, new_tokens=args.new_tokens, repeats=args.repeats,
-                             warmup=args.warmup, device=args.device, dtype=args.dtype, memory=not args.no_memory,
-                             progress=progress)
-    print(json.dumps(result, indent=2) if args.json else format_report(result))
-    return 0

@@ -18,9 +18,7 @@ Calibration windows follow one of two protocols (``PROTOCOLS``): ``"shedder"`` t
 """
 from __future__ import annotations
 
-import contextlib
 import gzip
-import hashlib
 import json
 import random
 from dataclasses import dataclass
@@ -28,7 +26,9 @@ from pathlib import Path
 
 import torch
 
+from shedder.core.cache import windows_hash  # noqa: F401  (the windows' key, where the windows are made)
 from shedder.core.errors import DataError
+from shedder.core.hub import offline_when_unreachable
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "assets" / "data"
 BUNDLED = {"train": "train.txt.gz", "calibration": "calibration.txt", "test": "test.txt"}
@@ -140,26 +140,6 @@ def _load_hf(source: str) -> str:
     if column is None:
         raise DataError(f"{source!r} has no text column (columns: {', '.join(ds.column_names)})")
     return "\n\n".join(t for t in ds[column] if t)
-
-
-@contextlib.contextmanager
-def offline_when_unreachable():
-    """With no route to the hub, let `datasets` use its local cache at once instead of retrying the
-    network for half a minute (the same check ``shedder.formats.loading`` makes for models)."""
-    from shedder.formats.loading import hub_unreachable
-
-    if not hub_unreachable():
-        yield
-        return
-    import datasets.config
-    import huggingface_hub.constants
-
-    saved = datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE
-    datasets.config.HF_HUB_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
-    try:
-        yield
-    finally:
-        datasets.config.HF_HUB_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = saved
 
 
 def _hf_dataset(source: str):
@@ -323,11 +303,3 @@ def _official_texts(source: str) -> list[str]:
     if not isinstance(records, list) or not all(isinstance(r, dict) and isinstance(r.get("text"), str) for r in records):
         raise DataError(f"{path}: expected a JSON list of objects, each with a string field 'text'")
     return [r["text"] for r in records]
-
-
-def windows_hash(windows: torch.Tensor) -> str:
-    """A short hash of the exact token windows (keys caches and search logs)."""
-    w = windows.detach().to("cpu", torch.long).contiguous()
-    h = hashlib.sha256(str(tuple(w.shape)).encode())
-    h.update(w.numpy().tobytes())
-    return h.hexdigest()[:16]

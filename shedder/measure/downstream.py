@@ -27,10 +27,14 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from shedder.arch import adapter_for
+from shedder.core.cache import default_cache_dir, digest, model_fingerprint, plan_key
 from shedder.core.errors import DownstreamError
 from shedder.core.fileio import atomic_write_text
+from shedder.core.hub import offline_when_unreachable
 from shedder.measure.local_tasks import TASKS_DIR
-from shedder.measure.metrics import Progress
+from shedder.measure.masking import masked
+from shedder.core.progress import Progress
 
 #: The paper's seven zero-shot tasks (Mamba and Zamba2 runs; the Hymba run drops LAMBADA and OpenBookQA).
 PAPER_TASKS = ("lambada_openai", "hellaswag", "piqa", "arc_easy", "arc_challenge", "winogrande", "openbookqa")
@@ -195,8 +199,6 @@ def scores(model, tokenizer, tasks, plan=None, *, limit: int | None = None, batc
     if limit is not None and limit < 1:
         raise DownstreamError(f"--limit must be at least 1, got {limit}")
     if plan is not None:
-        from shedder.arch import adapter_for
-
         adapter = adapter or adapter_for(model, plan.group_sizes)
         plan = adapter.resolve(plan)
     path = _cache_path(model, tokenizer, plan, tasks, limit, cache_dir)
@@ -228,8 +230,6 @@ def summary(model, tokenizer, tasks, plan=None, *, limit: int | None = None, bat
 def _run(model, tokenizer, tasks, plan, adapter, manager, limit, batch_size, progress) -> dict:
     from lm_eval import simple_evaluate
 
-    from shedder.measure.data import offline_when_unreachable
-    from shedder.measure.masking import masked
 
     lm = _progress_lm(model, tokenizer, batch_size, progress)
     mask = masked(model, plan, adapter) if plan is not None else contextlib.nullcontext()
@@ -309,13 +309,10 @@ def _quiet_lm_eval():
 
 # ------------------------------------------------------------------------------------ the cache
 def _cache_path(model, tokenizer, plan, tasks, limit, cache_dir) -> Path:
-    from shedder.prune.importance import default_cache_dir, model_fingerprint, plan_key
-
-    blob = json.dumps({"version": CACHE_VERSION, "model": model_fingerprint(model), "tokenizer": _tokenizer_hash(tokenizer),
-                       "plan": plan_key(plan) if plan is not None and plan.components else None,
-                       "tasks": list(tasks), "limit": limit, "lm_eval": _lm_eval_version(),
-                       "task_files": _task_files_hash(tasks)}, sort_keys=True)
-    key = hashlib.sha256(blob.encode()).hexdigest()[:20]
+    key = digest({"version": CACHE_VERSION, "model": model_fingerprint(model), "tokenizer": _tokenizer_hash(tokenizer),
+                  "plan": plan_key(plan) if plan is not None and plan.components else None,
+                  "tasks": list(tasks), "limit": limit, "lm_eval": _lm_eval_version(),
+                  "task_files": _task_files_hash(tasks)}, 20)
     return Path(cache_dir or default_cache_dir()) / "downstream" / f"{key}.json"
 
 

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 import torch
 
 from shedder.arch import adapter_for, patch_forward
+from shedder.measure.budget import process_cache_budget
 from shedder.measure.masking import masked
 from shedder.core.errors import PlanError
 from shedder.measure.metrics import batches, perplexity_of, predicted_tokens, token_nll
@@ -108,8 +109,6 @@ class PlanEvaluator:
         """This evaluator's activation budget now: its own, or its share of the process budget."""
         if self._own_budget is not None:
             return self._own_budget
-        from shedder.measure.budget import process_cache_budget
-
         return process_cache_budget(self.device) // max(len(_SHARING), 1)
 
     def _choose_cached_layers(self, budget: int) -> list[int]:

@@ -17,8 +17,8 @@ from shedder.arch import ResolvedPlan, adapter_for_plan
 from shedder.arch.resolved import PlanSource
 from shedder.arch.runtime import model_lock
 from shedder.core.errors import PlanError
-from shedder.measure.metrics import Progress
 from shedder.core.plan import PruningPlan
+from shedder.core.progress import Progress
 
 #: What ``progress`` is told while another thread holds the model.
 WAITING = "waiting for the model: another session is using it"

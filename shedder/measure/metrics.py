@@ -20,7 +20,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from shedder.arch import adapter_for
 from shedder.measure.data import load_text
+from shedder.measure.masking import masked
 from shedder.core.errors import DataError, NonFiniteError
 from shedder.core.progress import Progress
 
@@ -106,8 +108,6 @@ def _maybe_masked(model, plan):
     if plan is None:
         yield
     else:
-        from shedder.measure.masking import masked
-
         with masked(model, plan):
             yield
 
@@ -210,8 +210,6 @@ def next_word_accuracy(model, tokenizer, source: str = "test", n: int = 200, pro
 
 def param_count(model, plan=None) -> int:
     """Parameters of ``model`` as extracted under ``plan`` (all of them without a plan)."""
-    from shedder.arch import adapter_for
-
     adapter = adapter_for(model, plan.group_sizes if plan is not None else None)
     return adapter.param_count(plan)
 

@@ -6,7 +6,7 @@ k = 1, 2, ...), the plans a user saved, or models recovered after pruning. Any p
 own series; the Pareto front is taken over the points of every series together (``pareto_mask``).
 
 Speed is measured, never guessed: ``measure`` extracts a point's plan and runs the side-by-side
-bench (``shedder.measure.bench.bench_speed``: prefill and decode throughput ratios, time to first token,
+bench (``shedder.measure.bench.bench_models``: prefill and decode throughput ratios, time to first token,
 recurrent state and, on request, peak memory). Results are cached on disk under the cache
 directory, keyed by the model's weights fingerprint, the plan, the device, the dtype and the bench
 settings, so a point measured once is known in every later session; ``measured`` reads that cache
@@ -14,6 +14,7 @@ without measuring.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -24,6 +25,8 @@ import pandas as pd
 from shedder.arch import adapter_for
 from shedder.core.fileio import atomic_write_text
 from shedder.prune.importance import default_cache_dir, model_fingerprint, plan_key
+from shedder.measure.bench import bench_models
+from shedder.measure.masking import holding
 from shedder.measure.metrics import Progress
 from shedder.core.plan import Component, PruningPlan
 
@@ -119,19 +122,22 @@ def measured(model, plan: PruningPlan, device: str = "cpu", dtype: str = "float3
 
 
 def measure(model_name: str, model, plan: PruningPlan, device: str = "cpu", dtype: str = "float32",
-            cache_dir=None, progress: Progress | None = None, **settings) -> dict:
+            cache_dir=None, progress: Progress | None = None, tokenizer=None, **settings) -> dict:
     """Measured speed of ``plan``'s extracted model next to the original (cached on disk):
     ``prefill_speedup``, ``decode_speedup``, ``ttft_ratio``, ``state_ratio``, ``expected_prefill_speedup``,
     ``peak_memory_ratio`` (None unless ``memory=True``) and the full ``bench`` result.
-    ``model`` is the loaded original (for the cache key); the bench loads ``model_name`` itself."""
-    from shedder.measure.bench import bench_speed
-
-    plan = adapter_for(model, plan.group_sizes).resolve(plan)
+    ``model`` is the loaded original (``model_name`` names it), on ``device`` in ``dtype``; the bench
+    times a copy of it and the extracted model, both taken under the model's lock (no other session's
+    live mask is in them). ``tokenizer`` gives the pad id (default: the config's)."""
+    adapter = adapter_for(model, plan.group_sizes)
+    plan = adapter.resolve(plan)
     known = measured(model, plan, device, dtype, cache_dir, **settings)
     if known is not None:
         return known
     s = _bench_settings(device, dtype, settings)
-    result = bench_speed(model_name, plan=plan, progress=progress, **s)
+    with holding(model, progress):
+        original, pruned = copy.deepcopy(model), adapter.extract(plan)
+    result = bench_models(original, pruned, tokenizer, plan, model_name=model_name, progress=progress, **s)
     r = result["ratios"]
     out = {"prefill_speedup": result["measured_prefill_speedup"], "decode_speedup": r["decode_tokens_per_s"],
            "ttft_ratio": r["ttft_ms"], "state_ratio": r["state_bytes_per_sequence"],

@@ -15,69 +15,24 @@ and a line torn by a kill mid-write fails to parse instead of passing for a shor
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
-import weakref
 from pathlib import Path
 
 import pandas as pd
 import torch
 
 from shedder.arch import adapter_for
-from shedder.measure.data import windows_hash
+from shedder.core.cache import cache_key, default_cache_dir, model_fingerprint, plan_key  # noqa: F401  (callers' names)
 from shedder.core.errors import NonFiniteError
 from shedder.measure.evaluator import PlanEvaluator, check_kinds, removing
 from shedder.core.fileio import atomic_write_text, exclusive
 from shedder.measure.metrics import predicted_tokens
 from shedder.core.progress import Progress
-from shedder.core.plan import KINDS, Component, PruningPlan, config_hash
+from shedder.core.plan import KINDS, Component, PruningPlan
 
 COLUMNS = ["layer", "kind", "index", "ppl", "delta_ppl", "params_removed"]
-
-
-def default_cache_dir() -> Path:
-    """``$SHEDDER_CACHE_DIR``, else ``~/.cache/shedder``."""
-    return Path(os.environ.get("SHEDDER_CACHE_DIR") or Path.home() / ".cache" / "shedder")
-
-
-#: Bytes hashed per step (bounds the host copy of a GPU tensor).
-_HASH_CHUNK = 64 << 20
-#: model -> (the parameters' storage and version counters, fingerprint): in-place updates of a weight
-#: bump its version counter, so a changed model is hashed again and an unchanged one is not.
-_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
-@torch.no_grad()
-def model_fingerprint(model) -> str:
-    """Config hash plus a BLAKE2 hash of every parameter's name, shape, dtype and raw bytes: weights
-    that differ anywhere give another key (no sampling, so no sample index to get wrong on a
-    38M-element embedding). One read of the weights (about a second per GB), remembered per model
-    until a weight changes in place."""
-    state = tuple((name, p.data_ptr(), p._version) for name, p in model.named_parameters())
-    known = _FINGERPRINTS.get(model)
-    if known is not None and known[0] == state:
-        return known[1]
-    h = hashlib.blake2b(config_hash(model.config).encode(), digest_size=16)
-    for name, p in model.named_parameters():
-        h.update(f"{name}{tuple(p.shape)}{p.dtype}".encode())
-        raw = p.detach().contiguous().view(-1).view(torch.uint8)  # [bytes]
-        for start in range(0, raw.numel(), _HASH_CHUNK):
-            h.update(raw[start:start + _HASH_CHUNK].cpu().numpy().data)
-    _FINGERPRINTS[model] = (state, h.hexdigest()[:16])
-    return _FINGERPRINTS[model][1]
-
-
-def plan_key(plan: PruningPlan) -> dict:
-    """The parts of a plan that change what is measured (for cache keys and search logs)."""
-    return {"components": [str(c) for c in plan.sorted()], "group_sizes": dict(sorted(plan.group_sizes.items()))}
-
-
-def cache_key(model, windows: torch.Tensor, kinds: list[str], base: PruningPlan) -> str:
-    blob = json.dumps({"model": model_fingerprint(model), "data": windows_hash(windows),
-                       "kinds": sorted(kinds), "base": plan_key(base)}, sort_keys=True)
-    return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
 def score(model, windows: torch.Tensor, kinds, base_plan: PruningPlan | None = None,
