@@ -10,7 +10,7 @@ from shedder.prune.agreement import agreement, compare, correlate, matrix
 from shedder.arch import adapter_for
 from shedder.cli import main
 from shedder.measure.continuation import continue_text
-from shedder.prune.importance_metrics import METRICS, MetricError, _Ownership, metric_scores
+from shedder.prune.importance_metrics import REGISTRY, MetricError, _Ownership, metric_scores
 from shedder.formats.loading import load_model
 from shedder.core.plan import Component, PruningPlan
 
@@ -96,10 +96,10 @@ def test_rank_agreement_and_top_k_overlap():
 
 
 def test_compare_gives_a_four_metric_matrix_for_blocks(mamba2, windows, tmp_path):
-    tables, rows = compare(mamba2, windows, ["block"], METRICS, cache_dir=tmp_path)
-    assert list(tables) == list(METRICS)
+    tables, rows = compare(mamba2, windows, ["block"], list(REGISTRY), cache_dir=tmp_path)
+    assert list(tables) == list(REGISTRY)
     m = matrix(rows, "block", "spearman")
-    assert list(m.index) == list(METRICS) and m.notna().all().all()
+    assert list(m.index) == list(REGISTRY) and m.notna().all().all()
     stability = rows[rows["a"].str.contains("even")]
     assert len(stability) == 4 and stability["n"].eq(3).all()
 

@@ -24,7 +24,8 @@ import pandas as pd
 from shedder.arch import adapter_for
 from shedder.core.fileio import atomic_write_text
 from shedder.prune.importance import default_cache_dir, model_fingerprint, plan_key
-from shedder.measure.metrics import Progress
+from shedder.measure.bench import bench_speed
+from shedder.measure.metrics import Progress, pareto_mask
 from shedder.core.plan import Component, PruningPlan
 
 #: Cost axes (x) and quality axes (y) a frontier can be drawn on; quality axes that are higher-better.
@@ -87,8 +88,6 @@ def one_shot(model, scores: pd.DataFrame, steps: int, kinds=None, base_plan: Pru
 
 def pareto(rows: pd.DataFrame, x: str, y: str) -> pd.Series:
     """Bool per row: on the front of cost ``x`` (speedups: higher better) and quality ``y``."""
-    from shedder.measure.metrics import pareto_mask
-
     xs = [-v if x in FASTER_BETTER else v for v in rows[x]]
     return pd.Series(pareto_mask(xs, list(rows[y]), y in HIGHER_BETTER), index=rows.index)
 
@@ -124,8 +123,6 @@ def measure(model_name: str, model, plan: PruningPlan, device: str = "cpu", dtyp
     ``prefill_speedup``, ``decode_speedup``, ``ttft_ratio``, ``state_ratio``, ``expected_prefill_speedup``,
     ``peak_memory_ratio`` (None unless ``memory=True``) and the full ``bench`` result.
     ``model`` is the loaded original (for the cache key); the bench loads ``model_name`` itself."""
-    from shedder.measure.bench import bench_speed
-
     plan = adapter_for(model, plan.group_sizes).validate(plan)
     known = measured(model, plan, device, dtype, cache_dir, **settings)
     if known is not None:

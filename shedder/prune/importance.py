@@ -33,6 +33,7 @@ from shedder.core.fileio import atomic_write_text, exclusive
 from shedder.measure.metrics import predicted_tokens
 from shedder.core.progress import Progress
 from shedder.core.plan import KINDS, Component, PruningPlan, config_hash
+from shedder.prune.distributed import pooled
 
 COLUMNS = ["layer", "kind", "index", "ppl", "delta_ppl", "params_removed"]
 
@@ -116,8 +117,6 @@ def _measuring(model, windows, adapter, batch_size, evaluator, workers, ray_addr
         ev = evaluator or PlanEvaluator(model, windows, adapter, batch_size)
         yield lambda plans, base=None: ((i, _score_of(ev, plan)) for i, plan in enumerate(plans))
         return
-    from shedder.prune.distributed import pooled
-
     tokens = predicted_tokens(windows)
     with pooled(model, windows, batch_size, adapter.group_sizes, workers, ray_address, pool) as pool:
         # exp(total / tokens), as PlanEvaluator.perplexity computes it
