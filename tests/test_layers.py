@@ -34,7 +34,6 @@ KNOWN_UPWARD: set[tuple[str, str]] = {
     ('shedder.prune.recover', 'shedder.formats.loading'),
 }
 KNOWN_UNMARKED_LOCAL: set[tuple[str, str]] = {
-    ('app.state', 'shedder.prune.distributed'),
     ('app.ui', 'shedder.core.plan'),
     ('app.ui', 'shedder.measure.budget'),
     ('shedder.arch.base', 'shedder.formats.official'),
@@ -73,9 +72,6 @@ KNOWN_UNMARKED_LOCAL: set[tuple[str, str]] = {
     ('shedder.dev.scale', 'shedder.measure.metrics'),
     ('shedder.dev.scale', 'shedder.prune.importance'),
     ('shedder.dev.scale', 'shedder.prune.search'),
-    ('shedder.formats.official', 'shedder.arch'),
-    ('shedder.formats.official', 'shedder.prune.importance'),
-    ('shedder.formats.official', 'shedder.prune.search'),
     ('shedder.measure.bench', 'shedder.core.progress'),
     ('shedder.measure.data', 'shedder.formats.loading'),
     ('shedder.measure.downstream', 'shedder.arch'),
@@ -85,16 +81,11 @@ KNOWN_UNMARKED_LOCAL: set[tuple[str, str]] = {
     ('shedder.measure.evaluator', 'shedder.measure.budget'),
     ('shedder.measure.metrics', 'shedder.arch'),
     ('shedder.measure.metrics', 'shedder.measure.masking'),
-    ('shedder.prune.distributed', 'shedder.prune.search'),
-    ('shedder.prune.frontier', 'shedder.measure.bench'),
-    ('shedder.prune.frontier', 'shedder.measure.metrics'),
-    ('shedder.prune.importance', 'shedder.prune.distributed'),
     ('shedder.prune.recover', 'shedder.core.plan'),
     ('shedder.prune.recover', 'shedder.formats.extract'),
     ('shedder.prune.recover', 'shedder.formats.loading'),
     ('shedder.prune.recover', 'shedder.measure.downstream'),
     ('shedder.prune.recover', 'shedder.prune.importance'),
-    ('shedder.prune.search', 'shedder.prune.distributed'),
 }
 KNOWN_UI: set[str] = {
     'shedder.arch',
@@ -118,7 +109,7 @@ KNOWN_UI: set[str] = {
     'shedder.prune.search',
 }
 KNOWN_CYCLES: list[list[str]] = [
-    ['shedder.arch', 'shedder.arch.base', 'shedder.core.plan', 'shedder.formats.extract', 'shedder.formats.loading', 'shedder.formats.official', 'shedder.measure.data', 'shedder.measure.evaluator', 'shedder.measure.masking', 'shedder.measure.metrics', 'shedder.prune.distributed', 'shedder.prune.importance', 'shedder.prune.search'],
+    ['shedder.arch', 'shedder.arch.base', 'shedder.core.plan', 'shedder.formats.extract', 'shedder.formats.loading', 'shedder.formats.official', 'shedder.measure.data', 'shedder.measure.evaluator', 'shedder.measure.masking', 'shedder.measure.metrics', 'shedder.prune.choice', 'shedder.prune.distributed', 'shedder.prune.importance', 'shedder.prune.runs'],
     ['shedder.cli', 'shedder.dev.scale'],
 ]
 

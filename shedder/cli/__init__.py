@@ -413,7 +413,7 @@ def cmd_search(args) -> int:
         print(f"searching {args.kinds} on {printable(args.model)}; {printable(protocol)}", flush=True)
     if args.out is not None:
         from shedder.core.fileio import exclusive
-        from shedder.prune.runs import LOCK_FILE, claim_search_dir
+        from shedder.prune.runs import LOCK_FILE, claim_search_dir  # lazy: start-up cost (the engine loads only for the command run)
 
         claim_search_dir(args.out, model)
         with exclusive(Path(args.out) / LOCK_FILE, f"the search run {args.out}"):
@@ -542,7 +542,7 @@ def cmd_bench_search(args) -> int:
 
 def _bench_workers(args, model, windows) -> int:
     """``bench search --workers 1,2``: the same search on pools of each size, timed."""
-    from shedder.dev.workers import bench_workers
+    from shedder.dev.workers import bench_workers  # lazy: start-up cost (the engine loads only for the command run)
 
     with _progress(args) as progress:
         report = bench_workers(model, windows, args.kinds, args.steps, args.workers, args.batch_size,
