@@ -21,6 +21,10 @@ The one-pass metrics cost one forward (``taylor``: one forward and one backward)
 calibration windows for the whole map, whatever the number of components; the table says what it
 cost in ``attrs`` (``seconds``, ``forwards``, ``backwards``), so it can be shown next to the numbers.
 
+Each metric is registered once, where it is defined (``@register(name, kinds=..., description=...,
+one_pass=...)``); ``REGISTRY`` is the one list that the CLI's ``--metric`` choices and help, the
+studio's lists and ``metric_scores`` read, so a new metric is one decorated function.
+
 Which parameters, and which channels, belong to a component is not written down per family: it is
 read off the family's own extraction (``adapter.pruned_state_dict``) with every parameter element
 temporarily replaced by its float64 serial number — what the extracted model lacks is what the

@@ -196,8 +196,8 @@ def reference_search(model, windows: torch.Tensor, kinds, stop: StopWhen | None 
 def default_run_dir(model, windows: torch.Tensor, kinds, base_plan: PruningPlan | None = None,
                     cache_dir: str | Path | None = None) -> Path:
     """A run directory under the cache, keyed by model weights, data, kinds and base plan (like the
-    importance cache): a caller without a place of its own for the run (the app) passes it with
-    ``resume=True``, so a cancelled search continues where it stopped and a longer one extends it."""
+    importance cache): a caller without a place of its own for the run (the app) passes it as
+    ``RunDir(path, resume=True)``, so a cancelled search continues where it stopped and a longer one extends it."""
     adapter = adapter_for(model, (base_plan or PruningPlan()).group_sizes)
     base = adapter.validate(base_plan or PruningPlan())
     key = cache_key(model, windows, check_kinds(adapter, kinds), base)
