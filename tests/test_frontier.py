@@ -169,3 +169,16 @@ def test_cli_score_metric_and_compare(tiny_model_dir, tmp_path, capsys):
     assert "block: spearman rank correlation" in out and "taylor (even windows)" in out and "top-k overlap" in out
     assert main(["score", *common, "--kinds", "head", "--metric", "block_influence", "--out", str(tmp_path / "x.csv")]) == 2
     assert "error: block_influence does not score head" in capsys.readouterr().err
+
+
+def test_metrics_are_registered_once_and_the_cli_offers_exactly_them():
+    from shedder.cli import build_parser
+    from shedder.prune.importance_metrics import register
+
+    assert list(REGISTRY) == ["ppl", "block_influence", "activation", "taylor"]
+    score_parser = build_parser()._subparsers._group_actions[0].choices["score"]
+    metric = next(a for a in score_parser._actions if a.dest == "metric")
+    assert list(metric.choices) == list(REGISTRY)
+    assert all(REGISTRY[m].description in metric.help for m in REGISTRY)
+    with pytest.raises(ValueError, match="twice"):
+        register("taylor", description="again")(lambda *a: {})
