@@ -33,7 +33,8 @@ from shedder.measure.masking import WAITING, holding, masked
 from shedder.measure.metrics import calibration_protocol, next_word_accuracy, perplexity
 from shedder.core.plan import Component, PruningPlan
 from shedder.prune.recover import RecoverConfig, finished, recover, recovery_run_dir, resumable, student_for
-from shedder.prune.search import default_run_dir, greedy_search
+from shedder.prune.distributed import WorkerPool, Workers
+from shedder.prune.search import RunDir, StopWhen, default_run_dir, greedy_search
 
 from . import sessions
 
@@ -119,8 +120,6 @@ def worker_pool(model_key: tuple, source: str, samples: int, seq_len: int, proto
                 address: str | None):
     """Ray workers holding the model and one text source's windows, shared by every session (the
     model is shipped to them once; ``shedder.prune.distributed``)."""
-    from shedder.prune.distributed import WorkerPool
-
     return WorkerPool(load(*model_key).model, windows(model_key, source, samples, seq_len, protocol), workers, address)
 
 
@@ -365,9 +364,11 @@ class Workspace:
             loaded = self.loaded
             windows = self.calibration()
             run_dir = default_run_dir(loaded.model, windows, list(kinds))  # a cancelled search resumes
-            self.search = greedy_search(loaded.model, windows, list(kinds), steps=steps, progress=progress,
-                                        run_dir=run_dir, resume=True, batch_size=self.settings.calibration_batch_size,
-                                        pool=self.pool())
+            pool = self.pool()
+            self.search = greedy_search(loaded.model, windows, list(kinds), StopWhen(steps=steps), progress=progress,
+                                        run=RunDir(run_dir, resume=True),
+                                        batch_size=self.settings.calibration_batch_size,
+                                        workers=None if pool is None else Workers(pool=pool))
             self.search_kinds = kinds
         self.add_series(frontier.search_series(self.search, kinds))
         return self.search

@@ -5,7 +5,7 @@ import streamlit as st
 from app import plots, ui
 from shedder.prune import importance
 from shedder.prune.agreement import matrix
-from shedder.prune.importance_metrics import DESCRIPTIONS, METRICS, applicable
+from shedder.prune.importance_metrics import REGISTRY, applicable
 
 ws = ui.ready()
 s, loaded = ws.settings, ws.loaded
@@ -16,7 +16,8 @@ st.write("How much the model needs each component. **ppl** removes each componen
          "one backward) pass over the calibration text for the whole map. A high score means the model needs it; "
          "the lowest scores mark candidates for pruning.")
 
-metric = st.selectbox("metric", METRICS, format_func=lambda m: f"{m} — {DESCRIPTIONS[m]}", key="imp_metric")
+metric = st.selectbox("metric", list(REGISTRY), format_func=lambda m: f"{m} — {REGISTRY[m].description}",
+                      key="imp_metric")
 offered = [k for k in adapter.kind_counts() if k in applicable(metric, adapter.kind_counts())]
 left_out = [k for k in adapter.kind_counts() if k not in offered]
 kinds = st.multiselect("component kinds", offered, default=offered, key="imp_kinds" if metric == "ppl" else f"imp_kinds_{metric}",
@@ -81,7 +82,7 @@ st.write("Rank correlation (Spearman and Kendall) between every two metrics, per
          "Top-k overlap: the share of the k lowest-scored components (the first to go) two rankings have in common.")
 all_kinds = list(adapter.kind_counts())
 a1, a2 = st.columns(2)
-compared = a1.multiselect("metrics", METRICS, default=list(METRICS), key="agree_metrics")
+compared = a1.multiselect("metrics", list(REGISTRY), default=list(REGISTRY), key="agree_metrics")
 compared_kinds = a2.multiselect("kinds", all_kinds, default=all_kinds[:1], key="agree_kinds")
 if st.button("Compare metrics", key="agree_run", disabled=not (compared and compared_kinds)):
     with ui.shown_errors(), ui.progress("scoring with every metric") as cb:

@@ -6,7 +6,7 @@ import streamlit as st
 from app import nav, plots, ui
 from shedder.prune import frontier
 from shedder.prune.frontier import MEASURED, X_AXES, Y_AXES
-from shedder.prune.importance_metrics import DESCRIPTIONS, METRICS, applicable
+from shedder.prune.importance_metrics import REGISTRY, applicable
 from shedder.measure.metrics import describe_protocol, next_word_protocol
 from shedder.core.plan import PruningPlan
 
@@ -52,8 +52,8 @@ st.subheader("One-shot pruning by an importance metric")
 st.write("Score every component once and remove the k lowest at once (k = 1, 2, …): no greedy re-scoring, "
          "so the frontier shows what greed buys.")
 o1, o2, o3 = st.columns([2, 3, 1])
-metric = o1.selectbox("metric", METRICS, index=METRICS.index("block_influence"), key="oneshot_metric",
-                      help="\n".join(f"{m}: {d}" for m, d in DESCRIPTIONS.items()))
+metric = o1.selectbox("metric", list(REGISTRY), index=list(REGISTRY).index("block_influence"), key="oneshot_metric",
+                      help="\n".join(f"{m.name}: {m.description}" for m in REGISTRY.values()))
 scorable = applicable(metric, offered)
 oneshot_kinds = o2.multiselect("kinds", scorable, default=scorable[:1], key="oneshot_kinds")
 oneshot_k = o3.number_input("up to k", min_value=1, value=min(4, max(1, available)), key="oneshot_k")

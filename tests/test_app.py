@@ -244,7 +244,8 @@ def test_shared_server_exports_as_a_download_and_confines_saves(tmp_path, monkey
 
 def test_a_search_another_session_is_running_is_refused_with_a_message():
     from conftest import lock_held_by_another_process
-    from shedder.prune.search import LOCK_FILE, default_run_dir
+    from shedder.prune.runs import LOCK_FILE
+    from shedder.prune.search import default_run_dir
 
     at = open_app("search")
     ws = workspace(at)

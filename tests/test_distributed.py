@@ -15,11 +15,12 @@ import torch
 
 from shedder.cli import main
 from shedder.measure.data import calibration_windows
-from shedder.prune.distributed import INSTALL_HINT, WorkerPool
+from shedder.prune.distributed import INSTALL_HINT, WorkerPool, Workers
 from shedder.core.errors import ShedderError
 from shedder.prune.importance import score
 from shedder.formats.loading import load_model
-from shedder.prune.search import LOG_FILE, PLAN_FILE, greedy_search
+from shedder.prune.runs import LOG_FILE, PLAN_FILE
+from shedder.prune.search import RunDir, StopWhen, greedy_search
 
 KINDS = ["ssm", "block"]  # a mixed search: 16 candidates in the first step
 STEPS = 2
@@ -54,7 +55,7 @@ def pool(bundled, ray):
 def single(bundled, tmp_path_factory):
     """The single-process search, logged."""
     run = tmp_path_factory.mktemp("single")
-    return greedy_search(*bundled, KINDS, steps=STEPS, run_dir=run, batch_size=BATCH)
+    return greedy_search(*bundled, KINDS, StopWhen(steps=STEPS), batch_size=BATCH, run=RunDir(run))
 
 
 def logged(run) -> list[dict]:
@@ -76,7 +77,7 @@ def assert_same_search(result, single) -> None:
 
 
 def test_two_workers_choose_exactly_what_one_process_chooses(bundled, pool, single, tmp_path):
-    result = greedy_search(*bundled, KINDS, steps=STEPS, run_dir=tmp_path / "run", batch_size=BATCH, pool=pool)
+    result = greedy_search(*bundled, KINDS, StopWhen(steps=STEPS), batch_size=BATCH, run=RunDir(tmp_path / "run"), workers=Workers(pool=pool))
     assert_same_search(result, single)
     assert result.stats["workers"] == 2 and result.stats["replaced"] == 0
     assert result.stats["evaluated"] == single.stats["evaluated"]  # every candidate answered once
@@ -90,8 +91,7 @@ def test_a_killed_worker_is_replaced_and_its_candidate_rerun(bundled, pool, sing
             victim.append(pool.actors[0])
             ray.kill(victim[0])  # mid-step: it holds a request, or gets the next one
 
-    result = greedy_search(*bundled, KINDS, steps=STEPS, run_dir=tmp_path / "run", batch_size=BATCH, pool=pool,
-                           progress=kill_in_step_two)
+    result = greedy_search(*bundled, KINDS, StopWhen(steps=STEPS), batch_size=BATCH, progress=kill_in_step_two, run=RunDir(tmp_path / "run"), workers=Workers(pool=pool))
     assert victim and pool.actors[0] is not victim[0]
     assert result.stats["replaced"] == 1
     assert_same_search(result, single)
@@ -105,9 +105,9 @@ def test_a_driver_stopped_mid_step_resumes_from_the_log(bundled, pool, single, t
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        greedy_search(*bundled, KINDS, steps=STEPS, run_dir=run, batch_size=BATCH, pool=pool, progress=stop_in_step_two)
+        greedy_search(*bundled, KINDS, StopWhen(steps=STEPS), batch_size=BATCH, progress=stop_in_step_two, run=RunDir(run), workers=Workers(pool=pool))
     assert len(logged(run)) == 2  # header and step 1
-    resumed = greedy_search(*bundled, KINDS, steps=STEPS, run_dir=run, resume=True, batch_size=BATCH, pool=pool)
+    resumed = greedy_search(*bundled, KINDS, StopWhen(steps=STEPS), batch_size=BATCH, run=RunDir(run, resume=True), workers=Workers(pool=pool))
     assert_same_search(resumed, single)
 
 
@@ -119,13 +119,13 @@ def test_scores_on_workers_equal_scores_in_one_process(bundled, pool, tmp_path):
 def test_a_pool_for_other_windows_is_refused(bundled, pool):
     model, windows = bundled
     with pytest.raises(ShedderError, match="another model, other windows"):
-        greedy_search(model, windows[:2], KINDS, steps=1, batch_size=BATCH, pool=pool)
+        greedy_search(model, windows[:2], KINDS, StopWhen(steps=1), batch_size=BATCH, workers=Workers(pool=pool))
 
 
 def test_without_ray_workers_say_how_to_install_it(bundled, monkeypatch):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray now raises ImportError
     with pytest.raises(ShedderError, match="pip install") as err:
-        greedy_search(*bundled, KINDS, steps=1, workers=2)
+        greedy_search(*bundled, KINDS, StopWhen(steps=1), workers=Workers(count=2))
     assert str(err.value) == INSTALL_HINT and "\n" not in INSTALL_HINT
 
 

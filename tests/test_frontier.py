@@ -10,7 +10,7 @@ from shedder.prune.agreement import agreement, compare, correlate, matrix
 from shedder.arch import adapter_for
 from shedder.cli import main
 from shedder.measure.continuation import continue_text
-from shedder.prune.importance_metrics import METRICS, MetricError, _Ownership, metric_scores
+from shedder.prune.importance_metrics import REGISTRY, MetricError, _Ownership, metric_scores
 from shedder.formats.loading import load_model
 from shedder.core.plan import Component, PruningPlan
 
@@ -96,10 +96,10 @@ def test_rank_agreement_and_top_k_overlap():
 
 
 def test_compare_gives_a_four_metric_matrix_for_blocks(mamba2, windows, tmp_path):
-    tables, rows = compare(mamba2, windows, ["block"], METRICS, cache_dir=tmp_path)
-    assert list(tables) == list(METRICS)
+    tables, rows = compare(mamba2, windows, ["block"], list(REGISTRY), cache_dir=tmp_path)
+    assert list(tables) == list(REGISTRY)
     m = matrix(rows, "block", "spearman")
-    assert list(m.index) == list(METRICS) and m.notna().all().all()
+    assert list(m.index) == list(REGISTRY) and m.notna().all().all()
     stability = rows[rows["a"].str.contains("even")]
     assert len(stability) == 4 and stability["n"].eq(3).all()
 
@@ -167,3 +167,16 @@ def test_cli_score_metric_and_compare(tiny_model_dir, tmp_path, capsys):
     assert "block: spearman rank correlation" in out and "taylor (even windows)" in out and "top-k overlap" in out
     assert main(["score", *common, "--kinds", "head", "--metric", "block_influence", "--out", str(tmp_path / "x.csv")]) == 2
     assert "error: block_influence does not score head" in capsys.readouterr().err
+
+
+def test_metrics_are_registered_once_and_the_cli_offers_exactly_them():
+    from shedder.cli import build_parser
+    from shedder.prune.importance_metrics import register
+
+    assert list(REGISTRY) == ["ppl", "block_influence", "activation", "taylor"]
+    score_parser = build_parser()._subparsers._group_actions[0].choices["score"]
+    metric = next(a for a in score_parser._actions if a.dest == "metric")
+    assert list(metric.choices) == list(REGISTRY)
+    assert all(REGISTRY[m].description in metric.help for m in REGISTRY)
+    with pytest.raises(ValueError, match="twice"):
+        register("taylor", description="again")(lambda *a: {})

@@ -25,7 +25,6 @@ KNOWN_UPWARD: set[tuple[str, str]] = {
     ('shedder.dev.scale', 'shedder.cli.options'),
 }
 KNOWN_UNMARKED_LOCAL: set[tuple[str, str]] = {
-    ('app.state', 'shedder.prune.distributed'),
     ('app.ui', 'shedder.core.plan'),
     ('app.ui', 'shedder.measure.budget'),
     ('shedder.cli', 'shedder.arch'),

@@ -42,7 +42,8 @@ from shedder.formats.loading import REPO_ROOT, load_model
 from shedder.measure.masking import WAITING, holding, masked
 from shedder.formats.official import OFFICIAL_KEYS, OfficialConfig, plan_from_dict
 from shedder.core.plan import KINDS, Component, PruningPlan
-from shedder.prune.search import LOCK_FILE, greedy_search
+from shedder.prune.runs import LOCK_FILE
+from shedder.prune.search import RunDir, StopWhen, greedy_search
 
 DATA = ["--samples", "2", "--seq-len", "16", "--batch-size", "2", "--no-progress"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
@@ -335,14 +336,14 @@ def test_search_log_drops_a_torn_last_line_before_appending(tiny_model_factory, 
     model = tiny_model_factory("mamba2", layers=3)
     windows = torch.randint(0, 128, (2, 12))
     run = tmp_path / "run"
-    first = greedy_search(model, windows, ["block"], steps=1, run_dir=run)
+    first = greedy_search(model, windows, ["block"], StopWhen(steps=1), run=RunDir(run))
     log = run / "log.jsonl"
     garbages = ('{"type": "step", "step": 2, "comp', "not json at all\n", "[1, 2]\n", "two\ngarbage lines\n",
                 "\n\n\n", '{"type": "step"\n\n')
     for garbage in garbages:
         with log.open("a") as f:
             f.write(garbage)
-        again = greedy_search(model, windows, ["block"], steps=2, run_dir=run, resume=True)
+        again = greedy_search(model, windows, ["block"], StopWhen(steps=2), run=RunDir(run, resume=True))
         assert again.components[0] == first.components[0] and len(again.steps) == 2
         lines = log.read_text().splitlines()
         assert len(lines) == 3 and all(isinstance(json.loads(x), dict) for x in lines)

@@ -22,7 +22,8 @@ from shedder.prune.importance import model_fingerprint, score
 from shedder.measure.masking import masked
 from shedder.measure.metrics import nll_sum, perplexity
 from shedder.core.plan import Component, PruningPlan
-from shedder.prune.search import LOG_FILE, PLAN_FILE, greedy_search, reference_search
+from shedder.prune.runs import LOG_FILE, PLAN_FILE
+from shedder.prune.search import RunDir, StopWhen, greedy_search, reference_search
 
 FAMILIES = ["mamba2", "mamba1", "nemotron_h"]
 
@@ -167,8 +168,8 @@ def test_unknown_kind_is_refused(mamba2, tmp_path):
 def test_fast_search_chooses_what_the_reference_chooses(tiny_model_factory, family, kinds):
     model = tiny_model_factory(family)
     w = windows()
-    ref = reference_search(model, w, kinds, steps=4, batch_size=2)
-    fast = greedy_search(model, w, kinds, steps=4, batch_size=2)
+    ref = reference_search(model, w, kinds, StopWhen(steps=4), batch_size=2)
+    fast = greedy_search(model, w, kinds, StopWhen(steps=4), batch_size=2)
     assert fast.components == ref.components and len(ref.steps) == 4
     assert [s.ppl for s in fast.steps] == pytest.approx([s.ppl for s in ref.steps], rel=1e-9)
     assert [s.params for s in fast.steps] == [s.params for s in ref.steps]
@@ -186,24 +187,24 @@ def test_stopping_rules(mamba2):
     w = windows()
     adapter = adapter_for(mamba2)
     full = adapter.param_count()
-    result = greedy_search(mamba2, w, ["block"], target_params=0.3)
+    result = greedy_search(mamba2, w, ["block"], StopWhen(target_params=0.3))
     removed = [full - s.params for s in result.steps]
     assert removed[-1] >= 0.3 * full and all(r < 0.3 * full for r in removed[:-1])
     assert "target" in result.stopped
     everything = greedy_search(mamba2, w, ["block"])
     assert len(everything.steps) >= 3 and everything.stopped == "no candidates left"
     limit = (everything.steps[1].ppl + everything.steps[2].ppl) / 2
-    capped = greedy_search(mamba2, w, ["block"], max_ppl=limit)
+    capped = greedy_search(mamba2, w, ["block"], StopWhen(max_ppl=limit))
     assert capped.components == everything.components[:len(capped.steps)]
     assert all(s.ppl <= limit for s in capped.steps) and "max_ppl" in capped.stopped
     with pytest.raises(ShedderError, match="target_params"):
-        greedy_search(mamba2, w, ["block"], target_params=-1)
+        greedy_search(mamba2, w, ["block"], StopWhen(target_params=-1))
 
 
 def test_run_directory_and_resume_after_interruption(mamba2, tmp_path):
     w = windows()
     kinds = ["block", "ssm"]
-    straight = greedy_search(mamba2, w, kinds, steps=4)
+    straight = greedy_search(mamba2, w, kinds, StopWhen(steps=4))
 
     def interrupt(done, total, message):
         if message.startswith("step 3"):  # mid-step: two steps are finished and logged
@@ -211,7 +212,7 @@ def test_run_directory_and_resume_after_interruption(mamba2, tmp_path):
 
     run = tmp_path / "run"
     with pytest.raises(Cancelled):
-        greedy_search(mamba2, w, kinds, steps=4, run_dir=run, progress=interrupt)
+        greedy_search(mamba2, w, kinds, StopWhen(steps=4), progress=interrupt, run=RunDir(run))
     lines = [json.loads(x) for x in (run / LOG_FILE).read_text().splitlines()]
     assert [x["type"] for x in lines] == ["header", "step", "step"]
     saved = PruningPlan.load(run / "step_02" / PLAN_FILE)
@@ -219,15 +220,14 @@ def test_run_directory_and_resume_after_interruption(mamba2, tmp_path):
     assert saved.meta["search_step"] == 2
 
     with pytest.raises(ShedderError, match="already holds a search"):
-        greedy_search(mamba2, w, kinds, steps=4, run_dir=run)
+        greedy_search(mamba2, w, kinds, StopWhen(steps=4), run=RunDir(run))
     with pytest.raises(ShedderError, match="different settings.*kinds"):
-        greedy_search(mamba2, w, ["block"], steps=4, run_dir=run, resume=True)
+        greedy_search(mamba2, w, ["block"], StopWhen(steps=4), run=RunDir(run, resume=True))
     with pytest.raises(ShedderError, match="different settings.*data"):
-        greedy_search(mamba2, w[:4], kinds, steps=4, run_dir=run, resume=True)
+        greedy_search(mamba2, w[:4], kinds, StopWhen(steps=4), run=RunDir(run, resume=True))
 
     evaluated = []
-    resumed = greedy_search(mamba2, w, kinds, steps=4, run_dir=run, resume=True,
-                            progress=lambda d, t, m: evaluated.append(m))
+    resumed = greedy_search(mamba2, w, kinds, StopWhen(steps=4), progress=lambda d, t, m: evaluated.append(m), run=RunDir(run, resume=True))
     assert resumed.components == straight.components
     assert resumed.plan.components == straight.plan.components
     assert not any(m.startswith(("step 1", "step 2")) for m in evaluated)  # finished steps not redone
@@ -250,11 +250,10 @@ def test_default_run_dir_is_keyed_so_a_cancelled_search_continues(mamba2, tmp_pa
             raise Cancelled("stop")
 
     with pytest.raises(Cancelled):
-        greedy_search(mamba2, w, ["block"], steps=3, run_dir=run, resume=True, progress=interrupt)
+        greedy_search(mamba2, w, ["block"], StopWhen(steps=3), progress=interrupt, run=RunDir(run, resume=True))
     seen = []
-    longer = greedy_search(mamba2, w, ["block"], steps=3, run_dir=run, resume=True,
-                           progress=lambda d, t, m: seen.append(m))
-    assert longer.components == greedy_search(mamba2, w, ["block"], steps=3).components
+    longer = greedy_search(mamba2, w, ["block"], StopWhen(steps=3), progress=lambda d, t, m: seen.append(m), run=RunDir(run, resume=True))
+    assert longer.components == greedy_search(mamba2, w, ["block"], StopWhen(steps=3)).components
     assert not any(m.startswith("step 1") for m in seen)  # the first step came from the log
 
 
@@ -262,8 +261,8 @@ def test_default_run_dir_is_keyed_so_a_cancelled_search_continues(mamba2, tmp_pa
 @pytest.mark.parametrize("kinds", [["ssm"], ["block"], ["block", "ssm", "head"]], ids=["ssm", "block", "mixed"])
 def test_best_first_search_matches_reference_bit_for_bit(mamba2, kinds):
     w = windows(n=8)
-    ref = reference_search(mamba2, w, kinds, steps=3, batch_size=4)
-    fast = greedy_search(mamba2, w, kinds, steps=3, batch_size=4)
+    ref = reference_search(mamba2, w, kinds, StopWhen(steps=3), batch_size=4)
+    fast = greedy_search(mamba2, w, kinds, StopWhen(steps=3), batch_size=4)
     assert fast.components == ref.components and len(ref.steps) == 3
     # the compared totals are summed exactly as the reference sums them: equal, not merely close
     assert [s.ppl for s in fast.steps] == [s.ppl for s in ref.steps]
@@ -310,8 +309,8 @@ def test_exact_ties_go_to_the_candidate_listed_first(tiny_model_factory):
             layer.mixer.out_proj.weight.zero_()
     w = windows()
     kinds = ["ssm", "block"]
-    ref = reference_search(model, w, kinds, steps=2, batch_size=2)
-    fast = greedy_search(model, w, kinds, steps=2, batch_size=2)
+    ref = reference_search(model, w, kinds, StopWhen(steps=2), batch_size=2)
+    fast = greedy_search(model, w, kinds, StopWhen(steps=2), batch_size=2)
     first = adapter_for(model).candidates(PruningPlan(), kinds)[0]
     assert ref.components[0] == first and fast.components == ref.components
     assert [s.ppl for s in fast.steps] == [s.ppl for s in ref.steps] == [ref.base_ppl] * 2
@@ -328,8 +327,8 @@ def test_fast_search_abandons_losing_candidates(tiny_model_factory):
         for i, layer in enumerate(model.backbone.layers):
             layer.mixer.out_proj.weight.mul_(5.0 if i == 2 else 0.0)
     w = (torch.arange(8)[:, None] * 7 + 3).repeat(1, 16)  # [8, 16]
-    ref = reference_search(model, w, ["block", "ssm"], steps=2, batch_size=4)
-    fast = greedy_search(model, w, ["block", "ssm"], steps=2, batch_size=4)
+    ref = reference_search(model, w, ["block", "ssm"], StopWhen(steps=2), batch_size=4)
+    fast = greedy_search(model, w, ["block", "ssm"], StopWhen(steps=2), batch_size=4)
     assert fast.components == ref.components and ref.components[0] == Component("block", 2)
     assert fast.stats["evaluated"] == ref.stats["evaluated"] - 1  # the reference counts the base plan
     assert fast.stats["abandoned"] >= 3

@@ -384,9 +384,9 @@ def _score_table(args, model, windows, base, progress, pool, evaluator=None):
 def _compare(args, model, windows, protocol: str) -> int:
     """``score --compare``: rank agreement between metrics and across calibration halves."""
     from shedder.prune.agreement import compare, format_agreement
-    from shedder.prune.importance_metrics import METRICS
+    from shedder.prune.importance_metrics import metric_names
 
-    metrics = METRICS if args.compare == ["all"] else args.compare
+    metrics = metric_names() if args.compare == ["all"] else args.compare
     with _progress(args) as progress:
         tables, rows = compare(model, windows, args.kinds, metrics, stability=not args.no_stability,
                                top_k=args.top_k, progress=progress, cache_dir=args.cache_dir,
@@ -403,7 +403,8 @@ def _compare(args, model, windows, protocol: str) -> int:
 # ---------------------------------------------------------------------------------------- search
 def cmd_search(args) -> int:
     from shedder.core.plan import PruningPlan
-    from shedder.prune.search import greedy_search
+    from shedder.prune.distributed import Workers
+    from shedder.prune.search import RunDir, StopWhen, greedy_search
 
     model, tokenizer = _load(args)
     adapter, base = _plan_for(model, args.base_plan)
@@ -417,7 +418,7 @@ def cmd_search(args) -> int:
         print(f"searching {args.kinds} on {printable(args.model)}; {printable(protocol)}", flush=True)
     if args.out is not None:
         from shedder.core.fileio import exclusive
-        from shedder.prune.search import LOCK_FILE, claim_search_dir
+        from shedder.prune.runs import LOCK_FILE, claim_search_dir  # lazy: start-up cost (the engine loads only for the command run)
 
         claim_search_dir(args.out, model)
         with exclusive(Path(args.out) / LOCK_FILE, f"the search run {args.out}"):
@@ -431,10 +432,10 @@ def cmd_search(args) -> int:
                 print(f"step {step.step}: removed {step.component}  ppl {step.ppl:.4f}  params {step.params:,}",
                       flush=True)
 
-        result = greedy_search(model, windows, args.kinds, steps=args.steps, target_params=args.target_params,
-                               max_ppl=args.max_ppl, run_dir=args.out, resume=args.resume, progress=progress,
+        result = greedy_search(model, windows, args.kinds, StopWhen(args.steps, args.target_params, args.max_ppl),
+                               run=None if args.out is None else RunDir(args.out, args.resume), progress=progress,
                                base_plan=base, batch_size=args.batch_size, on_step=on_step, evaluator=ev,
-                               pool=pool)
+                               workers=None if pool is None else Workers(pool=pool))
     if args.official_layout:
         from shedder.formats.official import write_official_run
 
@@ -501,7 +502,7 @@ def cmd_bench_search(args) -> int:
 
     from shedder.measure.data import calibration_windows
     from shedder.measure.metrics import nll_sum
-    from shedder.prune.search import greedy_search, reference_search
+    from shedder.prune.search import StopWhen, greedy_search, reference_search
 
     model, tokenizer = _load(args)
     windows = calibration_windows(_text_tokenizer(args, tokenizer), args.data, samples=args.samples, seq_len=args.seq_len)
@@ -513,7 +514,8 @@ def cmd_bench_search(args) -> int:
     with _progress(args) as progress:
         for name, fn in (("reference", reference_search), ("fast", greedy_search)):
             started, started_cpu = time.perf_counter(), time.process_time()
-            results[name] = fn(model, windows, args.kinds, steps=args.steps, progress=progress, batch_size=args.batch_size)
+            results[name] = fn(model, windows, args.kinds, StopWhen(steps=args.steps), progress=progress,
+                               batch_size=args.batch_size)
             timings[name] = time.perf_counter() - started
             cpu[name] = time.process_time() - started_cpu  # less sensitive to other processes' load
             progress.close()
@@ -545,7 +547,7 @@ def cmd_bench_search(args) -> int:
 
 def _bench_workers(args, model, windows) -> int:
     """``bench search --workers 1,2``: the same search on pools of each size, timed."""
-    from shedder.prune.distributed import bench_workers
+    from shedder.dev.workers import bench_workers  # lazy: start-up cost (the engine loads only for the command run)
 
     with _progress(args) as progress:
         report = bench_workers(model, windows, args.kinds, args.steps, args.workers, args.batch_size,
@@ -749,6 +751,8 @@ def _target(text: str) -> float:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from shedder.prune.importance_metrics import REGISTRY as METRIC_REGISTRY  # lazy: start-up cost (pandas, torch) of importing the CLI module
+
     parser = OneLineParser(prog="python -m shedder", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog="\n\n".join(__doc__.split("\n\n")[1:]))
@@ -795,9 +799,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                 "or an earlier output of this tool with --overwrite")
     p.add_argument("--overwrite", action="store_true",
                    help="replace --out if this tool wrote it and it is unchanged since (never any other file)")
-    p.add_argument("--metric", default="ppl", choices=["ppl", "block_influence", "activation", "taylor"],
-                   help="ppl: perplexity increase when removed alone (default); block_influence: ShortGPT "
-                        "1 - cos(in, out), blocks; activation: mean output-activation norm; taylor: |grad * weight|")
+    p.add_argument("--metric", default="ppl", choices=list(METRIC_REGISTRY),
+                   help="; ".join(f"{m.name}: {m.description}" + (" (default)" if m.name == "ppl" else "")
+                                  for m in METRIC_REGISTRY.values()))
     p.add_argument("--compare", type=_kinds, metavar="METRICS",
                    help="comma-separated metrics (or 'all'): Spearman / Kendall rank correlation between them and "
                         "between two halves of the calibration windows, per kind, and top-k overlap")

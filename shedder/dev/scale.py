@@ -93,7 +93,7 @@ def measure(size: str, samples: int, seq_len: int, batch_size: int, dtype: torch
     from shedder.measure.evaluator import PlanEvaluator
     from shedder.prune.importance import score
     from shedder.measure.metrics import perplexity
-    from shedder.prune.search import greedy_search
+    from shedder.prune.search import StopWhen, greedy_search
 
     model = _mamba2(size, dtype, device)
     adapter = adapter_for(model)
@@ -107,7 +107,7 @@ def measure(size: str, samples: int, seq_len: int, batch_size: int, dtype: torch
         ("score", lambda: score(model, windows, ["ssm"], batch_size=batch_size,
                                 cache_dir=tempfile.mkdtemp(prefix="shedder-scale-"),
                                 evaluator=PlanEvaluator(model, windows, adapter, batch_size))),
-        ("search", lambda: greedy_search(model, windows, ["ssm"], steps=1, batch_size=batch_size)),
+        ("search", lambda: greedy_search(model, windows, ["ssm"], StopWhen(steps=1), batch_size=batch_size)),
     ):
         with _Peak(device) as peak:
             started = time.perf_counter()

@@ -35,8 +35,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shedder.core.errors import PlanError, ShedderError
-from shedder.core.fileio import atomic_write_text, check_output_dir, claim_run_dir, model_dirs
+from shedder.arch import adapter_for
+from shedder.core.fileio import atomic_write_text
 from shedder.core.plan import Component, PruningPlan, parse_json, read_text
+from shedder.prune.importance import model_fingerprint, plan_key
+from shedder.prune.runs import RunLog, claim_import_dir, run_settings, search_step
 
 #: Every key the official code writes, in the order it writes them.
 LIST_KEYS = ("pruned_mamba_block_idx", "pruned_mha_idx", "pruned_mlp_idx", "pruned_ssm_idx",
@@ -368,15 +371,9 @@ def import_run(model, official_dir: str | Path, out_dir: str | Path):
     The official log does not record the calibration text, so the header's ``data`` says where the
     run came from and the unpruned perplexity is unknown (``None``): resuming such a run with our
     data is refused as a change of settings."""
-    from shedder.arch import adapter_for
-    from shedder.prune.importance import model_fingerprint, plan_key
-    from shedder.prune.search import LOG_VERSION, SearchStep, _now, _RunLog
-
     adapter = adapter_for(model)
-    protected = [*model_dirs(model), official_dir]
-    check_output_dir(out_dir, protected=protected)  # a new (or empty) directory only
-    claim_run_dir(out_dir, protected, "imported run")
-    out = _RunLog(Path(out_dir))
+    claim_import_dir(out_dir, model, official_dir)  # a new (or empty) directory only
+    out = RunLog(out_dir)
     steps, previous = [], adapter.resolve(PruningPlan())
     records = read_official_run(official_dir)
     plans = []
@@ -393,18 +390,12 @@ def import_run(model, official_dir: str | Path, out_dir: str | Path):
         plans.append((added[0], plan, ppl))
         previous = plan
     kinds = list(dict.fromkeys(c.kind for c, _, _ in plans))
-    settings = {"model": adapter.identity().to_dict(), "weights": model_fingerprint(model),
-                "data": f"official run {Path(official_dir).resolve()}", "windows": None, "kinds": kinds,
-                "base_plan": plan_key(adapter.resolve(PruningPlan()))}
-    out.start({"type": "header", "version": LOG_VERSION, "settings": settings, "limits": {},
-               "base_ppl": None, "base_params": adapter.param_count(), "created": _now(),
-               "imported_from": str(Path(official_dir).resolve())})
+    source = str(Path(official_dir).resolve())
+    settings = run_settings(adapter, model_fingerprint(model), f"official run {source}", None, kinds,
+                            plan_key(adapter.resolve(PruningPlan())))
+    out.start(settings, {}, None, adapter.param_count(), imported_from=source)
     for k, (comp, plan, ppl) in enumerate(plans, 1):
-        params = adapter.param_count(plan)
-        meta = {"search_step": k, "calibration_ppl": ppl, "params": params, "search_kinds": kinds,
-                "calibration_data": settings["data"]}
-        step = SearchStep(k, comp, PruningPlan(plan.components, plan.model, dict(plan.group_sizes), meta), ppl, params)
-        out.add_step(step, {"type": "step", "step": k, "component": str(comp), "ppl": ppl, "params": params,
-                            "candidates": None, "seconds": None})
+        step = search_step(k, comp, plan, ppl, adapter.param_count(plan), settings)
+        out.add_step(step)
         steps.append(step)
     return steps

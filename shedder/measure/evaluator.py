@@ -185,7 +185,7 @@ class PlanEvaluator:
             def hook(module, args, kwargs):
                 if i == run_from:
                     return _with_hidden(args, kwargs, src.clone())
-                recorded[i] = _hidden(args, kwargs).detach().clone()
+                recorded[i] = hidden_input(args, kwargs).detach().clone()
                 return None
             return hook
 
@@ -261,7 +261,8 @@ class PlanEvaluator:
             entries.popitem(last=False)
 
 
-def _hidden(args: tuple, kwargs: dict) -> torch.Tensor:
+def hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
+    """The hidden-state input of a decoder-layer call (a forward hook's ``args, kwargs``)."""
     return args[0] if args else kwargs["hidden_states"]
 
 

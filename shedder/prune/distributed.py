@@ -4,8 +4,9 @@ Each worker is a Ray actor holding one replica of the model (one GPU each when t
 GPUs, CPU threads otherwise) and its own ``PlanEvaluator``, so each keeps its own prefix cache. The
 driver (the process that calls ``greedy_search`` or ``score``) hands out candidate plans, collects
 their NLL totals and makes every decision itself: the greedy choice, the run log and its resume,
-progress. Nothing about the search loop changes: ``WorkerPool.choose`` is one more ``Chooser`` for
-``search._search``, and ``WorkerPool.nlls`` feeds ``importance.score``.
+progress. Nothing about the search loop changes: ``WorkerPool.choose`` is one more ``Chooser``
+(``shedder.prune.choice``) for ``search.run_search``, the search's extension point, and
+``WorkerPool.nlls`` feeds ``importance.score``. A search asks for workers with ``Workers``.
 
 Why the results are identical to the single process's, bit for bit:
 
@@ -39,14 +40,16 @@ import logging
 import math
 import uuid
 from collections import deque
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
 from shedder.arch import adapter_for
 from shedder.core.errors import ShedderError
-from shedder.measure.evaluator import PlanEvaluator, removing
 from shedder.core.plan import PruningPlan
+from shedder.measure.evaluator import PlanEvaluator, removing
+from shedder.prune.choice import beats, sort_key
 
 INSTALL_HINT = "scoring or searching with Ray workers needs Ray: pip install 'shedder-studio[distributed]'"
 #: The pip extra a ``ray://`` address needs (minimal Ray lacks the client's gRPC).
@@ -56,10 +59,20 @@ CLIENT_EXTRA = "ray[client]"
 MAX_REPLACEMENTS_PER_WORKER = 3
 
 
+@dataclass(frozen=True)
+class Workers:
+    """Where a search or a score evaluates its candidates: ``count`` Ray workers (default: one per
+    GPU, or per node), on the cluster at ``address`` (default: a local Ray), or on an open
+    ``pool`` (reused across calls; then neither of the others)."""
+    count: int | None = None
+    address: str | None = None
+    pool: "WorkerPool | None" = None
+
+
 def import_ray():
     """The ``ray`` module, or a ShedderError saying in one line how to install it."""
     try:
-        import ray
+        import ray  # lazy: optional extra (shedder-studio[distributed])
     except ImportError:
         raise ShedderError(INSTALL_HINT) from None
     return ray
@@ -188,9 +201,7 @@ class WorkerPool:
         return self._run(self._shares(plans, base), lambda actor, i: actor.nll.remote(plans[i]))
 
     def choose(self, plan: PruningPlan, cands: list, tick: Callable[[int, int, str], None]):
-        """The greedy step as ``search.greedy_search`` takes it, across the pool (a ``Chooser``)."""
-        from shedder.prune.search import beats, sort_key
-
+        """The greedy step as ``search.run_search`` takes it, across the pool (a ``Chooser``)."""
         plans = [removing(plan, c) for c in cands]
         n, workers = len(cands), f"{len(self.actors)} workers"
         shares = self._shares(plans, plan)
@@ -285,29 +296,3 @@ def pooled(model, windows: torch.Tensor, batch_size: int, group_sizes: dict | No
 def pool_stats(pool: WorkerPool) -> dict:
     """A search's counters (workers replaced during it included), with the pool's size."""
     return {**pool.stats, "workers": len(pool.actors)}
-
-
-def bench_workers(model, windows: torch.Tensor, kinds, steps: int, counts: list[int], batch_size: int = 8,
-                  address: str | None = None, progress=None, threads: int | None = None) -> dict:
-    """The same greedy search on a pool of each size in ``counts``, timed (starting the workers and
-    shipping the model are not), with the speed-up over the first size and whether every pool chose
-    the same components with the same perplexities. ``threads``: per CPU worker (default: the
-    cluster's CPUs shared out, so every pool uses the whole machine)."""
-    import time
-
-    from shedder.prune.search import greedy_search
-
-    runs = []
-    for n in counts:
-        with WorkerPool(model, windows, n, address, batch_size, threads=threads) as pool:
-            pool.ready()
-            started = time.perf_counter()
-            result = greedy_search(model, windows, kinds, steps=steps, batch_size=batch_size, pool=pool,
-                                   progress=progress)
-            runs.append({"workers": n, "seconds": time.perf_counter() - started,
-                         "choices": [str(c) for c in result.components], "ppl": [s.ppl for s in result.steps],
-                         "stats": result.stats})
-    for run in runs:
-        run["speedup"] = runs[0]["seconds"] / run["seconds"]
-    same = all((r["choices"], r["ppl"]) == (runs[0]["choices"], runs[0]["ppl"]) for r in runs)
-    return {"runs": runs, "identical": same}

@@ -27,7 +27,7 @@ from shedder.core.fileio import atomic_write_text
 from shedder.prune.importance import default_cache_dir, model_fingerprint, plan_key
 from shedder.measure.bench import bench_models
 from shedder.measure.masking import holding
-from shedder.measure.metrics import Progress
+from shedder.measure.metrics import Progress, pareto_mask
 from shedder.core.plan import Component, PruningPlan
 
 #: Cost axes (x) and quality axes (y) a frontier can be drawn on; quality axes that are higher-better.
@@ -90,8 +90,6 @@ def one_shot(model, scores: pd.DataFrame, steps: int, kinds=None, base_plan: Pru
 
 def pareto(rows: pd.DataFrame, x: str, y: str) -> pd.Series:
     """Bool per row: on the front of cost ``x`` (speedups: higher better) and quality ``y``."""
-    from shedder.measure.metrics import pareto_mask
-
     xs = [-v if x in FASTER_BETTER else v for v in rows[x]]
     return pd.Series(pareto_mask(xs, list(rows[y]), y in HIGHER_BETTER), index=rows.index)
 

@@ -30,7 +30,8 @@ from shedder.measure.evaluator import PlanEvaluator, check_kinds, removing
 from shedder.core.fileio import atomic_write_text, exclusive
 from shedder.measure.metrics import predicted_tokens
 from shedder.core.progress import Progress
-from shedder.core.plan import KINDS, Component, PruningPlan
+from shedder.core.plan import KINDS, Component, PruningPlan, config_hash
+from shedder.prune.distributed import pooled
 
 COLUMNS = ["layer", "kind", "index", "ppl", "delta_ppl", "params_removed"]
 
@@ -71,8 +72,6 @@ def _measuring(model, windows, adapter, batch_size, evaluator, workers, ray_addr
         ev = evaluator or PlanEvaluator(model, windows, adapter, batch_size)
         yield lambda plans, base=None: ((i, _score_of(ev, plan)) for i, plan in enumerate(plans))
         return
-    from shedder.prune.distributed import pooled
-
     tokens = predicted_tokens(windows)
     with pooled(model, windows, batch_size, adapter.group_sizes, workers, ray_address, pool) as pool:
         # exp(total / tokens), as PlanEvaluator.perplexity computes it

@@ -21,6 +21,10 @@ The one-pass metrics cost one forward (``taylor``: one forward and one backward)
 calibration windows for the whole map, whatever the number of components; the table says what it
 cost in ``attrs`` (``seconds``, ``forwards``, ``backwards``), so it can be shown next to the numbers.
 
+Each metric is registered once, where it is defined (``@register(name, kinds=..., description=...,
+one_pass=...)``); ``REGISTRY`` is the one list that the CLI's ``--metric`` choices and help, the
+studio's lists and ``metric_scores`` read, so a new metric is one decorated function.
+
 Which parameters, and which channels, belong to a component is not written down per family: it is
 read off the family's own extraction (``adapter.pruned_state_dict``) with every parameter element
 temporarily replaced by its float64 serial number — what the extracted model lacks is what the
@@ -30,6 +34,8 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import dataclass
+from typing import Callable
 
 import pandas as pd
 import torch
@@ -38,26 +44,46 @@ from torch import nn
 from shedder.arch import adapter_for
 from shedder.arch.runtime import model_lock
 from shedder.core.errors import ShedderError
-from shedder.measure.evaluator import _hidden, check_kinds
+from shedder.measure.evaluator import check_kinds, hidden_input
 from shedder.prune.importance import score, tidy
 from shedder.measure.metrics import Progress, batches, token_nll
 from shedder.core.plan import KINDS, Component, PruningPlan
 
-METRICS = ("ppl", "block_influence", "activation", "taylor")
-#: Kinds each metric scores (the others are left out of its map, and said so).
-APPLIES = {
-    "ppl": KINDS,
-    "block_influence": ("block",),
-    "activation": ("block", "head", "channel_group", "mlp_channel_group", "attention", "mlp"),
-    "taylor": KINDS,
-}
-DESCRIPTIONS = {
-    "ppl": "perplexity increase when removed alone (one calibration pass per component)",
-    "block_influence": "ShortGPT block influence, 1 − cos(layer input, layer output) (one forward)",
-    "activation": "Minitron-style mean L2 norm of the component's output activations (one forward)",
-    "taylor": "first-order Taylor, Σ|gradient · weight| over the component's parameters (one forward + backward)",
-}
 COLUMNS = ["layer", "kind", "index", "score", "params_removed"]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One registered importance metric. ``one_pass``: ``fn(model, adapter, windows, components,
+    batch_size, progress) -> {component: score}`` from one forward (and ``backwards`` backward
+    passes) over the unpruned model; otherwise ``fn(model, windows, kinds, base_plan, progress,
+    cache_dir, batch_size) -> (table with COLUMNS, forwards)``."""
+    name: str
+    kinds: tuple[str, ...]  # the kinds it scores (the others are left out of its map, and said so)
+    description: str
+    one_pass: bool
+    backwards: int
+    fn: Callable
+
+
+#: Every metric, by name, in the order registered (the CLI's choices and the studio's list).
+REGISTRY: dict[str, Metric] = {}
+
+
+def register(name: str, *, kinds=KINDS, description: str, one_pass: bool = True, backwards: int = 0):
+    """Decorator: register ``fn`` as the importance metric ``name`` (a new metric is one function)."""
+    def add(fn: Callable) -> Callable:
+        if name in REGISTRY:
+            raise ValueError(f"importance metric {name!r} is registered twice")
+        REGISTRY[name] = Metric(name, tuple(kinds), description, one_pass, backwards, fn)
+        return fn
+    return add
+
+
+def metric_names() -> tuple[str, ...]:
+    return tuple(REGISTRY)
+
+
 
 
 class MetricError(ShedderError):
@@ -66,8 +92,7 @@ class MetricError(ShedderError):
 
 def applicable(metric: str, kinds) -> list[str]:
     """The kinds among ``kinds`` that ``metric`` scores."""
-    _check_metric(metric)
-    return [k for k in kinds if k in APPLIES[metric]]
+    return [k for k in kinds if k in _metric(metric).kinds]
 
 
 def metric_scores(model, windows: torch.Tensor, kinds, metric: str = "ppl", *, base_plan: PruningPlan | None = None,
@@ -76,40 +101,48 @@ def metric_scores(model, windows: torch.Tensor, kinds, metric: str = "ppl", *, b
     to (sorted by layer, kind, index). ``attrs``: ``metric``, ``seconds``, ``forwards``,
     ``backwards``, ``left_out`` (requested kinds the metric does not score). Raises ``MetricError``
     when it scores none of them."""
-    _check_metric(metric)
+    m = _metric(metric)
     base_plan = base_plan or PruningPlan()
     adapter = adapter_for(model, base_plan.group_sizes)
     kinds = check_kinds(adapter, kinds)
     scored = applicable(metric, kinds)
     left_out = [k for k in kinds if k not in scored]
     if not scored:
-        raise MetricError(f"{metric} does not score {', '.join(kinds)} (it scores {', '.join(APPLIES[metric])})")
+        raise MetricError(f"{metric} does not score {', '.join(kinds)} (it scores {', '.join(m.kinds)})")
     started = time.perf_counter()  # the metric's own cost: parameter counts are bookkeeping
-    if metric == "ppl":
-        table = score(model, windows, scored, base_plan=base_plan, progress=progress, cache_dir=cache_dir,
-                      batch_size=batch_size)
-        out = table.rename(columns={"delta_ppl": "score"})[COLUMNS]
-        passes = {"forwards": len(table) + 1, "backwards": 0}
+    if not m.one_pass:
+        out, forwards = m.fn(model, windows, scored, base_plan, progress, cache_dir, batch_size)
+        passes = {"forwards": forwards, "backwards": m.backwards}
         seconds = time.perf_counter() - started
     else:
         if adapter.resolve(base_plan).components:
             raise MetricError(f"{metric} scores the unpruned model only; a base plan is supported by ppl")
         comps = adapter.candidates(PruningPlan(), scored)  # what can go alone, as ``ppl`` scores
-        fn = {"block_influence": _block_influence, "activation": _activation, "taylor": _taylor}[metric]
         with model_lock(model):
-            values = fn(model, adapter, windows, comps, batch_size, progress)
+            values = m.fn(model, adapter, windows, comps, batch_size, progress)
         seconds = time.perf_counter() - started
         out = pd.DataFrame([{"layer": c.layer, "kind": c.kind, "index": c.index, "score": values[c],
                              "params_removed": adapter.component_params(c)} for c in comps], columns=COLUMNS)
-        passes = {"forwards": 1, "backwards": int(metric == "taylor")}
+        passes = {"forwards": 1, "backwards": m.backwards}
     out = tidy(out)
     out.attrs.update(metric=metric, seconds=seconds, left_out=left_out, **passes)
     return out
 
 
-def _check_metric(metric: str) -> None:
-    if metric not in METRICS:
-        raise MetricError(f"unknown importance metric {metric!r} (choose from {', '.join(METRICS)})")
+def _metric(metric: str) -> Metric:
+    if metric not in REGISTRY:
+        raise MetricError(f"unknown importance metric {metric!r} (choose from {', '.join(REGISTRY)})")
+    return REGISTRY[metric]
+
+
+# ---------------------------------------------------------------------------- ppl
+@register("ppl", kinds=KINDS, one_pass=False,
+          description="perplexity increase when removed alone (one calibration pass per component)")
+def _ppl(model, windows, kinds, base_plan, progress, cache_dir, batch_size) -> tuple[pd.DataFrame, int]:
+    """``importance.score``: one calibration pass per component (and one for the base plan)."""
+    table = score(model, windows, kinds, base_plan=base_plan, progress=progress, cache_dir=cache_dir,
+                  batch_size=batch_size)
+    return table.rename(columns={"delta_ppl": "score"})[COLUMNS], len(table) + 1
 
 
 def _tick(progress, done, total, what):
@@ -118,6 +151,8 @@ def _tick(progress, done, total, what):
 
 
 # ---------------------------------------------------------------------------- block influence
+@register("block_influence", kinds=("block",),
+          description="ShortGPT block influence, 1 − cos(layer input, layer output) (one forward)")
 @torch.inference_mode()
 def _block_influence(model, adapter, windows, comps, batch_size, progress) -> dict[Component, float]:
     layers = adapter.layers()
@@ -128,7 +163,7 @@ def _block_influence(model, adapter, windows, comps, batch_size, progress) -> di
             layer = layers[c.layer]
 
             def pre(module, args, kwargs, i=c.layer):
-                inputs[i] = _hidden(args, kwargs)
+                inputs[i] = hidden_input(args, kwargs)
 
             def post(module, args, kwargs, output, c=c):
                 out = output[0] if isinstance(output, tuple) else output
@@ -202,7 +237,74 @@ class _Ownership:
         return mask[self.offsets[i]: self.offsets[i] + param.numel()].view(param.shape)
 
 
+# ---------------------------------------------------------------------------- activation
+@register("activation", kinds=("block", "head", "channel_group", "mlp_channel_group", "attention", "mlp"),
+          description="Minitron-style mean L2 norm of the component's output activations (one forward)")
+def _activation(model, adapter, windows, comps, batch_size, progress) -> dict[Component, float]:
+    """One forward with hooks on each component's site; see the module docstring for the sites."""
+    channel_sites: dict[nn.Module, list[tuple[Component, torch.Tensor]]] = {}
+    branch_sites: dict[Component, tuple[nn.Module, bool]] = {}
+    grouped = [c for c in comps if c.kind not in ("block", "attention", "mlp")]
+    if grouped:
+        own = _Ownership(model, adapter)
+        with torch.no_grad(), own.numbered():
+            for c in grouped:
+                linear, columns = _output_columns(model, adapter, own, c)
+                channel_sites.setdefault(linear, []).append((c, columns))
+    for c in comps:
+        if c.kind == "block":
+            branch_sites[c] = (adapter.layers()[c.layer], True)
+        elif c.kind in ("attention", "mlp"):
+            branch_sites[c] = _switched_off_branch(adapter, c)
+    sums = {c: 0.0 for c in comps}
+    with contextlib.ExitStack() as stack, torch.inference_mode():
+        for linear, entries in channel_sites.items():
+            def pre(module, args, entries=entries):
+                x = args[0].float()
+                for c, cols in entries:
+                    sums[c] += float(x[..., cols.to(x.device)].norm(dim=-1).double().sum())
+            stack.enter_context(linear.register_forward_pre_hook(pre))
+        for c, (module, residual) in branch_sites.items():
+            def post(module, args, kwargs, output, c=c, residual=residual):
+                out = (output[0] if isinstance(output, tuple) else output).float()
+                if residual:
+                    out = out - hidden_input(args, kwargs).float()
+                sums[c] += float(out.norm(dim=-1).double().sum())
+            stack.enter_context(module.register_forward_hook(post, with_kwargs=True))
+        _run_forward(model, windows, batch_size, progress, "activation")
+    tokens = windows.numel()
+    return {c: s / tokens for c, s in sums.items()}
+
+
+def _output_columns(model, adapter, own: _Ownership, comp: Component) -> tuple[nn.Module, torch.Tensor]:
+    """The layer's projection back to the hidden size whose input columns extraction deletes with
+    ``comp``, and those columns."""
+    hidden = model.config.get_text_config().hidden_size
+    removed = own.removed(comp)
+    for module in adapter.layers()[comp.layer].modules():
+        if isinstance(module, nn.Linear) and module.out_features == hidden:
+            gone = own.slice_of(removed, module.weight)  # [out, in]
+            columns = gone.all(dim=0).nonzero().flatten()
+            if len(columns) and bool(gone[:, columns].all()):
+                return module, columns
+    raise MetricError(f"{comp}: no output projection loses input channels with it, so activation does not apply")
+
+
+def _switched_off_branch(adapter, comp: Component) -> tuple[nn.Module, bool]:
+    """(module, residual): the largest module of the layer the live mask replaces for ``comp``;
+    ``residual`` when that is the whole layer (its contribution is output − input)."""
+    layer = adapter.layers()[comp.layer]
+    with adapter.apply(PruningPlan([comp], adapter.identity())):
+        patched = [m for m in layer.modules() if "forward" in m.__dict__]
+    if not patched:
+        raise MetricError(f"{comp}: the live mask switches off no module, so activation does not apply")
+    module = max(patched, key=lambda m: sum(p.numel() for p in m.parameters()))
+    return module, module is layer
+
+
 # ---------------------------------------------------------------------------- taylor
+@register("taylor", kinds=KINDS, backwards=1,
+          description="first-order Taylor, Σ|gradient · weight| over the component's parameters (one forward + backward)")
 def _taylor(model, adapter, windows, comps, batch_size, progress) -> dict[Component, float]:
     own = _Ownership(model, adapter)
     grads = _loss_gradients(model, own.params, windows, batch_size, progress)
@@ -238,66 +340,3 @@ def _loss_gradients(model, params, windows, batch_size, progress) -> list[torch.
         for p, flag, g in zip(params, flags, saved):
             p.grad = g
             p.requires_grad_(flag)
-
-
-# ---------------------------------------------------------------------------- activation
-def _activation(model, adapter, windows, comps, batch_size, progress) -> dict[Component, float]:
-    """One forward with hooks on each component's site; see the module docstring for the sites."""
-    channel_sites: dict[nn.Module, list[tuple[Component, torch.Tensor]]] = {}
-    branch_sites: dict[Component, tuple[nn.Module, bool]] = {}
-    grouped = [c for c in comps if c.kind not in ("block", "attention", "mlp")]
-    if grouped:
-        own = _Ownership(model, adapter)
-        with torch.no_grad(), own.numbered():
-            for c in grouped:
-                linear, columns = _output_columns(model, adapter, own, c)
-                channel_sites.setdefault(linear, []).append((c, columns))
-    for c in comps:
-        if c.kind == "block":
-            branch_sites[c] = (adapter.layers()[c.layer], True)
-        elif c.kind in ("attention", "mlp"):
-            branch_sites[c] = _switched_off_branch(adapter, c)
-    sums = {c: 0.0 for c in comps}
-    with contextlib.ExitStack() as stack, torch.inference_mode():
-        for linear, entries in channel_sites.items():
-            def pre(module, args, entries=entries):
-                x = args[0].float()
-                for c, cols in entries:
-                    sums[c] += float(x[..., cols.to(x.device)].norm(dim=-1).double().sum())
-            stack.enter_context(linear.register_forward_pre_hook(pre))
-        for c, (module, residual) in branch_sites.items():
-            def post(module, args, kwargs, output, c=c, residual=residual):
-                out = (output[0] if isinstance(output, tuple) else output).float()
-                if residual:
-                    out = out - _hidden(args, kwargs).float()
-                sums[c] += float(out.norm(dim=-1).double().sum())
-            stack.enter_context(module.register_forward_hook(post, with_kwargs=True))
-        _run_forward(model, windows, batch_size, progress, "activation")
-    tokens = windows.numel()
-    return {c: s / tokens for c, s in sums.items()}
-
-
-def _output_columns(model, adapter, own: _Ownership, comp: Component) -> tuple[nn.Module, torch.Tensor]:
-    """The layer's projection back to the hidden size whose input columns extraction deletes with
-    ``comp``, and those columns."""
-    hidden = model.config.get_text_config().hidden_size
-    removed = own.removed(comp)
-    for module in adapter.layers()[comp.layer].modules():
-        if isinstance(module, nn.Linear) and module.out_features == hidden:
-            gone = own.slice_of(removed, module.weight)  # [out, in]
-            columns = gone.all(dim=0).nonzero().flatten()
-            if len(columns) and bool(gone[:, columns].all()):
-                return module, columns
-    raise MetricError(f"{comp}: no output projection loses input channels with it, so activation does not apply")
-
-
-def _switched_off_branch(adapter, comp: Component) -> tuple[nn.Module, bool]:
-    """(module, residual): the largest module of the layer the live mask replaces for ``comp``;
-    ``residual`` when that is the whole layer (its contribution is output − input)."""
-    layer = adapter.layers()[comp.layer]
-    with adapter.apply(PruningPlan([comp], adapter.identity())):
-        patched = [m for m in layer.modules() if "forward" in m.__dict__]
-    if not patched:
-        raise MetricError(f"{comp}: the live mask switches off no module, so activation does not apply")
-    module = max(patched, key=lambda m: sum(p.numel() for p in m.parameters()))
-    return module, module is layer
