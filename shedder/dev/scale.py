@@ -16,7 +16,6 @@ without CUDA it says so in one line and exits 0, so a CI job can call it uncondi
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -25,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-from shedder.cli.options import OneLineParser, positive_int, threads
 
 #: name -> (hidden, layers, vocab, heads of 64 channels, state, chunk)
 SIZES = {
@@ -166,15 +164,15 @@ def run_scale(args) -> int:
     return 0
 
 
-def run_gpu_check(args) -> int:
-    """The CLI journey on CUDA; one line and exit 0 without a CUDA device."""
+def run_gpu_check(args, main) -> int:
+    """The CLI journey on CUDA, each step a call of the CLI's ``main``; one line and exit 0 without a
+    CUDA device."""
     if not torch.cuda.is_available():
         print("gpu-check: skipped: PyTorch sees no CUDA device on this machine (torch.cuda.is_available() is "
               "False); run `python -m shedder bench gpu-check` on a GPU machine")
         return 0
     from shedder.arch import adapter_for
     from shedder.measure.bench import kernel_path
-    from shedder.cli import main
     from shedder.core.plan import Component, PruningPlan
     from shedder.dev.realshape import build, save_checkpoint
 
@@ -225,30 +223,3 @@ def run_gpu_check(args) -> int:
                 failures.append("masked == extracted")
     print("gpu-check: " + ("all passed" if not failures else "FAILED: " + ", ".join(failures)))
     return 0 if not failures else 1
-
-
-def build_parser(command: str) -> argparse.ArgumentParser:
-    if command == "scale":
-        p = OneLineParser(prog="python -m shedder bench scale",
-                                    description="Time per candidate evaluation and peak memory of eval, score and "
-                                                "search on random Mamba-2 models of growing size.")
-        p.add_argument("--sizes", default="S,M,130m", help=f"comma-separated, from {', '.join(SIZES)} (default all)")
-        p.add_argument("--samples", type=positive_int, default=4, help="calibration windows (default 4)")
-        p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per window (default 256)")
-        p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward (default 4)")
-        p.add_argument("--threads", type=threads, help="CPU threads for PyTorch (default: PyTorch's choice)")
-        p.set_defaults(func=run_scale)
-    else:
-        from shedder.dev.realshape import FAMILIES
-
-        p = OneLineParser(prog="python -m shedder bench gpu-check",
-                                    description="The whole CLI journey on CUDA on a real-shape random model.")
-        p.add_argument("--family", default="mamba2", choices=FAMILIES, help="family (default mamba2)")
-        p.add_argument("--layers", type=positive_int, default=4, help="layers of the published layout (default 4)")
-        p.set_defaults(func=run_gpu_check)
-    p.add_argument("--device", default="cuda" if command == "gpu-check" else "cpu", help=argparse.SUPPRESS
-                   if command == "gpu-check" else "cpu or cuda (default cpu)")
-    p.add_argument("--dtype", default="bfloat16" if command == "gpu-check" else "float32",
-                   help="float32, float16 or bfloat16")
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    return p

@@ -31,7 +31,6 @@ the extracted model, never from a masked one.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import json
 import os
@@ -49,7 +48,6 @@ from shedder.measure.cost import estimate
 from shedder.core.errors import ShedderError
 from shedder.formats.extract import extract, save, saved_plan
 from shedder.formats.loading import DEFAULT_MODEL, REPO_ROOT, load_model, parse_dtype
-from shedder.cli.options import non_negative_int, positive_int, threads
 from shedder.core.plan import PruningPlan
 from shedder.core.progress import Progress
 
@@ -420,42 +418,3 @@ def format_report(result: dict) -> str:
               f"expected from FLOPs {result['expected_prefill_speedup']:.3f}x "
               f"(measured/expected {result['measured_over_expected']:.2f})"]
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``python -m shedder bench``."""
-    parser.add_argument("--model", default=DEFAULT_MODEL,
-                        help=f"bundled name, local directory or hub id of the original model (default {DEFAULT_MODEL})")
-    which = parser.add_mutually_exclusive_group()  # one of them is required unless `bench search`
-    which.add_argument("--plan", help="pruning plan JSON (the model is extracted in memory)")
-    which.add_argument("--pruned", help="directory of a saved pruned model")
-    parser.add_argument("--batch", type=positive_int, default=1, help="sequences per batch (default 1)")
-    parser.add_argument("--seq-len", type=positive_int, default=256, help="prompt length in tokens (default 256)")
-    parser.add_argument("--new-tokens", type=positive_int, default=32, help="tokens generated for decode timing (default 32)")
-    parser.add_argument("--repeats", type=positive_int, default=5, help="timed rounds per model (default 5)")
-    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed rounds first (default 1)")
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default float32)")
-    parser.add_argument("--threads", type=threads, help="CPU threads for PyTorch (default: PyTorch's choice)")
-    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-def run(args: argparse.Namespace) -> int:
-    """Run the benchmark the parsed ``args`` describe and print the report."""
-    from shedder.core.progress import TqdmProgress
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"bench: {args.warmup} warm-up + {args.repeats} timed rounds, each a prefill of {args.batch} × "
-          f"{args.seq_len} tokens and a {args.new_tokens}-token generation on the original and the extracted "
-          f"model" + ("" if args.no_memory else ", then one peak-memory run of each (CPU: in a fresh process)"),
-          file=sys.stderr, flush=True)
-    with TqdmProgress(enabled=not getattr(args, "no_progress", False)) as progress:
-        result = bench_speed(args.model, plan=args.plan, pruned_dir=args.pruned, batch_size=args.batch,
-                             seq_len=args.seq_len, new_tokens=args.new_tokens, repeats=args.repeats,
-                             warmup=args.warmup, device=args.device, dtype=args.dtype, memory=not args.no_memory,
-                             progress=progress)
-    print(json.dumps(result, indent=2) if args.json else format_report(result))
-    return 0
