@@ -31,9 +31,6 @@ KNOWN_UPWARD: set[tuple[str, str]] = {
     ('shedder.prune.recover', 'shedder.formats.loading'),
 }
 KNOWN_UNMARKED_LOCAL: set[tuple[str, str]] = {
-    ('app.state', 'shedder.prune.distributed'),
-    ('app.ui', 'shedder.core.plan'),
-    ('app.ui', 'shedder.measure.budget'),
     ('shedder.arch.base', 'shedder.formats.official'),
     ('shedder.core.plan', 'shedder.formats.official'),
     ('shedder.dev.realshape', 'shedder.formats.loading'),
@@ -70,27 +67,7 @@ KNOWN_UNMARKED_LOCAL: set[tuple[str, str]] = {
     ('shedder.prune.recover', 'shedder.prune.importance'),
     ('shedder.prune.search', 'shedder.prune.distributed'),
 }
-KNOWN_UI: set[str] = {
-    'shedder.arch',
-    'shedder.formats.extract',
-    'shedder.formats.loading',
-    'shedder.formats.official',
-    'shedder.measure.budget',
-    'shedder.measure.continuation',
-    'shedder.measure.cost',
-    'shedder.measure.data',
-    'shedder.measure.downstream',
-    'shedder.measure.evaluator',
-    'shedder.measure.masking',
-    'shedder.measure.metrics',
-    'shedder.prune.agreement',
-    'shedder.prune.distributed',
-    'shedder.prune.frontier',
-    'shedder.prune.importance',
-    'shedder.prune.importance_metrics',
-    'shedder.prune.recover',
-    'shedder.prune.search',
-}
+KNOWN_UI: set[str] = set()
 KNOWN_CYCLES: list[list[str]] = [
     ['shedder.arch', 'shedder.arch.base', 'shedder.core.plan', 'shedder.formats.extract', 'shedder.formats.loading', 'shedder.formats.official', 'shedder.measure.data', 'shedder.measure.evaluator', 'shedder.measure.masking', 'shedder.measure.metrics', 'shedder.prune.distributed', 'shedder.prune.importance', 'shedder.prune.search'],
 ]

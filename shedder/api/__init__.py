@@ -28,6 +28,7 @@ from shedder.arch import adapter_for, count_parameters
 from shedder.formats.loading import DEFAULT_MODEL, bundled_models, load_model, resolve
 from shedder.formats.official import to_official
 from shedder.measure.continuation import continue_text
+from shedder.measure.budget import human_seconds
 from shedder.measure.cost import estimate
 from shedder.measure.downstream import LOCAL_TASKS, PAPER_TASKS, require_lm_eval
 from shedder.measure.evaluator import PlanEvaluator

@@ -50,9 +50,10 @@ class Recovered:
 
 
 def recover_plan(model, tokenizer, adapter, plan: PruningPlan, config: RecoverConfig, source: str, windows,
-                 flops: float, dtype: str, device: str, progress=None) -> Recovered:
+                 dtype: str, device: str, progress=None) -> Recovered:
     """The studio's recovery of ``plan``'s extracted model: a run under the cache (a cancelled one
-    resumes, a finished one is reopened), measured on ``windows``."""
+    resumes, a finished one is reopened), its perplexity measured on ``windows`` and its parameters
+    counted (``metrics``; the studio adds the plan's analytic FLOPs)."""
     if not plan.components:
         raise ShedderError("the current plan removes nothing; prune something before recovering")
     run_dir = recovery_run_dir(source, plan, config)
@@ -64,8 +65,7 @@ def recover_plan(model, tokenizer, adapter, plan: PruningPlan, config: RecoverCo
                   progress=progress, resume=resumable(run_dir))
     recovered, _ = load_model(str(run_dir), dtype=dtype, device=device)
     return Recovered(plan, config, str(run_dir), finished(run_dir),
-                     {"ppl": float(perplexity(recovered, windows)), "params": int(count_parameters(recovered)),
-                      "flops": flops})
+                     {"ppl": float(perplexity(recovered, windows)), "params": int(count_parameters(recovered))})
 
 
 __all__ = ["DEFAULT_LR", "METHODS", "SCHEDULES", "RecoverConfig", "Recovered", "compare_methods",

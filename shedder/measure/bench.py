@@ -47,7 +47,7 @@ from shedder.arch import adapter_for, count_parameters
 from shedder.measure.cost import estimate
 from shedder.core.errors import ShedderError
 from shedder.formats.extract import extract, save, saved_plan
-from shedder.formats.loading import DEFAULT_MODEL, REPO_ROOT, load_model, parse_dtype
+from shedder.formats.loading import REPO_ROOT, load_model, parse_dtype
 from shedder.core.plan import PruningPlan
 from shedder.core.progress import Progress
 
