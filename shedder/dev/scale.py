@@ -24,6 +24,17 @@ from pathlib import Path
 
 import torch
 
+from shedder.arch import adapter_for
+from shedder.core.errors import ShedderError
+from shedder.core.plan import Component, PruningPlan
+from shedder.dev.realshape import build, fill, save_checkpoint
+from shedder.formats.loading import parse_dtype
+from shedder.measure.bench import kernel_path
+from shedder.measure.budget import human_bytes
+from shedder.measure.evaluator import PlanEvaluator
+from shedder.measure.metrics import perplexity
+from shedder.prune.importance import score
+from shedder.prune.search import greedy_search
 
 #: name -> (hidden, layers, vocab, heads of 64 channels, state, chunk)
 SIZES = {
@@ -35,8 +46,6 @@ SIZES = {
 
 def _mamba2(size: str, dtype: torch.dtype, device: str):
     import transformers
-
-    from shedder.dev.realshape import fill
 
     hidden, layers, vocab, heads, state, chunk = SIZES[size]
     config = transformers.Mamba2Config(hidden_size=hidden, num_hidden_layers=layers, vocab_size=vocab,
@@ -87,12 +96,6 @@ def _status_kb(field: str) -> int:
 
 def measure(size: str, samples: int, seq_len: int, batch_size: int, dtype: torch.dtype, device: str) -> dict:
     """One row of the scale table (times in seconds, memory in bytes)."""
-    from shedder.arch import adapter_for
-    from shedder.measure.evaluator import PlanEvaluator
-    from shedder.prune.importance import score
-    from shedder.measure.metrics import perplexity
-    from shedder.prune.search import greedy_search
-
     model = _mamba2(size, dtype, device)
     adapter = adapter_for(model)
     windows = torch.randint(0, model.config.vocab_size, (samples, seq_len), generator=torch.Generator().manual_seed(0))
@@ -124,8 +127,6 @@ def _sync(device: str) -> None:
 
 
 def format_table(rows: list[dict], header: str) -> str:
-    from shedder.measure.budget import human_bytes
-
     def mem(v):
         return human_bytes(v) if v is not None else "n/a"
 
@@ -141,17 +142,12 @@ def format_table(rows: list[dict], header: str) -> str:
 
 
 def run_scale(args) -> int:
-    from shedder.measure.bench import kernel_path
-    from shedder.formats.loading import parse_dtype
-
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = parse_dtype(args.dtype)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
-        from shedder.core.errors import ShedderError
-
         raise ShedderError(f"unknown size {unknown[0]!r}; choose from {', '.join(SIZES)}")
     rows = []
     for size in sizes:
@@ -171,10 +167,6 @@ def run_gpu_check(args, main) -> int:
         print("gpu-check: skipped: PyTorch sees no CUDA device on this machine (torch.cuda.is_available() is "
               "False); run `python -m shedder bench gpu-check` on a GPU machine")
         return 0
-    from shedder.arch import adapter_for
-    from shedder.measure.bench import kernel_path
-    from shedder.core.plan import Component, PruningPlan
-    from shedder.dev.realshape import build, save_checkpoint
 
     print(f"gpu-check: {torch.cuda.get_device_name()}, {kernel_path('cuda')}", flush=True)
     failures = []
