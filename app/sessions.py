@@ -35,7 +35,7 @@ from typing import Callable
 from streamlit import runtime
 from streamlit.runtime.scriptrunner import get_script_run_ctx
 
-from shedder.prune.importance import default_cache_dir
+from shedder.api import default_cache_dir
 
 #: The owner record in every session folder; its mtime is the heartbeat.
 RECORD = ".session.json"

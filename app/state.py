@@ -16,25 +16,11 @@ from pathlib import Path
 
 import streamlit as st
 
-from shedder.measure import downstream
-from shedder.prune import frontier
-from shedder.prune.agreement import compare
-from shedder.arch import adapter_for, count_parameters
-from shedder.measure.continuation import continue_text
-from shedder.measure.cost import estimate
-from shedder.measure.data import OFFICIAL, calibration_windows
+from shedder import api
+from shedder.api import DEFAULT_MODEL, Calibration, PlanEvaluator, RecoverConfig, Recovered, WorkerPool
 from shedder.core.errors import ShedderError, printable
-from shedder.measure.evaluator import PlanEvaluator
 from shedder.core.fileio import safe_name
-from shedder.prune.importance_metrics import metric_scores
-from shedder.formats.extract import save
-from shedder.formats.loading import DEFAULT_MODEL, load_model
-from shedder.measure.masking import WAITING, holding, masked
-from shedder.measure.metrics import calibration_protocol, next_word_accuracy, perplexity
 from shedder.core.plan import Component, PruningPlan
-from shedder.prune.recover import RecoverConfig, finished, recover, recovery_run_dir, resumable, student_for
-from shedder.prune.distributed import WorkerPool, Workers
-from shedder.prune.search import RunDir, StopWhen, default_run_dir, greedy_search
 
 from . import sessions
 
@@ -63,16 +49,21 @@ class Settings:
         return (self.model, self.dtype, self.device, self.trust_remote_code)
 
     @property
-    def calibration_key(self) -> tuple:
-        """(source, samples, seq_len, protocol) of the calibration windows: the official protocol
-        samples its fixed 256 rows into 2048-token windows, whatever the evaluation windows are."""
+    def calibration_spec(self) -> Calibration:
+        """The calibration of importance and search (``api.Calibration``): the official protocol
+        samples its fixed rows into its own windows, whatever the evaluation windows are."""
         if self.protocol == "official":
-            return (self.calibration, OFFICIAL.rows, OFFICIAL.seq_len, "official")
-        return (self.calibration, self.samples, self.seq_len, "shedder")
+            return Calibration.resolve("official", self.calibration)
+        return Calibration.resolve("shedder", self.calibration, self.samples, self.seq_len)
+
+    @property
+    def calibration_key(self) -> tuple:
+        """(source, samples, seq_len, protocol) of the calibration windows."""
+        return self.calibration_spec.key
 
     @property
     def calibration_batch_size(self) -> int:
-        return OFFICIAL.batch_size if self.protocol == "official" else 8
+        return self.calibration_spec.batch_size
 
 
 @dataclass(frozen=True)
@@ -86,15 +77,15 @@ class Loaded:
 
 @st.cache_resource(show_spinner="Loading model weights…", max_entries=4)
 def load(model: str, dtype: str, device: str, trust_remote_code: bool) -> Loaded:
-    net, tokenizer = load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
-    return Loaded(net, tokenizer, adapter_for(net))
+    net, tokenizer = api.load_model(model, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+    return Loaded(net, tokenizer, api.adapter_for(net))
 
 
 @st.cache_resource(show_spinner="Tokenizing text…", max_entries=16)
 def windows(model_key: tuple, source: str, samples: int, seq_len: int, protocol: str = "shedder"):
     """Token windows ``LongTensor[n, seq_len]`` of one text source for one model's tokenizer."""
-    return calibration_windows(load(*model_key).tokenizer, source=source, samples=samples, seq_len=seq_len,
-                               protocol=protocol)
+    tokenizer = load(*model_key).tokenizer
+    return Calibration.resolve(protocol, source, samples, seq_len).windows(tokenizer)
 
 
 def waiting_notice():
@@ -105,7 +96,7 @@ def waiting_notice():
 
     def callback(done: int, total: int, message: str = "") -> None:
         nonlocal slot
-        if message == WAITING:
+        if message == api.WAITING:
             slot = slot or st.empty()
             slot.info("Waiting for the model: another session is using it…")
         elif slot is not None:  # the model is ours now
@@ -199,8 +190,7 @@ class Workspace:
         return windows(self.settings.model_key, *self.settings.calibration_key)
 
     def calibration_protocol(self) -> str:
-        s = self.settings
-        return calibration_protocol(self.calibration(), s.calibration, s.protocol, rows=s.calibration_key[1])
+        return self.settings.calibration_spec.describe(self.calibration())
 
     def configure(self, settings: Settings) -> None:
         """Switch model or data. Loads first, so a failure leaves the previous setup intact;
@@ -276,7 +266,7 @@ class Workspace:
         m = self._metrics.setdefault(plan, {})
         if "ppl" not in m:
             loaded = self.loaded
-            cost = estimate(loaded.model, plan, seq_len=self.settings.seq_len, adapter=loaded.adapter)
+            cost = api.estimate(loaded.model, plan, seq_len=self.settings.seq_len, adapter=loaded.adapter)
             m.update(ppl=float(self.evaluator().perplexity(plan, progress=progress or waiting_notice())),
                      params=int(loaded.adapter.param_count(plan)),
                      flops=float(cost.flops_per_token_prefill),
@@ -288,8 +278,8 @@ class Workspace:
         m = self._metrics.setdefault(plan, {})
         if "accuracy" not in m:
             loaded = self.loaded
-            with masked(loaded.model, plan, adapter=loaded.adapter, progress=progress):
-                m["accuracy"] = float(next_word_accuracy(loaded.model, loaded.tokenizer, source=self.settings.evaluation,
+            with api.masked(loaded.model, plan, adapter=loaded.adapter, progress=progress):
+                m["accuracy"] = float(api.next_word_accuracy(loaded.model, loaded.tokenizer, source=self.settings.evaluation,
                                                          n=self.settings.accuracy_passages, progress=progress))
         return m["accuracy"]
 
@@ -300,7 +290,7 @@ class Workspace:
         m = self._metrics.setdefault(plan, {})
         if "prefill_speedup" not in m:
             s = self.settings
-            m.update(frontier.measure(s.model, self.loaded.model, plan, device=s.device, dtype=s.dtype,
+            m.update(api.measure_point(s.model, self.loaded.model, plan, device=s.device, dtype=s.dtype,
                                       progress=progress, seq_len=s.seq_len, **bench))
             self._timings(m)
         return m
@@ -319,7 +309,7 @@ class Workspace:
         m = self._metrics.setdefault(plan, {})
         if "prefill_speedup" not in m:
             s = self.settings
-            m.update(frontier.measured(self.loaded.model, plan, s.device, s.dtype, seq_len=s.seq_len, **bench) or {})
+            m.update(api.measured_point(self.loaded.model, plan, s.device, s.dtype, seq_len=s.seq_len, **bench) or {})
             self._timings(m)
         return m
 
@@ -327,14 +317,14 @@ class Workspace:
         """``metric``'s scores of ``kinds`` on the calibration windows (kept for the session)."""
         key = (metric, tuple(kinds))
         if key not in self.metric_tables:
-            self.metric_tables[key] = metric_scores(self.loaded.model, self.calibration(),
-                                                    list(kinds), metric, progress=progress)
+            self.metric_tables[key] = api.score(self.loaded.model, self.calibration(), list(kinds), metric,
+                                                 progress=progress)
         return self.metric_tables[key]
 
     def compare(self, kinds, metrics, progress=None):
         """Rank agreement of ``metrics`` on ``kinds`` (and across two halves of the calibration)."""
-        self.agreement = compare(self.loaded.model, self.calibration(), list(kinds), list(metrics),
-                                 progress=progress)
+        self.agreement = api.compare(self.loaded.model, self.calibration(), list(kinds), list(metrics),
+                                     progress=progress)
         return self.agreement
 
     def record(self, plan: PruningPlan, **values) -> None:
@@ -352,7 +342,7 @@ class Workspace:
         key = (plan, prompt, tokens)
         if key not in self.texts:
             loaded = self.loaded
-            self.texts[key] = continue_text(loaded.model, loaded.tokenizer, prompt, plan, tokens, loaded.adapter)
+            self.texts[key] = api.continue_text(loaded.model, loaded.tokenizer, prompt, plan, tokens, loaded.adapter)
         return self.texts[key]
 
     def greedy(self, kinds: list[str], steps: int, progress=None):
@@ -361,16 +351,10 @@ class Workspace:
         the run is logged under the cache, so a cancelled or shorter search is continued, not redone."""
         kinds = tuple(kinds)
         if self.search is None or self.search_kinds != kinds or len(self.search.steps) < steps:
-            loaded = self.loaded
-            windows = self.calibration()
-            run_dir = default_run_dir(loaded.model, windows, list(kinds))  # a cancelled search resumes
-            pool = self.pool()
-            self.search = greedy_search(loaded.model, windows, list(kinds), StopWhen(steps=steps), progress=progress,
-                                        run=RunDir(run_dir, resume=True),
-                                        batch_size=self.settings.calibration_batch_size,
-                                        workers=None if pool is None else Workers(pool=pool))
+            self.search = api.cached_search(self.loaded.model, self.calibration(), kinds, steps, progress=progress,
+                                            batch_size=self.settings.calibration_batch_size, pool=self.pool())
             self.search_kinds = kinds
-        self.add_series(frontier.search_series(self.search, kinds))
+        self.add_series(api.search_series(self.search, kinds))
         return self.search
 
     def downstream(self, plan: PruningPlan, tasks: tuple, limit: int | None, progress=None, run: bool = False):
@@ -380,54 +364,27 @@ class Workspace:
         plan = loaded.adapter.resolve(plan)
         key = (plan, tuple(tasks), limit)
         if key not in self._downstream:
-            mask = plan if plan.components else None
-            found = (downstream.scores(loaded.model, loaded.tokenizer, tasks, mask, limit=limit, progress=progress,
-                                       adapter=loaded.adapter) if run else
-                     downstream.cached(loaded.model, loaded.tokenizer, tasks, mask, limit=limit))
+            found = api.lm_eval_scores(loaded.model, loaded.tokenizer, tasks, plan, limit=limit, progress=progress,
+                                       adapter=loaded.adapter, run=run)
             if found is None:
                 return None
             self._downstream[key] = found
         return self._downstream[key]
 
-    def recover(self, config: RecoverConfig, progress=None) -> "Recovered":
+    def recover(self, config: RecoverConfig, progress=None) -> Recovered:
         """Recover the current plan's extracted model with ``config`` (a run under the cache: a
         cancelled one resumes, a finished one is reopened) and measure it on the evaluation windows."""
-        loaded, plan = self.loaded, self.plan
-        if not plan.components:
-            raise ShedderError("the current plan removes nothing; prune something before recovering")
-        run_dir = recovery_run_dir(self.settings.model, plan, config)
-        with holding(loaded.model, progress):  # shared weights: another session recovering is waited for, shown
-            if finished(run_dir) is None:  # decided under the lock: another session may just have run it
-                student = student_for(loaded.model, plan, loaded.adapter)
-                teacher = loaded.model if config.method == "distill" else None
-                recover(student, loaded.tokenizer, config, run_dir, teacher=teacher, plan=plan,
-                        source=self.settings.model, progress=progress, resume=resumable(run_dir), save=save)
-        model, _ = load_model(str(run_dir), dtype=self.settings.dtype, device=self.settings.device)
-        result = Recovered(plan, config, str(run_dir), finished(run_dir),
-                           {"ppl": float(perplexity(model, self.windows(self.settings.evaluation))),
-                            "params": int(count_parameters(model)), "flops": self.metrics(plan)["flops"]})
+        loaded, s = self.loaded, self.settings
+        result = api.recover_plan(loaded.model, loaded.tokenizer, loaded.adapter, self.plan, config, s.model,
+                                  self.windows(s.evaluation), s.dtype, s.device, progress)
+        plan = result.plan
+        result.metrics["flops"] = self.metrics(plan)["flops"]
         self.recovered = [r for r in self.recovered if (r.plan, r.config) != (plan, config)] + [result]
         return result
 
     def known(self, plan: PruningPlan) -> dict:
         """Whatever has been measured for ``plan`` so far (possibly nothing)."""
         return dict(self._metrics.get(self.loaded.adapter.resolve(plan), {}))
-
-
-@dataclass(frozen=True)
-class Recovered:
-    """A recovered model: the pruned plan it came from, its recipe, its run and its numbers (measured
-    on the session's evaluation windows, like every other frontier point)."""
-
-    plan: PruningPlan
-    config: RecoverConfig
-    run_dir: str
-    summary: dict          # recovery.json: recipe, steps, tokens, wall time, held-out perplexities
-    metrics: dict          # ppl, params, flops
-
-    @property
-    def name(self) -> str:
-        return f"recovered ({self.config.method}, {self.summary['tokens']:,} tokens)"
 
 
 def workspace() -> Workspace:

@@ -9,6 +9,7 @@ from typing import Callable, Iterator
 import streamlit as st
 from streamlit.runtime.scriptrunner_utils.exceptions import ScriptControlException
 
+from shedder import api
 from shedder.core.errors import Busy, Cancelled, ShedderError
 from shedder.core.plan import ONCE_PER_LAYER, Component
 
@@ -78,21 +79,16 @@ def _eta(started: float, done: int, total: int) -> str:
     """", about N left", measured from the steps done so far ("" before the first one)."""
     if done <= 0 or done >= total:
         return ""
-    from shedder.measure.budget import human_seconds
-
-    return f", about {human_seconds((time.perf_counter() - started) / done * (total - done))} left"
+    return f", about {api.human_seconds((time.perf_counter() - started) / done * (total - done))} left"
 
 
 def cost_caption(what: str, kinds: list[str], steps: int | None = 1) -> None:
-    """Say what a score or search on the calibration windows will cost, before it is started."""
-    from shedder.measure.budget import run_cost
-    from shedder.core.plan import PruningPlan
-
+    """Say what a score or search on the calibration windows will cost, before it is started: the
+    windows and batch size of the chosen protocol, the ones the run uses."""
     ws = workspace()
     loaded = ws.loaded
-    windows = ws.windows(ws.settings.calibration)
-    candidates = len(loaded.adapter.candidates(PruningPlan(), kinds))
-    text = run_cost(what, loaded.model, windows, candidates, steps).describe()
+    text = api.cost(what, loaded.model, loaded.adapter, ws.calibration(), kinds, steps=steps,
+                    batch_size=ws.settings.calibration_batch_size).describe()
     st.caption(text[:1].upper() + text[1:] + "; the progress bar shows the time left once it starts.")
 
 

@@ -7,10 +7,8 @@ import torch
 
 from app import plots, state, ui
 from app.hosting import hosting
-from shedder.measure import downstream
-from shedder.measure.data import OFFICIAL, PROTOCOLS
-from shedder.formats.loading import DEFAULT_MODEL, bundled_models
-from shedder.measure.metrics import describe_protocol, next_word_protocol
+from shedder.api import (DEFAULT_MODEL, LOCAL_TASKS, OFFICIAL, PAPER_TASKS, PROTOCOLS, bundled_models, describe_protocol,
+                         next_word_protocol, require_lm_eval)
 from shedder.core.plan import PruningPlan
 
 ws = state.workspace()
@@ -114,7 +112,7 @@ with ui.shown_errors():
 # -- lm-eval accuracy (run on request only; results come back from the session or the disk cache) ----------
 st.divider()
 st.subheader("Downstream accuracy (lm-eval)")
-task_options = list(downstream.LOCAL_TASKS + downstream.PAPER_TASKS)
+task_options = list(LOCAL_TASKS + PAPER_TASKS)
 tasks = st.multiselect("tasks", task_options, default=[], key="model_tasks",
                        help="Zero-shot lm-eval tasks. shedder_lastword and shedder_choice are bundled and run offline; "
                             "the paper's seven download their data from the hub.")
@@ -125,7 +123,7 @@ if tasks:
     run = st.button("Run lm-eval", key="model_run_lm_eval", type="primary")
     with ui.shown_errors():
         if run:
-            downstream.require_lm_eval()
+            require_lm_eval()
         found = {}
         for name, plan in plans.items():
             with (ui.progress(f"lm-eval: {name}") if run else contextlib.nullcontext(None)) as cb:

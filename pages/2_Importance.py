@@ -3,9 +3,8 @@ the metrics' rankings agree."""
 import streamlit as st
 
 from app import plots, ui
-from shedder.prune import importance
-from shedder.prune.agreement import matrix
-from shedder.prune.importance_metrics import REGISTRY, applicable
+from shedder import api
+from shedder.api import REGISTRY, applicable, matrix
 
 ws = ui.ready()
 s, loaded = ws.settings, ws.loaded
@@ -29,7 +28,7 @@ st.caption("Scored by " + ws.calibration_protocol() + ".")
 
 if kinds and metric == "ppl":
     with ui.shown_errors():
-        status = importance.cache_status(loaded.model, calibration, kinds)
+        status = api.cached(loaded.model, calibration, kinds)
         if status:
             st.caption(status)
 
@@ -43,8 +42,8 @@ with right:
 if compute:
     with ui.shown_errors(busy=ui.BUSY_SCORES), ui.progress(f"scoring components by {metric}") as cb:
         if metric == "ppl":
-            ws.importance = importance.score(loaded.model, calibration, kinds, progress=cb,
-                                             batch_size=s.calibration_batch_size, pool=ws.pool())
+            ws.importance = api.score(loaded.model, calibration, kinds, "ppl", progress=cb,
+                                      batch_size=s.calibration_batch_size, pool=ws.pool())
         else:
             ws.metric_table(metric, kinds, progress=cb)
 

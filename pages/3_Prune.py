@@ -2,7 +2,7 @@
 import streamlit as st
 
 from app import plots, ui
-from shedder.measure.metrics import describe_protocol, next_word_protocol
+from shedder.api import describe_protocol, next_word_protocol
 from shedder.core.plan import PruningPlan
 
 PENDING = "prune_pending"      # a change requested by a widget callback, applied by the page body

@@ -4,10 +4,8 @@ import pandas as pd
 import streamlit as st
 
 from app import nav, plots, ui
-from shedder.prune import frontier
-from shedder.prune.frontier import MEASURED, X_AXES, Y_AXES
-from shedder.prune.importance_metrics import REGISTRY, applicable
-from shedder.measure.metrics import describe_protocol, next_word_protocol
+from shedder.api import (BENCH_DEFAULTS, MEASURED, REGISTRY, X_AXES, Y_AXES, applicable, describe_protocol,
+                         next_word_protocol, one_shot, pareto)
 from shedder.core.plan import PruningPlan
 
 LOAD = "frontier_load"  # index of a clicked point, recorded by the chart callback
@@ -60,7 +58,7 @@ oneshot_k = o3.number_input("up to k", min_value=1, value=min(4, max(1, availabl
 if st.button("Add one-shot series", key="oneshot_run", disabled=not oneshot_kinds):
     with ui.shown_errors(), ui.progress(f"scoring by {metric}") as cb:
         table = ws.metric_table(metric, oneshot_kinds, progress=cb)
-        ws.add_series(frontier.one_shot(loaded.model, table, int(oneshot_k), oneshot_kinds))
+        ws.add_series(one_shot(loaded.model, table, int(oneshot_k), oneshot_kinds))
 
 # -- the frontier: every strategy's configurations, measured the same way ---------------------------
 entries = [("unpruned", "baseline", PruningPlan())]
@@ -113,13 +111,13 @@ with ui.shown_errors():
                 st.session_state[LOAD] = int(picked[0]["customdata"])
             st.session_state[GENERATION] += 1  # the next chart starts unselected
 
-        front = frontier.pareto(shown, x_axis, y_axis)
+        front = pareto(shown, x_axis, y_axis)
         st.plotly_chart(plots.frontier(shown, x_axis, y_axis, front, {**X_AXES, **Y_AXES}), key=chart_key,
                         on_select=clicked, selection_mode="points")
         st.caption("Every point is measured on the evaluation text: " + describe_protocol(ws.windows(s.evaluation), ws.label(s.evaluation))
                    + (f"; {next_word_protocol(ws.label(s.evaluation), s.accuracy_passages)}" if y_axis == "accuracy" else "")
                    + (f"; speed: extracted vs original model side by side, {s.seq_len}-token prompt, {s.device}, "
-                      f"{s.dtype}, median of {frontier.BENCH_DEFAULTS['repeats']} rounds" if x_axis in MEASURED else "")
+                      f"{s.dtype}, median of {BENCH_DEFAULTS['repeats']} rounds" if x_axis in MEASURED else "")
                    + ". Click a point to load its plan into the Prune page.")
         points = points.assign(pareto=front.reindex(points.index, fill_value=False))
     st.dataframe(points, hide_index=True, key="frontier_table")

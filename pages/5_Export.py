@@ -1,19 +1,15 @@
 """Export page: the plan as JSON (down and up), and the physically smaller model as a zip download and,
 where the server allows it (``app.hosting``), on the server's disk under its export directory."""
 import json
-import tempfile
 from pathlib import Path
 
 import streamlit as st
 
-from app import card, ui
+from app import ui
 from app.hosting import hosting
+from shedder import api
 from shedder.core.errors import PlanError
-from shedder.formats.extract import extract, save
-from shedder.core.fileio import check_output_dir, inside, zip_dir
-from shedder.formats.loading import resolve
-from shedder.measure.metrics import describe_protocol, perplexity
-from shedder.formats.official import read_plan, to_official
+from shedder.core.fileio import check_output_dir, inside
 from shedder.core.plan import PruningPlan
 
 ws = ui.ready()
@@ -27,13 +23,13 @@ name = Path(s.model).name
 known = {k: v for k, v in ws.known(ws.plan).items() if k in ("ppl", "params", "flops", "accuracy", "latency_ms")}
 recorded = PruningPlan(ws.plan.components, ws.plan.model, dict(ws.plan.group_sizes),
                        {**ws.plan.meta, "source_model": s.model, "measured": known,
-                        "protocol": describe_protocol(ws.windows(s.evaluation), ws.label(s.evaluation))})
+                        "protocol": api.describe_protocol(ws.windows(s.evaluation), ws.label(s.evaluation))})
 st.download_button("Download plan (JSON)", recorded.to_json(), file_name=f"{name}-plan.json", mime="application/json",
                    key="export_download", type="primary")
 with st.expander("Show the JSON"):
     st.code(recorded.to_json(), language="json")
 try:
-    official = json.dumps(to_official(adapter, ws.plan), indent=4)
+    official = json.dumps(api.to_official(adapter, ws.plan), indent=4)
 except PlanError as e:  # a kind with no official counterpart: say which instead of a button
     st.caption(f"No official Mamba-Shedder config for this plan: {e}")
 else:
@@ -42,7 +38,7 @@ else:
 upload = st.file_uploader("Load a plan (our JSON, or an official Mamba-Shedder config)", type=["json"], key="export_upload")
 if upload is not None:
     with ui.shown_errors():
-        plan = adapter.resolve(read_plan(upload.getvalue()))
+        plan = adapter.resolve(api.read_plan(upload.getvalue()))
         if st.session_state.get("export_upload_id") != upload.file_id:  # apply each upload once
             st.session_state["export_upload_id"] = upload.file_id
             ws.set_plan(plan)
@@ -68,19 +64,19 @@ if st.button(label, key="export_save", disabled=host.allow_save and not out_dir.
             check_output_dir(target, overwrite)  # before the work, so a refusal costs nothing
         windows = ws.windows(s.evaluation)
         base, now = ws.metrics(PruningPlan()), ws.metrics(ws.plan)
-        pruned = extract(loaded.model, ws.plan, adapter)
-        measured = {"ppl": perplexity(pruned, windows), "ppl_original": base["ppl"], "params": now["params"],
-                    "params_original": base["params"], "flops": now["flops"], "flops_original": base["flops"]}
+        measured = {"ppl_original": base["ppl"], "params": now["params"], "params_original": base["params"],
+                    "flops": now["flops"], "flops_original": base["flops"]}
         if timed:
             with ui.progress("timing the extracted model") as cb:
                 measured.update(ws.latency(ws.plan, progress=cb))
-        text = card.model_card(s.model, type(loaded.model).__name__, ws.plan, measured,
-                               describe_protocol(windows, ws.label(s.evaluation)))
         folder = f"{name}-{len(ws.plan.components)}-removed" if target is None else target.name
-        with tempfile.TemporaryDirectory() as tmp:
-            path = save(pruned, loaded.tokenizer, target or Path(tmp) / folder, plan=ws.plan, card=text,
-                        overwrite=overwrite, protected=[resolve(s.model)] if Path(resolve(s.model)).exists() else [])
-            st.session_state["export_zip"] = (f"{folder}.zip", zip_dir(path))
+        source = api.resolve(s.model)
+        done, data = api.export_zip(loaded.model, loaded.tokenizer, adapter, ws.plan, folder, s.model, target=target,
+                                    overwrite=overwrite, protected=[source] if Path(source).exists() else [],
+                                    measured=measured, windows=windows,
+                                    protocol=api.describe_protocol(windows, ws.label(s.evaluation)))
+        path, text = done.out, done.card
+        st.session_state["export_zip"] = (f"{folder}.zip", data)
         if target is not None:
             st.success(f"Saved to `{path}`; load it with `shedder.formats.loading.load_model('{path}')`.")
         with st.expander("Model card (README.md)", expanded=True):

@@ -4,9 +4,8 @@ import pandas as pd
 import streamlit as st
 
 from app import nav, ui
-from shedder.measure.metrics import describe_protocol
+from shedder.api import METHODS, RecoverConfig, describe_protocol
 from shedder.core.plan import PruningPlan
-from shedder.prune.recover import METHODS, RecoverConfig
 
 METHOD_HELP = {"lora": "low-rank adapters on the mixers' and MLPs' projections, merged at the end",
                "full": "every parameter of the pruned model",

@@ -20,7 +20,7 @@ from shedder.arch.layers import ZeroBranch
 from shedder.formats.extract import extract
 from shedder.measure.masking import masked
 from shedder.formats.official import OfficialConfig
-from shedder.core.plan import Component, PruningPlan
+from shedder.core.plan import Component
 
 SEQ = 20  # not a multiple of the chunk size (8)
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from shedder.core import cache
 from shedder.measure import data, metrics
 from shedder.arch import adapter_for, count_parameters
 from shedder.core.errors import DataError
@@ -106,7 +107,7 @@ def test_token_windows_are_non_overlapping_from_the_start(bundled_tokenizer):
     assert w.shape == (len(ids) // 50, 50) and w.dtype == torch.long
     assert w.reshape(-1).tolist() == ids[: w.numel()]
     assert data.token_windows(bundled_tokenizer, text, seq_len=50, samples=3).shape == (3, 50)
-    assert data.windows_hash(w) != data.windows_hash(w[:3])
+    assert cache.windows_hash(w) != cache.windows_hash(w[:3])
 
 
 @pytest.mark.parametrize("needed", [1, 300, 5000, 10 ** 9])

@@ -26,7 +26,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shedder import cli
-from shedder.dev import scale
 from shedder.formats.loading import REPO_ROOT
 
 FAST = settings(derandomize=True, database=None, deadline=None, print_blob=False,
@@ -270,7 +269,7 @@ def inside_sandbox(sandbox, monkeypatch):
 # ------------------------------------------------------------------------------ the tests
 def _parse(argv: list[str]):
     if argv[:2] in (["bench", "scale"], ["bench", "gpu-check"]):
-        return scale.build_parser(argv[1]).parse_args(argv[2:])
+        return cli.bench.scale_parser(argv[1], cli.main).parse_args(argv[2:])
     return cli.build_parser().parse_args(argv)
 
 

@@ -479,15 +479,15 @@ def test_bad_numbers_are_refused_by_the_parser(capsys, argv):
 
 
 def test_target_params_means_one_thing():
-    assert [cli._target(t) for t in ("0.2", "20%", "250000", "2.5e5", "1", "99.5%")] == [0.2, 0.2, 250000, 250000, 1, 0.995]
-    assert isinstance(cli._target("2.5e5"), int)
+    assert [cli.common.target(t) for t in ("0.2", "20%", "250000", "2.5e5", "1", "99.5%")] == [0.2, 0.2, 250000, 250000, 1, 0.995]
+    assert isinstance(cli.common.target("2.5e5"), int)
 
 
 def test_internal_errors_are_one_line_and_debug_shows_the_traceback(capsys, tiny_model_dir, monkeypatch):
     def broken(args):
         raise TypeError("unexpected")
 
-    monkeypatch.setattr(cli, "cmd_info", broken)
+    monkeypatch.setattr(cli.info, "run", broken)
     assert main(["info", "--model", str(tiny_model_dir)]) == 1
     assert "internal error (TypeError: unexpected); rerun with --debug" in one_error_line(capsys)
     assert main(["info", "--model", str(tiny_model_dir), "--debug"]) == 1
@@ -964,7 +964,7 @@ def test_a_second_session_waits_for_a_recovery_run_shown_and_cancellable(stopped
         raise Cancelled("stop")
 
     def resume(progress):
-        return recovery.recover(recovery.student_for(model, plan), tokenizer, cli._recover_config(args), run,
+        return recovery.recover(recovery.student_for(model, plan), tokenizer, cli.recover.recover_config(args), run,
                                 plan=plan, progress=progress, resume=True, save=save)
 
     try:

@@ -18,7 +18,8 @@ import torch
 from shedder.arch import adapter_for
 from shedder.core.errors import Cancelled, PlanError, ShedderError
 from shedder.measure.evaluator import PlanEvaluator, removing
-from shedder.prune.importance import model_fingerprint, score
+from shedder.core.cache import model_fingerprint
+from shedder.prune.importance import score
 from shedder.measure.masking import masked
 from shedder.measure.metrics import nll_sum, perplexity
 from shedder.core.plan import Component, PruningPlan

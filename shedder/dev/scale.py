@@ -16,7 +16,6 @@ without CUDA it says so in one line and exits 0, so a CI job can call it uncondi
 """
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import tempfile
@@ -25,7 +24,17 @@ from pathlib import Path
 
 import torch
 
-from shedder.cli.options import OneLineParser, positive_int, threads
+from shedder.arch import adapter_for
+from shedder.core.errors import ShedderError
+from shedder.core.plan import Component, PruningPlan
+from shedder.dev.realshape import build, fill, save_checkpoint
+from shedder.formats.loading import parse_dtype
+from shedder.measure.bench import kernel_path
+from shedder.measure.budget import human_bytes
+from shedder.measure.evaluator import PlanEvaluator
+from shedder.measure.metrics import perplexity
+from shedder.prune.importance import score
+from shedder.prune.search import StopWhen, greedy_search
 
 #: name -> (hidden, layers, vocab, heads of 64 channels, state, chunk)
 SIZES = {
@@ -37,8 +46,6 @@ SIZES = {
 
 def _mamba2(size: str, dtype: torch.dtype, device: str):
     import transformers
-
-    from shedder.dev.realshape import fill
 
     hidden, layers, vocab, heads, state, chunk = SIZES[size]
     config = transformers.Mamba2Config(hidden_size=hidden, num_hidden_layers=layers, vocab_size=vocab,
@@ -89,12 +96,6 @@ def _status_kb(field: str) -> int:
 
 def measure(size: str, samples: int, seq_len: int, batch_size: int, dtype: torch.dtype, device: str) -> dict:
     """One row of the scale table (times in seconds, memory in bytes)."""
-    from shedder.arch import adapter_for
-    from shedder.measure.evaluator import PlanEvaluator
-    from shedder.prune.importance import score
-    from shedder.measure.metrics import perplexity
-    from shedder.prune.search import StopWhen, greedy_search
-
     model = _mamba2(size, dtype, device)
     adapter = adapter_for(model)
     windows = torch.randint(0, model.config.vocab_size, (samples, seq_len), generator=torch.Generator().manual_seed(0))
@@ -126,8 +127,6 @@ def _sync(device: str) -> None:
 
 
 def format_table(rows: list[dict], header: str) -> str:
-    from shedder.measure.budget import human_bytes
-
     def mem(v):
         return human_bytes(v) if v is not None else "n/a"
 
@@ -143,17 +142,12 @@ def format_table(rows: list[dict], header: str) -> str:
 
 
 def run_scale(args) -> int:
-    from shedder.measure.bench import kernel_path
-    from shedder.formats.loading import parse_dtype
-
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = parse_dtype(args.dtype)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
-        from shedder.core.errors import ShedderError
-
         raise ShedderError(f"unknown size {unknown[0]!r}; choose from {', '.join(SIZES)}")
     rows = []
     for size in sizes:
@@ -166,17 +160,13 @@ def run_scale(args) -> int:
     return 0
 
 
-def run_gpu_check(args) -> int:
-    """The CLI journey on CUDA; one line and exit 0 without a CUDA device."""
+def run_gpu_check(args, main) -> int:
+    """The CLI journey on CUDA, each step a call of the CLI's ``main``; one line and exit 0 without a
+    CUDA device."""
     if not torch.cuda.is_available():
         print("gpu-check: skipped: PyTorch sees no CUDA device on this machine (torch.cuda.is_available() is "
               "False); run `python -m shedder bench gpu-check` on a GPU machine")
         return 0
-    from shedder.arch import adapter_for
-    from shedder.measure.bench import kernel_path
-    from shedder.cli import main
-    from shedder.core.plan import Component, PruningPlan
-    from shedder.dev.realshape import build, save_checkpoint
 
     print(f"gpu-check: {torch.cuda.get_device_name()}, {kernel_path('cuda')}", flush=True)
     failures = []
@@ -225,30 +215,3 @@ def run_gpu_check(args) -> int:
                 failures.append("masked == extracted")
     print("gpu-check: " + ("all passed" if not failures else "FAILED: " + ", ".join(failures)))
     return 0 if not failures else 1
-
-
-def build_parser(command: str) -> argparse.ArgumentParser:
-    if command == "scale":
-        p = OneLineParser(prog="python -m shedder bench scale",
-                                    description="Time per candidate evaluation and peak memory of eval, score and "
-                                                "search on random Mamba-2 models of growing size.")
-        p.add_argument("--sizes", default="S,M,130m", help=f"comma-separated, from {', '.join(SIZES)} (default all)")
-        p.add_argument("--samples", type=positive_int, default=4, help="calibration windows (default 4)")
-        p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per window (default 256)")
-        p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward (default 4)")
-        p.add_argument("--threads", type=threads, help="CPU threads for PyTorch (default: PyTorch's choice)")
-        p.set_defaults(func=run_scale)
-    else:
-        from shedder.dev.realshape import FAMILIES
-
-        p = OneLineParser(prog="python -m shedder bench gpu-check",
-                                    description="The whole CLI journey on CUDA on a real-shape random model.")
-        p.add_argument("--family", default="mamba2", choices=FAMILIES, help="family (default mamba2)")
-        p.add_argument("--layers", type=positive_int, default=4, help="layers of the published layout (default 4)")
-        p.set_defaults(func=run_gpu_check)
-    p.add_argument("--device", default="cuda" if command == "gpu-check" else "cpu", help=argparse.SUPPRESS
-                   if command == "gpu-check" else "cpu or cuda (default cpu)")
-    p.add_argument("--dtype", default="bfloat16" if command == "gpu-check" else "float32",
-                   help="float32, float16 or bfloat16")
-    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
-    return p

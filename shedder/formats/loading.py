@@ -136,8 +136,6 @@ def _offline(source: str) -> bool:
 
 def load_config(name_or_path: str, trust_remote_code: bool = False):
     """The model's config, with clear errors for missing paths, no network and unknown architectures."""
-    from transformers import AutoConfig
-
     from huggingface_hub.errors import StrictDataclassError
     from transformers import CONFIG_MAPPING, AutoConfig
 

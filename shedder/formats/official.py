@@ -38,7 +38,7 @@ from shedder.core.errors import PlanError, ShedderError
 from shedder.arch import adapter_for
 from shedder.core.fileio import atomic_write_text
 from shedder.core.plan import Component, PruningPlan, parse_json, read_text
-from shedder.prune.importance import model_fingerprint, plan_key
+from shedder.core.cache import model_fingerprint, plan_key
 from shedder.prune.runs import RunLog, claim_import_dir, run_settings, search_step
 
 #: Every key the official code writes, in the order it writes them.

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import torch
 
-from shedder.core.cache import windows_hash  # noqa: F401  (the windows' key, where the windows are made)
 from shedder.core.errors import DataError
 from shedder.core.hub import offline_when_unreachable
 

@@ -24,7 +24,7 @@ import pandas as pd
 
 from shedder.arch import adapter_for
 from shedder.core.fileio import atomic_write_text
-from shedder.prune.importance import default_cache_dir, model_fingerprint, plan_key
+from shedder.core.cache import default_cache_dir, model_fingerprint, plan_key
 from shedder.measure.bench import bench_models
 from shedder.measure.masking import holding
 from shedder.measure.metrics import Progress, pareto_mask

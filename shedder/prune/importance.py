@@ -24,13 +24,13 @@ import pandas as pd
 import torch
 
 from shedder.arch import adapter_for
-from shedder.core.cache import cache_key, default_cache_dir, model_fingerprint, plan_key  # noqa: F401  (callers' names)
+from shedder.core.cache import cache_key, default_cache_dir
 from shedder.core.errors import NonFiniteError
 from shedder.measure.evaluator import PlanEvaluator, check_kinds, removing
 from shedder.core.fileio import atomic_write_text, exclusive
 from shedder.measure.metrics import predicted_tokens
 from shedder.core.progress import Progress
-from shedder.core.plan import KINDS, Component, PruningPlan, config_hash
+from shedder.core.plan import KINDS, Component, PruningPlan
 from shedder.prune.distributed import pooled
 
 COLUMNS = ["layer", "kind", "index", "ppl", "delta_ppl", "params_removed"]

@@ -41,13 +41,12 @@ from shedder.arch import adapter_for
 from shedder.core.errors import ShedderError
 from shedder.core.plan import PruningPlan
 from shedder.core.progress import Progress
-from shedder.measure.data import windows_hash
 from shedder.measure.evaluator import PlanEvaluator, check_kinds, removing
 from shedder.measure.masking import masked
 from shedder.measure.metrics import nll_sum, perplexity_of, predicted_tokens
 from shedder.prune.choice import Chooser, beats, sort_key
 from shedder.prune.distributed import Workers, pool_stats, pooled
-from shedder.prune.importance import cache_key, default_cache_dir, model_fingerprint, plan_key
+from shedder.core.cache import cache_key, default_cache_dir, model_fingerprint, plan_key, windows_hash
 from shedder.prune.runs import LOG_FILE, RunLog, SearchStep, claim_search_dir, run_settings, search_step
 
 

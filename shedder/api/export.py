@@ -1,0 +1,82 @@
+"""Export: the physically smaller model of a plan, its model card, saved (and zipped for a download)."""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from shedder.arch import count_parameters
+from shedder.core.fileio import check_output_dir, zip_dir
+from shedder.core.plan import PruningPlan
+from shedder.formats.extract import model_card, save
+from shedder.measure.metrics import perplexity
+
+
+@dataclass(frozen=True)
+class Exported:
+    """A saved pruned model: where, by which plan, its parameters before and after, and its card."""
+
+    out: Path
+    plan: PruningPlan
+    params_before: int
+    params_after: int
+    card: str
+
+    def payload(self) -> dict:
+        return {"out": str(self.out), "plan": self.plan.to_dict(), "params_before": self.params_before,
+                "params_after": self.params_after}
+
+
+def measured_card(source: str, architecture: str, plan: PruningPlan, measured: dict, protocol: str) -> str:
+    """The engine's card plus what was measured on the extracted model. ``measured`` holds ``ppl``,
+    ``params`` and ``flops`` of the extracted model and ``*_original`` of the source, optionally
+    ``latency_ms`` / ``original_latency_ms`` / ``measured_speedup`` / ``expected_speedup``."""
+    rows = [("perplexity", f"{measured['ppl_original']:.4f}", f"{measured['ppl']:.4f}"),
+            ("parameters", f"{measured['params_original']:,}", f"{measured['params']:,}"),
+            ("FLOPs / token (prefill, analytic)", f"{measured['flops_original']:,.0f}", f"{measured['flops']:,.0f}")]
+    if "latency_ms" in measured:
+        rows.append(("time to first token (ms, measured)", f"{measured['original_latency_ms']:.2f}",
+                     f"{measured['latency_ms']:.2f}"))
+    table = "\n".join(f"| {name} | {a} | {b} |" for name, a, b in rows)
+    speed = (f"\nMeasured prefill speedup: {measured['measured_speedup']:.2f}× "
+             f"(expected from FLOPs: {measured['expected_speedup']:.2f}×).\n" if "measured_speedup" in measured else "")
+    base = model_card(source, architecture, plan, measured["params_original"], measured["params"])
+    return f"""{base}
+## Measured on the extracted model
+
+| | original | pruned |
+| --- | --- | --- |
+{table}
+{speed}
+Protocol: {protocol}.
+"""
+
+
+def export(model, tokenizer, adapter, plan: PruningPlan, out, source: str, overwrite: bool = False,
+           protected=(), measured: dict | None = None, windows=None, protocol: str = "") -> Exported:
+    """Extract ``plan`` from ``model`` and save it with its card in ``out`` (new, or a previous export
+    with ``overwrite``; never inside ``protected``). With ``measured`` (the studio's numbers of the
+    original and the plan) the card also shows them, the perplexity measured on ``windows`` of the
+    extracted model itself."""
+    before = adapter.param_count()
+    small = adapter.extract(plan)
+    after = count_parameters(small)
+    if measured is None:
+        card = model_card(source, type(model).__name__, plan, before, after)
+    else:
+        measured = {**measured, "ppl": perplexity(small, windows)} if windows is not None else measured
+        card = measured_card(source, type(model).__name__, plan, measured, protocol)
+    path = save(small, tokenizer, out, plan=plan, card=card, overwrite=overwrite, protected=list(protected))
+    return Exported(Path(path), plan, before, after, card)
+
+
+def export_zip(model, tokenizer, adapter, plan: PruningPlan, folder: str, source: str, target=None,
+               overwrite: bool = False, protected=(), measured: dict | None = None, windows=None,
+               protocol: str = "") -> tuple[Exported, bytes]:
+    """``export`` to ``target`` (or a temporary ``folder``) and the saved directory as zip bytes."""
+    if target is not None:
+        check_output_dir(target, overwrite)  # before the work, so a refusal costs nothing
+    with tempfile.TemporaryDirectory() as tmp:
+        done = export(model, tokenizer, adapter, plan, target or Path(tmp) / folder, source, overwrite, protected,
+                      measured, windows, protocol)
+        return done, zip_dir(done.out)

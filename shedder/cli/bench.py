@@ -1,0 +1,186 @@
+"""``python -m shedder bench``: measured speed of an extracted model against its original, and the
+benchmarks of the engine itself (``bench search``, ``bench recover``, ``bench scale``, ``bench gpu-check``)."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from shedder import api
+from shedder.api import DEFAULT_CALIBRATION, DEFAULT_MODEL, DEFAULT_SAMPLES
+from shedder.api.recover import METHODS
+from shedder.api.search import compare_searches
+from shedder.dev.recover_bench import compare_methods, format_comparison
+from shedder.dev.workers import bench_workers
+from shedder.formats.official import read_plan
+from shedder.api.speed import format_report
+from shedder.cli.common import common, counts, data_options, emit, kinds, load, model_options, progress, text_tokenizer
+from shedder.cli.options import OneLineParser, non_negative_int, positive_int, threads
+from shedder.core.errors import ShedderError, printable
+from shedder.dev import scale
+from shedder.dev.realshape import FAMILIES
+from shedder.measure.data import calibration_windows
+
+
+def add(sub) -> None:
+    p = sub.add_parser("bench", help="speed of an extracted model vs its original; `bench search` for the search",
+                       epilog="`bench scale --help`: cost as models grow; `bench gpu-check --help`: the journey on CUDA.")
+    speed_options(p)
+    p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=run)
+    bench_sub = p.add_subparsers(dest="bench_command", metavar="{search,recover}")
+    s = bench_sub.add_parser("search", help="fast vs reference greedy search",
+                             description="Run the reference and the fast greedy search on the same model and "
+                                         "data; print both wall times, the speed-up and whether they chose "
+                                         "identical components.")
+    model_options(s)
+    s.add_argument("--kinds", type=kinds, default=["ssm"], help="comma-separated kinds (default ssm)")
+    s.add_argument("--steps", type=positive_int, default=4, help="search steps (default 4)")
+    s.add_argument("--workers", type=counts, help="instead: the fast search on Ray pools of these sizes "
+                                                  "(e.g. 1,2), and the speed-up over the first")
+    s.add_argument("--ray-address", help="with --workers: run the pools on this Ray cluster")
+    data_options(s, DEFAULT_CALIBRATION, DEFAULT_SAMPLES)
+    common(s)
+    s.set_defaults(func=run_search)
+    r = bench_sub.add_parser("recover", help="recovery per method for the same token budget",
+                             description="Prune mamba2-tiny (a quarter of its blocks) and hybrid-tiny (a mixed "
+                                         "plan), recover each with every method for the same token budget, and "
+                                         "print the share of the lost perplexity each method wins back.")
+    recover_options(r)
+
+
+def speed_options(parser: argparse.ArgumentParser) -> None:
+    """Options of ``python -m shedder bench``."""
+    parser.add_argument("--model", default=DEFAULT_MODEL,
+                        help=f"bundled name, local directory or hub id of the original model (default {DEFAULT_MODEL})")
+    which = parser.add_mutually_exclusive_group()  # one of them is required unless `bench search`
+    which.add_argument("--plan", help="pruning plan JSON (the model is extracted in memory)")
+    which.add_argument("--pruned", help="directory of a saved pruned model")
+    parser.add_argument("--batch", type=positive_int, default=1, help="sequences per batch (default 1)")
+    parser.add_argument("--seq-len", type=positive_int, default=256, help="prompt length in tokens (default 256)")
+    parser.add_argument("--new-tokens", type=positive_int, default=32, help="tokens generated for decode timing (default 32)")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed rounds per model (default 5)")
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed rounds first (default 1)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default float32)")
+    parser.add_argument("--threads", type=threads, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def run(args) -> int:
+    """Run the benchmark the parsed ``args`` describe and print the report."""
+    if not (args.plan or args.pruned):
+        raise ShedderError("bench needs --plan or --pruned (or the `search` subcommand: python -m shedder bench search)")
+    plan = read_plan(args.plan) if args.plan else None  # ours or an official config
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"bench: {args.warmup} warm-up + {args.repeats} timed rounds, each a prefill of {args.batch} × "
+          f"{args.seq_len} tokens and a {args.new_tokens}-token generation on the original and the extracted "
+          f"model" + ("" if args.no_memory else ", then one peak-memory run of each (CPU: in a fresh process)"),
+          file=sys.stderr, flush=True)
+    with progress(args) as bar:
+        result = api.bench_speed(args.model, plan=plan, pruned_dir=args.pruned, batch_size=args.batch,
+                                 seq_len=args.seq_len, new_tokens=args.new_tokens, repeats=args.repeats,
+                                 warmup=args.warmup, device=args.device, dtype=args.dtype, memory=not args.no_memory,
+                                 progress=bar)
+    print(json.dumps(result, indent=2) if args.json else format_report(result))
+    return 0
+
+
+def run_search(args) -> int:
+    """Reference and fast search on the same model and data, side by side."""
+    model, tokenizer = load(args)
+    windows = calibration_windows(text_tokenizer(args, tokenizer), args.data, samples=args.samples, seq_len=args.seq_len)
+    if args.workers:
+        return _workers(args, model, windows)
+    with progress(args) as bar:
+        runs = compare_searches(model, windows, args.kinds, args.steps, args.batch_size, bar)
+    timings, cpu, results = runs["timings"], runs["cpu"], runs["results"]
+    ref, fast = results["reference"], results["fast"]
+    same = ref.components == fast.components
+    payload = {"model": args.model, "kinds": args.kinds, "steps": args.steps,
+               "windows": list(windows.shape), "reference_s": timings["reference"], "fast_s": timings["fast"],
+               "speedup": timings["reference"] / timings["fast"], "reference_cpu_s": cpu["reference"],
+               "fast_cpu_s": cpu["fast"], "cpu_speedup": cpu["reference"] / cpu["fast"], "identical": same,
+               "reference_choices": [str(c) for c in ref.components], "fast_choices": [str(c) for c in fast.components],
+               "fast_stats": fast.stats,
+               # layer forwards (batches × layers, removed blocks not counted): the work, whatever the load
+               "reference_layer_runs": ref.stats["layers_run"], "fast_layer_runs": fast.stats["layers_run"]}
+    lines = [f"model {printable(args.model)}, kinds {args.kinds}, {len(ref.steps)} steps, "
+             f"{windows.shape[0]} windows × {windows.shape[1]} tokens of {args.data!r}",
+             f"reference search: {timings['reference']:.2f} s wall, {cpu['reference']:.2f} s CPU  "
+             f"({', '.join(payload['reference_choices'])})",
+             f"fast search:      {timings['fast']:.2f} s wall, {cpu['fast']:.2f} s CPU  "
+             f"({', '.join(payload['fast_choices'])})",
+             f"layer forwards (batches × layers): reference {payload['reference_layer_runs']}, "
+             f"fast {payload['fast_layer_runs']}; windows scored by the loss head: reference "
+             f"{ref.stats['windows_scored']}, fast {fast.stats['windows_scored']} "
+             f"({fast.stats['abandoned']} of {fast.stats['evaluated']} candidates abandoned early)",
+             f"speed-up: {payload['speedup']:.2f}× wall, {payload['cpu_speedup']:.2f}× CPU   "
+             f"identical choices: {'yes' if same else 'NO'}"]
+    emit(args, payload, "\n".join(lines))
+    return 0 if same else 1
+
+
+def _workers(args, model, windows) -> int:
+    """``bench search --workers 1,2``: the same search on pools of each size, timed."""
+    with progress(args) as bar:
+        report = bench_workers(model, windows, args.kinds, args.steps, args.workers, args.batch_size,
+                               args.ray_address, bar)
+    first = report["runs"][0]["workers"]
+    lines = [f"model {printable(args.model)}, kinds {args.kinds}, {args.steps} steps, "
+             f"{windows.shape[0]} windows × {windows.shape[1]} tokens of {args.data!r}, workers on {args.device}"]
+    lines += [f"{r['workers']} worker{'s' if r['workers'] > 1 else ''}: {r['seconds']:.2f} s  "
+              f"speed-up over {first}: {r['speedup']:.2f}×  ({', '.join(r['choices'])})" for r in report["runs"]]
+    lines.append(f"identical choices and perplexities: {'yes' if report['identical'] else 'NO'}")
+    emit(args, {"model": args.model, "kinds": args.kinds, "steps": args.steps, **report}, "\n".join(lines))
+    return 0 if report["identical"] else 1
+
+
+def recover_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--methods", type=kinds, default=list(METHODS), help="comma-separated (default all)")
+    p.add_argument("--steps", type=positive_int, default=12, help="steps per method (default 12)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="windows per step (default 8)")
+    p.add_argument("--seq-len", type=positive_int, default=64, help="tokens per window (default 64)")
+    p.add_argument("--eval-samples", type=positive_int, default=32, help="held-out test windows (default 32)")
+    p.add_argument("--threads", type=threads, default=2, help="CPU threads (default 2)")
+    common(p)
+    p.set_defaults(func=run_recover)
+
+
+def run_recover(args) -> int:
+    with progress(args) as bar:
+        rows = compare_methods(args.methods, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
+                               eval_samples=args.eval_samples, threads=args.threads, progress=bar)
+    emit(args, {"rows": rows}, format_comparison(rows))
+    return 0
+
+
+def scale_parser(command: str, main) -> argparse.ArgumentParser:
+    """The parser of ``bench scale`` or ``bench gpu-check`` (``main``: the CLI gpu-check drives)."""
+    if command == "scale":
+        p = OneLineParser(prog="python -m shedder bench scale",
+                          description="Time per candidate evaluation and peak memory of eval, score and "
+                                      "search on random Mamba-2 models of growing size.")
+        p.add_argument("--sizes", default="S,M,130m", help=f"comma-separated, from {', '.join(scale.SIZES)} (default all)")
+        p.add_argument("--samples", type=positive_int, default=4, help="calibration windows (default 4)")
+        p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per window (default 256)")
+        p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward (default 4)")
+        p.add_argument("--threads", type=threads, help="CPU threads for PyTorch (default: PyTorch's choice)")
+        p.set_defaults(func=scale.run_scale)
+    else:
+        p = OneLineParser(prog="python -m shedder bench gpu-check",
+                          description="The whole CLI journey on CUDA on a real-shape random model.")
+        p.add_argument("--family", default="mamba2", choices=FAMILIES, help="family (default mamba2)")
+        p.add_argument("--layers", type=positive_int, default=4, help="layers of the published layout (default 4)")
+        p.set_defaults(func=lambda args: scale.run_gpu_check(args, main))
+    p.add_argument("--device", default="cuda" if command == "gpu-check" else "cpu", help=argparse.SUPPRESS
+                   if command == "gpu-check" else "cpu or cuda (default cpu)")
+    p.add_argument("--dtype", default="bfloat16" if command == "gpu-check" else "float32",
+                   help="float32, float16 or bfloat16")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON")
+    return p

@@ -1,0 +1,31 @@
+"""``python -m shedder extract``: save the physically pruned model of a plan, with its card."""
+from __future__ import annotations
+
+from shedder import api
+from shedder.cli.common import common, emit, load, model_options, pct, sources
+from shedder.core.errors import printable
+from shedder.core.fileio import check_output_dir
+
+
+def add(sub) -> None:
+    p = sub.add_parser("extract", help="save the physically pruned model for a plan")
+    model_options(p)
+    p.add_argument("--plan", required=True, help="pruning plan JSON")
+    p.add_argument("--out", required=True, help="output directory (new, or a previous export with --overwrite)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace --out if it is a previous export of this tool (never any other directory)")
+    common(p)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    protected = sources(args)
+    check_output_dir(args.out, args.overwrite, protected)  # before the work, so a refusal costs nothing
+    model, tokenizer = load(args)
+    adapter, plan = api.plan_for(model, args.plan)
+    done = api.export(model, tokenizer, adapter, plan, args.out, args.model, overwrite=args.overwrite,
+                      protected=protected)
+    before, after = done.params_before, done.params_after
+    emit(args, done.payload(), f"saved {printable(done.out)}: {plan.describe()}; parameters {after:,} (from {before:,}, "
+                               f"{pct(before - after, before)} removed)")
+    return 0
