@@ -19,51 +19,6 @@ LAYERS = ["core", "arch", "measure", "prune", "formats", "api", "dev", "cli"]
 UI_ALLOWED = ("shedder.api", "shedder.core")
 UI_MAX_MODULES = 5
 
-#: Imports that break the rule today, each to be removed as the engine is reshaped (never added to).
-KNOWN_UPWARD: set[tuple[str, str]] = {
-    ('shedder.dev.scale', 'shedder.cli'),
-    ('shedder.dev.scale', 'shedder.cli.options'),
-}
-KNOWN_UNMARKED_LOCAL: set[tuple[str, str]] = {
-    ('app.ui', 'shedder.core.plan'),
-    ('app.ui', 'shedder.measure.budget'),
-    ('shedder.cli', 'shedder.arch'),
-    ('shedder.cli', 'shedder.core.fileio'),
-    ('shedder.cli', 'shedder.core.plan'),
-    ('shedder.cli', 'shedder.core.progress'),
-    ('shedder.cli', 'shedder.dev.scale'),
-    ('shedder.cli', 'shedder.formats.extract'),
-    ('shedder.cli', 'shedder.formats.loading'),
-    ('shedder.cli', 'shedder.formats.official'),
-    ('shedder.cli', 'shedder.measure.budget'),
-    ('shedder.cli', 'shedder.measure.data'),
-    ('shedder.cli', 'shedder.measure.downstream'),
-    ('shedder.cli', 'shedder.measure.evaluator'),
-    ('shedder.cli', 'shedder.measure.masking'),
-    ('shedder.cli', 'shedder.measure.metrics'),
-    ('shedder.cli', 'shedder.prune.agreement'),
-    ('shedder.cli', 'shedder.prune.distributed'),
-    ('shedder.cli', 'shedder.prune.importance'),
-    ('shedder.cli', 'shedder.prune.importance_metrics'),
-    ('shedder.cli', 'shedder.prune.recover'),
-    ('shedder.cli', 'shedder.prune.search'),
-    ('shedder.dev.realshape', 'shedder.formats.loading'),
-    ('shedder.formats.official', 'shedder.arch'),
-    ('shedder.formats.official', 'shedder.prune.importance'),
-    ('shedder.formats.official', 'shedder.prune.search'),
-    ('shedder.prune.distributed', 'shedder.prune.search'),
-    ('shedder.prune.frontier', 'shedder.measure.metrics'),
-    ('shedder.prune.importance', 'shedder.prune.distributed'),
-    ('shedder.prune.search', 'shedder.prune.distributed'),
-}
-KNOWN_UI: set[str] = set()
-KNOWN_CYCLES: list[list[str]] = [
-    ['shedder.measure.masking', 'shedder.measure.metrics'],
-    ['shedder.prune.distributed', 'shedder.prune.importance', 'shedder.prune.search'],
-    ['shedder.cli', 'shedder.dev.scale'],
-]
-
-
 def _modules() -> dict[str, Path]:
     mods = {}
     for top in ("shedder", "app", "pages"):
@@ -142,8 +97,7 @@ def test_every_engine_module_is_in_a_layer():
 def test_imports_go_downward():
     upward = {(a, b) for a, b, _, _ in IMPORTS
               if layer(a) is not None and layer(b) is not None and layer(b) > layer(a)}
-    assert upward - KNOWN_UPWARD == set()
-    assert KNOWN_UPWARD - upward == set(), "an import listed as known is gone: remove it from KNOWN_UPWARD"
+    assert upward == set()
 
 
 def test_no_import_cycle():
@@ -151,22 +105,19 @@ def test_no_import_cycle():
     for a, b, _, _ in IMPORTS:
         edges[a].add(b)
     cycles = _cycles(edges)
-    assert [c for c in cycles if c not in KNOWN_CYCLES] == [], cycles
-    assert [c for c in KNOWN_CYCLES if c not in cycles] == [], "a listed cycle is gone or changed: update KNOWN_CYCLES"
+    assert cycles == []
 
 
 def test_function_local_imports_say_why():
     unmarked = {(a, b) for a, b, local, line in IMPORTS
                 if local and b.startswith("shedder") and "# lazy:" not in line}
-    assert unmarked - KNOWN_UNMARKED_LOCAL == set()
-    assert KNOWN_UNMARKED_LOCAL - unmarked == set(), "a listed local import is gone: remove it from the list"
+    assert unmarked == set()
 
 
 def test_the_studio_imports_only_the_use_cases_and_core_types():
     used = {b for a, b, _, _ in IMPORTS if a.split(".")[0] in ("app", "pages") and b.startswith("shedder")}
-    assert {m for m in used if not m.startswith(UI_ALLOWED)} - KNOWN_UI == set()
-    assert KNOWN_UI - used == set(), "a listed module is no longer imported by the studio: remove it from KNOWN_UI"
-    assert len(used - KNOWN_UI) <= UI_MAX_MODULES, sorted(used)
+    assert {m for m in used if not m.startswith(UI_ALLOWED)} == set()
+    assert len(used) <= UI_MAX_MODULES, sorted(used)
 
 
 def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
@@ -198,3 +149,9 @@ def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
         if v not in index:
             visit(v)
     return out
+
+
+def test_no_engine_module_is_over_500_lines():
+    long = {m: n for m, path in MODULES.items() if m.startswith("shedder")
+            and (n := len(path.read_text(encoding="utf-8").splitlines())) > 500}
+    assert long == {}

@@ -23,6 +23,8 @@ from pathlib import Path
 import torch
 import transformers
 
+from shedder.formats.loading import REPO_ROOT
+
 
 @dataclass(frozen=True)
 class RealShape:
@@ -186,8 +188,6 @@ def tokenizer_for(vocab_size: int, base_dir: str | Path | None = None):
 
     from tokenizers import Tokenizer
     from transformers import PreTrainedTokenizerFast
-
-    from shedder.formats.loading import REPO_ROOT
 
     base = Path(base_dir or REPO_ROOT / "assets" / "tokenizer")
     spec = json.loads((base / "tokenizer.json").read_text(encoding="utf-8"))
