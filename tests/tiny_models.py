@@ -6,7 +6,8 @@ milliseconds).
 ``test_arch_<family>.py``: widths that make every kind removable several ways, hybrids with every
 layer type, weights spread so that every removal visibly changes the logits. ``SUITE`` holds the
 models the conftest fixtures give the rest of the suite (``make_tiny_model``), which take a layer
-count and a vocabulary size. Build with ``TINY[name].build(seed, **config_overrides)``.
+count and a vocabulary size; ``GENERATION`` those of ``test_generation.py``, one per architecture.
+Build with ``TINY[name].build(seed, **config_overrides)``.
 """
 from __future__ import annotations
 
@@ -137,6 +138,40 @@ SUITE: dict[str, TinyModel] = {
         mamba_num_heads=4, mamba_head_dim=16, n_groups=2, ssm_state_size=8, chunk_size=8,
         max_position_embeddings=64, eos_token_id=None), init=spread_around_init,
         depth=lambda layers: {"layers_block_type": (["mamba", "attention", "mamba", "mlp"] * layers)[:layers]}),
+}
+
+
+#: ``test_generation.py``'s models, one per architecture: (config class, keyword arguments; the
+#: test adds the vocabulary, special tokens and untied embeddings). Hybrids get every
+#: layer type at least twice so that each kind has a choice of layers.
+GENERATION = {
+    "MambaForCausalLM": (transformers.MambaConfig, dict(
+        hidden_size=32, num_hidden_layers=4, state_size=8, expand=2, conv_kernel=4, use_mambapy=False)),
+    "FalconMambaForCausalLM": (transformers.FalconMambaConfig, dict(
+        hidden_size=32, num_hidden_layers=4, state_size=8, expand=2, conv_kernel=4, use_mambapy=False)),
+    "Mamba2ForCausalLM": (transformers.Mamba2Config, dict(
+        hidden_size=32, num_hidden_layers=4, num_heads=8, head_dim=8, expand=2, n_groups=2, state_size=8,
+        chunk_size=8, conv_kernel=4)),
+    "NemotronHForCausalLM": (transformers.NemotronHConfig, dict(
+        hidden_size=32, layers_block_type=["mamba", "mlp", "attention", "mamba", "attention", "mlp"],
+        mamba_num_heads=8, mamba_head_dim=8, n_groups=2, ssm_state_size=8, expand=2, chunk_size=8, conv_kernel=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=128, mlp_hidden_act="relu2")),
+    "BambaForCausalLM": (transformers.BambaConfig, dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
+        attn_layer_indices=[1, 3], mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=8, mamba_d_conv=4,
+        mamba_chunk_size=8)),
+    "Zamba2ForCausalLM": (transformers.Zamba2Config, dict(
+        hidden_size=32, num_hidden_layers=5, layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "mamba"],
+        mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_ngroups=2, n_mamba_heads=8, chunk_size=8,
+        num_attention_heads=4, intermediate_size=64, adapter_rank=4, num_mem_blocks=1)),
+    "FalconH1ForCausalLM": (transformers.FalconH1Config, dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=8,
+        mamba_d_conv=4, mamba_chunk_size=8)),
+    "JambaForCausalLM": (transformers.JambaConfig, dict(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+        attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=0, num_experts=2,
+        num_experts_per_tok=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2)),
 }
 
 
