@@ -27,36 +27,7 @@ from shedder.core.plan import Component, PruningPlan
 TOL = 1e-4  # masked vs extracted logits, fp32
 
 
-# ---------------------------------------------------------------------------- models and inputs
-def spread(model, std: float = 0.3, keep: tuple[str, ...] = ("A_log", "norm.weight")) -> None:
-    """Redraw every weight (except names ending in ``keep``) from N(0, std): large enough that every
-    removal visibly changes the logits and greedy decoding does not collapse to one token."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.endswith(keep):
-                p.normal_(0.0, std)
-
-
-def spread_around_init(model) -> None:
-    """Perturb A, D, dt_bias and norm weights around their init and redraw the other weights from
-    N(0, 0.2) (Mamba-2 style mixers, whose SSM parameters have a meaningful init)."""
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith(("A_log", ".D", "dt_bias", "norm.weight")):
-                p.add_(torch.randn_like(p) * 0.3)
-            elif name.endswith(("weight", "up_proj", "down_proj")) and "gate" not in name:
-                p.normal_(0.0, 0.2)
-
-
-def random_model(model_cls, config, seed: int = 0, init=spread):
-    """``model_cls(config)`` in eval mode, with weights drawn after ``torch.manual_seed(seed)`` and
-    then spread by ``init`` (``spread`` or ``spread_around_init``)."""
-    torch.manual_seed(seed)
-    model = model_cls(config).eval()
-    init(model)
-    return model
-
-
+# ---------------------------------------------------------------------------- plans and inputs
 def comps(*specs: str) -> PruningPlan:
     """A plan from component strings such as ``"head:2:5"``."""
     return PruningPlan(frozenset(Component.parse(s) for s in specs))

@@ -7,37 +7,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import transformers
 
-from adapter_checks import spread_around_init
+from tiny_models import make_tiny_model
 
 from shedder.formats.loading import REPO_ROOT
-
-
-_CONFIGS = {
-    "mamba2": lambda layers, vocab: transformers.Mamba2Config(
-        hidden_size=32, num_heads=4, head_dim=16, expand=2, n_groups=2, state_size=8, chunk_size=8,
-        num_hidden_layers=layers, vocab_size=vocab, conv_kernel=4, eos_token_id=None),
-    "mamba1": lambda layers, vocab: transformers.MambaConfig(
-        hidden_size=32, state_size=8, intermediate_size=64, num_hidden_layers=layers, vocab_size=vocab,
-        use_mambapy=False, eos_token_id=None),
-    "nemotron_h": lambda layers, vocab: transformers.NemotronHConfig(
-        hidden_size=32, vocab_size=vocab, layers_block_type=(["mamba", "attention", "mamba", "mlp"] * layers)[:layers],
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=64, mamba_num_heads=4,
-        mamba_head_dim=16, n_groups=2, ssm_state_size=8, chunk_size=8, max_position_embeddings=64, eos_token_id=None),
-}
-
-
-def make_tiny_model(family: str, layers: int = 4, vocab_size: int = 128, seed: int = 0):
-    """A tiny random fp32 ``family`` model ('mamba2', 'mamba1', 'nemotron_h') in eval mode."""
-    config = _CONFIGS[family](layers, vocab_size)
-    torch.manual_seed(seed)
-    cls = {"mamba2": transformers.Mamba2ForCausalLM, "mamba1": transformers.MambaForCausalLM,
-           "nemotron_h": transformers.NemotronHForCausalLM}[family]
-    model = cls(config).eval()
-    spread_around_init(model)
-    return model
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,8 @@
 """Generation with the recurrent cache is exact for extracted models of every family and kind.
 
-For every architecture in ``TINY`` whose adapter is registered, a tiny random fp32 model is
-extracted under plans of each kind the adapter offers (plus one mixing every kind, and the empty
-plan). Greedy ``generate`` with the cache must agree with full-sequence forwards of the same
+For every architecture in ``tiny_models.GENERATION`` whose adapter is registered, a tiny random
+fp32 model is extracted under plans of each kind the adapter offers (plus one mixing every kind,
+and the empty plan). Greedy ``generate`` with the cache must agree with full-sequence forwards of the same
 extracted model at every step: each step's logits match the full forward's logits at that position,
 and each generated token is that position's argmax. This catches caches sized from the stock
 config (a narrowed layer, a layer without SSM that keeps only its conv state, a removed block that
@@ -16,6 +16,8 @@ import pytest
 import torch
 import transformers
 
+from tiny_models import GENERATION
+
 from shedder.arch import adapter_class, adapter_for, supported_architectures
 from shedder.core.errors import UnsupportedModelError
 from shedder.core.plan import PruningPlan
@@ -23,47 +25,15 @@ from shedder.core.plan import PruningPlan
 #: Cached (recurrent) and full (chunked / parallel) paths round differently: ~1e-6 for most families,
 #: up to ~1.5e-4 for Zamba2 even unpruned. A wrong or mis-sized cache shows up as 1e-2 or more.
 TOL = 5e-4
-PROMPT = 11   # prompt length: not a multiple of the chunk sizes below (8)
+PROMPT = 11   # prompt length: not a multiple of the chunk sizes in GENERATION (8)
 NEW = 5       # greedy tokens generated
 VOCAB = 96
 
-#: One tiny configuration per architecture: (config class, keyword arguments). Hybrids get every
-#: layer type at least twice so that each kind has a choice of layers.
-TINY = {
-    "MambaForCausalLM": (transformers.MambaConfig, dict(
-        hidden_size=32, num_hidden_layers=4, state_size=8, expand=2, conv_kernel=4, use_mambapy=False)),
-    "FalconMambaForCausalLM": (transformers.FalconMambaConfig, dict(
-        hidden_size=32, num_hidden_layers=4, state_size=8, expand=2, conv_kernel=4, use_mambapy=False)),
-    "Mamba2ForCausalLM": (transformers.Mamba2Config, dict(
-        hidden_size=32, num_hidden_layers=4, num_heads=8, head_dim=8, expand=2, n_groups=2, state_size=8,
-        chunk_size=8, conv_kernel=4)),
-    "NemotronHForCausalLM": (transformers.NemotronHConfig, dict(
-        hidden_size=32, layers_block_type=["mamba", "mlp", "attention", "mamba", "attention", "mlp"],
-        mamba_num_heads=8, mamba_head_dim=8, n_groups=2, ssm_state_size=8, expand=2, chunk_size=8, conv_kernel=4,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=8, intermediate_size=128, mlp_hidden_act="relu2")),
-    "BambaForCausalLM": (transformers.BambaConfig, dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=5, num_attention_heads=4, num_key_value_heads=2,
-        attn_layer_indices=[1, 3], mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=8, mamba_d_conv=4,
-        mamba_chunk_size=8)),
-    "Zamba2ForCausalLM": (transformers.Zamba2Config, dict(
-        hidden_size=32, num_hidden_layers=5, layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "mamba"],
-        mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_ngroups=2, n_mamba_heads=8, chunk_size=8,
-        num_attention_heads=4, intermediate_size=64, adapter_rank=4, num_mem_blocks=1)),
-    "FalconH1ForCausalLM": (transformers.FalconH1Config, dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        head_dim=8, mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=8,
-        mamba_d_conv=4, mamba_chunk_size=8)),
-    "JambaForCausalLM": (transformers.JambaConfig, dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
-        attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=0, num_experts=2,
-        num_experts_per_tok=1, mamba_d_state=8, mamba_d_conv=4, mamba_expand=2)),
-}
-
 
 def available() -> list[str]:
-    """Architectures of ``TINY`` whose adapter module exists (family files may land one by one)."""
+    """Architectures of ``GENERATION`` whose adapter module exists (family files may land one by one)."""
     out = []
-    for arch in TINY:
+    for arch in GENERATION:
         try:
             adapter_class(arch)
         except UnsupportedModelError:
@@ -73,7 +43,7 @@ def available() -> list[str]:
 
 
 def make_model(arch: str, seed: int = 0):
-    config_cls, kwargs = TINY[arch]
+    config_cls, kwargs = GENERATION[arch]
     config = config_cls(vocab_size=VOCAB, pad_token_id=0, bos_token_id=None, eos_token_id=None,
                         tie_word_embeddings=False, **kwargs)
     torch.manual_seed(seed)
@@ -101,7 +71,7 @@ def plan_of(adapter, kinds: list[str], per_kind: int) -> PruningPlan:
 def cases() -> list[tuple[str, str]]:
     """(architecture, plan) pairs: the unpruned model, each kind the family offers, and a mix."""
     out = []
-    for arch in TINY:
+    for arch in GENERATION:
         kinds = adapter_class(arch).kinds if arch in available() else ()
         out += [(arch, name) for name in ("unpruned", *kinds, "mixed")]
     return out
@@ -142,11 +112,11 @@ def assert_cached_generation_exact(model, label: str, replay=None) -> None:
 
 
 def test_every_registered_architecture_has_a_tiny_config():
-    missing = [a for a in supported_architectures() if a not in TINY]
-    assert not missing, f"add a tiny config for {missing} to TINY so its generation is tested"
+    missing = [a for a in supported_architectures() if a not in GENERATION]
+    assert not missing, f"add a tiny config for {missing} to tiny_models.GENERATION so its generation is tested"
 
 
-@pytest.mark.parametrize("arch", list(TINY))
+@pytest.mark.parametrize("arch", list(GENERATION))
 def test_family_available(arch):
     """Reports which families are not yet covered (their adapter module does not exist)."""
     if arch not in available():
