@@ -242,7 +242,7 @@ class Workspace:
 
     def replace_kind(self, kind: str, comps) -> None:
         """Make ``comps`` exactly the removed components of ``kind`` (the per-kind pickers)."""
-        plan = self.plan.without_components(self.plan.of_kind(kind)).with_components(comps)
+        plan = self.plan.restoring(self.plan.of_kind(kind)).with_components(comps)
         self.set_plan(plan.blocks_subsuming() if kind == "block" else plan)
 
     def undo(self) -> None:

@@ -150,7 +150,7 @@ class Mamba2Tests(AdapterContract):
             x = mixer.act(mixer.conv1d(xBC.transpose(1, 2))[..., :SEQ]).transpose(1, 2)[..., :128]
             want = mixer.out_proj(mixer.norm(x, z))
             full = mixer_layout(mixer)
-            got = ssd_forward(mixer, h, layout=full.without(True, []), select=Selection.of(full, 16, 8, True, []))
+            got = ssd_forward(mixer, h, layout=full.after_removing(True, []), select=Selection.of(full, 16, 8, True, []))
         assert max_diff(got, want) < 1e-5
 
     def test_uniform_head_removal_gives_a_stock_config(self, model, ids):
@@ -208,7 +208,7 @@ class Mamba2Tests(AdapterContract):
             words = ["layer 3, group 1", "removing all its heads", "remove the SSM or the block instead"]
         check_refused(model, plan, words)
         assert Component("head", 3, 0) in adapter_for(model).candidates(PruningPlan(), ["head"])
-        last = plan.without_components([Component("head", 3, group_heads(model, min(1, model.config.n_groups - 1))[0])])
+        last = plan.restoring([Component("head", 3, group_heads(model, min(1, model.config.n_groups - 1))[0])])
         assert not [c for c in adapter_for(model).candidates(last, ["head"]) if c.layer == 3 and c in plan]
 
 

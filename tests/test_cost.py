@@ -11,7 +11,8 @@ import transformers
 from shedder.arch import adapter_for, count_parameters
 from shedder.measure.cost import estimate, expected_speedup
 from shedder.core.plan import Component, PruningPlan
-from test_generation import TINY, available, make_model, plan_named
+from test_generation import available, make_model, plan_named
+from tiny_models import GENERATION as TINY
 
 FP32 = 4  # bytes
 

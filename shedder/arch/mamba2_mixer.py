@@ -96,7 +96,7 @@ class MixerLayout:
         """Group of each head, in head order (heads of a group are contiguous)."""
         return tuple(g for g, n in enumerate(self.heads_per_group) for _ in range(n))
 
-    def without(self, remove_ssm: bool, remove_heads: Iterable[int]) -> "MixerLayout":
+    def after_removing(self, remove_ssm: bool, remove_heads: Iterable[int]) -> "MixerLayout":
         """The layout left after removing the SSM and/or some heads (indices in this layout)."""
         gone = set(remove_heads)
         counts = [0] * self.n_groups
@@ -366,7 +366,7 @@ def mask(mixer: nn.Module, comps: Iterable[Component], stack: contextlib.ExitSta
     if not (remove_ssm or remove_heads):
         return
     layout = mixer_layout(mixer)
-    new = layout.without(remove_ssm, remove_heads)
+    new = layout.after_removing(remove_ssm, remove_heads)
     select = Selection.of(layout, mixer.head_dim, mixer.ssm_state_size, remove_ssm, remove_heads)
     select = select.to(mixer.in_proj.weight.device)
 
@@ -387,7 +387,7 @@ def pruned_state(mixer: nn.Module, comps: Iterable[Component],
     if not (remove_ssm or remove_heads):
         return None
     layout = mixer_layout(mixer)
-    new = layout.without(remove_ssm, remove_heads)
+    new = layout.after_removing(remove_ssm, remove_heads)
     select = Selection.of(layout, mixer.head_dim, mixer.ssm_state_size, remove_ssm, remove_heads)
     select = select.to(mixer.in_proj.weight.device)
     w = _weights(mixer, select, new.ssm)
@@ -480,7 +480,7 @@ def check(layer: int, mixer: nn.Module, comps: Iterable[Component]) -> None:
 
 def spec_fields(mixer: nn.Module, comps: Iterable[Component], stock: MixerLayout) -> dict:
     """Spec: ``LayerSpec`` fields of the mixer after removing ``comps`` (what differs from ``stock``)."""
-    return mixer_layout(mixer).without(*ssm_removals(comps)).spec_fields(stock)
+    return mixer_layout(mixer).after_removing(*ssm_removals(comps)).spec_fields(stock)
 
 
 def build(stock: nn.Module, spec: LayerSpec, hooks: Mamba2Hooks = MAMBA2_HOOKS) -> nn.Module:

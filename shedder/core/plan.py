@@ -135,7 +135,8 @@ class PruningPlan:
     def with_components(self, comps: Iterable[Component]) -> "PruningPlan":
         return self._replace(self.components | frozenset(comps))
 
-    def without_components(self, comps: Iterable[Component]) -> "PruningPlan":
+    def restoring(self, comps: Iterable[Component]) -> "PruningPlan":
+        """The plan with ``comps`` put back (no longer removed)."""
         return self._replace(self.components - frozenset(comps))
 
     def in_removed_block(self, comp: Component) -> bool:
@@ -145,10 +146,10 @@ class PruningPlan:
 
     def blocks_subsuming(self) -> "PruningPlan":
         """This plan without the finer components its removed blocks already take away."""
-        return self.without_components([c for c in self.components if self.in_removed_block(c)])
+        return self.restoring([c for c in self.components if self.in_removed_block(c)])
 
     def toggle(self, comp: Component) -> "PruningPlan":
-        return self.without_components([comp]) if comp in self.components else self.with_components([comp])
+        return self.restoring([comp]) if comp in self.components else self.with_components([comp])
 
     def _replace(self, comps: frozenset[Component]) -> "PruningPlan":
         return PruningPlan(frozenset(comps), self.model, dict(self.group_sizes), dict(self.meta), self.schema_version)

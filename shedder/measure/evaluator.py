@@ -291,5 +291,5 @@ def check_kinds(adapter, kinds) -> list[str]:
 def removing(plan: PruningPlan, comp) -> PruningPlan:
     """``plan`` with ``comp`` removed too; removing a block subsumes what was removed inside it."""
     if comp.kind == "block":
-        plan = plan.without_components([c for c in plan.components if c.layer == comp.layer])
+        plan = plan.restoring([c for c in plan.components if c.layer == comp.layer])
     return plan.with_components([comp])
