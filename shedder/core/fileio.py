@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import errno
 import json
 import os
@@ -116,9 +117,8 @@ def model_dirs(*models) -> list[Path]:
     return dirs
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes, read in blocks (outputs and checkpoints record it)."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -135,7 +135,7 @@ def written_by_us(path: str | Path) -> bool:
     path = Path(path)
     try:
         record = json.loads(_sidecar(path).read_text(encoding="utf-8"))
-        return path.is_file() and isinstance(record, dict) and record.get("sha256") == _sha256(path)
+        return path.is_file() and isinstance(record, dict) and record.get("sha256") == file_sha256(path)
     except (OSError, ValueError):
         return False
 
@@ -165,7 +165,7 @@ def write_output_file(target: str | Path, data: str | bytes, overwrite: bool = F
     check_output_file(target, overwrite, protected)  # checked again: it may have appeared meanwhile
     with reporting_full_disk(target):
         atomic_write_bytes(out, payload)
-        atomic_write_text(_sidecar(out), json.dumps({"written_by": "shedder", "sha256": _sha256(out)}) + "\n")
+        atomic_write_text(_sidecar(out), json.dumps({"written_by": "shedder", "sha256": file_sha256(out)}) + "\n")
     return out
 
 

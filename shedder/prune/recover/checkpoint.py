@@ -9,7 +9,6 @@ other settings; the pickle ``checkpoint.pt`` of earlier versions is refused, nev
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -23,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from shedder.core.cache import digest
 from shedder.core.errors import ShedderError
-from shedder.core.fileio import atomic_write_text, temp_path
+from shedder.core.fileio import atomic_write_text, file_sha256, temp_path
 from shedder.prune.recover.config import RecoverConfig, is_int
 
 #: An interrupted run's state (JSON), naming its tensor file (safetensors) by hash; see "checkpoints".
@@ -58,14 +57,6 @@ def _damaged(run_dir: Path, why: str) -> ShedderError:
     return ShedderError(f"the checkpoint in {run_dir} cannot be resumed: {why}; start a new run in another directory")
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def run_state(trainable: dict, opt, gen: torch.Generator) -> tuple[dict[str, torch.Tensor], list]:
     """The run's state split for the checkpoint: every tensor by name (AdamW's per-parameter state
     is all tensors; a plain number there would become a scalar tensor, which AdamW also reads), and
@@ -86,7 +77,7 @@ def write_checkpoint(run_dir: Path, tensors: dict[str, torch.Tensor], meta: dict
         save_file(tensors, str(tmp))
         with tmp.open("rb") as f:
             os.fsync(f.fileno())  # on disk before the JSON that names it
-        digest = _file_sha256(tmp)
+        digest = file_sha256(tmp)
         name = TENSORS.format(digest=digest[:16])
         tmp.replace(run_dir / name)
     except BaseException:
@@ -119,7 +110,7 @@ def read_checkpoint(run_dir: Path, fingerprint: dict) -> tuple[dict, dict[str, t
                            f"command, or choose another --out (it was: {meta['fingerprint'].get('recipe')})")
     path = run_dir / meta["tensors"]
     try:
-        if _file_sha256(path) != meta["sha256"]:
+        if file_sha256(path) != meta["sha256"]:
             raise _damaged(run_dir, f"{meta['tensors']} is not the file {CHECKPOINT} records (changed or truncated)")
         tensors = load_file(str(path))
     except FileNotFoundError:
