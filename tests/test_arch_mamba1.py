@@ -13,7 +13,6 @@ import functools
 
 import pytest
 import torch
-import transformers
 from adapter_checks import TOL, check_plan, check_saved, comps, logits, random_plan
 from adapter_contract import AdapterContract, FamilyCase
 from tiny_models import TINY

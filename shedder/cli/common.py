@@ -13,6 +13,16 @@ from shedder.cli.options import positive_int, threads
 from shedder.core.progress import TqdmProgress
 
 
+#: What ``--overwrite`` may replace, per kind of output (the output policy, ``shedder.core.fileio``).
+OVERWRITES = {"file": "replace --out if this tool wrote it and it is unchanged since (never any other file)",
+              "export": "replace --out if it is a previous export of this tool (never any other directory)"}
+
+
+def overwrite_option(p: argparse.ArgumentParser, output: str) -> None:
+    """``--overwrite`` for a command whose ``--out`` is an output ``file`` or an ``export`` directory."""
+    p.add_argument("--overwrite", action="store_true", help=OVERWRITES[output])
+
+
 def emit(args, payload: dict, text: str) -> None:
     """Print the result: JSON with ``--json`` (which escapes control characters), else ``text``,
     in which every path or name echoed from the command line went through ``printable``

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from shedder import api
-from shedder.cli.common import common, emit, load, model_options, pct, sources
+from shedder.cli.common import common, emit, load, model_options, overwrite_option, pct, sources
 from shedder.core.errors import printable
 from shedder.core.fileio import check_output_dir
 
@@ -12,8 +12,7 @@ def add(sub) -> None:
     model_options(p)
     p.add_argument("--plan", required=True, help="pruning plan JSON")
     p.add_argument("--out", required=True, help="output directory (new, or a previous export with --overwrite)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace --out if it is a previous export of this tool (never any other directory)")
+    overwrite_option(p, "export")
     common(p)
     p.set_defaults(func=run)
 

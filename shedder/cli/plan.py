@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from shedder.api.search import check_conversion, convert_plan
-from shedder.cli.common import common, emit, load, model_options, sources
+from shedder.cli.common import common, emit, load, model_options, overwrite_option, sources
 from shedder.core.errors import ShedderError, printable
 from shedder.formats.official import OfficialConfig, read_plan
 
@@ -16,8 +16,7 @@ def add(sub) -> None:
     model_options(p)
     p.set_defaults(model=None)
     p.add_argument("--out", required=True, help="file to write (new, or an earlier output of this tool with --overwrite)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace --out if this tool wrote it and it is unchanged since (never any other file)")
+    overwrite_option(p, "file")
     common(p)
     p.set_defaults(func=run)
 

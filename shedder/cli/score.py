@@ -8,7 +8,7 @@ import sys
 from shedder import api
 from shedder.api import REGISTRY
 from shedder.cli.common import (calibration, calibration_options, common, distributed, distributed_options, emit,
-                                kinds, load, model_options, progress, say, sources, worker_pool)
+                                kinds, load, model_options, overwrite_option, progress, say, sources, worker_pool)
 from shedder.cli.options import positive_int
 from shedder.core.errors import Cancelled, printable
 from shedder.core.fileio import check_cache_dir, check_output_file, write_output_file
@@ -21,8 +21,7 @@ def add(sub) -> None:
     p.add_argument("--kinds", type=kinds, default=["block"], help="comma-separated kinds (default block)")
     p.add_argument("--out", required=True, help="CSV file to write (with --compare: the agreement rows); new, "
                                                 "or an earlier output of this tool with --overwrite")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace --out if this tool wrote it and it is unchanged since (never any other file)")
+    overwrite_option(p, "file")
     p.add_argument("--metric", default="ppl", choices=list(REGISTRY),
                    help="; ".join(f"{m.name}: {m.description}" for m in REGISTRY.values()) + " (default ppl)")
     p.add_argument("--compare", type=kinds, metavar="METRICS",
