@@ -199,6 +199,11 @@ def test_score_never_replaces_a_file_it_did_not_write(capsys, tiny_model_dir, tm
     assert "--overwrite" in one_error_line(capsys)
     assert main([*SCORE, "--model", str(model), "--out", str(out), "--overwrite"]) == 0  # an unchanged output of ours
     capsys.readouterr()
+    theirs = tmp_path / "other.csv"
+    (tmp_path / ".other.csv.shedder").write_text("a user's own file of that name")
+    assert main([*SCORE, "--model", str(model), "--out", str(theirs)]) == 2
+    assert "record file" in one_error_line(capsys)
+    assert (tmp_path / ".other.csv.shedder").read_text() == "a user's own file of that name"
     out.write_text(out.read_text() + "my notes\n")  # edited by its user: theirs now
     assert main([*SCORE, "--model", str(model), "--out", str(out), "--overwrite"]) == 2
     assert "did not write it" in one_error_line(capsys)

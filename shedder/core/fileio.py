@@ -133,6 +133,8 @@ def _sidecar(path: Path) -> Path:
 def written_by_us(path: str | Path) -> bool:
     """True when ``path`` is a file this tool wrote and nobody has changed since."""
     path = Path(path)
+    if not (path.is_file() and _sidecar(path).is_file()):
+        return False
     try:
         record = json.loads(_sidecar(path).read_text(encoding="utf-8"))
         return path.is_file() and isinstance(record, dict) and record.get("sha256") == file_sha256(path)
@@ -153,7 +155,22 @@ def check_output_file(target: str | Path, overwrite: bool = False, protected: It
         if not written_by_us(out) or out.is_symlink():
             raise ShedderError(f"refusing to replace {printable(target)}: this tool did not write it (or it was "
                                "changed since); choose a new file")
+    sidecar = _sidecar(out)
+    if (sidecar.exists() or sidecar.is_symlink()) and not _our_sidecar(sidecar):
+        raise ShedderError(f"refusing to write {printable(target)}: its record file {printable(sidecar.name)} exists "
+                           "and this tool did not write it; choose another name")
     return out
+
+
+def _our_sidecar(sidecar: Path) -> bool:
+    """Whether ``sidecar`` is a record this tool wrote (so replacing it loses nothing of a user's)."""
+    if sidecar.is_symlink() or not sidecar.is_file():  # never open a FIFO or a link for reading
+        return False
+    try:
+        record = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("written_by") == "shedder"
 
 
 def write_output_file(target: str | Path, data: str | bytes, overwrite: bool = False,
