@@ -205,3 +205,18 @@ def frontier(points: pd.DataFrame, x: str, y: str, front: pd.Series, labels: dic
     if y == "ppl":  # perplexities of pruned models span orders of magnitude; ratios are what matter
         fig.update_yaxes(type="log")
     return fig
+
+
+def loss_curve(rows: list[dict], objective: str) -> go.Figure:
+    """A recovery run's curve: the training objective (smoothed, as logged) and the held-out
+    next-token loss by step; the held-out point at step 0 is the pruned model before training."""
+    fig = go.Figure()
+    for series, name, style in (("train", f"training ({objective})", dict(width=2)),
+                                ("held-out", "held-out next-token loss", dict(width=2, dash="dot"))):
+        d = [r for r in rows if r["series"] == series]
+        if d:
+            fig.add_scatter(x=[r["step"] for r in d], y=[r["loss"] for r in d], name=name, mode="lines+markers",
+                            line=style, hovertemplate=f"{name}<br>step %{{x}}: loss %{{y:.4f}}<extra></extra>")
+    fig.update_layout(height=300, margin=dict(l=10, r=10, t=30, b=10), legend=dict(orientation="h", y=1.15),
+                      xaxis_title="optimizer step", yaxis_title="loss (nats per token)")
+    return fig

@@ -55,13 +55,14 @@ def progress(label: str) -> Iterator[Callable[[int, int, str], None]]:
     """
     bar = st.progress(0.0, text=label)
     interrupted: list[BaseException] = []
-    started = time.perf_counter()
+    first: list[tuple[float, int]] = []  # (time, done) of the first update: the rate is measured from there
 
     def callback(done: int, total: int, message: str = "") -> None:
+        first or first.append((time.perf_counter(), done))
         try:
             detail = f" — {message}" if message and message != label else ""
             bar.progress(min(max(done / max(total, 1), 0.0), 1.0),
-                         text=f"{label}{detail} ({done}/{total}{_eta(started, done, total)})")
+                         text=f"{label}{detail} ({done}/{total}{_eta(*first[0], done, total)})")
         except ScriptControlException as e:
             interrupted.append(e)
             raise Cancelled("cancelled from the app") from None
@@ -75,11 +76,13 @@ def progress(label: str) -> Iterator[Callable[[int, int, str], None]]:
     bar.empty()
 
 
-def _eta(started: float, done: int, total: int) -> str:
-    """", about N left", measured from the steps done so far ("" before the first one)."""
-    if done <= 0 or done >= total:
+def _eta(since: float, done_then: int, done: int, total: int) -> str:
+    """", about N left" at the rate measured since the first update (``since``, when ``done_then`` units
+    were done): work resumed at step 900 of 1000, or set-up before the first unit, does not count as
+    progress made in this run. "" until a unit has been timed."""
+    if done <= done_then or done >= total:
         return ""
-    return f", about {api.human_seconds((time.perf_counter() - started) / done * (total - done))} left"
+    return f", about {api.human_seconds((time.perf_counter() - since) / (done - done_then) * (total - done))} left"
 
 
 def cost_caption(what: str, kinds: list[str], steps: int | None = 1) -> None:

@@ -12,6 +12,7 @@ import pytest
 from shedder.arch import count_parameters
 from shedder.formats.loading import BUNDLED_MODELS, DEFAULT_MODEL, load_model
 from shedder.core.plan import Component, PruningPlan
+from shedder.api import RecoverConfig, Recovered
 
 pytest.importorskip("streamlit")
 from streamlit.testing.v1 import AppTest  # noqa: E402
@@ -290,6 +291,11 @@ def test_recover_page_trains_the_current_plan_and_the_frontier_links_it_to_its_p
     assert list(table["model"])[:2] == ["unpruned", "pruned (current plan)"] and len(table) == 3
     recovered = workspace(at).recovered[0]
     assert recovered.summary["steps"] == 2 and recovered.metrics["ppl"] == pytest.approx(table["perplexity"].iloc[2])
+    # Judged: the share won back or a warning that it got worse, the curve, the method's text in full.
+    said = " ".join(m.value for m in [*at.success, *at.warning])
+    assert ("Recovered" in said and "of the log-perplexity lost" in said) if not recovered.worse else "worse" in said
+    assert METHOD_TEXT in " ".join(c.value for c in at.caption)
+    assert len(at.get("plotly_chart")) == 1
     at.switch_page(PAGES["search"]).run()
     assert_clean(at)
     frontier = at.dataframe[0].value
@@ -360,3 +366,20 @@ def test_an_upload_with_an_unusable_name_is_stashed_and_named_as_uploaded(tmp_pa
     source = Path(ws.settings.calibration)
     assert source.is_file() and source.is_relative_to(tmp_path / "cache" / "uploads")
     assert len(source.name.encode()) <= 120 and ws.label(str(source)) == "upload " + "é" * 150 + "\\x1b.txt"
+
+
+METHOD_TEXT = "low-rank adapters on the mixers' and MLPs' projections, merged at the end"
+
+
+def test_recover_page_warns_when_recovery_made_the_model_worse():
+    at = open_app("recover")
+    ws = workspace(at)
+    ws.set_plan(PruningPlan(frozenset({Component("block", 4)})))
+    config = RecoverConfig(steps=2)
+    summary = {"ppl": {"unpruned": 100.0, "pruned": 103.7, "recovered": 104.17}, "recovered_fraction": -0.13,
+               "tokens": 512, "protocol": "p"}
+    ws.recovered = [Recovered(ws.plan, config, "/nonexistent-run", summary, {"ppl": 104.2, "params": 1, "flops": 1.0})]
+    at.run()
+    assert_clean(at)
+    assert any("made the model worse" in w.value and "103.7000 before, 104.1700 after" in w.value for w in at.warning)
+    assert not at.success

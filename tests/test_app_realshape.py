@@ -1,6 +1,7 @@
 """The studio pointed at a Mamba-2 130M-shaped directory (``SHEDDER_MODEL=DIR``): vocabulary 50,288,
 width 768, state 128, head dim 64, chunk 256, tied embeddings; 4 of its 24 layers, random weights.
 It loads, says what scoring will cost, scores blocks, toggles a component, and runs a 1-step search."""
+import time
 from pathlib import Path
 
 import pytest
@@ -54,8 +55,11 @@ def test_app_on_a_130m_shape(mamba2_130m_dir, tmp_path, monkeypatch):
 
 
 def test_progress_eta_is_measured_from_the_steps_done():
-    assert ui._eta(0.0, 0, 10) == ""  # nothing measured yet
-    assert "left" in ui._eta(0.0, 2, 10) and ui._eta(0.0, 10, 10) == ""
+    assert ui._eta(0.0, 0, 0, 10) == ""  # nothing measured yet
+    assert "left" in ui._eta(0.0, 0, 2, 10) and ui._eta(0.0, 0, 10, 10) == ""
+    # A run resumed at 900 of 1000: one step in 1 s leaves about 99 s, not 900/901 of that.
+    now = time.perf_counter()
+    assert ui._eta(now - 1.0, 900, 901, 1000) == ", about 2 min left"  # 99 s
 
 
 def clean(at: AppTest) -> None:

@@ -4,6 +4,7 @@ model reloads with the same logits."""
 from __future__ import annotations
 
 import hashlib
+import math
 import json
 from dataclasses import asdict, replace
 
@@ -181,3 +182,54 @@ def test_the_app_does_not_reuse_a_run_directory_of_the_pickle_format():
     new = recover_module.recovery_run_dir("m", plan, config, cache_dir="/cache")
     old_key = json.dumps({"source": "m", "plan": plan.to_dict(), "recipe": asdict(config)}, sort_keys=True, default=str)
     assert new.name != hashlib.sha256(old_key.encode()).hexdigest()[:16]
+
+
+# -- the loss curves: in the run's log, read back by the studio, and in TensorBoard ------------------
+
+def test_the_log_holds_the_training_and_held_out_curve_and_a_resumed_run_holds_each_point_once(bundled_tokenizer,
+                                                                                                tmp_path):
+    teacher, plan = _pruned("mamba2", len(bundled_tokenizer))
+    config = RecoverConfig(method="full", checkpoint_every=10, **{**FAST, "steps": 30, "eval_samples": 2})
+    assert recover_module.reporting.held_out_every(30) == 10 and recover_module.reporting.held_out_every(1000) == 50
+
+    def stop_at_25(done, total, message):
+        if done == 25:
+            raise Cancelled("stop")
+
+    with pytest.raises(Cancelled):
+        recover(student_for(teacher, plan), bundled_tokenizer, config, tmp_path / "run", plan=plan,
+                progress=stop_at_25, save=save)
+    partial = recover_module.curve(tmp_path / "run")
+    assert [(r["series"], r["step"]) for r in partial] == [("held-out", 0), ("train", 10), ("held-out", 10),
+                                                           ("train", 20), ("held-out", 20)]
+    result = recover(student_for(teacher, plan), bundled_tokenizer, config, tmp_path / "run", plan=plan,
+                     resume=True, save=save)
+    rows = recover_module.curve(tmp_path / "run")
+    held = [r for r in rows if r["series"] == "held-out"]
+    train = [r for r in rows if r["series"] == "train"]
+    assert [r["step"] for r in held] == [0, 10, 20, 30] and [r["step"] for r in train] == [10, 20, 30]
+    assert held[0]["loss"] == pytest.approx(math.log(result.ppl["pruned"]))
+    assert held[-1]["loss"] == pytest.approx(math.log(result.ppl["recovered"]))
+    assert recover_module.curve(tmp_path / "nothing") == []
+
+
+def test_report_to_tensorboard_writes_the_curves_under_trainer_names(capsys, tiny_model_dir, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"pruned_mamba_block_idx": [1]}))
+    out = tmp_path / "rec"
+    args = ["recover", "--model", str(tiny_model_dir), "--plan", str(plan), "--out", str(out), "--steps", "20",
+            "--batch-size", "2", "--seq-len", "32", "--eval-samples", "2", "--no-progress"]
+    with pytest.raises(SystemExit) as refused:
+        cli.main(args + ["--report-to", "bogus"])
+    assert refused.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+    assert cli.main(args + ["--report-to", "tensorboard"]) == 0
+    assert f"tensorboard --logdir {out / 'tensorboard'}" in capsys.readouterr().out
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    scalars = events.Tags()["scalars"]
+    assert {"train/loss", "train/learning_rate", "eval/loss"} <= set(scalars)
+    assert [e.step for e in events.Scalars("eval/loss")] == [0, 10, 20]
+    assert [e.step for e in events.Scalars("train/loss")] == [10, 20]

@@ -8,7 +8,7 @@
     evaluate                     evaluate.evaluate, evaluate.lm_eval
     measure speed                speed.bench_speed, speed.measure_point
     export                       export.export, export.export_zip
-    recover                      recover.recover, recover.recover_plan
+    recover                      recover.recover, recover.recover_plan, recover.curve (loss by step)
     the frontier table           Series, search_series, one_shot, pareto
 
 The studio imports only this package and ``shedder.core``; the names below are what it needs.
@@ -20,7 +20,7 @@ from shedder.api.calibration import (DEFAULT_BATCH, DEFAULT_CALIBRATION, DEFAULT
 from shedder.api.evaluate import Evaluation, LmEval, check_tasks, eval_windows, evaluate, lm_eval, lm_eval_scores
 from shedder.api.export import Exported, export, export_zip, measured_card
 from shedder.api.models import baseline, load, plan_for, pruned_with, sources, text_tokenizer
-from shedder.api.recover import METHODS, RecoverConfig, Recovered, recover, recover_plan
+from shedder.api.recover import METHODS, RecoverConfig, Recovered, curve, plan_run_dir, recover, recover_plan
 from shedder.api.scoring import announce, cached, compare, cost, score, worker_pool
 from shedder.api.search import StopWhen, cached_search, search
 from shedder.api.speed import BENCH_DEFAULTS, bench_speed, measure_point, measured_point

@@ -10,8 +10,8 @@ from shedder.formats.loading import load_model
 from shedder.measure.masking import holding
 from shedder.measure.metrics import perplexity
 from shedder.formats.extract import save
-from shedder.prune.recover import (DEFAULT_LR, METHODS, SCHEDULES, RecoverConfig, finished, recover as train,
-                                   recovery_run_dir, resumable, student_for)
+from shedder.prune.recover import (DEFAULT_LR, METHODS, REPORT_TO, SCHEDULES, TENSORBOARD_DIR, RecoverConfig, curve, finished,
+                                   recover as train, recovery_run_dir, resumable, student_for)
 from shedder.api.models import pruned_with
 
 
@@ -28,10 +28,10 @@ def student_and_teacher(model, adapter, plan: PruningPlan | None, name: str, tea
 
 
 def recover(student, tokenizer, config: RecoverConfig, out, teacher=None, plan=None, source: str = "",
-            progress=None, resume: bool = False):
+            progress=None, resume: bool = False, report_to: str = "none"):
     """Train ``student`` by ``config`` in the run directory ``out`` (``shedder.prune.recover.recover``)."""
     return train(student, tokenizer, config, out, teacher=teacher, plan=plan, source=source, progress=progress,
-                 resume=resume, save=save)
+                 resume=resume, save=save, report_to=report_to)
 
 
 @dataclass(frozen=True)
@@ -48,6 +48,22 @@ class Recovered:
     @property
     def name(self) -> str:
         return f"recovered ({self.config.method}, {self.summary['tokens']:,} tokens)"
+
+    @property
+    def fraction(self) -> float | None:
+        """Share of the log-perplexity lost to pruning that recovery won back (negative: it lost more),
+        on the recipe's held-out windows; None where pruning lost nothing."""
+        return self.summary.get("recovered_fraction")
+
+    @property
+    def worse(self) -> bool:
+        """The recovered model's held-out perplexity is above the pruned model's: recovery hurt."""
+        ppl = self.summary.get("ppl", {})
+        return "pruned" in ppl and "recovered" in ppl and ppl["recovered"] > ppl["pruned"]
+
+    def curve(self) -> list[dict]:
+        """The run's training and held-out loss by step (``shedder.prune.recover.curve``)."""
+        return curve(self.run_dir)
 
 
 def recover_plan(model, tokenizer, adapter, plan: PruningPlan, config: RecoverConfig, source: str, windows,
@@ -69,5 +85,10 @@ def recover_plan(model, tokenizer, adapter, plan: PruningPlan, config: RecoverCo
                      {"ppl": float(perplexity(recovered, windows)), "params": int(count_parameters(recovered))})
 
 
-__all__ = ["DEFAULT_LR", "METHODS", "SCHEDULES", "RecoverConfig", "Recovered", "recover", "recover_plan",
-           "student_and_teacher"]
+def plan_run_dir(source: str, plan: PruningPlan, config: RecoverConfig):
+    """Where the studio's recovery of ``plan`` by ``config`` runs (its curve is read from there while it runs)."""
+    return recovery_run_dir(source, plan, config)
+
+
+__all__ = ["DEFAULT_LR", "METHODS", "REPORT_TO", "SCHEDULES", "TENSORBOARD_DIR", "RecoverConfig", "Recovered", "curve", "plan_run_dir",
+           "recover", "recover_plan", "student_and_teacher"]

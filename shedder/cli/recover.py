@@ -6,7 +6,7 @@ import sys
 
 from shedder import api
 from shedder.api import DEFAULT_EVAL
-from shedder.api.recover import DEFAULT_LR, METHODS, SCHEDULES, RecoverConfig, student_and_teacher
+from shedder.api.recover import DEFAULT_LR, METHODS, REPORT_TO, SCHEDULES, TENSORBOARD_DIR, RecoverConfig, student_and_teacher
 from shedder.cli.common import common, emit, kinds, load, model_options, progress
 from shedder.cli.options import positive_int
 from shedder.core.errors import Cancelled, printable
@@ -20,6 +20,9 @@ def add(sub) -> None:
     recover_options(p)
     p.add_argument("--teacher", help="the unpruned model when --model is a pruned checkpoint (needed by distill)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--report-to", choices=REPORT_TO, default="none",
+                   help="also write the training and held-out loss curves for a dashboard: tensorboard writes "
+                        "them under OUT/tensorboard (default none: the curves are in OUT/log.jsonl)")
     common(p)
     p.set_defaults(func=run)
 
@@ -74,7 +77,7 @@ def run(args) -> int:
     try:
         with progress(args) as bar:
             result = api.recover(student, tokenizer, config, args.out, teacher=teacher, plan=plan, source=args.model,
-                                 progress=bar, resume=args.resume)
+                                 progress=bar, resume=args.resume, report_to=args.report_to)
     except (Cancelled, KeyboardInterrupt):
         print(f"recovery stopped: checkpoint kept in {printable(args.out)}; add --resume to continue",
               file=sys.stderr)
@@ -85,6 +88,8 @@ def run(args) -> int:
     lines += [f"{name:>9} perplexity {ppl[name]:.4f}" for name in ("unpruned", "pruned", "recovered") if name in ppl]
     if fraction is not None:
         lines.append(f"recovered {100 * fraction:.1f}% of the log-perplexity lost to pruning")
+    if args.report_to == "tensorboard":
+        lines.append(f"curves: tensorboard --logdir {printable(str(result.run_dir / TENSORBOARD_DIR))}")
     lines.append(f"[{printable(result.protocol)}]")
     emit(args, result.to_dict(), "\n".join(lines))
     return 0

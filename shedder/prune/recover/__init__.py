@@ -41,7 +41,8 @@ process writes a run directory at a time (its lock, ``fileio.exclusive``, is hel
 
 The modules, in the order a run uses them: ``config`` (the recipe, checked), ``lora`` (the student
 and what is trained), ``data`` (training windows), ``loop`` (the run), ``checkpoint`` (exact
-resumption), ``rundir`` (the run directory: log, checks, cache place), ``card`` (the model card).
+resumption), ``rundir`` (the run directory: log, checks, cache place), ``reporting`` (the loss curves:
+the log, TensorBoard), ``card`` (the model card).
 The method comparison (``bench recover``) is ``shedder.dev.recover_bench``: it loads the bundled models.
 """
 from shedder.prune.recover.card import model_card
@@ -50,10 +51,11 @@ from shedder.prune.recover.config import DEFAULT_LR, METHODS, SCHEDULES, TEMPLAT
 from shedder.prune.recover.data import ALPACA_PROMPT, format_alpaca, sample_batch, training_ids
 from shedder.prune.recover.lora import LoraDelta, add_lora, lora_targets, merge_lora, student_for
 from shedder.prune.recover.loop import SaveModel, distill_loss, lm_loss, recover, step_loss
+from shedder.prune.recover.reporting import REPORT_TO, TENSORBOARD_DIR, curve
 from shedder.prune.recover.rundir import CARD_JSON, LOG, finished, recovery_run_dir, resumable
 
 __all__ = ["ALPACA_PROMPT", "CARD_JSON", "CHECKPOINT", "DEFAULT_LR", "LEGACY_CHECKPOINT", "LOG", "METHODS",
-           "SCHEDULES", "SCHEMA_VERSION", "TEMPLATES", "TENSORS", "LoraDelta", "RecoverConfig", "RecoverResult",
-           "SaveModel", "add_lora", "distill_loss", "finished", "format_alpaca", "lm_loss", "lora_targets",
+           "REPORT_TO", "SCHEDULES", "SCHEMA_VERSION", "TEMPLATES", "TENSORBOARD_DIR", "TENSORS", "LoraDelta", "RecoverConfig", "RecoverResult",
+           "SaveModel", "add_lora", "curve", "distill_loss", "finished", "format_alpaca", "lm_loss", "lora_targets",
            "merge_lora", "model_card", "recover", "recovery_run_dir", "resumable", "sample_batch", "step_loss",
            "student_for", "training_ids"]

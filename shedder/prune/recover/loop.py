@@ -35,6 +35,7 @@ from shedder.prune.recover.checkpoint import (LEGACY_CHECKPOINT, SCHEMA_VERSION,
 from shedder.prune.recover.config import RecoverConfig, RecoverResult
 from shedder.prune.recover.data import sample_batch, training_ids
 from shedder.prune.recover.lora import merge_lora, trainable_parameters
+from shedder.prune.recover.reporting import Reporter, held_out_every
 from shedder.prune.recover.rundir import CARD_JSON, check_run_dir, log_event, rewind_log
 
 #: Writes a model directory: ``save(model, tokenizer, out_dir, plan=plan, card=readme)``.
@@ -65,13 +66,15 @@ def step_loss(student, teacher, batch: torch.Tensor, config: RecoverConfig) -> t
 
 def recover(student, tokenizer, config: RecoverConfig, run_dir: str | Path, teacher=None, plan=None,
             source: str = "", progress: Progress | None = None, resume: bool = False, *,
-            save: SaveModel) -> RecoverResult:
+            save: SaveModel, report_to: str = "none") -> RecoverResult:
     """Train ``student`` (see ``student_for``) with ``config``; save the recovered model into ``run_dir``.
 
     ``teacher`` is the unpruned model: required for ``distill``, and when given its held-out
     perplexity is reported as the unpruned baseline. ``plan`` (the pruning plan the student was made
     with) is saved alongside the model. ``progress(done, total, message)`` may raise ``Cancelled``:
     the step that just finished is checkpointed first, so ``resume=True`` continues exactly.
+    The training and held-out losses go to the run's log and, with ``report_to="tensorboard"``, to
+    TensorBoard (``shedder.prune.recover.reporting``).
 
     One writer per run directory: the run holds its lock from before the first read of the
     directory to the saved model. Another process is refused at once (``Busy``), before anything is
@@ -87,7 +90,7 @@ def recover(student, tokenizer, config: RecoverConfig, run_dir: str | Path, teac
     claim_run_dir(run_dir, protected, "recovery run", legacy=(LEGACY_CHECKPOINT,))
     with exclusive(run_dir / RUN_LOCK, f"the recovery run {run_dir}", progress):
         check_run_dir(run_dir, resume)  # again: another writer may have finished or started meanwhile
-        return _run(student, tokenizer, config, run_dir, teacher, plan, source, progress, resume, save)
+        return _run(student, tokenizer, config, run_dir, teacher, plan, source, progress, resume, save, report_to)
 
 
 def _check_teacher(student, teacher) -> None:
@@ -102,7 +105,7 @@ def _check_teacher(student, teacher) -> None:
 
 
 def _run(student, tokenizer, config: RecoverConfig, run_dir: Path, teacher, plan, source: str,
-         progress: Progress | None, resume: bool, save: SaveModel) -> RecoverResult:
+         progress: Progress | None, resume: bool, save: SaveModel, report_to: str) -> RecoverResult:
     """The recovery itself, under the run directory's lock."""
     device = next(student.parameters()).device
     train_ids = training_ids(tokenizer, config)
@@ -131,6 +134,18 @@ def _run(student, tokenizer, config: RecoverConfig, run_dir: Path, teacher, plan
         start_step, elapsed = meta["step"], meta["seconds"]
         rewind_log(run_dir, start_step)
         log_event(run_dir, {"event": "resume", "step": start_step})
+    reporter = Reporter(report_to, run_dir, start_step)
+    if start_step == 0:
+        reporter.scalar("eval/loss", math.log(ppl["pruned"]), 0)
+    every = held_out_every(config.total_steps)
+
+    def held_out(step: int) -> None:
+        """The held-out next-token loss now, on the evaluation windows (the curve's second line)."""
+        student.eval()
+        loss = math.log(perplexity(student, eval_windows))
+        student.train()
+        log_event(run_dir, {"event": "held_out", "step": step, "loss": round(loss, 4)})
+        reporter.scalar("eval/loss", loss, step)
 
     def save_checkpoint(step: int, seconds: float) -> None:
         tensors, groups = run_state(trainable, opt, gen)
@@ -143,43 +158,51 @@ def _run(student, tokenizer, config: RecoverConfig, run_dir: Path, teacher, plan
     student.train()
     total, tokens_per_step = config.total_steps, config.batch_size * config.seq_len
     started, running, completed, step = time.perf_counter(), None, start_step, start_step
-    try:
-        for step in range(start_step, total):
-            position = gen.get_state()  # the data position before this step's batch
-            for group in opt.param_groups:
-                group["lr"] = config.lr_at(step)
-            batch = sample_batch(train_ids, config, gen).to(device)
-            with parametrize.cached():
-                loss = step_loss(student, teacher, batch, config)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
-            opt.step()
-            value = loss.item()
-            if not math.isfinite(value):
-                raise ShedderError(f"the loss diverged at step {step + 1} ({value}); lower the learning rate")
-            running = value if running is None else 0.9 * running + 0.1 * value
-            completed = step + 1
-            seconds = elapsed + time.perf_counter() - started
-            if (step + 1) % config.checkpoint_every == 0 and step + 1 < total:
-                save_checkpoint(step + 1, seconds)
-            if (step + 1) % 10 == 0 or step + 1 == total:
-                log_event(run_dir, {"event": "step", "step": step + 1, "loss": round(running, 4),
-                               "lr": config.lr_at(step), "tokens": (step + 1) * tokens_per_step, "s": round(seconds, 1)})
-            if progress:
-                progress(step + 1, total, f"recover: loss {running:.4f}")
-    except (Cancelled, KeyboardInterrupt):
-        if completed <= step:
-            gen.set_state(position)  # stopped inside a step: it is redone on resume
-        save_checkpoint(completed, elapsed + time.perf_counter() - started)
-        log_event(run_dir, {"event": "stopped", "step": completed})
-        raise
-    student.eval()
-    seconds = elapsed + time.perf_counter() - started
-    if config.method == "lora":
-        merge_lora(student)
-    student.requires_grad_(False)
-    ppl["recovered"] = perplexity(student, eval_windows)
+    try:  # the reporter is closed (its curves flushed) however the run ends
+        try:
+            for step in range(start_step, total):
+                position = gen.get_state()  # the data position before this step's batch
+                for group in opt.param_groups:
+                    group["lr"] = config.lr_at(step)
+                batch = sample_batch(train_ids, config, gen).to(device)
+                with parametrize.cached():
+                    loss = step_loss(student, teacher, batch, config)
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                torch.nn.utils.clip_grad_norm_(list(trainable.values()), 1.0)
+                opt.step()
+                value = loss.item()
+                if not math.isfinite(value):
+                    raise ShedderError(f"the loss diverged at step {step + 1} ({value}); lower the learning rate")
+                running = value if running is None else 0.9 * running + 0.1 * value
+                completed = step + 1
+                seconds = elapsed + time.perf_counter() - started
+                if (step + 1) % config.checkpoint_every == 0 and step + 1 < total:
+                    save_checkpoint(step + 1, seconds)
+                if (step + 1) % 10 == 0 or step + 1 == total:
+                    log_event(run_dir, {"event": "step", "step": step + 1, "loss": round(running, 4),
+                                   "lr": config.lr_at(step), "tokens": (step + 1) * tokens_per_step, "s": round(seconds, 1)})
+                    reporter.scalar("train/loss", running, step + 1)
+                    reporter.scalar("train/learning_rate", config.lr_at(step), step + 1)
+                if (step + 1) % every == 0 and step + 1 < total:  # the end is measured below, on the saved weights
+                    held_out(step + 1)
+                if progress:
+                    progress(step + 1, total, f"recover: loss {running:.4f}")
+        except (Cancelled, KeyboardInterrupt):
+            if completed <= step:
+                gen.set_state(position)  # stopped inside a step: it is redone on resume
+            save_checkpoint(completed, elapsed + time.perf_counter() - started)
+            log_event(run_dir, {"event": "stopped", "step": completed})
+            raise
+        student.eval()
+        seconds = elapsed + time.perf_counter() - started
+        if config.method == "lora":
+            merge_lora(student)
+        student.requires_grad_(False)
+        ppl["recovered"] = perplexity(student, eval_windows)
+        reporter.scalar("eval/loss", math.log(ppl["recovered"]), total)
+    finally:
+        reporter.close()
     if config.tasks:
         tasks["after"] = _downstream(student, tokenizer, config.tasks)
     result = RecoverResult(run_dir, config, total, total * tokens_per_step, seconds, ppl,

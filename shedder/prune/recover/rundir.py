@@ -28,7 +28,7 @@ def log_event(run_dir: Path, entry: dict) -> None:
 
 
 def rewind_log(run_dir: Path, step: int) -> None:
-    """Before resuming from ``step``: cut a line a kill left torn, and the step entries after
+    """Before resuming from ``step``: cut a line a kill left torn, and the step (and held-out) entries after
     ``step`` (a kill came after them but before the next checkpoint; those steps are redone), so the
     log holds each step once."""
     log = run_dir / LOG
@@ -46,7 +46,7 @@ def _step_after(line: str, step: int) -> bool:
         entry = json.loads(line)
     except ValueError:
         return False
-    return isinstance(entry, dict) and entry.get("event") == "step" and is_int(entry.get("step")) \
+    return isinstance(entry, dict) and entry.get("event") in ("step", "held_out") and is_int(entry.get("step")) \
         and entry["step"] > step
 
 
