@@ -49,6 +49,12 @@ class Settings:
         return (self.model, self.dtype, self.device, self.trust_remote_code)
 
     @property
+    def model_name(self) -> str:
+        """The model as a visitor names it: a bundled name or hub id as given, a server directory by its
+        last part only (what plans, cards and exports carry, never the server path)."""
+        return Path(self.model).name if Path(self.model).is_dir() else self.model
+
+    @property
     def calibration_spec(self) -> Calibration:
         """The calibration of importance and search (``api.Calibration``): the official protocol
         samples its fixed rows into its own windows, whatever the evaluation windows are."""
@@ -376,7 +382,7 @@ class Workspace:
         cancelled one resumes, a finished one is reopened) and measure it on the evaluation windows."""
         loaded, s = self.loaded, self.settings
         result = api.recover_plan(loaded.model, loaded.tokenizer, loaded.adapter, self.plan, config, s.model,
-                                  self.windows(s.evaluation), s.dtype, s.device, progress)
+                                  self.windows(s.evaluation), s.dtype, s.device, progress, name=s.model_name)
         plan = result.plan
         result.metrics["flops"] = self.metrics(plan)["flops"]
         self.recovered = [r for r in self.recovered if (r.plan, r.config) != (plan, config)] + [result]

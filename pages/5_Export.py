@@ -1,5 +1,7 @@
-"""Export page: the plan as JSON (down and up), and the physically smaller model as a zip download and,
-where the server allows it (``app.hosting``), on the server's disk under its export directory."""
+"""Export page: the plan as JSON (down and up), and the physically smaller model (extracted from the
+current plan, or a recovered model of this session) as a zip download and, where the server allows it
+(``app.hosting``), on the server's disk under its export directory. Nothing exported names a server
+path: plans carry the model's public name."""
 import json
 from pathlib import Path
 
@@ -19,10 +21,10 @@ st.title("Export")
 st.write(f"**Current plan:** {ws.plan.describe()}")
 
 st.subheader("Plan file")
-name = Path(s.model).name
+name = s.model_name  # never a server path
 known = {k: v for k, v in ws.known(ws.plan).items() if k in ("ppl", "params", "flops", "accuracy", "latency_ms")}
-recorded = PruningPlan(ws.plan.components, ws.plan.model, dict(ws.plan.group_sizes),
-                       {**ws.plan.meta, "source_model": s.model, "measured": known,
+recorded = PruningPlan(ws.plan.components, api.public_plan(ws.plan, name).model, dict(ws.plan.group_sizes),
+                       {**ws.plan.meta, "source_model": name, "measured": known,
                         "protocol": api.describe_protocol(ws.windows(s.evaluation), ws.label(s.evaluation))})
 st.download_button("Download plan (JSON)", recorded.to_json(), file_name=f"{name}-plan.json", mime="application/json",
                    key="export_download", type="primary")
@@ -46,18 +48,34 @@ if upload is not None:
 
 st.subheader("Pruned model")
 host = hosting()
+recovered = {f"{r.name} of: {r.plan.describe()}": r for r in ws.recovered}
+which = st.radio("export", ["the current plan, extracted", *recovered], key="export_which",
+                 help="A recovered model (Recover page) is exported as it was saved after training.")
+chosen = recovered.get(which)
+default_dir = (f"{name}-{len(chosen.plan.components)}-removed-{chosen.config.method}" if chosen else
+               f"{name}-{len(ws.plan.components)}-removed")
 if host.allow_save:
-    out_dir = st.text_input(f"save to directory (inside `{host.export_root}`)", value=f"{name}-{len(ws.plan.components)}-removed",
-                            key="export_dir")
+    out_dir = st.text_input(f"save to directory (inside `{host.export_root}`)", value=default_dir, key="export_dir")
     overwrite = st.checkbox("replace it if it is a previous export", value=False, key="export_overwrite",
                             help="Only a directory this tool exported is ever replaced.")
 else:
     out_dir, overwrite = "", False
     st.info("Saving on the server is off here: the model is offered as a zip download. "
             "(Whoever runs the server can allow saves with SHEDDER_ALLOW_SAVE=1; see the README.)")
-timed = st.checkbox("also measure latency (slower)", value=False, key="export_timed")
-label = "Extract and save" if host.allow_save else "Extract"
-if st.button(label, key="export_save", disabled=host.allow_save and not out_dir.strip()):
+timed = chosen is None and st.checkbox("also measure latency (slower)", value=False, key="export_timed")
+label = ("Save" if host.allow_save else "Prepare the download") if chosen else \
+    ("Extract and save" if host.allow_save else "Extract")
+if chosen and st.button(label, key="export_save_recovered", disabled=host.allow_save and not out_dir.strip()):
+    with ui.shown_errors(), st.spinner("Copying the recovered model…"):
+        target = inside(host.export_root, out_dir.strip()) if host.allow_save else None
+        folder = default_dir if target is None else target.name
+        path, text, data = api.export_recovered(chosen.run_dir, folder, target=target, overwrite=overwrite)
+        st.session_state["export_zip"] = (f"{folder}.zip", data)
+        if path is not None:
+            st.success(f"Saved to `{path}`.")
+        with st.expander("Model card (README.md)", expanded=True):
+            st.markdown(text)
+if not chosen and st.button(label, key="export_save", disabled=host.allow_save and not out_dir.strip()):
     with ui.shown_errors(), st.spinner("Extracting…"):
         target = inside(host.export_root, out_dir.strip()) if host.allow_save else None
         if target is not None:
@@ -69,9 +87,10 @@ if st.button(label, key="export_save", disabled=host.allow_save and not out_dir.
         if timed:
             with ui.progress("timing the extracted model") as cb:
                 measured.update(ws.latency(ws.plan, progress=cb))
-        folder = f"{name}-{len(ws.plan.components)}-removed" if target is None else target.name
+        folder = default_dir if target is None else target.name
         source = api.resolve(s.model)
-        done, data = api.export_zip(loaded.model, loaded.tokenizer, adapter, ws.plan, folder, s.model, target=target,
+        done, data = api.export_zip(loaded.model, loaded.tokenizer, adapter, api.public_plan(ws.plan, name), folder, name,
+                                    target=target,
                                     overwrite=overwrite, protected=[source] if Path(source).exists() else [],
                                     measured=measured, windows=windows,
                                     protocol=api.describe_protocol(windows, ws.label(s.evaluation)))

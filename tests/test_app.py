@@ -181,6 +181,9 @@ def test_export_round_trip_and_bad_uploads(tmp_path):
     plan = PruningPlan.from_json(exported)
     assert plan.components == {Component("block", 0), Component("block", 3)}
     assert json.loads(exported)["meta"]["measured"]["ppl"] > 1
+    # The plan names the model as the visitor chose it, never by the server path it was loaded from.
+    assert json.loads(exported)["model"]["name"] == DEFAULT_MODEL == json.loads(exported)["meta"]["source_model"]
+    assert str(Path(__file__).parents[1]) not in exported
 
     workspace(at).reset()
     at.file_uploader(key="export_upload").set_value(("plan.json", exported.encode(), "application/json")).run()
@@ -196,6 +199,7 @@ def test_export_round_trip_and_bad_uploads(tmp_path):
     assert "| block | 3 | 0 |" in card and "Measured on the extracted model" in card
     saved, _ = load_model(str(out))
     assert count_parameters(saved) == workspace(at).metrics(plan)["params"]
+    assert PruningPlan.load(out / "pruning_plan.json").model.name == DEFAULT_MODEL and str(tmp_path) not in card
 
     at.file_uploader(key="export_upload").set_value(("bad.json", b"{not json", "application/json")).run()
     assert not at.exception
@@ -383,3 +387,33 @@ def test_recover_page_warns_when_recovery_made_the_model_worse():
     assert_clean(at)
     assert any("made the model worse" in w.value and "103.7000 before, 104.1700 after" in w.value for w in at.warning)
     assert not at.success
+
+
+def test_a_recovered_model_is_exported_from_the_export_page(tmp_path):
+    import io
+    import zipfile
+
+    at = open_app("recover")
+    workspace(at).set_plan(PruningPlan(frozenset({Component("block", 3)})))
+    at.run()
+    at.number_input(key="recover_steps").set_value(2).run()
+    at.button(key="recover_run").click().run()
+    assert_clean(at)
+    recovered = workspace(at).recovered[0]
+    at.switch_page(PAGES["export"]).run()
+    assert_clean(at)
+    at.radio(key="export_which").set_value(next(o for o in at.radio(key="export_which").options
+                                                if o.startswith("recovered"))).run()
+    out = tmp_path / "recovered-export"
+    at.text_input(key="export_dir").set_value(str(out)).run()
+    at.button(key="export_save_recovered").click().run()
+    assert_clean(at)
+    names = {p.name for p in out.iterdir()}
+    assert {"config.json", "model.safetensors", "pruning_plan.json", "recovery.json", "README.md"} <= names
+    assert not names & {".lock", ".shedder-run"}
+    assert str(Path(__file__).parents[1]) not in (out / "pruning_plan.json").read_text()
+    reloaded, _ = load_model(str(out))
+    assert count_parameters(reloaded) == recovered.metrics["params"]
+    _, data = at.session_state["export_zip"]
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        assert "model.safetensors" in {Path(n).name for n in z.namelist()}

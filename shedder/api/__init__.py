@@ -7,7 +7,7 @@
     search / one-shot            search.search, search.cached_search, one_shot
     evaluate                     evaluate.evaluate, evaluate.lm_eval
     measure speed                speed.bench_speed, speed.measure_point
-    export                       export.export, export.export_zip
+    export                       export.export, export.export_zip, export.export_recovered
     recover                      recover.recover, recover.recover_plan, recover.curve (loss by step)
     the frontier table           Series, search_series, one_shot, pareto
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 from shedder.api.calibration import (DEFAULT_BATCH, DEFAULT_CALIBRATION, DEFAULT_EVAL, DEFAULT_SAMPLES,
                                      DEFAULT_SEQ_LEN, OFFICIAL, PROTOCOLS, Calibration)
 from shedder.api.evaluate import Evaluation, LmEval, check_tasks, eval_windows, evaluate, lm_eval, lm_eval_scores
-from shedder.api.export import Exported, export, export_zip, measured_card
+from shedder.api.export import Exported, export, export_recovered, export_zip, measured_card, public_plan
 from shedder.api.models import baseline, load, plan_for, pruned_with, sources, text_tokenizer
 from shedder.api.recover import METHODS, RecoverConfig, Recovered, curve, plan_run_dir, recover, recover_plan
 from shedder.api.scoring import announce, cached, compare, cost, score, worker_pool

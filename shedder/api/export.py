@@ -1,12 +1,14 @@
 """Export: the physically smaller model of a plan, its model card, saved (and zipped for a download)."""
 from __future__ import annotations
 
+import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from shedder.arch import count_parameters
-from shedder.core.fileio import check_output_dir, zip_dir
+from shedder.core.errors import ShedderError
+from shedder.core.fileio import RUN_LOCK, RUN_MARKER, check_output_dir, publish_dir, zip_dir
 from shedder.core.plan import PruningPlan
 from shedder.formats.extract import model_card, save
 from shedder.measure.metrics import perplexity
@@ -25,6 +27,12 @@ class Exported:
     def payload(self) -> dict:
         return {"out": str(self.out), "plan": self.plan.to_dict(), "params_before": self.params_before,
                 "params_after": self.params_after}
+
+
+def public_plan(plan: PruningPlan, name: str) -> PruningPlan:
+    """``plan`` naming its model ``name`` (what a visitor knows it by), not the server path it was loaded
+    from: what the studio writes into every plan file, card and export it hands out."""
+    return replace(plan, model=replace(plan.model, name=name)) if plan.model is not None else plan
 
 
 def measured_card(source: str, architecture: str, plan: PruningPlan, measured: dict, protocol: str) -> str:
@@ -80,3 +88,35 @@ def export_zip(model, tokenizer, adapter, plan: PruningPlan, folder: str, source
         done = export(model, tokenizer, adapter, plan, target or Path(tmp) / folder, source, overwrite, protected,
                       measured, windows, protocol)
         return done, zip_dir(done.out)
+
+
+#: What a recovery run directory holds that is not part of the recovered model it exports.
+RUN_ONLY = {RUN_MARKER, RUN_LOCK}
+
+
+def export_recovered(run_dir: str | Path, folder: str, target=None, overwrite: bool = False,
+                     protected=()) -> tuple[Path | None, str, bytes]:
+    """A finished recovery run's model exported as it was saved: its files (weights, config, tokenizer,
+    plan, card, ``recovery.json`` and the log with the recipe and the curve; not the run's lock or
+    TensorBoard folder) copied to ``target`` when given (a new directory, or a previous export with
+    ``overwrite``), and zipped under ``folder`` for a download. Returns (saved directory or None, card, zip)."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file():
+        raise ShedderError(f"no recovered model in {run_dir}: the run has not finished")
+    files = [p for p in run_dir.iterdir() if p.is_file() and not p.is_symlink() and p.name not in RUN_ONLY]
+    card = (run_dir / "README.md").read_text(encoding="utf-8") if (run_dir / "README.md").is_file() else ""
+
+    def copy_into(out: Path) -> None:
+        for path in files:
+            shutil.copy2(path, out / path.name)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        staged = Path(tmp) / folder
+        staged.mkdir()
+        copy_into(staged)
+        data = zip_dir(staged)
+    if target is None:
+        return None, card, data
+    with publish_dir(target, overwrite, protected) as out:
+        copy_into(out)
+    return Path(target), card, data

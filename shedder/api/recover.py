@@ -12,6 +12,7 @@ from shedder.measure.metrics import perplexity
 from shedder.formats.extract import save
 from shedder.prune.recover import (DEFAULT_LR, METHODS, REPORT_TO, SCHEDULES, TENSORBOARD_DIR, RecoverConfig, curve, finished,
                                    recover as train, recovery_run_dir, resumable, student_for)
+from shedder.api.export import public_plan
 from shedder.api.models import pruned_with
 
 
@@ -67,10 +68,11 @@ class Recovered:
 
 
 def recover_plan(model, tokenizer, adapter, plan: PruningPlan, config: RecoverConfig, source: str, windows,
-                 dtype: str, device: str, progress=None) -> Recovered:
+                 dtype: str, device: str, progress=None, name: str | None = None) -> Recovered:
     """The studio's recovery of ``plan``'s extracted model: a run under the cache (a cancelled one
     resumes, a finished one is reopened), its perplexity measured on ``windows`` and its parameters
-    counted (``metrics``; the studio adds the plan's analytic FLOPs)."""
+    counted (``metrics``; the studio adds the plan's analytic FLOPs). The saved plan, card and log name
+    the model ``name`` (its public name; default ``source``), so an export of the run names no server path."""
     if not plan.components:
         raise ShedderError("the current plan removes nothing; prune something before recovering")
     run_dir = recovery_run_dir(source, plan, config)
@@ -78,7 +80,8 @@ def recover_plan(model, tokenizer, adapter, plan: PruningPlan, config: RecoverCo
         if finished(run_dir) is None:  # decided under the lock: another session may just have run it
             student = student_for(model, plan, adapter)
             teacher = model if config.method == "distill" else None
-            train(student, tokenizer, config, run_dir, teacher=teacher, plan=plan, source=source,
+            shown = name or source
+            train(student, tokenizer, config, run_dir, teacher=teacher, plan=public_plan(plan, shown), source=shown,
                   progress=progress, resume=resumable(run_dir), save=save)
     recovered, _ = load_model(str(run_dir), dtype=dtype, device=device)
     return Recovered(plan, config, str(run_dir), finished(run_dir),
