@@ -15,12 +15,9 @@ from plotly.subplots import make_subplots
 
 from shedder.core.plan import Component, PruningPlan
 
+from .scales import DIVERGING, Scale
+
 KIND_COLOURS = {"mamba": "#4C78A8", "attention": "#F58518", "mlp": "#54A24B", "moe": "#B279A2", "hybrid": "#9D755D"}
-#: Diverging, centred on zero: red = removal hurts, blue = removal helps (happens on small models).
-SCALE = "RdBu_r"
-#: Symmetric log colour scale: linear within ±LINEAR_WIDTH of zero, logarithmic beyond, so Δ ppl
-#: spanning 0.01 to 1000 (a first block next to a head) stays readable, and so do negative Δ.
-LINEAR_WIDTH = 0.01
 
 
 def architecture_strip(adapter) -> go.Figure:
@@ -35,21 +32,6 @@ def architecture_strip(adapter) -> go.Figure:
                       legend=dict(orientation="h", y=1.1, yanchor="bottom"), yaxis=dict(visible=False),
                       xaxis=dict(title="layer", dtick=1, range=[-0.5, len(kinds) - 0.5]))
     return fig
-
-
-def _colour(delta: float, log: bool) -> float:
-    return math.copysign(math.log10(1 + abs(delta) / LINEAR_WIDTH), delta) if log else delta
-
-
-def _colourbar(values: list[float], log: bool) -> dict:
-    """Colour axis shared by every panel, centred on zero; on the log scale ticks show real Δ ppl."""
-    axis = dict(colorscale=SCALE, cmid=0.0, colorbar=dict(title="Δ ppl"))
-    if log and values:
-        lo, hi = min(values), max(values)
-        real = [0.0] + [sign * 10.0 ** k for k in range(-1, 6) for sign in (1, -1)]
-        ticks = sorted((_colour(v, True), v) for v in real if lo <= _colour(v, True) <= hi or v == 0)
-        axis["colorbar"].update(tickvals=[t for t, _ in ticks], ticktext=[f"{v:g}" for _, v in ticks])
-    return axis
 
 
 def _panels(kinds: list[str], rows_per_kind: list[int], num_layers: int) -> go.Figure:
@@ -69,44 +51,58 @@ def _panels(kinds: list[str], rows_per_kind: list[int], num_layers: int) -> go.F
 def importance_heatmap(scores: pd.DataFrame, num_layers: int, log: bool = True, column: str = "delta_ppl",
                        label: str = "Δ ppl") -> go.Figure:
     """x: layer, y: component index within the layer, one panel per kind; colour: ``column`` of the
-    scores (by default the perplexity increase when that component alone is removed)."""
+    scores (by default the perplexity increase when that component alone is removed), on the scale
+    the values call for (``app.scales``)."""
+    scale = Scale.of(scores[column], log, label)
     kinds = list(dict.fromkeys(scores["kind"]))
     fig = _panels(kinds, [scores.loc[scores["kind"] == k, "index"].nunique() for k in kinds], num_layers)
     layers = list(range(num_layers))
     ppl = column == "delta_ppl"
     hover = ("<br>ppl without it %{customdata[0]:.4f}<br>Δ ppl %{customdata[1]:+.4f}<br>params removed %{customdata[2]:,}"
              if ppl else f"<br>{label} %{{customdata[1]:.4g}}<br>params removed %{{customdata[2]:,}}")
-    zs = []
     for row, kind in enumerate(kinds, start=1):
         df = scores[scores["kind"] == kind]
         indices = sorted(df["index"].unique())
         cell = {(r.layer, r.index): r for r in df.itertuples()}
         z, custom = [], []
         for i in indices:
-            z.append([_colour(getattr(cell[(l, i)], column), log) if (l, i) in cell else None for l in layers])
+            z.append([scale.z(getattr(cell[(l, i)], column)) if (l, i) in cell else None for l in layers])
             custom.append([[cell[(l, i)].ppl if ppl else None, getattr(cell[(l, i)], column), cell[(l, i)].params_removed]
                            if (l, i) in cell else [None] * 3 for l in layers])
-        zs += [v for r in z for v in r if v is not None]
         fig.add_heatmap(x=layers, y=indices, z=z, customdata=custom, coloraxis="coloraxis", xgap=1, ygap=1,
                         hovertemplate=f"{kind} layer %{{x}} #%{{y}}{hover}<extra></extra>", row=row, col=1)
         fig.update_yaxes(title_text="index", dtick=1 if len(indices) <= 16 else None, row=row, col=1)
-    axis = _colourbar(zs, log)
-    axis["colorbar"]["title"] = label
-    fig.update_layout(coloraxis=axis)
+    fig.update_layout(coloraxis=scale.axis())
     return fig
 
 
-def layer_bars(scores: pd.DataFrame, column: str = "delta_ppl", label: str = "Δ perplexity") -> go.Figure:
-    """Per-layer view of the same scores: mean ``column`` of the layer's components, one bar per kind."""
+def layer_bars(scores: pd.DataFrame, num_layers: int, log: bool = True, column: str = "delta_ppl",
+               label: str = "Δ ppl") -> go.Figure:
+    """Per-layer view of the same scores: the mean ``column`` of each layer's components, one panel
+    per kind (a first block's +1000 does not flatten the heads' +0.01 of another kind), bar heights
+    and colours on the heatmap's scale and palette."""
     means = scores.groupby(["layer", "kind"], sort=True)[column].mean().reset_index()
-    fig = go.Figure()
-    for kind in dict.fromkeys(scores["kind"]):
+    scale = Scale.of(means[column], log, f"mean {label}")
+    kinds = list(dict.fromkeys(scores["kind"]))
+    fig = make_subplots(rows=len(kinds), cols=1, subplot_titles=kinds, shared_xaxes=True,
+                        vertical_spacing=0.12 / max(len(kinds), 1))
+    # Signed values grow from zero; positive ones on a log scale from the lowest tick below them.
+    base = 0.0 if scale.signed or not scale.log else math.floor(scale.lo)
+    ticks = scale.ticks()
+    for row, kind in enumerate(kinds, start=1):
         d = means[means["kind"] == kind]
-        fig.add_bar(x=d["layer"], y=d[column], name=kind,
-                    hovertemplate=f"{kind} layer %{{x}}: mean {label} %{{y:+.4g}}<extra></extra>")
-    fig.update_layout(barmode="group", height=300, margin=dict(l=10, r=10, t=30, b=10),
-                      xaxis=dict(title="layer", dtick=1), yaxis=dict(title=f"mean {label}"),
-                      legend=dict(orientation="h", y=1.15))
+        z = [scale.z(v) for v in d[column]]
+        fig.add_bar(x=d["layer"], y=[v - base for v in z], base=base, customdata=d[column], showlegend=False,
+                    marker=dict(color=z, coloraxis="coloraxis"),
+                    hovertemplate=f"{kind} layer %{{x}}: mean {label} %{{customdata:+.4g}}<extra></extra>",
+                    row=row, col=1)
+        if ticks is not None:
+            fig.update_yaxes(tickvals=ticks[0], ticktext=ticks[1], row=row, col=1)
+        fig.update_yaxes(title_text=f"mean {label}", row=row, col=1)
+    fig.update_xaxes(range=[-0.5, num_layers - 0.5], dtick=1)
+    fig.update_xaxes(title_text="layer", row=len(kinds), col=1)
+    fig.update_layout(height=80 + 170 * len(kinds), margin=dict(l=10, r=10, t=40, b=10), coloraxis=scale.axis(),
+                      bargap=0.15)
     return fig
 
 
@@ -114,7 +110,7 @@ def agreement_matrix(matrix: pd.DataFrame, title: str) -> go.Figure:
     """A metric × metric rank-correlation matrix, values written in the cells (−1 .. 1)."""
     text = [[("n/a" if pd.isna(v) else f"{v:+.2f}") for v in row] for row in matrix.values]
     fig = go.Figure(go.Heatmap(z=matrix.values, x=list(matrix.columns), y=list(matrix.index), zmin=-1, zmax=1,
-                               colorscale=SCALE, text=text, texttemplate="%{text}",
+                               colorscale=DIVERGING, text=text, texttemplate="%{text}",
                                hovertemplate="%{y} vs %{x}: %{text}<extra></extra>"))
     fig.update_layout(title=title, height=300, margin=dict(l=10, r=10, t=40, b=10), yaxis=dict(autorange="reversed"))
     return fig
@@ -129,8 +125,9 @@ def switchboard(adapter, plan: PruningPlan, kinds: list[str], scores: pd.DataFra
     """
     fig = _panels(kinds, [len({c.index for c in adapter.components(k)}) for k in kinds], adapter.num_layers)
     score = {} if scores is None else {(r.kind, r.layer, r.index): r.delta_ppl for r in scores.itertuples()}
+    scale = Scale.of(score.values(), log, "Δ ppl")
     lookup: list[list[Component]] = []
-    zs: list[float] = []
+    coloured = False
     for row, kind in enumerate(kinds, start=1):
         comps = adapter.components(kind)
         kept = [c for c in comps if c not in plan]
@@ -138,9 +135,8 @@ def switchboard(adapter, plan: PruningPlan, kinds: list[str], scores: pd.DataFra
         known = [score.get((c.kind, c.layer, c.index)) for c in kept]
         if kept:
             if all(v is not None for v in known) and scores is not None:
-                colour = [_colour(v, log) for v in known]
-                zs += colour
-                marker = dict(color=colour, coloraxis="coloraxis")
+                coloured = True
+                marker = dict(color=[scale.z(v) for v in known], coloraxis="coloraxis")
             else:
                 marker = dict(color="#4C78A8")
             inside = [plan.in_removed_block(c) for c in kept]
@@ -161,8 +157,8 @@ def switchboard(adapter, plan: PruningPlan, kinds: list[str], scores: pd.DataFra
             lookup.append(removed)
         top = max((c.index for c in comps), default=0)
         fig.update_yaxes(title_text="index", dtick=1, range=[-0.6, top + 0.6], row=row, col=1)
-    if zs:
-        fig.update_layout(coloraxis=_colourbar(zs, log))
+    if coloured:
+        fig.update_layout(coloraxis=scale.axis())
     fig.update_layout(clickmode="event+select", dragmode=False)
     return fig, lookup
 

@@ -62,10 +62,14 @@ else:
         st.caption(f"Cost: measured {a['seconds']:.2f} s for all {len(scores)} components: {a['forwards']} forward"
                    + (f" and {a['backwards']} backward" if a["backwards"] else "") + " pass over the calibration windows.")
     log = st.toggle("log colour scale", value=True, key="imp_log",
-                    help="Symmetric log: small and large values (and negative ones) stay distinguishable.")
+                    help="Where the values span orders of magnitude: symmetric log for values of both signs "
+                         "(Δ ppl), log10 for positive ones; a narrow range stays linear.")
     st.plotly_chart(plots.importance_heatmap(scores, adapter.num_layers, log=log, column=column, label=label),
                     key="imp_heatmap")
-    st.plotly_chart(plots.layer_bars(scores, column, label), key="imp_bars")
+    st.caption(plots.Scale.of(scores[column], log, label).describe() + ("; red: removing it hurts, blue: removing it "
+               "helps (white: no change)" if (scores[column] < 0).any() else "; darker: more important") + ".")
+    st.markdown("**Per layer** (mean of the layer's components, one panel per kind)")
+    st.plotly_chart(plots.layer_bars(scores, adapter.num_layers, log=log, column=column, label=label), key="imp_bars")
     st.subheader("All scores")
     st.dataframe(scores.sort_values(column), hide_index=True, key="imp_table",
                  column_config={"ppl": st.column_config.NumberColumn("ppl without it", format="%.4f"),

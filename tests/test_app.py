@@ -320,6 +320,23 @@ def test_importance_page_scores_by_another_metric():
     assert list(table["layer"]) == list(range(8)) and table["score"].between(0, 2).all()
 
 
+@pytest.mark.parametrize("metric", ["ppl", "block_influence", "activation", "taylor"])
+def test_importance_page_draws_every_metric_on_the_scale_its_values_call_for(metric):
+    at = open_app("importance")
+    at.selectbox(key="imp_metric").set_value(metric).run()
+    kinds_key = "imp_kinds" if metric == "ppl" else f"imp_kinds_{metric}"
+    at.multiselect(key=kinds_key).set_value([at.multiselect(key=kinds_key).options[0].split(" ")[0]]).run()
+    at.button(key="imp_compute").click().run()
+    assert_clean(at)
+    said = " ".join(c.value for c in at.caption)
+    ws = workspace(at)
+    table = ws.importance if metric == "ppl" else next(iter(ws.metric_tables.values()))
+    column = "delta_ppl" if metric == "ppl" else "score"
+    signed = (table[column] < 0).any()
+    assert ("diverging around zero" in said) == signed and ("sequential" in said) == (not signed)
+    assert len(at.get("plotly_chart")) == 2  # the heatmap and the per-layer bars
+
+
 def test_frontier_puts_strategies_side_by_side_with_measured_speed(monkeypatch):
     from shedder.prune import frontier
 

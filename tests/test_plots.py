@@ -1,0 +1,68 @@
+"""The studio's figures answer their question: colour scales chosen by the metric's values (signed or
+not, spanning decades or not), per-layer bars per kind on the heatmap's scale, a loss curve per run."""
+import math
+
+import pandas as pd
+import pytest
+
+pytest.importorskip("plotly")
+
+from app import plots  # noqa: E402
+from app.scales import SEQUENTIAL, Scale  # noqa: E402
+
+
+def test_delta_ppl_gets_a_diverging_symmetric_log_scale_over_the_data_range_with_labelled_ticks():
+    scale = Scale.of([-0.21, 0.003, 0.5, 12.0, 1445.0], log=True, label="Δ ppl")
+    assert scale.signed and scale.log
+    vals, text = scale.ticks()
+    assert {"-0.1", "0", "1", "1000"} <= set(text) and "-1" not in text  # nothing beyond the data
+    assert scale.lo == pytest.approx(scale.z(-0.21)) and vals == sorted(vals)
+    axis = scale.axis()
+    assert axis["cmin"] == scale.lo and axis["cmax"] == scale.hi
+    # The small negative side is pale blue, the large positive side dark red; white sits at zero.
+    (_, low), (_, high) = axis["colorscale"][0], axis["colorscale"][-1]
+    red, green, blue = (int(c) for c in low[4:-1].split(","))
+    assert blue > red and min(red, green) > 150
+    assert high != low
+    zero_at = -scale.lo / (scale.hi - scale.lo)
+    assert 0 < zero_at < 0.25  # the negative side takes only the room its values need
+
+
+def test_a_positive_metric_gets_a_sequential_scale_log_only_when_it_spans_decades():
+    activation = Scale.of([1e-3, 0.2, 4.0, 30.0], log=True, label="activation")
+    assert not activation.signed and activation.log and activation.colorscale() == SEQUENTIAL
+    assert activation.ticks()[1] == ["0.001", "0.01", "0.1", "1", "10"]
+    influence = Scale.of([0.02, 0.05, 0.11, 0.2], log=True, label="block_influence")
+    assert not influence.log and influence.ticks() is None  # linear: plotly's several ticks, not one "0.1"
+    assert influence.axis()["colorbar"]["nticks"] == 6
+    assert "sequential, linear" in influence.describe()
+    assert Scale.of([0.0, 0.0], log=True, label="x").axis()["cmax"] > 0  # a flat map still draws
+
+
+def scores(kinds_values: dict) -> pd.DataFrame:
+    rows = []
+    for kind, values in kinds_values.items():
+        for layer, v in enumerate(values):
+            rows.append({"kind": kind, "layer": layer, "index": 0, "delta_ppl": v, "ppl": 100 + v,
+                         "params_removed": 10})
+    return pd.DataFrame(rows)
+
+
+def test_layer_bars_give_each_kind_its_panel_on_the_heatmaps_scale():
+    table = scores({"block": [1445.0, 0.4, -0.05], "ssm": [0.02, 0.01, 0.03]})
+    fig = plots.layer_bars(table, 3, log=True)
+    bars = [t for t in fig.data if t.type == "bar"]
+    assert len(bars) == 2 and bars[0].yaxis != bars[1].yaxis  # one panel per kind
+    scale = Scale.of(table.groupby(["layer", "kind"])["delta_ppl"].mean(), True, "x")
+    assert list(bars[1].y) == pytest.approx([scale.z(v) for v in (0.02, 0.01, 0.03)])
+    assert bars[0].marker.coloraxis == "coloraxis" and fig.layout.coloraxis.colorbar.ticktext
+    heat = plots.importance_heatmap(table, 3, log=True)
+    assert heat.layout.coloraxis.cmin == pytest.approx(Scale.of(table["delta_ppl"], True, "Δ ppl").lo)
+
+
+def test_loss_curve_draws_training_and_held_out_series():
+    rows = [{"step": 0, "series": "held-out", "loss": math.log(110)}, {"step": 10, "series": "train", "loss": 4.2},
+            {"step": 10, "series": "held-out", "loss": 4.5}]
+    fig = plots.loss_curve(rows, "distillation loss")
+    assert [t.name for t in fig.data] == ["training (distillation loss)", "held-out next-token loss"]
+    assert list(fig.data[1].x) == [0, 10]
