@@ -34,6 +34,7 @@ from typing import Callable
 
 from streamlit import runtime
 from streamlit.runtime.scriptrunner import get_script_run_ctx
+from streamlit.runtime.scriptrunner_utils.script_run_context_attr import SCRIPT_RUN_CONTEXT_ATTR_NAME
 
 from shedder.api import default_cache_dir
 
@@ -70,6 +71,16 @@ def session_id() -> str | None:
     """The Streamlit session this script run serves, or None outside a script run."""
     ctx = get_script_run_ctx(suppress_warning=True)
     return ctx.session_id if ctx is not None else None
+
+
+def holder_note(thread) -> str:
+    """What to say while ``thread`` (the holder of the shared model, or None when unknown) keeps a page
+    waiting: "another session" only when it serves another session Streamlit still has active."""
+    ctx = getattr(thread, SCRIPT_RUN_CONTEXT_ATTR_NAME, None)
+    holder = getattr(ctx, "session_id", None)
+    if holder is not None and (holder == session_id() or runtime_active(holder) is False):
+        return "Finishing an earlier run of this page first (it stops at its next step)…"
+    return "Waiting for the model: another session is using it…"
 
 
 def runtime_active(session: str | None) -> bool | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import streamlit as st
@@ -94,17 +94,18 @@ def windows(model_key: tuple, source: str, samples: int, seq_len: int, protocol:
     return Calibration.resolve(protocol, source, samples, seq_len).windows(tokenizer)
 
 
-def waiting_notice():
-    """A progress callback for work drawn without a bar: it shows a notice only while another
-    session holds the shared model (each update lets Streamlit stop this run, so leaving the page
-    or pressing Cancel stops the wait)."""
+def waiting_notice(model=None):
+    """A progress callback for work drawn without a bar: it shows a notice only while the shared
+    model is held elsewhere, saying whose: another live session, or a run this visitor left (the
+    previous run of a reloaded page, a closed tab) that ends at its next step (each update lets
+    Streamlit stop this run, so leaving the page or pressing Cancel stops the wait)."""
     slot = None
 
     def callback(done: int, total: int, message: str = "") -> None:
         nonlocal slot
         if message == api.WAITING:
             slot = slot or st.empty()
-            slot.info("Waiting for the model: another session is using it…")
+            slot.info(sessions.holder_note(api.holder(model) if model is not None else None))
         elif slot is not None:  # the model is ours now
             slot.empty()
             slot = None
@@ -147,6 +148,8 @@ class Workspace:
     _evaluator: object = None
     uploads: dict = field(default_factory=dict)  # stashed path -> the uploaded file's name
     _upload_dir: Path | None = None
+    #: What another model (or calibration text) of this session had: restored on switching back.
+    _shelf: dict = field(default_factory=dict)
 
     # -- uploads (this session's own, deleted once the session has ended: ``app.sessions``) --------
     def stash_upload(self, name: str, data: bytes) -> str:
@@ -199,9 +202,11 @@ class Workspace:
         return self.settings.calibration_spec.describe(self.calibration())
 
     def configure(self, settings: Settings) -> None:
-        """Switch model or data. Loads first, so a failure leaves the previous setup intact;
-        results computed for another model or other windows are dropped. Remote code runs only
-        where the server allows it (``app.hosting``)."""
+        """Switch model or data. Loads first, so a failure leaves the previous setup intact. What was
+        done for the previous model (plans, saved plans, recoveries) and on its calibration text
+        (scores, searches, series) is shelved, and what was done before for the new ones comes back:
+        switching to another model and back restores everything. Remote code runs only where the
+        server allows it (``app.hosting``)."""
         from .hosting import hosting
 
         if settings.trust_remote_code and not hosting().allow_remote_code:
@@ -210,19 +215,24 @@ class Workspace:
         load(*settings.model_key)
         windows(settings.model_key, *settings.calibration_key)
         windows(settings.model_key, settings.evaluation, settings.samples, settings.seq_len)
-        same_model = settings.model_key == self.settings.model_key
-        same_calibration = same_model and settings.calibration_key == self.settings.calibration_key
+        old = self.settings
+        same_model = settings.model_key == old.model_key
+        same_calibration = same_model and settings.calibration_key == old.calibration_key
         self.settings = settings
         self._metrics.clear()
         self._evaluator = None
-        if not same_model:
-            self._downstream.clear()
         self.texts.clear()
-        if not same_calibration:
-            self.importance, self.search, self.search_kinds = None, None, ()
-            self.metric_tables, self.agreement, self.series = {}, None, {}
+        if not same_calibration:  # this model's results on that text wait on the shelf
+            self._shelf[("calibration", old.model_key, old.calibration_key)] = (
+                self.importance, self.search, self.search_kinds, self.metric_tables, self.agreement, self.series)
+            (self.importance, self.search, self.search_kinds, self.metric_tables, self.agreement,
+             self.series) = self._shelf.pop(("calibration", settings.model_key, settings.calibration_key),
+                                            (None, None, (), {}, None, {}))
         if not same_model:
-            self.plan, self.history, self.saved, self.recovered = PruningPlan(), [], {}, []
+            self._shelf[("model", old.model_key)] = (self.plan, self.history, self.saved, self.recovered,
+                                                     self._downstream)
+            self.plan, self.history, self.saved, self.recovered, self._downstream = self._shelf.pop(
+                ("model", settings.model_key), (PruningPlan(), [], {}, [], {}))
 
     def pool(self):
         """The Ray workers for scores and searches on the calibration windows, or None (in-process)."""
@@ -273,7 +283,7 @@ class Workspace:
         if "ppl" not in m:
             loaded = self.loaded
             cost = api.estimate(loaded.model, plan, seq_len=self.settings.seq_len, adapter=loaded.adapter)
-            m.update(ppl=float(self.evaluator().perplexity(plan, progress=progress or waiting_notice())),
+            m.update(ppl=float(self.evaluator().perplexity(plan, progress=progress or waiting_notice(loaded.model))),
                      params=int(loaded.adapter.param_count(plan)),
                      flops=float(cost.flops_per_token_prefill),
                      state_bytes=float(cost.state_bytes_per_sequence))
@@ -351,17 +361,70 @@ class Workspace:
             self.texts[key] = api.continue_text(loaded.model, loaded.tokenizer, prompt, plan, tokens, loaded.adapter)
         return self.texts[key]
 
-    def greedy(self, kinds: list[str], steps: int, progress=None):
-        """The greedy search over ``kinds`` for at least ``steps`` steps; a finished search with as
-        many steps over the same kinds is reused (its first steps do not depend on later ones), and
-        the run is logged under the cache, so a cancelled or shorter search is continued, not redone."""
+    def has_continuation(self, plan: PruningPlan, prompt: str, tokens: int) -> bool:
+        return (self.loaded.adapter.resolve(plan), prompt, tokens) in self.texts
+
+    def greedy(self, kinds: list[str], steps: int | None, progress=None, target_params: float | None = None,
+               max_ppl: float | None = None):
+        """The greedy search over ``kinds``, stopped as the CLI's ``search`` stops (``steps``,
+        ``target_params``, ``max_ppl``). The run is logged under the cache, so a cancelled or shorter
+        search is continued, not redone, and one with fewer steps is read back from the log; it goes
+        on the session's runs list."""
         kinds = tuple(kinds)
-        if self.search is None or self.search_kinds != kinds or len(self.search.steps) < steps:
-            self.search = api.cached_search(self.loaded.model, self.calibration(), kinds, steps, progress=progress,
-                                            batch_size=self.settings.calibration_batch_size, pool=self.pool())
-            self.search_kinds = kinds
+        limits = dict(steps=steps, target_params=target_params, max_ppl=max_ppl)
+        self.search = api.cached_search(self.loaded.model, self.calibration(), kinds, progress=progress,
+                                        batch_size=self.settings.calibration_batch_size, pool=self.pool(), **limits)
+        self.search_kinds = kinds
         self.add_series(api.search_series(self.search, kinds))
+        self.remember({"type": "search", "id": f"search:{','.join(kinds)}", "kinds": list(kinds), **limits,
+                       "label": f"greedy search of {', '.join(kinds)}: {len(self.search.steps)} steps"})
         return self.search
+
+    def one_shot(self, metric: str, kinds, k: int, progress=None):
+        """The one-shot series of ``metric`` on ``kinds`` up to ``k`` components (on the runs list)."""
+        table = self.metric_table(metric, kinds, progress=progress)
+        series = api.one_shot(self.loaded.model, table, int(k), list(kinds))
+        self.add_series(series)
+        self.remember({"type": "one-shot", "id": f"one-shot:{series.name}", "metric": metric, "kinds": list(kinds),
+                       "k": int(k), "label": series.name})
+        return series
+
+    def save_plan(self, name: str, plan: PruningPlan | None = None) -> None:
+        """Keep ``plan`` (the current one by default) under ``name`` for the frontier and the runs list."""
+        plan = self.loaded.adapter.resolve(plan if plan is not None else self.plan)
+        self.saved[name] = plan
+        self.remember({"type": "saved", "id": f"saved:{name}", "name": name,
+                       "plan": api.public_plan(plan, self.settings.model_name).to_dict(),
+                       "label": f"saved plan “{name}”: {plan.describe()}"})
+
+    # -- the runs list: what was done for this model and calibration text, restorable ------------
+    def remember(self, entry: dict) -> None:
+        """Put ``entry`` on this model and text's runs list (``api.record_run``; shared by every session)."""
+        try:
+            api.record_run(self.loaded.model, self.calibration(), entry)
+        except OSError:  # a read-only or full cache: the result itself is still here
+            pass
+
+    def runs(self) -> list[dict]:
+        """The runs list of this model and calibration text, oldest first."""
+        return api.recorded_runs(self.loaded.model, self.calibration())
+
+    def restore(self, entry: dict, progress=None) -> None:
+        """Bring a run back from what the engine keeps on disk: a search from its log, a one-shot series
+        from its scores, a saved plan, a finished recovery. The current plan is left as it is."""
+        kind = entry["type"]
+        if kind == "search":
+            current = (self.search, self.search_kinds)
+            self.greedy(entry["kinds"], entry.get("steps"), progress, entry.get("target_params"), entry.get("max_ppl"))
+            if current[0] is not None and current[1] != tuple(entry["kinds"]):  # a search shown now stays shown
+                self.search, self.search_kinds = current
+        elif kind == "one-shot":
+            self.one_shot(entry["metric"], entry["kinds"], entry["k"], progress)
+        elif kind == "saved":
+            self.save_plan(entry["name"], _ours(entry["plan"]))
+        elif kind == "recovery":
+            recipe = {k: tuple(v) if isinstance(v, list) else v for k, v in entry["recipe"].items()}  # JSON lists
+            self.recover(RecoverConfig(**recipe), progress, _ours(entry["plan"]))
 
     def downstream(self, plan: PruningPlan, tasks: tuple, limit: int | None, progress=None, run: bool = False):
         """lm-eval scores of ``plan`` (``shedder.measure.downstream``): from this session or the disk cache, and
@@ -377,20 +440,31 @@ class Workspace:
             self._downstream[key] = found
         return self._downstream[key]
 
-    def recover(self, config: RecoverConfig, progress=None) -> Recovered:
-        """Recover the current plan's extracted model with ``config`` (a run under the cache: a
-        cancelled one resumes, a finished one is reopened) and measure it on the evaluation windows."""
+    def recover(self, config: RecoverConfig, progress=None, plan: PruningPlan | None = None) -> Recovered:
+        """Recover ``plan``'s (by default the current plan's) extracted model with ``config`` (a run under
+        the cache: a cancelled one resumes, a finished one is reopened), measure it on the evaluation
+        windows, and put it on the runs list."""
         loaded, s = self.loaded, self.settings
-        result = api.recover_plan(loaded.model, loaded.tokenizer, loaded.adapter, self.plan, config, s.model,
+        plan = loaded.adapter.resolve(plan if plan is not None else self.plan)
+        result = api.recover_plan(loaded.model, loaded.tokenizer, loaded.adapter, plan, config, s.model,
                                   self.windows(s.evaluation), s.dtype, s.device, progress, name=s.model_name)
         plan = result.plan
         result.metrics["flops"] = self.metrics(plan)["flops"]
         self.recovered = [r for r in self.recovered if (r.plan, r.config) != (plan, config)] + [result]
+        self.remember({"type": "recovery", "id": f"recovery:{result.run_dir}", "recipe": asdict(config),
+                       "plan": api.public_plan(plan, s.model_name).to_dict(),
+                       "label": f"{result.name} of {plan.describe()}"})
         return result
 
     def known(self, plan: PruningPlan) -> dict:
         """Whatever has been measured for ``plan`` so far (possibly nothing)."""
         return dict(self._metrics.get(self.loaded.adapter.resolve(plan), {}))
+
+
+def _ours(plan: dict) -> PruningPlan:
+    """A plan from the runs list, given this model's own identity when resolved: the list is kept per
+    model weights, and the plan it holds names the model publicly, not by its path here."""
+    return replace(PruningPlan.from_dict(plan), model=None)
 
 
 def workspace() -> Workspace:

@@ -28,11 +28,13 @@ with ui.shown_errors():
     with st.spinner("Measuring…"):
         now = ws.metrics(ws.plan)
     cols = st.columns(4)
-    cols[0].metric("perplexity", f"{now['ppl']:.3f}", delta=f"{now['ppl'] - base['ppl']:+.3f}", delta_color="inverse")
-    cols[1].metric("parameters", ui.fmt_count(now["params"]), delta=f"{now['params'] / base['params'] - 1:+.1%}",
+    changed = bool(ws.plan.components)  # nothing removed: no arrows (a red "↑ +0.000" would say a change)
+    cols[0].metric("perplexity", f"{now['ppl']:.3f}", delta=f"{now['ppl'] - base['ppl']:+.3f}" if changed else None,
                    delta_color="inverse")
-    cols[2].metric("FLOPs / token", ui.fmt_count(now["flops"]), delta=f"{now['flops'] / base['flops'] - 1:+.1%}",
-                   delta_color="inverse")
+    cols[1].metric("parameters", ui.fmt_count(now["params"]),
+                   delta=f"{now['params'] / base['params'] - 1:+.1%}" if changed else None, delta_color="inverse")
+    cols[2].metric("FLOPs / token", ui.fmt_count(now["flops"]),
+                   delta=f"{now['flops'] / base['flops'] - 1:+.1%}" if changed else None, delta_color="inverse")
     with_accuracy = cols[3].toggle("next-word accuracy", value=False, key="prune_accuracy",
                                    help="Slower: one forward per passage.")
     if with_accuracy:
@@ -57,7 +59,10 @@ with st.expander("See the text: the original and the current plan continue the s
     t1, t2 = st.columns([4, 1])
     prompt = t1.text_input("prompt", value="It is a truth universally acknowledged, that", key="prune_prompt")
     tokens = t2.number_input("tokens", min_value=1, max_value=128, value=32, key="prune_tokens")
-    if st.button("Continue the prompt", key="prune_continue", disabled=not prompt.strip()):
+    asked = st.button("Continue the prompt", key="prune_continue", disabled=not prompt.strip())
+    # Shown again on later reruns (another click on the page) while the prompt and plan are the ones generated for.
+    known = all(ws.has_continuation(plan, prompt, int(tokens)) for plan in (PruningPlan(), ws.plan))
+    if asked or (known and prompt.strip()):
         with ui.shown_errors(), st.spinner("Generating…"):
             original, pruned = (ws.continuation(plan, prompt, int(tokens)) for plan in (PruningPlan(), ws.plan))
             o, p = st.columns(2)
@@ -101,12 +106,14 @@ for i, kind in enumerate(kinds):
 # -- plan actions --------------------------------------------------------------------------------
 a, b, c, d = st.columns([1, 1, 3, 3])
 a.button("Undo", key="prune_undo", disabled=not ws.history, on_click=lambda: st.session_state.update({PENDING: ("undo",)}))
-b.button("Reset", key="prune_reset", disabled=not ws.plan, on_click=lambda: st.session_state.update({PENDING: ("reset",)}))
+b.button("Reset", key="prune_reset", disabled=not ws.plan.components, on_click=lambda: st.session_state.update({PENDING: ("reset",)}))
 with c:
     greedy_kinds = st.multiselect("greedy search kinds", offered, default=offered[:1], key="prune_greedy_kinds")
-    k = st.number_input("K", min_value=1, max_value=max(1, len(adapter.candidates(PruningPlan(), greedy_kinds or offered))),
-                        value=1, key="prune_k")
-    if st.button("Take the first K greedy steps", key="prune_greedy", disabled=not greedy_kinds):
+    k = st.number_input("K", min_value=1, max_value=10_000, value=1, key="prune_k")  # fixed bounds: never reset
+    go, stop = st.columns([3, 1])
+    with stop:
+        ui.cancel_button("prune_greedy_cancel")
+    if go.button("Take the first K greedy steps", key="prune_greedy", disabled=not greedy_kinds):
         with ui.shown_errors(busy=ui.BUSY_SEARCH), ui.progress("greedy search") as cb:
             steps = ws.greedy(greedy_kinds, int(k), progress=cb).steps
         if steps:
@@ -115,5 +122,5 @@ with c:
 with d:
     name = st.text_input("plan name", value=f"plan {len(ws.saved) + 1}", key="prune_name")
     if st.button("Save for the frontier", key="prune_save", disabled=not name.strip()):
-        ws.saved[name.strip()] = ws.plan
+        ws.save_plan(name.strip())
         st.success(f"Saved “{name.strip()}”: it appears on the Search & frontier page.")

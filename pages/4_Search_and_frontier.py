@@ -1,11 +1,13 @@
 """Search & frontier page: greedy searches and one-shot prunings as named series, every evaluated
 plan on cost/quality axes (measured speed included), one Pareto front over all of them."""
+import time
+
 import pandas as pd
 import streamlit as st
 
 from app import nav, plots, ui
 from shedder.api import (BENCH_DEFAULTS, MEASURED, REGISTRY, X_AXES, Y_AXES, applicable, describe_protocol,
-                         next_word_protocol, one_shot, pareto)
+                         next_word_protocol, pareto)
 from shedder.core.plan import PruningPlan
 
 LOAD = "frontier_load"  # index of a clicked point, recorded by the chart callback
@@ -21,19 +23,29 @@ st.write("The greedy Shedder search removes, at each step, the component whose r
 offered = list(adapter.kind_counts())
 left, right = st.columns([3, 1])
 kinds = left.multiselect("kinds to prune", offered, default=offered[:1], key="search_kinds")
-available = len(adapter.candidates(PruningPlan(), kinds)) if kinds else 1
-steps = right.number_input("steps", min_value=1, max_value=max(1, available), value=min(4, max(1, available)),
-                           key="search_steps")
+available = len(adapter.candidates(PruningPlan(), kinds)) if kinds else 0
+# Fixed bounds: a widget whose bounds change is reset by Streamlit, so the steps stay as typed.
+steps = right.number_input("steps", min_value=1, max_value=10_000, value=4, key="search_steps")
+s1, s2 = st.columns(2)
+target = s1.number_input("stop once this share of parameters is gone (%, 0 = no limit)", min_value=0.0,
+                         max_value=99.0, value=0.0, step=5.0, key="search_target",
+                         help="As the CLI's --target-params: the search stops after the step that reaches it.")
+max_ppl = s2.number_input("stop before perplexity would exceed (0 = no limit)", min_value=0.0, value=0.0,
+                          step=10.0, key="search_max_ppl", help="As the CLI's --max-ppl.")
+limits = dict(target_params=target / 100 if target else None, max_ppl=max_ppl or None)
+if kinds and steps > available:
+    st.caption(f"{', '.join(kinds)} offer{'s' * (len(kinds) == 1)} {available} candidates: the search stops when they "
+               "run out.")
 if kinds:
     with ui.shown_errors():
-        ui.cost_caption("greedy search", kinds, int(steps))
+        ui.cost_caption("greedy search", kinds, int(min(steps, max(available, 1))))
 run_col, cancel_col, _ = st.columns([2, 1, 5])
 run = run_col.button("Run greedy search", type="primary", key="search_run", disabled=not kinds)
 with cancel_col:
     ui.cancel_button("search_cancel")
 if run:
     with ui.shown_errors(busy=ui.BUSY_SEARCH), ui.progress("greedy search") as cb:
-        ws.greedy(kinds, int(steps), progress=cb)
+        ws.greedy(kinds, int(steps), progress=cb, **limits)
 
 result = ws.search
 if result is not None and result.steps:
@@ -54,11 +66,13 @@ metric = o1.selectbox("metric", list(REGISTRY), index=list(REGISTRY).index("bloc
                       help="\n".join(f"{m.name}: {m.description}" for m in REGISTRY.values()))
 scorable = applicable(metric, offered)
 oneshot_kinds = o2.multiselect("kinds", scorable, default=scorable[:1], key="oneshot_kinds")
-oneshot_k = o3.number_input("up to k", min_value=1, value=min(4, max(1, available)), key="oneshot_k")
-if st.button("Add one-shot series", key="oneshot_run", disabled=not oneshot_kinds):
+oneshot_k = o3.number_input("up to k", min_value=1, max_value=10_000, value=4, key="oneshot_k")
+oneshot_run, oneshot_cancel, _ = st.columns([2, 1, 5])
+if oneshot_run.button("Add one-shot series", key="oneshot_run", disabled=not oneshot_kinds):
     with ui.shown_errors(), ui.progress(f"scoring by {metric}") as cb:
-        table = ws.metric_table(metric, oneshot_kinds, progress=cb)
-        ws.add_series(one_shot(loaded.model, table, int(oneshot_k), oneshot_kinds))
+        ws.one_shot(metric, oneshot_kinds, int(oneshot_k), progress=cb)
+with oneshot_cancel:
+    ui.cancel_button("oneshot_cancel")
 
 # -- the frontier: every strategy's configurations, measured the same way ---------------------------
 entries = [("unpruned", "baseline", PruningPlan())]
@@ -133,3 +147,23 @@ with ui.shown_errors():
         ws.set_plan(plan)
         st.success(f"Loaded “{name}” ({plan.describe()}).")
         st.page_link(nav.page("prune"), label="Open it on the Prune page", icon=":material/content_cut:")
+
+# -- the runs list: what was done for this model and text, in any session, restorable ----------------
+runs = ws.runs()
+if runs:
+    with st.expander(f"Runs for this model and calibration text ({len(runs)})", expanded=True):
+        st.caption("Searches, one-shot series, saved plans and recoveries made on this model and text, in this or "
+                   "an earlier session. Restoring reads them back from the cache (nothing is recomputed) onto the "
+                   "frontier below; load any point into the Prune page from there.")
+        st.dataframe([{"run": r["label"], "type": r["type"], "when": time.strftime("%Y-%m-%d %H:%M", time.localtime(r.get("at", 0)))}
+                      for r in runs], hide_index=True, key="runs_table")
+        r1, r2, _ = st.columns([3, 1, 1])
+        pick = r1.selectbox("run", range(len(runs)), format_func=lambda i: runs[i]["label"], key="runs_pick",
+                            label_visibility="collapsed")
+        one, every = r2.button("Restore", key="runs_restore"), st.button("Restore all", key="runs_restore_all")
+        if one or every:
+            with ui.shown_errors(busy=ui.BUSY_SEARCH), ui.progress("restoring runs") as cb:
+                chosen = runs if every else [runs[pick]]
+                for n, entry in enumerate(chosen):
+                    ws.restore(entry, progress=lambda d, t, m, n=n: cb(n * t + d, len(chosen) * t, m))
+            st.success(f"Restored {len(chosen)} run{'s' * (len(chosen) != 1)}.")

@@ -353,7 +353,7 @@ def test_frontier_puts_strategies_side_by_side_with_measured_speed(monkeypatch):
     at.selectbox(key="frontier_x").set_value("prefill_speedup").run()
     at.button(key="frontier_lat").click().run()
     assert_clean(at)
-    table = at.dataframe[-1].value
+    table = next(d.value for d in at.dataframe if "series" in d.value.columns)  # the frontier table
     assert set(table["series"]) == {"baseline", "greedy ssm", "one-shot block_influence (block)", "current"}
     assert table["prefill_speedup"].notna().all() and table["pareto"].any()
 
@@ -434,3 +434,38 @@ def test_a_recovered_model_is_exported_from_the_export_page(tmp_path):
     _, data = at.session_state["export_zip"]
     with zipfile.ZipFile(io.BytesIO(data)) as z:
         assert "model.safetensors" in {Path(n).name for n in z.namelist()}
+
+
+def test_searches_survive_a_model_switch_and_a_reload_through_the_runs_list():
+    at = open_app("search")
+    at.multiselect(key="search_kinds").set_value(["ssm"]).run()
+    at.number_input(key="search_steps").set_value(2).run()
+    at.multiselect(key="search_kinds").set_value(["block"]).run()
+    assert at.number_input(key="search_steps").value == 2  # changing the kinds keeps the steps
+    at.button(key="search_run").click().run()
+    assert_clean(at)
+    ws = workspace(at)
+    assert [s.step for s in ws.search.steps] == [1, 2]
+    ws.save_plan("mine", ws.search.steps[0].plan)
+    series = set(ws.series)
+    ws.configure(Settings(model="hybrid-tiny", samples=4, seq_len=64, accuracy_passages=20))
+    assert not ws.series and not ws.saved
+    ws.configure(Settings(samples=4, seq_len=64, accuracy_passages=20))
+    assert set(ws.series) == series and "mine" in ws.saved  # switching back restores everything
+    fresh = open_app("search")  # a reload: a new session, same model and text
+    assert not workspace(fresh).series
+    assert {r["type"] for r in workspace(fresh).runs()} >= {"search", "saved"}
+    fresh.button(key="runs_restore_all").click().run()
+    assert_clean(fresh)
+    assert set(workspace(fresh).series) == series and "mine" in workspace(fresh).saved
+
+
+def test_search_stops_at_a_parameter_target_as_the_cli_does():
+    at = open_app("search")
+    at.multiselect(key="search_kinds").set_value(["block"]).run()
+    at.number_input(key="search_steps").set_value(8).run()
+    at.number_input(key="search_target").set_value(20.0).run()
+    at.button(key="search_run").click().run()
+    assert_clean(at)
+    result = workspace(at).search
+    assert "parameter target reached" in result.stopped and len(result.steps) < 8

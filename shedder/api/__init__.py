@@ -10,6 +10,7 @@
     export                       export.export, export.export_zip, export.export_recovered
     recover                      recover.recover, recover.recover_plan, recover.curve (loss by step)
     the frontier table           Series, search_series, one_shot, pareto
+    the studio's runs list       runs.record_run, runs.recorded_runs
 
 The studio imports only this package and ``shedder.core``; the names below are what it needs.
 """
@@ -21,6 +22,7 @@ from shedder.api.evaluate import Evaluation, LmEval, check_tasks, eval_windows, 
 from shedder.api.export import Exported, export, export_recovered, export_zip, measured_card, public_plan
 from shedder.api.models import baseline, load, plan_for, pruned_with, sources, text_tokenizer
 from shedder.api.recover import METHODS, RecoverConfig, Recovered, curve, plan_run_dir, recover, recover_plan
+from shedder.api.runs import record_run, recorded_runs
 from shedder.api.scoring import announce, cached, compare, cost, score, worker_pool
 from shedder.api.search import StopWhen, cached_search, search
 from shedder.api.speed import BENCH_DEFAULTS, bench_speed, measure_point, measured_point
@@ -32,7 +34,7 @@ from shedder.measure.budget import human_seconds
 from shedder.measure.cost import estimate
 from shedder.measure.downstream import LOCAL_TASKS, PAPER_TASKS, require_lm_eval
 from shedder.measure.evaluator import PlanEvaluator
-from shedder.measure.masking import WAITING, holding, masked
+from shedder.measure.masking import WAITING, holder, holding, masked
 from shedder.measure.metrics import describe_protocol, next_word_accuracy, next_word_protocol, perplexity
 from shedder.prune.agreement import matrix
 from shedder.prune.distributed import WorkerPool

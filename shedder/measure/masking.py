@@ -10,6 +10,7 @@ plan again is a no-op: the model already computes it).
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from typing import Iterator
 
@@ -26,18 +27,34 @@ WAITING = "waiting for the model: another session is using it"
 _MASKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
+#: Models held through ``holding`` right now -> [the holding thread, its depth of nested holds].
+_HOLDERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 @contextlib.contextmanager
 def holding(model, progress: Progress | None = None, poll_s: float = 0.2) -> Iterator[None]:
     """Hold ``model``'s lock for the block; while another thread has it, call
-    ``progress(0, 1, WAITING)`` every ``poll_s`` seconds (it may raise to give up waiting)."""
+    ``progress(0, 1, WAITING)`` every ``poll_s`` seconds (it may raise to give up waiting).
+    ``holder(model)`` names the thread holding it meanwhile (a waiting app can tell whose it is)."""
     lock = model_lock(model)
     while not lock.acquire(timeout=poll_s):
         if progress:
             progress(0, 1, WAITING)
+    entry = _HOLDERS.setdefault(model, [threading.current_thread(), 0])
+    entry[1] += 1
     try:
         yield
     finally:
+        entry[1] -= 1
+        if entry[1] == 0:
+            _HOLDERS.pop(model, None)
         lock.release()
+
+
+def holder(model) -> threading.Thread | None:
+    """The thread holding ``model`` through ``holding`` now, or None."""
+    entry = _HOLDERS.get(model)
+    return entry[0] if entry else None
 
 
 @contextlib.contextmanager
