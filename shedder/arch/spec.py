@@ -204,18 +204,24 @@ def _check_sources(specs: tuple[LayerSpec, ...], fail) -> None:
         previous = (j, s.source)
 
 
+#: Size fields for which 0 means "none" (a dense Granite 4.0-H has no experts).
+MAY_BE_ZERO = frozenset({"num_local_experts", "num_experts_per_tok"})
+
+
 def check_config_sizes(config, fields: tuple[str, ...], where: str = "config.json") -> None:
     """Every size of ``config`` named in ``fields`` is an integer within this tool's bounds, so a
     config asking for millions of layers or a huge width is refused before anything is built.
-    Fields the config does not have, or leaves unset (None, derived later), are skipped."""
+    Fields the config does not have, or leaves unset (None, derived later), are skipped; the
+    fields of ``MAY_BE_ZERO`` may be 0."""
     for name in fields:
         value = getattr(config, name, None)
         if value is None:
             continue
         most, what = {"num_hidden_layers": (MAX_LAYERS, "layers"), "vocab_size": (MAX_VOCAB, "vocabulary size")}.get(
             name, (MAX_WIDTH, "width"))
-        if not _is_int(value) or not 1 <= value <= most:
-            raise ModelLoadError(f"{where}: {name} is {json.dumps(value, default=repr)[:40]}; expected an integer from 1 to "
+        least = 0 if name in MAY_BE_ZERO else 1
+        if not _is_int(value) or not least <= value <= most:
+            raise ModelLoadError(f"{where}: {name} is {json.dumps(value, default=repr)[:40]}; expected an integer from {least} to "
                                  f"{most:,} (the bound this tool sets on a model's {what})")
 
 
