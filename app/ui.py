@@ -19,6 +19,7 @@ KIND_LABELS = {
     "block": "blocks", "mixer": "token mixers", "shared_block": "shared-block applications", "ssm": "SSMs",
     "head": "Mamba-2 heads", "channel_group": "channel groups", "attention": "attention sub-blocks",
     "mlp": "MLP sub-blocks", "mlp_channel_group": "MLP channel groups",
+    "expert": "MoE experts",
 }
 #: What a page says when another session is writing the same search run or score cache entry.
 BUSY_SEARCH = "Another session is running this search right now. Try again when it has finished; its steps are reused."

@@ -43,17 +43,19 @@ PLANS = {
     "attention_and_mlp": ("attention:3", "mlp:3"),
     "mixers": ("mixer:4", "mixer:1", "mixer:2", "mlp:2"),   # MoE layer, attention layer, an emptied layer (deleted)
     "mixed": ("block:0", "ssm:2", "channel_group:4:1", "attention:3", "mlp:1", "mlp_channel_group:3:2"),
+    "experts": ("expert:1:0", "expert:4:2", "mixer:4"),
 }
 
 JAMBA = FamilyCase(
     name="jamba", build_tiny_model=make_jamba,
-    kinds={"block": 5, "mixer": 5, "ssm": 3, "channel_group": 12, "attention": 2, "mlp": 5, "mlp_channel_group": 24},
+    kinds={"block": 5, "mixer": 5, "ssm": 3, "channel_group": 12, "attention": 2, "mlp": 5, "mlp_channel_group": 24,
+           "expert": 6},
     layer_kinds=("mamba", "attention", "mamba", "attention", "mamba"), plans=PLANS,
-    saved=("mixed", "all_attention_blocks", "attention", "mlp_groups", "block_mamba"),
+    saved=("mixed", "all_attention_blocks", "attention", "mlp_groups", "block_mamba", "experts"),
     restores=(PLANS["mixed"], ("attention:1", "mlp_channel_group:0:1", "ssm:2", "channel_group:4:0", "block:3",
                                "mlp:4")),
     generation=tuple((p, 7) for p in (*(PLANS[name] for name in ("mixed", "attention", "all_attention_blocks",
-                                                                  "mlp_moe", "mixers")),
+                                                                  "mlp_moe", "mixers", "experts")),
                                       ("attention:1", "mlp:1", "attention:3", "mlp:3", "ssm:0"), ("block:0", "block:3"),
                                       ("block:1", "attention:3", "ssm:2"))),
     stock=(("block:0", "block:3"),),
@@ -66,9 +68,13 @@ JAMBA = FamilyCase(
         (tuple(f"mlp_channel_group:3:{g}" for g in range(8)), ("remove the layer's MLP instead (mlp:3)",)),
         (("mlp:0", "mlp_channel_group:0:1"), ("the MLP of layer 0 is removed as a whole",)),
         (tuple(f"block:{i}" for i in range(5)), ("removes all 5 layers",)),
+        (("expert:1:0", "expert:1:1"), ("fewer than the 2 each token is routed to",)),
+        (("mlp:4", "expert:4:0"), ("expert:4:0 is redundant: the MLP of layer 4",)),
+        (("expert:0:0",), ("has no expert",)),
     ),
     component_params={"mlp:4": 3 * 3 * 32 * 64 + 3 * 32 + 32,              # experts, router, norm
-                      "attention:1": 2 * 32 * 32 + 2 * 32 * 16 + 32},
+                      "attention:1": 2 * 32 * 32 + 2 * 32 * 16 + 32,
+                      "expert:1:2": 3 * 32 * 64 + 32},                        # one expert and its router row
     # the evaluator gives the masked perplexity; the cost model counts the extracted structure
     evaluation=Evaluation(plans=((), ("mlp:4",), ("mlp:4", "block:1"), PLANS["mixed"], PLANS["all_attention_blocks"]),
                           seed=5, length=SEQ, batch=3, batch_size=2, rel=1e-5, cost=True),

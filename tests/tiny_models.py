@@ -125,6 +125,20 @@ TINY: dict[str, TinyModel] = {
         mamba_expand=2, mamba_dt_rank=4, tie_word_embeddings=False, eos_token_id=None)),
 }
 
+#: Granite 4.0-H's contract models: mamba, attention, mamba, attention, mamba; every multiplier away from 1.
+GRANITE_LAYER_TYPES = ["mamba", "attention", "mamba", "attention", "mamba"]
+_GRANITE = dict(
+    vocab_size=100, hidden_size=32, num_hidden_layers=5, layer_types=GRANITE_LAYER_TYPES, num_attention_heads=4,
+    num_key_value_heads=2, mamba_n_heads=8, mamba_n_groups=2, mamba_d_state=8, mamba_d_conv=4, mamba_chunk_size=8,
+    shared_intermediate_size=64, intermediate_size=16, embedding_multiplier=1.5, residual_multiplier=0.7,
+    attention_multiplier=0.3, logits_scaling=1.3, tie_word_embeddings=False, eos_token_id=None)
+#: MoE (4 experts of 16 channels, top 2) beside a 64-channel shared MLP, no RoPE (as published);
+#: dense: the shared MLP alone, with RoPE.
+TINY["granite_moe"] = TinyModel(transformers.GraniteMoeHybridConfig, transformers.GraniteMoeHybridForCausalLM, dict(
+    _GRANITE, num_local_experts=4, num_experts_per_tok=2))
+TINY["granite_dense"] = TinyModel(transformers.GraniteMoeHybridConfig, transformers.GraniteMoeHybridForCausalLM, dict(
+    _GRANITE, num_local_experts=0, num_experts_per_tok=0, position_embedding_type="rope"))
+
 #: The conftest fixtures' models (``make_tiny_model(family, layers, vocab_size)``).
 SUITE: dict[str, TinyModel] = {
     "mamba2": TinyModel(transformers.Mamba2Config, transformers.Mamba2ForCausalLM, dict(

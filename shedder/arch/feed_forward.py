@@ -4,6 +4,8 @@ MLP intermediate channels are removed in groups of ``group_size`` consecutive ch
 group may be shorter). Gated MLPs keep rows of their input projections and columns of their output
 projection; the attribute names default to the Llama-style ``gate_proj`` / ``up_proj`` /
 ``down_proj`` and can be overridden (e.g. ``rows=("up_proj",)`` for Nemotron-H's ungated MLP).
+``fused`` names input projections holding gate and up stacked (``[gate; up]``, 2 * width rows, as
+Granite's ``input_linear``): a kept channel keeps its row in both halves.
 
 * ``mlp_groups(width, group_size) -> list[range]`` — the channel ranges of each group;
   ``num_mlp_groups(width, group_size)`` and ``mlp_width_after(width, group_size, removed)`` count
@@ -99,25 +101,34 @@ def _weight_cols(linear: nn.Linear, kept: torch.Tensor):
     return forward
 
 
+def _fused_rows(linear: nn.Linear, kept: torch.Tensor) -> torch.Tensor:
+    """Rows of a fused [gate; up] projection that ``kept`` channels use: [2 * kept]."""
+    return torch.cat([kept, kept + linear.out_features // 2])
+
+
 def mask_mlp_channels(mlp: nn.Module, kept: torch.Tensor, stack: contextlib.ExitStack,
-                      rows: Sequence[str] = ROWS, cols: Sequence[str] = COLS) -> None:
+                      rows: Sequence[str] = ROWS, cols: Sequence[str] = COLS, fused: Sequence[str] = ()) -> None:
     """Live mask: the MLP computes with only ``kept`` intermediate channels (exactly what the sliced
     extracted MLP computes), without storing any copy of its weights."""
-    kept = kept.to(getattr(mlp, rows[0]).weight.device)
+    kept = kept.to(getattr(mlp, (*rows, *fused)[0]).weight.device)
     for name in rows:
         patch_forward(getattr(mlp, name), _weight_rows(getattr(mlp, name), kept), stack)
+    for name in fused:
+        linear = getattr(mlp, name)
+        patch_forward(linear, _weight_rows(linear, _fused_rows(linear, kept)), stack)
     for name in cols:
         patch_forward(getattr(mlp, name), _weight_cols(getattr(mlp, name), kept), stack)
 
 
 def pruned_mlp_state(mlp: nn.Module, kept: torch.Tensor, rows: Sequence[str] = ROWS,
-                     cols: Sequence[str] = COLS) -> dict[str, torch.Tensor]:
+                     cols: Sequence[str] = COLS, fused: Sequence[str] = ()) -> dict[str, torch.Tensor]:
     """Extraction: rows ``kept`` of the input projections and columns ``kept`` of the output
     projection, as sliced copies named relative to the MLP."""
     out = {}
-    for name in rows:
+    for name in (*rows, *fused):
         lin = getattr(mlp, name)
         idx = kept.to(lin.weight.device)
+        idx = _fused_rows(lin, idx) if name in fused else idx
         out[f"{name}.weight"] = lin.weight[idx]
         if lin.bias is not None:
             out[f"{name}.bias"] = lin.bias[idx]
@@ -134,11 +145,12 @@ def _resized(linear: nn.Linear, in_features: int, out_features: int) -> nn.Linea
     return nn.Linear(in_features, out_features, bias=linear.bias is not None, device=w.device, dtype=w.dtype)
 
 
-def resize_mlp(mlp: nn.Module, width: int, rows: Sequence[str] = ROWS, cols: Sequence[str] = COLS) -> None:
+def resize_mlp(mlp: nn.Module, width: int, rows: Sequence[str] = ROWS, cols: Sequence[str] = COLS,
+               fused: Sequence[str] = ()) -> None:
     """Build time: give ``mlp`` ``width`` intermediate channels (fresh, uninitialised projections)."""
-    for name in rows:
+    for name in (*rows, *fused):
         lin = getattr(mlp, name)
-        setattr(mlp, name, _resized(lin, lin.in_features, width))
+        setattr(mlp, name, _resized(lin, lin.in_features, 2 * width if name in fused else width))
     for name in cols:
         lin = getattr(mlp, name)
         setattr(mlp, name, _resized(lin, width, lin.out_features))

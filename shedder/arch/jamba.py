@@ -17,8 +17,9 @@ Removing a component means:
 * ``mlp`` (every layer) — the feed-forward branch, dense MLP or the whole MoE (router and all
   experts), contributes nothing; with ``pre_ff_layernorm`` it goes.
 * ``mlp_channel_group`` (dense-MLP layers only) — a group of MLP intermediate channels. Experts are
-  left whole: an expert's channels are not a structure the router knows about, so MoE layers offer
-  only ``mlp``.
+  left whole: an expert's channels are not a structure the router knows about.
+* ``expert`` (MoE layers) — one expert with its router row (``experts``): the router's softmax and
+  top-k run over the others; at least ``num_experts_per_tok`` stay.
 
 Cache: ``transformers`` reads the sequence length (for masks and positions) from the first
 attention layer's key/value slot, and a Jamba with no attention layer at all cannot run with a cache.
@@ -32,7 +33,7 @@ Extracted models that only lose whole blocks, and whose remaining layer pattern 
 pair still describes, have a stock config. Otherwise every kept layer's ``LayerSpec`` holds its
 ``type`` (``"mamba"`` / ``"attention"``), ``moe``, and what differs from stock: ``ssm`` / ``inner``,
 ``mamba=False`` (a Mamba layer without its mixer), ``attention=False``, ``mlp`` (0 = no
-feed-forward). ``build`` then builds from a ``PatternJambaConfig`` (a Jamba config whose layer
+feed-forward), ``experts`` (experts kept). ``build`` then builds from a ``PatternJambaConfig`` (a Jamba config whose layer
 pattern is given per layer, constructed from the saved one) so the stock model classes, masks and
 cache follow the pattern.
 """
@@ -48,7 +49,7 @@ from torch import nn
 from shedder.core.errors import PlanError
 from shedder.core.plan import Component, PruningPlan
 from shedder.arch.base import Adapter
-from shedder.arch import feed_forward
+from shedder.arch import experts, feed_forward
 from shedder.arch.feed_forward import default_mlp_group_size
 from shedder.arch.layers import RemovedAttention, present, remove_sub_block, skip_layer, skip_sub_block, sliced_state_dict
 from shedder.arch.mamba1_mixer import (build_mixer, check_group_size, check_mixer, default_channel_group_size, mask_mixer,
@@ -94,7 +95,7 @@ def period_offset(flags: list[bool], prefer: tuple[int, int]) -> tuple[int, int]
 class JambaAdapter(Adapter):
     architectures = ("JambaForCausalLM",)
     model_types = ("jamba",)
-    kinds = ("block", "mixer", "ssm", "channel_group", "attention", "mlp", "mlp_channel_group")
+    kinds = ("block", "mixer", "ssm", "channel_group", "attention", "mlp", "mlp_channel_group", "expert")
     model_class = transformers.JambaForCausalLM
     layers_path = "model.layers"
     size_fields = Adapter.size_fields + ("intermediate_size", "mamba_d_state", "mamba_d_conv", "mamba_expand",
@@ -132,6 +133,11 @@ class JambaAdapter(Adapter):
         """Whether the layer was built with an MoE feed-forward (present or removed)."""
         return self.config.layers_num_experts[layer] > 1
 
+    def moe(self, layer: int) -> nn.Module | None:
+        """The layer's mixture of experts (None: a dense MLP, or removed)."""
+        ff = self.layers()[layer].feed_forward
+        return ff if present(ff) and hasattr(ff, "router") else None
+
     def mlp_width(self, layer: int) -> int:
         """Intermediate channels of a dense MLP (0 for an MoE or a removed feed-forward)."""
         ff = self.layers()[layer].feed_forward
@@ -153,8 +159,9 @@ class JambaAdapter(Adapter):
             comps += mixer_components(block.mamba, layer, self.group_sizes["channel_group"])
         if self.has_attention(layer):
             comps.append(Component("attention", layer))
-        return comps + feed_forward.components(layer, self.mlp_width(layer), self.mlp_group_size,
-                                               has_sub_block=present(block.feed_forward))
+        return (comps + feed_forward.components(layer, self.mlp_width(layer), self.mlp_group_size,
+                                                has_sub_block=present(block.feed_forward))
+                + experts.components(layer, self.moe(layer)))
 
     def check(self, plan: PruningPlan) -> None:
         for layer, comps in self.by_layer(plan).items():
@@ -167,6 +174,10 @@ class JambaAdapter(Adapter):
             elif self.has_mamba(layer):
                 check_mixer(self.layers()[layer].mamba, layer, comps, self.group_sizes["channel_group"])
             feed_forward.check(layer, comps, self.mlp_width(layer), self.mlp_group_size)
+            gone = [c for c in comps if c.kind == "expert"]
+            if gone and any(c.kind == "mlp" for c in comps):
+                raise PlanError(f"{gone[0]} is redundant: the MLP of layer {layer} is removed as a whole")
+            experts.check(layer, self.moe(layer), comps)
 
     # ------------------------------------------------------------------ live masks
     def _attention_idx(self, layer: int) -> int | None:
@@ -187,6 +198,8 @@ class JambaAdapter(Adapter):
         elif "mixer" in kinds:
             skip_sub_block(stack, block.mamba, block.input_layernorm)
         feed_forward.mask(block, comps, self.mlp_width(layer), self.mlp_group_size, stack)
+        if self.moe(layer) is not None and "mlp" not in kinds:
+            experts.mask(block.feed_forward, comps, stack)
 
     # ------------------------------------------------------------------ extraction
     def layer_spec(self, layer: int, comps: list[Component], emptied: bool = False) -> LayerSpec | None:
@@ -208,6 +221,9 @@ class JambaAdapter(Adapter):
             fields["mlp"] = feed_forward.width_after(comps, self.mlp_width(layer), self.mlp_group_size)
         elif not fields["moe"] and self.mlp_width(layer) != config.intermediate_size:
             fields["mlp"] = self.mlp_width(layer)
+        moe = self.moe(layer)
+        if fields.get("mlp") != 0 and moe is not None and experts.kept_count(moe, comps) != config.num_experts:
+            fields["experts"] = experts.kept_count(moe, comps)
         if not emptied and False in (fields.get("attention", True), fields.get("mamba", True)) and fields.get("mlp") == 0:
             return None  # a layer with nothing left computes the identity
         return LayerSpec(**fields)
@@ -231,7 +247,7 @@ class JambaAdapter(Adapter):
     @classmethod
     def limits(cls, config):
         return dataclasses.replace(super().limits(config), inner=config.mamba_expand * config.hidden_size,
-                                   mlp=int(config.intermediate_size))
+                                   mlp=int(config.intermediate_size), experts=int(config.num_experts))
 
     def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
         replace, by_layer = {}, self.by_layer(plan)
@@ -248,6 +264,8 @@ class JambaAdapter(Adapter):
                 mods.update({"mamba": {}, "input_layernorm": {}})
             mods.update(feed_forward.pruned_state(self.layers()[old], comps, self.mlp_width(old), self.mlp_group_size,
                                                   removed=s.mlp == 0))
+            if s.mlp != 0 and any(c.kind == "expert" for c in comps):
+                mods["feed_forward"] = experts.pruned_state(self.layers()[old].feed_forward, comps)
             if mods:
                 replace[old] = mods
         return sliced_state_dict(self.model.state_dict(), self.layer_prefix, spec.layer_map(), replace)
@@ -271,3 +289,5 @@ class JambaAdapter(Adapter):
             block.input_layernorm = nn.Identity()
         if spec.mlp is not None:
             feed_forward.resize(block, spec.mlp)
+        if spec.experts is not None:
+            experts.resize(block.feed_forward, spec.experts)

@@ -60,6 +60,8 @@ class LayerSpec:
     attention: bool = True
     #: MLP intermediate channels (0: the feed-forward sub-block is removed)
     mlp: int | None = None
+    #: experts the layer's mixture of experts keeps (Granite 4.0-H, Jamba; None: the config's count)
+    experts: int | None = None
 
     def to_json(self) -> dict:
         """Only the fields that differ from a stock layer (``source`` always, when known)."""
@@ -74,7 +76,7 @@ class LayerSpec:
     def stock(self) -> bool:
         """Whether the layer is exactly what its stock config builds (``source``/``type``/``moe`` aside)."""
         return (self.ssm and self.heads_per_group is None and self.inner is None and self.mamba
-                and self.attention and self.mlp is None)
+                and self.attention and self.mlp is None and self.experts is None)
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,7 @@ class Limits:
     inner: int | None = None
     mlp: int | None = None
     num_mem_blocks: int | None = None
+    experts: int | None = None
 
     def check(self, spec: PrunedSpec, fail) -> None:
         if len(spec.layers) != self.num_layers:
@@ -169,7 +172,7 @@ class Limits:
                 for g, (n, most) in enumerate(zip(s.heads_per_group, stock)):
                     if n > most:
                         fail(f"{at}.heads_per_group[{g}]", f"is {n}, more than the {most} heads per group of the config")
-            for name, most in (("inner", self.inner), ("mlp", self.mlp)):
+            for name, most in (("inner", self.inner), ("mlp", self.mlp), ("experts", self.experts)):
                 value = getattr(s, name)
                 if value is not None and (most is None or value > most):
                     fail(f"{at}.{name}", f"is {value}, more than the config's {most}" if most is not None
@@ -201,23 +204,29 @@ def _check_sources(specs: tuple[LayerSpec, ...], fail) -> None:
         previous = (j, s.source)
 
 
+#: Size fields for which 0 means "none" (a dense Granite 4.0-H has no experts).
+MAY_BE_ZERO = frozenset({"num_local_experts", "num_experts_per_tok"})
+
+
 def check_config_sizes(config, fields: tuple[str, ...], where: str = "config.json") -> None:
     """Every size of ``config`` named in ``fields`` is an integer within this tool's bounds, so a
     config asking for millions of layers or a huge width is refused before anything is built.
-    Fields the config does not have, or leaves unset (None, derived later), are skipped."""
+    Fields the config does not have, or leaves unset (None, derived later), are skipped; the
+    fields of ``MAY_BE_ZERO`` may be 0."""
     for name in fields:
         value = getattr(config, name, None)
         if value is None:
             continue
         most, what = {"num_hidden_layers": (MAX_LAYERS, "layers"), "vocab_size": (MAX_VOCAB, "vocabulary size")}.get(
             name, (MAX_WIDTH, "width"))
-        if not _is_int(value) or not 1 <= value <= most:
-            raise ModelLoadError(f"{where}: {name} is {json.dumps(value, default=repr)[:40]}; expected an integer from 1 to "
+        least = 0 if name in MAY_BE_ZERO else 1
+        if not _is_int(value) or not least <= value <= most:
+            raise ModelLoadError(f"{where}: {name} is {json.dumps(value, default=repr)[:40]}; expected an integer from {least} to "
                                  f"{most:,} (the bound this tool sets on a model's {what})")
 
 
 _TYPES = {"source": "index", "type": "name", "moe": bool, "ssm": bool, "heads_per_group": "counts", "inner": "size",
-          "mixer": bool, "attention": bool, "mlp": "width"}
+          "mixer": bool, "attention": bool, "mlp": "width", "experts": "size"}
 #: ``LayerSpec`` fields saved under another key (the on-disk name stays what old files hold)
 _KEY_OF_FIELD = {"mamba": "mixer"}
 _FIELD_OF_KEY = {v: k for k, v in _KEY_OF_FIELD.items()}

@@ -28,7 +28,8 @@ SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 
 #: Every kind the project knows. Which ones a given model offers is the adapter's business.
-KINDS = ("block", "mixer", "shared_block", "ssm", "head", "channel_group", "attention", "mlp", "mlp_channel_group")
+KINDS = ("block", "mixer", "shared_block", "ssm", "head", "channel_group", "attention", "mlp", "mlp_channel_group",
+         "expert")
 #: Kinds with at most one component per layer (``index`` is always 0).
 ONCE_PER_LAYER = ("block", "mixer", "shared_block", "ssm", "attention", "mlp")
 

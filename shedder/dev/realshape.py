@@ -51,7 +51,7 @@ class RealShape:
 def _cut_layout(shape: RealShape, values: dict, layers: int) -> dict:
     """The first ``layers`` layers of the published layout."""
     key = shape.layout_key
-    if key == "layers_block_type":
+    if key in ("layers_block_type", "layer_types"):
         values[key] = values[key][:layers]
         if "num_hidden_layers" in values:
             values["num_hidden_layers"] = len(values[key])
@@ -66,6 +66,15 @@ def _cut_layout(shape: RealShape, values: dict, layers: int) -> dict:
 # Nemotron-H-8B: "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-" (M mamba, - MLP, * attention).
 _NEMOTRON_H_8B = [{"M": "mamba", "-": "mlp", "*": "attention"}[c]
                   for c in "M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-"]
+
+_GRANITE_4_H = dict(
+    vocab_size=100352, hidden_size=1536, num_hidden_layers=40,
+    layer_types=["attention" if i in (5, 15, 25, 35) else "mamba" for i in range(40)],
+    num_attention_heads=12, num_key_value_heads=4, mamba_n_heads=48, mamba_d_head=64, mamba_n_groups=1,
+    mamba_d_state=128, mamba_d_conv=4, mamba_expand=2, mamba_chunk_size=256, position_embedding_type="nope",
+    embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0078125, logits_scaling=6.0,
+    max_position_embeddings=131072, rms_norm_eps=1e-5, tie_word_embeddings=True,
+    bos_token_id=100257, eos_token_id=100257, pad_token_id=100256)
 
 REAL_SHAPES: dict[str, RealShape] = {s.family: s for s in [
     RealShape("mamba", "state-spaces/mamba-130m-hf", "MambaConfig", dict(
@@ -126,6 +135,16 @@ REAL_SHAPES: dict[str, RealShape] = {s.family: s for s in [
         # The first attention layer is layer 4 of the published layout; a 2-layer build puts it at
         # layer 1 (period 2, offset 1), next to an MoE layer, as the real layer 5 is.
         shrink=dict(intermediate_size=512, num_experts=4, attn_layer_period=2, attn_layer_offset=1)),
+    # Granite 4.0-H: published layout and sizes as in the checkpoints' config.json (layers 5, 15, 25, 35
+    # attend; no RoPE). The multipliers are Granite 4's muP-style values, not checked against the files.
+    RealShape("granite", "ibm-granite/granite-4.0-h-tiny", "GraniteMoeHybridConfig", dict(_GRANITE_4_H,
+        intermediate_size=512, shared_intermediate_size=1024, num_local_experts=64, num_experts_per_tok=6),
+        # layers 4 and 5 of the published layout: a Mamba layer, then the first attention one.
+        shrink=dict(intermediate_size=128, shared_intermediate_size=256, num_local_experts=8,
+                    layer_types=["mamba", "attention"]), layout_key="layer_types"),
+    RealShape("granite_dense", "ibm-granite/granite-4.0-h-1b", "GraniteMoeHybridConfig", dict(_GRANITE_4_H,
+        intermediate_size=4096, shared_intermediate_size=4096, num_local_experts=0, num_experts_per_tok=0),
+        shrink=dict(shared_intermediate_size=512, layer_types=["mamba", "attention"]), layout_key="layer_types"),
 ]}
 
 FAMILIES = tuple(REAL_SHAPES)
