@@ -65,7 +65,7 @@ def speed_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--new-tokens", type=positive_int, default=32, help="tokens generated for decode timing (default 32)")
     parser.add_argument("--budget-s", type=positive_float, default=Protocol.budget_s,
                         help=f"seconds of paired rounds at most, once --min-rounds are done (default {Protocol.budget_s:g}); "
-                             f"rounds stop earlier when the 95%% interval is within ±{Protocol.target:.0%%}")
+                             f"rounds stop earlier when the 95%% interval is within ±{Protocol.target * 100:.0f}%%")
     parser.add_argument("--min-rounds", "--repeats", dest="min_rounds", type=positive_int, default=Protocol.min_rounds,
                         help=f"paired rounds always timed (default {Protocol.min_rounds}; fewer give no 95%% interval; "
                              "--repeats is its earlier name)")

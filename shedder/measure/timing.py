@@ -7,8 +7,9 @@ known ratio and noise (``tests/test_timing.py``) and ``shedder.measure.bench`` o
   in the order A,B then B,A in the next round (A,B,B,A,...), so drift in machine load hits both alike;
   the round's ratio ``time A / time B`` is one paired observation.
 * **Auto-ranged samples.** During the warm-up each sample's iterations are fixed so that one sample
-  lasts at least ``min_sample_s`` (one forward of a tiny model is a few ms, below the timer's and the
-  scheduler's noise); a sample is the mean over its iterations. Warm-up rounds are discarded.
+  of either model lasts at least ``min_sample_s`` (one forward of a tiny model is a few ms, below the
+  timer's and the scheduler's noise), the same number for both models of the pair so that a first,
+  colder iteration biases neither; a sample is the mean over its iterations. Warm-up rounds are discarded.
 * **Stopping.** Rounds are added until the 95 % interval of every tracked ratio is within
   ``±target`` of its median, or ``budget_s`` has run out; at least ``min_rounds`` always run.
 * **The interval.** The distribution-free 95 % interval of the median of the paired ratios: the order
@@ -161,15 +162,18 @@ def paired_rounds(samples: dict[str, list[Sample]], tracked: list[str], protocol
     while True:
         order = names if r % 2 == 0 else names[::-1]
         warm = r < protocol.warmup
+        needed: dict[str, int] = {}
         for j in range(len(samples[names[0]])):
             for name in order:
                 figures, wall = _run_sample(samples[name][j], run.iterations[name][j], clock)
-                if warm and wall < protocol.min_sample_s:  # auto-range: enough iterations for min_sample_s
-                    per = wall / run.iterations[name][j]
-                    run.iterations[name][j] = max(1, math.ceil(protocol.min_sample_s / max(per, 1e-9)))
-                if not warm:
+                if warm:  # auto-range: enough iterations for min_sample_s
+                    needed[name] = math.ceil(protocol.min_sample_s / max(wall / run.iterations[name][j], 1e-9))
+                else:
                     for figure, s in figures.items():
                         run.times[name].setdefault(figure, []).append(s)
+            if warm:  # the same number for both: a first, colder iteration weighs alike in both means
+                for name in names:
+                    run.iterations[name][j] = max(1, run.iterations[name][j], *needed.values())
         r += 1
         done = r - protocol.warmup
         if on_round is not None:
