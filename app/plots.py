@@ -191,7 +191,7 @@ def frontier(points: pd.DataFrame, x: str, y: str, front: pd.Series, labels: dic
     measured = f"{x}_low" in points  # a measured speedup: error bars of its 95 % interval
     for series in dict.fromkeys(points["series"]):
         d = points[points["series"] == series]
-        extra = {}
+        extra = dict(text=d["name"], marker=dict(size=12))
         if measured:
             unresolved = ~d[f"{x}_resolved"].fillna(False).astype(bool)
             extra = dict(error_x=dict(type="data", symmetric=False, array=d[f"{x}_high"] - d[x],
@@ -199,7 +199,7 @@ def frontier(points: pd.DataFrame, x: str, y: str, front: pd.Series, labels: dic
                          marker=dict(size=12, symbol=["circle-open" if u else "circle" for u in unresolved]),
                          text=d["name"] + " — " + d[f"{x}_text"].fillna(""))
         fig.add_scatter(x=d[x], y=d[y], mode="lines+markers" if len(d) > 1 else "markers", name=series,
-                        text=d["name"], customdata=d.index, marker=dict(size=12), line=dict(width=1),
+                        customdata=d.index, line=dict(width=1),
                         hovertemplate=f"{series}<br>%{{text}}<br>%{{x:,.4g}}, %{{y:.4f}}<br>click to load<extra></extra>",
                         **extra)
     for _, r in points[points["recovered_from"].notna()].iterrows():  # recovered point <- its pruned point

@@ -72,7 +72,8 @@ class Ratio:
         """``1.22× [1.18–1.26], 14 rounds`` plus the verdicts that apply."""
         lo, hi = self.ci95
         flags = [w for w, on in (("noisy", self.noisy), ("not resolved", not self.resolved)) if on]
-        return f"{self.median:.2f}× [{lo:.2f}–{hi:.2f}], {self.rounds} rounds" + (f" ({', '.join(flags)})" if flags else "")
+        rounds = f"{self.rounds} round" + ("s" if self.rounds != 1 else "")
+        return f"{self.median:.2f}× [{lo:.2f}–{hi:.2f}], {rounds}" + (f" ({', '.join(flags)})" if flags else "")
 
 
 def median_interval(values: list[float], level: float = 0.95) -> tuple[float, float] | None:

@@ -173,10 +173,13 @@ def point_speeds(result: dict) -> dict:
     return out
 
 
+UNPRUNED_TEXT = "1.00× [1.00–1.00] (the model itself, nothing timed)"
+
+
 def _unpruned() -> dict:
     """The unpruned model against itself: every ratio is 1 by definition, nothing to time."""
     exact = {f"{phase}_speedup{suffix}": 1.0 for phase in ("prefill", "decode") for suffix in ("", "_low", "_high")}
     return {**exact, "prefill_speedup_resolved": False, "decode_speedup_resolved": False,
-            "prefill_speedup_text": "1× (the model itself)", "decode_speedup_text": "1× (the model itself)",
+            "prefill_speedup_text": UNPRUNED_TEXT, "decode_speedup_text": UNPRUNED_TEXT,
             "expected_prefill_speedup": 1.0, "expected_decode_speedup": 1.0, "gap_reasons": [],
             "ttft_ratio": 1.0, "state_ratio": 1.0, "peak_memory_ratio": 1.0, "bench": None}
