@@ -180,13 +180,24 @@ def trajectory(steps: pd.DataFrame) -> go.Figure:
 def frontier(points: pd.DataFrame, x: str, y: str, front: pd.Series, labels: dict) -> go.Figure:
     """Every evaluated configuration on (cost, quality) axes, one colour and legend entry per series
     (strategy), with the Pareto front over all of them (``front``: bool per row, from the engine); a
-    recovered model (``recovered_from``: the index of its pruned point) is joined to that point."""
+    recovered model (``recovered_from``: the index of its pruned point) is joined to that point. On a
+    measured speedup axis (rows with ``{x}_low`` / ``_high`` / ``_resolved`` / ``_text``) every point
+    has an error bar of its 95 % interval, and a point whose interval contains 1.0 is drawn hollow."""
     fig = go.Figure()
+    measured = f"{x}_low" in points  # a measured speedup: error bars of its 95 % interval
     for series in dict.fromkeys(points["series"]):
         d = points[points["series"] == series]
+        extra = dict(text=d["name"], marker=dict(size=12))
+        if measured:
+            unresolved = ~d[f"{x}_resolved"].fillna(False).astype(bool)
+            extra = dict(error_x=dict(type="data", symmetric=False, array=d[f"{x}_high"] - d[x],
+                                      arrayminus=d[x] - d[f"{x}_low"], thickness=1.5),
+                         marker=dict(size=12, symbol=["circle-open" if u else "circle" for u in unresolved]),
+                         text=d["name"] + " — " + d[f"{x}_text"].fillna(""))
         fig.add_scatter(x=d[x], y=d[y], mode="lines+markers" if len(d) > 1 else "markers", name=series,
-                        text=d["name"], customdata=d.index, marker=dict(size=12), line=dict(width=1),
-                        hovertemplate=f"{series}<br>%{{text}}<br>%{{x:,.4g}}, %{{y:.4f}}<br>click to load<extra></extra>")
+                        customdata=d.index, line=dict(width=1),
+                        hovertemplate=f"{series}<br>%{{text}}<br>%{{x:,.4g}}, %{{y:.4f}}<br>click to load<extra></extra>",
+                        **extra)
     for _, r in points[points["recovered_from"].notna()].iterrows():  # recovered point <- its pruned point
         if r["recovered_from"] in points.index:
             src = points.loc[r["recovered_from"]]

@@ -316,8 +316,7 @@ class Workspace:
         """The time-to-first-token figures the Prune and Export pages show, from the bench result."""
         r = m.get("bench")
         if r:
-            m.update(latency_ms=r["pruned"]["ttft_ms"]["median"], original_latency_ms=r["original"]["ttft_ms"]["median"],
-                     measured_speedup=m["prefill_speedup"], expected_speedup=m["expected_prefill_speedup"])
+            m.update(latency_ms=r["pruned"]["ttft_ms"]["median"], original_latency_ms=r["original"]["ttft_ms"]["median"])
 
     def measured(self, plan: PruningPlan, **bench) -> dict:
         """What is known of ``plan``'s measured speed without measuring (possibly nothing)."""

@@ -6,8 +6,8 @@ import pandas as pd
 import streamlit as st
 
 from app import nav, plots, ui
-from shedder.api import (BENCH_DEFAULTS, MEASURED, REGISTRY, X_AXES, Y_AXES, applicable, describe_protocol,
-                         next_word_protocol, pareto)
+from shedder.api import (BENCH_DEFAULTS, MEASURED, PARETO_SPEED, REGISTRY, SPEED_COLUMNS, X_AXES, Y_AXES, applicable,
+                         describe_protocol, next_word_protocol, pareto)
 from shedder.core.plan import PruningPlan
 
 LOAD = "frontier_load"  # index of a clicked point, recorded by the chart callback
@@ -93,11 +93,11 @@ with ui.shown_errors():
     for i, (name, series_name, plan) in enumerate(entries):
         m = {**ws.metrics(plan), **ws.measured(plan), **ws.known(plan)}
         if i in recovered:  # quality of the recovered model, cost of its (pruned) structure
-            m = {**{k: m.get(k) for k in X_AXES}, **recovered[i].metrics}
+            m = {**{k: m.get(k) for k in [*X_AXES, *SPEED_COLUMNS]}, **recovered[i].metrics}
         pruned_from = next((j for j, (_, o, p) in enumerate(entries) if o != "recovered" and p == plan), None)
         rows.append({"name": name, "series": series_name, "entry": i, "removed": plan.describe(),
                      "recovered_from": pruned_from if i in recovered else None,
-                     **{k: m.get(k) for k in [*X_AXES, *Y_AXES]}})
+                     **{k: m.get(k) for k in [*X_AXES, *SPEED_COLUMNS, *Y_AXES]}})
     points = pd.DataFrame(rows).set_index("entry")
     offered_y = [y for y in Y_AXES if y in ("ppl", "accuracy") or points[y].notna().any()]
     y_axis = c2.selectbox("y axis (quality)", offered_y, format_func=Y_AXES.get, key="frontier_y")
@@ -130,8 +130,11 @@ with ui.shown_errors():
                         on_select=clicked, selection_mode="points")
         st.caption("Every point is measured on the evaluation text: " + describe_protocol(ws.windows(s.evaluation), ws.label(s.evaluation))
                    + (f"; {next_word_protocol(ws.label(s.evaluation), s.accuracy_passages)}" if y_axis == "accuracy" else "")
-                   + (f"; speed: extracted vs original model side by side, {s.seq_len}-token prompt, {s.device}, "
-                      f"{s.dtype}, median of {BENCH_DEFAULTS['repeats']} rounds" if x_axis in MEASURED else "")
+                   + (f"; speed: extracted vs original model in paired interleaved rounds, {s.seq_len}-token prompt, "
+                      f"{s.device}, {s.dtype}, median with its 95 % interval (error bars; up to "
+                      f"{BENCH_DEFAULTS['budget_s']:g} s per point, at least {BENCH_DEFAULTS['min_rounds']} rounds); "
+                      "hollow points are not resolved (their interval contains 1×); the Pareto front reads each speedup "
+                      f"at {PARETO_SPEED}" if x_axis in MEASURED else "")
                    + ". Click a point to load its plan into the Prune page.")
         points = points.assign(pareto=front.reindex(points.index, fill_value=False))
     st.dataframe(points, hide_index=True, key="frontier_table")

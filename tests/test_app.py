@@ -120,7 +120,11 @@ def test_toggling_a_component_changes_the_live_numbers_and_undo_restores_them():
     assert metric(at, "perplexity") == before_ppl
 
 
-def test_latency_button_times_the_extracted_model():
+def test_latency_button_times_the_extracted_model(monkeypatch):
+    from shedder.prune import frontier
+
+    monkeypatch.setitem(frontier.BENCH_DEFAULTS, "budget_s", 0.5)  # behaviour, not speed
+    monkeypatch.setitem(frontier.BENCH_DEFAULTS, "new_tokens", 2)
     at = open_app("prune")
     at.multiselect(key="prune_pick_block").set_value([Component("block", 1), Component("block", 2)]).run()
     at.button(key="prune_latency").click().run()
@@ -128,7 +132,10 @@ def test_latency_button_times_the_extracted_model():
     ws = workspace(at)
     measured = ws.known(ws.plan)
     assert measured["latency_ms"] > 0 and measured["bench"]["pruned"]["params"] == ws.metrics(ws.plan)["params"]
-    assert any("extracted vs" in m.value for m in at.markdown)
+    shown = next(m.value for m in at.markdown if "Measured on the extracted model" in m.value)
+    assert f"prefill speedup **{measured['prefill_speedup_text']}**" in shown and "× [" in shown
+    assert "expected from FLOPs" in shown and "decode speedup" in shown
+    assert any("[95 % interval]" in c.value for c in at.caption)
 
 
 def test_prune_page_shows_an_invalid_toggle_as_a_message():
@@ -340,7 +347,8 @@ def test_importance_page_draws_every_metric_on_the_scale_its_values_call_for(met
 def test_frontier_puts_strategies_side_by_side_with_measured_speed(monkeypatch):
     from shedder.prune import frontier
 
-    monkeypatch.setitem(frontier.BENCH_DEFAULTS, "repeats", 1)  # one timed round per point: behaviour, not speed
+    monkeypatch.setitem(frontier.BENCH_DEFAULTS, "min_rounds", 1)  # one timed round per point: behaviour, not speed
+    monkeypatch.setitem(frontier.BENCH_DEFAULTS, "budget_s", 0.01)
     monkeypatch.setitem(frontier.BENCH_DEFAULTS, "new_tokens", 2)
     at = open_app("search")
     at.multiselect(key="search_kinds").set_value(["ssm"]).run()
@@ -356,6 +364,13 @@ def test_frontier_puts_strategies_side_by_side_with_measured_speed(monkeypatch):
     table = next(d.value for d in at.dataframe if "series" in d.value.columns)  # the frontier table
     assert set(table["series"]) == {"baseline", "greedy ssm", "one-shot block_influence (block)", "current"}
     assert table["prefill_speedup"].notna().all() and table["pareto"].any()
+    assert table["prefill_speedup_text"].str.contains(r"× \[").all()  # every point with its interval
+    assert (table["prefill_speedup_low"] <= table["prefill_speedup"]).all()
+    figure = json.loads(at.get("plotly_chart")[-1].proto.spec)
+    series = [t for t in figure["data"] if t.get("name") not in ("Pareto front (all series)", None)]
+    assert series and all("error_x" in t for t in series)  # error bars of the 95 % intervals
+    assert any("circle-open" in t["marker"]["symbol"] for t in series)  # unresolved points drawn hollow
+    assert any("lower end of each measured speedup" in c.value for c in at.caption)
 
     at.switch_page(PAGES["prune"]).run()
     at.multiselect(key="prune_pick_block").set_value([Component("block", 0)]).run()

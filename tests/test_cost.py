@@ -10,6 +10,7 @@ import transformers
 
 from shedder.arch import adapter_for, count_parameters
 from shedder.measure.cost import estimate, expected_speedup
+from shedder.measure.timing import Protocol
 from shedder.core.plan import Component, PruningPlan
 from test_generation import available, make_model, plan_named
 from tiny_models import GENERATION as TINY
@@ -185,8 +186,8 @@ def test_bench_reports_measured_next_to_expected(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(REPO_ROOT / "assets" / "tokenizer")
     save(model, tokenizer, tmp_path / "m")
     p = plan("block:1", "head:0:0", "head:0:4")
-    result = named.bench_speed(str(tmp_path / "m"), plan=p, seq_len=16, new_tokens=3, repeats=2, warmup=0,
-                               memory=False)
+    result = named.bench_speed(str(tmp_path / "m"), plan=p, seq_len=16, new_tokens=3, memory=False,
+                               protocol=Protocol(budget_s=0.01, min_rounds=2, warmup=0))
     assert result["expected_prefill_speedup"] == pytest.approx(expected_speedup(model, p, seq_len=16))
     assert result["ratios"]["params"] == pytest.approx(estimate(model, p).params / estimate(model).params)
     assert result["pruned"]["disk_bytes"] < result["original"]["disk_bytes"]
@@ -195,7 +196,16 @@ def test_bench_reports_measured_next_to_expected(tmp_path):
             s = result[name][key]
             assert s["n"] == 2 and 0 < s["min"] <= s["q1"] <= s["median"] <= s["q3"] <= s["max"]
     assert result["original"]["decode_with_cache"] and result["pruned"]["decode_with_cache"]
-    assert "speedup" in bench.format_report(result)
+    for phase in ("prefill", "decode"):
+        m = result[f"measured_{phase}_speedup"]
+        assert set(m) == {"median", "ci95", "rounds", "noisy", "resolved"} and m["rounds"] == 2
+        assert m["ci95"][0] <= m["median"] <= m["ci95"][1] and m["noisy"] and not m["resolved"]  # 2 rounds: no interval
+        assert result[f"expected_{phase}_speedup"] == result["expected"][f"{phase}_flops"]
+        assert 0 <= result["expected"]["outside_layers_share"][phase] < 1
+    assert result["expected"]["decode_weight_bytes"] == pytest.approx(1 / result["ratios"]["params"])
+    report = bench.format_report(result)
+    assert "prefill speedup: " + bench.speedup_text(result["measured_prefill_speedup"]) in report
+    assert "2 rounds (noisy, not resolved)" in report and "(per model)" in report
 
     probe = named.memory_probe({"model_dir": str(tmp_path / "m"), "batch_size": 1, "seq_len": 16,
                                  "new_tokens": 3, "use_cache": True, "dtype": "float32", "seed": 0})

@@ -9,6 +9,7 @@ from shedder.prune import frontier
 from shedder.prune.agreement import agreement, compare, correlate, matrix
 from shedder.arch import adapter_for
 from shedder.cli import main
+from shedder.measure.bench import speedup_text
 from shedder.measure.continuation import continue_text
 from shedder.prune.importance_metrics import REGISTRY, MetricError, _Ownership, metric_scores
 from shedder.formats.loading import load_model
@@ -122,10 +123,14 @@ def test_one_shot_removes_the_lowest_scored_at_once(tiny_model_factory):
 def test_measured_speed_is_cached_on_disk(tiny_model_dir, tmp_path, monkeypatch):
     model, _ = load_model(str(tiny_model_dir))
     plan = adapter_for(model).resolve(PruningPlan([Component("block", 1)]))
-    settings = dict(seq_len=16, new_tokens=2, repeats=1, warmup=0, cache_dir=tmp_path)
+    settings = dict(seq_len=16, new_tokens=2, min_rounds=1, budget_s=0.01, warmup=0, cache_dir=tmp_path)
     assert frontier.measured(model, plan, **settings) is None
     first = frontier.measure(str(tiny_model_dir), model, plan, **settings)
     assert first["prefill_speedup"] > 0 and first["state_ratio"] == pytest.approx(2 / 3)
+    bench = first["bench"]["measured_prefill_speedup"]  # exactly bench's numbers, and its printed form
+    assert (first["prefill_speedup_low"], first["prefill_speedup"], first["prefill_speedup_high"]) == (
+        bench["ci95"][0], bench["median"], bench["ci95"][1])
+    assert first["prefill_speedup_text"] == speedup_text(bench) and first["prefill_speedup_resolved"] is False
     assert first["bench"]["pruned"]["params"] == adapter_for(model).param_count(plan)
     monkeypatch.setattr(frontier, "bench_models", lambda *a, **k: pytest.fail("measured twice"))
     again, _ = load_model(str(tiny_model_dir))  # another session: same weights, same key
@@ -137,6 +142,9 @@ def test_measured_speed_is_cached_on_disk(tiny_model_dir, tmp_path, monkeypatch)
 def test_pareto_front_spans_series_and_reads_speedups_as_gains():
     rows = pd.DataFrame({"series": ["a", "a", "b"], "prefill_speedup": [1.0, 1.2, 1.3], "ppl": [10.0, 12.0, 11.0]})
     assert list(frontier.pareto(rows, "prefill_speedup", "ppl")) == [True, False, True]
+    # an uncertain speedup counts by the lower end of its interval: 1.3 [0.9–1.7] is beaten by 1.2 [1.15–1.25]
+    rows = rows.assign(prefill_speedup_low=[1.0, 1.15, 0.9])
+    assert list(frontier.pareto(rows, "prefill_speedup", "ppl")) == [True, True, False]
 
 
 def test_continuation_of_the_masked_model_is_the_extracted_models(mamba2, bundled_tokenizer):

@@ -33,7 +33,7 @@ FAST = settings(derandomize=True, database=None, deadline=None, print_blob=False
                                        HealthCheck.data_too_large])
 #: Flags that keep every in-process run quick, per command (added unless the example sets them).
 TINY = {"--samples": "2", "--seq-len": "16", "--batch-size": "2", "--steps": "1", "--accuracy-n": "2",
-        "--eval-samples": "2", "--repeats": "1", "--warmup": "0", "--new-tokens": "2", "--batch": "1"}
+        "--eval-samples": "2", "--repeats": "1", "--budget-s": "0.01", "--warmup": "0", "--new-tokens": "2", "--batch": "1"}
 
 # ------------------------------------------------------------------------------ the inputs
 BAD_INTS = st.sampled_from(["0", "-1", "-7", "99999999999999999999", "9" * 5000, "1e3", "x", "", "0x10"])

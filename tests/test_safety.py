@@ -1141,7 +1141,7 @@ def test_a_teacher_of_another_vocabulary_is_one_error(capsys, tmp_path, tiny_mod
 # ------------------------------------------------------------------------------ one error line for every user mistake
 @pytest.mark.parametrize("argv,command", [
     (["bogus"], ""), (["search"], " search"), (["eval", "--samples", "x"], " eval"),
-    (["plan", "convert", "p.json"], " plan convert"), (["bench", "--repeats", "0"], " bench"),
+    (["plan", "convert", "p.json"], " plan convert"), (["bench", "--min-rounds", "0"], " bench"),
     (["bench", "search", "--steps", "0"], " bench search"), (["bench", "scale", "--samples", "0"], " bench scale"),
     (["bench", "gpu-check", "--layers", "x"], " bench gpu-check"), (["bench", "recover", "--nope"], ""),
     (["recover", "--out", "r", "--steps", "0"], " recover"), (["info", "--nope", "a\nb"], ""),

@@ -38,7 +38,8 @@ from shedder.measure.masking import WAITING, holder, holding, masked
 from shedder.measure.metrics import describe_protocol, next_word_accuracy, next_word_protocol, perplexity
 from shedder.prune.agreement import matrix
 from shedder.prune.distributed import WorkerPool
-from shedder.prune.frontier import MEASURED, X_AXES, Y_AXES, Series, one_shot, pareto, search_series
+from shedder.prune.frontier import (MEASURED, PARETO_SPEED, SPEED_COLUMNS, X_AXES, Y_AXES, Series, one_shot, pareto,
+                                    search_series)
 from shedder.core.cache import default_cache_dir
 from shedder.prune.importance_metrics import REGISTRY, applicable, metric_names
 from shedder.prune.search import SearchResult, SearchStep

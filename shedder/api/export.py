@@ -38,7 +38,7 @@ def public_plan(plan: PruningPlan, name: str) -> PruningPlan:
 def measured_card(source: str, architecture: str, plan: PruningPlan, measured: dict, protocol: str) -> str:
     """The engine's card plus what was measured on the extracted model. ``measured`` holds ``ppl``,
     ``params`` and ``flops`` of the extracted model and ``*_original`` of the source, optionally
-    ``latency_ms`` / ``original_latency_ms`` / ``measured_speedup`` / ``expected_speedup``."""
+    ``latency_ms`` / ``original_latency_ms`` and the speedups of ``shedder.prune.frontier.point_speeds``."""
     rows = [("perplexity", f"{measured['ppl_original']:.4f}", f"{measured['ppl']:.4f}"),
             ("parameters", f"{measured['params_original']:,}", f"{measured['params']:,}"),
             ("FLOPs / token (prefill, analytic)", f"{measured['flops_original']:,.0f}", f"{measured['flops']:,.0f}")]
@@ -46,8 +46,10 @@ def measured_card(source: str, architecture: str, plan: PruningPlan, measured: d
         rows.append(("time to first token (ms, measured)", f"{measured['original_latency_ms']:.2f}",
                      f"{measured['latency_ms']:.2f}"))
     table = "\n".join(f"| {name} | {a} | {b} |" for name, a, b in rows)
-    speed = (f"\nMeasured prefill speedup: {measured['measured_speedup']:.2f}× "
-             f"(expected from FLOPs: {measured['expected_speedup']:.2f}×).\n" if "measured_speedup" in measured else "")
+    speed = (f"\nMeasured prefill speedup: {measured['prefill_speedup_text']} (expected from FLOPs: "
+             f"{measured['expected_prefill_speedup']:.2f}×); decode speedup: {measured['decode_speedup_text']} (expected "
+             f"{measured['expected_decode_speedup']:.2f}×). Median of paired interleaved rounds of the original and the "
+             "extracted model [95 % interval].\n" if "prefill_speedup_text" in measured else "")
     base = model_card(source, architecture, plan, measured["params_original"], measured["params"])
     return f"""{base}
 ## Measured on the extracted model

@@ -17,11 +17,12 @@ from shedder.dev.workers import bench_workers
 from shedder.formats.official import read_plan
 from shedder.api.speed import format_report
 from shedder.cli.common import common, counts, data_options, emit, kinds, load, model_options, progress, text_tokenizer
-from shedder.cli.options import OneLineParser, non_negative_int, positive_int, threads
+from shedder.cli.options import OneLineParser, non_negative_int, positive_float, positive_int, threads
 from shedder.core.errors import ShedderError, printable
 from shedder.dev import scale
 from shedder.dev.realshape import FAMILIES
 from shedder.measure.data import calibration_windows
+from shedder.measure.timing import Protocol
 
 
 def add(sub) -> None:
@@ -62,8 +63,14 @@ def speed_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=positive_int, default=1, help="sequences per batch (default 1)")
     parser.add_argument("--seq-len", type=positive_int, default=256, help="prompt length in tokens (default 256)")
     parser.add_argument("--new-tokens", type=positive_int, default=32, help="tokens generated for decode timing (default 32)")
-    parser.add_argument("--repeats", type=positive_int, default=5, help="timed rounds per model (default 5)")
-    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed rounds first (default 1)")
+    parser.add_argument("--budget-s", type=positive_float, default=Protocol.budget_s,
+                        help=f"seconds of paired rounds at most, once --min-rounds are done (default {Protocol.budget_s:g}); "
+                             f"rounds stop earlier when the 95%% interval is within ±{Protocol.target * 100:.0f}%%")
+    parser.add_argument("--min-rounds", "--repeats", dest="min_rounds", type=positive_int, default=Protocol.min_rounds,
+                        help=f"paired rounds always timed (default {Protocol.min_rounds}; fewer give no 95%% interval; "
+                             "--repeats is its earlier name)")
+    parser.add_argument("--warmup", type=non_negative_int, default=Protocol.warmup,
+                        help=f"untimed rounds first, which also fix the iterations per sample (default {Protocol.warmup})")
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--dtype", default="float32", help="float32, float16 or bfloat16 (default float32)")
     parser.add_argument("--threads", type=threads, help="CPU threads for PyTorch (default: PyTorch's choice)")
@@ -78,14 +85,15 @@ def run(args) -> int:
     plan = read_plan(args.plan) if args.plan else None  # ours or an official config
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"bench: {args.warmup} warm-up + {args.repeats} timed rounds, each a prefill of {args.batch} × "
-          f"{args.seq_len} tokens and a {args.new_tokens}-token generation on the original and the extracted "
-          f"model" + ("" if args.no_memory else ", then one peak-memory run of each (CPU: in a fresh process)"),
+    protocol = Protocol(budget_s=args.budget_s, min_rounds=args.min_rounds, warmup=args.warmup)
+    print(f"bench: {protocol.describe()}; each round a prefill of {args.batch} × {args.seq_len} tokens and a "
+          f"{args.new_tokens}-token generation on the original and the extracted model"
+          + ("" if args.no_memory else ", then one peak-memory run of each (CPU: in a fresh process)"),
           file=sys.stderr, flush=True)
     with progress(args) as bar:
         result = api.bench_speed(args.model, plan=plan, pruned_dir=args.pruned, batch_size=args.batch,
-                                 seq_len=args.seq_len, new_tokens=args.new_tokens, repeats=args.repeats,
-                                 warmup=args.warmup, device=args.device, dtype=args.dtype, memory=not args.no_memory,
+                                 seq_len=args.seq_len, new_tokens=args.new_tokens, protocol=protocol,
+                                 device=args.device, dtype=args.dtype, memory=not args.no_memory,
                                  progress=bar)
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0

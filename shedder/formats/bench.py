@@ -23,11 +23,12 @@ from shedder.core.progress import Progress
 from shedder.formats.extract import extract, save, saved_plan
 from shedder.formats.loading import REPO_ROOT, load_model, parse_dtype
 from shedder.measure.bench import bench_models, check_options, peak_rss
+from shedder.measure.timing import Protocol
 
 
 def bench_speed(model_name: str, plan: PruningPlan | str | Path | None = None, pruned_dir: str | Path | None = None,
-                *, batch_size: int = 1, seq_len: int = 256, new_tokens: int = 32, repeats: int = 5,
-                warmup: int = 1, device: str = "cpu", dtype: str = "float32", memory: bool = True,
+                *, batch_size: int = 1, seq_len: int = 256, new_tokens: int = 32, protocol: Protocol = Protocol(),
+                device: str = "cpu", dtype: str = "float32", memory: bool = True,
                 seed: int = 0, progress: Progress | None = None) -> dict:
     """Measure the original model and its extracted version side by side; returns a JSON-able dict.
 
@@ -36,12 +37,12 @@ def bench_speed(model_name: str, plan: PruningPlan | str | Path | None = None, p
     """
     if (plan is None) == (pruned_dir is None):
         raise ShedderError("bench needs exactly one of a plan (--plan) or a pruned model directory (--pruned)")
-    check_options(batch_size, seq_len, new_tokens, repeats, warmup, device)
+    check_options(batch_size, seq_len, new_tokens, protocol, device)
     dtype_name = str(parse_dtype(dtype)).replace("torch.", "")
     original, pruned, tokenizer, plan = load_pair(model_name, plan, pruned_dir, dtype, device)
     with fresh_processes(tokenizer, plan) as fresh_process:
         return bench_models(original, pruned, tokenizer, plan, model_name=model_name, batch_size=batch_size,
-                            seq_len=seq_len, new_tokens=new_tokens, repeats=repeats, warmup=warmup, device=device,
+                            seq_len=seq_len, new_tokens=new_tokens, protocol=protocol, device=device,
                             dtype=dtype_name, memory=memory, seed=seed, progress=progress,
                             fresh_process=fresh_process)
 

@@ -6,8 +6,9 @@ from names and files, extracts the plan, and saves each model for the CPU memory
     python -m shedder bench --model mamba2-tiny --plan plan.json [--batch 1 --seq-len 256 --new-tokens 32]
     python -m shedder bench --model mamba2-tiny --pruned out/pruned-dir --device cuda --json
 
-What is measured (both models, same inputs, same process, repeats interleaved and their order
-alternated so that drift in machine load hits both alike; warm-up rounds are discarded):
+What is measured (both models, same inputs, same process, under the protocol of
+``shedder.measure.timing``: paired interleaved rounds, auto-ranged samples, warm-up discarded, rounds
+added until the 95 % interval of the paired ratio is within ±3 % or the time budget is spent):
 
 * prefill throughput: ``batch · seq_len`` tokens / wall time of one full forward (logits for every
   position, no cache), random token ids;
@@ -26,11 +27,12 @@ alternated so that drift in machine load hits both alike; warm-up rounds are dis
   directory when the CPU memory probe needs them there; otherwise the bytes of the tensors a save
   writes, i.e. the file less its header).
 
-Every timing is reported as median with quartiles and min–max; each ratio is pruned / original
-(for throughputs that is the speedup); for timings it is the median of per-round ratios (both
-models are timed back to back in every round), which cancels slow drifts in machine load. The cost model's expected prefill speedup
-(``shedder.measure.cost.expected_speedup``) is printed next to the measured one. Latency always comes from
-the extracted model, never from a masked one.
+The speedups are the median of per-round paired ratios (original time / pruned time) with their
+95 % interval, round count and the ``noisy`` / ``resolved`` verdicts (``measured_prefill_speedup``,
+``measured_decode_speedup``); per-model figures (median with quartiles and min–max) are supporting
+information, labelled as such, never a second speedup. The cost model's expected speedups and, when
+they differ from the measured ones, the measured reasons (``shedder.measure.expected``) come with
+them. Latency always comes from the extracted model, never from a masked one.
 """
 from __future__ import annotations
 
@@ -43,11 +45,13 @@ from typing import Callable
 
 import torch
 
-from shedder.arch import count_parameters
+from shedder.arch import adapter_for, count_parameters
 from shedder.core.errors import ShedderError
 from shedder.core.plan import PruningPlan
 from shedder.core.progress import Progress
 from shedder.measure.cost import estimate
+from shedder.measure.expected import expectations, gap_reasons, outside_share
+from shedder.measure.timing import PairedRun, Protocol, Ratio, paired_rounds
 
 #: ``fresh_process(name, model, spec) -> (disk bytes, memory entry)``: the model saved as safetensors
 #: and its peak memory during one prefill + generate measured in a fresh process that loads it from
@@ -86,10 +90,12 @@ def kernel_path(device: str) -> str:
     return "CUDA: PyTorch reference scan and conv (mamba-ssm / causal-conv1d not installed)"
 
 
-def check_options(batch_size: int, seq_len: int, new_tokens: int, repeats: int, warmup: int, device: str) -> None:
+def check_options(batch_size: int, seq_len: int, new_tokens: int, protocol: Protocol, device: str) -> None:
     """Refuse options that cannot be measured, before anything is loaded."""
-    if min(batch_size, seq_len, repeats) < 1 or warmup < 0:
-        raise ShedderError("batch size, sequence length and repeats must be at least 1 (warm-up at least 0)")
+    if min(batch_size, seq_len, protocol.min_rounds) < 1 or protocol.warmup < 0:
+        raise ShedderError("batch size, sequence length and --min-rounds must be at least 1 (warm-up at least 0)")
+    if not protocol.budget_s >= 0:
+        raise ShedderError("--budget-s must be at least 0 seconds")
     if new_tokens < 2:
         raise ShedderError("--new-tokens must be at least 2 (decode throughput is measured after the first token)")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -97,13 +103,13 @@ def check_options(batch_size: int, seq_len: int, new_tokens: int, repeats: int, 
 
 
 def bench_models(original, pruned, tokenizer, plan: PruningPlan | None = None, *, model_name: str = "",
-                 batch_size: int = 1, seq_len: int = 256, new_tokens: int = 32, repeats: int = 5, warmup: int = 1,
+                 batch_size: int = 1, seq_len: int = 256, new_tokens: int = 32, protocol: Protocol = Protocol(),
                  device: str = "cpu", dtype: str = "float32", memory: bool = True, seed: int = 0,
                  progress: Progress | None = None, fresh_process: FreshProcess | None = None) -> dict:
     """Measure ``original`` and its extracted version ``pruned`` side by side (both on ``device``,
-    in ``dtype``); returns a JSON-able dict. ``plan`` is the validated plan ``pruned`` was extracted
-    with (None when unknown). The CPU peak memory (``memory`` on a CPU device) needs ``fresh_process``."""
-    check_options(batch_size, seq_len, new_tokens, repeats, warmup, device)
+    in ``dtype``) under ``protocol``; returns a JSON-able dict. ``plan`` is the validated plan ``pruned``
+    was extracted with (None when unknown). The CPU peak memory (``memory`` on a CPU device) needs ``fresh_process``."""
+    check_options(batch_size, seq_len, new_tokens, protocol, device)
     probe = memory and not device.startswith("cuda")
     if probe and fresh_process is None:
         raise ShedderError("the CPU peak-memory measurement needs a fresh process to load each saved model in")
@@ -114,8 +120,20 @@ def bench_models(original, pruned, tokenizer, plan: PruningPlan | None = None, *
     ids = torch.randint(0, original.config.vocab_size, (batch_size, seq_len), generator=generator).to(device)
     pad_id = pad_token_id(original, tokenizer)
     cache = {name: supports_cache(model, pad_id) for name, model in models.items()}
-    total_steps = warmup + repeats + (2 if memory else 0)
-    samples = _timing_rounds(models, cache, ids, new_tokens, pad_id, device, warmup, repeats, total_steps, progress)
+    extra = 1 + (2 if memory else 0)  # the outside-the-layers passes, then the memory runs
+    low = protocol.warmup + protocol.min_rounds
+
+    def on_round(r: int, message: str) -> None:
+        _report(progress, r, max(low, r + 1) + extra, f"bench: {message}")
+
+    samples = {name: _samples(model, ids, new_tokens, pad_id, cache[name], device) for name, model in models.items()}
+    run = paired_rounds(samples, ["prefill_s", "decode_s"], protocol, on_round=on_round)
+    total_steps = protocol.warmup + run.rounds + extra
+    layers = adapter_for(original).layers()
+    outside = {"prefill": outside_share(layers, lambda: _time_prefill(original, ids, device), device),
+               "decode": outside_share(layers, lambda: _time_generate(original, ids, new_tokens, pad_id,
+                                                                      cache["original"], device), device)}
+    _report(progress, total_steps - extra + 1, total_steps, "bench: time outside the decoder layers")
 
     results: dict[str, dict] = {}
     # Saved only for the CPU memory probe, which loads each model in a fresh process: a 7B model
@@ -124,22 +142,26 @@ def bench_models(original, pruned, tokenizer, plan: PruningPlan | None = None, *
         spec = {"batch_size": batch_size, "seq_len": seq_len, "new_tokens": new_tokens, "use_cache": cache[name],
                 "dtype": dtype, "seed": seed}
         disk_bytes, peak = fresh_process(name, model, spec) if probe else (_state_bytes(model), None)
+        t = run.times[name]
         entry = {
             "params": count_parameters(model),
             "decode_with_cache": cache[name],
             "disk_bytes": disk_bytes,
-            **{key: asdict(Spread.of(values)) for key, values in samples[name].items()},
+            "prefill_tokens_per_s": asdict(Spread.of([batch_size * seq_len / s for s in t["prefill_s"]])),
+            "decode_tokens_per_s": asdict(Spread.of([batch_size * (new_tokens - 1) / s for s in t["decode_s"]])),
+            "ttft_ms": asdict(Spread.of([s * 1000 for s in t["ttft_s"]])),
+            "iterations_per_sample": dict(zip(("prefill", "generate"), run.iterations[name])),
             "flops_per_token_prefill": costs[name].flops_per_token_prefill,
             "state_bytes_per_sequence": costs[name].state_bytes_per_sequence,
         }
         if memory:
             entry["memory"] = _cuda_peak(model, ids, new_tokens, pad_id, cache[name]) if not probe else peak
-            _report(progress, warmup + repeats + i + 1, total_steps, f"bench: peak memory of the {name} model")
+            _report(progress, total_steps - 1 + i, total_steps, f"bench: peak memory of the {name} model")
         results[name] = entry
 
-    expected = costs["original"].flops_per_token_prefill / costs["pruned"].flops_per_token_prefill
-    paired = Spread.of([p / o for p, o in zip(samples["pruned"]["prefill_tokens_per_s"],
-                                              samples["original"]["prefill_tokens_per_s"])])
+    measured = {"prefill": run.speedup("prefill_s", protocol.noisy_above).to_dict(),
+                "decode": run.speedup("decode_s", protocol.noisy_above).to_dict()}
+    expected = expectations(costs["original"], costs["pruned"], outside, kernel_path(device))
     return {
         "model": model_name,
         "plan": plan.describe() if plan is not None else "(plan not recorded in the pruned directory)",
@@ -148,14 +170,18 @@ def bench_models(original, pruned, tokenizer, plan: PruningPlan | None = None, *
         "kernels": kernel_path(device),
         "threads": torch.get_num_threads(),
         "batch_size": batch_size, "seq_len": seq_len, "new_tokens": new_tokens,
-        "repeats": repeats, "warmup": warmup,
+        "protocol": {**asdict(protocol), "text": protocol.describe(), "rounds": run.rounds, "seconds": run.seconds,
+                     "stopped": run.stopped, "load_per_cpu": run.load, "loaded": run.loaded},
         "original": results["original"],
         "pruned": results["pruned"],
-        "ratios": _ratios(results["original"], results["pruned"], samples),
-        "expected_prefill_speedup": expected,
-        "measured_prefill_speedup": paired.median,
-        "measured_prefill_speedup_spread": asdict(paired),
-        "measured_over_expected": paired.median / expected,
+        "ratios": _ratios(results["original"], results["pruned"], run),
+        "measured_prefill_speedup": measured["prefill"],
+        "measured_decode_speedup": measured["decode"],
+        "expected_prefill_speedup": expected["prefill_flops"],
+        "expected_decode_speedup": expected["decode_flops"],
+        "expected": expected,
+        "measured_over_expected": measured["prefill"]["median"] / expected["prefill_flops"],
+        "gap_reasons": gap_reasons(measured, expected),
     }
 
 
@@ -167,26 +193,17 @@ def pad_token_id(model, tokenizer) -> int:
     return 0
 
 
-def _timing_rounds(models: dict, cache: dict, ids: torch.Tensor, new_tokens: int, pad_id: int, device: str, warmup: int,
-                   repeats: int, total_steps: int, progress: Progress | None) -> dict[str, dict[str, list[float]]]:
-    """Timed figures per model, one value per round after the warm-up. Within a round, each
-    measurement runs for both models back to back; the order alternates between rounds."""
-    batch_size, seq_len = ids.shape
-    samples = {name: {"prefill_tokens_per_s": [], "decode_tokens_per_s": [], "ttft_ms": []} for name in models}
-    for r in range(warmup + repeats):
-        order = list(models) if r % 2 == 0 else list(reversed(models))
-        prefill_s = {name: _time_prefill(models[name], ids, device) for name in order}
-        generate_s = {name: _time_generate(models[name], ids, new_tokens, pad_id, cache[name], device)
-                      for name in order}
-        if r >= warmup:
-            for name in models:
-                ttft_s, decode_s = generate_s[name]
-                samples[name]["prefill_tokens_per_s"].append(batch_size * seq_len / prefill_s[name])
-                samples[name]["decode_tokens_per_s"].append(batch_size * (new_tokens - 1) / decode_s)
-                samples[name]["ttft_ms"].append(ttft_s * 1000)
-        _report(progress, r + 1, total_steps,
-                f"bench: round {r + 1}/{warmup + repeats}" + (" (warm-up)" if r < warmup else ""))
-    return samples
+def _samples(model, ids: torch.Tensor, new_tokens: int, pad_id: int, use_cache: bool, device: str) -> list:
+    """The two timed samples of one model (``timing.Sample``): a prefill, and a generation that
+    gives its time to first token and its decode time."""
+    def prefill() -> dict[str, float]:
+        return {"prefill_s": _time_prefill(model, ids, device)}
+
+    def generate() -> dict[str, float]:
+        ttft_s, decode_s = _time_generate(model, ids, new_tokens, pad_id, use_cache, device)
+        return {"ttft_s": ttft_s, "decode_s": decode_s}
+
+    return [prefill, generate]
 
 
 def _report(progress: Progress | None, done: int, total: int, message: str) -> None:
@@ -315,15 +332,16 @@ def peak_rss(model, tokenizer, spec: dict) -> dict:
             "how": "peak RSS (VmHWM) of a fresh process during prefill + generate; delta = above the loaded model"}
 
 
-def _ratios(original: dict, pruned: dict, samples: dict) -> dict:
-    """pruned / original for every figure. Timings: the median of per-round ratios (both models are
-    timed back to back in every round, so the ratio cancels slow drifts in machine load that a
-    ratio of two separate medians would not)."""
+def _ratios(original: dict, pruned: dict, run: PairedRun) -> dict:
+    """pruned / original for every figure. Timings: the median of per-round paired ratios (both models
+    are timed back to back in every round, so the ratio cancels slow drifts in machine load that a
+    ratio of two separate medians would not); throughputs as pruned / original throughput."""
     out = {}
     for key in ("params", "disk_bytes", "flops_per_token_prefill", "state_bytes_per_sequence"):
         out[key] = pruned[key] / original[key] if original[key] else None
-    for key in samples["original"]:
-        out[key] = statistics.median(p / o for p, o in zip(samples["pruned"][key], samples["original"][key]))
+    out["prefill_tokens_per_s"] = statistics.median(run.ratios("prefill_s"))
+    out["decode_tokens_per_s"] = statistics.median(run.ratios("decode_s"))
+    out["ttft_ms"] = statistics.median(1 / r for r in run.ratios("ttft_s"))
     if "memory" in original:
         for key in ("peak_bytes", "delta_bytes"):
             a, b = original["memory"][key], pruned["memory"][key]
@@ -332,8 +350,16 @@ def _ratios(original: dict, pruned: dict, samples: dict) -> dict:
 
 
 # ---------------------------------------------------------------------------------------- report
+def speedup_text(measured: dict) -> str:
+    """``1.22× [1.18–1.26], 14 rounds`` for a ``measured_*_speedup`` entry: the one way every face
+    (CLI, Prune page, frontier table, model card) prints a measured speedup."""
+    return Ratio(measured["median"], tuple(measured["ci95"]), measured["rounds"], measured["noisy"],
+                 measured["resolved"]).text()
+
+
 def format_report(result: dict) -> str:
-    """A plain-text table of ``bench_speed``'s result."""
+    """A plain-text table of ``bench_speed``'s result: the paired speedups first, per-model figures as
+    supporting information."""
     o, p, r = result["original"], result["pruned"], result["ratios"]
 
     def timing(entry: dict, key: str, fmt: str) -> str:
@@ -352,10 +378,10 @@ def format_report(result: dict) -> str:
          r["flops_per_token_prefill"]),
         ("state per sequence (model)", size(o["state_bytes_per_sequence"]), size(p["state_bytes_per_sequence"]),
          r["state_bytes_per_sequence"]),
-        ("prefill tokens/s", timing(o, "prefill_tokens_per_s", ".0f"), timing(p, "prefill_tokens_per_s", ".0f"),
-         r["prefill_tokens_per_s"]),
-        ("decode tokens/s", timing(o, "decode_tokens_per_s", ".1f"), timing(p, "decode_tokens_per_s", ".1f"),
-         r["decode_tokens_per_s"]),
+        ("prefill tokens/s (per model)", timing(o, "prefill_tokens_per_s", ".0f"),
+         timing(p, "prefill_tokens_per_s", ".0f"), None),
+        ("decode tokens/s (per model)", timing(o, "decode_tokens_per_s", ".1f"), timing(p, "decode_tokens_per_s", ".1f"),
+         None),
         ("time to first token (ms)", timing(o, "ttft_ms", ".1f"), timing(p, "ttft_ms", ".1f"), r["ttft_ms"]),
     ]
     if "memory" in o:
@@ -363,26 +389,33 @@ def format_report(result: dict) -> str:
                      r["memory_peak_bytes"]))
         rows.append(("  of which above loaded", size(o["memory"]["delta_bytes"]), size(p["memory"]["delta_bytes"]),
                      r["memory_delta_bytes"]))
-    widths = [max(len(str(row[i])) for row in rows + [("figure", "original", "pruned", "")]) for i in range(3)]
+    proto, e = result["protocol"], result["expected"]
+    load = ", ".join(f"{k} {v:.2f}" for k, v in proto["load_per_cpu"].items() if v is not None) or "n/a"
     lines = [f"model {result['model']}; removed: {result['plan']}",
              f"{result['device']} {result['dtype']}, {result['threads']} threads; {result['kernels']}",
-             f"batch {result['batch_size']}, seq_len {result['seq_len']}, {result['new_tokens']} new tokens; "
-             f"{result['repeats']} repeats after {result['warmup']} warm-up: median [IQR]; "
-             "a timing's ratio is the median of per-round ratios",
+             f"batch {result['batch_size']}, seq_len {result['seq_len']}, {result['new_tokens']} new tokens",
+             f"protocol: {proto['text']}; ran {proto['rounds']} rounds in {proto['seconds']:.1f} s ({proto['stopped']}); "
+             f"load average per CPU: {load}" + (" (loaded)" if proto["loaded"] else ""),
              "",
-             f"{'figure':<{widths[0]}}  {'original':>{widths[1]}}  {'pruned':>{widths[2]}}  pruned/original"]
+             f"prefill speedup: {speedup_text(result['measured_prefill_speedup'])}; expected {e['prefill_flops']:.2f}× "
+             f"from FLOPs, {e['prefill_with_outside_time']:.2f}× with the measured "
+             f"{e['outside_layers_share']['prefill']:.0%} of time outside the layers",
+             f"decode speedup:  {speedup_text(result['measured_decode_speedup'])}; expected {e['decode_flops']:.2f}× "
+             f"from FLOPs, {e['decode_with_outside_time']:.2f}× with the measured "
+             f"{e['outside_layers_share']['decode']:.0%} outside the layers, {e['decode_weight_bytes']:.2f}× if "
+             "memory-bound",
+             "(speedup: median of per-round paired ratios original time / pruned time, [95 % interval], "
+             "distribution-free; per-model figures below are supporting information: median [IQR] over the rounds)"]
+    lines += [f"why measured and expected differ: {reason}" for reason in result["gap_reasons"]]
+    widths = [max(len(str(row[i])) for row in rows + [("figure", "original", "pruned", "")]) for i in range(3)]
+    lines += ["", f"{'figure':<{widths[0]}}  {'original':>{widths[1]}}  {'pruned':>{widths[2]}}  pruned/original"]
     for name, a, b, ratio in rows:
         lines.append(f"{name:<{widths[0]}}  {a:>{widths[1]}}  {b:>{widths[2]}}  "
-                     + ("n/a" if ratio is None else f"{ratio:.3f}"))
+                     + ("(see speedup)" if ratio is None and "per model" in name else "n/a" if ratio is None
+                        else f"{ratio:.3f}"))
     if "memory" in o:
         lines.append(f"memory: {o['memory']['how']}")
     for name, entry in (("original", o), ("pruned", p)):
         if not entry["decode_with_cache"]:
             lines.append(f"note: the {name} model cannot generate with a cache here, so it decodes without one")
-    lines += ["",
-              f"prefill speedup: measured {result['measured_prefill_speedup']:.3f}x "
-              f"[{result['measured_prefill_speedup_spread']['q1']:.3f}–{result['measured_prefill_speedup_spread']['q3']:.3f}] "
-              "(median of per-round paired ratios), "
-              f"expected from FLOPs {result['expected_prefill_speedup']:.3f}x "
-              f"(measured/expected {result['measured_over_expected']:.2f})"]
     return "\n".join(lines)

@@ -25,9 +25,10 @@ import pandas as pd
 from shedder.arch import adapter_for
 from shedder.core.fileio import atomic_write_text
 from shedder.core.cache import default_cache_dir, model_fingerprint, plan_key
-from shedder.measure.bench import bench_models
+from shedder.measure.bench import bench_models, speedup_text
 from shedder.measure.masking import holding
 from shedder.measure.metrics import Progress, pareto_mask
+from shedder.measure.timing import MIN_ROUNDS, Protocol
 from shedder.core.plan import Component, PruningPlan
 
 #: Cost axes (x) and quality axes (y) a frontier can be drawn on; quality axes that are higher-better.
@@ -40,8 +41,17 @@ HIGHER_BETTER = {"accuracy", "lm_eval_average", "relative_accuracy"}
 #: Cost axes where more is better (a speedup), so the Pareto front takes them negated.
 FASTER_BETTER = {"prefill_speedup", "decode_speedup"}
 MEASURED = ("prefill_speedup", "decode_speedup")
-#: Bench settings for frontier points: short, so a whole search can be measured in minutes.
-BENCH_DEFAULTS = {"seq_len": 128, "new_tokens": 8, "repeats": 3, "warmup": 1, "memory": False}
+#: The columns beside each measured speedup: its 95 % interval, whether it is resolved, its printed form.
+SPEED_COLUMNS = [f"{x}{suffix}" for x in MEASURED for suffix in ("_low", "_high", "_resolved", "_text")]
+#: Version of a cached measured point (2: speedups with their 95 % interval), part of its cache key.
+MEASURED_SCHEMA = 2
+#: Bench settings for frontier points: short, so a whole search can be measured in minutes (the
+#: protocol's ±3 % target still stops a point early; its time budget bounds the rest).
+BENCH_DEFAULTS = {"seq_len": 128, "new_tokens": 8, "budget_s": 5.0, "min_rounds": MIN_ROUNDS, "warmup": 1,
+                  "memory": False}
+#: How the Pareto front reads an uncertain speedup: by the lower end of its 95 % interval, so a
+#: point is on the front only for the speed it has beyond doubt.
+PARETO_SPEED = "the lower end of each measured speedup's 95 % interval"
 
 
 @dataclass(frozen=True)
@@ -89,8 +99,10 @@ def one_shot(model, scores: pd.DataFrame, steps: int, kinds=None, base_plan: Pru
 
 
 def pareto(rows: pd.DataFrame, x: str, y: str) -> pd.Series:
-    """Bool per row: on the front of cost ``x`` (speedups: higher better) and quality ``y``."""
-    xs = [-v if x in FASTER_BETTER else v for v in rows[x]]
+    """Bool per row: on the front of cost ``x`` (speedups: higher better, read at ``PARETO_SPEED``
+    when the rows carry their ``{x}_low`` column) and quality ``y``."""
+    column = f"{x}_low" if x in FASTER_BETTER and f"{x}_low" in rows else x
+    xs = [-v if x in FASTER_BETTER else v for v in rows[column].fillna(rows[x])]
     return pd.Series(pareto_mask(xs, list(rows[y]), y in HIGHER_BETTER), index=rows.index)
 
 
@@ -100,7 +112,7 @@ def _bench_settings(device: str, dtype: str, settings: dict) -> dict:
 
 
 def _cache_path(model, plan: PruningPlan, device: str, dtype: str, settings: dict, cache_dir) -> Path:
-    blob = json.dumps({"model": model_fingerprint(model), "plan": plan_key(plan),
+    blob = json.dumps({"result": MEASURED_SCHEMA, "model": model_fingerprint(model), "plan": plan_key(plan),
                        "bench": _bench_settings(device, dtype, settings)}, sort_keys=True)
     key = hashlib.sha256(blob.encode()).hexdigest()[:20]
     return Path(cache_dir or default_cache_dir()) / "measured" / f"{key}.json"
@@ -133,13 +145,13 @@ def measure(model_name: str, model, plan: PruningPlan, device: str = "cpu", dtyp
     if known is not None:
         return known
     s = _bench_settings(device, dtype, settings)
+    protocol = Protocol(**{k: s.pop(k) for k in ("budget_s", "min_rounds", "warmup")})
     with holding(model, progress):
         original, pruned = copy.deepcopy(model), adapter.extract(plan)
-    result = bench_models(original, pruned, tokenizer, plan, model_name=model_name, progress=progress, **s)
+    result = bench_models(original, pruned, tokenizer, plan, model_name=model_name, progress=progress,
+                          protocol=protocol, **s)
     r = result["ratios"]
-    out = {"prefill_speedup": result["measured_prefill_speedup"], "decode_speedup": r["decode_tokens_per_s"],
-           "ttft_ratio": r["ttft_ms"], "state_ratio": r["state_bytes_per_sequence"],
-           "expected_prefill_speedup": result["expected_prefill_speedup"],
+    out = {**point_speeds(result), "ttft_ratio": r["ttft_ms"], "state_ratio": r["state_bytes_per_sequence"],
            "peak_memory_ratio": r.get("memory_peak_bytes"), "bench": result}
     path = _cache_path(model, plan, device, dtype, settings, cache_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -147,7 +159,27 @@ def measure(model_name: str, model, plan: PruningPlan, device: str = "cpu", dtyp
     return out
 
 
+def point_speeds(result: dict) -> dict:
+    """A bench result's speedups as the frontier's columns, exactly ``bench``'s numbers: for each of
+    prefill and decode the median (``prefill_speedup``), its 95 % interval (``_low``, ``_high``),
+    whether it is resolved, and the printed form (``_text``, ``bench.speedup_text``); the expectations beside."""
+    out = {}
+    for phase in ("prefill", "decode"):
+        m = result[f"measured_{phase}_speedup"]
+        out.update({f"{phase}_speedup": m["median"], f"{phase}_speedup_low": m["ci95"][0],
+                    f"{phase}_speedup_high": m["ci95"][1], f"{phase}_speedup_resolved": m["resolved"],
+                    f"{phase}_speedup_text": speedup_text(m), f"expected_{phase}_speedup": result[f"expected_{phase}_speedup"]})
+    out["gap_reasons"] = result["gap_reasons"]
+    return out
+
+
+UNPRUNED_TEXT = "1.00× [1.00–1.00] (the model itself, nothing timed)"
+
+
 def _unpruned() -> dict:
     """The unpruned model against itself: every ratio is 1 by definition, nothing to time."""
-    return {"prefill_speedup": 1.0, "decode_speedup": 1.0, "ttft_ratio": 1.0, "state_ratio": 1.0,
-            "expected_prefill_speedup": 1.0, "peak_memory_ratio": 1.0, "bench": None}
+    exact = {f"{phase}_speedup{suffix}": 1.0 for phase in ("prefill", "decode") for suffix in ("", "_low", "_high")}
+    return {**exact, "prefill_speedup_resolved": False, "decode_speedup_resolved": False,
+            "prefill_speedup_text": UNPRUNED_TEXT, "decode_speedup_text": UNPRUNED_TEXT,
+            "expected_prefill_speedup": 1.0, "expected_decode_speedup": 1.0, "gap_reasons": [],
+            "ttft_ratio": 1.0, "state_ratio": 1.0, "peak_memory_ratio": 1.0, "bench": None}
