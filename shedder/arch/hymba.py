@@ -47,6 +47,9 @@ from shedder.arch.layers import present, remove_sub_block, skip_sub_block, slice
 from shedder.arch.spec import LayerSpec, PrunedSpec
 
 _SECTIONS = ("q", "k", "v", "x", "z")
+#: The SSM branch's modules inside a Hymba block (the official extraction's ``SSM_MODULES``, and conv1d).
+_SSM_MODULES = ("conv1d", "x_proj", "dt_proj", "A_log", "D", "dt_layernorm", "B_layernorm", "C_layernorm",
+                "pre_avg_layernorm2")
 
 
 def _masked_block(block: HymbaBlock, attention: bool, ssm: bool):
@@ -220,8 +223,8 @@ class HymbaAdapter(Adapter):
                 block = decoder.mamba
                 kv = block.kv_source is None and (s.attention or layer_map[old] in producers)
                 keep = [n for n, on in zip(_SECTIONS, (s.attention, kv, kv, s.ssm, s.ssm)) if on]
-                state = {k: v for k, v in block.state_dict().items()
-                         if (s.attention or "pre_avg_layernorm1" not in k) and (s.ssm or k.startswith(("in_proj", "out_proj")))}
+                gone = (() if s.attention else ("pre_avg_layernorm1",)) + (() if s.ssm else _SSM_MODULES)
+                state = {k: v for k, v in block.state_dict().items() if k.split(".")[0] not in gone}
                 rows = torch.tensor(block.rows(keep), dtype=torch.long, device=block.in_proj.weight.device)
                 state["in_proj.weight"] = block.in_proj.weight[rows]
                 if block.in_proj.bias is not None:
