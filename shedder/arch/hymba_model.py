@@ -112,19 +112,23 @@ class HymbaRMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_inv_freq(config: HymbaConfig, dim: int) -> torch.Tensor:
-    """[dim / 2] rotary frequencies; ``"ntk"`` scales the base as the published ``LlamaRotaryEmbedding``."""
+def rope_base(config: HymbaConfig, dim: int) -> float:
+    """The rotary base; ``"ntk"`` scales it as the published ``LlamaRotaryEmbedding`` does."""
     base = config.rope_theta
     if config.rope_type == "ntk":
         factor = 2
         ratio = factor * config.max_position_embeddings / config.orig_max_position_embeddings - (factor - 1)
         base = base * ratio ** (dim / (dim - 2))
-    return 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    return base
 
 
-def apply_rope(x, positions, inv_freq):
-    """x: [b, heads, l, d] rotated by absolute ``positions`` [l] (rotate-half convention)."""
-    freqs = positions.float()[:, None] * inv_freq.to(x.device)[None, :]   # [l, d/2]
+def apply_rope(x, positions, base: float):
+    """x: [b, heads, l, d] rotated by absolute ``positions`` [l] (rotate-half convention). The
+    frequencies are computed here, not held in a buffer: a non-persistent buffer is left
+    uninitialised when ``from_pretrained`` builds the model on the meta device."""
+    dim = x.shape[-1]
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device=x.device).float() / dim))
+    freqs = positions.float()[:, None] * inv_freq[None, :]   # [l, d/2]
     emb = torch.cat((freqs, freqs), dim=-1)
     cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
     x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2:]
@@ -189,10 +193,7 @@ class HymbaBlock(nn.Module):
         eps, bias = config.rms_norm_eps, config.mamba_proj_bias
         self.in_proj = nn.Linear(hidden, start, bias=bias)
         self.out_proj = nn.Linear(inner, hidden, bias=bias)
-        if config.rope:
-            self.register_buffer("inv_freq", rope_inv_freq(config, self.head_dim), persistent=False)
-        else:
-            self.inv_freq = None
+        self.rope_base = rope_base(config, self.head_dim) if config.rope else None
         if attention:
             self.pre_avg_layernorm1 = HymbaRMSNorm(inner, eps)
         if ssm:
@@ -243,8 +244,8 @@ class HymbaBlock(nn.Module):
         b, l, _ = proj.shape
         k = self.section(proj, "k").view(b, l, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.section(proj, "v").view(b, l, self.num_kv_heads, self.v_head_dim).transpose(1, 2)
-        if self.inv_freq is not None:
-            k = apply_rope(k, context.positions, self.inv_freq)
+        if self.rope_base is not None:
+            k = apply_rope(k, context.positions, self.rope_base)
         cache = context.cache
         if cache is not None:
             if self.layer_idx in cache.kv:
@@ -261,8 +262,8 @@ class HymbaBlock(nn.Module):
         k, v = kv
         b, l, _ = proj.shape
         q = self.section(proj, "q").view(b, l, self.num_heads, self.head_dim).transpose(1, 2)
-        if self.inv_freq is not None:
-            q = apply_rope(q, context.positions, self.inv_freq)
+        if self.rope_base is not None:
+            q = apply_rope(q, context.positions, self.rope_base)
         rep = self.num_heads // self.num_kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         k_pos = torch.arange(k.shape[2], device=q.device)
