@@ -204,6 +204,12 @@ class Adapter:
                            key=lambda s: s.source)
         return PrunedSpec(tuple(specs))
 
+    def resume_points(self) -> list[int]:
+        """Layers a forward may start at from their cached input alone (``PlanEvaluator``): every
+        layer, unless a later layer reads state an earlier one makes in the same forward (Hymba's
+        shared keys and values)."""
+        return list(range(self.num_layers))
+
     def cache_anchor_layers(self) -> list[int]:
         """Attention-type layers of which extraction keeps at least one, emptied if a plan removes
         them all: ``transformers`` reads the cache's sequence length from an attention slot

@@ -142,17 +142,10 @@ class HymbaAdapter(Adapter):
                                     f"(ssm:{layer}) or attention (attention:{layer})")
 
     # ------------------------------------------------------------------ live masks
-    def skip_forward(self, layer: int):
-        """A skipped layer still makes the keys and values its consumers read (the prefix-reusing
-        evaluator skips layers whose output it has; a removed producer has no attending consumer)."""
-        decoder = self.layers()[layer]
-        produces = bool(self.consumers(layer)) and self.has_mixer(layer) and decoder.mamba.kv_rows
-
-        def forward(hidden_states, *args, context=None, **kwargs):
-            if produces and context is not None:
-                decoder.mamba.keys_values(decoder.mamba.in_proj(decoder.input_layernorm(hidden_states)), context)
-            return hidden_states
-        return forward
+    def resume_points(self) -> list[int]:
+        """Not between a producer and its last consumer: the consumers need the producer's keys and values."""
+        inside = {i for c, p in self.config.kv_sources().items() for i in range(p + 1, c + 1)}
+        return [i for i in range(self.num_layers) if i not in inside]
 
     def mask_layer(self, layer: int, comps: list[Component], stack: contextlib.ExitStack) -> None:
         decoder, kinds = self.layers()[layer], {c.kind for c in comps}
