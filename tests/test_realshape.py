@@ -33,6 +33,7 @@ CASES = {
     "zamba2": (2, "float32"),
     "falcon_h1": (2, "float32"),
     "jamba": (2, "bfloat16"),
+    "hymba": (3, "float32"),
 }
 #: Relative difference of perplexity, masked plan vs extracted model (see README, "Real shapes").
 PPL_TOL = {"float32": 1e-4, "bfloat16": 2e-2}
