@@ -221,3 +221,30 @@ def test_released_official_config_on_the_hymba_1_5b_layout():
         assert (small(ids).logits - masked).abs().max() < 1e-4
         assert (full - masked).abs().max() > 1e-3
     assert adapter.param_count(plan) < adapter.param_count()
+
+
+def test_a_hub_config_loads_without_remote_code(tmp_path):
+    """A config.json as the hub has it (``auto_map`` to the remote code, the fields that code adds)
+    loads into this implementation with ``trust_remote_code`` off: same logits."""
+    from shedder.formats.loading import load_model
+
+    model = make_hymba(3)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    config = json.loads(path.read_text())
+    config.update({"auto_map": {"AutoConfig": "configuration_hymba.HymbaConfig",
+                                "AutoModelForCausalLM": "modeling_hymba.HymbaForCausalLM"},
+                   "conv_dim": {str(i): 64 for i in range(6)}, "layer_type": ["h"] * 6, "num_mamba": 1,
+                   "attn_implementation_new": "sdpa", "kv_weight_reuse": False, "use_mamba_kernels": True,
+                   "calc_logits_for_entire_prompt": False, "v_head_dim": 16, "seq_length": 64})
+    path.write_text(json.dumps(config))
+    loaded, _ = load_model(str(tmp_path))
+    assert type(loaded) is HymbaForCausalLM
+    ids = tokens(2, 12, 2, TINY["vocab_size"])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_unsupported_config_is_refused():
+    with pytest.raises(ValueError, match="num_experts=4 is not supported"):
+        HymbaConfig(**{**TINY, "num_experts": 4})
