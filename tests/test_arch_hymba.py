@@ -248,3 +248,42 @@ def test_a_hub_config_loads_without_remote_code(tmp_path):
 def test_unsupported_config_is_refused():
     with pytest.raises(ValueError, match="num_experts=4 is not supported"):
         HymbaConfig(**{**TINY, "num_experts": 4})
+
+
+def test_weight_reorder_keeps_the_function_and_sorts_channels_by_l1_norm():
+    model = make_hymba(4)
+    ids = tokens(4, 12, 2, TINY["vocab_size"])
+    with torch.no_grad():
+        before = model(ids).logits
+        assert adapter_for(model).reorder_mlp_channels() == 6
+        assert (model(ids).logits - before).abs().max() < 1e-5
+    ffn = model.model.layers[0].moe.experts[0]
+    norms = ffn.gate_proj.weight.abs().sum(1) + ffn.up_proj.weight.abs().sum(1)
+    assert torch.all(norms[:-1] >= norms[1:])
+
+
+def test_cli_weight_reorder_with_official_widths(tmp_path, capsys, bundled_tokenizer):
+    """``--weight-reorder`` with an official ``pruned_mlp_channels``: eval masks the reordered model,
+    extract writes the same function (its perplexity equals the masked one)."""
+    from shedder.cli import main
+
+    model = make_hymba(5, vocab_size=len(bundled_tokenizer))
+    model.save_pretrained(tmp_path / "m")
+    bundled_tokenizer.save_pretrained(tmp_path / "m")
+    plan = tmp_path / "official.json"
+    plan.write_text(json.dumps({"pruned_mlp_channels": {"0": 12, "3": 24}}))
+    opts = ["--model", str(tmp_path / "m"), "--plan", str(plan), "--samples", "2", "--seq-len", "16",
+            "--no-accuracy", "--no-progress", "--json"]
+
+    def ppl(*argv):
+        assert main(list(argv)) == 0
+        return json.loads(capsys.readouterr().out)["perplexity"]
+
+    plain, reordered = ppl("eval", *opts), ppl("eval", *opts, "--weight-reorder")
+    assert plain != reordered
+    assert main(["extract", "--model", str(tmp_path / "m"), "--plan", str(plan), "--weight-reorder",
+                 "--out", str(tmp_path / "x"), "--json"]) == 0
+    capsys.readouterr()
+    extracted = ppl("eval", "--model", str(tmp_path / "x"), "--samples", "2", "--seq-len", "16", "--no-accuracy",
+                    "--no-progress", "--json")
+    assert extracted == pytest.approx(reordered, rel=1e-5)

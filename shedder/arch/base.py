@@ -317,6 +317,14 @@ class Adapter:
         official configs in its place); default: ``comp``."""
         return comp
 
+    def reorder_mlp_channels(self) -> int:
+        """The official ``--weight_reorder``: permute every per-layer MLP's channels by L1 norm
+        (``feed_forward.l1_reorder``; the function is unchanged, so a width keeps the strongest
+        channels). Returns the number of MLPs reordered; families without their own per-layer MLP
+        channels refuse."""
+        raise PlanError(f"{type(self.model).__name__}: --weight-reorder is not available for this family "
+                        "(it reorders per-layer MLP channels)")
+
     def official_mlp_width(self, layer: int) -> int:
         """Intermediate channels of the MLP at ``layer`` (what an official ``pruned_mlp_channels``
         width counts); the families with MLP channel groups define ``mlp_width``."""

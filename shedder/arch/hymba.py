@@ -40,8 +40,8 @@ from torch import nn
 from shedder.core.errors import PlanError
 from shedder.core.plan import Component, PruningPlan
 from shedder.arch.base import Adapter, patch_forward
-from shedder.arch.feed_forward import (check_mlp_groups, default_mlp_group_size, kept_mlp_channels, mask_mlp_channels,
-                                       mlp_width_after, num_mlp_groups, pruned_mlp_state, resize_mlp)
+from shedder.arch.feed_forward import (check_mlp_groups, default_mlp_group_size, kept_mlp_channels, l1_reorder,
+                                       mask_mlp_channels, mlp_width_after, num_mlp_groups, pruned_mlp_state, resize_mlp)
 from shedder.arch.hymba_model import HymbaBlock, HymbaForCausalLM
 from shedder.arch.layers import present, remove_sub_block, skip_sub_block, sliced_state_dict
 from shedder.arch.spec import LayerSpec, PrunedSpec
@@ -110,6 +110,12 @@ class HymbaAdapter(Adapter):
             comps += [Component("mlp", layer)] + [Component("mlp_channel_group", layer, g)
                                                    for g in range(num_mlp_groups(width, self.mlp_group_size))]
         return comps
+
+    def reorder_mlp_channels(self) -> int:
+        ffns = [self.layers()[i].moe.experts[0] for i in range(self.num_layers) if self.mlp_width(i)]
+        for ffn in ffns:
+            l1_reorder(ffn)
+        return len(ffns)
 
     def consumers(self, layer: int) -> list[int]:
         """Layers attending to the keys and values ``layer`` produces."""
