@@ -35,6 +35,7 @@ CASES = {
     "jamba": (2, "bfloat16"),
     "granite": (2, "float32"),
     "granite_dense": (2, "bfloat16"),
+    "hymba": (3, "float32"),
 }
 #: Relative difference of perplexity, masked plan vs extracted model (see README, "Real shapes").
 PPL_TOL = {"float32": 1e-4, "bfloat16": 2e-2}

@@ -14,14 +14,18 @@ from shedder.formats.official import read_plan
 
 
 def load(name: str, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
-         tokenizer: str | None = None, threads: int | None = None):
-    """(model, tokenizer or None) of a bundled name, local directory or hub id."""
+         tokenizer: str | None = None, threads: int | None = None, weight_reorder: bool = False):
+    """(model, tokenizer or None) of a bundled name, local directory or hub id; ``weight_reorder``:
+    the MLP channels sorted by L1 norm first (the official ``--weight_reorder``, function unchanged)."""
     if not str(device).startswith("cuda"):
         # The GPU kernels' "install mamba-ssm / causal-conv1d" advice is no use on a CPU run.
         logging.getLogger("transformers.integrations.hub_kernels").setLevel(logging.ERROR)
     if threads is not None:
         torch.set_num_threads(threads)
-    return load_model(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
+    model, tok = load_model(name, dtype=dtype, device=device, trust_remote_code=trust_remote_code, tokenizer=tokenizer)
+    if weight_reorder:
+        adapter_for(model).reorder_mlp_channels()
+    return model, tok
 
 
 def sources(*names: str | None) -> list[str]:

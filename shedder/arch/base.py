@@ -204,6 +204,12 @@ class Adapter:
                            key=lambda s: s.source)
         return PrunedSpec(tuple(specs))
 
+    def resume_points(self) -> list[int]:
+        """Layers a forward may start at from their cached input alone (``PlanEvaluator``): every
+        layer, unless a later layer reads state an earlier one makes in the same forward (Hymba's
+        shared keys and values)."""
+        return list(range(self.num_layers))
+
     def cache_anchor_layers(self) -> list[int]:
         """Attention-type layers of which extraction keeps at least one, emptied if a plan removes
         them all: ``transformers`` reads the cache's sequence length from an attention slot
@@ -310,6 +316,14 @@ class Adapter:
         """``comp``, or the component of an official kind that removes exactly the same (written to
         official configs in its place); default: ``comp``."""
         return comp
+
+    def reorder_mlp_channels(self) -> int:
+        """The official ``--weight_reorder``: permute every per-layer MLP's channels by L1 norm
+        (``feed_forward.l1_reorder``; the function is unchanged, so a width keeps the strongest
+        channels). Returns the number of MLPs reordered; families without their own per-layer MLP
+        channels refuse."""
+        raise PlanError(f"{type(self.model).__name__}: --weight-reorder is not available for this family "
+                        "(it reorders per-layer MLP channels)")
 
     def official_mlp_width(self, layer: int) -> int:
         """Intermediate channels of the MLP at ``layer`` (what an official ``pruned_mlp_channels``

@@ -22,6 +22,7 @@ Granite's ``input_linear``): a kept channel keeps its row in both halves.
 * ``resize_mlp(mlp, width, rows=ROWS, cols=COLS)`` — build: give a module tree's MLP ``width``
   intermediate channels (new ``nn.Linear`` modules on the same device / dtype).
 * ``default_mlp_group_size(width)`` — channels per group when the plan does not say.
+* ``l1_reorder(mlp)`` — the official optional weight reorder (channels sorted by L1 norm, in place).
 
 Layers ending in ``h = h + feed_forward(pre_ff_layernorm(h))`` (Bamba, Falcon-H1, Jamba) call the
 sub-block steps below for the ``mlp`` / ``mlp_channel_group`` kinds, in the order a family file
@@ -156,6 +157,25 @@ def resize_mlp(mlp: nn.Module, width: int, rows: Sequence[str] = ROWS, cols: Seq
         setattr(mlp, name, _resized(lin, width, lin.out_features))
     if hasattr(mlp, "intermediate_size"):
         mlp.intermediate_size = width
+
+
+@torch.no_grad()
+def l1_reorder(mlp: nn.Module, rows: Sequence[str] = ROWS, cols: Sequence[str] = COLS) -> None:
+    """The official ``--weight_reorder`` (``reorder_in_mlp_block`` of the Mamba-Shedder Hymba and
+    Zamba2 scripts): sort the intermediate channels by the summed L1 norm of their input-projection
+    rows, largest first (ties: the lower index first), permuting those rows and the output
+    projection's columns in place. The MLP computes the same function; keeping its first ``width``
+    channels afterwards keeps the ``width`` with the largest norms."""
+    importance = sum(getattr(mlp, name).weight.abs().sum(dim=1) for name in rows)
+    order = torch.sort(importance, descending=True, stable=True).indices
+    for name in rows:
+        lin = getattr(mlp, name)
+        lin.weight.copy_(lin.weight[order])
+        if lin.bias is not None:
+            lin.bias.copy_(lin.bias[order])
+    for name in cols:
+        lin = getattr(mlp, name)
+        lin.weight.copy_(lin.weight[:, order.to(lin.weight.device)])
 
 
 # ---------------------------------------------------------------------------- feed-forward sub-block

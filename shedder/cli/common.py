@@ -48,7 +48,7 @@ def load(args):
     this process only reads its weights."""
     device = "cpu" if distributed(args) else args.device
     return api.load(args.model, dtype=args.dtype, device=device, trust_remote_code=args.trust_remote_code,
-                    tokenizer=args.tokenizer, threads=args.threads)
+                    tokenizer=args.tokenizer, threads=args.threads, weight_reorder=getattr(args, "weight_reorder", False))
 
 
 def sources(args) -> list[str]:
@@ -91,6 +91,10 @@ def model_options(p: argparse.ArgumentParser, model_required: bool = False) -> N
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code from the hub")
     p.add_argument("--threads", type=threads, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    p.add_argument("--weight-reorder", action="store_true",
+                   help="sort each MLP's channels by L1 norm first (the official --weight_reorder; the model's "
+                        "function is unchanged, MLP widths then keep the strongest channels); give it to every "
+                        "command that uses the plan")
     p.add_argument("--tokenizer", help="tokenizer name, directory or hub id (default: the model's own; needed "
                                        "only to read text when the model directory has none)")
 

@@ -23,7 +23,11 @@ from pathlib import Path
 import torch
 import transformers
 
+from shedder.arch.hymba_model import HymbaConfig
 from shedder.formats.loading import REPO_ROOT
+
+#: Config classes of the families whose model this engine implements (no ``transformers`` class).
+_ENGINE_CONFIGS = {"HymbaConfig": HymbaConfig}
 
 
 @dataclass(frozen=True)
@@ -45,7 +49,8 @@ class RealShape:
             values.update(self.shrink)
         if layers is not None:
             values = _cut_layout(self, values, layers)
-        return getattr(transformers, self.config_class)(**values)
+        cls = _ENGINE_CONFIGS.get(self.config_class) or getattr(transformers, self.config_class)
+        return cls(**values)
 
 
 def _cut_layout(shape: RealShape, values: dict, layers: int) -> dict:
@@ -55,6 +60,10 @@ def _cut_layout(shape: RealShape, values: dict, layers: int) -> dict:
         values[key] = values[key][:layers]
         if "num_hidden_layers" in values:
             values["num_hidden_layers"] = len(values[key])
+    elif key == "kv_reuse_group":  # Hymba: global layers and KV groups within the first layers
+        values["global_attn_idx"] = [i for i in values["global_attn_idx"] if i < layers]
+        values[key] = [g for g in ([i for i in g if i < layers] for g in values[key]) if len(g) > 1]
+        values["num_hidden_layers"] = layers
     elif key == "attn_layer_indices":
         values[key] = [i for i in values[key] if i < layers]
         values["num_hidden_layers"] = layers
@@ -145,6 +154,18 @@ REAL_SHAPES: dict[str, RealShape] = {s.family: s for s in [
     RealShape("granite_dense", "ibm-granite/granite-4.0-h-1b", "GraniteMoeHybridConfig", dict(_GRANITE_4_H,
         intermediate_size=4096, shared_intermediate_size=4096, num_local_experts=0, num_experts_per_tok=0),
         shrink=dict(shared_intermediate_size=512, layer_types=["mamba", "attention"]), layout_key="layer_types"),
+    # Hymba-1.5B-Base (its config.json; the model is ``shedder.arch.hymba_model``). Layers 0..2 of
+    # the layout: the first global layer and the first KV group (producer 1, consumer 2).
+    RealShape("hymba", "nvidia/Hymba-1.5B-Base", "HymbaConfig", dict(
+        vocab_size=32001, hidden_size=1600, num_hidden_layers=32, intermediate_size=5504, num_attention_heads=25,
+        num_key_value_heads=5, mamba_expand=2, mamba_d_state=16, mamba_d_conv=4, mamba_dt_rank=100,
+        mamba_conv_bias=True, mamba_proj_bias=False, mamba_inner_layernorms=True, rms_norm_eps=1e-6,
+        num_memory_tokens=128, memory_tokens_interspersed_every=0, sliding_window=1024, global_attn_idx=[0, 15, 31],
+        kv_reuse_group=[[1, 2], [3, 4], [5, 6], [7, 8], [9, 10], [11, 12], [13, 14], [16, 17, 18], [19, 20],
+                        [21, 22], [23, 24], [25, 26], [27, 28], [29, 30]],
+        rope=True, rope_theta=10000.0, rope_type="ntk", orig_max_position_embeddings=2048,
+        max_position_embeddings=8192, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        shrink=dict(intermediate_size=512), layout_key="kv_reuse_group"),
 ]}
 
 FAMILIES = tuple(REAL_SHAPES)
@@ -158,11 +179,13 @@ def fill(model, seed: int = 0) -> None:
     gen = torch.Generator().manual_seed(seed)
     for name, p in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
+        if leaf.isdigit():  # a ParameterList entry (Hymba's ``A_log.0``, ``D.0``)
+            leaf = name.rsplit(".", 2)[-2]
         if leaf == "A_log":
             p.copy_(torch.log(torch.rand(p.shape, generator=gen) * 15 + 1))
         elif leaf == "D":
             p.fill_(1.0)
-        elif leaf == "dt_bias" or name.endswith("dt_proj.bias"):
+        elif leaf == "dt_bias" or name.endswith(("dt_proj.bias", "dt_proj.0.bias")):
             dt = torch.exp(torch.rand(p.shape, generator=gen) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
             p.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
         elif p.dim() == 1:

@@ -8,15 +8,15 @@ writes a pruning config as a JSON object of ``pruned_*`` keys:
   the hybrid layers, i.e. of the shared-block applications);
 * ``pruned_mlp_channels`` — ``{ordinal: remaining width}`` per MLP, string keys after JSON; the
   first ``width`` channels stay;
-* Hymba: ``pruned_hymba_block_idx``, ``pruned_self_attn_idx``, ``pruned_moe_idx``.
+* Hymba: ``pruned_hymba_block_idx``, ``pruned_self_attn_idx``, ``pruned_moe_idx`` (layer indices).
 
 What a key means depends on the family (on Zamba2 a "mamba block" is the Mamba mixer of a layer,
 the shared block still runs: our ``mixer``; on Mamba it is the whole layer: our ``block``), so the
 mapping lives on the adapter (``Adapter.official_keys``) and a config is turned into a plan only
 against a model: a config file is read as an ``OfficialConfig`` (every value checked,
 ``read_plan``) and ``Adapter.resolve`` asks it for its components
-(``OfficialConfig.plan_for``). A key whose kind the family lacks, a Hymba key (we have no Hymba
-family) and any unknown key are refused by name; empty lists are accepted.
+(``OfficialConfig.plan_for``). A key whose kind the family lacks, a Hymba key on another family
+and any unknown key are refused by name; empty lists are accepted.
 
 A run directory of the official code holds ``log.json`` (``args``, ``total_params``,
 ``pruning_results``: one ``{"step", "prune_target" | "pruning_target", "importance", "config_save_to"}``
@@ -46,13 +46,14 @@ LIST_KEYS = ("pruned_mamba_block_idx", "pruned_mha_idx", "pruned_mlp_idx", "prun
              "pruned_hymba_block_idx", "pruned_self_attn_idx", "pruned_moe_idx")
 WIDTH_KEY = "pruned_mlp_channels"
 OFFICIAL_KEYS = LIST_KEYS + (WIDTH_KEY,)
-#: Keys written only by the Hymba scripts (no Hymba family here).
+#: Keys written only by the Hymba scripts (other families refuse them).
 HYMBA_KEYS = ("pruned_hymba_block_idx", "pruned_self_attn_idx", "pruned_moe_idx")
 #: Keys whose indices count sub-blocks of one kind in order instead of naming layers.
 ORDINAL_KEYS = ("pruned_mha_idx", "pruned_mlp_idx")
 #: The name the official scripts give each key's target (file names, ``log.json``).
 TARGET_NAMES = {"pruned_mamba_block_idx": "mamba_block", "pruned_ssm_idx": "ssm", "pruned_mha_idx": "mha",
-                "pruned_mlp_idx": "mlp", WIDTH_KEY: "mlp_width"}
+                "pruned_mlp_idx": "mlp", WIDTH_KEY: "mlp_width", "pruned_hymba_block_idx": "hymba_block",
+                "pruned_self_attn_idx": "self_attn", "pruned_moe_idx": "moe"}
 
 
 # ---------------------------------------------------------------------------------------- configs in
@@ -105,11 +106,11 @@ class OfficialConfig:
         config = self.keys
         family = _family(adapter)
         for key in HYMBA_KEYS:
-            if config.get(key):
+            if config.get(key) and key not in adapter.official_keys:
                 raise PlanError(f"official config key {key!r} is for Hymba models; {family} has no Hymba blocks "
-                                "(Hymba is not a supported family)")
+                                "(they apply to HymbaForCausalLM)")
         comps: list[Component] = []
-        for key in ("pruned_mamba_block_idx", "pruned_ssm_idx", "pruned_mha_idx", "pruned_mlp_idx"):
+        for key in ("pruned_mamba_block_idx", "pruned_ssm_idx", "pruned_mha_idx", "pruned_mlp_idx") + HYMBA_KEYS:
             idx = config.get(key) or []
             if not idx:
                 continue

@@ -120,7 +120,8 @@ class PlanEvaluator:
         if fit < 1 or n_layers < 2:
             return []
         stride = math.ceil((n_layers - 1) / min(fit, n_layers - 1))
-        return list(range(stride, n_layers, stride))
+        resumable = set(self.adapter.resume_points())
+        return [i for i in range(stride, n_layers, stride) if i in resumable]
 
     def clear(self) -> None:
         """Forget every cached activation (e.g. after the model's weights changed)."""
