@@ -32,7 +32,6 @@ per-head q/k norms, dynamic NTK rope, batches with padding.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
