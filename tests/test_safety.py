@@ -1015,7 +1015,7 @@ cli.main({[*argv, "--json"]!r})
     assert json.loads(capsys.readouterr().out)["resumed_from"] == 8
     events = log_events(run)
     assert [e["step"] for e in events if e["event"] == "step"] == [10, 12]
-    assert [e["event"] for e in events] == ["start", "resume", "step", "step", "done"]
+    assert [e["event"] for e in events] == ["start", "resume", "step", "held_out", "step", "done"]
     assert not [p.name for p in run.iterdir() if p.name.startswith("checkpoint")]
 
 
