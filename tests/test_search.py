@@ -256,6 +256,16 @@ def test_default_run_dir_is_keyed_so_a_cancelled_search_continues(mamba2, tmp_pa
     longer = greedy_search(mamba2, w, ["block"], StopWhen(steps=3), progress=lambda d, t, m: seen.append(m), run=RunDir(run, resume=True))
     assert longer.components == greedy_search(mamba2, w, ["block"], StopWhen(steps=3)).components
     assert not any(m.startswith("step 1") for m in seen)  # the first step came from the log
+    # Resumed under tighter limits, a longer log is read back only as far as they allow, evaluating nothing.
+    seen.clear()
+    shorter = greedy_search(mamba2, w, ["block"], StopWhen(steps=2), progress=lambda d, t, m: seen.append(m),
+                            run=RunDir(run, resume=True))
+    assert shorter.components == longer.components[:2] and shorter.stopped == "2 steps done" and not seen
+    cap = longer.steps[1].ppl * (1 - 1e-9)  # step 2 is over it; step 1 may be (on a tiny random model) or not
+    allowed = next(i for i, step in enumerate(longer.steps) if step.ppl > cap)
+    capped = greedy_search(mamba2, w, ["block"], StopWhen(max_ppl=cap), progress=lambda d, t, m: seen.append(m),
+                           run=RunDir(run, resume=True))
+    assert capped.components == longer.components[:allowed] and "max_ppl" in capped.stopped and not seen
 
 
 # ------------------------------------------------------------------------------------ fast search: exactness and speed mechanism

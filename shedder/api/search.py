@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -45,30 +44,12 @@ def search(model, windows, kinds, stop: StopWhen, run_dir=None, resume: bool = F
 
 def cached_search(model, windows, kinds, steps: int | None, progress=None, batch_size: int = 8, pool=None,
                   target_params: float | None = None, max_ppl: float | None = None) -> SearchResult:
-    """The studio's search: logged under the cache, so a cancelled or shorter one is continued, not redone.
-    It stops as the CLI's ``search`` does (``steps``, ``target_params``, ``max_ppl``); where the log holds
-    more steps (a longer search of the same kinds ran before), the result keeps those the limits allow."""
-    stop = StopWhen(steps=steps, target_params=target_params, max_ppl=max_ppl)
+    """The studio's search: logged under the cache, so a cancelled or shorter one is continued, not redone,
+    and a longer one is read back as far as the limits (``steps``, ``target_params``, ``max_ppl``, as the
+    CLI's ``search``) allow."""
     run_dir = default_run_dir(model, windows, list(kinds))
-    result = search(model, windows, kinds, stop, run_dir=run_dir, resume=True, progress=progress,
-                    batch_size=batch_size, pool=pool)
-    return within(result, stop)
-
-
-def within(result: SearchResult, stop: StopWhen) -> SearchResult:
-    """``result`` cut to the steps ``stop`` allows, with the reason it gives (the same result when all are)."""
-    kept, reason = [], stop.reached(0, result.base_params, result.base_params)
-    for step in result.steps:
-        if reason is not None:
-            break
-        if stop.max_ppl is not None and step.ppl > stop.max_ppl:
-            reason = f"next step ({step.component}) would reach perplexity {step.ppl:.3f} > max_ppl {stop.max_ppl}"
-            break
-        kept.append(step)
-        reason = stop.reached(len(kept), step.params, result.base_params)
-    if len(kept) == len(result.steps):
-        return result
-    return replace(result, steps=kept, stopped=reason)
+    return search(model, windows, kinds, StopWhen(steps=steps, target_params=target_params, max_ppl=max_ppl),
+                  run_dir=run_dir, resume=True, progress=progress, batch_size=batch_size, pool=pool)
 
 
 def write_official_layout(adapter, result: SearchResult, kinds, settings: dict) -> None:

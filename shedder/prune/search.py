@@ -84,6 +84,24 @@ class StopWhen:
             return f"parameter target reached ({full_params - params:,} of {full_params:,} removed)"
         return None
 
+    def over_ppl(self, comp, ppl: float) -> str | None:
+        """Why a step removing ``comp`` at perplexity ``ppl`` is not taken, or None."""
+        if self.max_ppl is not None and ppl > self.max_ppl:
+            return f"next step ({comp}) would reach perplexity {ppl:.3f} > max_ppl {self.max_ppl}"
+        return None
+
+    def allowed(self, steps: list, base_params: int, full_params: int) -> tuple[list, str | None]:
+        """The leading ``steps`` (of a run's log) these limits allow, and why they stop there (None: all
+        allowed and no limit reached): resuming a longer logged search under tighter limits."""
+        kept, reason = [], self.reached(0, base_params, full_params)
+        for step in steps:
+            reason = reason or self.over_ppl(step.component, step.ppl)
+            if reason is not None:
+                break
+            kept.append(step)
+            reason = self.reached(len(kept), step.params, full_params)
+        return kept, reason
+
 
 @dataclass(frozen=True)
 class RunDir:
@@ -233,11 +251,13 @@ def _loop(model, windows, kinds, choose, base_nll, adapter, stop: StopWhen, run:
     log = RunLog(run.path) if run is not None else None
 
     done_steps: list[SearchStep] = []
+    logged_reason = None  # a limit a logged step already meets (max_ppl included): no step is re-evaluated
     if log is not None and log.exists():
         if not run.resume:
             raise ShedderError(f"{log.dir} already holds a search ({LOG_FILE}); resume it (--resume) or choose another directory")
-        header, done_steps = log.resume(settings, base)
+        header, logged = log.resume(settings, base)
         base_ppl, base_params = header["base_ppl"], header["base_params"]
+        done_steps, logged_reason = stop.allowed(logged, base_params, full_params)  # the log may hold more
         plan = done_steps[-1].plan if done_steps else base
     else:
         base_ppl = perplexity_of(base_nll(base), tokens)
@@ -249,7 +269,7 @@ def _loop(model, windows, kinds, choose, base_nll, adapter, stop: StopWhen, run:
     def stop_reason() -> str | None:
         return stop.reached(len(done_steps), done_steps[-1].params if done_steps else base_params, full_params)
 
-    reason = stop_reason()
+    reason = logged_reason or stop_reason()
     while reason is None:
         cands = adapter.candidates(plan, kinds)
         if not cands:
@@ -267,8 +287,8 @@ def _loop(model, windows, kinds, choose, base_nll, adapter, stop: StopWhen, run:
             raise ShedderError(f"step {k}: every candidate gives an undefined or infinite perplexity "
                                "(try float32, or check the model)")
         ppl = math.exp(nll / tokens)
-        if stop.max_ppl is not None and ppl > stop.max_ppl:
-            reason = f"next step ({comp}) would reach perplexity {ppl:.3f} > max_ppl {stop.max_ppl}"
+        reason = stop.over_ppl(comp, ppl)
+        if reason is not None:
             break
         plan = removing(plan, comp)
         params = adapter.param_count(plan)
