@@ -43,13 +43,13 @@ from transformers.models.mamba2.modeling_mamba2 import (
     apply_mask_to_padding_states,
     causal_conv1d_fn,
     causal_conv1d_update,
-    mamba2_chunk_scan,
     mamba2_selective_state_update,
 )
 
 from shedder.core.errors import PlanError
 from shedder.core.plan import Component
 from shedder.arch.base import patch_forward
+from shedder.arch.ssd_scan import chunk_scan
 from shedder.arch.spec import LayerSpec
 
 
@@ -330,7 +330,7 @@ def ssd_forward(mixer: nn.Module, hidden_states: torch.Tensor, cache=None, atten
 
 # Adapted from transformers.models.mamba2.modeling_mamba2.Mamba2Mixer.forward, v5.24 (its scan part)
 def _scan(mixer, layout: MixerLayout, x, B, C, dt, w: _Weights, cache, recurrent_state, **kwargs):
-    """The SSD scan (chunked for prefill, recurrent for one-token decode) with D skip."""
+    """The SSD scan (chunked for prefill: ``ssd_scan.chunk_scan``; recurrent for decode) with D skip."""
     batch, seq_len, _ = x.shape
     H, P, N, G = layout.num_heads, mixer.head_dim, mixer.ssm_state_size, layout.n_groups
     B = B.reshape(batch, seq_len, G, N)
@@ -346,7 +346,7 @@ def _scan(mixer, layout: MixerLayout, x, B, C, dt, w: _Weights, cache, recurrent
             w.D[:, None].expand(-1, P), z=None, dt_bias=w.dt_bias[:, None].expand(-1, P), dt_softplus=True,
             **kwargs)
         return out.view(batch, 1, -1)
-    result = mamba2_chunk_scan(
+    result = chunk_scan(  # the engine's CPU scan unless mamba-ssm serves CUDA tensors
         x.view(batch, seq_len, H, P), dt, A, B, C, chunk_size=mixer.chunk_size, D=w.D, z=None,
         return_final_states=cache is not None, dt_bias=w.dt_bias, dt_softplus=True,
         initial_states=recurrent_state, dt_limit=mixer.time_step_limit, **kwargs)
