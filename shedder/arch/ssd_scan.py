@@ -121,8 +121,9 @@ def _engine_scan(x, dt, A, B, C, Q: int, D, dt_bias, initial_states, dt_softplus
     y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, c * Q, H, P)[:, :l]
     if D is not None:
         y = y + D.float()[:, None] * xf
+    y = y.contiguous()  # callers (Falcon-H1) ``view`` the result
     if return_final:
-        return y, final.reshape(b, H, P, N)
+        return y, final.reshape(b, H, P, N).contiguous()
     return y
 
 
