@@ -56,18 +56,19 @@ def uses_engine_scan(x: torch.Tensor) -> bool:
     return not _reference[0] and not (HAVE_MAMBA_SSM and x.is_cuda)
 
 
-def chunk_scan(x, dt, A, B, C, chunk_size: int, D=None, dt_bias=None, initial_states=None,
+def chunk_scan(hidden_states, dt, A, B, C, chunk_size: int, D=None, dt_bias=None, initial_states=None,
                dt_softplus: bool = False, dt_limit=(0.0, float("inf")), return_final_states: bool = False,
                _fallback=mamba2_chunk_scan, **kwargs):
-    """Same signature and results as transformers' ``mamba2_chunk_scan``: x [b, l, H, P], dt [b, l, H],
+    """Same signature and results as transformers' ``mamba2_chunk_scan``: hidden_states [b, l, H, P], dt [b, l, H],
     A [H], B/C [b, l, G, N] (H a multiple of G), D/dt_bias [H], initial_states [b, H, P, N].
     Returns y [b, l, H, P] in fp32 (and the final state [b, H, P, N] when asked). ``chunk_size`` (the
     config's) is honoured only on the reference path; results do not depend on it. ``kwargs`` (z,
     seq_idx, ...) are ignored, as transformers' torch function ignores them."""
+    x = hidden_states
     if not uses_engine_scan(x):
         return _fallback(x, dt, A, B, C, chunk_size=chunk_size, D=D, dt_bias=dt_bias,
-                                 initial_states=initial_states, dt_softplus=dt_softplus, dt_limit=dt_limit,
-                                 return_final_states=return_final_states, **kwargs)
+                         initial_states=initial_states, dt_softplus=dt_softplus, dt_limit=dt_limit,
+                         return_final_states=return_final_states, **kwargs)
     return _engine_scan(x, dt, A, B, C, CHUNK, D, dt_bias, initial_states, dt_softplus, dt_limit,
                         return_final_states)
 

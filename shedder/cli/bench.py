@@ -12,6 +12,7 @@ from shedder import api
 from shedder.api import DEFAULT_CALIBRATION, DEFAULT_MODEL, DEFAULT_SAMPLES
 from shedder.api.recover import METHODS
 from shedder.api.search import compare_searches
+from shedder.dev.scan_bench import compare_scan
 from shedder.dev.recover_bench import compare_methods, format_comparison
 from shedder.dev.workers import bench_workers
 from shedder.formats.official import read_plan
@@ -22,7 +23,7 @@ from shedder.core.errors import ShedderError, printable
 from shedder.dev import scale
 from shedder.dev.realshape import FAMILIES
 from shedder.measure.data import calibration_windows
-from shedder.measure.timing import Protocol
+from shedder.measure.timing import Protocol, Ratio
 
 
 def add(sub) -> None:
@@ -32,7 +33,7 @@ def add(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
-    bench_sub = p.add_subparsers(dest="bench_command", metavar="{search,recover}")
+    bench_sub = p.add_subparsers(dest="bench_command", metavar="{search,recover,scan}")
     s = bench_sub.add_parser("search", help="fast vs reference greedy search",
                              description="Run the reference and the fast greedy search on the same model and "
                                          "data; print both wall times, the speed-up and whether they chose "
@@ -51,6 +52,7 @@ def add(sub) -> None:
                                          "plan), recover each with every method for the same token budget, and "
                                          "print the share of the lost perplexity each method wins back.")
     recover_options(r)
+    scan_parser(bench_sub)
 
 
 def speed_options(parser: argparse.ArgumentParser) -> None:
@@ -192,3 +194,34 @@ def scale_parser(command: str, main) -> argparse.ArgumentParser:
                    help="float32, float16 or bfloat16")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     return p
+
+
+def scan_parser(bench_sub) -> None:
+    """``bench scan``: the engine's SSD scan vs transformers' torch reference."""
+    s = bench_sub.add_parser("scan", help="engine SSD scan vs transformers' torch reference (Mamba-2 130M shape)",
+                             description="Time the engine's CPU SSD scan against transformers' torch reference "
+                                         "at the Mamba-2 130M shape (paired rounds), one scan call and the whole "
+                                         "model's prefill, and print the speed-ups and the max differences.")
+    s.add_argument("--no-model", action="store_true", help="only the scan call, not the 130M-shape prefill")
+    s.add_argument("--budget-s", type=positive_float, default=20.0, help="time budget per measurement (default 20)")
+    s.add_argument("--json", action="store_true", help="print JSON (keys speedup, max_abs_diff, ...)")
+    s.set_defaults(func=run_scan)
+
+
+def run_scan(args) -> int:
+    """The scan benchmark's report."""
+    protocol = Protocol(budget_s=args.budget_s)
+    r = compare_scan(protocol, model=not args.no_model)
+    ratio = lambda d: Ratio(d["median"], tuple(d["ci95"]), d["rounds"], d["noisy"], d["resolved"]).text()  # noqa: E731
+    lines = [f"bench scan: {protocol.describe()}",
+             f"scan call (4 × 256 tokens, 24 heads × 64, state 128, engine chunk {r['chunk']}): speed-up "
+             f"{ratio(r['scan'])}; {r['scan']['reference_s'] * 1e3:.1f} ms → {r['scan']['engine_s'] * 1e3:.1f} ms",
+             f"max abs diff {r['max_abs_diff']:.3g} (relative {r['max_rel_diff']:.2g}); bf16 inputs: relative "
+             f"{r['bf16_max_rel_diff_vs_reference']:.2g} vs the bf16 reference, {r['bf16_max_rel_diff_vs_fp32']:.2g} "
+             "vs fp32"]
+    if "model_prefill" in r:
+        p = r["model_prefill"]
+        lines.append(f"130M-shape prefill (24 layers, 4 × 256 tokens): speed-up {ratio(p)}; "
+                     f"{p['reference_s']:.2f} s → {p['engine_s']:.2f} s")
+    emit(args, r, "\n".join(lines))
+    return 0
