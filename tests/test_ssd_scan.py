@@ -3,11 +3,14 @@ chunk boundaries, lengths not divisible by the chunk, initial/final states, and 
 models of every Mamba-2-style family (prefill and cached decode) under ``ssd_scan.reference()``."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers.models.mamba2.modeling_mamba2 import mamba2_chunk_scan
 
 from shedder.arch import ssd_scan
+from shedder.cli import main
 from shedder.dev import realshape
 from shedder.dev.scan_bench import scan_inputs
 
@@ -59,3 +62,10 @@ def test_real_shape_models_equal_reference_prefill_and_decode(family):
             ref_gen = model.generate(ids[:1, :40], max_new_tokens=4, do_sample=False)
     assert rel(out, ref) < TOL
     assert torch.equal(gen, ref_gen)
+
+
+def test_bench_scan_reports_speedup_and_difference(capsys):
+    assert main(["bench", "scan", "--no-model", "--budget-s", "0.1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["max_rel_diff"] < TOL and report["speedup"] > 0 and report["scan"]["rounds"] >= 6
+    assert "model_prefill" not in report
