@@ -11,6 +11,7 @@
                               [--workers N | --ray-address ADDR]   (score too: on Ray workers)
     python -m shedder bench   --model mamba2-tiny --plan plan.json     (speed of the extracted model)
     python -m shedder bench search [--model mamba2-tiny --kinds ssm --steps 4]  (fast vs reference search)
+    python -m shedder bench scan [--json]              (engine SSD scan vs transformers' torch reference)
     python -m shedder bench scale [--sizes S,M,130m]   (time and memory as models grow)
     python -m shedder bench gpu-check                  (the whole journey on CUDA; skips without a GPU)
     python -m shedder bench search --workers 1,2                       (speed-up of Ray workers)
