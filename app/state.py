@@ -364,19 +364,22 @@ class Workspace:
         return (self.loaded.adapter.resolve(plan), prompt, tokens) in self.texts
 
     def greedy(self, kinds: list[str], steps: int | None, progress=None, target_params: float | None = None,
-               max_ppl: float | None = None):
+               max_ppl: float | None = None, race: bool = False):
         """The greedy search over ``kinds``, stopped as the CLI's ``search`` stops (``steps``,
-        ``target_params``, ``max_ppl``). The run is logged under the cache, so a cancelled or shorter
+        ``target_params``, ``max_ppl``); ``race``: raced with the CLI's default race settings (its own
+        run, series and label). The run is logged under the cache, so a cancelled or shorter
         search is continued, not redone, and one with fewer steps is read back from the log; it goes
         on the session's runs list."""
         kinds = tuple(kinds)
         limits = dict(steps=steps, target_params=target_params, max_ppl=max_ppl)
         self.search = api.cached_search(self.loaded.model, self.calibration(), kinds, progress=progress,
-                                        batch_size=self.settings.calibration_batch_size, pool=self.pool(), **limits)
+                                        batch_size=self.settings.calibration_batch_size, pool=self.pool(),
+                                        race=api.Race() if race else None, **limits)
         self.search_kinds = kinds
         self.add_series(api.search_series(self.search, kinds))
-        self.remember({"type": "search", "id": f"search:{','.join(kinds)}", "kinds": list(kinds), **limits,
-                       "label": f"greedy search of {', '.join(kinds)}: {len(self.search.steps)} steps"})
+        raced = " (raced)" if race else ""
+        self.remember({"type": "search", "id": f"search:{','.join(kinds)}{raced}", "kinds": list(kinds), **limits,
+                       "race": race, "label": f"greedy search{raced} of {', '.join(kinds)}: {len(self.search.steps)} steps"})
         return self.search
 
     def one_shot(self, metric: str, kinds, k: int, progress=None):
@@ -414,7 +417,8 @@ class Workspace:
         kind = entry["type"]
         if kind == "search":
             current = (self.search, self.search_kinds)
-            self.greedy(entry["kinds"], entry.get("steps"), progress, entry.get("target_params"), entry.get("max_ppl"))
+            self.greedy(entry["kinds"], entry.get("steps"), progress, entry.get("target_params"), entry.get("max_ppl"),
+                        entry.get("race", False))
             if current[0] is not None and current[1] != tuple(entry["kinds"]):  # a search shown now stays shown
                 self.search, self.search_kinds = current
         elif kind == "one-shot":

@@ -32,7 +32,10 @@ target = s1.number_input("stop once this share of parameters is gone (%, 0 = no 
                          help="As the CLI's --target-params: the search stops after the step that reaches it.")
 max_ppl = s2.number_input("stop before perplexity would exceed (0 = no limit)", min_value=0.0, value=0.0,
                           step=10.0, key="search_max_ppl", help="As the CLI's --max-ppl.")
-limits = dict(target_params=target / 100 if target else None, max_ppl=max_ppl or None)
+race = st.checkbox("race (faster, not exact)", value=False, key="search_race",
+                   help="As the CLI's --race: each step scores every candidate on 4 windows, keeps the better half "
+                        "rung after rung and finishes 2 exactly; a series of its own, labelled raced.")
+limits = dict(target_params=target / 100 if target else None, max_ppl=max_ppl or None, race=race)
 if kinds and steps > available:
     st.caption(f"{', '.join(kinds)} offer{'s' * (len(kinds) == 1)} {available} candidates: the search stops when they "
                "run out.")

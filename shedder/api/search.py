@@ -17,6 +17,7 @@ from shedder.measure.metrics import nll_sum
 from shedder.formats.official import OfficialConfig
 from shedder.prune.distributed import Workers
 from shedder.prune.runs import LOCK_FILE, SearchStep, claim_search_dir
+from shedder.prune.race import Race
 from shedder.prune.search import RunDir, SearchResult, StopWhen, default_run_dir, greedy_search, reference_search
 
 
@@ -35,21 +36,26 @@ def claim_run(run_dir, model) -> None:
 
 def search(model, windows, kinds, stop: StopWhen, run_dir=None, resume: bool = False, progress=None,
            base: PruningPlan | None = None, batch_size: int = 8, on_step=None, evaluator=None,
-           pool=None) -> SearchResult:
-    """The greedy Mamba-Shedder search (``shedder.prune.search.greedy_search``)."""
+           pool=None, race: Race | None = None) -> SearchResult:
+    """The greedy Mamba-Shedder search (``shedder.prune.search.greedy_search``); ``race``: raced
+    steps (``shedder.prune.race``), never the default."""
     return greedy_search(model, windows, list(kinds), stop, run=None if run_dir is None else RunDir(run_dir, resume),
                          progress=progress, base_plan=base, batch_size=batch_size, on_step=on_step, evaluator=evaluator,
-                         workers=None if pool is None else Workers(pool=pool))
+                         workers=None if pool is None else Workers(pool=pool), race=race)
 
 
 def cached_search(model, windows, kinds, steps: int | None, progress=None, batch_size: int = 8, pool=None,
-                  target_params: float | None = None, max_ppl: float | None = None) -> SearchResult:
+                  target_params: float | None = None, max_ppl: float | None = None,
+                  race: Race | None = None) -> SearchResult:
     """The studio's search: logged under the cache, so a cancelled or shorter one is continued, not redone,
     and a longer one is read back as far as the limits (``steps``, ``target_params``, ``max_ppl``, as the
-    CLI's ``search``) allow."""
+    CLI's ``search``) allow. A raced search is logged in a directory of its own."""
     run_dir = default_run_dir(model, windows, list(kinds))
+    if race is not None:
+        run_dir = run_dir.with_name(run_dir.name + "-raced-" + "-".join(map(str, race.to_dict().values())))
     return search(model, windows, kinds, StopWhen(steps=steps, target_params=target_params, max_ppl=max_ppl),
-                  run_dir=run_dir, resume=True, progress=progress, batch_size=batch_size, pool=pool)
+                  run_dir=run_dir, resume=True, progress=progress, batch_size=batch_size, pool=None if race else pool,
+                  race=race)
 
 
 def write_official_layout(adapter, result: SearchResult, kinds, settings: dict) -> None:
@@ -74,6 +80,28 @@ def compare_searches(model, windows, kinds, steps: int, batch_size: int = 8, pro
         if progress is not None:
             progress.close()
     return {"timings": timings, "cpu": cpu, "results": results}
+
+
+def compare_race(model, windows, kinds, steps: int, race: Race, batch_size: int = 8, progress=None) -> dict:
+    """Exact and raced greedy search side by side: times, choices, and the regret (the raced final
+    calibration perplexity relative to the exact one; 0 when both choose the same)."""
+    with torch.inference_mode():
+        nll_sum(model, windows[:batch_size], batch_size)  # warm-up, untimed
+    timings, cpu, results = {}, {}, {}
+    for name, r in (("exact", None), ("raced", race)):
+        started, started_cpu = time.perf_counter(), time.process_time()
+        results[name] = greedy_search(model, windows, kinds, StopWhen(steps=steps), progress=progress,
+                                      batch_size=batch_size, race=r)
+        timings[name] = time.perf_counter() - started
+        cpu[name] = time.process_time() - started_cpu
+        if progress is not None:
+            progress.close()
+    exact, raced = results["exact"], results["raced"]
+    final = {name: res.steps[-1].ppl if res.steps else res.base_ppl for name, res in results.items()}
+    same = sum(a == b for a, b in zip(exact.components, raced.components))
+    return {"timings": timings, "cpu": cpu, "results": results, "identical_choices": same,
+            "race_speedup": timings["exact"] / timings["raced"], "race_cpu_speedup": cpu["exact"] / cpu["raced"],
+            "race_regret": final["raced"] / final["exact"] - 1, "final_ppl": final}
 
 
 def convert_plan(model, plan: PruningPlan | OfficialConfig, to: str, out, overwrite: bool = False,

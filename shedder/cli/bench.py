@@ -11,14 +11,15 @@ import torch
 from shedder import api
 from shedder.api import DEFAULT_CALIBRATION, DEFAULT_MODEL, DEFAULT_SAMPLES
 from shedder.api.recover import METHODS
-from shedder.api.search import compare_searches
+from shedder.api.search import compare_race, compare_searches
 from shedder.dev.scan_bench import compare_scan
 from shedder.dev.recover_bench import compare_methods, format_comparison
 from shedder.dev.workers import bench_workers
 from shedder.formats.official import read_plan
 from shedder.api.speed import format_report
 from shedder.cli.common import common, counts, data_options, emit, kinds, load, model_options, progress, text_tokenizer
-from shedder.cli.options import OneLineParser, non_negative_int, positive_float, positive_int, threads
+from shedder.cli.options import OneLineParser, non_negative_int, positive_float, positive_int, race_options, threads
+from shedder.cli.search import raced
 from shedder.core.errors import ShedderError, printable
 from shedder.dev import scale
 from shedder.dev.realshape import FAMILIES
@@ -44,6 +45,7 @@ def add(sub) -> None:
     s.add_argument("--workers", type=counts, help="instead: the fast search on Ray pools of these sizes "
                                                   "(e.g. 1,2), and the speed-up over the first")
     s.add_argument("--ray-address", help="with --workers: run the pools on this Ray cluster")
+    race_options(s)
     data_options(s, DEFAULT_CALIBRATION, DEFAULT_SAMPLES)
     common(s)
     s.set_defaults(func=run_search)
@@ -103,10 +105,13 @@ def run(args) -> int:
 
 def run_search(args) -> int:
     """Reference and fast search on the same model and data, side by side."""
+    race = raced(args)
     model, tokenizer = load(args)
     windows = calibration_windows(text_tokenizer(args, tokenizer), args.data, samples=args.samples, seq_len=args.seq_len)
     if args.workers:
         return _workers(args, model, windows)
+    if race is not None:
+        return _race(args, model, windows, race)
     with progress(args) as bar:
         runs = compare_searches(model, windows, args.kinds, args.steps, args.batch_size, bar)
     timings, cpu, results = runs["timings"], runs["cpu"], runs["results"]
@@ -134,6 +139,30 @@ def run_search(args) -> int:
              f"identical choices: {'yes' if same else 'NO'}"]
     emit(args, payload, "\n".join(lines))
     return 0 if same else 1
+
+
+def _race(args, model, windows, race) -> int:
+    """``bench search --race``: the exact and the raced search side by side."""
+    with progress(args) as bar:
+        runs = compare_race(model, windows, args.kinds, args.steps, race, args.batch_size, bar)
+    exact, fast = runs["results"]["exact"], runs["results"]["raced"]
+    payload = {"model": args.model, "kinds": args.kinds, "steps": args.steps, "windows": list(windows.shape),
+               "race": race.to_dict(), "exact_s": runs["timings"]["exact"], "raced_s": runs["timings"]["raced"],
+               "race_speedup": runs["race_speedup"], "race_cpu_speedup": runs["race_cpu_speedup"],
+               "identical_choices": runs["identical_choices"], "race_regret": runs["race_regret"],
+               "exact_final_ppl": runs["final_ppl"]["exact"], "raced_final_ppl": runs["final_ppl"]["raced"],
+               "exact_choices": [str(c) for c in exact.components], "raced_choices": [str(c) for c in fast.components],
+               "raced_stats": fast.stats}
+    lines = [f"model {printable(args.model)}, kinds {args.kinds}, {args.steps} steps, {windows.shape[0]} windows × "
+             f"{windows.shape[1]} tokens; race on {race.windows} windows, {race.finish} finished exactly per step",
+             f"exact search: {runs['timings']['exact']:.2f} s wall  ({', '.join(payload['exact_choices'])})",
+             f"raced search: {runs['timings']['raced']:.2f} s wall  ({', '.join(payload['raced_choices'])})",
+             f"race speed-up: {runs['race_speedup']:.2f}× wall, {runs['race_cpu_speedup']:.2f}× CPU (one run each)   "
+             f"identical choices: {runs['identical_choices']} of {len(exact.steps)}",
+             f"raced regret: {100 * runs['race_regret']:+.3f} % final calibration perplexity "
+             f"(raced {runs['final_ppl']['raced']:.4f} vs exact {runs['final_ppl']['exact']:.4f})"]
+    emit(args, payload, "\n".join(lines))
+    return 0
 
 
 def _workers(args, model, windows) -> int:

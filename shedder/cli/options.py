@@ -72,3 +72,13 @@ def _int_at_least(text: str, low: int) -> int:
 def _short(text: str) -> str:
     """``text`` cut to a readable length for a message (a 5,000-digit number is not shown whole)."""
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def race_options(p) -> None:
+    """``--race`` and its settings (``shedder.prune.race.Race``), of ``search`` and ``bench search``."""
+    p.add_argument("--race", action="store_true",
+                   help="race each step: score every candidate on a few windows, keep the better half rung "
+                        "after rung, finish the survivors exactly (faster, not exact; results say raced)")
+    p.add_argument("--race-windows", type=positive_int, default=4, help="with --race: windows raced on (default 4)")
+    p.add_argument("--race-finish", type=positive_int, default=2,
+                   help="with --race: candidates finished exactly per step (default 2)")

@@ -6,8 +6,8 @@ from shedder.api import StopWhen
 from shedder.api.search import check_official_layout, claim_run, step_rows, write_official_layout
 from shedder.cli.common import (calibration, calibration_options, common, distributed, distributed_options, emit,
                                 kinds, load, model_options, progress, say, target, worker_pool)
-from shedder.cli.options import positive_float, positive_int
-from shedder.core.errors import printable
+from shedder.cli.options import positive_float, positive_int, race_options
+from shedder.core.errors import ShedderError, printable
 
 
 def add(sub) -> None:
@@ -25,6 +25,7 @@ def add(sub) -> None:
     p.add_argument("--official-layout", action="store_true",
                    help="also write the official run layout (log.json, pruning_config.json, "
                         "pruned_model_configs/config.TARGET.STEP.json) for the official eval scripts")
+    race_options(p)
     distributed_options(p)
     calibration_options(p)
     common(p)
@@ -32,6 +33,7 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
+    race = raced(args)
     model, tokenizer = load(args)
     adapter, base = api.plan_for(model, args.base_plan)
     if args.official_layout:  # refused now, not once the whole search has run
@@ -47,17 +49,28 @@ def run(args) -> int:
         def on_step(step):
             if not args.json:
                 bar.close()
-                print(f"step {step.step}: removed {step.component}  ppl {step.ppl:.4f}  params {step.params:,}",
+                print(f"{'raced ' if race else ''}step {step.step}: removed {step.component}  ppl {step.ppl:.4f}  params {step.params:,}",
                       flush=True)
 
         result = api.search(model, windows, args.kinds, StopWhen(args.steps, args.target_params, args.max_ppl),
                             run_dir=args.out, resume=args.resume, progress=bar, base=base,
-                            batch_size=args.batch_size, on_step=on_step, evaluator=ev, pool=pool)
+                            batch_size=args.batch_size, on_step=on_step, evaluator=ev, pool=pool, race=race)
     if args.official_layout:
         write_official_layout(adapter, result, args.kinds, {k: v for k, v in vars(args).items() if k != "func"})
     payload = {"run_dir": str(result.run_dir), "protocol": protocol, "base_ppl": result.base_ppl,
-               "base_params": result.base_params, "stopped": result.stopped, "steps": step_rows(result.steps)}
+               "base_params": result.base_params, "stopped": result.stopped, "steps": step_rows(result.steps), "raced": result.raced}
     final = result.plan.describe() if result.plan else "nothing removed"
-    emit(args, payload, f"stopped: {result.stopped}\nbase ppl {result.base_ppl:.4f}; final: {final}\n"
+    emit(args, payload, ("raced search (not exact): " if result.raced else "") + f"stopped: {result.stopped}\nbase ppl {result.base_ppl:.4f}; final: {final}\n"
                         f"plans in {printable(result.run_dir)}/step_XX/pruning_config.json")
     return 0
+
+
+def raced(args):
+    """The ``Race`` the flags ask for (None without ``--race``), refused before the model loads."""
+    if not args.race:
+        if (args.race_windows, args.race_finish) != (4, 2):
+            raise ShedderError("--race-windows and --race-finish need --race")
+        return None
+    if distributed(args):
+        raise ShedderError("--race runs in this process: drop --workers/--ray-address or --race")
+    return api.Race(windows=args.race_windows, finish=args.race_finish)

@@ -70,9 +70,10 @@ class Series:
 
 
 def search_series(result, kinds) -> Series:
-    """The steps of a ``greedy_search`` result as a series named after its kinds."""
-    name = f"greedy {'+'.join(kinds)}"
-    return Series(name, "greedy search", [Point(f"step {s.step}: −{s.component}", s.plan) for s in result.steps])
+    """The steps of a ``greedy_search`` result as a series named after its kinds (a raced one its own
+    series, named so)."""
+    name = f"greedy {'+'.join(kinds)}" + (" (raced)" if getattr(result, "raced", False) else "")
+    return Series(name, "raced greedy search" if getattr(result, "raced", False) else "greedy search", [Point(f"step {s.step}: −{s.component}", s.plan) for s in result.steps])
 
 
 def one_shot(model, scores: pd.DataFrame, steps: int, kinds=None, base_plan: PruningPlan | None = None,

@@ -44,10 +44,11 @@ class SearchStep:
 
 
 def run_settings(adapter, weights: str, data: str, windows: list[int] | None, kinds: list[str],
-                 base_plan_key: str) -> dict:
-    """The settings that decide a run's choices (a resumed run must match them all)."""
+                 base_plan_key: str, race: dict | None = None) -> dict:
+    """The settings that decide a run's choices (a resumed run must match them all); ``race``: the
+    racing settings of a raced run (``shedder.prune.race``), None for an exact one."""
     return {"model": adapter.identity().to_dict(), "weights": weights, "data": data, "windows": windows,
-            "kinds": kinds, "base_plan": base_plan_key}
+            "kinds": kinds, "base_plan": base_plan_key, "race": race}
 
 
 def search_step(k: int, component: Component, plan: PruningPlan, ppl: float, params: int, settings: dict) -> SearchStep:
@@ -99,13 +100,17 @@ class RunLog:
         atomic_write_text(self.path, json.dumps(header) + "\n")
         return header
 
-    def add_step(self, step: SearchStep, candidates: int | None = None, seconds: float | None = None) -> None:
-        """Write the step's plan, then its log line."""
+    def add_step(self, step: SearchStep, candidates: int | None = None, seconds: float | None = None,
+                 finished: list | None = None) -> None:
+        """Write the step's plan, then its log line; ``finished``: a raced step's candidates that were
+        evaluated exactly on all windows."""
         step_dir = self.dir / f"step_{step.step:02d}"
         step_dir.mkdir(exist_ok=True)
         step.plan.save(step_dir / PLAN_FILE)
         rec = {"type": "step", "step": step.step, "component": str(step.component), "ppl": step.ppl,
                "params": step.params, "candidates": candidates, "seconds": seconds}
+        if finished is not None:
+            rec["raced"], rec["finished_exactly"] = True, [str(c) for c in finished]
         with self.path.open("a") as f:  # the log line goes last: a step counts once its plan is on disk
             f.write(json.dumps(rec) + "\n")
 
@@ -140,6 +145,11 @@ class RunLog:
         return header, steps
 
     def check_settings(self, old: dict, new: dict) -> None:
+        if (old.get("race") is None) != (new.get("race") is None):
+            was, now = ("raced", "exact") if new.get("race") is None else ("exact", "raced")
+            raise ShedderError(f"cannot resume {self.dir}: it holds an {was} search; resume it as {was} "
+                               f"({'with' if was == 'raced' else 'without'} --race) or choose another directory"
+                               .replace("an raced", "a raced"))
         differ = [k for k in new if old.get(k) != new[k]]
         if differ:
             what = "; ".join(f"{k}: run has {_short(old.get(k))}, now {_short(new[k])}" for k in differ)

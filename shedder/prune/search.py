@@ -46,6 +46,7 @@ from shedder.measure.masking import masked
 from shedder.measure.metrics import nll_sum, perplexity_of, predicted_tokens
 from shedder.prune.choice import Chooser, beats, sort_key
 from shedder.prune.distributed import Workers, pool_stats, pooled
+from shedder.prune.race import Race, race_chooser
 from shedder.core.cache import cache_key, default_cache_dir, model_fingerprint, plan_key, windows_hash
 from shedder.prune.runs import LOG_FILE, RunLog, SearchStep, claim_search_dir, run_settings, search_step
 
@@ -121,6 +122,7 @@ class SearchResult:
     stopped: str  # why the search ended, in words
     run_dir: Path | None = None
     stats: dict = field(default_factory=dict)  # candidates evaluated / abandoned, layers run
+    raced: bool = False  # steps chosen by racing (shedder.prune.race), not exactly
 
     @property
     def plan(self) -> PruningPlan | None:
@@ -135,7 +137,7 @@ class SearchResult:
 def greedy_search(model, windows: torch.Tensor, kinds, stop: StopWhen | None = None, *, run: RunDir | None = None,
                   base_plan: PruningPlan | None = None, batch_size: int = 8, progress: Progress | None = None,
                   on_step: Callable[[SearchStep], None] | None = None, workers: Workers | None = None,
-                  evaluator: PlanEvaluator | None = None) -> SearchResult:
+                  evaluator: PlanEvaluator | None = None, race: Race | None = None) -> SearchResult:
     """The greedy search with the prefix cache and exact early abandoning (same choices as
     ``reference_search``).
 
@@ -143,9 +145,13 @@ def greedy_search(model, windows: torch.Tensor, kinds, stop: StopWhen | None = N
     a cluster's address, or an open ``WorkerPool`` reused across calls). The choices, the logged
     numbers and the run log are the same as without them (see ``shedder.prune.distributed``).
     ``evaluator``: one already built on ``windows`` (e.g. after timing its first pass for the cost
-    announcement), whose cache the search then reuses."""
+    announcement), whose cache the search then reuses.
+    ``race``: race each step (``shedder.prune.race``) instead of finishing every candidate; not the
+    same choices in general, and the run log says so."""
     adapter = evaluator.adapter if evaluator else adapter_for(model, (base_plan or PruningPlan()).group_sizes)
     common = dict(adapter=adapter, stop=stop, run=run, base_plan=base_plan, progress=progress, on_step=on_step)
+    if workers is not None and race is not None:
+        raise ShedderError("a raced search runs in this process: drop the workers or the race")
     if workers is not None:
         with pooled(model, windows, batch_size, adapter.group_sizes, workers.count, workers.address,
                     workers.pool) as pool:
@@ -154,6 +160,13 @@ def greedy_search(model, windows: torch.Tensor, kinds, stop: StopWhen | None = N
         return result
     ev = evaluator or PlanEvaluator(model, windows, adapter, batch_size)
     stats = {"evaluated": 0, "abandoned": 0}
+    if race is not None:
+        stats["raced"], finished = 0, []
+        choose = race_chooser(model, windows, adapter, race, ev, stats, finished)
+        result = run_search(model, windows, kinds, choose, lambda plan: ev.nll(plan), race=race,
+                            finished=finished, **common)
+        result.stats = {**stats, "layers_run": ev.layers_run, "windows_scored": ev.windows_scored}
+        return result
 
     def choose(plan, cands, tick):
         rank = {c: r for r, c in enumerate(cands)}
@@ -224,14 +237,17 @@ def default_run_dir(model, windows: torch.Tensor, kinds, base_plan: PruningPlan 
 # ---------------------------------------------------------------------------- the shared loop
 def run_search(model, windows: torch.Tensor, kinds, choose: Chooser, base_nll: Callable[[PruningPlan], float], *,
                adapter, stop: StopWhen | None = None, run: RunDir | None = None, base_plan: PruningPlan | None = None,
-               progress: Progress | None = None, on_step: Callable[[SearchStep], None] | None = None) -> SearchResult:
+               progress: Progress | None = None, on_step: Callable[[SearchStep], None] | None = None,
+               race: Race | None = None, finished: list | None = None) -> SearchResult:
     """The greedy loop around ``choose`` (the extension point: see the module docstring).
     ``base_nll(plan)``: the calibration NLL total of the base plan (when the run does not resume).
+    ``race``, ``finished``: a raced run's settings and the list its chooser leaves the components it
+    finished exactly in, both logged.
 
     With a run directory the loop holds its lock: a second process on the same directory is
     refused (``Busy``) and a second app session waits, instead of interleaving steps."""
     stop = stop or StopWhen()
-    args = (model, windows, kinds, choose, base_nll, adapter, stop, run, base_plan, progress, on_step)
+    args = (model, windows, kinds, choose, base_nll, adapter, stop, run, base_plan, progress, on_step, race, finished)
     if run is None:
         return _loop(*args)
     claim_search_dir(run.path, model)
@@ -241,13 +257,13 @@ def run_search(model, windows: torch.Tensor, kinds, choose: Chooser, base_nll: C
 
 
 def _loop(model, windows, kinds, choose, base_nll, adapter, stop: StopWhen, run: RunDir | None, base_plan, progress,
-          on_step) -> SearchResult:
+          on_step, race, finished) -> SearchResult:
     kinds = check_kinds(adapter, kinds)
     base = adapter.resolve(base_plan or PruningPlan())
     tokens = predicted_tokens(windows)
     full_params = adapter.param_count()
     settings = run_settings(adapter, model_fingerprint(model), windows_hash(windows), list(windows.shape), kinds,
-                            plan_key(base))
+                            plan_key(base), None if race is None else race.to_dict())
     log = RunLog(run.path) if run is not None else None
 
     done_steps: list[SearchStep] = []
@@ -294,9 +310,10 @@ def _loop(model, windows, kinds, choose, base_nll, adapter, stop: StopWhen, run:
         params = adapter.param_count(plan)
         step = search_step(k, comp, plan, ppl, params, settings)
         if log is not None:
-            log.add_step(step, len(cands), round(time.perf_counter() - started, 3))
+            log.add_step(step, len(cands), round(time.perf_counter() - started, 3),
+                         None if finished is None else list(finished))
         done_steps.append(step)
         if on_step:
             on_step(step)
         reason = stop_reason()
-    return SearchResult(done_steps, base_ppl, base_params, reason, log.dir if log else None)
+    return SearchResult(done_steps, base_ppl, base_params, reason, log.dir if log else None, raced=race is not None)
