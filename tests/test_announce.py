@@ -37,3 +37,10 @@ def test_announced_activation_cache_is_within_1_5x_of_what_one_search_step_keeps
 def test_one_window_has_no_stability_halves():
     with pytest.raises(ShedderError, match="at least 2 calibration windows"):
         split_halves(windows(n=1))
+
+
+def test_one_pass_metrics_are_announced_as_one_pass(model):
+    adapter = adapter_for(model)
+    data = windows(vocab=model.config.vocab_size, n=4, seq=16)
+    text = api.cost("scoring", model, adapter, data, "ssm", metric="taylor", budget_bytes=1 << 30).describe()
+    assert "one forward pass" in text and "81" not in text

@@ -101,7 +101,8 @@ class RunCost:
 
     def describe(self, seconds_per_pass: float | None = None) -> str:
         """One line for the user: passes, tokens, memory, and the ETA when a pass has been timed."""
-        text = (f"{self.what}: at most {self.passes:,} forward passes × {self.tokens_per_pass:,} tokens "
+        passes = "one forward pass" if self.passes == 1 else f"at most {self.passes:,} forward passes"
+        text = (f"{self.what}: {passes} × {self.tokens_per_pass:,} tokens "
                 f"({self.tokens:,} tokens); evaluator memory: activation cache ≤ "
                 f"{human_bytes(self.cache_bytes)} (budget {human_bytes(self.budget_bytes)}), "
                 f"logits {human_bytes(self.logits_bytes)} per batch")
