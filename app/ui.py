@@ -86,13 +86,13 @@ def _eta(since: float, done_then: int, done: int, total: int) -> str:
     return f", about {api.human_seconds((time.perf_counter() - since) / (done - done_then) * (total - done))} left"
 
 
-def cost_caption(what: str, kinds: list[str], steps: int | None = 1) -> None:
+def cost_caption(what: str, kinds: list[str], steps: int | None = 1, metric: str = "ppl") -> None:
     """Say what a score or search on the calibration windows will cost, before it is started: the
     windows and batch size of the chosen protocol, the ones the run uses."""
     ws = workspace()
     loaded = ws.loaded
     text = api.cost(what, loaded.model, loaded.adapter, ws.calibration(), kinds, steps=steps,
-                    batch_size=ws.settings.calibration_batch_size).describe()
+                    batch_size=ws.settings.calibration_batch_size, metric=metric).describe()
     st.caption(text[:1].upper() + text[1:] + "; the progress bar shows the time left once it starts.")
 
 

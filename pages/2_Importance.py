@@ -34,7 +34,7 @@ if kinds and metric == "ppl":
 
 if kinds:
     with ui.shown_errors():
-        ui.cost_caption("scoring", kinds)
+        ui.cost_caption("scoring", kinds, metric=metric)
 left, right, _ = st.columns([2, 1, 5])
 compute = left.button("Compute importance", type="primary", key="imp_compute", disabled=not kinds)
 with right:

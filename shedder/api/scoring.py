@@ -15,10 +15,14 @@ from shedder.prune.importance_metrics import metric_names, metric_scores
 
 
 def cost(what: str, model, adapter, windows, kinds, base: PruningPlan | None = None, steps: int | None = 1,
-         batch_size: int = 8, budget_bytes: int | None = None):
-    """What a score or search over ``windows`` will cost (``shedder.measure.budget.RunCost``)."""
-    candidates = len(adapter.candidates(base or PruningPlan(), check_kinds(adapter, kinds)))
-    return run_cost(what, model, windows, candidates, steps, batch_size, budget_bytes)
+         batch_size: int = 8, budget_bytes: int | None = None, metric: str = "ppl"):
+    """What a score or search over ``windows`` will cost (``shedder.measure.budget.RunCost``); a
+    metric other than ``ppl`` scores every component from one pass, so it is announced as one."""
+    candidates = adapter.candidates(base or PruningPlan(), check_kinds(adapter, kinds))
+    if metric != "ppl":
+        candidates = []
+    return run_cost(what, model, windows, len(candidates), steps, batch_size, budget_bytes,
+                    [c.layer for c in candidates])
 
 
 def announce(what: str, model, adapter, windows, kinds, base: PruningPlan | None, steps: int | None,

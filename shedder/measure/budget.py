@@ -95,11 +95,14 @@ class RunCost:
         return self.passes * self.tokens_per_pass
 
     def eta_seconds(self, seconds_per_pass: float) -> float:
-        return self.passes * seconds_per_pass
+        """Time left once the first (base) pass has been timed: that pass is done, so it is not
+        counted again."""
+        return max(self.passes - 1, 0) * seconds_per_pass
 
     def describe(self, seconds_per_pass: float | None = None) -> str:
         """One line for the user: passes, tokens, memory, and the ETA when a pass has been timed."""
-        text = (f"{self.what}: at most {self.passes:,} forward passes × {self.tokens_per_pass:,} tokens "
+        passes = "one forward pass" if self.passes == 1 else f"at most {self.passes:,} forward passes"
+        text = (f"{self.what}: {passes} × {self.tokens_per_pass:,} tokens "
                 f"({self.tokens:,} tokens); evaluator memory: activation cache ≤ "
                 f"{human_bytes(self.cache_bytes)} (budget {human_bytes(self.budget_bytes)}), "
                 f"logits {human_bytes(self.logits_bytes)} per batch")
@@ -109,21 +112,29 @@ class RunCost:
 
     def eta_text(self, seconds_per_pass: float) -> str:
         return (f"the first pass took {seconds_per_pass:.2f} s, so at most ~"
-                f"{human_seconds(self.eta_seconds(seconds_per_pass))} in all (less: the prefix cache re-runs only "
+                f"{human_seconds(self.eta_seconds(seconds_per_pass))} more (less: the prefix cache re-runs only "
                 "the layers a candidate changes)")
 
 
 def run_cost(what: str, model, windows: torch.Tensor, candidates: int, steps: int | None = 1, batch_size: int = 8,
-             budget_bytes: int | None = None) -> RunCost:
+             budget_bytes: int | None = None, candidate_layers: list[int] | None = None) -> RunCost:
     """Cost of scoring ``candidates`` components (``steps=1``) or of a greedy search of ``steps``
     steps starting from ``candidates`` (one fewer each step; ``None``: until none is left), plus the
-    base evaluation."""
+    base evaluation.
+
+    The activation cache counts what the evaluator keeps in one step: the base plan's inputs of
+    layers ``1..n-1``, and for a candidate at layer ``L`` the inputs of the layers after ``L`` (those
+    before are shared with the base plan). ``candidate_layers`` gives each candidate's layer; without
+    it every candidate is assumed to keep half the layers."""
     config = model.config.get_text_config()
     n, seq = windows.shape
     steps = candidates if steps is None else min(steps, candidates)
     passes = 1 + sum(max(candidates - s, 0) for s in range(max(steps, 1)))
     budget = budget_bytes if budget_bytes is not None else process_cache_budget(next(model.parameters()).device)
     layers = getattr(config, "num_hidden_layers", 1)
-    per_plan = n * seq * config.hidden_size * 4 * max(layers - 1, 0)
-    return RunCost(what, passes, n * seq, min(per_plan * 2, budget), min(batch_size, n) * seq * config.vocab_size * 4,
+    per_layer = n * seq * config.hidden_size * 4
+    if candidate_layers is None:
+        candidate_layers = [layers // 2] * candidates
+    kept = max(layers - 1, 0) + sum(max(layers - 1 - layer, 0) for layer in candidate_layers)
+    return RunCost(what, passes, n * seq, min(per_layer * kept, budget), min(batch_size, n) * seq * config.vocab_size * 4,
                    budget)

@@ -105,12 +105,10 @@ def compare(model, windows: torch.Tensor, kinds, metrics, *, stability: bool = T
     if not metrics:
         raise ShedderError("compare needs at least one metric")
     tables, halves = {}, {}
-    jobs = [(m, None) for m in metrics] + ([(m, h) for m in metrics for h in (0, 1)] if stability else [])
+    runnable = [m for m in metrics if applicable(m, kinds)]  # the progress total counts only these
+    jobs = [(m, None) for m in runnable] + ([(m, h) for m in runnable for h in (0, 1)] if stability else [])
     parts = split_halves(windows) if stability else (windows, windows)
     for i, (metric, half) in enumerate(jobs):
-        if not applicable(metric, kinds):
-            continue
-
         def tick(done, total, what, i=i):
             if progress:
                 progress(i * 1000 + int(1000 * done / max(total, 1)), 1000 * len(jobs), f"{metric}: {what}")
