@@ -72,7 +72,7 @@ class Series:
 def search_series(result, kinds) -> Series:
     """The steps of a ``greedy_search`` result as a series named after its kinds."""
     name = f"greedy {'+'.join(kinds)}"
-    return Series(name, "greedy search", [Point(f"step {s.step}: −{s.component}", s.plan) for s in result.steps])
+    return Series(name, "greedy search", [Point(f"step {s.step}: − {s.component.words()}", s.plan) for s in result.steps])
 
 
 def one_shot(model, scores: pd.DataFrame, steps: int, kinds=None, base_plan: PruningPlan | None = None,
@@ -94,7 +94,7 @@ def one_shot(model, scores: pd.DataFrame, steps: int, kinds=None, base_plan: Pru
             break
         if comp in adapter.candidates(plan, kinds):
             plan = adapter.resolve(plan.with_components([comp]))
-            points.append(Point(f"k={len(points) + 1}: −{comp}", plan))
+            points.append(Point(f"k={len(points) + 1}: − {comp.words()}", plan))
     return Series(name, "one-shot", points)
 
 
