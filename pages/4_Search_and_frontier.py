@@ -19,7 +19,7 @@ def readable(points: pd.DataFrame) -> pd.DataFrame:
     """The frontier table for people: axis names as headers, a recovered model's source by name, each
     speedup as its printed interval, and no column that no point fills."""
     table = points.assign(recovered_from=points["recovered_from"].map(lambda j: points.loc[j, "name"] if pd.notna(j) else None))
-    table = table.drop(columns=[c for c in [*SPEED_COLUMNS, "state_bytes"] if not c.endswith("_text")])
+    table = table.drop(columns=[c for c in SPEED_COLUMNS if not c.endswith("_text")])
     names = {"recovered_from": "recovered from", "pareto": "on the Pareto front", **X_AXES, **Y_AXES,
              **{f"{x}_text": f"{X_AXES[x]}, 95 % interval" for x in MEASURED}}
     return table.dropna(axis=1, how="all").rename(columns=names)
