@@ -8,6 +8,7 @@ maps ``(curve_number, point_index)`` of a clicked point back to what it stands f
 from __future__ import annotations
 
 import math
+import zlib
 
 import pandas as pd
 import plotly.graph_objects as go
@@ -177,40 +178,78 @@ def trajectory(steps: pd.DataFrame) -> go.Figure:
     return fig
 
 
+#: Okabe–Ito colours safe for colour-blind readers, without its reddish purple (no red/pink pairs).
+SERIES_COLOURS = ("#0072B2", "#E69F00", "#009E73", "#56B4E9", "#D55E00", "#8C6D1F", "#666666")
+SERIES_SYMBOLS = ("circle", "diamond", "square", "triangle-up", "cross", "star", "triangle-down", "pentagon")
+#: The series every frontier has keep one look; others take theirs from a hash of their name.
+FIXED_SERIES = {"baseline": ("#000000", "x"), "current": ("#D55E00", "star"), "saved": ("#009E73", "square"),
+                "recovered": ("#56B4E9", "hexagram")}
+
+
+def series_style(name: str) -> tuple[str, str]:
+    """Colour and marker of a series, from its name alone: adding a series never restyles another."""
+    if name in FIXED_SERIES:
+        return FIXED_SERIES[name]
+    h = zlib.crc32(name.encode())
+    return SERIES_COLOURS[h % len(SERIES_COLOURS)], SERIES_SYMBOLS[(h // len(SERIES_COLOURS)) % len(SERIES_SYMBOLS)]
+
+
+def _padded(values: pd.Series, log: bool = False) -> list[float] | None:
+    """An axis range around values that (nearly) coincide, so one point does not get ticks
+    1.468735M…1.4687365M; None (plotly's own range) when they spread."""
+    lo, hi = float(values.min()), float(values.max())
+    if hi - lo > 1e-3 * max(abs(hi), 1e-12):
+        return None
+    if log and lo > 0:
+        return [math.log10(lo) - 0.05, math.log10(hi) + 0.05]
+    pad = 0.05 * max(abs(hi), 1.0)
+    return [lo - pad, hi + pad]
+
+
 def frontier(points: pd.DataFrame, x: str, y: str, front: pd.Series, labels: dict) -> go.Figure:
-    """Every evaluated configuration on (cost, quality) axes, one colour and legend entry per series
-    (strategy), with the Pareto front over all of them (``front``: bool per row, from the engine); a
-    recovered model (``recovered_from``: the index of its pruned point) is joined to that point. On a
+    """Every evaluated configuration on (cost, quality) axes, one colour, marker and legend entry per
+    series (strategy, styled by ``series_style``), with the Pareto front over all of them (``front``:
+    bool per row, from the engine); a recovered model (``recovered_from``: the index of its pruned
+    point) is joined to that point. Hovers name both axes and the plan in words (``removed``). On a
     measured speedup axis (rows with ``{x}_low`` / ``_high`` / ``_resolved`` / ``_text``) every point
-    has an error bar of its 95 % interval, and a point whose interval contains 1.0 is drawn hollow."""
+    has an error bar of its 95 % interval, and a point whose interval contains 1.0 is drawn hollow.
+    Markers are outlined and shrink slightly per series so coincident points of two series both show."""
     fig = go.Figure()
     measured = f"{x}_low" in points  # a measured speedup: error bars of its 95 % interval
-    for series in dict.fromkeys(points["series"]):
+    for n, series in enumerate(dict.fromkeys(points["series"])):
         d = points[points["series"] == series]
-        extra = dict(text=d["name"], marker=dict(size=12))
+        colour, symbol = series_style(series)
+        size = max(16 - 2 * n, 8)
+        text = d["name"] + "<br>" + d["removed"]
+        symbols = symbol
+        extra = {}
         if measured:
             unresolved = ~d[f"{x}_resolved"].fillna(False).astype(bool)
             extra = dict(error_x=dict(type="data", symmetric=False, array=d[f"{x}_high"] - d[x],
-                                      arrayminus=d[x] - d[f"{x}_low"], thickness=1.5),
-                         marker=dict(size=12, symbol=["circle-open" if u else "circle" for u in unresolved]),
-                         text=d["name"] + " — " + d[f"{x}_text"].fillna(""))
+                                      arrayminus=d[x] - d[f"{x}_low"], thickness=1.5))
+            symbols = [f"{symbol}-open" if u else symbol for u in unresolved]
+            text = text + "<br>" + d[f"{x}_text"].fillna("")
         fig.add_scatter(x=d[x], y=d[y], mode="lines+markers" if len(d) > 1 else "markers", name=series,
-                        customdata=d.index, line=dict(width=1),
-                        hovertemplate=f"{series}<br>%{{text}}<br>%{{x:,.4g}}, %{{y:.4f}}<br>click to load<extra></extra>",
-                        **extra)
+                        customdata=d.index, text=text, line=dict(width=1, color=colour),
+                        marker=dict(size=size, symbol=symbols, color=colour, line=dict(width=1.5, color="white")),
+                        hovertemplate=(f"<b>{series}</b> · %{{text}}<br>{labels[x]} %{{x:.3~s}} · "
+                                       f"{labels[y]} %{{y:.2f}}<br>click to load<extra></extra>"), **extra)
     for _, r in points[points["recovered_from"].notna()].iterrows():  # recovered point <- its pruned point
         if r["recovered_from"] in points.index:
             src = points.loc[r["recovered_from"]]
             fig.add_scatter(x=[src[x], r[x]], y=[src[y], r[y]], mode="lines", showlegend=False, hoverinfo="skip",
-                            line=dict(color="#2a9d8f", dash="dot"))
+                            line=dict(color="#56B4E9", dash="dot"))
     on_front = points[front.reindex(points.index, fill_value=False)].sort_values(x)
     fig.add_scatter(x=on_front[x], y=on_front[y], mode="lines+markers", name="Pareto front (all series)",
                     hoverinfo="skip", line=dict(color="#222", dash="dash"),
-                    marker=dict(size=20, symbol="circle-open", color="#222"))
-    fig.update_layout(height=460, margin=dict(l=10, r=10, t=30, b=10), xaxis_title=labels[x], yaxis_title=labels[y],
-                      clickmode="event+select", dragmode=False, legend=dict(orientation="h", y=1.12))
-    if y == "ppl":  # perplexities of pruned models span orders of magnitude; ratios are what matter
-        fig.update_yaxes(type="log")
+                    marker=dict(size=22, symbol="circle-open", color="#222"))
+    # The legend sits under the plot: the plotly toolbar owns the top right corner.
+    fig.update_layout(height=500, margin=dict(l=10, r=10, t=30, b=10), xaxis_title=labels[x], yaxis_title=labels[y],
+                      clickmode="event+select", dragmode=False,
+                      legend=dict(orientation="h", y=-0.18, yanchor="top", x=0, xanchor="left"))
+    log_y = y == "ppl"  # perplexities of pruned models span orders of magnitude; ratios are what matter
+    fig.update_xaxes(range=_padded(points[x]))
+    fig.update_yaxes(type="log" if log_y else None, range=_padded(points[y], log_y))
     return fig
 
 

@@ -13,6 +13,18 @@ from shedder.core.plan import PruningPlan
 LOAD = "frontier_load"  # index of a clicked point, recorded by the chart callback
 GENERATION = "frontier_chart_gen"
 
+
+
+def readable(points: pd.DataFrame) -> pd.DataFrame:
+    """The frontier table for people: axis names as headers, a recovered model's source by name, each
+    speedup as its printed interval, and no column that no point fills."""
+    table = points.assign(recovered_from=points["recovered_from"].map(lambda j: points.loc[j, "name"] if pd.notna(j) else None))
+    table = table.drop(columns=[c for c in SPEED_COLUMNS if not c.endswith("_text")])
+    names = {"recovered_from": "recovered from", "pareto": "on the Pareto front", **X_AXES, **Y_AXES,
+             **{f"{x}_text": f"{X_AXES[x]}, 95 % interval" for x in MEASURED}}
+    return table.dropna(axis=1, how="all").rename(columns=names)
+
+
 ws = ui.ready()
 s, loaded = ws.settings, ws.loaded
 adapter = loaded.adapter
@@ -98,7 +110,7 @@ with ui.shown_errors():
         if i in recovered:  # quality of the recovered model, cost of its (pruned) structure
             m = {**{k: m.get(k) for k in [*X_AXES, *SPEED_COLUMNS]}, **recovered[i].metrics}
         pruned_from = next((j for j, (_, o, p) in enumerate(entries) if o != "recovered" and p == plan), None)
-        rows.append({"name": name, "series": series_name, "entry": i, "removed": plan.describe(),
+        rows.append({"name": name, "series": series_name, "entry": i, "removed": plan.in_words(),
                      "recovered_from": pruned_from if i in recovered else None,
                      **{k: m.get(k) for k in [*X_AXES, *SPEED_COLUMNS, *Y_AXES]}})
     points = pd.DataFrame(rows).set_index("entry")
@@ -140,7 +152,7 @@ with ui.shown_errors():
                       f"at {PARETO_SPEED}" if x_axis in MEASURED else "")
                    + ". Click a point to load its plan into the Prune page.")
         points = points.assign(pareto=front.reindex(points.index, fill_value=False))
-    st.dataframe(points, hide_index=True, key="frontier_table")
+    st.dataframe(readable(points), hide_index=True, key="frontier_table")
 
     a, b = st.columns([3, 1])
     choice = a.selectbox("load a configuration into the Prune page", points.index, format_func=lambda i: points.loc[i, "name"],

@@ -66,3 +66,30 @@ def test_loss_curve_draws_training_and_held_out_series():
     fig = plots.loss_curve(rows, "distillation loss")
     assert [t.name for t in fig.data] == ["training (distillation loss)", "held-out next-token loss"]
     assert list(fig.data[1].x) == [0, 10]
+
+
+def _points(series: list[str], params: list[float], ppl: list[float]) -> pd.DataFrame:
+    return pd.DataFrame({"name": [f"p{i}" for i in range(len(series))], "series": series, "params": params,
+                         "ppl": ppl, "removed": ["removed: SSM of layer 2"] * len(series),
+                         "recovered_from": [None] * len(series)})
+
+
+def test_frontier_series_keep_their_style_when_a_series_is_added():
+    labels = {"params": "parameters", "ppl": "perplexity"}
+    one = _points(["baseline", "greedy ssm"], [2e5, 1.7e5], [100.0, 103.7])
+    two = _points(["baseline", "one-shot x", "greedy ssm"], [2e5, 1.8e5, 1.7e5], [100.0, 101.0, 103.7])
+    style = lambda fig: {t.name: (t.marker.color, t.marker.symbol) for t in fig.data}  # noqa: E731
+    a = style(plots.frontier(one, "params", "ppl", pd.Series(False, one.index), labels))
+    b = style(plots.frontier(two, "params", "ppl", pd.Series(False, two.index), labels))
+    assert a["greedy ssm"] == b["greedy ssm"] and a["baseline"] == b["baseline"]
+    trace = plots.frontier(one, "params", "ppl", pd.Series(False, one.index), labels).data[1]
+    assert "parameters" in trace.hovertemplate and "perplexity" in trace.hovertemplate
+    assert "removed: SSM of layer 2" in trace.text[0]
+
+
+def test_frontier_pads_the_axes_of_a_single_point():
+    one = _points(["baseline"], [1468736.0], [103.7])
+    fig = plots.frontier(one, "params", "ppl", pd.Series(False, one.index), {"params": "parameters", "ppl": "perplexity"})
+    low, high = fig.layout.xaxis.range
+    assert high - low > 1e4 and low < 1468736.0 < high
+    assert fig.layout.yaxis.range is not None

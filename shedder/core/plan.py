@@ -33,6 +33,11 @@ KINDS = ("block", "mixer", "shared_block", "ssm", "head", "channel_group", "atte
 #: Kinds with at most one component per layer (``index`` is always 0).
 ONCE_PER_LAYER = ("block", "mixer", "shared_block", "ssm", "attention", "mlp")
 
+#: How a kind is named in sentences (``Component.words``).
+WORDS = {"block": "block", "mixer": "mixer", "shared_block": "shared block", "ssm": "SSM", "head": "head",
+         "channel_group": "channel group", "attention": "attention", "mlp": "MLP",
+         "mlp_channel_group": "MLP channel group", "expert": "expert"}
+
 #: Kinds whose index counts groups of channels; a plan's ``group_sizes`` says how many per group.
 GROUPED_KINDS = ("channel_group", "mlp_channel_group")
 
@@ -62,6 +67,13 @@ class Component:
 
     def __str__(self) -> str:
         return f"{self.kind}:{self.layer}:{self.index}"
+
+    def words(self) -> str:
+        """For people, not parsers: ``SSM of layer 2``, ``head 7 of layer 0`` (progress, hovers)."""
+        name = WORDS.get(self.kind, self.kind)
+        if self.kind in ONCE_PER_LAYER:
+            return f"{name} {self.layer}" if self.kind == "block" else f"{name} of layer {self.layer}"
+        return f"{name} {self.index} of layer {self.layer}"
 
     @classmethod
     def parse(cls, text: str) -> "Component":
@@ -176,6 +188,12 @@ class PruningPlan:
                                   else f"{c.layer}.{c.index}" for c in comps)
                 parts.append(f"{kind} ×{len(comps)} ({where})")
         return ", ".join(parts)
+
+    def in_words(self) -> str:
+        """``removed: SSM of layer 2, block 4`` — the plan as a sentence, for hovers and labels."""
+        if not self.components:
+            return "nothing removed"
+        return "removed: " + ", ".join(c.words() for c in self.sorted())
 
     # -- JSON ------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

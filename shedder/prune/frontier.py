@@ -72,8 +72,10 @@ class Series:
 def search_series(result, kinds) -> Series:
     """The steps of a ``greedy_search`` result as a series named after its kinds (a raced one its own
     series, named so)."""
-    name = f"greedy {'+'.join(kinds)}" + (" (raced)" if getattr(result, "raced", False) else "")
-    return Series(name, "raced greedy search" if getattr(result, "raced", False) else "greedy search", [Point(f"step {s.step}: −{s.component}", s.plan) for s in result.steps])
+    raced = getattr(result, "raced", False)
+    name = f"greedy {'+'.join(kinds)}" + (" (raced)" if raced else "")
+    return Series(name, "raced greedy search" if raced else "greedy search",
+                  [Point(f"step {s.step}: − {s.component.words()}", s.plan) for s in result.steps])
 
 
 def one_shot(model, scores: pd.DataFrame, steps: int, kinds=None, base_plan: PruningPlan | None = None,
@@ -95,7 +97,7 @@ def one_shot(model, scores: pd.DataFrame, steps: int, kinds=None, base_plan: Pru
             break
         if comp in adapter.candidates(plan, kinds):
             plan = adapter.resolve(plan.with_components([comp]))
-            points.append(Point(f"k={len(points) + 1}: −{comp}", plan))
+            points.append(Point(f"k={len(points) + 1}: − {comp.words()}", plan))
     return Series(name, "one-shot", points)
 
 

@@ -113,7 +113,7 @@ def _score(adapter, kinds, base, path, progress, perplexities) -> pd.DataFrame:
             os.fsync(log.fileno())  # hours of work: the row survives even a power cut
             rows.append(row)
             if progress:
-                progress(len(rows), len(order), f"scoring: {comp}")
+                progress(len(rows), len(order), f"scoring: {comp.words()}")
     table = tidy(pd.DataFrame(rows, columns=COLUMNS))
     atomic_write_text(path, table.to_csv(index=False))  # a cancelled run never leaves a half-written entry
     partial.unlink(missing_ok=True)

@@ -184,7 +184,7 @@ def greedy_search(model, windows: torch.Tensor, kinds, stop: StopWhen | None = N
                 stats["abandoned"] += 1
             elif beats(value, rank[c], best_nll, None if best is None else rank[best]):
                 best, best_nll = c, value
-            tick(done, 2 * n, str(c))
+            tick(done, 2 * n, c.words())
         return best, best_nll
 
     result = run_search(model, windows, kinds, choose, lambda plan: ev.nll(plan), **common)
@@ -214,7 +214,7 @@ def reference_search(model, windows: torch.Tensor, kinds, stop: StopWhen | None 
             value = full_nll(removing(plan, c))
             if value < best_nll:  # strict: ties keep the earlier candidate
                 best, best_nll = c, value
-            tick(done, len(cands), str(c))
+            tick(done, len(cands), c.words())
         return best, best_nll
 
     result = run_search(model, windows, kinds, choose, full_nll, adapter=adapter, stop=stop, run=run,
