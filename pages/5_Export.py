@@ -97,7 +97,8 @@ if not chosen and st.button(label, key="export_save", disabled=host.allow_save a
         path, text = done.out, done.card
         st.session_state["export_zip"] = (f"{folder}.zip", data)
         if target is not None:
-            st.success(f"Saved to `{path}`; load it with `shedder.formats.loading.load_model('{path}')`.")
+            st.success(f"Saved to `{path}`.")
+        st.code(done.load_line if target is not None else api.load_line(done.stock), language="text")
         with st.expander("Model card (README.md)", expanded=True):
             st.markdown(text)
 if "export_zip" in st.session_state:
