@@ -100,3 +100,16 @@ def test_cli_stock_writes_stock_plans_and_extract_prints_the_load_line(tiny_mode
     assert main(["extract", "--model", str(src), "--plan", str(tmp_path / "plans" / "stock_01.json"),
                  "--out", str(tmp_path / "x")]) == 0
     assert "stock checkpoint: loads with transformers" in capsys.readouterr().out
+
+
+def test_a_hybrid_stock_plan_loads_with_transformers_too(tmp_path):
+    hybrid = SUITE["nemotron_h"].build(0, None, vocab_size=100)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(2))
+    plan = stock_greedy(hybrid, ids, steps=1, batch_size=2).points[0].plan
+    done = api.export(hybrid, None, api.adapter_for(hybrid), plan, tmp_path / "out", "tiny")
+    assert done.stock
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(done.out).eval()
+    with torch.no_grad(), masked(hybrid, plan):
+        expected = hybrid(ids).logits
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, expected, atol=1e-5)
