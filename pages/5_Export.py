@@ -52,6 +52,8 @@ recovered = {f"{r.name} of: {r.plan.describe()}": r for r in ws.recovered}
 which = st.radio("export", ["the current plan, extracted", *recovered], key="export_which",
                  help="A recovered model (Recover page) is exported as it was saved after training.")
 chosen = recovered.get(which)
+st.caption("The exported model: " + api.load_line(api.stock_shaped(adapter, chosen.plan if chosen else ws.plan),
+                                                  "<the saved directory>"))
 default_dir = (f"{name}-{len(chosen.plan.components)}-removed-{chosen.config.method}" if chosen else
                f"{name}-{len(ws.plan.components)}-removed")
 if host.allow_save:
