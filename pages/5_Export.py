@@ -52,6 +52,8 @@ recovered = {f"{r.name} of: {r.plan.describe()}": r for r in ws.recovered}
 which = st.radio("export", ["the current plan, extracted", *recovered], key="export_which",
                  help="A recovered model (Recover page) is exported as it was saved after training.")
 chosen = recovered.get(which)
+st.caption("The exported model: " + api.load_line(api.stock_shaped(adapter, chosen.plan if chosen else ws.plan),
+                                                  "<the saved directory>"))
 default_dir = (f"{name}-{len(chosen.plan.components)}-removed-{chosen.config.method}" if chosen else
                f"{name}-{len(ws.plan.components)}-removed")
 if host.allow_save:
@@ -97,7 +99,8 @@ if not chosen and st.button(label, key="export_save", disabled=host.allow_save a
         path, text = done.out, done.card
         st.session_state["export_zip"] = (f"{folder}.zip", data)
         if target is not None:
-            st.success(f"Saved to `{path}`; load it with `shedder.formats.loading.load_model('{path}')`.")
+            st.success(f"Saved to `{path}`.")
+        st.code(done.load_line if target is not None else api.load_line(done.stock), language="text")
         with st.expander("Model card (README.md)", expanded=True):
             st.markdown(text)
 if "export_zip" in st.session_state:

@@ -191,6 +191,8 @@ def test_export_round_trip_and_bad_uploads(tmp_path):
     # The plan names the model as the visitor chose it, never by the server path it was loaded from.
     assert json.loads(exported)["model"]["name"] == DEFAULT_MODEL == json.loads(exported)["meta"]["source_model"]
     assert str(Path(__file__).parents[1]) not in exported
+    # whole blocks gone, every kept layer stock: the page says plain transformers loads the result
+    assert any("stock checkpoint: loads with transformers" in c.value for c in at.caption)
 
     workspace(at).reset()
     at.file_uploader(key="export_upload").set_value(("plan.json", exported.encode(), "application/json")).run()
@@ -204,6 +206,8 @@ def test_export_round_trip_and_bad_uploads(tmp_path):
     assert PruningPlan.load(out / "pruning_plan.json").components == plan.components
     card = (out / "README.md").read_text()
     assert "| block | 3 | 0 |" in card and "Measured on the extracted model" in card
+    assert "stock checkpoint: loads with transformers" in card
+    assert any(f'from_pretrained("{out.resolve()}")' in c.value for c in at.code)
     saved, _ = load_model(str(out))
     assert count_parameters(saved) == workspace(at).metrics(plan)["params"]
     assert PruningPlan.load(out / "pruning_plan.json").model.name == DEFAULT_MODEL and str(tmp_path) not in card

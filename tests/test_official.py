@@ -175,3 +175,18 @@ def test_cli_official_layout_convert_and_import(capsys, tiny_model_dir, tmp_path
     assert main(["plan", "convert", str(official), "--to", "shedder", "--model", str(tiny_model_dir),
                  "--out", str(again)]) == 2
     assert "already exists" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("ratio", [10, 15])
+def test_released_zamba2_configs_fit_the_published_shape(ratio):
+    """The released Zamba2-2.7B configs name one MLP width per hybrid application of the published
+    config (nine), each within its intermediate size, and only Mamba layers that exist."""
+    from pathlib import Path  # why: only this fixture test reads files beside the tests
+    from shedder.dev.realshape import REAL_SHAPES  # why: only this test needs the published config
+    config = REAL_SHAPES["zamba2_2.7b"].config()
+    fixture = Path(__file__).parent / "fixtures" / "official" / "zamba2-2.7b" / f"ratio_{ratio}" / "pruning_config.json"
+    released = json.loads(fixture.read_text())
+    widths = released["pruned_mlp_channels"]
+    assert sorted(int(k) for k in widths) == list(range(len(config.hybrid_layer_ids)))
+    assert all(0 < w <= config.intermediate_size for w in widths.values())
+    assert all(0 <= i < config.num_hidden_layers for i in released["pruned_ssm_idx"])

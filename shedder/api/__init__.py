@@ -10,6 +10,7 @@
     export                       export.export, export.export_zip, export.export_recovered
     recover                      recover.recover, recover.recover_plan, recover.curve (loss by step)
     the frontier table           Series, search_series, one_shot, pareto
+    stock-shaped width pruning   stock.stock, stock.stock_shaped
     the studio's runs list       runs.record_run, runs.recorded_runs
 
 The studio imports only this package and ``shedder.core``; the names below are what it needs.
@@ -19,12 +20,13 @@ from __future__ import annotations
 from shedder.api.calibration import (DEFAULT_BATCH, DEFAULT_CALIBRATION, DEFAULT_EVAL, DEFAULT_SAMPLES,
                                      DEFAULT_SEQ_LEN, OFFICIAL, PROTOCOLS, Calibration)
 from shedder.api.evaluate import Evaluation, LmEval, check_tasks, eval_windows, evaluate, lm_eval, lm_eval_scores
-from shedder.api.export import Exported, export, export_recovered, export_zip, measured_card, public_plan
+from shedder.api.export import Exported, export, load_line, export_recovered, export_zip, measured_card, public_plan
 from shedder.api.models import baseline, load, plan_for, pruned_with, sources, text_tokenizer
 from shedder.api.recover import METHODS, RecoverConfig, Recovered, curve, plan_run_dir, recover, recover_plan
 from shedder.api.runs import record_run, recorded_runs
 from shedder.api.scoring import announce, cached, compare, cost, score, worker_pool
 from shedder.api.search import Race, StopWhen, cached_search, search
+from shedder.api.stock import STRATEGIES as STOCK_STRATEGIES, stock, stock_shaped
 from shedder.api.speed import BENCH_DEFAULTS, bench_speed, measure_point, measured_point
 from shedder.arch import adapter_for, count_parameters
 from shedder.formats.loading import DEFAULT_MODEL, bundled_models, load_model, resolve

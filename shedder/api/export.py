@@ -10,7 +10,7 @@ from shedder.arch import count_parameters
 from shedder.core.errors import ShedderError
 from shedder.core.fileio import RUN_LOCK, RUN_MARKER, check_output_dir, publish_dir, zip_dir
 from shedder.core.plan import PruningPlan
-from shedder.formats.extract import model_card, save
+from shedder.formats.extract import is_stock, load_line, model_card, save
 from shedder.measure.metrics import perplexity
 
 
@@ -23,10 +23,16 @@ class Exported:
     params_before: int
     params_after: int
     card: str
+    stock: bool
+
+    @property
+    def load_line(self) -> str:
+        """The line to paste to load it (plain ``transformers`` when stock-shaped)."""
+        return load_line(self.stock, self.out)
 
     def payload(self) -> dict:
         return {"out": str(self.out), "plan": self.plan.to_dict(), "params_before": self.params_before,
-                "params_after": self.params_after}
+                "params_after": self.params_after, "stock": self.stock, "load": self.load_line}
 
 
 def public_plan(plan: PruningPlan, name: str) -> PruningPlan:
@@ -35,7 +41,8 @@ def public_plan(plan: PruningPlan, name: str) -> PruningPlan:
     return replace(plan, model=replace(plan.model, name=name)) if plan.model is not None else plan
 
 
-def measured_card(source: str, architecture: str, plan: PruningPlan, measured: dict, protocol: str) -> str:
+def measured_card(source: str, architecture: str, plan: PruningPlan, measured: dict, protocol: str,
+                  stock: bool) -> str:
     """The engine's card plus what was measured on the extracted model. ``measured`` holds ``ppl``,
     ``params`` and ``flops`` of the extracted model and ``*_original`` of the source, optionally
     ``latency_ms`` / ``original_latency_ms`` and the speedups of ``shedder.prune.frontier.point_speeds``."""
@@ -50,7 +57,7 @@ def measured_card(source: str, architecture: str, plan: PruningPlan, measured: d
              f"{measured['expected_prefill_speedup']:.2f}×); decode speedup: {measured['decode_speedup_text']} (expected "
              f"{measured['expected_decode_speedup']:.2f}×). Median of paired interleaved rounds of the original and the "
              "extracted model [95 % interval].\n" if "prefill_speedup_text" in measured else "")
-    base = model_card(source, architecture, plan, measured["params_original"], measured["params"])
+    base = model_card(source, architecture, plan, measured["params_original"], measured["params"], stock)
     return f"""{base}
 ## Measured on the extracted model
 
@@ -70,14 +77,14 @@ def export(model, tokenizer, adapter, plan: PruningPlan, out, source: str, overw
     extracted model itself."""
     before = adapter.param_count()
     small = adapter.extract(plan)
-    after = count_parameters(small)
+    after, stock = count_parameters(small), is_stock(small)
     if measured is None:
-        card = model_card(source, type(model).__name__, plan, before, after)
+        card = model_card(source, type(model).__name__, plan, before, after, stock)
     else:
         measured = {**measured, "ppl": perplexity(small, windows)} if windows is not None else measured
-        card = measured_card(source, type(model).__name__, plan, measured, protocol)
+        card = measured_card(source, type(model).__name__, plan, measured, protocol, stock)
     path = save(small, tokenizer, out, plan=plan, card=card, overwrite=overwrite, protected=list(protected))
-    return Exported(Path(path), plan, before, after, card)
+    return Exported(Path(path), plan, before, after, card, stock)
 
 
 def export_zip(model, tokenizer, adapter, plan: PruningPlan, folder: str, source: str, target=None,

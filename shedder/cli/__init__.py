@@ -9,6 +9,7 @@
     python -m shedder search  --model mamba2-tiny --kinds ssm --steps 4 --out runs/ssm [--resume]
                               [--protocol official --data hf:tatsu-lab/alpaca:train|rows.jsonl]
                               [--workers N | --ray-address ADDR]   (score too: on Ray workers)
+    python -m shedder stock   --model mamba2-tiny --strategy one-shot|greedy --out plans/   (stock-shaped widths)
     python -m shedder bench   --model mamba2-tiny --plan plan.json     (speed of the extracted model)
     python -m shedder bench search [--model mamba2-tiny --kinds ssm --steps 4]  (fast vs reference search)
     python -m shedder bench scan [--json]              (engine SSD scan vs transformers' torch reference)
@@ -35,13 +36,13 @@ import traceback
 
 from transformers.utils import logging as hf_logging
 
-from shedder.cli import bench, eval, extract, import_run, info, plan, recover, score, search
+from shedder.cli import bench, eval, extract, import_run, info, plan, recover, score, search, stock
 from shedder.cli.options import OneLineParser
 from shedder.core.errors import Cancelled, ShedderError, printable
 from shedder.core.fileio import full_disk_reason
 
 #: The commands, in the order ``--help`` lists them; each module adds its parser and runs it.
-COMMANDS = (info, eval, extract, score, search, recover, plan, import_run, bench)
+COMMANDS = (info, eval, extract, score, search, stock, recover, plan, import_run, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter,
                            epilog="\n\n".join(__doc__.split("\n\n")[1:]))
     sub = parser.add_subparsers(dest="command", required=True,
-                                metavar="{info,eval,extract,score,search,recover,bench,plan,import-run}")
+                                metavar="{info,eval,extract,score,search,stock,recover,bench,plan,import-run}")
     for command in COMMANDS:
         command.add(sub)
     return parser

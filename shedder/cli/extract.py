@@ -26,5 +26,5 @@ def run(args) -> int:
                       protected=protected)
     before, after = done.params_before, done.params_after
     emit(args, done.payload(), f"saved {printable(done.out)}: {plan.describe()}; parameters {after:,} (from {before:,}, "
-                               f"{pct(before - after, before)} removed)")
+                               f"{pct(before - after, before)} removed)\n{done.load_line}")
     return 0

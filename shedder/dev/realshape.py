@@ -124,6 +124,17 @@ REAL_SHAPES: dict[str, RealShape] = {s.family: s for s in [
         # layers 5 and 6 of the published layout: a Mamba layer, then the first hybrid one.
         shrink=dict(intermediate_size=1024, layers_block_type=["mamba", "hybrid"], num_hidden_layers=2),
         layout_key="layers_block_type"),
+    # Zyphra/Zamba2-2.7B(-Instruct-v2) config.json: two shared blocks (ABAB) over nine hybrid layers; the
+    # released Mamba-Shedder configs narrow the MLP of each of those nine applications.
+    RealShape("zamba2_2.7b", "Zyphra/Zamba2-2.7B", "Zamba2Config", dict(
+        vocab_size=32000, hidden_size=2560, num_hidden_layers=54,
+        layers_block_type=["hybrid" if i in (6, 12, 18, 24, 30, 36, 42, 47, 51) else "mamba" for i in range(54)],
+        mamba_d_state=64, n_mamba_heads=80, mamba_headdim=64, mamba_ngroups=1, mamba_expand=2, mamba_d_conv=4,
+        chunk_size=256, num_attention_heads=32, num_key_value_heads=32, intermediate_size=10240, num_mem_blocks=2,
+        use_shared_attention_adapter=False, adapter_rank=128, bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        # layers 5 and 6 of the published layout: a Mamba layer, then the first hybrid one.
+        shrink=dict(intermediate_size=1024, layers_block_type=["mamba", "hybrid"], num_hidden_layers=2),
+        layout_key="layers_block_type"),
     RealShape("falcon_h1", "tiiuae/Falcon-H1-0.5B-Base", "FalconH1Config", dict(
         vocab_size=32784, hidden_size=1024, num_hidden_layers=36, num_attention_heads=8, num_key_value_heads=2,
         head_dim=64, intermediate_size=2048, mamba_d_ssm=1536, mamba_n_heads=24, mamba_d_head=64,

@@ -29,7 +29,7 @@ def save(model, tokenizer, out_dir: str | Path, plan: PruningPlan | None = None,
     source model's directory) and the working directory are never written (``fileio.publish_dir``).
     """
     with publish_dir(out_dir, overwrite=overwrite, protected=protected) as out:
-        if getattr(model.config, "shedder", None):
+        if not is_stock(model):
             _save_uneven(model, out)
         else:
             model.save_pretrained(out, safe_serialization=True)
@@ -54,14 +54,28 @@ def _save_uneven(model, out: Path) -> None:
     save_model(model, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
 
 
-def model_card(source: str, architecture: str, plan, before: int, after: int) -> str:
-    """README.md for an extracted model: where it came from and what was removed."""
+def load_line(stock: bool, path: str | Path = "<this directory>") -> str:
+    """How to load an extracted model saved in ``path``: plain ``transformers`` for a stock-shaped
+    one (``stock``: its config has no ``shedder`` section), else our loader."""
+    if stock:
+        return f'stock checkpoint: loads with transformers: AutoModelForCausalLM.from_pretrained("{path}")'
+    return f'needs shedder.formats.loading.load_model: load_model("{path}") (per-layer shapes)'
+
+
+def is_stock(model) -> bool:
+    """Whether an extracted ``model`` has a stock config that ``from_pretrained`` rebuilds."""
+    return not getattr(model.config, "shedder", None)
+
+
+def model_card(source: str, architecture: str, plan, before: int, after: int, stock: bool) -> str:
+    """README.md for an extracted model: where it came from, what was removed, how to load it."""
     rows = "\n".join(f"| {c.kind} | {c.layer} | {c.index} |" for c in plan.sorted()) or "| - | - | - |"
     return f"""# Pruned {architecture}
 
 Physically pruned from `{source}` with Shedder Studio (training-free structured pruning after
-Mamba-Shedder). No retraining was applied. Load it with `shedder.formats.loading.load_model("<this directory>")`;
-when every layer kept the same shape, plain `transformers.AutoModelForCausalLM.from_pretrained` works too.
+Mamba-Shedder). No retraining was applied.
+
+Loading: {load_line(stock)}
 
 - Source model: `{source}`
 - Removed: {plan.describe()}

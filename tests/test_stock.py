@@ -1,0 +1,115 @@
+"""Stock-shaped width pruning: equal head counts in every group of every layer, chosen per group, and
+an extracted model plain ``transformers`` loads; a Mamba-Shedder plan with uneven heads is told to
+use our loader."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import transformers
+
+from shedder import api
+from shedder.cli import main
+from shedder.core.errors import ShedderError
+from shedder.core.plan import Component, PruningPlan
+from shedder.measure.masking import masked
+from shedder.prune.stock import stock_greedy, stock_one_shot, stock_shaped
+from tests.tiny_models import SUITE
+
+#: hidden 32, 4 heads of 16 channels in 2 groups: one head per group gone leaves 32 = hidden channels.
+MODEL = SUITE["mamba2"]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return MODEL.build(0, 3, vocab_size=100)
+
+
+@pytest.fixture(scope="module")
+def windows():
+    return torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(1))
+
+
+def heads_per_group(plan: PruningPlan) -> dict:
+    counts: dict = {}
+    for c in plan.components:
+        counts[(c.layer, c.index // 2)] = counts.get((c.layer, c.index // 2), 0) + 1
+    return counts
+
+
+def test_one_shot_removes_the_lowest_head_of_every_group(model, windows):
+    table = api.score(model, windows, ["head"], "ppl", cache_dir=None)
+    series = stock_one_shot(model, table)
+    assert [p.label for p in series.points] == ["−1 heads per group"]
+    plan = series.points[0].plan
+    assert set(heads_per_group(plan).values()) == {1} and len(plan.components) == 3 * 2
+    for c in plan.components:  # within its group, the head whose removal hurt least
+        group = table[(table.kind == "head") & (table.layer == c.layer) & (table["index"] // 2 == c.index // 2)]
+        assert c.index == int(group.sort_values("delta_ppl", kind="stable").iloc[0]["index"])
+
+
+def test_greedy_picks_per_group_by_measured_nll(model, windows):
+    series = stock_greedy(model, windows, batch_size=2)
+    plan = series.points[0].plan
+    assert set(heads_per_group(plan).values()) == {1} and len(plan.components) == 6
+    ev = api.PlanEvaluator(model, windows, batch_size=2)
+    for c in plan.components:
+        other = c.index ^ 1  # the other head of its group
+        assert ev.nll(PruningPlan().with_components([c])) <= ev.nll(PruningPlan().with_components([Component("head", c.layer, other)]))
+
+
+def test_stock_plan_extracts_to_a_checkpoint_transformers_loads(model, windows, tmp_path):
+    plan = stock_one_shot(model, api.score(model, windows, ["head"], "ppl")).points[0].plan
+    adapter = api.adapter_for(model)
+    assert stock_shaped(adapter, plan)
+    done = api.export(model, None, adapter, plan, tmp_path / "out", "tiny")
+    assert done.stock and done.load_line.startswith("stock checkpoint: loads with transformers: "
+                                                    "AutoModelForCausalLM.from_pretrained(")
+    assert api.load_line(done.stock) in done.card  # the card names "<this directory>"
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(done.out).eval()
+    assert loaded.config.num_heads == 2 and not hasattr(loaded.config, "shedder")
+    with torch.no_grad(), masked(model, plan):
+        expected = model(windows).logits
+    with torch.no_grad():
+        assert torch.allclose(loaded(windows).logits, expected, atol=1e-5)
+
+
+def test_uneven_plan_is_told_to_use_our_loader(model, tmp_path):
+    plan = PruningPlan().with_components([Component("head", 0, 0)])
+    adapter = api.adapter_for(model)
+    assert not stock_shaped(adapter, plan)
+    done = api.export(model, None, adapter, plan, tmp_path / "out", "tiny")
+    assert not done.stock and done.load_line.startswith("needs shedder.formats.loading.load_model")
+    assert api.load_line(done.stock) in done.card  # the card names "<this directory>"
+    assert torch.is_tensor(api.load_model(str(done.out))[0].lm_head.weight)
+
+
+def test_refuses_a_model_without_heads():
+    mamba1 = SUITE["mamba1"].build(0, 2, vocab_size=100)
+    with pytest.raises(ShedderError, match="no SSM heads"):
+        stock_greedy(mamba1, torch.zeros(1, 8, dtype=torch.long))
+
+
+def test_cli_stock_writes_stock_plans_and_extract_prints_the_load_line(tiny_model_dir, tmp_path, capsys):
+    src = tiny_model_dir
+    assert main(["stock", "--model", str(src), "--strategy", "greedy", "--samples", "4",
+                 "--seq-len", "16", "--out", str(tmp_path / "plans"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert [r["plan"] for r in out["plans"]] == ["stock_01.json"]
+    assert main(["extract", "--model", str(src), "--plan", str(tmp_path / "plans" / "stock_01.json"),
+                 "--out", str(tmp_path / "x")]) == 0
+    assert "stock checkpoint: loads with transformers" in capsys.readouterr().out
+
+
+def test_a_hybrid_stock_plan_loads_with_transformers_too(tmp_path):
+    hybrid = SUITE["nemotron_h"].build(0, None, vocab_size=100)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(2))
+    plan = stock_greedy(hybrid, ids, steps=1, batch_size=2).points[0].plan
+    done = api.export(hybrid, None, api.adapter_for(hybrid), plan, tmp_path / "out", "tiny")
+    assert done.stock
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(done.out).eval()
+    with torch.no_grad(), masked(hybrid, plan):
+        expected = hybrid(ids).logits
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, expected, atol=1e-5)
