@@ -6,7 +6,7 @@
     python -m shedder extract --model mamba2-tiny --plan plan.json --out pruned/ [--overwrite]
     python -m shedder score   --model mamba2-tiny --kinds block,ssm --out scores.csv [--metric taylor]
     python -m shedder score   --model mamba2-tiny --kinds block,head --compare all --out agreement.csv
-    python -m shedder search  --model mamba2-tiny --kinds ssm --steps 4 --out runs/ssm [--resume]
+    python -m shedder search  --model mamba2-tiny --kinds ssm --steps 4 --out runs/ssm [--resume] [--race]
                               [--protocol official --data hf:tatsu-lab/alpaca:train|rows.jsonl]
                               [--workers N | --ray-address ADDR]   (score too: on Ray workers)
     python -m shedder stock   --model mamba2-tiny --strategy one-shot|greedy --out plans/   (stock-shaped widths)
