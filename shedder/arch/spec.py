@@ -18,6 +18,8 @@ tens of GB); schema 1 (written before versions existed: untyped per-family dicts
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import dataclasses
 import json
 from dataclasses import dataclass
@@ -275,3 +277,16 @@ def _from_schema1(entry: dict, model_type: str) -> dict:
     if out.get("mlp") is False:
         out["mlp"] = 0
     return out
+
+
+def load_line(stock: bool, path: str | Path = "<this directory>") -> str:
+    """How to load an extracted model saved in ``path``: plain ``transformers`` for a stock-shaped
+    one (``stock``: its config has no ``shedder`` section), else our loader."""
+    if stock:
+        return f'stock checkpoint: loads with transformers: AutoModelForCausalLM.from_pretrained("{path}")'
+    return f'needs shedder.formats.loading.load_model: load_model("{path}") (per-layer shapes)'
+
+
+def is_stock(model) -> bool:
+    """Whether an extracted ``model`` has a stock config that ``from_pretrained`` rebuilds."""
+    return not getattr(model.config, "shedder", None)

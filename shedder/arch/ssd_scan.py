@@ -97,7 +97,7 @@ def _engine_scan(x, dt, A, B, C, Q: int, D, dt_bias, initial_states, dt_softplus
     causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
     seg = (cum[..., :, None] - cum[..., None, :]).masked_fill_(~causal, -torch.inf).exp_()
     scores = Cc @ Bc.transpose(-1, -2)                                            # [b, c, G, 1, Q, Q]
-    y = (seg.mul_(scores)) @ xdt                                                  # [b, c, G, hg, Q, P]
+    y = (seg * scores) @ xdt                                                      # [b, c, G, hg, Q, P]
 
     # 2. each chunk's own end state: Σ_s exp(cum[-1] - cum[s]) x dt[s] ⊗ B[s]  -> [b, c, G, hg, P, N]
     to_end = torch.exp(cum[..., -1:] - cum)

@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Iterable
 
 from shedder.arch import ResolvedPlan, adapter_for_plan
+from shedder.arch.spec import is_stock, load_line
 from shedder.core.fileio import publish_dir
 from shedder.core.plan import PruningPlan
 
@@ -52,19 +53,6 @@ def _save_uneven(model, out: Path) -> None:
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(out)
     save_model(model, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
-
-
-def load_line(stock: bool, path: str | Path = "<this directory>") -> str:
-    """How to load an extracted model saved in ``path``: plain ``transformers`` for a stock-shaped
-    one (``stock``: its config has no ``shedder`` section), else our loader."""
-    if stock:
-        return f'stock checkpoint: loads with transformers: AutoModelForCausalLM.from_pretrained("{path}")'
-    return f'needs shedder.formats.loading.load_model: load_model("{path}") (per-layer shapes)'
-
-
-def is_stock(model) -> bool:
-    """Whether an extracted ``model`` has a stock config that ``from_pretrained`` rebuilds."""
-    return not getattr(model.config, "shedder", None)
 
 
 def model_card(source: str, architecture: str, plan, before: int, after: int, stock: bool) -> str:

@@ -1,11 +1,12 @@
 """The model card (README.md) of a recovered model."""
 from __future__ import annotations
 
+from shedder.arch.spec import load_line
 from shedder.prune.recover.config import RecoverResult
 from shedder.prune.recover.rundir import CARD_JSON
 
 
-def model_card(result: RecoverResult, source: str, plan, params: int) -> str:
+def model_card(result: RecoverResult, source: str, plan, params: int, stock: bool) -> str:
     """README.md of a recovered model: where it came from, the recipe and the numbers before and after."""
     c, p = result.config, result.ppl
     rows = "\n".join(f"| {name} | {p[name]:.3f} |" for name in ("unpruned", "pruned", "recovered") if name in p)
@@ -13,8 +14,9 @@ def model_card(result: RecoverResult, source: str, plan, params: int) -> str:
     return f"""# Recovered pruned model
 
 Pruned from `{source or 'the source model'}` with Shedder Studio ({plan.describe() if plan is not None else 'plan not recorded'}),
-then recovered by **{c.method}**. Load it with `shedder.formats.loading.load_model("<this directory>")`; when every
-layer kept the stock shape, plain `transformers.AutoModelForCausalLM.from_pretrained` works too.
+then recovered by **{c.method}**.
+
+Loading: {load_line(stock)}
 
 | recipe | |
 | --- | --- |

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
 from shedder.arch import count_parameters
+from shedder.arch.spec import is_stock
 from shedder.core.errors import Cancelled, ShedderError
 from shedder.core.fileio import RUN_LOCK, check_place, claim_run_dir, exclusive, model_dirs
 from shedder.core.progress import Progress
@@ -226,7 +227,7 @@ def _save(save: SaveModel, student, tokenizer, result: RecoverResult, plan, sour
     tmp = run_dir / ".model.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        save(student, tokenizer, tmp, plan=plan, card=model_card(result, source, plan, count_parameters(student)))
+        save(student, tokenizer, tmp, plan=plan, card=model_card(result, source, plan, count_parameters(student), is_stock(student)))
         (tmp / CARD_JSON).write_text(json.dumps(result.to_dict(), indent=2, default=str) + "\n")
         for path in tmp.iterdir():
             os.replace(path, run_dir / path.name)
