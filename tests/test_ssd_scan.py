@@ -3,6 +3,7 @@ chunk boundaries, lengths not divisible by the chunk, initial/final states, and 
 models of every Mamba-2-style family (prefill and cached decode) under ``ssd_scan.reference()``."""
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -39,6 +40,20 @@ def test_scan_at_the_130m_shape_and_dt_limit():
     for limit in ((0.0, float("inf")), (0.001, 0.1)):
         ref = mamba2_chunk_scan(**inputs, dt_limit=limit)
         assert rel(ssd_scan.chunk_scan(**inputs, dt_limit=limit), ref) < TOL
+
+
+def test_gradients_equal_the_reference():
+    """Recovery trains through the scan: its backward must work (no in-place edit of a tensor autograd
+    keeps) and give the reference's gradients."""
+    inputs = scan_inputs(seed=3, batch=1, seq_len=70, heads=4, head_dim=4, groups=2, state=8)
+    grads = []
+    for reference in (True, False):
+        leaves = {k: v.detach().clone().requires_grad_(True) for k, v in inputs.items() if torch.is_tensor(v)}
+        with ssd_scan.reference() if reference else contextlib.nullcontext():
+            ssd_scan.chunk_scan(**{**inputs, **leaves}).square().sum().backward()
+        grads.append({k: v.grad for k, v in leaves.items()})
+    for name, ref in grads[0].items():
+        assert rel(grads[1][name], ref) < TOL, name
 
 
 def test_reference_switch_routes_to_transformers():
