@@ -8,14 +8,18 @@ the very same resolved functions, so on a GPU with the kernels installed they us
 from transformers.models.mamba import modeling_mamba
 from transformers.models.mamba2 import modeling_mamba2
 
-from shedder.arch import adapter_for, mamba1_mixer, mamba2_mixer
+from shedder.arch import adapter_for, mamba1_mixer, mamba2_mixer, ssd_scan
 from shedder.measure.masking import masked
 from shedder.core.plan import Component, PruningPlan
 
 
 def test_masked_layers_call_the_functions_transformers_resolved():
-    for name in ("causal_conv1d_fn", "causal_conv1d_update", "mamba2_chunk_scan", "mamba2_selective_state_update"):
+    for name in ("causal_conv1d_fn", "causal_conv1d_update", "mamba2_selective_state_update"):
         assert getattr(mamba2_mixer, name) is getattr(modeling_mamba2, name)
+    # the chunked scan: masked and stock layers both go through the engine's scan, which hands a call to
+    # transformers' own function (the mamba-ssm kernel when it serves the tensors, or ``reference()``)
+    assert mamba2_mixer.chunk_scan is ssd_scan.chunk_scan
+    assert modeling_mamba2.mamba2_chunk_scan.engine_dispatch
     assert mamba1_mixer.hf_mamba is modeling_mamba  # looked up at call time
 
 
