@@ -72,7 +72,7 @@ class Series:
 def search_series(result, kinds) -> Series:
     """The steps of a ``greedy_search`` result as a series named after its kinds (a raced one its own
     series, named so)."""
-    raced = getattr(result, "raced", False)
+    raced = result.raced
     name = f"greedy {'+'.join(kinds)}" + (" (raced)" if raced else "")
     return Series(name, "raced greedy search" if raced else "greedy search",
                   [Point(f"step {s.step}: − {s.component.words()}", s.plan) for s in result.steps])
