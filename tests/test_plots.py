@@ -93,3 +93,9 @@ def test_frontier_pads_the_axes_of_a_single_point():
     low, high = fig.layout.xaxis.range
     assert high - low > 1e4 and low < 1468736.0 < high
     assert fig.layout.yaxis.range is not None
+
+
+def test_a_delta_that_reads_as_zero_draws_no_arrow():
+    from app import ui
+    assert ui.delta("+0.000") is None and ui.delta("-0.0%") is None and ui.delta("+0.0 pts") is None
+    assert ui.delta("+0.012") == "+0.012" and ui.delta("-16.1%") == "-16.1%"
