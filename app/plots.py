@@ -14,7 +14,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from shedder.core.plan import Component, PruningPlan
+from shedder.core.plan import Component, PruningPlan, in_kind_order
 
 from .scales import DIVERGING, Scale
 
@@ -55,7 +55,7 @@ def importance_heatmap(scores: pd.DataFrame, num_layers: int, log: bool = True, 
     scores (by default the perplexity increase when that component alone is removed), on the scale
     the values call for (``app.scales``)."""
     scale = Scale.of(scores[column], log, label)
-    kinds = list(dict.fromkeys(scores["kind"]))
+    kinds = in_kind_order(scores["kind"])
     fig = _panels(kinds, [scores.loc[scores["kind"] == k, "index"].nunique() for k in kinds], num_layers)
     layers = list(range(num_layers))
     ppl = column == "delta_ppl"
@@ -84,7 +84,7 @@ def layer_bars(scores: pd.DataFrame, num_layers: int, log: bool = True, column: 
     and colours on the heatmap's scale and palette."""
     means = scores.groupby(["layer", "kind"], sort=True)[column].mean().reset_index()
     scale = Scale.of(means[column], log, f"mean {label}")
-    kinds = list(dict.fromkeys(scores["kind"]))
+    kinds = in_kind_order(scores["kind"])
     fig = make_subplots(rows=len(kinds), cols=1, subplot_titles=kinds, shared_xaxes=True,
                         vertical_spacing=0.12 / max(len(kinds), 1))
     # Signed values grow from zero; positive ones on a log scale from the lowest tick below them.

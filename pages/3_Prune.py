@@ -3,7 +3,7 @@ import streamlit as st
 
 from app import plots, ui
 from shedder.api import describe_protocol, next_word_protocol
-from shedder.core.plan import PruningPlan
+from shedder.core.plan import PruningPlan, in_kind_order
 
 PENDING = "prune_pending"      # a change requested by a widget callback, applied by the page body
 GENERATION = "prune_chart_gen"  # bumped after each chart click so the next chart starts unselected
@@ -79,7 +79,7 @@ with st.expander("See the text: the original and the current plan continue the s
 
 # -- switchboard ---------------------------------------------------------------------------------
 offered = list(adapter.kind_counts())
-kinds = st.multiselect("show kinds", offered, default=offered, key="prune_kinds") or offered[:1]
+kinds = in_kind_order(st.multiselect("show kinds", offered, default=offered, key="prune_kinds") or offered[:1])
 fig, lookup = plots.switchboard(adapter, ws.plan, kinds, ws.importance)
 chart_key = f"prune_chart_{st.session_state.setdefault(GENERATION, 0)}"
 

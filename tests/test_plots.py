@@ -99,3 +99,12 @@ def test_a_delta_that_reads_as_zero_draws_no_arrow():
     from app import ui
     assert ui.delta("+0.000") is None and ui.delta("-0.0%") is None and ui.delta("+0.0 pts") is None
     assert ui.delta("+0.012") == "+0.012" and ui.delta("-16.1%") == "-16.1%"
+
+
+def test_every_view_lists_kinds_in_one_order():
+    from shedder.core.plan import in_kind_order
+    assert in_kind_order(["attention", "ssm", "block", "ssm"]) == ["block", "ssm", "attention"]
+    scores = pd.DataFrame({"layer": [0, 1, 1], "kind": ["attention", "block", "ssm"], "index": [0, 0, 0],
+                           "delta_ppl": [0.1, 0.2, 0.3]})
+    titles = [a.text for a in plots.layer_bars(scores, 2).layout.annotations]
+    assert titles[:3] == ["block", "ssm", "attention"]
