@@ -108,3 +108,19 @@ def test_every_view_lists_kinds_in_one_order():
                            "delta_ppl": [0.1, 0.2, 0.3]})
     titles = [a.text for a in plots.layer_bars(scores, 2).layout.annotations]
     assert titles[:3] == ["block", "ssm", "attention"]
+
+
+def test_switchboard_fades_what_sits_inside_a_removed_mlp():
+    from shedder.arch import adapter_for
+    from shedder.core.plan import Component, PruningPlan
+    from tiny_models import make_tiny_model
+    model = make_tiny_model("nemotron_h")
+    adapter = adapter_for(model)
+    mlp = next(c for c in adapter.components("mlp"))
+    plan = PruningPlan().with_components([mlp])
+    fig, lookup = plots.switchboard(adapter, plan, ["mlp_channel_group"], None)
+    kept = fig.data[0]
+    faded = {c.layer for c, o in zip(lookup[0], kept.marker.opacity) if o < 1}
+    assert faded == {mlp.layer}
+    assert all("inside a removed part" in t for c, t in zip(lookup[0], kept.text) if c.layer == mlp.layer)
+    assert Component("mlp_channel_group", mlp.layer, 0) in lookup[0]
