@@ -9,6 +9,7 @@ from shedder import api
 from shedder.cli.common import calibration, calibration_options, common, emit, load, model_options, overwrite_option, progress
 from shedder.cli.options import positive_int
 from shedder.core.errors import printable
+from shedder.core.fileio import check_output_dir, publish_dir
 
 
 def kinds_list(text: str) -> tuple[str, ...]:
@@ -18,7 +19,6 @@ def kinds_list(text: str) -> tuple[str, ...]:
     if bad:
         raise argparse.ArgumentTypeError(f"{bad[0]!r} is not a stock-shaped kind: one or more of {', '.join(api.STOCK_KINDS)}")
     return kinds
-from shedder.core.fileio import check_output_dir, publish_dir
 
 
 def add(sub) -> None:
