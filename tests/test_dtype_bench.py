@@ -1,17 +1,7 @@
 """``bench dtype``: float32 vs bfloat16, the speed by the paired protocol and the agreement."""
 import json
 
-import pytest
-
 from shedder.cli import main
-from shedder.dev.dtype_bench import spearman
-
-
-def test_spearman_of_known_orders():
-    assert spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert spearman([5.0], [1.0]) == 1.0
-    assert spearman([1, 2, 3], [1, 3, 2]) == pytest.approx(0.5)
 
 
 def test_bench_dtype_reports_speed_with_its_interval_and_the_agreement(capsys):

@@ -23,30 +23,11 @@ import torch
 
 from shedder.measure.metrics import nll_sum, perplexity
 from shedder.measure.timing import Protocol, paired_rounds
+from shedder.prune.agreement import correlate
 from shedder.prune.importance import score
 from shedder.prune.search import StopWhen, greedy_search
 
 DTYPES = ("float32", "bfloat16")
-
-
-def _ranks(values: list[float]) -> list[float]:
-    order = sorted(range(len(values)), key=values.__getitem__)
-    ranks = [0.0] * len(values)
-    for r, i in enumerate(order):
-        ranks[i] = float(r)
-    return ranks
-
-
-def spearman(a: list[float], b: list[float]) -> float:
-    """Rank correlation of two equally long lists (ties broken by position; 1.0 for one element)."""
-    if len(a) < 2:
-        return 1.0
-    ra, rb = _ranks(a), _ranks(b)
-    n = len(a)
-    mean = (n - 1) / 2
-    cov = sum((x - mean) * (y - mean) for x, y in zip(ra, rb))
-    var = sum((x - mean) ** 2 for x in ra)
-    return cov / var
 
 
 def compare_dtypes(models: dict, windows: torch.Tensor, kinds: list[str], steps: int = 2, top: int = 5,
@@ -77,13 +58,11 @@ def compare_dtypes(models: dict, windows: torch.Tensor, kinds: list[str], steps:
             start = time.perf_counter()
             tables[d] = score(models[d], windows, kinds, batch_size=batch_size, cache_dir=f"{fresh}/{d}")
             seconds[d] = time.perf_counter() - start
-    key = lambda row: (int(row.layer), row.kind, int(row["index"]))  # noqa: E731
-    f32 = {key(r): float(r.delta_ppl) for _, r in tables["float32"].iterrows()}
-    b16 = {key(r): float(r.delta_ppl) for _, r in tables["bfloat16"].iterrows()}
-    common = sorted(f32)
-    lowest = lambda t: set(sorted(common, key=t.__getitem__)[:top])  # noqa: E731  (least important first)
-    out["score"] = {"components": len(common), "spearman": spearman([f32[k] for k in common], [b16[k] for k in common]),
-                    "top_overlap": len(lowest(f32) & lowest(b16)), "seconds": seconds,
+    # one pseudo-kind, so the agreement's correlation runs over every scored component at once
+    overall = {d: tables[d].assign(kind="all", score=tables[d]["delta_ppl"]) for d in DTYPES}
+    agree = correlate(overall["float32"], overall["bfloat16"], "all", top_k=top)
+    out["score"] = {"components": agree["n"], "spearman": agree["spearman"],
+                    "top_overlap": round(agree["top_k_overlap"] * agree["k"]), "seconds": seconds,
                     "speedup_single_run": seconds["float32"] / seconds["bfloat16"]}
 
     results, seconds = {}, {}
