@@ -38,6 +38,13 @@ def _relative_links(page: Path) -> list[str]:
             if not re.match(r"[a-z]+:", target) and not target.startswith("#")]
 
 
+def _anchors(page: Path) -> set[str]:
+    """The anchors GitHub gives the page's headings: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"```.*?```", "", page.read_text(encoding="utf-8"), flags=re.S)  # no headings in code
+    return {re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+            for heading in re.findall(r"^#+ (.+)$", text, flags=re.M)}
+
+
 def _subparsers(parser: argparse.ArgumentParser) -> dict[str, argparse.ArgumentParser]:
     return next((a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction)), {})
 
@@ -106,6 +113,21 @@ def _wrong(mentions) -> list[str]:
             wrong += [f"{page}: python -m shedder {' '.join(used)} {flag} (no such flag)" for flag in flags
                       if flag not in options]
     return wrong
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_link_anchors_name_headings(page):
+    wrong = []
+    for target in _relative_links(page):
+        path, _, anchor = target.partition("#")
+        if anchor and path.endswith(".md") and anchor not in _anchors(page.parent / path):
+            wrong.append(target)
+    assert not wrong, f"{page.name}: {wrong}"
+
+
+def test_anchor_rule():
+    page = ROOT / "docs" / "hymba.md"
+    assert "kinds-the-official-hybridhymba-pruning-masks" in _anchors(page) and "kv-sharing" in _anchors(page)
 
 
 def test_every_documented_command_and_flag_exists():
