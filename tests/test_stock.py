@@ -186,6 +186,14 @@ def test_a_short_last_channel_group_is_never_removed(hybrid, windows):
     assert len(series.points) == 1 and {c.index for c in series.points[0].plan.components} <= {0, 1}
 
 
+def test_offered_kinds_are_the_ones_each_family_can_prune_stock_shaped(model, hybrid):
+    from shedder.arch import adapter_for
+
+    assert api.stock_kinds(adapter_for(model)) == ["head"]
+    assert api.stock_kinds(adapter_for(hybrid)) == ["head", "mlp_channel_group"]
+    assert api.stock_kinds(adapter_for(SUITE["mamba1"].build(0, 2, vocab_size=100))) == []
+
+
 def test_cli_stock_kinds(tmp_path, capsys, bundled_tokenizer):
     src = tmp_path / "src"  # MLPs of 128 channels: two groups of the family's default 64
     TINY["nemotron_h"].build(0, None, vocab_size=len(bundled_tokenizer), intermediate_size=128).save_pretrained(src)

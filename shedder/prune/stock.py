@@ -50,6 +50,17 @@ def check_kinds(adapter, kinds) -> tuple[str, ...]:
     return kinds
 
 
+def offered_kinds(adapter) -> list[str]:
+    """The stock-shaped kinds this family has, in ``KINDS`` order (what ``check_kinds`` accepts)."""
+    offered = []
+    for kind in KINDS:
+        try:
+            offered += check_kinds(adapter, [kind])
+        except ShedderError:
+            pass
+    return offered
+
+
 def _units(adapter, plan: PruningPlan, kinds) -> dict[tuple[str, int, int], list[int]]:
     """(kind, layer, unit) → component indices still kept there under ``plan``; a unit is a B/C group
     of heads or one MLP's channel groups (unit 0)."""
