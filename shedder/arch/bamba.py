@@ -46,12 +46,14 @@ from shedder.arch.layers import (check_attention_left, present, remove_sub_block
                                  sliced_state_dict)
 from shedder.arch.mamba2_mixer import MixerLayout
 from shedder.arch.spec import LayerSpec, PrunedSpec
+from shedder.arch.stock_shape import expand_for, stock_shape
 
 
 class BambaAdapter(Adapter):
     architectures = ("BambaForCausalLM",)
     model_types = ("bamba",)
     kinds = ("block", "mixer", "ssm", "head", "attention", "mlp", "mlp_channel_group")
+    stock_kinds = ("head", "mlp_channel_group")
     model_class = transformers.BambaForCausalLM
     layers_path = "model.layers"
     size_fields = Adapter.size_fields + ("intermediate_size", "mamba_n_heads", "mamba_d_head", "mamba_n_groups",
@@ -171,7 +173,14 @@ class BambaAdapter(Adapter):
         config.num_hidden_layers = len(spec.layers)
         config.attn_layer_indices = [j for j, s in enumerate(spec.layers)
                                      if s.mamba and not self.has_mamba(s.source)]
-        return False
+        shape = stock_shape(spec, self.stock_layout(self.config), filter(self.has_mamba, range(self.num_layers)))
+        expand = shape and expand_for(shape.inner(config.mamba_d_head), config.hidden_size)
+        if shape is None or (shape.num_heads is not None and expand is None):
+            return False
+        if shape.num_heads is not None:
+            config.mamba_n_heads, config.mamba_expand = shape.num_heads, expand
+        config.intermediate_size = shape.mlp or config.intermediate_size
+        return True
 
     def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
         replace, by_layer = {}, self.by_layer(plan)

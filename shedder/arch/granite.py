@@ -54,6 +54,7 @@ from shedder.arch.layers import (check_attention_left, present, remove_sub_block
                                  sliced_state_dict)
 from shedder.arch.mamba2_mixer import MixerLayout
 from shedder.arch.spec import LayerSpec, PrunedSpec
+from shedder.arch.stock_shape import expand_for, stock_shape
 
 #: The shared MLP's projections: a fused [gate; up] input, the output.
 _SHARED_MLP = dict(rows=(), cols=("output_linear",), fused=("input_linear",))
@@ -63,6 +64,7 @@ class GraniteHybridAdapter(Adapter):
     architectures = ("GraniteMoeHybridForCausalLM",)
     model_types = ("granitemoehybrid",)
     kinds = ("block", "mixer", "ssm", "head", "attention", "mlp", "mlp_channel_group", "expert")
+    stock_kinds = ("head", "mlp_channel_group")
     model_class = transformers.GraniteMoeHybridForCausalLM
     layers_path = "model.layers"
     lora_targets = ("in_proj", "out_proj", "input_linear", "output_linear")
@@ -202,13 +204,14 @@ class GraniteHybridAdapter(Adapter):
         config.num_hidden_layers = len(spec.layers)
         config.layer_types = ["full_attention" if s.mamba and not self.has_mamba(s.source) else "linear_attention"
                               for s in spec.layers]
-        shapes = {(s.mlp, s.experts) for s in spec.layers}
-        folded = [dataclasses.replace(s, mlp=None, experts=None) for s in spec.layers]
-        if len(shapes) != 1 or 0 in next(iter(shapes)) or not all(s.stock for s in folded):
+        shape = stock_shape(spec, self.stock_layout(self.config), filter(self.has_mamba, range(self.num_layers)))
+        expand = shape and expand_for(shape.inner(config.mamba_d_head), config.hidden_size)
+        if shape is None or (shape.num_heads is not None and expand is None):
             return False
-        width, count = next(iter(shapes))  # every layer alike: the stock config says it
-        config.shared_intermediate_size = width or config.shared_intermediate_size
-        config.num_local_experts = count or config.num_local_experts
+        if shape.num_heads is not None:  # every layer alike: the stock config says it
+            config.mamba_n_heads, config.mamba_expand = shape.num_heads, expand
+        config.shared_intermediate_size = shape.mlp or config.shared_intermediate_size
+        config.num_local_experts = shape.experts or config.num_local_experts
         return True
 
     def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
