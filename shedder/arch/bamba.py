@@ -31,16 +31,15 @@ from __future__ import annotations
 
 import contextlib
 
-import torch
 import transformers
 from torch import nn
 
 from shedder.core.plan import Component, PruningPlan
-from shedder.arch import feed_forward, mamba2_mixer
+from shedder.arch import feed_forward
 from shedder.arch.base import Adapter
 from shedder.arch.mamba2_hybrid import Mamba2HybridAdapter
 from shedder.arch.feed_forward import check_mlp_groups
-from shedder.arch.layers import present, remove_sub_block, skip_layer, sliced_state_dict
+from shedder.arch.layers import present, skip_layer
 from shedder.arch.spec import LayerSpec, PrunedSpec
 
 
@@ -94,33 +93,11 @@ class BambaAdapter(Mamba2HybridAdapter):
                                      if s.mamba and not self.has_mamba(s.source)]
         return self.stock_shape(config, spec) is not None
 
-    def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
-        replace, by_layer = {}, self.by_layer(plan)
-        for layer in self.layer_map(plan):
-            comps = by_layer.get(layer, [])
-            kinds = {c.kind for c in comps}
-            mods = {}
-            if self.has_mamba(layer):
-                state = mamba2_mixer.pruned_state(self.mamba(layer), comps)
-                if state is not None:
-                    mods["mamba"] = state
-            if "attention" in kinds:
-                mods.update({"self_attn": {}, "input_layernorm": {}})
-            if "mixer" in kinds:
-                mods.update({"mamba": {}, "self_attn": {}, "input_layernorm": {}})
-            mods.update(feed_forward.pruned_state(self.layers()[layer], comps, self.mlp_width(layer),
-                                                  self.mlp_group_size, removed="mlp" in kinds))
-            if mods:
-                replace[layer] = mods
-        return sliced_state_dict(self.model.state_dict(), self.layer_prefix, self.layer_map(plan), replace)
+    def feed_forward_state(self, layer: int, kinds: set[str], comps: list[Component]) -> dict:
+        return feed_forward.pruned_state(self.layers()[layer], comps, self.mlp_width(layer), self.mlp_group_size,
+                                         removed="mlp" in kinds)
 
-    @classmethod
-    def apply_layer(cls, layers, index, spec) -> None:
-        block = layers[index]
-        mamba = hasattr(block, "mamba")
-        if not spec.mamba:
-            remove_sub_block(block, "mamba" if mamba else "self_attn", "input_layernorm", returns_tuple=not mamba)
-        elif mamba:
-            block.mamba = mamba2_mixer.build(block.mamba, spec)
+    @staticmethod
+    def apply_feed_forward(block: nn.Module, spec) -> None:
         if spec.mlp is not None:
             feed_forward.resize(block, spec.mlp)

@@ -40,17 +40,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 
-import torch
 import transformers
 from torch import nn
 
 from shedder.core.errors import PlanError
-from shedder.core.plan import Component, PruningPlan
-from shedder.arch import experts, feed_forward, mamba2_mixer
+from shedder.core.plan import Component
+from shedder.arch import experts, feed_forward
 from shedder.arch.base import Adapter
 from shedder.arch.mamba2_hybrid import Mamba2HybridAdapter
 from shedder.arch.feed_forward import mask_mlp_channels, pruned_mlp_state, resize_mlp
-from shedder.arch.layers import present, remove_sub_block, skip_layer, skip_sub_block, sliced_state_dict
+from shedder.arch.layers import present, remove_sub_block, skip_layer, skip_sub_block
 from shedder.arch.spec import LayerSpec, PrunedSpec
 
 #: The shared MLP's projections: a fused [gate; up] input, the output.
@@ -136,40 +135,19 @@ class GraniteHybridAdapter(Mamba2HybridAdapter):
         config.num_local_experts = shape.experts or config.num_local_experts
         return True
 
-    def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
-        replace, by_layer = {}, self.by_layer(plan)
-        for layer in self.layer_map(plan):
-            block, comps = self.layers()[layer], by_layer.get(layer, [])
-            kinds = {c.kind for c in comps}
-            mods = {}
-            if self.has_mamba(layer):
-                state = mamba2_mixer.pruned_state(self.mamba(layer), comps)
-                if state is not None:
-                    mods["mamba"] = state
-            if "attention" in kinds:
-                mods.update({"self_attn": {}, "input_layernorm": {}})
-            if "mixer" in kinds:
-                mods.update({"mamba": {}, "self_attn": {}, "input_layernorm": {}})
-            if "mlp" in kinds:
-                mods.update({"shared_mlp": {}, "block_sparse_moe": {}, "post_attention_layernorm": {}})
-            else:
-                if "mlp_channel_group" in kinds:
-                    kept = feed_forward.kept_channels(comps, self.mlp_width(layer), self.mlp_group_size)
-                    mods["shared_mlp"] = pruned_mlp_state(block.shared_mlp, kept, **_SHARED_MLP)
-                if "expert" in kinds:
-                    mods["block_sparse_moe"] = experts.pruned_state(block.block_sparse_moe, comps)
-            if mods:
-                replace[layer] = mods
-        return sliced_state_dict(self.model.state_dict(), self.layer_prefix, self.layer_map(plan), replace)
+    def feed_forward_state(self, layer: int, kinds: set[str], comps: list[Component]) -> dict:
+        if "mlp" in kinds:
+            return {"shared_mlp": {}, "block_sparse_moe": {}, "post_attention_layernorm": {}}
+        block, mods = self.layers()[layer], {}
+        if "mlp_channel_group" in kinds:
+            kept = feed_forward.kept_channels(comps, self.mlp_width(layer), self.mlp_group_size)
+            mods["shared_mlp"] = pruned_mlp_state(block.shared_mlp, kept, **_SHARED_MLP)
+        if "expert" in kinds:
+            mods["block_sparse_moe"] = experts.pruned_state(block.block_sparse_moe, comps)
+        return mods
 
-    @classmethod
-    def apply_layer(cls, layers, index, spec) -> None:
-        block = layers[index]
-        mamba = present(block.mamba)
-        if not spec.mamba:
-            remove_sub_block(block, "mamba" if mamba else "self_attn", "input_layernorm", returns_tuple=not mamba)
-        elif mamba:
-            block.mamba = mamba2_mixer.build(block.mamba, spec)
+    @staticmethod
+    def apply_feed_forward(block: nn.Module, spec) -> None:
         if spec.mlp == 0:
             remove_sub_block(block, "shared_mlp", "post_attention_layernorm")
             if block.block_sparse_moe is not None:

@@ -12,6 +12,7 @@ import dataclasses
 import functools
 from typing import ClassVar
 
+import torch
 from torch import nn
 
 from shedder.core.errors import PlanError
@@ -19,7 +20,7 @@ from shedder.core.plan import Component, PruningPlan
 from shedder.arch import feed_forward, mamba2_mixer
 from shedder.arch.base import Adapter
 from shedder.arch.feed_forward import default_mlp_group_size
-from shedder.arch.layers import check_attention_left, present, skip_sub_block
+from shedder.arch.layers import check_attention_left, present, remove_sub_block, skip_sub_block, sliced_state_dict
 from shedder.arch.mamba2_mixer import MixerLayout
 from shedder.arch.spec import PrunedSpec
 from shedder.arch.stock_shape import StockShape, expand_for, stock_shape
@@ -131,6 +132,44 @@ class Mamba2HybridAdapter(Adapter):
         if not has_mixer:  # built as a Mamba layer (``configure``) without its mixer
             fields["mamba"] = False
         return fields, has_mixer
+
+    def feed_forward_state(self, layer: int, kinds: set[str], comps: list[Component]) -> dict:
+        """The feed-forward's sliced or removed sub-blocks under ``comps`` (``sliced_state_dict``'s ``replace``)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def apply_feed_forward(block: nn.Module, spec) -> None:
+        """Give ``block``'s feed-forward the shape ``spec`` asks for."""
+        raise NotImplementedError
+
+    def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
+        replace, by_layer = {}, self.by_layer(plan)
+        for layer in self.layer_map(plan):
+            comps = by_layer.get(layer, [])
+            kinds = {c.kind for c in comps}
+            mods = {}
+            if self.has_mamba(layer):
+                state = mamba2_mixer.pruned_state(self.mamba(layer), comps)
+                if state is not None:
+                    mods["mamba"] = state
+            if "attention" in kinds:
+                mods.update({"self_attn": {}, "input_layernorm": {}})
+            if "mixer" in kinds:
+                mods.update({"mamba": {}, "self_attn": {}, "input_layernorm": {}})
+            mods.update(self.feed_forward_state(layer, kinds, comps))
+            if mods:
+                replace[layer] = mods
+        return sliced_state_dict(self.model.state_dict(), self.layer_prefix, self.layer_map(plan), replace)
+
+    @classmethod
+    def apply_layer(cls, layers, index, spec) -> None:
+        block = layers[index]
+        mamba = present(getattr(block, "mamba", None))
+        if not spec.mamba:
+            remove_sub_block(block, "mamba" if mamba else "self_attn", "input_layernorm", returns_tuple=not mamba)
+        elif mamba:
+            block.mamba = mamba2_mixer.build(block.mamba, spec)
+        cls.apply_feed_forward(block, spec)
 
     def stock_shape(self, config, spec: PrunedSpec) -> StockShape | None:
         """``spec``'s one shape, with the head count written into ``config`` (``mamba_n_heads``, and
