@@ -190,3 +190,10 @@ def test_without_cuda_and_without_dry_run_it_skips_in_one_line(tmp_path, capsys)
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 1 and out[0].startswith("gpu-check: skipped:")
     assert not (tmp_path / "r").exists()
+
+
+def test_an_older_transformers_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(transformers, "__version__", "5.17.0")
+    assert main(["bench", "gpu-check", "--paper", "--dry-run", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs transformers >= 5.24" in err[0] and not (tmp_path / "r").exists()

@@ -45,6 +45,7 @@ from typing import Callable
 
 import torch
 import transformers
+from packaging.version import Version
 
 from shedder.arch import adapter_for, kernels
 from shedder.core.errors import ShedderError
@@ -62,6 +63,8 @@ PAPER_LAYERS = 64
 DRY_LAYERS = 8
 #: Prompt tokens and generated tokens: the paper's setting, and the dry run's.
 PAPER_TOKENS, DRY_TOKENS = (2048, 32), (64, 4)
+#: The oldest transformers whose scan / conv functions are the kernel wrappers ``arch.kernels`` swaps.
+MIN_TRANSFORMERS = "5.24"
 #: Headroom on the probe's estimate of a measurement's cost.
 MARGIN = 1.25
 PATHS = ("kernels", "torch")
@@ -160,6 +163,9 @@ def run_paper(run: PaperRun, log: Callable[[str], None] = print) -> dict:
     write the JSON and Markdown report into ``run.out``; return the report."""
     if not run.dry_run and not torch.cuda.is_available():
         raise ShedderError("--paper needs a CUDA device (or --dry-run)")
+    if Version(transformers.__version__) < Version(MIN_TRANSFORMERS):
+        raise ShedderError(f"--paper needs transformers >= {MIN_TRANSFORMERS} (its kernel wrappers are what the torch "
+                           f"path swaps; this is {transformers.__version__}); see docs/gpu.md")
     run.outputs()
     started = time.perf_counter()
     left = lambda: run.total_s - (time.perf_counter() - started)  # noqa: E731
