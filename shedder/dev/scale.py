@@ -12,7 +12,8 @@ that product so the growth can be read off.
 
 ``bench gpu-check`` runs the CLI journey (info, eval under a plan, score, search, extract, eval of the
 extracted model, bench) on a real-shape model on CUDA and checks masked == extracted; on a machine
-without CUDA it says so in one line and exits 0, so a CI job can call it unconditionally.
+without CUDA it says so in one line and exits 0, so a CI job can call it unconditionally. With
+``--paper`` it measures the paper's two models instead (``shedder.dev.paper_speed``).
 """
 from __future__ import annotations
 
