@@ -131,6 +131,8 @@ def test_dry_run_writes_the_json_and_markdown_report(tmp_path, capsys):
             for key in ("measured_prefill_speedup", "measured_decode_speedup"):
                 assert set(r["bench"][key]) >= SPEEDUP_KEYS and r["bench"][key]["rounds"] >= 6
         assert m["runs"][1]["replaced"] and not m["runs"][0]["replaced"]
+        assert m["runs"][0]["resolved"]["modeling_mamba.mamba_selective_scan"] == "reference"  # no kernel on a CPU
+        assert m["runs"][1]["resolved"]["modeling_mamba.mamba_selective_scan"] == "reference (forced)"
     md = (out / MARKDOWN_NAME).read_text()
     assert "dry run" in md and md.count("| Mamba") == 4 and "×" in md
     assert capsys.readouterr().out.startswith("# Paper-shape speed check")

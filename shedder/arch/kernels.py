@@ -29,7 +29,8 @@ KERNEL_PACKAGES = ("mamba_ssm", "causal_conv1d")
 #: The ``transformers`` modules whose wrapped functions are swapped (the reference lives there).
 HF_MODULES = ("transformers.models.mamba.modeling_mamba", "transformers.models.mamba2.modeling_mamba2")
 
-_forced = [False]
+#: The names ``torch_path`` replaced while its block runs (None outside one).
+_forced: list[list[str] | None] = [None]
 
 
 def kernel_versions() -> dict[str, str | None]:
@@ -64,8 +65,9 @@ def _modules() -> list:
 def resolved() -> dict[str, str]:
     """``{module.function: what it runs on CUDA tensors}`` for every wrapper: ``"reference"``, or the
     kernel's module (e.g. ``"mamba_ssm.ops.selective_scan_interface"``); Mamba-2's chunk scan goes
-    through the engine's dispatcher, which keeps its own scan unless mamba-ssm is installed."""
-    out = {}
+    through the engine's dispatcher, which keeps its own scan unless mamba-ssm is installed. Inside
+    ``torch_path`` the replaced functions read ``"reference (forced)"``."""
+    out = dict.fromkeys(_forced[0] or (), "reference (forced)")
     for module in _modules()[: len(HF_MODULES)]:
         short = module.__name__.rsplit(".", 1)[-1]
         for name, fn in sorted(_wrappers(module).items()):
@@ -86,7 +88,7 @@ def _resolution(wrapper) -> str:
 
 def torch_forced() -> bool:
     """Whether a ``torch_path()`` block is running."""
-    return _forced[0]
+    return _forced[0] is not None
 
 
 @contextlib.contextmanager
@@ -104,7 +106,7 @@ def torch_path() -> Iterator[list[str]]:
                 replaced.append(f"{module.__name__.rsplit('.', 1)[-1]}.{name}")
         saved.append((ssd_scan, "HAVE_MAMBA_SSM", ssd_scan.HAVE_MAMBA_SSM))
         ssd_scan.HAVE_MAMBA_SSM = False
-        _forced[0] = True
+        _forced[0] = replaced
         yield replaced
     finally:
         _forced[0] = before

@@ -39,7 +39,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -62,7 +62,7 @@ JSON_NAME, MARKDOWN_NAME = "gpu-check-paper.json", "gpu-check-paper.md"
 PAPER_LAYERS = 64
 DRY_LAYERS = 8
 #: Prompt tokens and generated tokens: the paper's setting, and the dry run's.
-PAPER_TOKENS, DRY_TOKENS = (2048, 32), (64, 4)
+PAPER_TOKENS, DRY_TOKENS = (2048, 32), (32, 4)
 #: The oldest transformers whose scan / conv functions are the kernel wrappers ``arch.kernels`` swaps.
 MIN_TRANSFORMERS = "5.24"
 #: Headroom on the probe's estimate of a measurement's cost.
@@ -108,7 +108,7 @@ PAPER_MODELS = (
         vocab_size=50288, hidden_size=2560, num_hidden_layers=PAPER_LAYERS, state_size=128, head_dim=64,
         num_heads=80, expand=2, n_groups=1, chunk_size=256, conv_kernel=4, use_bias=False, use_conv_bias=True,
         layer_norm_epsilon=1e-5, tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0),
-        tiny=dict(_TINY, state_size=16, head_dim=16, num_heads=8, chunk_size=32), kind="ssm", count=22),
+        tiny=dict(_TINY, state_size=16, head_dim=16, num_heads=8, chunk_size=16), kind="ssm", count=22),
 )
 
 
@@ -190,15 +190,11 @@ def run_paper(run: PaperRun, log: Callable[[str], None] = print) -> dict:
             cut.append(f"{spec.name}: not built ({run.total_s:g} s spent)")
             continue
         log(f"gpu-check --paper: building {spec.name}" + (" (tiny dry-run shape)" if run.dry_run else ""))
-        built.append(_build(spec, run))
+        built.append(_build(spec, run, seq_len))
         report.data["models"].append(built[-1][0])
-    ids_of = {}
     for path in paths:
-        for entry, original, pruned, plan in built:
-            ids_of.setdefault(entry["name"], torch.randint(0, original.config.vocab_size, (1, seq_len),
-                                                           generator=torch.Generator().manual_seed(0)).to(run.device))
-            outcome = _measure(entry["name"], path, original, pruned, plan, ids_of[entry["name"]], new_tokens,
-                               run, left, log)
+        for entry, original, pruned, plan, ids in built:
+            outcome = _measure(entry["name"], path, original, pruned, plan, ids, new_tokens, run, left, log)
             if "skipped" in outcome:
                 cut.append(outcome["skipped"])
             entry["runs"].append(outcome)
@@ -210,8 +206,9 @@ def run_paper(run: PaperRun, log: Callable[[str], None] = print) -> dict:
     return report.data
 
 
-def _build(spec: PaperModel, run: PaperRun) -> tuple[dict, object, object, object]:
-    """The report entry, the random-weight original on the device, its extracted version and the plan."""
+def _build(spec: PaperModel, run: PaperRun, seq_len: int) -> tuple:
+    """The report entry, the random-weight original on the device, its extracted version, the plan
+    and the prompt's token ids."""
     original = from_config(spec.config(run.dry_run), run.dtype).to(run.device)
     adapter = adapter_for(original)
     plan = adapter.resolve(spec.plan(adapter.num_layers))
@@ -222,7 +219,8 @@ def _build(spec: PaperModel, run: PaperRun) -> tuple[dict, object, object, objec
              "removed": {"kind": spec.kind, "count": len(plan.components),
                          "layers": sorted(c.layer for c in plan.components), "plan": plan.describe()},
              "runs": []}
-    return entry, original, pruned, plan
+    ids = torch.randint(0, original.config.vocab_size, (1, seq_len), generator=torch.Generator().manual_seed(0))
+    return entry, original, pruned, plan, ids.to(run.device)
 
 
 def _measure(name: str, path: str, original, pruned, plan, ids, new_tokens: int, run: PaperRun,
@@ -245,9 +243,8 @@ def _measure(name: str, path: str, original, pruned, plan, ids, new_tokens: int,
                                       f"{probe_s:.2f} s per prefill + generate), {max(left(), 0):.0f} s left")
                 return outcome
             # the rounds stop once past the budget, at most one round (2 probes) late
-            budget = max(0.0, min(run.budget_s, left() - fixed_s - 2 * probe_s * MARGIN))
-            protocol = Protocol(budget_s=budget, **({"min_sample_s": 0.005} if run.dry_run else {}))
-            log(f"gpu-check --paper: {name}, {path} path (probe {probe_s:.2f} s; {budget:.0f} s of rounds at most)")
+            protocol = replace(protocol, budget_s=max(0.0, min(run.budget_s, left() - fixed_s - 2 * probe_s * MARGIN)))
+            log(f"gpu-check --paper: {name}, {path} path (probe {probe_s:.2f} s; {protocol.budget_s:.3g} s of rounds at most)")
             outcome["bench"] = bench_models(original, pruned, None, plan, model_name=f"{name} (random weights)",
                                             seq_len=ids.shape[1], new_tokens=new_tokens, protocol=protocol,
                                             device=run.device, dtype=str(run.dtype).removeprefix("torch."),
