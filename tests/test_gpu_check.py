@@ -23,6 +23,7 @@ from shedder.dev.paper_speed import JSON_NAME, MARKDOWN_NAME, PAPER_LAYERS, PAPE
 from shedder.dev.realshape import from_config
 from shedder.formats.extract import extract
 from shedder.measure.bench import kernel_path
+from shedder.measure.timing import Ratio
 
 FAST = ["--budget-s", "0.3"]
 SPEEDUP_KEYS = {"median", "ci95", "rounds", "noisy", "resolved"}
@@ -145,6 +146,29 @@ def test_a_measurement_that_does_not_fit_is_cut_and_listed(tmp_path, monkeypatch
     assert len(report["cut"]) == 4 and all("needs about" in c for c in report["cut"])
     assert all("bench" not in r and "skipped" in r for m in report["models"] for r in m["runs"])
     assert "cut (time budget)" in (tmp_path / "r" / MARKDOWN_NAME).read_text()
+
+
+def test_a_failed_measurement_is_recorded_the_others_run_and_the_exit_is_1(tmp_path, monkeypatch, capsys):
+    speedup = Ratio(1.2, (1.1, 1.3), 6, False, True).to_dict()
+    stand_in = {"measured_prefill_speedup": speedup, "measured_decode_speedup": speedup,
+                "expected_prefill_speedup": 1.2, "expected_decode_speedup": 1.2}
+
+    def broken(*args, **kwargs):
+        if kernels.torch_forced():
+            raise RuntimeError("no kernel image is available for execution on the device")
+        return stand_in
+
+    monkeypatch.setattr(paper_speed, "bench_models", broken)
+    assert main(["bench", "gpu-check", "--paper", "--dry-run", "--out", str(tmp_path / "r"), *FAST]) == 1
+    assert "internal error" not in capsys.readouterr().err
+    report = json.loads((tmp_path / "r" / JSON_NAME).read_text())
+    assert report["complete"]
+    assert "failed: RuntimeError: no kernel image" in (tmp_path / "r" / MARKDOWN_NAME).read_text()
+    for m in report["models"]:
+        kernel_run, torch_run = m["runs"]
+        assert kernel_run["bench"] == stand_in and "error" not in kernel_run
+        assert torch_run["error"] == "RuntimeError: no kernel image is available for execution on the device"
+    assert not kernels.torch_forced()  # the failure left the path as it was
 
 
 def test_refuses_to_overwrite_a_file_it_did_not_write(tmp_path, capsys):

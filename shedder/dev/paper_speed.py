@@ -267,11 +267,12 @@ def _probe(model, ids, new_tokens: int, device: str) -> float:
 
 
 def _path_detail(path: str, resolved: dict, replaced: list[str]) -> str:
-    kernel = sorted({impl.split(".")[0] for impl in resolved.values() if impl not in ("reference", "unknown")
-                     and not impl.startswith("engine")})
+    """One line on what ran: the kernel packages the functions resolved to, or what was forced."""
     if path == "kernels":
-        return ("as installed: " + (f"kernels from {', '.join(kernel)}" if kernel
-                                    else "every function resolves to the PyTorch reference here"))
+        found = sorted({impl.split(".")[0] for impl in resolved.values()
+                        if impl not in ("reference", "unknown") and not impl.startswith("engine")})
+        return "as installed: " + (f"kernels from {', '.join(found)}" if found
+                                   else "every function resolves to the PyTorch reference here")
     return f"PyTorch, forced ({len(replaced)} kernel wrappers replaced by their reference; engine SSD scan for Mamba-2)"
 
 
