@@ -1,5 +1,5 @@
 """The README and docs/ against the code: the README stays short and shows the two set-up commands CI
-runs, every relative link lands on a file, and every ``python -m shedder …`` line names a command and
+runs, every relative link lands on a file (and its anchor on a heading), and every ``python -m shedder …`` line names a command and
 flags the CLI parser has (so a renamed flag fails here, not in a reader's shell)."""
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ FLAG = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
 
 def _test_command() -> str:
-    """The test command .ci/run executes (its last command line)."""
+    """The test command .ci/run executes (its one line that makes the environment)."""
     lines = [line for line in (ROOT / ".ci" / "run").read_text().splitlines() if line.startswith("python3 -m venv")]
     assert len(lines) == 1, lines
     return lines[0]
