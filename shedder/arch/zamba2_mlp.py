@@ -6,9 +6,10 @@ hybrid application its own copy of the shared block it uses, with that applicati
 channels of one application's copy. Here the shared weights stay shared until extraction:
 
 * **masked** — the application's MLP computes with its kept channels only: rows ``c`` and
-  ``ffn + c`` of ``gate_up_proj`` (the gate and up halves) and of its adapter's output projection,
+  ``ffn + c`` of ``gate_up_proj`` (the gate and up halves) with the same rows of its adapter merged,
   column ``c`` of ``down_proj`` (``mask``; the other applications of the block are untouched, since
-  each application is its own module with tied parameters);
+  each application is its own module with tied parameters). The merge is computed per call, so the
+  mask and the extracted copy run one forward on the same tensors (``narrowed_forward``);
 * **extracted** — the application gets its own ``NarrowedMLP``: ``gate_up`` rows of
   ``W + B·A`` (its adapter merged, as the official preprocess does) and the kept ``down_proj``
   columns; the other applications keep the shared MLP (``narrowed_state``). A shared MLP that no
@@ -23,21 +24,23 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
-from shedder.arch.feed_forward import mask_mlp_channels
+from shedder.arch.runtime import patch_forward
 
-GATE_UP = ("gate_up_proj",)
-DOWN = ("down_proj",)
+
+def narrowed_forward(hidden_state, gate_up: dict[str, torch.Tensor], down: dict[str, torch.Tensor], act):
+    """``down(act(gate) * up)`` with ``[gate; up] = gate_up(h)``: the one forward of a narrowed MLP,
+    live (tensors sliced and merged per call) and extracted (its own parameters)."""
+    gate, up = torch.chunk(F.linear(hidden_state, gate_up["weight"], gate_up.get("bias")), 2, dim=-1)  # [..., width]
+    return F.linear(act(gate) * up, down["weight"], down.get("bias"))
 
 
 class NarrowedMLP(nn.Module):
-    """An application's own MLP of ``width`` channels, with its adapter merged (no adapter list).
-
-    Same call and computation as ``transformers``' ``Zamba2MLP`` without its adapter term:
-    ``down(act(gate) * up)`` with ``[gate; up] = gate_up(h)``.
-    """
+    """An application's own MLP of ``width`` channels, with its adapter merged (no adapter list);
+    called as ``transformers``' ``Zamba2MLP`` is."""
 
     def __init__(self, config, width: int, device=None, dtype=None):
         super().__init__()
@@ -48,8 +51,8 @@ class NarrowedMLP(nn.Module):
         self.act_fn = ACT2FN[config.hidden_act]
 
     def forward(self, hidden_state, layer_idx=None):
-        gate, up = torch.chunk(self.gate_up_proj(hidden_state), 2, dim=-1)  # [..., width] each
-        return self.down_proj(self.act_fn(gate) * up)
+        return narrowed_forward(hidden_state, dict(self.gate_up_proj.named_parameters()),
+                                dict(self.down_proj.named_parameters()), self.act_fn)
 
 
 def width_of(feed_forward: nn.Module) -> int:
@@ -63,32 +66,38 @@ def _adapter(feed_forward: nn.Module, slot: int | None) -> nn.Module | None:
     return None if adapters is None or slot is None else adapters[slot]
 
 
-def mask(feed_forward: nn.Module, slot: int | None, kept: torch.Tensor, stack: contextlib.ExitStack) -> None:
-    """Live mask: this application's MLP (the module of its layer) computes with ``kept`` channels."""
-    mask_mlp_channels(feed_forward, kept, stack, rows=(), cols=DOWN, fused=GATE_UP)
+def _narrowed(feed_forward: nn.Module, slot: int | None, kept: torch.Tensor):
+    """(gate_up, down) tensors of the application's MLP narrowed to ``kept`` channels: rows ``c`` and
+    ``ffn + c`` of ``gate_up_proj`` with the application's adapter merged (``W + B·A``, summed in
+    float32 and rounded once to the weight's dtype), columns ``c`` of ``down_proj``."""
+    gate_up, down = feed_forward.gate_up_proj, feed_forward.down_proj
+    idx = kept.to(gate_up.weight.device)
+    rows = torch.cat([idx, idx + width_of(feed_forward)])
+    weight = gate_up.weight[rows]
     adapter = _adapter(feed_forward, slot)
     if adapter is not None:
-        mask_mlp_channels(adapter, kept, stack, rows=(), cols=(), fused=("1",))  # B: [2 * ffn, rank]
+        a, b = adapter[0].weight, adapter[1].weight  # A: [rank, hidden], B: [2 * ffn, rank]
+        weight = (weight.float() + b[rows].float() @ a.float()).to(weight.dtype)
+    first = {"weight": weight} if gate_up.bias is None else {"weight": weight, "bias": gate_up.bias[rows]}
+    second = {"weight": down.weight[:, idx]} if down.bias is None else {"weight": down.weight[:, idx], "bias": down.bias}
+    return first, second
+
+
+def mask(feed_forward: nn.Module, slot: int | None, kept: torch.Tensor, stack: contextlib.ExitStack) -> None:
+    """Live mask: this application's MLP (the module of its layer; the other applications are other
+    modules) computes what its extracted ``NarrowedMLP`` computes, slicing and merging per call."""
+    act = feed_forward.act_fn
+
+    def forward(hidden_state, layer_idx=None):
+        return narrowed_forward(hidden_state, *_narrowed(feed_forward, slot, kept), act)
+    patch_forward(feed_forward, forward, stack)
 
 
 @torch.no_grad()
 def narrowed_state(feed_forward: nn.Module, slot: int | None, kept: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The tensors of the application's ``NarrowedMLP`` (named relative to it): the kept rows of
-    ``gate_up_proj`` with the application's adapter merged (``W + B·A``, summed in float32), the
-    kept columns of ``down_proj``."""
-    gate_up, down = feed_forward.gate_up_proj, feed_forward.down_proj
-    idx = kept.to(gate_up.weight.device)
-    rows = torch.cat([idx, idx + width_of(feed_forward)])
-    weight = gate_up.weight[rows].float()
-    adapter = _adapter(feed_forward, slot)
-    if adapter is not None:
-        a, b = adapter[0].weight, adapter[1].weight  # A: [rank, hidden], B: [2 * ffn, rank]
-        weight = weight + b[rows].float() @ a.float()
-    out = {"gate_up_proj.weight": weight.to(gate_up.weight.dtype), "down_proj.weight": down.weight[:, idx]}
-    if gate_up.bias is not None:
-        out["gate_up_proj.bias"] = gate_up.bias[rows]
-    if down.bias is not None:
-        out["down_proj.bias"] = down.bias
+    """The tensors of the application's extracted ``NarrowedMLP``, named relative to it."""
+    gate_up, down = _narrowed(feed_forward, slot, kept)
+    out = {f"gate_up_proj.{k}": v for k, v in gate_up.items()} | {f"down_proj.{k}": v for k, v in down.items()}
     return {k: v.detach().clone() for k, v in out.items()}
 
 
