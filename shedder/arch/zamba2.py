@@ -198,6 +198,25 @@ class Zamba2Adapter(Adapter):
         """A plain Mamba layer's ``block`` is its ``mixer`` (the official mamba block)."""
         return Component("mixer", comp.layer) if comp.kind == "block" and not self.is_hybrid(comp.layer) else comp
 
+    def param_notes(self, plan: PruningPlan | None = None) -> list[str]:
+        """The applications that hold their own MLP, and what a plan's narrowing does to the count:
+        each narrowed application adds a copy of its kept channels, and a shared MLP goes only with
+        its last user, so the delta against the same plan without ``mlp_channel_group`` can be > 0."""
+        notes = []
+        own = {i: self.mlp_width(i) for i in sorted(self._hybrid) if self.owns_mlp(i)}
+        if own:
+            params = sum(count_parameters(self.layers()[i].shared_transformer.feed_forward) for i in own)
+            notes.append(zamba2_mlp.own_copies_note(own, params))
+        plan = self.resolve(plan if plan is not None else PruningPlan())
+        by_layer = self.by_layer(plan)
+        narrowed = {i: feed_forward.width_after(comps, self.mlp_width(i), self.mlp_group_size)
+                    for i, comps in by_layer.items() if any(c.kind == "mlp_channel_group" for c in comps)}
+        if narrowed:
+            base = PruningPlan(frozenset(c for c in plan.components if c.kind != "mlp_channel_group"), plan.model,
+                               dict(plan.group_sizes), dict(plan.meta))
+            notes.append(zamba2_mlp.narrowing_note(narrowed, self.param_count(plan) - self.param_count(base)))
+        return notes
+
     def reorder_mlp_channels(self) -> int:
         raise PlanError("Zamba2ForCausalLM: --weight-reorder is not available: the official Zamba2 scripts have no "
                         "weight reorder, and the shared MLP's channels cannot be reordered for one application alone")
