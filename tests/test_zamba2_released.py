@@ -128,6 +128,7 @@ def test_cli_journey_with_a_released_config(model, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "narrowed MLPs: 5 shared-block application(s) get their own MLP copy" in printed
     assert "layer 6 (3,072), layer 12 (4,096), layer 18 (8,192), layer 30 (6,144), layer 36 (9,216)" in printed
+    assert "## Parameter count" in (out / "README.md").read_text()
     loaded, _ = load_model(str(out))
     ids = tokens(seed=2, length=10, vocab=32000)
     adapter = adapter_for(model)

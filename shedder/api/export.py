@@ -86,8 +86,11 @@ def export(model, tokenizer, adapter, plan: PruningPlan, out, source: str, overw
     else:
         measured = {**measured, "ppl": perplexity(small, windows)} if windows is not None else measured
         card = measured_card(source, type(model).__name__, plan, measured, protocol, stock)
+    notes = tuple(adapter.param_notes(plan))
+    if notes:  # the card says why the count is not simply the original minus the removed parts
+        card += "\n## Parameter count\n\n" + "".join(f"- {n}\n" for n in notes)
     path = save(small, tokenizer, out, plan=plan, card=card, overwrite=overwrite, protected=list(protected))
-    return Exported(Path(path), plan, before, after, card, stock, tuple(adapter.param_notes(plan)))
+    return Exported(Path(path), plan, before, after, card, stock, notes)
 
 
 def export_zip(model, tokenizer, adapter, plan: PruningPlan, folder: str, source: str, target=None,
