@@ -19,7 +19,7 @@ from tiny_models import TINY, ZAMBA2_LAYER_TYPES
 from shedder.arch import adapter_for
 from shedder.arch.zamba2 import PassThrough
 from shedder.arch.zamba2_mlp import NarrowedMLP
-from shedder.core.errors import PlanError
+from shedder.core.errors import PlanError, ShedderError
 from shedder.formats.extract import extract
 from shedder.measure.masking import masked
 from shedder.core.plan import Component, PruningPlan
@@ -223,3 +223,10 @@ class TestZamba2(AdapterContract):
     def test_weight_reorder_is_refused_with_the_reason(self):
         with pytest.raises(PlanError, match="the official Zamba2 scripts have no weight reorder"):
             adapter_for(make_zamba2()).reorder_mlp_channels()
+
+    def test_stock_shaped_mlp_pruning_is_refused_at_once(self, model):
+        """Narrowed applications get their own MLP copies, so no uniform narrowing is stock-shaped."""
+        from shedder.prune.stock import check_kinds  # why: only this test reaches the stock strategies
+        with pytest.raises(ShedderError, match="stock config cannot state an equal removal of mlp_channel_group"):
+            check_kinds(adapter_for(model), ["head", "mlp_channel_group"])
+        assert check_kinds(adapter_for(model), ["head"]) == ("head",)
