@@ -61,7 +61,6 @@ from shedder.core.errors import ModelLoadError, PlanError
 from shedder.core.plan import Component, PruningPlan
 from shedder.arch import feed_forward, mamba2_mixer, zamba2_mlp
 from shedder.arch.base import Adapter, patch_forward
-from shedder.arch.counting import count_parameters
 from shedder.arch.feed_forward import default_mlp_group_size
 from shedder.arch.layers import check_attention_left, record_length, skip_layer
 from shedder.arch.mamba2_mixer import MixerLayout
@@ -199,22 +198,16 @@ class Zamba2Adapter(Adapter):
         return Component("mixer", comp.layer) if comp.kind == "block" and not self.is_hybrid(comp.layer) else comp
 
     def param_notes(self, plan: PruningPlan | None = None) -> list[str]:
-        """The applications that hold their own MLP, and what a plan's narrowing does to the count:
-        each narrowed application adds a copy of its kept channels, and a shared MLP goes only with
-        its last user, so the delta against the same plan without ``mlp_channel_group`` can be > 0."""
-        notes = []
-        own = {i: self.mlp_width(i) for i in sorted(self._hybrid) if self.owns_mlp(i)}
-        if own:
-            params = sum(count_parameters(self.layers()[i].shared_transformer.feed_forward) for i in own)
-            notes.append(zamba2_mlp.own_copies_note(own, params))
+        """The applications holding their own MLP, and the parameters a plan's narrowing adds or
+        removes against the same plan on the shared MLPs (a shared MLP goes only with its last user)."""
+        own = {i: self.layers()[i].shared_transformer.feed_forward for i in sorted(self._hybrid) if self.owns_mlp(i)}
+        notes = [zamba2_mlp.own_copies_note(own)] if own else []
         plan = self.resolve(plan if plan is not None else PruningPlan())
-        by_layer = self.by_layer(plan)
         narrowed = {i: feed_forward.width_after(comps, self.mlp_width(i), self.mlp_group_size)
-                    for i, comps in by_layer.items() if any(c.kind == "mlp_channel_group" for c in comps)}
+                    for i, comps in self.by_layer(plan).items() if any(c.kind == "mlp_channel_group" for c in comps)}
         if narrowed:
-            base = PruningPlan(frozenset(c for c in plan.components if c.kind != "mlp_channel_group"), plan.model,
-                               dict(plan.group_sizes), dict(plan.meta))
-            notes.append(zamba2_mlp.narrowing_note(narrowed, self.param_count(plan) - self.param_count(base)))
+            shared = PruningPlan(frozenset(c for c in plan.components if c.kind != "mlp_channel_group"), plan.model)
+            notes.append(zamba2_mlp.narrowing_note(narrowed, self.param_count(plan) - self.param_count(shared)))
         return notes
 
     def reorder_mlp_channels(self) -> int:

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 
+from shedder.arch.counting import count_parameters
 from shedder.arch.runtime import patch_forward
 
 
@@ -111,7 +112,9 @@ def narrowing_note(narrowed: dict[int, int], delta: int) -> str:
             "(a shared MLP goes only when none of its applications uses it)")
 
 
-def own_copies_note(widths: dict[int, int], params: int) -> str:
-    """The line ``info`` prints for a model whose applications already hold their own narrowed MLPs."""
-    where = ", ".join(f"layer {layer} ({width:,})" for layer, width in sorted(widths.items()))
-    return f"own narrowed MLPs: {where}; {params:,} parameters not shared with other applications"
+def own_copies_note(own: dict[int, nn.Module]) -> str:
+    """The line ``info`` prints for a model whose applications (layer -> own MLP) already hold their
+    own narrowed MLPs."""
+    where = ", ".join(f"layer {layer} ({width_of(mlp):,})" for layer, mlp in sorted(own.items()))
+    return f"own narrowed MLPs: {where}; {sum(count_parameters(m) for m in own.values()):,} parameters not shared " \
+           "with other applications"
