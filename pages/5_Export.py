@@ -101,6 +101,8 @@ if not chosen and st.button(label, key="export_save", disabled=host.allow_save a
         if target is not None:
             st.success(f"Saved to `{path}`.")
         st.code(done.load_line if target is not None else api.load_line(done.stock), language="text")
+        for note in done.notes:
+            st.info(note)
         with st.expander("Model card (README.md)", expanded=True):
             st.markdown(text)
 if "export_zip" in st.session_state:

@@ -1,14 +1,16 @@
-"""Zamba2 adapter: blocks, SSMs, heads, and the shared transformer block's applications.
+"""Zamba2 adapter: blocks, SSMs, heads, the shared transformer block's applications and their narrowed MLPs.
 
 The adapter contract (``adapter_contract.py``) runs on the tiny fp32 Zamba2 of
 ``tiny_models.TINY``: 6 layers (mamba, hybrid, mamba, hybrid, hybrid, mamba), two memory blocks used
 in turn by the three applications (blocks 0, 1, 0), q/k/v adapters and RoPE on, 2 B/C groups of 4
-heads, chunk 8, sequence 20, generating on a left-padded batch. The tests here pin down that shared
-weights stay shared and disappear only with their last application, what the official masks
-compute, and schema 1's meaning of ``attention``.
+heads, chunk 8, sequence 20, generating on a left-padded batch; MLPs of 64 channels in 8 groups of 8.
+The tests here pin down that shared weights stay shared and disappear only with their last
+application, that a narrowed application gets its own MLP with its adapter merged while the others
+keep the shared one, what the official masks compute, and schema 1's meaning of ``attention``.
 """
 from __future__ import annotations
 
+import pytest
 import torch
 from adapter_checks import check_plan, comps, tokens
 from adapter_contract import AdapterContract, Evaluation, FamilyCase
@@ -16,6 +18,8 @@ from tiny_models import TINY, ZAMBA2_LAYER_TYPES
 
 from shedder.arch import adapter_for
 from shedder.arch.zamba2 import PassThrough
+from shedder.arch.zamba2_mlp import NarrowedMLP
+from shedder.core.errors import PlanError, ShedderError
 from shedder.formats.extract import extract
 from shedder.measure.masking import masked
 from shedder.core.plan import Component, PruningPlan
@@ -48,20 +52,30 @@ PLANS = {
     "attention_and_mlp": ("attention:4", "mlp:4"),
     "two_applications_of_one_block": ("attention:1", "attention:4"),
     "mixed": ("block:0", "attention:3", "mlp:4", "ssm:5", "head:1:2", "head:4:7", "mixer:3", "shared_block:1"),
+    # both applications of memory block 0 narrowed (to 32 and 24 channels): its shared MLP goes
+    "narrowed_block": tuple(f"mlp_channel_group:1:{g}" for g in range(4, 8))
+    + tuple(f"mlp_channel_group:4:{g}" for g in range(3, 8)),
+    "narrowed_with_others": ("mlp_channel_group:3:7", "mlp:1", "ssm:2"),
 }
 
 ZAMBA2 = FamilyCase(
     name="zamba2", build_tiny_model=make_zamba2,
-    kinds={"block": 6, "mixer": 6, "shared_block": 3, "ssm": 6, "head": 48, "attention": 3, "mlp": 3},
-    layer_kinds=tuple(ZAMBA2_LAYER_TYPES), plans=PLANS, saved=("mixed", "block_hybrid", "mlp", "attention"),
+    kinds={"block": 6, "mixer": 6, "shared_block": 3, "ssm": 6, "head": 48, "attention": 3, "mlp": 3,
+           "mlp_channel_group": 24},
+    layer_kinds=tuple(ZAMBA2_LAYER_TYPES), plans=PLANS, saved=("mixed", "block_hybrid", "mlp", "attention", "narrowed_block",
+                                                            "narrowed_with_others"),
     restores=(PLANS["mixed"],), padded=True,
     generation=tuple((p, 7) for p in (PLANS["mixed"], PLANS["two_applications_of_one_block"], ("block:3", "ssm:1"),
-                                      ("attention:1", "mlp:3"), ("block:1", "ssm:3"))),
+                                      ("attention:1", "mlp:3"), ("block:1", "ssm:3"), PLANS["narrowed_with_others"],
+                                      ("mlp_channel_group:1:0", "mlp_channel_group:4:7", "attention:4"))),
     stock=(("block:0", "block:4"), ("shared_block:4",)),
     refused=(
         (("attention:0",), ("layer 0 (mamba) has no attention",)),
         (("mlp:2",), ("layer 2 (mamba) has no mlp",)),
-        (("mlp_channel_group:1:0",), ("has no component kind 'mlp_channel_group'",)),
+        (("mlp_channel_group:2:0",), ("layer 2 (mamba) has no mlp_channel_group",)),
+        (("mlp:3", "mlp_channel_group:3:0"), ("redundant: the MLP of layer 3 is removed",)),
+        (("shared_block:3", "mlp_channel_group:3:1"), ("redundant: the shared_block of layer 3 is removed",)),
+        (tuple(f"mlp_channel_group:3:{g}" for g in range(8)), ("no channels", "mlp:3")),
         (("head:3:4", "head:3:5", "head:3:6", "head:3:7"), ("group 1",)),
         (tuple(f"block:{i}" for i in range(6)), ("removes all 6 layers",)),
         (("block:1", "attention:1"), ("redundant: block 1 is removed",)),
@@ -69,8 +83,10 @@ ZAMBA2 = FamilyCase(
         (("mixer:3", "ssm:3"), ("ssm:3:0 is redundant: the mixer of layer 3 is removed",)),
         (("shared_block:3", "mlp:3"), ("mlp:3:0 is redundant: the shared_block of layer 3 is removed",)),
     ),
+    official=(({"pruned_mlp_idx": [0], "pruned_mlp_channels": {"0": 64, "1": 48, "2": 64}},
+               ("mlp:1", "mlp_channel_group:3:6", "mlp_channel_group:3:7")),),
     evaluation=Evaluation(plans=((), ("attention:3",), ("attention:3", "block:2"), ("mlp:4",),
-                                 ("head:2:1", "attention:1"))),
+                                 ("head:2:1", "attention:1"), ("mlp_channel_group:4:7", "attention:1"))),
 )
 
 
@@ -166,3 +182,51 @@ class TestZamba2(AdapterContract):
         assert resolved.components == {Component("shared_block", 3), Component("ssm", 5)}
         assert resolved.meta == {} and resolved.to_dict()["schema_version"] == 2
         assert adapter_for(model).resolve(PruningPlan.from_json(resolved.to_json())) == resolved
+
+    def test_a_narrowed_application_gets_its_own_mlp_with_its_adapter_merged(self, model, adapter):
+        """Layer 1 shares memory block 0's MLP with layer 4: its own 56-channel copy adds
+        3 * 56 * 32 parameters and takes its adapter (32 * 4 + 4 * 128) away; layer 3 is the only user
+        of block 1, so narrowing it also removes block 1's shared MLP (3 * 64 * 32)."""
+        own, adapter_params, shared_mlp = 3 * 56 * 32, 32 * 4 + 4 * 128, 3 * 64 * 32
+        for layer, delta in ((1, own - adapter_params), (3, own - adapter_params - shared_mlp)):
+            plan = comps(f"mlp_channel_group:{layer}:7", "ssm:0")
+            assert adapter.param_count(plan) - adapter.param_count(comps("ssm:0")) == delta
+            words = "adds" if delta > 0 else "removes"
+            assert adapter.param_notes(plan) == [f"narrowed MLPs: 1 shared-block application(s) get their own MLP copy "
+                                                 f"with its adapter merged (layer {layer} (56)); this {words} "
+                                                 f"{abs(delta):,} parameters against keeping them on the shared MLP "
+                                                 "(a shared MLP goes only when none of its applications uses it)"]
+        small = extract(model, comps("mlp_channel_group:1:7"))
+        apps = {j: small.model.layers[j].shared_transformer for j in small.config.hybrid_layer_ids}
+        assert isinstance(apps[1].feed_forward, NarrowedMLP)
+        source = model.model.layers[1].shared_transformer.feed_forward
+        rows = torch.cat([torch.arange(56), 64 + torch.arange(56)])
+        a, b = source.gate_up_proj_adapter_list[0][0].weight, source.gate_up_proj_adapter_list[0][1].weight
+        assert torch.allclose(apps[1].feed_forward.gate_up_proj.weight, (source.gate_up_proj.weight + b @ a)[rows])
+        assert torch.equal(apps[1].feed_forward.down_proj.weight, source.down_proj.weight[:, :56])
+        assert apps[4].feed_forward.gate_up_proj.weight.shape == (128, 32)         # block 0's shared MLP stays
+        assert isinstance(apps[4].feed_forward.gate_up_proj_adapter_list[0], torch.nn.Identity)  # layer 1's slot goes
+        assert adapter.param_notes() == []
+
+    def test_a_narrowed_model_narrows_again(self, model):
+        small = extract(model, comps("mlp_channel_group:1:7", "mlp_channel_group:1:6"))
+        again = adapter_for(small)
+        assert again.owns_mlp(1) and again.mlp_width(1) == 48 and not again.owns_mlp(4)
+        assert again.kind_counts()["mlp_channel_group"] == 6 + 8 + 8
+        assert again.param_notes() == ["own narrowed MLPs: layer 1 (48); 4,608 parameters not shared with other "
+                                       "applications"]
+        check_plan(small, comps("mlp_channel_group:1:5", "mlp_channel_group:4:0"))
+        check_plan(small, comps("mlp:1", "ssm:2"))
+        _, smaller = check_plan(small, comps("attention:1"))
+        assert adapter_for(smaller).mlp_width(1) == 48
+
+    def test_weight_reorder_is_refused_with_the_reason(self):
+        with pytest.raises(PlanError, match="the official Zamba2 scripts have no weight reorder"):
+            adapter_for(make_zamba2()).reorder_mlp_channels()
+
+    def test_stock_shaped_mlp_pruning_is_refused_at_once(self, model):
+        """Narrowed applications get their own MLP copies, so no uniform narrowing is stock-shaped."""
+        from shedder.prune.stock import check_kinds  # why: only this test reaches the stock strategies
+        with pytest.raises(ShedderError, match="stock config cannot state an equal removal of mlp_channel_group"):
+            check_kinds(adapter_for(model), ["head", "mlp_channel_group"])
+        assert check_kinds(adapter_for(model), ["head"]) == ("head",)

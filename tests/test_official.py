@@ -73,9 +73,14 @@ def test_zamba2_config_with_mlp_channels(zamba2):
     assert to_official(adapter, PruningPlan(frozenset({Component("block", 0)})))["pruned_mamba_block_idx"] == [0]
     with pytest.raises(PlanError, match="'block' on Zamba2ForCausalLM has no counterpart"):
         to_official(adapter, PruningPlan(frozenset({Component("block", 1)})))
-    # a narrowed MLP (ratio_10 narrows six of nine) is refused with the reason, naming the family
-    with pytest.raises(PlanError, match="narrows MLP #1, but Zamba2ForCausalLM has no per-layer MLP channels"):
-        resolve(zamba2, {**config, "pruned_mlp_channels": {"0": 64, "1": 32, "2": 64}})
+    # a narrowed MLP (ratio_10 narrows five of nine): that application's trailing channel groups, and back
+    narrowed = {**config, "pruned_mlp_channels": {"0": 64, "1": 32, "2": 64}}
+    assert resolve(zamba2, narrowed) - resolve(zamba2, config) == {Component("mlp_channel_group", 3, g)
+                                                                   for g in range(4, 8)}
+    back = to_official(adapter, adapter.resolve(OfficialConfig.of(narrowed)))
+    assert back["pruned_mlp_channels"] == {"0": 64, "1": 32, "2": 64}
+    with pytest.raises(PlanError, match="MLP #1 keeps 30 channels, not a whole number of 8-channel groups"):
+        resolve(zamba2, {"pruned_mlp_channels": {"1": 30}})
 
 
 def test_mlp_channels_become_trailing_channel_groups_and_back(hybrid):

@@ -24,6 +24,8 @@ class Exported:
     params_after: int
     card: str
     stock: bool
+    #: lines on how the parameter count came about (``Adapter.param_notes``: Zamba2's narrowed MLP copies)
+    notes: tuple[str, ...] = ()
 
     @property
     def load_line(self) -> str:
@@ -32,7 +34,8 @@ class Exported:
 
     def payload(self) -> dict:
         return {"out": str(self.out), "plan": self.plan.to_dict(), "params_before": self.params_before,
-                "params_after": self.params_after, "stock": self.stock, "load": self.load_line}
+                "params_after": self.params_after, "stock": self.stock, "load": self.load_line,
+                "notes": list(self.notes)}
 
 
 def public_plan(plan: PruningPlan, name: str) -> PruningPlan:
@@ -83,8 +86,11 @@ def export(model, tokenizer, adapter, plan: PruningPlan, out, source: str, overw
     else:
         measured = {**measured, "ppl": perplexity(small, windows)} if windows is not None else measured
         card = measured_card(source, type(model).__name__, plan, measured, protocol, stock)
+    notes = tuple(adapter.param_notes(plan))
+    if notes:  # the card says why the count is not simply the original minus the removed parts
+        card += "\n## Parameter count\n\n" + "".join(f"- {n}\n" for n in notes)
     path = save(small, tokenizer, out, plan=plan, card=card, overwrite=overwrite, protected=list(protected))
-    return Exported(Path(path), plan, before, after, card, stock)
+    return Exported(Path(path), plan, before, after, card, stock, notes)
 
 
 def export_zip(model, tokenizer, adapter, plan: PruningPlan, folder: str, source: str, target=None,

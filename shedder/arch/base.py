@@ -328,6 +328,12 @@ class Adapter:
         raise PlanError(f"{type(self.model).__name__}: --weight-reorder is not available for this family "
                         "(it reorders per-layer MLP channels)")
 
+    def param_notes(self, plan: PruningPlan | None = None) -> list[str]:
+        """Lines saying where the parameter count is not simply "the original minus what the plan
+        removes" (Zamba2: an application given its own narrowed MLP copy), for ``info`` and
+        ``extract`` to print; default: none."""
+        return []
+
     def official_mlp_width(self, layer: int) -> int:
         """Intermediate channels of the MLP at ``layer`` (what an official ``pruned_mlp_channels``
         width counts); the families with MLP channel groups define ``mlp_width``."""

@@ -26,8 +26,10 @@ In a plain Mamba layer ``T`` is absent. Removing a component means:
   attention output straight on: ``T = linear(attn(...))`` (with ``attention`` removed too,
   ``T = h``). The application's gate_up adapter goes.
 
-MLP channel groups are not offered: the MLP's channels are shared by every application of its
-memory block, so they are not a per-layer component.
+* ``mlp_channel_group`` (hybrid layers) — the official narrowed MLP (``pruned_mlp_channels``, whose
+  ordinals are the applications'): this application's MLP keeps the other channels; extraction gives
+  it its own narrowed copy with its adapter merged, the other applications keep the shared MLP
+  (``zamba2_mlp``; the parameter count can grow, and ``param_notes`` says by how much).
 
 A plan must keep at least one attention: ``transformers`` derives the causal mask from the
 cache's attention slots, so a Zamba2 without any cannot generate with a cache. Live masks keep
@@ -39,7 +41,8 @@ When the result is expressible by a stock config (applications removed while the
 still alternate in the stock order, no mixer or MLP changes), the extracted config is a stock
 one. Otherwise the ``PrunedSpec`` holds each layer's ``ssm`` / ``heads_per_group``, ``mamba=False``
 (a hybrid layer without its Mamba mixer), ``attention=False`` (an application without attention)
-and ``mlp=0`` (an application without its MLP), and ``shared_blocks`` (the memory block of each
+``mlp=0`` (an application without its MLP) and ``mlp=width`` (an application with its own
+narrowed MLP), and ``shared_blocks`` (the memory block of each
 application, in order) when they no longer alternate; ``build`` recreates adapters,
 pass-throughs, attention-free applications, mixer-free layers and ties from it.
 """
@@ -56,12 +59,14 @@ from torch import nn
 
 from shedder.core.errors import ModelLoadError, PlanError
 from shedder.core.plan import Component, PruningPlan
-from shedder.arch import mamba2_mixer
+from shedder.arch import feed_forward, mamba2_mixer, zamba2_mlp
 from shedder.arch.base import Adapter, patch_forward
+from shedder.arch.feed_forward import default_mlp_group_size
 from shedder.arch.layers import check_attention_left, record_length, skip_layer
 from shedder.arch.mamba2_mixer import MixerLayout
 from shedder.arch.spec import LayerSpec, PrunedSpec
 from shedder.arch.stock_shape import expand_for, stock_shape
+from shedder.arch.zamba2_mlp import NarrowedMLP
 
 _ADAPTER_LISTS = r"(self_attn\.linear_[qkv]_adapter_list|feed_forward\.gate_up_proj_adapter_list)"
 #: a per-application adapter slot's parameter inside a shared block: (adapter list, slot, parameter)
@@ -137,8 +142,8 @@ def _emptied(hybrid: bool, kinds: set[str]) -> bool:
 class Zamba2Adapter(Adapter):
     architectures = ("Zamba2ForCausalLM",)
     model_types = ("zamba2",)
-    kinds = ("block", "mixer", "shared_block", "ssm", "head", "attention", "mlp")
-    stock_kinds = ("head",)
+    kinds = ("block", "mixer", "shared_block", "ssm", "head", "attention", "mlp", "mlp_channel_group")
+    stock_kinds = ("head",)  # a narrowed MLP is an application's own copy: never a stock shape
     official_keys = {**Adapter.official_keys, "pruned_mamba_block_idx": "mixer"}
     model_class = transformers.Zamba2ForCausalLM
     layers_path = "model.layers"
@@ -146,6 +151,13 @@ class Zamba2Adapter(Adapter):
                                                     "mamba_ngroups", "mamba_d_state", "chunk_size", "mamba_d_conv",
                                                     "mamba_expand", "num_attention_heads", "num_key_value_heads",
                                                     "attention_head_dim", "adapter_rank", "num_mem_blocks")
+
+    def config_group_sizes(self) -> dict[str, int]:
+        return {"mlp_channel_group": default_mlp_group_size(self.config.intermediate_size)}
+
+    @property
+    def mlp_group_size(self) -> int:
+        return self.group_sizes["mlp_channel_group"]
 
     # ------------------------------------------------------------------ inventory
     @functools.cached_property
@@ -156,8 +168,25 @@ class Zamba2Adapter(Adapter):
     def is_hybrid(self, layer: int) -> bool:
         return layer in self._hybrid
 
+    @functools.cached_property
+    def _mlp_widths(self) -> dict[int, int]:
+        """Intermediate channels of each application's MLP (0: skipped), read once from the modules."""
+        out = {}
+        for i in self._hybrid:
+            ff = self.layers()[i].shared_transformer.feed_forward
+            out[i] = 0 if isinstance(ff, PassThrough) else zamba2_mlp.width_of(ff)
+        return out
+
     def has_mlp(self, layer: int) -> bool:
-        return self.is_hybrid(layer) and not isinstance(self.layers()[layer].shared_transformer.feed_forward, PassThrough)
+        return self.mlp_width(layer) > 0
+
+    def mlp_width(self, layer: int) -> int:
+        """Intermediate channels of the application's MLP at ``layer`` (0: none, or not a hybrid layer)."""
+        return self._mlp_widths.get(layer, 0)
+
+    def owns_mlp(self, layer: int) -> bool:
+        """Whether the application at ``layer`` holds its own (narrowed) MLP instead of the shared one."""
+        return self.has_mlp(layer) and isinstance(self.layers()[layer].shared_transformer.feed_forward, NarrowedMLP)
 
     def upgrade_schema1(self, plan: PruningPlan) -> PruningPlan:
         """Schema 1's ``attention`` removed the whole application: today's ``shared_block``."""
@@ -168,8 +197,22 @@ class Zamba2Adapter(Adapter):
         """A plain Mamba layer's ``block`` is its ``mixer`` (the official mamba block)."""
         return Component("mixer", comp.layer) if comp.kind == "block" and not self.is_hybrid(comp.layer) else comp
 
-    def official_mlp_width(self, layer: int) -> int:
-        return self.config.intermediate_size  # every application runs its memory block's full MLP
+    def param_notes(self, plan: PruningPlan | None = None) -> list[str]:
+        """The applications holding their own MLP, and the parameters a plan's narrowing adds or
+        removes against the same plan on the shared MLPs (a shared MLP goes only with its last user)."""
+        own = {i: self.layers()[i].shared_transformer.feed_forward for i in sorted(self._hybrid) if self.owns_mlp(i)}
+        notes = [zamba2_mlp.own_copies_note(own)] if own else []
+        plan = self.resolve(plan if plan is not None else PruningPlan())
+        narrowed = {i: feed_forward.width_after(comps, self.mlp_width(i), self.mlp_group_size)
+                    for i, comps in self.by_layer(plan).items() if any(c.kind == "mlp_channel_group" for c in comps)}
+        if narrowed:
+            shared = PruningPlan(frozenset(c for c in plan.components if c.kind != "mlp_channel_group"), plan.model)
+            notes.append(zamba2_mlp.narrowing_note(narrowed, self.param_count(plan) - self.param_count(shared)))
+        return notes
+
+    def reorder_mlp_channels(self) -> int:
+        raise PlanError("Zamba2ForCausalLM: --weight-reorder is not available: the official Zamba2 scripts have no "
+                        "weight reorder, and the shared MLP's channels cannot be reordered for one application alone")
 
     def has_attention(self, layer: int) -> bool:
         return self.is_hybrid(layer) and not isinstance(self.layers()[layer].shared_transformer, AttentionFreeApplication)
@@ -188,9 +231,8 @@ class Zamba2Adapter(Adapter):
             comps.append(Component("shared_block", layer))
         if self.has_attention(layer):
             comps.append(Component("attention", layer))
-        if self.has_mlp(layer):
-            comps.append(Component("mlp", layer))
-        return comps
+        return comps + feed_forward.components(layer, self.mlp_width(layer), self.mlp_group_size,
+                                               has_sub_block=self.has_mlp(layer))
 
     def layer_cost_modules(self, layer: int) -> list[nn.Module]:
         """The layer's modules minus the adapters of the other applications its shared block holds."""
@@ -209,8 +251,10 @@ class Zamba2Adapter(Adapter):
         for layer, comps in self.by_layer(plan).items():
             if self.has_mamba(layer):
                 mamba2_mixer.check(layer, self.mamba(layer), comps)
+            if self.has_mlp(layer):
+                feed_forward.check(layer, comps, self.mlp_width(layer), self.mlp_group_size)
         for c in plan.components:
-            inside = {"mixer": ("ssm", "head"), "shared_block": ("attention", "mlp")}.get(c.kind, ())
+            inside = {"mixer": ("ssm", "head"), "shared_block": ("attention", "mlp", "mlp_channel_group")}.get(c.kind, ())
             for other in plan.components:
                 if other.layer == c.layer and other.kind in inside:
                     raise PlanError(f"{other} is redundant: the {c.kind} of layer {c.layer} is removed as a whole")
@@ -245,6 +289,9 @@ class Zamba2Adapter(Adapter):
         if "mlp" in kinds:
             patch_forward(block.shared_transformer.pre_ff_layernorm, _pass_through, stack)
             patch_forward(block.shared_transformer.feed_forward, _pass_through, stack)
+        elif "mlp_channel_group" in kinds:
+            shared = block.shared_transformer
+            zamba2_mlp.mask(shared.feed_forward, _slot_of(shared, layer), self._kept_channels(layer, comps), stack)
 
     # ------------------------------------------------------------------ extraction
     def _applications(self, plan: PruningPlan) -> list[int]:
@@ -254,6 +301,17 @@ class Zamba2Adapter(Adapter):
 
     def _keeps_mlp(self, plan: PruningPlan, layer: int) -> bool:
         return self.has_mlp(layer) and Component("mlp", layer) not in plan
+
+    def _uses_shared_mlp(self, plan: PruningPlan, layer: int) -> bool:
+        return self._keeps_mlp(plan, layer) and not self._narrows(plan, layer)
+
+    def _narrows(self, plan: PruningPlan, layer: int) -> bool:
+        """Whether the extracted application at ``layer`` holds its own MLP (narrowed now or before)."""
+        return self._keeps_mlp(plan, layer) and (self.owns_mlp(layer) or any(
+            c.kind == "mlp_channel_group" and c.layer == layer for c in plan.components))
+
+    def _kept_channels(self, layer: int, comps) -> torch.Tensor:
+        return feed_forward.kept_channels(comps, self.mlp_width(layer), self.mlp_group_size)
 
     def _keeps_attention(self, plan: PruningPlan, layer: int) -> bool:
         return self.has_attention(layer) and Component("attention", layer) not in plan
@@ -280,6 +338,8 @@ class Zamba2Adapter(Adapter):
         if self.is_hybrid(layer) and "shared_block" not in kinds:  # the application stays
             if not (self.has_mlp(layer) and "mlp" not in kinds):
                 fields["mlp"] = 0
+            elif self.owns_mlp(layer) or "mlp_channel_group" in kinds:  # its own narrowed copy
+                fields["mlp"] = feed_forward.width_after(comps, self.mlp_width(layer), self.mlp_group_size)
             if not (self.has_attention(layer) and "attention" not in kinds):
                 fields["attention"] = False
         return LayerSpec(**fields)
@@ -337,15 +397,22 @@ class Zamba2Adapter(Adapter):
                 continue
             out[f"{prefix}{j}.linear.weight"] = block.linear.weight
             keeps_mlp, keeps_attention = self._keeps_mlp(plan, i), self._keeps_attention(plan, i)
-            for name, t in block.shared_transformer.state_dict().items():
+            shared = block.shared_transformer
+            if self._narrows(plan, i):  # its own MLP: the kept channels, its adapter merged
+                kept = self._kept_channels(i, [c for c in plan.components if c.layer == i])
+                for name, t in zamba2_mlp.narrowed_state(shared.feed_forward, _slot_of(shared, i), kept).items():
+                    out[f"{prefix}{j}.shared_transformer.feed_forward.{name}"] = t
+            for name, t in shared.state_dict().items():
                 if not keeps_mlp and name.startswith(("feed_forward.", "pre_ff_layernorm.")):
                     continue
+                if self._narrows(plan, i) and name.startswith("feed_forward."):
+                    continue  # the shared MLP and its adapters: the other applications hold them
                 if not keeps_attention and name.startswith(("self_attn.", "input_layernorm.")):
                     continue
                 slot = _ADAPTER_KEY.match(name)
                 if slot:
                     owner = old_app_at[int(slot.group(2))]
-                    keeps = self._keeps_mlp if slot.group(1).startswith("feed_forward") else self._keeps_attention
+                    keeps = self._uses_shared_mlp if slot.group(1).startswith("feed_forward") else self._keeps_attention
                     if owner not in new_pos or not keeps(plan, owner):
                         continue
                     name = f"{slot.group(1)}.{new_pos[owner]}.{slot.group(3)}"
@@ -364,14 +431,18 @@ class Zamba2Adapter(Adapter):
             raise ModelLoadError(f"config.json: shedder.shared_blocks names memory blocks for {len(blocks)} "
                                  f"applications, but the config has {len(apps)} hybrid layers")
         no_mlp = {k for k, j in enumerate(apps) if spec.layers[j].mlp == 0}
+        own_mlp = {k: spec.layers[j].mlp for k, j in enumerate(apps) if spec.layers[j].mlp}
         no_attention = {k for k, j in enumerate(apps) if not spec.layers[j].attention}
         for k, j in enumerate(apps):
             shared = layers[j].shared_transformer
             users = {k2 for k2, b in enumerate(blocks) if b == blocks[k]}
-            _set_block(shared, config, blocks[k], users - no_attention, users - no_mlp)
+            _set_block(shared, config, blocks[k], users - no_attention, users - no_mlp - set(own_mlp))
             if k in no_mlp:
                 shared.pre_ff_layernorm = nn.Identity()
                 shared.feed_forward = PassThrough()
+            elif k in own_mlp:
+                w = shared.pre_ff_layernorm.weight
+                shared.feed_forward = NarrowedMLP(config, own_mlp[k], device=w.device, dtype=w.dtype)
             if k in no_attention:
                 layers[j].shared_transformer = AttentionFreeApplication(shared.pre_ff_layernorm, shared.feed_forward,
                                                                         blocks[k], j)
@@ -408,10 +479,15 @@ def _set_block(shared: nn.Module, config, block_id: int, attn_slots: set[int], m
 
 def _tie_shared(model: nn.Module, apps: list[int], blocks: list[int]) -> None:
     """Tie every shared-block parameter to the first application of its memory block that has it
-    (explicit parameter names, since applications may now hold different subsets)."""
+    (explicit parameter names, since applications may now hold different subsets); an
+    application's own narrowed MLP is tied to nothing."""
     tied, first = {}, {}
     for j, block_id in zip(apps, blocks):
-        for rel, _ in model.model.layers[j].shared_transformer.named_parameters():
+        app = model.model.layers[j].shared_transformer
+        own = isinstance(app.feed_forward, NarrowedMLP)
+        for rel, _ in app.named_parameters():
+            if own and rel.startswith("feed_forward."):
+                continue
             name = f"layers.{j}.shared_transformer.{rel}"
             source = first.setdefault((block_id, rel), name)
             if source != name:

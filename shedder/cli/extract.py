@@ -25,6 +25,8 @@ def run(args) -> int:
     done = api.export(model, tokenizer, adapter, plan, args.out, args.model, overwrite=args.overwrite,
                       protected=protected)
     before, after = done.params_before, done.params_after
-    emit(args, done.payload(), f"saved {printable(done.out)}: {plan.describe()}; parameters {after:,} (from {before:,}, "
-                               f"{pct(before - after, before)} removed)\n{done.load_line}")
+    change = f"{pct(before - after, before)} removed" if after <= before else f"{pct(after - before, before)} added"
+    lines = [f"saved {printable(done.out)}: {plan.describe()}; parameters {after:,} (from {before:,}, {change})",
+             *done.notes, done.load_line]
+    emit(args, done.payload(), "\n".join(lines))
     return 0

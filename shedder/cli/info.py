@@ -26,9 +26,10 @@ def run(args) -> int:
     plan = api.pruned_with(args.model)
     payload = {"model": args.model, "architecture": type(model).__name__, "model_type": model.config.model_type,
                "num_layers": adapter.num_layers, "layers": layers, "components": adapter.kind_counts(),
-               "parameters": params, "pruned_with": plan.to_dict() if plan else None}
+               "parameters": params, "parameter_notes": adapter.param_notes(),
+               "pruned_with": plan.to_dict() if plan else None}
     lines = [f"model: {printable(args.model)} ({type(model).__name__}, model_type {model.config.model_type})",
-             f"parameters: {params:,}",
+             f"parameters: {params:,}", *adapter.param_notes(),
              f"layers: {adapter.num_layers}"]
     for row in layers:
         comps = ", ".join(k if n == 1 else f"{k} ×{n}" for k, n in row["components"].items())
