@@ -89,3 +89,50 @@ def test_keeping_for_the_next_step_does_not_change_a_search(model):
     ref = reference_search(model, data, ["ssm"], StopWhen(steps=3), batch_size=4)
     assert fast.components == ref.components
     assert [s.ppl for s in fast.steps] == pytest.approx([s.ppl for s in ref.steps], rel=1e-9)
+
+
+def test_compare_is_announced_by_its_jobs_and_its_progress_reaches_that_total(model):
+    adapter = adapter_for(model)
+    data = windows(vocab=model.config.vocab_size, n=5, seq=16)
+    metrics = ["ppl", "block_influence", "taylor"]
+    announced = api.compare_cost(model, adapter, data, ["block"], metrics, batch_size=2, budget_bytes=1 << 30)
+    calls = []
+    tables, _ = api.compare(model, data, ["block"], metrics, progress=lambda d, t, w: calls.append((d, t)),
+                            batch_size=2)
+    forwards = sum(t.attrs["forwards"] for t in tables.values())  # over all windows; each half does as many
+    backwards = sum(t.attrs["backwards"] for t in tables.values())
+    assert forwards == adapter.num_layers + 1 + 2 and backwards == 1
+    assert announced.passes == 3 * forwards and announced.backwards == 3 * backwards
+    assert announced.tokens == 2 * forwards * data.numel()  # the two halves together are the windows once more
+    assert announced.cache_bytes == api.cost("scoring", model, adapter, data, ["block"], batch_size=2,
+                                             budget_bytes=1 << 30).cache_bytes  # the ppl map's evaluator
+    done, totals = [d for d, _ in calls], {t for _, t in calls}
+    assert totals == {2 * len(data) * (forwards + backwards)}  # windows passed, forward or backward
+    assert done == sorted(done) and done[-1] == totals.pop()
+    text = announced.describe()
+    assert f"at most {3 * forwards} forward passes and 3 backward passes ({announced.tokens:,} tokens)" in text
+
+
+def test_compare_without_ppl_holds_no_activation_cache(model):
+    adapter = adapter_for(model)
+    data = windows(vocab=model.config.vocab_size, n=4, seq=16)
+    announced = api.compare_cost(model, adapter, data, ["block"], ["activation"], stability=False, budget_bytes=1 << 30)
+    assert announced.passes == 1 and announced.cache_bytes == 0
+    assert announced.describe().startswith("comparison: one forward pass")
+
+
+def test_cli_score_compare_says_its_cost_before_it_runs(tiny_model_dir, tmp_path, capsys):
+    from shedder.cli import main
+
+    assert main(["score", "--model", str(tiny_model_dir), "--samples", "4", "--seq-len", "16", "--no-progress",
+                 "--cache-dir", str(tmp_path / "cache"), "--kinds", "block", "--compare", "ppl,activation",
+                 "--out", str(tmp_path / "agree.csv")]) == 0
+    err = capsys.readouterr().err
+    blocks = 3  # tiny_model_dir's layers
+    line = next(x for x in err.splitlines() if x.startswith("comparison:"))
+    assert f"at most {3 * (blocks + 2)} forward passes ({2 * (blocks + 2) * 4 * 16:,} tokens)" in line
+    assert main(["score", "--model", str(tiny_model_dir), "--samples", "4", "--seq-len", "16", "--no-progress",
+                 "--cache-dir", str(tmp_path / "cache"), "--kinds", "block", "--compare", "activation",
+                 "--no-stability", "--out", str(tmp_path / "agree2.csv")]) == 0
+    assert "comparison: one forward pass (64 tokens); evaluator memory: activation cache ≤ 0 B" in capsys.readouterr().err
+

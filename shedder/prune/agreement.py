@@ -147,11 +147,13 @@ def compare(model, windows: torch.Tensor, kinds, metrics, *, stability: bool = T
     todo = jobs(model, windows, kinds, metrics, stability)
     parts = split_halves(windows) if stability else (windows, windows)
     total = sum(j.work for j in todo)
-    done_before = 0
+    done_before, reached = 0, [0]
     for job in todo:
         def tick(done, of, what, job=job, before=done_before):
+            # a metric may report phases (taylor: gradients, then components): the bar never goes back
+            reached[0] = max(reached[0], before + job.work * min(done, of) // max(of, 1))
             if progress:
-                progress(before + job.work * done // max(of, 1), total, f"{job.metric}: {what}")
+                progress(reached[0], total, f"{job.metric}: {what}")
 
         data = windows if job.half is None else parts[job.half]
         table = score(model, data, applicable(job.metric, kinds), job.metric, progress=tick, cache_dir=cache_dir,
