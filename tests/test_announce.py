@@ -19,6 +19,7 @@ def model(tiny_model_factory):
 
 
 def _held_bytes(ev: PlanEvaluator) -> int:
+    """Counted here from the cache itself, not by ``held_bytes`` (which is checked against this)."""
     unique = {id(t): t for entries in ev._cache for e in entries.values() for t in e.inputs.values()}
     return sum(t.numel() * t.element_size() for t in unique.values())
 
@@ -32,6 +33,7 @@ def test_announced_activation_cache_is_within_1_5x_of_what_one_search_step_keeps
     for comp in adapter.candidates(PruningPlan(), ["ssm"]):
         ev.perplexity(PruningPlan().with_components([comp]))
     held = _held_bytes(ev)
+    assert ev.held_bytes() == held
     assert held / 1.5 <= announced <= held * 1.5
 
 

@@ -305,14 +305,21 @@ class PlanEvaluator:
             if keep in entries:
                 entries.move_to_end(keep)
 
+    def held_bytes(self) -> int:
+        """Bytes of activations the cache holds now (a tensor shared by several plans counted once):
+        what the cost announcement's activation cache stands for."""
+        return sum(_held(entries) for entries in self._cache)
+
     def _evict(self, entries: OrderedDict) -> None:
         """Drop least recently used plans until this batch's share of the budget holds."""
         budget = self.max_cache_bytes / len(self.batches)
-        while len(entries) > 1:
-            unique = {id(t): t for e in entries.values() for t in e.inputs.values()}
-            if sum(t.numel() * t.element_size() for t in unique.values()) <= budget:
-                return
+        while len(entries) > 1 and _held(entries) > budget:
             entries.popitem(last=False)
+
+
+def _held(entries: OrderedDict) -> int:
+    unique = {id(t): t for e in entries.values() for t in e.inputs.values()}
+    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:
