@@ -138,3 +138,20 @@ def test_cli_score_compare_says_its_cost_before_it_runs(tiny_model_dir, tmp_path
                  "--no-stability", "--out", str(tmp_path / "agree2.csv")]) == 0
     assert "comparison: one forward pass (64 tokens); evaluator memory: activation cache ≤ 0 B" in capsys.readouterr().err
 
+
+
+def test_bench_announce_puts_announced_next_to_actual_on_a_tiny_cut_of_the_130m_shape(capsys):
+    """A benchmark: run on two layers and short windows only; its times are printed, never asserted."""
+    import json
+
+    from shedder.cli import main
+
+    assert main(["bench", "announce", "--layers", "2", "--samples", "2", "--seq-len", "16", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["layers"] == 2 and r["hidden"] == 768 and r["windows"] == [2, 16]
+    assert r["held_cache_bytes"] == r["announced_cache_bytes"] > 0  # one step keeps what the formula counts
+    assert r["ratios"]["within"]["cache"] and set(r["ratios"]) >= {"cache", "eta", "within"}
+    assert r["announced_eta_s"] > 0 and r["actual_s"] > 0 and r["choice"].startswith("ssm:")
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "announce", "--layers", "0"])
+    assert exit_.value.code == 2 and "error: argument --layers: must be a whole number" in capsys.readouterr().err

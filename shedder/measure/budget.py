@@ -109,6 +109,12 @@ class RunCost:
     total_tokens: int | None = None
 
     @property
+    def peak_bytes(self) -> int:
+        """Activation memory at its peak: the cache, and one batch's logits twice over (the loss's
+        log-softmax is as large), as when the first batch's whole-batch loss is taken."""
+        return self.cache_bytes + 2 * self.logits_bytes
+
+    @property
     def tokens(self) -> int:
         return self.total_tokens if self.total_tokens is not None else self.passes * self.tokens_per_pass
 
@@ -128,7 +134,8 @@ class RunCost:
                 else f" ({self.tokens:,} tokens)")
         text = (f"{self.what}: {passes}{size}; evaluator memory: activation cache ≤ "
                 f"{human_bytes(self.cache_bytes)} (budget {human_bytes(self.budget_bytes)}), "
-                f"logits {human_bytes(self.logits_bytes)} per batch")
+                f"logits {human_bytes(self.logits_bytes)} per batch, ≤ {human_bytes(self.peak_bytes)} at the peak "
+                "(cache, logits and their log-softmax)")
         if timing is not None:
             text += "; " + self.eta_text(timing)
         return text
