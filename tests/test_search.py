@@ -378,4 +378,4 @@ def test_run_cost_counts_passes_and_states_the_eta(mamba2):
     assert cost.eta_seconds(PassTiming(layers=0.0, head=1.0)) == pytest.approx(7)
     assert cost.eta_seconds(PassTiming(layers=1.0, head=0.0)) == pytest.approx((2 + 2 / n) * 7 / 4)
     text = cost.describe(PassTiming(layers=0.5, head=0.0))
-    assert "at most 8 forward passes × 96 tokens" in text and f"~{(2 + 2 / n) * 7 / 8:.0f} s more" in text
+    assert "at most 8 forward passes × 96 tokens" in text and f"about {(2 + 2 / n) * 7 / 8:.0f} s more" in text

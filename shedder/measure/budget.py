@@ -4,7 +4,8 @@ Scoring and searching a real checkpoint take minutes to hours; the user should k
 before committing to it. ``run_cost`` counts the forward passes and tokens a ``score`` or ``search``
 needs (an upper bound: the prefix cache re-runs only the layers a candidate changes, and abandoned
 candidates stop early) and the evaluator's activation memory; ``RunCost.describe`` adds an ETA once
-the first pass has been timed. The evaluator's activation cache gets a share of the memory actually
+the first pass has been timed (``PassTiming``: its layers and its loss head apart, since a later pass
+re-runs only the layers from its change on but pays the whole head). The evaluator's activation cache gets a share of the memory actually
 available (``process_cache_budget``), split between the evaluators alive in the process (the app's
 sessions), instead of a fixed amount per evaluator.
 """
@@ -142,7 +143,7 @@ class RunCost:
 
     def eta_text(self, timing: PassTiming) -> str:
         return (f"the first pass took {timing.seconds:.2f} s ({timing.head:.2f} s of it the loss head), so about "
-                f"~{human_seconds(self.eta_seconds(timing))} more (less when candidates are abandoned early)")
+                f"{human_seconds(self.eta_seconds(timing))} more (less when candidates are abandoned early)")
 
 
 def run_cost(what: str, model, windows: torch.Tensor, candidates: int, steps: int | None = 1, batch_size: int = 8,
