@@ -1,5 +1,6 @@
 """``python -m shedder bench``: measured speed of an extracted model against its original, and the
-benchmarks of the engine itself (``bench search``, ``bench recover``, ``bench scale``, ``bench gpu-check``)."""
+benchmarks of the engine itself (``bench search``, ``bench recover``, ``bench scale``, ``bench announce``,
+``bench gpu-check``)."""
 from __future__ import annotations
 
 import argparse
