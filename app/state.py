@@ -339,7 +339,7 @@ class Workspace:
     def compare(self, kinds, metrics, progress=None):
         """Rank agreement of ``metrics`` on ``kinds`` (and across two halves of the calibration)."""
         self.agreement = api.compare(self.loaded.model, self.calibration(), list(kinds), list(metrics),
-                                     progress=progress)
+                                     progress=progress, batch_size=self.settings.calibration_batch_size)
         return self.agreement
 
     def record(self, plan: PruningPlan, **values) -> None:

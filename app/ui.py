@@ -91,8 +91,20 @@ def cost_caption(what: str, kinds: list[str], steps: int | None = 1, metric: str
     windows and batch size of the chosen protocol, the ones the run uses."""
     ws = workspace()
     loaded = ws.loaded
-    text = api.cost(what, loaded.model, loaded.adapter, ws.calibration(), kinds, steps=steps,
-                    batch_size=ws.settings.calibration_batch_size, metric=metric).describe()
+    _caption(api.cost(what, loaded.model, loaded.adapter, ws.calibration(), kinds, steps=steps,
+                      batch_size=ws.settings.calibration_batch_size, metric=metric))
+
+
+def compare_caption(kinds: list[str], metrics: list[str]) -> None:
+    """Say what **Compare metrics** will cost (every metric, then each on both calibration halves),
+    by the function ``score --compare`` announces with."""
+    ws = workspace()
+    _caption(api.compare_cost(ws.loaded.model, ws.loaded.adapter, ws.calibration(), kinds, metrics,
+                              batch_size=ws.settings.calibration_batch_size))
+
+
+def _caption(estimate) -> None:
+    text = estimate.describe()
     st.caption(text[:1].upper() + text[1:] + "; the progress bar shows the time left once it starts.")
 
 

@@ -19,6 +19,7 @@ def model(tiny_model_factory):
 
 
 def _held_bytes(ev: PlanEvaluator) -> int:
+    """Counted here from the cache itself, not by ``held_bytes`` (which is checked against this)."""
     unique = {id(t): t for entries in ev._cache for e in entries.values() for t in e.inputs.values()}
     return sum(t.numel() * t.element_size() for t in unique.values())
 
@@ -32,6 +33,7 @@ def test_announced_activation_cache_is_within_1_5x_of_what_one_search_step_keeps
     for comp in adapter.candidates(PruningPlan(), ["ssm"]):
         ev.perplexity(PruningPlan().with_components([comp]))
     held = _held_bytes(ev)
+    assert ev.held_bytes() == held
     assert held / 1.5 <= announced <= held * 1.5
 
 
@@ -89,3 +91,67 @@ def test_keeping_for_the_next_step_does_not_change_a_search(model):
     ref = reference_search(model, data, ["ssm"], StopWhen(steps=3), batch_size=4)
     assert fast.components == ref.components
     assert [s.ppl for s in fast.steps] == pytest.approx([s.ppl for s in ref.steps], rel=1e-9)
+
+
+def test_compare_is_announced_by_its_jobs_and_its_progress_reaches_that_total(model):
+    adapter = adapter_for(model)
+    data = windows(vocab=model.config.vocab_size, n=5, seq=16)
+    metrics = ["ppl", "block_influence", "taylor"]
+    announced = api.compare_cost(model, adapter, data, ["block"], metrics, batch_size=2, budget_bytes=1 << 30)
+    calls = []
+    tables, _ = api.compare(model, data, ["block"], metrics, progress=lambda d, t, w: calls.append((d, t)),
+                            batch_size=2)
+    forwards = sum(t.attrs["forwards"] for t in tables.values())  # over all windows; each half does as many
+    backwards = sum(t.attrs["backwards"] for t in tables.values())
+    assert forwards == adapter.num_layers + 1 + 2 and backwards == 1
+    assert announced.passes == 3 * forwards and announced.backwards == 3 * backwards
+    assert announced.tokens == 2 * forwards * data.numel()  # the two halves together are the windows once more
+    assert announced.cache_bytes == api.cost("scoring", model, adapter, data, ["block"], batch_size=2,
+                                             budget_bytes=1 << 30).cache_bytes  # the ppl map's evaluator
+    done, totals = [d for d, _ in calls], {t for _, t in calls}
+    assert totals == {2 * len(data) * (forwards + backwards)}  # windows passed, forward or backward
+    assert done == sorted(done) and done[-1] == totals.pop()
+    text = announced.describe()
+    assert f"at most {3 * forwards} forward passes and 3 backward passes ({announced.tokens:,} tokens)" in text
+
+
+def test_compare_without_ppl_holds_no_activation_cache(model):
+    adapter = adapter_for(model)
+    data = windows(vocab=model.config.vocab_size, n=4, seq=16)
+    announced = api.compare_cost(model, adapter, data, ["block"], ["activation"], stability=False, budget_bytes=1 << 30)
+    assert announced.passes == 1 and announced.cache_bytes == 0
+    assert announced.describe().startswith("comparison: one forward pass")
+
+
+def test_cli_score_compare_says_its_cost_before_it_runs(tiny_model_dir, tmp_path, capsys):
+    from shedder.cli import main
+
+    assert main(["score", "--model", str(tiny_model_dir), "--samples", "4", "--seq-len", "16", "--no-progress",
+                 "--cache-dir", str(tmp_path / "cache"), "--kinds", "block", "--compare", "ppl,activation",
+                 "--out", str(tmp_path / "agree.csv")]) == 0
+    err = capsys.readouterr().err
+    blocks = 3  # tiny_model_dir's layers
+    line = next(x for x in err.splitlines() if x.startswith("comparison:"))
+    assert f"at most {3 * (blocks + 2)} forward passes ({2 * (blocks + 2) * 4 * 16:,} tokens)" in line
+    assert main(["score", "--model", str(tiny_model_dir), "--samples", "4", "--seq-len", "16", "--no-progress",
+                 "--cache-dir", str(tmp_path / "cache"), "--kinds", "block", "--compare", "activation",
+                 "--no-stability", "--out", str(tmp_path / "agree2.csv")]) == 0
+    assert "comparison: one forward pass (64 tokens); evaluator memory: activation cache ≤ 0 B" in capsys.readouterr().err
+
+
+
+def test_bench_announce_puts_announced_next_to_actual_on_a_tiny_cut_of_the_130m_shape(capsys):
+    """A benchmark: run on two layers and short windows only; its times are printed, never asserted."""
+    import json
+
+    from shedder.cli import main
+
+    assert main(["bench", "announce", "--layers", "2", "--samples", "2", "--seq-len", "16", "--json"]) == 0
+    r = json.loads(capsys.readouterr().out)
+    assert r["layers"] == 2 and r["hidden"] == 768 and r["windows"] == [2, 16]
+    assert r["held_cache_bytes"] == r["announced_cache_bytes"] > 0  # one step keeps what the formula counts
+    assert r["ratios"]["within"]["cache"] and set(r["ratios"]) >= {"cache", "eta", "within"}
+    assert r["announced_eta_s"] > 0 and r["actual_s"] > 0 and r["choice"].startswith("ssm:")
+    with pytest.raises(SystemExit) as exit_:
+        main(["bench", "announce", "--layers", "0"])
+    assert exit_.value.code == 2 and "error: argument --layers: must be a whole number" in capsys.readouterr().err

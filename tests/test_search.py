@@ -367,8 +367,15 @@ def test_evaluators_share_the_process_cache_budget(mamba2, monkeypatch):
 def test_run_cost_counts_passes_and_states_the_eta(mamba2):
     from shedder.measure.budget import run_cost
 
-    cost = run_cost("search", mamba2, windows(n=6, seq=16), candidates=4, steps=2, batch_size=2, budget_bytes=1 << 20)
+    from shedder.measure.budget import PassTiming
+
+    n = mamba2.config.num_hidden_layers
+    cost = run_cost("search", mamba2, windows(n=6, seq=16), candidates=4, steps=2, batch_size=2, budget_bytes=1 << 20,
+                    candidate_layers=[0, 0, n - 1, n - 1])
     assert cost.passes == 1 + 4 + 3 and cost.tokens == 8 * 6 * 16
     assert cost.logits_bytes == 2 * 16 * mamba2.config.vocab_size * 4
-    text = cost.describe(0.5)
-    assert "at most 8 forward passes × 96 tokens" in text and "~4 s more" in text  # the timed first pass is not counted again
+    # the timed first pass is not counted again; each later pass pays the head, and its layers from its own on
+    assert cost.eta_seconds(PassTiming(layers=0.0, head=1.0)) == pytest.approx(7)
+    assert cost.eta_seconds(PassTiming(layers=1.0, head=0.0)) == pytest.approx((2 + 2 / n) * 7 / 4)
+    text = cost.describe(PassTiming(layers=0.5, head=0.0))
+    assert "at most 8 forward passes × 96 tokens" in text and f"about {(2 + 2 / n) * 7 / 8:.0f} s more" in text

@@ -2,7 +2,7 @@
 ``pages/``) parse or draw, call these, and show what they return.
 
     load a model with its text  models.load, models.plan_for, Calibration.resolve
-    announce a cost              scoring.cost, scoring.announce
+    announce a cost              scoring.cost, scoring.announce, scoring.compare_cost
     score / compare metrics      scoring.score, scoring.compare
     search / one-shot            search.search, search.cached_search, one_shot
     evaluate                     evaluate.evaluate, evaluate.lm_eval
@@ -24,7 +24,7 @@ from shedder.api.export import Exported, export, load_line, export_recovered, ex
 from shedder.api.models import baseline, load, plan_for, pruned_with, sources, text_tokenizer
 from shedder.api.recover import METHODS, RecoverConfig, Recovered, curve, plan_run_dir, recover, recover_plan
 from shedder.api.runs import record_run, recorded_runs
-from shedder.api.scoring import announce, cached, compare, cost, score, worker_pool
+from shedder.api.scoring import announce, cached, compare, compare_cost, cost, score, worker_pool
 from shedder.api.search import Race, StopWhen, cached_search, search
 from shedder.api.stock import (KINDS as STOCK_KINDS, STRATEGIES as STOCK_STRATEGIES, offered_kinds as stock_kinds, stock,
                                stock_shaped)

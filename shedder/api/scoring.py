@@ -2,13 +2,13 @@
 from __future__ import annotations
 
 import contextlib
-import time
+from dataclasses import replace
 from typing import Callable
 
 from shedder.core.plan import PruningPlan
-from shedder.measure.budget import run_cost
+from shedder.measure.budget import RunCost, run_cost
 from shedder.measure.evaluator import PlanEvaluator, check_kinds
-from shedder.prune.agreement import compare as agreement, format_agreement
+from shedder.prune.agreement import compare as agreement, format_agreement, jobs
 from shedder.prune.distributed import WorkerPool
 from shedder.prune.importance import cache_status, score as ppl_scores
 from shedder.prune.importance_metrics import metric_names, metric_scores
@@ -33,10 +33,22 @@ def announce(what: str, model, adapter, windows, kinds, base: PruningPlan | None
     ev = PlanEvaluator(model, windows, adapter, batch_size)
     estimate = cost(what, model, adapter, windows, kinds, base, steps, batch_size, ev.max_cache_bytes)
     say(estimate.describe())
-    started = time.perf_counter()
-    ev.perplexity(base)
-    say(f"{what}: {estimate.eta_text(time.perf_counter() - started)}")
+    say(f"{what}: {estimate.eta_text(ev.timed_pass(base))}")
     return ev
+
+
+def compare_cost(model, adapter, windows, kinds, metrics, stability: bool = True, batch_size: int = 8,
+                 budget_bytes: int | None = None) -> RunCost:
+    """What ``compare`` will cost: its jobs' passes and tokens (``shedder.prune.agreement.jobs``, the
+    list its progress total counts too), and the memory of its largest job (a ppl map's evaluator
+    cache over all windows, when ppl is compared)."""
+    metrics = list(metric_names()) if list(metrics) == ["all"] else list(metrics)
+    todo = jobs(model, windows, kinds, metrics, stability)
+    seq = windows.shape[1]
+    ppl_map = cost("scoring", model, adapter, windows, kinds, batch_size=batch_size, budget_bytes=budget_bytes)
+    return replace(ppl_map, what="comparison", passes=sum(j.forwards for j in todo), layer_passes=None,
+                   backwards=sum(j.backwards for j in todo), total_tokens=sum(j.forwards * j.windows * seq for j in todo),
+                   cache_bytes=ppl_map.cache_bytes if any(j.metric == "ppl" for j in todo) else 0)
 
 
 def cached(model, windows, kinds, base: PruningPlan | None = None, cache_dir=None):
@@ -75,4 +87,4 @@ def compare(model, windows, kinds, metrics, stability: bool = True, top_k: int |
                      cache_dir=cache_dir, batch_size=batch_size)
 
 
-__all__ = ["announce", "cached", "compare", "cost", "format_agreement", "score", "worker_pool"]
+__all__ = ["announce", "cached", "compare", "compare_cost", "cost", "format_agreement", "score", "worker_pool"]

@@ -14,6 +14,7 @@
     python -m shedder bench search [--model mamba2-tiny --kinds ssm --steps 4]  (fast vs reference search)
     python -m shedder bench scan [--json]              (engine SSD scan vs transformers' torch reference)
     python -m shedder bench scale [--sizes S,M,130m]   (time and memory as models grow)
+    python -m shedder bench announce [--layers 24]     (a search's announced memory and ETA vs actual)
     python -m shedder bench gpu-check                  (the whole journey on CUDA; skips without a GPU)
     python -m shedder bench gpu-check --paper --out DIR [--dry-run]   (the paper's speed numbers on CUDA)
     python -m shedder bench search --workers 1,2                       (speed-up of Ray workers)

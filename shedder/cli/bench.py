@@ -1,5 +1,6 @@
 """``python -m shedder bench``: measured speed of an extracted model against its original, and the
-benchmarks of the engine itself (``bench search``, ``bench recover``, ``bench scale``, ``bench gpu-check``)."""
+benchmarks of the engine itself (``bench search``, ``bench recover``, ``bench scale``, ``bench announce``,
+``bench gpu-check``)."""
 from __future__ import annotations
 
 import argparse
@@ -23,7 +24,7 @@ from shedder.cli.common import common, counts, data_options, emit, kinds, load, 
 from shedder.cli.options import OneLineParser, non_negative_int, positive_float, positive_int, race_options, threads
 from shedder.cli.search import raced
 from shedder.core.errors import ShedderError, printable
-from shedder.dev import scale
+from shedder.dev import announce_bench, scale
 from shedder.dev.paper_speed import JSON_NAME, MARKDOWN_NAME, PaperRun, markdown, run_paper
 from shedder.dev.realshape import FAMILIES
 from shedder.measure.data import calibration_windows
@@ -37,7 +38,7 @@ def add(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
-    bench_sub = p.add_subparsers(dest="bench_command", metavar="{search,recover,scan,dtype}")
+    bench_sub = p.add_subparsers(dest="bench_command", metavar="{search,recover,scan,dtype,announce}")
     s = bench_sub.add_parser("search", help="fast vs reference greedy search",
                              description="Run the reference and the fast greedy search on the same model and "
                                          "data; print both wall times, the speed-up and whether they chose "
@@ -59,6 +60,7 @@ def add(sub) -> None:
     recover_options(r)
     scan_parser(bench_sub)
     dtype_parser(bench_sub)
+    announce_parser(bench_sub)
 
 
 def speed_options(parser: argparse.ArgumentParser) -> None:
@@ -355,4 +357,29 @@ def run_dtype(args) -> int:
              f"{se['seconds']['float32']:.1f} s → {se['seconds']['bfloat16']:.1f} s "
              f"({se['speedup_single_run']:.2f}×, single run)"]
     emit(args, r, "\n".join(lines))
+    return 0
+
+
+def announce_parser(bench_sub) -> None:
+    """``bench announce``: a search's announced memory and ETA against what happens."""
+    a = bench_sub.add_parser("announce", help="announced vs actual memory and time of a search step (130M shape)",
+                             description="Announce one greedy SSM step on a random-weight model in the Mamba-2 "
+                                         "130M shape, run it, and print the announced activation cache and ETA "
+                                         "next to the bytes the evaluator held, the RSS growth and the wall time.")
+    a.add_argument("--layers", type=positive_int, default=24, help="first layers of the 130M shape (default 24)")
+    a.add_argument("--samples", type=positive_int, default=4, help="calibration windows (default 4)")
+    a.add_argument("--seq-len", type=positive_int, default=256, help="tokens per window (default 256)")
+    a.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward (default 4)")
+    a.add_argument("--threads", type=threads, help="CPU threads for PyTorch (default: PyTorch's choice)")
+    a.add_argument("--json", action="store_true", help="print JSON (announced_*, held_cache_bytes, rss_growth_bytes, "
+                                                        "actual_s, ratios)")
+    a.set_defaults(func=run_announce)
+
+
+def run_announce(args) -> int:
+    """The announcement benchmark's report."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    r = announce_bench.measure(args.layers, args.samples, args.seq_len, args.batch_size)
+    emit(args, {**r, "ratios": announce_bench.ratios(r)}, announce_bench.format_report(r))
     return 0

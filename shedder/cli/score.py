@@ -45,7 +45,7 @@ def run(args) -> int:
     adapter, base = api.plan_for(model, args.base_plan)
     windows, protocol = calibration(args, tokenizer)
     if args.compare:
-        return _compare(args, model, windows, protocol)
+        return _compare(args, model, adapter, windows, protocol)
     one_pass = args.metric != "ppl"  # one forward (and backward) in this process: no workers to start
     ev = None
     if not one_pass and not distributed(args) and not api.cached(model, windows, args.kinds, base, args.cache_dir):
@@ -75,8 +75,10 @@ def run(args) -> int:
     return 0
 
 
-def _compare(args, model, windows, protocol: str) -> int:
+def _compare(args, model, adapter, windows, protocol: str) -> int:
     """``score --compare``: rank agreement between metrics and across calibration halves."""
+    say(api.compare_cost(model, adapter, windows, args.kinds, args.compare, stability=not args.no_stability,
+                         batch_size=args.batch_size).describe())
     with progress(args) as bar:
         tables, rows = api.compare(model, windows, args.kinds, args.compare, stability=not args.no_stability,
                                    top_k=args.top_k, progress=bar, cache_dir=args.cache_dir,

@@ -60,7 +60,7 @@ def _mamba2(size: str, dtype: torch.dtype, device: str):
     return model.to(device).eval()
 
 
-class _Peak:
+class PeakMemory:
     """Peak memory added while the block runs: CUDA's allocator peak, or the process's peak RSS
     (``VmHWM`` after resetting it through ``/proc/self/clear_refs``; None where that is unavailable)."""
 
@@ -111,7 +111,7 @@ def measure(size: str, samples: int, seq_len: int, batch_size: int, dtype: torch
                                 evaluator=PlanEvaluator(model, windows, adapter, batch_size))),
         ("search", lambda: greedy_search(model, windows, ["ssm"], StopWhen(steps=1), batch_size=batch_size)),
     ):
-        with _Peak(device) as peak:
+        with PeakMemory(device) as peak:
             started = time.perf_counter()
             run()
             _sync(device)

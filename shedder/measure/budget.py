@@ -4,7 +4,8 @@ Scoring and searching a real checkpoint take minutes to hours; the user should k
 before committing to it. ``run_cost`` counts the forward passes and tokens a ``score`` or ``search``
 needs (an upper bound: the prefix cache re-runs only the layers a candidate changes, and abandoned
 candidates stop early) and the evaluator's activation memory; ``RunCost.describe`` adds an ETA once
-the first pass has been timed. The evaluator's activation cache gets a share of the memory actually
+the first pass has been timed (``PassTiming``: its layers and its loss head apart, since a later pass
+re-runs only the layers from its change on but pays the whole head). The evaluator's activation cache gets a share of the memory actually
 available (``process_cache_budget``), split between the evaluators alive in the process (the app's
 sessions), instead of a fixed amount per evaluator.
 """
@@ -79,9 +80,24 @@ def human_seconds(s: float) -> str:
 
 
 @dataclass(frozen=True)
+class PassTiming:
+    """A timed full pass split into its layers and its loss head: a later pass pays the head in full
+    but its layers only from the first one its plan changes (the prefix cache)."""
+
+    layers: float
+    head: float
+
+    @property
+    def seconds(self) -> float:
+        return self.layers + self.head
+
+
+@dataclass(frozen=True)
 class RunCost:
     """The work of one run: ``passes`` forward passes over ``tokens_per_pass`` tokens each (upper
-    bound), and the memory the evaluator adds on top of the weights."""
+    bound), and the memory the evaluator adds on top of the weights. ``layer_passes``: the layers the
+    passes after the first re-run, in whole passes' worth (None: all of every pass). ``total_tokens``
+    replaces ``passes × tokens_per_pass`` when the passes differ in size (``score --compare``'s halves)."""
 
     what: str
     passes: int
@@ -89,31 +105,45 @@ class RunCost:
     cache_bytes: int          # activation cache the evaluator may fill (within its budget)
     logits_bytes: int         # one batch's logits, the largest single activation
     budget_bytes: int
+    layer_passes: float | None = None
+    backwards: int = 0
+    total_tokens: int | None = None
+
+    @property
+    def peak_bytes(self) -> int:
+        """Activation memory at its peak: the cache, and one batch's logits twice over (the loss's
+        log-softmax is as large), as when the first batch's whole-batch loss is taken."""
+        return self.cache_bytes + 2 * self.logits_bytes
 
     @property
     def tokens(self) -> int:
-        return self.passes * self.tokens_per_pass
+        return self.total_tokens if self.total_tokens is not None else self.passes * self.tokens_per_pass
 
-    def eta_seconds(self, seconds_per_pass: float) -> float:
+    def eta_seconds(self, timing: PassTiming) -> float:
         """Time left once the first (base) pass has been timed: that pass is done, so it is not
-        counted again."""
-        return max(self.passes - 1, 0) * seconds_per_pass
+        counted again; each later pass pays the head and its share of the layers."""
+        rest = max(self.passes - 1, 0)
+        layers = rest if self.layer_passes is None else self.layer_passes
+        return rest * timing.head + layers * timing.layers
 
-    def describe(self, seconds_per_pass: float | None = None) -> str:
+    def describe(self, timing: PassTiming | None = None) -> str:
         """One line for the user: passes, tokens, memory, and the ETA when a pass has been timed."""
         passes = "one forward pass" if self.passes == 1 else f"at most {self.passes:,} forward passes"
-        text = (f"{self.what}: {passes} × {self.tokens_per_pass:,} tokens "
-                f"({self.tokens:,} tokens); evaluator memory: activation cache ≤ "
+        if self.backwards:
+            passes += f" and {self.backwards} backward pass{'es' if self.backwards > 1 else ''}"
+        size = (f" × {self.tokens_per_pass:,} tokens ({self.tokens:,} tokens)" if self.total_tokens is None
+                else f" ({self.tokens:,} tokens)")
+        text = (f"{self.what}: {passes}{size}; evaluator memory: activation cache ≤ "
                 f"{human_bytes(self.cache_bytes)} (budget {human_bytes(self.budget_bytes)}), "
-                f"logits {human_bytes(self.logits_bytes)} per batch")
-        if seconds_per_pass is not None:
-            text += "; " + self.eta_text(seconds_per_pass)
+                f"logits {human_bytes(self.logits_bytes)} per batch, ≤ {human_bytes(self.peak_bytes)} at the peak "
+                "(cache, logits and their log-softmax)")
+        if timing is not None:
+            text += "; " + self.eta_text(timing)
         return text
 
-    def eta_text(self, seconds_per_pass: float) -> str:
-        return (f"the first pass took {seconds_per_pass:.2f} s, so at most ~"
-                f"{human_seconds(self.eta_seconds(seconds_per_pass))} more (less: the prefix cache re-runs only "
-                "the layers a candidate changes)")
+    def eta_text(self, timing: PassTiming) -> str:
+        return (f"the first pass took {timing.seconds:.2f} s ({timing.head:.2f} s of it the loss head), so about "
+                f"{human_seconds(self.eta_seconds(timing))} more (less when candidates are abandoned early)")
 
 
 def run_cost(what: str, model, windows: torch.Tensor, candidates: int, steps: int | None = 1, batch_size: int = 8,
@@ -124,17 +154,21 @@ def run_cost(what: str, model, windows: torch.Tensor, candidates: int, steps: in
 
     The activation cache counts what the evaluator keeps in one step: the base plan's inputs of
     layers ``1..n-1``, and for a candidate at layer ``L`` the inputs of the layers after ``L`` (those
-    before are shared with the base plan). ``candidate_layers`` gives each candidate's layer; without
-    it every candidate is assumed to keep half the layers."""
+    before are shared with the base plan). A candidate at ``L`` re-runs layers ``L..n-1``; later steps
+    are taken to re-run the same share. ``candidate_layers`` gives each candidate's layer; without
+    it every candidate is assumed to sit at the middle layer."""
     config = model.config.get_text_config()
     n, seq = windows.shape
     steps = candidates if steps is None else min(steps, candidates)
-    passes = 1 + sum(max(candidates - s, 0) for s in range(max(steps, 1)))
+    per_step = [max(candidates - s, 0) for s in range(max(steps, 1))]
+    passes = 1 + sum(per_step)
     budget = budget_bytes if budget_bytes is not None else process_cache_budget(next(model.parameters()).device)
     layers = getattr(config, "num_hidden_layers", 1)
     per_layer = n * seq * config.hidden_size * 4
     if candidate_layers is None:
         candidate_layers = [layers // 2] * candidates
     kept = max(layers - 1, 0) + sum(max(layers - 1 - layer, 0) for layer in candidate_layers)
+    rerun = sum((layers - layer) / layers for layer in candidate_layers)  # one step's layers, in passes
+    layer_passes = sum(rerun * count / max(candidates, 1) for count in per_step)
     return RunCost(what, passes, n * seq, min(per_layer * kept, budget), min(batch_size, n) * seq * config.vocab_size * 4,
-                   budget)
+                   budget, layer_passes)

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from dataclasses import dataclass, field
 import torch
 
 from shedder.arch import adapter_for, patch_forward
-from shedder.measure.budget import process_cache_budget
+from shedder.measure.budget import PassTiming, process_cache_budget
 from shedder.measure.masking import masked
 from shedder.core.errors import PlanError
 from shedder.measure.metrics import batches, perplexity_of, predicted_tokens, token_nll
@@ -106,6 +107,10 @@ class PlanEvaluator:
         #: was computed, since creation: the work the cache and abandoning save, whatever the load.
         self.layers_run = 0
         self.windows_scored = 0
+        #: Seconds in the per-window loss head, and in the whole-batch head and loss computed once per
+        #: batch shape to verify it: a cost announcement splits a timed pass into layers and head with them.
+        self.head_seconds = 0.0
+        self.verify_seconds = 0.0
 
     @property
     def max_cache_bytes(self) -> int:
@@ -135,6 +140,16 @@ class PlanEvaluator:
         """Calibration perplexity under ``plan`` (same value as a full masked forward)."""
         total = self.nll(plan, progress=progress)
         return perplexity_of(total, self.tokens)
+
+    def timed_pass(self, plan: PruningPlan | None = None) -> PassTiming:
+        """Evaluate ``plan`` (the base of a run) and say how long its layers and its loss head took,
+        leaving out the once-per-shape check of the head: the time a later full pass would take."""
+        head, verify = self.head_seconds, self.verify_seconds
+        started = time.perf_counter()
+        self.perplexity(plan)
+        took = time.perf_counter() - started
+        head, verify = self.head_seconds - head, self.verify_seconds - verify
+        return PassTiming(layers=max(took - head - verify, 0.0), head=head)
 
     def nll(self, plan: PruningPlan | None = None, bound: float | None = None,
             progress: Progress | None = None, first_batches: int | None = None) -> float | None:
@@ -224,10 +239,21 @@ class PlanEvaluator:
                 final["h"] = hidden
                 return hidden[..., :0]  # no logits: they are computed per window afterwards
             patch_forward(self._head, forward, stack)
-        else:
-            handle = self._head.register_forward_hook(lambda m, args, out: final.update(h=args[0]))
+        else:  # the whole-batch head runs too, once per shape: timed apart, a later pass does not pay it
+            started: list[float] = []
+
+            def done(module, args, out) -> None:
+                final.update(h=args[0])
+                self._add_time("verify_seconds", started[-1])
+
+            pre = self._head.register_forward_pre_hook(lambda m, args: started.append(time.perf_counter()))
+            handle = self._head.register_forward_hook(done)
+            stack.callback(pre.remove)
             stack.callback(handle.remove)
         return final
+
+    def _add_time(self, counter: str, since: float) -> None:
+        setattr(self, counter, getattr(self, counter) + time.perf_counter() - since)
 
     def _loss(self, ids: torch.Tensor, logits: torch.Tensor, final: dict, before: float,
               bound: float | None) -> float | None:
@@ -240,6 +266,7 @@ class PlanEvaluator:
             return float(token_nll(logits, ids).double().sum())
         limit = None if bound is None else bound + abs(bound) * MID_BATCH_MARGIN
         parts, partial = [], before
+        started = time.perf_counter()
         for j in range(len(ids)):
             part = token_nll(self._head(final["h"][j:j + 1]), ids[j:j + 1])  # [seq]
             self.windows_scored += 1
@@ -247,10 +274,14 @@ class PlanEvaluator:
             partial += float(part.double().sum())
             # (after a batch's last window, ``nll`` checks the exact batch total instead)
             if limit is not None and j < len(ids) - 1 and partial > limit and self._split_head.get(shape):
+                self._add_time("head_seconds", started)
                 return None
+        self._add_time("head_seconds", started)
         per_token = torch.cat(parts)  # [b * seq]
         if shape not in self._split_head:
+            started = time.perf_counter()
             plain = token_nll(logits, ids)
+            self._add_time("verify_seconds", started)
             self._split_head[shape] = torch.equal(plain, per_token)
             per_token = plain
         return float(per_token.double().sum())
@@ -274,14 +305,21 @@ class PlanEvaluator:
             if keep in entries:
                 entries.move_to_end(keep)
 
+    def held_bytes(self) -> int:
+        """Bytes of activations the cache holds now (a tensor shared by several plans counted once):
+        what the cost announcement's activation cache stands for."""
+        return sum(_held(entries) for entries in self._cache)
+
     def _evict(self, entries: OrderedDict) -> None:
         """Drop least recently used plans until this batch's share of the budget holds."""
         budget = self.max_cache_bytes / len(self.batches)
-        while len(entries) > 1:
-            unique = {id(t): t for e in entries.values() for t in e.inputs.values()}
-            if sum(t.numel() * t.element_size() for t in unique.values()) <= budget:
-                return
+        while len(entries) > 1 and _held(entries) > budget:
             entries.popitem(last=False)
+
+
+def _held(entries: OrderedDict) -> int:
+    unique = {id(t): t for e in entries.values() for t in e.inputs.values()}
+    return sum(t.numel() * t.element_size() for t in unique.values())
 
 
 def hidden_input(args: tuple, kwargs: dict) -> torch.Tensor:

@@ -15,13 +15,17 @@ Rank correlations are pandas' (Kendall through scipy), ties ranked by their aver
 from __future__ import annotations
 
 import itertools
+from dataclasses import dataclass
 from typing import Callable
 
 import pandas as pd
 import torch
 
+from shedder.arch import adapter_for
 from shedder.core.errors import ShedderError
-from shedder.prune.importance_metrics import applicable, metric_scores
+from shedder.core.plan import PruningPlan
+from shedder.measure.evaluator import check_kinds
+from shedder.prune.importance_metrics import REGISTRY, applicable, metric_scores
 from shedder.measure.metrics import Progress
 
 COLUMNS = ["kind", "a", "b", "spearman", "kendall", "top_k_overlap", "k", "n"]
@@ -95,31 +99,70 @@ def split_halves(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return windows[0::2], windows[1::2]
 
 
+@dataclass(frozen=True)
+class Job:
+    """One scoring run of ``compare``: ``metric`` on all windows (``half`` None) or on one half,
+    ``forwards`` and ``backwards`` passes over its ``windows`` (ppl: one per component, plus the base)."""
+
+    metric: str
+    half: int | None
+    windows: int
+    forwards: int
+    backwards: int
+
+    @property
+    def work(self) -> int:
+        """Windows passed through the model, forward or backward: the job's share of the progress."""
+        return (self.forwards + self.backwards) * self.windows
+
+
+def jobs(model, windows: torch.Tensor, kinds, metrics, stability: bool = True) -> list[Job]:
+    """What ``compare`` runs, in order: each metric that scores some of ``kinds`` on all windows,
+    then (``stability``) each again on both halves. The cost announcement and the progress total
+    both come from this list."""
+    metrics = list(dict.fromkeys(metrics))
+    if not metrics:
+        raise ShedderError("compare needs at least one metric")
+    adapter = adapter_for(model)
+    kinds = check_kinds(adapter, kinds)
+    runnable = [m for m in metrics if applicable(m, kinds)]
+    sizes = [len(h) for h in split_halves(windows)] if stability else []
+    out = []
+    for half, n in [(None, len(windows))] + list(enumerate(sizes)):
+        for m in runnable:
+            metric = REGISTRY[m]
+            forwards = 1 if metric.one_pass else len(adapter.candidates(PruningPlan(), applicable(m, kinds))) + 1
+            out.append(Job(m, half, n, forwards, metric.backwards))
+    return out
+
+
 def compare(model, windows: torch.Tensor, kinds, metrics, *, stability: bool = True, top_k: int | None = None,
             progress: Progress | None = None, cache_dir=None, batch_size: int = 8,
             score: Callable = metric_scores) -> tuple[dict[str, pd.DataFrame], pd.DataFrame]:
     """Score ``kinds`` with every metric in ``metrics`` (each on the kinds it applies to), and with
     ``stability`` again on both halves of the windows; returns ``(tables, agreement rows)``.
-    ``score`` computes one table (``metric_scores`` by default; a distributed runner may pass its own)."""
-    metrics = list(dict.fromkeys(metrics))
-    if not metrics:
-        raise ShedderError("compare needs at least one metric")
+    ``score`` computes one table (``metric_scores`` by default; a distributed runner may pass its own).
+    Progress counts windows passed through the model (``Job.work``), so a ppl map weighs what it costs."""
     tables, halves = {}, {}
-    runnable = [m for m in metrics if applicable(m, kinds)]  # the progress total counts only these
-    jobs = [(m, None) for m in runnable] + ([(m, h) for m in runnable for h in (0, 1)] if stability else [])
+    todo = jobs(model, windows, kinds, metrics, stability)
     parts = split_halves(windows) if stability else (windows, windows)
-    for i, (metric, half) in enumerate(jobs):
-        def tick(done, total, what, i=i):
+    total = sum(j.work for j in todo)
+    done_before, reached = 0, [0]
+    for job in todo:
+        def tick(done, of, what, job=job, before=done_before):
+            # a metric may report phases (taylor: gradients, then components): the bar never goes back
+            reached[0] = max(reached[0], before + job.work * min(done, of) // max(of, 1))
             if progress:
-                progress(i * 1000 + int(1000 * done / max(total, 1)), 1000 * len(jobs), f"{metric}: {what}")
+                progress(reached[0], total, f"{job.metric}: {what}")
 
-        data = windows if half is None else parts[half]
-        table = score(model, data, applicable(metric, kinds), metric, progress=tick, cache_dir=cache_dir,
+        data = windows if job.half is None else parts[job.half]
+        table = score(model, data, applicable(job.metric, kinds), job.metric, progress=tick, cache_dir=cache_dir,
                       batch_size=batch_size)
-        if half is None:
-            tables[metric] = table
+        if job.half is None:
+            tables[job.metric] = table
         else:
-            halves.setdefault(metric, [None, None])[half] = table
+            halves.setdefault(job.metric, [None, None])[job.half] = table
+        done_before += job.work
     return tables, agreement(tables, {m: tuple(h) for m, h in halves.items()}, top_k)
 
 
