@@ -374,7 +374,7 @@ class Zamba2Adapter(Adapter):
             else:
                 host = layer.mamba_decoder if _is_hybrid(layer) else layer
                 host.mamba = mamba2_mixer.build(host.mamba, layer_spec)
-        _tie_shared(model, apps, blocks)
+        tie_shared(model, apps, blocks)
 
 
 def _set_block(shared: nn.Module, config, block_id: int, attn_slots: set[int], mlp_slots: set[int]) -> None:
@@ -399,13 +399,14 @@ def _set_block(shared: nn.Module, config, block_id: int, attn_slots: set[int], m
     fill(shared.feed_forward.gate_up_proj_adapter_list, mlp_slots, hidden, 2 * config.intermediate_size)
 
 
-def _tie_shared(model: nn.Module, apps: list[int], blocks: list[int]) -> None:
-    """Tie every shared-block parameter to the first application of its memory block that has it
-    (explicit parameter names, since applications may now hold different subsets)."""
+def tie_shared(model: nn.Module, apps: list[int], blocks: list[int], attr: str = "shared_transformer") -> None:
+    """Tie every shared-block parameter (``layers[j].<attr>``, Zamba's ``shared_transf``) to the first
+    application of its memory block that has it (explicit parameter names, since applications may
+    now hold different subsets)."""
     tied, first = {}, {}
     for j, block_id in zip(apps, blocks):
-        for rel, _ in model.model.layers[j].shared_transformer.named_parameters():
-            name = f"layers.{j}.shared_transformer.{rel}"
+        for rel, _ in getattr(model.model.layers[j], attr).named_parameters():
+            name = f"layers.{j}.{attr}.{rel}"
             source = first.setdefault((block_id, rel), name)
             if source != name:
                 tied[name] = source
