@@ -77,6 +77,12 @@ def _is_hybrid(layer: nn.Module) -> bool:
     return hasattr(layer, "shared_transf")
 
 
+def _single_tied_application(config) -> bool:
+    """Whether ``config`` builds one application of a tied shared block (``transformers`` ties the
+    shared block only along with the embeddings, ``tie_word_embeddings``)."""
+    return config.tie_word_embeddings and list(config.layers_block_type).count("hybrid") == 1
+
+
 _MIXER_KINDS = ("ssm", "head", "channel_group")
 
 
@@ -220,6 +226,29 @@ class ZambaAdapter(Adapter):
         config.layers_block_type = ["hybrid" if i in apps else "linear_attention" for i in kept]
         config.num_hidden_layers = len(kept)
         return False
+
+    def pruned_config(self, plan: PruningPlan):
+        """As the base, but a model left with one application keeps a ``shedder`` section: stock
+        ``transformers`` cannot build it (``stock_model``), so it must not pass for a stock checkpoint."""
+        config = super().pruned_config(plan)
+        if _single_tied_application(config) and not getattr(config, "shedder", None):
+            config.shedder = self.pruned_spec(plan).to_json()
+        return config
+
+    @classmethod
+    def stock_model(cls, config, spec):
+        """The stock model; with one application built untied first: ``transformers`` ties every
+        application to the first by a pattern that raises when there is no other one."""
+        if not _single_tied_application(config):
+            return cls.model_class(config)
+        config.tie_word_embeddings = False
+        try:
+            model = cls.model_class(config)
+        finally:
+            config.tie_word_embeddings = True
+        apps = [j for j, layer in enumerate(model.model.layers) if _is_hybrid(layer)]
+        tie_shared(model, apps, [0] * len(apps), attr="shared_transf")  # ties the embeddings again
+        return model
 
     @classmethod
     def limits(cls, config):
