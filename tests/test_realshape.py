@@ -31,6 +31,7 @@ CASES = {
     "nemotron_h": (3, "bfloat16"),
     "bamba": (2, "bfloat16"),
     "zamba2": (2, "float32"),
+    "zamba": (3, "bfloat16"),
     "falcon_h1": (2, "float32"),
     "jamba": (2, "bfloat16"),
     "granite": (2, "float32"),

@@ -27,8 +27,11 @@ calls them.
 """
 from __future__ import annotations
 
+import bisect
+import collections
 import dataclasses
 import functools
+import itertools
 
 import torch
 import torch.nn.functional as F
@@ -258,39 +261,51 @@ def check_group_size(mixer: nn.Module, layer: int, group_size: int) -> None:
                         f"{', '.join(map(str, widths))} of layer {layer}")
 
 
-def _removed(mixer: nn.Module, comps: list[Component], group_size: int) -> tuple[set[int], set[int]]:
-    """(removed heads, removed channel groups) of one mixer."""
+def _removed(comps: list[Component]) -> tuple[set[int], set[int]]:
+    """(removed heads, removed channel groups) of one mixer's components."""
     return ({c.index for c in comps if c.kind == "head"}, {c.index for c in comps if c.kind == "channel_group"})
 
 
-def _head_of_channel(mixer: nn.Module) -> list[int]:
-    return [h for h, w in enumerate(head_widths(mixer)) for _ in range(w)]
+def _head_of_group(widths: tuple[int, ...], group: int, group_size: int) -> int:
+    """The head holding channel group ``group`` (groups never straddle heads)."""
+    return bisect.bisect_right(list(itertools.accumulate(widths)), group * group_size)
 
 
 def check(mixer: nn.Module, layer: int, comps: list[Component], group_size: int) -> None:
-    """Refuse a mixer left without channels, and channel groups inside a removed head."""
-    heads, groups = _removed(mixer, comps, group_size)
-    head_of = _head_of_channel(mixer)
+    """Refuse a mixer left without channels, and channel groups inside a removed head (cheap: the
+    search calls it for every candidate)."""
+    heads, groups = _removed(comps)
+    widths = head_widths(mixer)
     for g in sorted(groups):
-        if head_of[g * group_size] in heads:
-            raise PlanError(f"channel_group:{layer}:{g} is redundant: it lies in head {head_of[g * group_size]} "
+        head = _head_of_group(widths, g, group_size)
+        if head in heads:
+            raise PlanError(f"channel_group:{layer}:{g} is redundant: it lies in head {head} "
                             f"of layer {layer}, which the plan removes")
-    if not _mask(mixer, comps, group_size)[2]:
+    if not _kept_widths(widths, heads, groups, group_size):
         raise PlanError(f"layer {layer}: removing every Mamba head / channel group leaves no channels; "
                         f"remove the mixer instead (mixer:{layer})")
+
+
+def _kept_widths(widths: tuple[int, ...], heads: set[int], groups: set[int], group_size: int) -> tuple[int, ...]:
+    """The width of each head left (heads with no channel left are gone)."""
+    lost = collections.Counter(_head_of_group(widths, g, group_size) for g in groups)
+    left = [w - group_size * lost[h] for h, w in enumerate(widths) if h not in heads]
+    return tuple(w for w in left if w > 0)
 
 
 def _mask(mixer: nn.Module, comps: list[Component], group_size: int):
     """``(ssm, kept, widths)``: kept channel indices (None: all) and each remaining head's width."""
     ssm = has_ssm(mixer) and not any(c.kind == "ssm" for c in comps)
-    heads, groups = _removed(mixer, comps, group_size)
+    heads, groups = _removed(comps)
+    widths = head_widths(mixer)
     if not heads and not groups:
-        return ssm, None, head_widths(mixer)
-    head_of = _head_of_channel(mixer)
-    keep = [c for c, h in enumerate(head_of) if h not in heads and c // group_size not in groups]
-    counts = [sum(1 for c in keep if head_of[c] == h) for h in range(len(head_widths(mixer)))]
-    kept = torch.tensor(keep, dtype=torch.long, device=mixer.in_proj.weight.device)
-    return ssm, kept, tuple(n for n in counts if n)
+        return ssm, None, widths
+    device = mixer.in_proj.weight.device
+    channel = torch.arange(sum(widths), device=device)
+    head_of = torch.repeat_interleave(torch.arange(len(widths), device=device), torch.tensor(widths, device=device))
+    drop = torch.isin(head_of, torch.tensor(sorted(heads), dtype=torch.long, device=device)) | torch.isin(
+        channel // group_size, torch.tensor(sorted(groups), dtype=torch.long, device=device))
+    return ssm, channel[~drop], _kept_widths(widths, heads, groups, group_size)
 
 
 def mask(mixer: nn.Module, comps: list[Component], group_size: int, stack) -> None:
