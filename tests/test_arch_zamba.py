@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from adapter_checks import check_plan, comps, tokens
 from adapter_contract import AdapterContract, Evaluation, FamilyCase
@@ -20,9 +21,11 @@ from shedder.arch import adapter_for, count_parameters
 from shedder.arch.zamba import AttentionFreeApplication
 from shedder.arch.zamba_mixer import PrunedZambaMixer, zamba_mixer_forward
 from shedder.cli import main
+from shedder.core.errors import PlanError
 from shedder.core.plan import Component
 from shedder.dev.realshape import save_checkpoint
 from shedder.formats.extract import extract
+from shedder.formats.official import OfficialConfig
 from shedder.measure.masking import masked
 
 
@@ -38,6 +41,7 @@ PLANS = {
     "heads": ("head:1:0",),
     "channel_groups": ("channel_group:2:1", "channel_group:2:6", "channel_group:2:7"),  # heads of 24 and 16
     "head_groups_and_ssm": ("head:5:0", "channel_group:5:4", "ssm:5"),
+    "head_over_its_groups": ("channel_group:1:0", "channel_group:1:6", "head:1:0"),   # the head takes its groups
     # the official MHA mask (the MLP runs on the stream); the shared attention stays for the other
     # applications, so a head goes too to make the model smaller
     "attention": ("attention:1", "head:0:0"),
@@ -66,7 +70,6 @@ ZAMBA = FamilyCase(
         (("mlp:2",), ("layer 2 (mamba) has no mlp",)),
         (("mlp_channel_group:1:0",), ("has no component kind 'mlp_channel_group'",)),
         (("head:3:0", "head:3:1"), ("leaves no channels", "mixer:3")),
-        (("head:2:0", "channel_group:2:1"), ("channel_group:2:1 is redundant", "head 0")),
         (tuple(f"block:{i}" for i in range(6)), ("removes all 6 layers",)),
         (("attention:1", "block:3", "shared_block:4"), ("removes every attention (layers 1, 3, 4)",)),
         (("mixer:3", "head:3:0"), ("head:3:0 is redundant: the mixer of layer 3 is removed",)),
@@ -157,3 +160,17 @@ class TestZamba(AdapterContract):
         assert main(["info", "--model", str(model_dir), "--json"]) == 0
         info = json.loads(capsys.readouterr().out)
         assert info["num_layers"] == 6 and set(info["components"]) == set(ZAMBA.kinds)
+
+    def test_no_op_channel_groups_are_not_candidates(self, adapter):
+        plan = comps("channel_group:2:1", "head:2:0")
+        assert adapter.param_count(plan) == adapter.param_count(comps("head:2:0"))
+        offered = adapter.candidates(plan, ["channel_group", "head"])
+        # head 1's groups only: head 0's are no-ops, and head 1 cannot go too (no channels would be left)
+        assert {c for c in offered if c.layer == 2} == {Component("channel_group", 2, g) for g in (4, 5, 6, 7)}
+        assert Component("head", 2, 1) in adapter.candidates(comps("channel_group:2:1", "channel_group:2:6"), ["head"])
+
+    def test_official_mlp_widths(self, adapter):
+        """Full official widths are no removal; a narrower one is refused (the MLP is shared)."""
+        assert not adapter.resolve(OfficialConfig.of({"pruned_mlp_channels": {"0": 64, "1": 64, "2": 64}})).components
+        with pytest.raises(PlanError, match="no per-layer MLP channels"):
+            adapter.resolve(OfficialConfig.of({"pruned_mlp_channels": {"0": 32}}))

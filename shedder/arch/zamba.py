@@ -13,7 +13,8 @@ means what it means on Zamba2 (``zamba2.py``), and reuses its stand-ins:
 * ``head`` (every layer) — one Mamba head goes with its own x_proj / dt_proj, A_log, D, its in_proj
   rows, conv channels and out_proj columns; the other heads compute what they did.
 * ``channel_group`` (every layer) — a group of inner channels inside one head (groups never straddle
-  heads; the group size divides the head width), as Mamba-1's channel groups.
+  heads; the group size divides the head width), as Mamba-1's channel groups. A ``head`` may go on
+  top of some of its groups (it takes the rest); groups inside a removed head are never candidates.
 * ``mixer`` (every layer) — the official "mamba block" (``pruned_mamba_block_idx``): the mixer and its
   input norm go, the shared block still runs, ``h = h + linear(T)``; on a plain layer, as ``block``.
 * ``attention`` (hybrid layers) — the official MHA mask (``pruned_mha_idx``): ``T = mlp(pre_ff_norm(h))``.
@@ -170,6 +171,13 @@ class ZambaAdapter(Adapter):
         attending = {i for i in self._hybrid if self.has_attention(i)}
         check_attention_left("Zamba", "attention", attending,
                              [c.layer for c in plan.components if c.kind in ("block", "shared_block", "attention")])
+
+    def candidates(self, plan: PruningPlan, kinds: list[str]) -> list[Component]:
+        """As the base, without channel groups inside a removed head (no-ops)."""
+        by_layer = self.by_layer(plan)
+        return [c for c in super().candidates(plan, kinds)
+                if not (c.kind == "channel_group" and
+                        zamba_mixer.in_removed_head(self.mamba(c.layer), c, by_layer.get(c.layer, []), self.group_size))]
 
     # ------------------------------------------------------------------ live masks
     def skip_forward(self, layer: int):

@@ -272,18 +272,18 @@ def _head_of_group(widths: tuple[int, ...], group: int, group_size: int) -> int:
 
 
 def check(mixer: nn.Module, layer: int, comps: list[Component], group_size: int) -> None:
-    """Refuse a mixer left without channels, and channel groups inside a removed head (cheap: the
-    search calls it for every candidate)."""
+    """Refuse a mixer left without channels (cheap: the search calls it for every candidate). A head
+    may go on top of some of its channel groups: it takes the rest of them along."""
     heads, groups = _removed(comps)
-    widths = head_widths(mixer)
-    for g in sorted(groups):
-        head = _head_of_group(widths, g, group_size)
-        if head in heads:
-            raise PlanError(f"channel_group:{layer}:{g} is redundant: it lies in head {head} "
-                            f"of layer {layer}, which the plan removes")
-    if not _kept_widths(widths, heads, groups, group_size):
+    if not _kept_widths(head_widths(mixer), heads, groups, group_size):
         raise PlanError(f"layer {layer}: removing every Mamba head / channel group leaves no channels; "
                         f"remove the mixer instead (mixer:{layer})")
+
+
+def in_removed_head(mixer: nn.Module, comp: Component, comps: list[Component], group_size: int) -> bool:
+    """Whether ``comp`` is a channel group inside a head that ``comps`` remove (removing it changes nothing)."""
+    heads, _ = _removed(comps)
+    return comp.kind == "channel_group" and _head_of_group(head_widths(mixer), comp.index, group_size) in heads
 
 
 def _kept_widths(widths: tuple[int, ...], heads: set[int], groups: set[int], group_size: int) -> tuple[int, ...]:
