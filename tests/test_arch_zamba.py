@@ -22,10 +22,10 @@ from shedder.arch.zamba import AttentionFreeApplication
 from shedder.arch.zamba_mixer import PrunedZambaMixer, zamba_mixer_forward
 from shedder.cli import main
 from shedder.core.errors import PlanError
-from shedder.core.plan import Component
+from shedder.core.plan import Component, PruningPlan
 from shedder.dev.realshape import save_checkpoint
 from shedder.formats.extract import extract
-from shedder.formats.official import OfficialConfig
+from shedder.formats.official import OfficialConfig, to_official
 from shedder.measure.masking import masked
 
 
@@ -174,3 +174,15 @@ class TestZamba(AdapterContract):
         assert not adapter.resolve(OfficialConfig.of({"pruned_mlp_channels": {"0": 64, "1": 64, "2": 64}})).components
         with pytest.raises(PlanError, match="no per-layer MLP channels"):
             adapter.resolve(OfficialConfig.of({"pruned_mlp_channels": {"0": 32}}))
+
+    def test_official_config_round_trip(self, adapter):
+        """Our plan written as an official config (the Zamba2 scripts' keys) and read back."""
+        plan = comps("block:0", "mixer:3", "attention:1", "mlp:4", "ssm:5")
+        back = to_official(adapter, adapter.resolve(plan))
+        assert {k: sorted(v) for k, v in back.items()} == {"pruned_mamba_block_idx": [0, 3], "pruned_mha_idx": [0],
+                                                          "pruned_mlp_idx": [2], "pruned_ssm_idx": [5]}
+        assert adapter.resolve(OfficialConfig.of(back)).components == {
+            Component("mixer", 0), Component("mixer", 3), Component("attention", 1), Component("mlp", 4),
+            Component("ssm", 5)}
+        with pytest.raises(PlanError, match="'block' on ZambaForCausalLM has no counterpart"):
+            to_official(adapter, PruningPlan(frozenset({Component("block", 1)})))
