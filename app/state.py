@@ -391,6 +391,18 @@ class Workspace:
                        "k": int(k), "label": series.name})
         return series
 
+    def stock(self, strategy: str, kinds, k: int, metric: str = "ppl", progress=None):
+        """The stock-shaped series (``api.stock``: ``k`` components gone from every unit of each kind)
+        on the frontier and the runs list; the entry holds its plans, so restoring recomputes nothing."""
+        series = api.stock(self.loaded.model, self.calibration(), strategy, int(k), metric, progress=progress,
+                           batch_size=self.settings.calibration_batch_size, kinds=tuple(kinds))
+        self.add_series(series)
+        points = [{"label": p.label, "plan": api.public_plan(p.plan, self.settings.model_name).to_dict()}
+                  for p in series.points]
+        self.remember({"type": "stock", "id": f"stock:{series.name}", "name": series.name, "origin": series.origin,
+                       "points": points, "label": f"{series.name}: {len(points)} plans"})
+        return series
+
     def save_plan(self, name: str, plan: PruningPlan | None = None) -> None:
         """Keep ``plan`` (the current one by default) under ``name`` for the frontier and the runs list."""
         plan = self.loaded.adapter.resolve(plan if plan is not None else self.plan)
@@ -413,7 +425,7 @@ class Workspace:
 
     def restore(self, entry: dict, progress=None) -> None:
         """Bring a run back from what the engine keeps on disk: a search from its log, a one-shot series
-        from its scores, a saved plan, a finished recovery. The current plan is left as it is."""
+        from its scores, a stock-shaped series from its entry, a saved plan, a finished recovery. The current plan is left as it is."""
         kind = entry["type"]
         if kind == "search":
             current = (self.search, self.search_kinds)
@@ -423,6 +435,10 @@ class Workspace:
                 self.search, self.search_kinds = current
         elif kind == "one-shot":
             self.one_shot(entry["metric"], entry["kinds"], entry["k"], progress)
+        elif kind == "stock":
+            resolve = self.loaded.adapter.resolve
+            self.add_series(api.Series(entry["name"], entry["origin"],
+                                       [api.Point(p["label"], resolve(_ours(p["plan"]))) for p in entry["points"]]))
         elif kind == "saved":
             self.save_plan(entry["name"], _ours(entry["plan"]))
         elif kind == "recovery":
