@@ -17,7 +17,7 @@ from .state import Workspace, workspace
 
 KIND_LABELS = {
     "block": "blocks", "mixer": "token mixers", "shared_block": "shared-block applications", "ssm": "SSMs",
-    "head": "Mamba-2 heads", "channel_group": "channel groups", "attention": "attention sub-blocks",
+    "head": "Mamba heads", "channel_group": "channel groups", "attention": "attention sub-blocks",
     "mlp": "MLP sub-blocks", "mlp_channel_group": "MLP channel groups",
     "expert": "MoE experts",
 }

@@ -31,6 +31,7 @@ CASES = {
     "nemotron_h": (3, "bfloat16"),
     "bamba": (2, "bfloat16"),
     "zamba2": (2, "float32"),
+    "zamba": (3, "bfloat16"),
     "falcon_h1": (2, "float32"),
     "jamba": (2, "bfloat16"),
     "granite": (2, "float32"),
@@ -77,7 +78,10 @@ def thinned(adapter, keep: int = 2) -> PruningPlan:
             extra = [c for c in offered if per_layer[c.layer] > keep]
             if not extra:
                 break
-            plan = plan.with_components(extra[:1])
+            # the middle one of its layer: the first and last stay, so a layer's channel groups
+            # stay spread over its Mamba heads (Zamba), and each head can still be scored
+            in_layer = [c for c in extra if c.layer == extra[0].layer]
+            plan = plan.with_components([in_layer[len(in_layer) // 2]])
     return plan
 
 

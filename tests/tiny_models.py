@@ -75,6 +75,8 @@ class TinyModel:
 NEMOTRON_H_PATTERN = ["mamba", "attention", "mamba", "mlp", "moe", "mamba", "mlp"]
 #: Zamba2's contract model: three applications of two memory blocks (used in turn: 0, 1, 0).
 ZAMBA2_LAYER_TYPES = ["mamba", "hybrid", "mamba", "hybrid", "hybrid", "mamba"]
+#: Zamba's contract model: three applications of its one shared block.
+ZAMBA_LAYER_TYPES = ["mamba", "hybrid", "mamba", "hybrid", "hybrid", "mamba"]
 
 TINY: dict[str, TinyModel] = {
     # hidden 32, 64 inner channels = 4 groups of 16, state 8
@@ -108,6 +110,11 @@ TINY: dict[str, TinyModel] = {
         layers_block_type=ZAMBA2_LAYER_TYPES, n_mamba_heads=8, mamba_ngroups=2, mamba_d_state=8, chunk_size=8,
         num_mem_blocks=2, use_shared_attention_adapter=True, adapter_rank=4, use_mem_rope=True,
         eos_token_id=None)),
+    # 2 Mamba heads of 32 channels (8 channel groups of 8), MLP 64, attention 4 heads over [h, embeddings]
+    "zamba": TinyModel(transformers.ZambaConfig, transformers.ZambaForCausalLM, dict(
+        vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=6, num_attention_heads=4,
+        num_key_value_heads=4, layers_block_type=ZAMBA_LAYER_TYPES, n_mamba_heads=2, mamba_d_state=8,
+        mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=4, eos_token_id=None)),
     # 3 hybrid layers; gated RMSNorm before the gate; every muP multiplier away from 1
     "falcon_h1": TinyModel(transformers.FalconH1Config, transformers.FalconH1ForCausalLM, dict(
         vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -178,6 +185,10 @@ GENERATION = {
         hidden_size=32, num_hidden_layers=5, layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "mamba"],
         mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, mamba_ngroups=2, n_mamba_heads=8, chunk_size=8,
         num_attention_heads=4, intermediate_size=64, adapter_rank=4, num_mem_blocks=1)),
+    "ZambaForCausalLM": (transformers.ZambaConfig, dict(
+        hidden_size=32, num_hidden_layers=5, layers_block_type=["mamba", "hybrid", "mamba", "hybrid", "mamba"],
+        mamba_d_state=8, mamba_d_conv=4, mamba_expand=2, n_mamba_heads=2, mamba_dt_rank=4, num_attention_heads=4,
+        num_key_value_heads=4, intermediate_size=64)),
     "FalconH1ForCausalLM": (transformers.FalconH1Config, dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
         head_dim=8, mamba_d_ssm=64, mamba_n_heads=8, mamba_d_head=8, mamba_n_groups=2, mamba_d_state=8,

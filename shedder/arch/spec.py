@@ -55,6 +55,8 @@ class LayerSpec:
     heads_per_group: tuple[int, ...] | None = None
     #: Mamba-1 mixer: inner channels kept
     inner: int | None = None
+    #: Zamba (v1) mixer: inner channels kept in each remaining Mamba head, in order
+    head_widths: tuple[int, ...] | None = None
     #: the layer's Mamba mixer is there (False also for a Bamba attention layer that lost its
     #: attention: it is rebuilt as a Mamba layer without one). JSON key ``"mixer"``, as since schema 1
     mamba: bool = True
@@ -77,7 +79,8 @@ class LayerSpec:
     @property
     def stock(self) -> bool:
         """Whether the layer is exactly what its stock config builds (``source``/``type``/``moe`` aside)."""
-        return (self.ssm and self.heads_per_group is None and self.inner is None and self.mamba
+        return (self.ssm and self.heads_per_group is None and self.inner is None and self.head_widths is None
+                and self.mamba
                 and self.attention and self.mlp is None and self.experts is None)
 
 
@@ -159,6 +162,8 @@ class Limits:
     mlp: int | None = None
     num_mem_blocks: int | None = None
     experts: int | None = None
+    #: Zamba (v1): (Mamba heads, channels per head) of the stock mixer
+    mamba_heads: tuple[int, int] | None = None
 
     def check(self, spec: PrunedSpec, fail) -> None:
         if len(spec.layers) != self.num_layers:
@@ -174,6 +179,12 @@ class Limits:
                 for g, (n, most) in enumerate(zip(s.heads_per_group, stock)):
                     if n > most:
                         fail(f"{at}.heads_per_group[{g}]", f"is {n}, more than the {most} heads per group of the config")
+            if s.head_widths is not None:
+                if self.mamba_heads is None:
+                    fail(f"{at}.head_widths", "is given, but this family has no multi-head Mamba-1 mixer")
+                heads, width = self.mamba_heads
+                if len(s.head_widths) > heads or not all(0 < w <= width for w in s.head_widths):
+                    fail(f"{at}.head_widths", f"is {list(s.head_widths)}; the config has {heads} heads of {width} channels")
             for name, most in (("inner", self.inner), ("mlp", self.mlp), ("experts", self.experts)):
                 value = getattr(s, name)
                 if value is not None and (most is None or value > most):
@@ -228,6 +239,7 @@ def check_config_sizes(config, fields: tuple[str, ...], where: str = "config.jso
 
 
 _TYPES = {"source": "index", "type": "name", "moe": bool, "ssm": bool, "heads_per_group": "counts", "inner": "size",
+          "head_widths": "counts",
           "mixer": bool, "attention": bool, "mlp": "width", "experts": "size"}
 #: ``LayerSpec`` fields saved under another key (the on-disk name stays what old files hold)
 _KEY_OF_FIELD = {"mamba": "mixer"}
@@ -254,7 +266,7 @@ def _layer(entry, at: str, fail) -> LayerSpec:
                         "counts": "a list of head counts (at least one head)", "size": "a positive integer",
                         "width": "an integer >= 0"}[kind]
             fail(f"{at}.{key}", f"is {json.dumps(value)[:60]}; expected {expected}")
-        values[_FIELD_OF_KEY.get(key, key)] = tuple(value) if key == "heads_per_group" else value
+        values[_FIELD_OF_KEY.get(key, key)] = tuple(value) if key in ("heads_per_group", "head_widths") else value
     return LayerSpec(**values)
 
 

@@ -452,7 +452,7 @@ class Zamba2Adapter(Adapter):
             else:
                 host = layer.mamba_decoder if _is_hybrid(layer) else layer
                 host.mamba = mamba2_mixer.build(host.mamba, layer_spec)
-        _tie_shared(model, apps, blocks)
+        tie_shared(model, apps, blocks)
 
 
 def _set_block(shared: nn.Module, config, block_id: int, attn_slots: set[int], mlp_slots: set[int]) -> None:
@@ -477,18 +477,18 @@ def _set_block(shared: nn.Module, config, block_id: int, attn_slots: set[int], m
     fill(shared.feed_forward.gate_up_proj_adapter_list, mlp_slots, hidden, 2 * config.intermediate_size)
 
 
-def _tie_shared(model: nn.Module, apps: list[int], blocks: list[int]) -> None:
-    """Tie every shared-block parameter to the first application of its memory block that has it
-    (explicit parameter names, since applications may now hold different subsets); an
-    application's own narrowed MLP is tied to nothing."""
+def tie_shared(model: nn.Module, apps: list[int], blocks: list[int], attr: str = "shared_transformer") -> None:
+    """Tie every shared-block parameter (``layers[j].<attr>``, Zamba's ``shared_transf``) to the first
+    application of its memory block that has it (explicit parameter names, since applications may
+    now hold different subsets); an application's own narrowed MLP is tied to nothing."""
     tied, first = {}, {}
     for j, block_id in zip(apps, blocks):
-        app = model.model.layers[j].shared_transformer
-        own = isinstance(app.feed_forward, NarrowedMLP)
+        app = getattr(model.model.layers[j], attr)
+        own = isinstance(getattr(app, "feed_forward", None), NarrowedMLP)
         for rel, _ in app.named_parameters():
             if own and rel.startswith("feed_forward."):
                 continue
-            name = f"layers.{j}.shared_transformer.{rel}"
+            name = f"layers.{j}.{attr}.{rel}"
             source = first.setdefault((block_id, rel), name)
             if source != name:
                 tied[name] = source

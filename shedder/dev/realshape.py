@@ -135,6 +135,19 @@ REAL_SHAPES: dict[str, RealShape] = {s.family: s for s in [
         # layers 5 and 6 of the published layout: a Mamba layer, then the first hybrid one.
         shrink=dict(intermediate_size=1024, layers_block_type=["mamba", "hybrid"], num_hidden_layers=2),
         layout_key="layers_block_type"),
+    # Zyphra/Zamba-7B-v1 (transformers' ZambaConfig defaults are this checkpoint's config): 76 layers,
+    # the shared block applied at layer 2 and then every 6 layers (7, 13, ...), 2 Mamba heads.
+    RealShape("zamba", "Zyphra/Zamba-7B-v1", "ZambaConfig", dict(
+        vocab_size=32000, hidden_size=3712, num_hidden_layers=76,
+        layers_block_type=["hybrid" if i == 2 or (i >= 3 and (i - 3) % 6 == 4) else "mamba" for i in range(76)],
+        intermediate_size=14848, num_attention_heads=16, num_key_value_heads=16, n_mamba_heads=2, mamba_d_state=16,
+        mamba_d_conv=4, mamba_expand=2, mamba_dt_rank=232, hidden_act="gelu", max_position_embeddings=4096,
+        rms_norm_eps=1e-5, mamba_conv_bias=True, mamba_proj_bias=False, tie_word_embeddings=True,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0),
+        # layers 1, 2 and 7 of the published layout: a Mamba layer and two applications (transformers
+        # builds Zamba's tied shared block only with two applications or more).
+        shrink=dict(intermediate_size=1024, layers_block_type=["mamba", "hybrid", "hybrid"], num_hidden_layers=3),
+        layout_key="layers_block_type"),
     RealShape("falcon_h1", "tiiuae/Falcon-H1-0.5B-Base", "FalconH1Config", dict(
         vocab_size=32784, hidden_size=1024, num_hidden_layers=36, num_attention_heads=8, num_key_value_heads=2,
         head_dim=64, intermediate_size=2048, mamba_d_ssm=1536, mamba_n_heads=24, mamba_d_head=64,

@@ -11,7 +11,10 @@ Formulas (per token; ``L`` = ``seq_len``; one multiply-add = 2 FLOPs):
   ``2 · in_features · out_features``; biases are not counted. The embedding lookup is free.
 * ``nn.Conv1d`` (the causal depthwise conv of a Mamba mixer): ``2 · weight.numel()``
   (= ``2 · kernel · channels`` for a depthwise conv).
-* Mamba-1 selective scan (a mixer with a 2-D ``A_log`` of shape (channels D, state N)):
+* Projections held as plain parameters (Zamba's per-head ``x_proj_weight``, ``dt_proj_weight``):
+  ``2 · weight.numel()``, as a Linear of that many weights.
+* Mamba-1 selective scan (a mixer with a 2-D ``A_log`` of shape (channels D, state N); Zamba's
+  per-head scans, ``A_log`` (heads, head_dim, N), count as D = heads · head_dim):
   ``9 · D · N + 2 · D``. The ``9 · D · N`` is the count of the reference implementation
   (``flops_selective_scan_ref`` in the official Mamba code): per state element, discretise
   ``exp(Δ·A)``, form ``Δ·B·x``, update ``h = dA·h + dBx`` and contract ``y = C·h``; ``2 · D`` is the
@@ -194,6 +197,11 @@ def _sum_costs(modules: list[nn.Module], seq_len: int, dtype_bytes: int, top_k: 
     return total
 
 
+#: Projection weights held as parameters, not ``nn.Linear`` (Zamba's per-head x_proj and dt_proj):
+#: each weight element is one multiply-add per token.
+PER_HEAD_PROJECTIONS = ("x_proj_weight", "dt_proj_weight")
+
+
 def _own_cost(m: nn.Module, seq_len: int, dtype_bytes: int, top_k: int) -> Cost:
     """The cost a module adds itself (its children are counted separately)."""
     c = Cost()
@@ -202,6 +210,10 @@ def _own_cost(m: nn.Module, seq_len: int, dtype_bytes: int, top_k: int) -> Cost:
     elif isinstance(m, nn.Conv1d):
         c.conv = 2 * m.weight.numel()
         c.conv_state_bytes = m.in_channels * m.kernel_size[0] * dtype_bytes
+    for name in PER_HEAD_PROJECTIONS:
+        p = m._parameters.get(name)
+        if p is not None:
+            c.linear += 2 * p.numel()
     a_log = m._parameters.get("A_log")
     if a_log is not None:
         c.scan_prefill, c.scan_decode, state = _scan_cost(m, a_log)
@@ -222,8 +234,8 @@ def _own_cost(m: nn.Module, seq_len: int, dtype_bytes: int, top_k: int) -> Cost:
 def _scan_cost(m: nn.Module, a_log: torch.Tensor) -> tuple[int, int, int]:
     """(prefill FLOPs per token, decode FLOPs per token, state elements) of a mixer's scan, from its
     ``A_log`` and attributes."""
-    if a_log.dim() == 2:  # Mamba-1: A is (channels, state); the same scan in prefill and decode
-        channels, state = a_log.shape
+    if a_log.dim() in (2, 3):  # Mamba-1: A is (channels, state), or (heads, head_dim, state) in Zamba
+        channels, state = a_log.numel() // a_log.shape[-1], a_log.shape[-1]
         flops = MAMBA1_SCAN_FLOPS * channels * state + 2 * channels
         return flops, flops, channels * state
     heads = a_log.numel()  # Mamba-2: one scalar decay per head
