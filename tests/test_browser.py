@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from shedder.api import REGISTRY
 from shedder.formats.loading import BUNDLED_MODELS, DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -267,3 +268,89 @@ def test_strategies_on_one_measured_frontier_and_metric_agreement(page, screensh
     assert page.get_by_text("have no measured prefill speedup").count() == 0
     frontier.scroll_into_view_if_needed()
     page.screenshot(path=str(screenshots / "7_frontier.png"))
+
+
+def test_runs_survive_a_model_switch_and_a_reload_recovery_exports_and_every_metric_draws(page, screenshots, tmp_path):
+    """Two searches, a switch to another model and back, a browser reload restored from the Runs list,
+    a recovery exported from the Export page, then the Importance page for every metric. With
+    ``$SHEDDER_STUDIO_PNG`` set, the restored frontier is also written there (the README's picture)."""
+    page.get_by_text("perplexity", exact=True).first.wait_for()
+    idle(page)
+    go(page, "Search & frontier")
+    page.get_by_role("spinbutton", name="steps").fill("2")
+    page.get_by_role("spinbutton", name="steps").press("Enter")
+    idle(page)
+    for kinds in (["block"], ["ssm"]):
+        set_kinds(page, "kinds to prune", kinds)
+        assert page.get_by_role("spinbutton", name="steps").input_value() == "2"  # kept across kind changes
+        page.get_by_role("button", name="Run greedy search").click()
+        idle(page)
+    no_errors(page)
+    series = page.locator('[data-testid="stCaptionContainer"]', has_text="Series: ").first
+    assert "greedy block" in series.inner_text() and "greedy ssm" in series.inner_text()
+    page.screenshot(path=str(screenshots / "j1_search.png"))
+
+    for model in ("hybrid-tiny", DEFAULT_MODEL):  # away and back: the searches are still there
+        go(page, "Model")
+        choose(page, "bundled model", model)
+        page.get_by_role("button", name="Load", exact=True).click()
+        page.get_by_text(f"Loaded {model}.").first.wait_for()
+        idle(page)
+        no_errors(page)
+        page.screenshot(path=str(screenshots / f"j2_model_{model}.png"))
+    go(page, "Search & frontier")
+    assert "greedy block" in series.inner_text() and "greedy ssm" in series.inner_text()
+
+    page.reload()  # a new browser session: nothing in memory, the Runs list restores the searches
+    page.get_by_text("perplexity", exact=True).first.wait_for()
+    idle(page)
+    go(page, "Search & frontier")
+    assert "greedy" not in series.inner_text()
+    page.get_by_role("button", name="Restore all").click()
+    page.get_by_text("Restored ").first.wait_for()
+    idle(page)
+    no_errors(page)
+    assert "greedy block" in series.inner_text() and "greedy ssm" in series.inner_text()
+    page.screenshot(path=str(screenshots / "j3_restored.png"))
+    if os.environ.get("SHEDDER_STUDIO_PNG"):
+        frontier = page.locator('[data-testid="stPlotlyChart"]', has=page.locator(".xtitle")).last
+        frontier.scroll_into_view_if_needed()
+        frontier.screenshot(path=os.environ["SHEDDER_STUDIO_PNG"])
+
+    # Recover the first block-search step and export the recovered model.
+    page.get_by_role("combobox", name="load a configuration into the Prune page").click()
+    page.get_by_role("option").filter(has_text="step 1").first.click()
+    idle(page)
+    page.get_by_role("button", name="Load", exact=True).click()
+    page.get_by_text("Loaded “step 1").first.wait_for()
+    go(page, "Recover")
+    page.get_by_role("spinbutton", name="steps").fill("10")
+    page.get_by_role("spinbutton", name="steps").press("Enter")
+    idle(page)
+    page.get_by_role("button", name="Recover", exact=True).click()
+    page.get_by_text("Recovered model saved in").first.wait_for()
+    idle(page)
+    no_errors(page)
+    page.screenshot(path=str(screenshots / "j4_recover.png"))
+    go(page, "Export")
+    page.locator('[data-testid="stRadio"] label').filter(has_text=" of: ").first.click()
+    idle(page)
+    page.get_by_label("save to directory").fill(str(tmp_path / "recovered"))
+    page.get_by_label("save to directory").press("Enter")
+    idle(page)
+    page.get_by_role("button", name="Save", exact=True).click()
+    page.get_by_text("Saved to").first.wait_for()
+    idle(page)
+    no_errors(page)
+    assert {"config.json", "model.safetensors", "recovery.json"} <= {p.name for p in (tmp_path / "recovered").iterdir()}
+    page.screenshot(path=str(screenshots / "j5_export_recovered.png"))
+
+    go(page, "Importance")
+    for name, m in REGISTRY.items():
+        if name != "ppl":
+            choose(page, "metric", f"{name} — {m.description}")
+        page.get_by_role("button", name="Compute importance").click()
+        page.get_by_text("All scores").wait_for()
+        idle(page)
+        no_errors(page)
+        page.screenshot(path=str(screenshots / f"j6_importance_{name}.png"))
