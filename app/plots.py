@@ -14,7 +14,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from shedder.core.plan import Component, PruningPlan
+from shedder.core.errors import PlanError
+from shedder.core.plan import Component, PruningPlan, in_kind_order
 
 from .scales import DIVERGING, Scale
 
@@ -55,7 +56,7 @@ def importance_heatmap(scores: pd.DataFrame, num_layers: int, log: bool = True, 
     scores (by default the perplexity increase when that component alone is removed), on the scale
     the values call for (``app.scales``)."""
     scale = Scale.of(scores[column], log, label)
-    kinds = list(dict.fromkeys(scores["kind"]))
+    kinds = in_kind_order(scores["kind"])
     fig = _panels(kinds, [scores.loc[scores["kind"] == k, "index"].nunique() for k in kinds], num_layers)
     layers = list(range(num_layers))
     ppl = column == "delta_ppl"
@@ -84,7 +85,7 @@ def layer_bars(scores: pd.DataFrame, num_layers: int, log: bool = True, column: 
     and colours on the heatmap's scale and palette."""
     means = scores.groupby(["layer", "kind"], sort=True)[column].mean().reset_index()
     scale = Scale.of(means[column], log, f"mean {label}")
-    kinds = list(dict.fromkeys(scores["kind"]))
+    kinds = in_kind_order(scores["kind"])
     fig = make_subplots(rows=len(kinds), cols=1, subplot_titles=kinds, shared_xaxes=True,
                         vertical_spacing=0.12 / max(len(kinds), 1))
     # Signed values grow from zero; positive ones on a log scale from the lowest tick below them.
@@ -117,10 +118,25 @@ def agreement_matrix(matrix: pd.DataFrame, title: str) -> go.Figure:
     return fig
 
 
+def _covered(adapter, plan: PruningPlan, comp: Component) -> bool:
+    """Whether ``comp`` sits inside something the plan removes as a whole (a block, a mixer, an MLP),
+    so removing it too is redundant: the adapter's own check says so. Only layers the plan touches
+    are checked, which keeps a rerun cheap on large models."""
+    if plan.in_removed_block(comp):
+        return True
+    if not any(p.layer == comp.layer for p in plan.components):
+        return False
+    try:
+        adapter.check(plan.with_components([comp]))
+    except PlanError as error:
+        return "redundant" in str(error)
+    return False
+
+
 def switchboard(adapter, plan: PruningPlan, kinds: list[str], scores: pd.DataFrame | None,
                 log: bool = True) -> tuple[go.Figure, list[list[Component]]]:
     """Every component of ``kinds`` as a clickable square; removed ones are grey crosses, components
-    inside a removed block are faded. Colour: importance score when one is known.
+    inside a removed block, mixer or MLP are faded. Colour: importance score when one is known.
 
     Each kind gets two traces, kept and removed, so the kept squares share one numeric colour axis.
     """
@@ -140,8 +156,8 @@ def switchboard(adapter, plan: PruningPlan, kinds: list[str], scores: pd.DataFra
                 marker = dict(color=[scale.z(v) for v in known], coloraxis="coloraxis")
             else:
                 marker = dict(color="#4C78A8")
-            inside = [plan.in_removed_block(c) for c in kept]
-            text = [f"{c}: {'inside a removed block' if gone else 'kept'}" + ("" if v is None else f"<br>Δ ppl alone {v:+.4f}")
+            inside = [_covered(adapter, plan, c) for c in kept]
+            text = [f"{c}: {'inside a removed part (restore that first)' if gone else 'kept'}" + ("" if v is None else f"<br>Δ ppl alone {v:+.4f}")
                     for c, gone, v in zip(kept, inside, known)]
             fig.add_scatter(x=[c.layer for c in kept], y=[c.index for c in kept], mode="markers", text=text,
                             hovertemplate="%{text}<br>click to remove<extra></extra>", showlegend=False,

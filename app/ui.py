@@ -127,3 +127,9 @@ def fmt_count(n: float) -> str:
         if abs(n) >= div:
             return f"{n / div:.2f} {unit}"
     return f"{n:.0f}"
+
+
+def delta(text: str) -> str | None:
+    """A metric's delta as shown, or None when it reads as zero ("+0.000", "-0.0%"): Streamlit would
+    draw a coloured arrow for it, saying a change the number does not show."""
+    return text if any(c in "123456789" for c in text) else None

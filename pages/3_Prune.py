@@ -3,7 +3,7 @@ import streamlit as st
 
 from app import plots, ui
 from shedder.api import describe_protocol, next_word_protocol
-from shedder.core.plan import PruningPlan
+from shedder.core.plan import PruningPlan, in_kind_order
 
 PENDING = "prune_pending"      # a change requested by a widget callback, applied by the page body
 GENERATION = "prune_chart_gen"  # bumped after each chart click so the next chart starts unselected
@@ -29,18 +29,18 @@ with ui.shown_errors():
         now = ws.metrics(ws.plan)
     cols = st.columns(4)
     changed = bool(ws.plan.components)  # nothing removed: no arrows (a red "↑ +0.000" would say a change)
-    cols[0].metric("perplexity", f"{now['ppl']:.3f}", delta=f"{now['ppl'] - base['ppl']:+.3f}" if changed else None,
+    cols[0].metric("perplexity", f"{now['ppl']:.3f}", delta=ui.delta(f"{now['ppl'] - base['ppl']:+.3f}") if changed else None,
                    delta_color="inverse")
     cols[1].metric("parameters", ui.fmt_count(now["params"]),
-                   delta=f"{now['params'] / base['params'] - 1:+.1%}" if changed else None, delta_color="inverse")
+                   delta=ui.delta(f"{now['params'] / base['params'] - 1:+.1%}") if changed else None, delta_color="inverse")
     cols[2].metric("FLOPs / token", ui.fmt_count(now["flops"]),
-                   delta=f"{now['flops'] / base['flops'] - 1:+.1%}" if changed else None, delta_color="inverse")
+                   delta=ui.delta(f"{now['flops'] / base['flops'] - 1:+.1%}") if changed else None, delta_color="inverse")
     with_accuracy = cols[3].toggle("next-word accuracy", value=False, key="prune_accuracy",
                                    help="Slower: one forward per passage.")
     if with_accuracy:
         with ui.progress("next-word accuracy") as cb:
             acc, acc0 = ws.accuracy(ws.plan, progress=cb), ws.accuracy(PruningPlan(), progress=cb)
-        cols[3].metric("next-word accuracy", f"{acc:.1%}", delta=f"{(acc - acc0) * 100:+.1f} pts")
+        cols[3].metric("next-word accuracy", f"{acc:.1%}", delta=ui.delta(f"{(acc - acc0) * 100:+.1f} pts"))
     st.caption(f"**Removed:** {ws.plan.describe()}. Perplexity: "
                + describe_protocol(ws.windows(s.evaluation), ws.label(s.evaluation)) + "; deltas vs the unpruned model."
                + (f" Accuracy: {next_word_protocol(ws.label(s.evaluation), s.accuracy_passages)}." if with_accuracy else ""))
@@ -79,7 +79,7 @@ with st.expander("See the text: the original and the current plan continue the s
 
 # -- switchboard ---------------------------------------------------------------------------------
 offered = list(adapter.kind_counts())
-kinds = st.multiselect("show kinds", offered, default=offered, key="prune_kinds") or offered[:1]
+kinds = in_kind_order(st.multiselect("show kinds", offered, default=offered, key="prune_kinds") or offered[:1])
 fig, lookup = plots.switchboard(adapter, ws.plan, kinds, ws.importance)
 chart_key = f"prune_chart_{st.session_state.setdefault(GENERATION, 0)}"
 

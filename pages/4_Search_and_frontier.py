@@ -184,4 +184,8 @@ if runs:
                 chosen = runs if every else [runs[pick]]
                 for n, entry in enumerate(chosen):
                     ws.restore(entry, progress=lambda d, t, m, n=n: cb(n * t + d, len(chosen) * t, m))
-            st.success(f"Restored {len(chosen)} run{'s' * (len(chosen) != 1)}.")
+            # the frontier above was drawn before the restore: draw the page again, with the note
+            st.session_state["runs_restored"] = f"Restored {len(chosen)} run{'s' * (len(chosen) != 1)}."
+            st.rerun()
+        if "runs_restored" in st.session_state:
+            st.success(st.session_state.pop("runs_restored"))

@@ -477,6 +477,9 @@ def test_searches_survive_a_model_switch_and_a_reload_through_the_runs_list():
     assert {r["type"] for r in workspace(fresh).runs()} >= {"search", "saved"}
     fresh.button(key="runs_restore_all").click().run()
     assert_clean(fresh)
+    assert any("Restored" in m.value for m in fresh.success)
+    series_caption = next(c.value for c in fresh.caption if c.value.startswith("Series: "))
+    assert all(name in series_caption for name in series)  # the frontier is drawn after the restore
     assert set(workspace(fresh).series) == series and "mine" in workspace(fresh).saved
 
 

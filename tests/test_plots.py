@@ -93,3 +93,34 @@ def test_frontier_pads_the_axes_of_a_single_point():
     low, high = fig.layout.xaxis.range
     assert high - low > 1e4 and low < 1468736.0 < high
     assert fig.layout.yaxis.range is not None
+
+
+def test_a_delta_that_reads_as_zero_draws_no_arrow():
+    from app import ui
+    assert ui.delta("+0.000") is None and ui.delta("-0.0%") is None and ui.delta("+0.0 pts") is None
+    assert ui.delta("+0.012") == "+0.012" and ui.delta("-16.1%") == "-16.1%"
+
+
+def test_every_view_lists_kinds_in_one_order():
+    from shedder.core.plan import in_kind_order
+    assert in_kind_order(["attention", "ssm", "block", "ssm"]) == ["block", "ssm", "attention"]
+    scores = pd.DataFrame({"layer": [0, 1, 1], "kind": ["attention", "block", "ssm"], "index": [0, 0, 0],
+                           "delta_ppl": [0.1, 0.2, 0.3]})
+    titles = [a.text for a in plots.layer_bars(scores, 2).layout.annotations]
+    assert titles[:3] == ["block", "ssm", "attention"]
+
+
+def test_switchboard_fades_what_sits_inside_a_removed_mlp():
+    from shedder.arch import adapter_for
+    from shedder.core.plan import Component, PruningPlan
+    from tiny_models import make_tiny_model
+    model = make_tiny_model("nemotron_h")
+    adapter = adapter_for(model)
+    mlp = next(c for c in adapter.components("mlp"))
+    plan = PruningPlan().with_components([mlp])
+    fig, lookup = plots.switchboard(adapter, plan, ["mlp_channel_group"], None)
+    kept = fig.data[0]
+    faded = {c.layer for c, o in zip(lookup[0], kept.marker.opacity) if o < 1}
+    assert faded == {mlp.layer}
+    assert all("inside a removed part" in t for c, t in zip(lookup[0], kept.text) if c.layer == mlp.layer)
+    assert Component("mlp_channel_group", mlp.layer, 0) in lookup[0]

@@ -84,3 +84,10 @@ def test_bench_scan_reports_speedup_and_difference(capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["max_rel_diff"] < TOL and report["speedup"] > 0 and report["scan"]["rounds"] >= 6
     assert "model_prefill" not in report
+
+
+def test_bench_scan_times_a_greedy_step_with_each_scan(capsys):
+    assert main(["bench", "scan", "--no-model", "--step", "--layers", "2", "--budget-s", "0.1", "--json"]) == 0
+    step = json.loads(capsys.readouterr().out)["greedy_step"]
+    assert step["layers"] == 2 and step["rounds"] >= 6 and step["same_choice"]
+    assert step["ci95"][0] <= step["median"] <= step["ci95"][1]

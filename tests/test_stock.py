@@ -15,7 +15,7 @@ from shedder.core.errors import ShedderError
 from shedder.core.plan import Component, PruningPlan
 from shedder.measure.masking import masked
 from shedder.prune.stock import stock_greedy, stock_one_shot, stock_shaped
-from tests.tiny_models import SUITE
+from tests.tiny_models import SUITE, TINY
 
 #: hidden 32, 4 heads of 16 channels in 2 groups: one head per group gone leaves 32 = hidden channels.
 MODEL = SUITE["mamba2"]
@@ -113,3 +113,88 @@ def test_a_hybrid_stock_plan_loads_with_transformers_too(tmp_path):
         expected = hybrid(ids).logits
     with torch.no_grad():
         assert torch.allclose(loaded(ids).logits, expected, atol=1e-5)
+
+
+# -- MLP channels: the same number of channel groups gone from every MLP --------------------------
+#: Nemotron-H with two per-layer MLPs of 96 channels: 3 groups of 32 each.
+GROUPS = PruningPlan(group_sizes={"mlp_channel_group": 32})
+
+
+@pytest.fixture(scope="module")
+def hybrid():
+    return TINY["nemotron_h"].build(0, None, vocab_size=100)
+
+
+def per_mlp(plan: PruningPlan) -> dict:
+    counts: dict = {}
+    for c in plan.components:
+        assert c.kind == "mlp_channel_group"
+        counts[c.layer] = counts.get(c.layer, 0) + 1
+    return counts
+
+
+def test_one_shot_removes_the_lowest_channel_groups_of_every_mlp(hybrid, windows):
+    table = api.score(hybrid, windows, ["mlp_channel_group"], "ppl", base=GROUPS, cache_dir=None)
+    series = stock_one_shot(hybrid, table, base_plan=GROUPS, kinds=("mlp_channel_group",))
+    assert series.name == "stock one-shot ppl (mlp_channel_group)"
+    assert [p.label for p in series.points] == ["−1 MLP channel groups per MLP", "−2 MLP channel groups per MLP"]
+    mlps = sorted({c.layer for c in api.adapter_for(hybrid, GROUPS.group_sizes).components("mlp_channel_group")})
+    for k, point in enumerate(series.points, 1):
+        assert per_mlp(point.plan) == {layer: k for layer in mlps}
+        for c in point.plan.components:  # each MLP's own k lowest
+            own = table[(table.kind == "mlp_channel_group") & (table.layer == c.layer)]
+            assert c.index in set(own.sort_values("delta_ppl", kind="stable")["index"].iloc[:k].astype(int))
+
+
+def test_stock_mlp_plan_extracts_to_a_checkpoint_transformers_loads(hybrid, windows, tmp_path):
+    series = stock_greedy(hybrid, windows, steps=1, base_plan=GROUPS, batch_size=2,
+                          kinds=("head", "mlp_channel_group"))
+    assert series.name == "stock greedy (head, mlp_channel_group)"
+    plan = series.points[0].plan
+    assert series.points[0].label == "−1 heads per group, −1 MLP channel groups per MLP"
+    assert {c.kind for c in plan.components} == {"head", "mlp_channel_group"}
+    adapter = api.adapter_for(hybrid, plan.group_sizes)
+    assert stock_shaped(adapter, plan)
+    done = api.export(hybrid, None, adapter, plan, tmp_path / "out", "tiny")
+    assert done.stock
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(done.out).eval()
+    assert loaded.config.intermediate_size == 64 and not hasattr(loaded.config, "shedder")
+    assert loaded.config.mamba_num_heads == hybrid.config.mamba_num_heads - hybrid.config.n_groups
+    ids = windows[:2]
+    with torch.no_grad(), masked(hybrid, plan):
+        expected = hybrid(ids).logits
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, expected, atol=1e-5)
+
+
+def test_uneven_mlp_widths_are_not_stock(hybrid):
+    adapter = api.adapter_for(hybrid, GROUPS.group_sizes)
+    first = adapter.components("mlp_channel_group")[0]
+    assert not stock_shaped(adapter, GROUPS.with_components([first]))
+
+
+def test_refuses_mlp_channels_on_a_model_without_them(model, windows):
+    with pytest.raises(ShedderError, match="no per-layer MLP channel groups"):
+        stock_greedy(model, windows, kinds=("mlp_channel_group",))
+    with pytest.raises(ShedderError, match="cannot be pruned stock-shaped"):
+        stock_greedy(model, windows, kinds=("attention",))
+
+
+def test_a_short_last_channel_group_is_never_removed(hybrid, windows):
+    uneven = PruningPlan(group_sizes={"mlp_channel_group": 40})  # 96 channels: 40, 40 and a short 16
+    series = stock_greedy(hybrid, windows, base_plan=uneven, batch_size=2, kinds=("mlp_channel_group",))
+    assert len(series.points) == 1 and {c.index for c in series.points[0].plan.components} <= {0, 1}
+
+
+def test_cli_stock_kinds(tmp_path, capsys, bundled_tokenizer):
+    src = tmp_path / "src"  # MLPs of 128 channels: two groups of the family's default 64
+    TINY["nemotron_h"].build(0, None, vocab_size=len(bundled_tokenizer), intermediate_size=128).save_pretrained(src)
+    bundled_tokenizer.save_pretrained(src)
+    assert main(["stock", "--model", str(src), "--kinds", "mlp_channel_group", "--strategy", "greedy",
+                 "--samples", "2", "--seq-len", "16", "--steps", "1", "--out", str(tmp_path / "plans"), "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["series"] == "stock greedy (mlp_channel_group)" and [r["plan"] for r in out["plans"]] == ["stock_01.json"]
+    assert {c.kind for c in PruningPlan.load(tmp_path / "plans" / "stock_01.json").components} == {"mlp_channel_group"}
+    with pytest.raises(SystemExit) as bad:
+        main(["stock", "--model", str(src), "--kinds", "head,block", "--out", str(tmp_path / "p2")])
+    assert bad.value.code == 2 and "'block' is not a stock-shaped kind" in capsys.readouterr().err

@@ -26,7 +26,7 @@ from shedder.api.recover import METHODS, RecoverConfig, Recovered, curve, plan_r
 from shedder.api.runs import record_run, recorded_runs
 from shedder.api.scoring import announce, cached, compare, cost, score, worker_pool
 from shedder.api.search import Race, StopWhen, cached_search, search
-from shedder.api.stock import STRATEGIES as STOCK_STRATEGIES, stock, stock_shaped
+from shedder.api.stock import KINDS as STOCK_KINDS, STRATEGIES as STOCK_STRATEGIES, stock, stock_shaped
 from shedder.api.speed import BENCH_DEFAULTS, bench_speed, measure_point, measured_point
 from shedder.arch import adapter_for, count_parameters
 from shedder.formats.loading import DEFAULT_MODEL, bundled_models, load_model, resolve

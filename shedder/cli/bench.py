@@ -12,7 +12,8 @@ from shedder import api
 from shedder.api import DEFAULT_CALIBRATION, DEFAULT_MODEL, DEFAULT_SAMPLES
 from shedder.api.recover import METHODS
 from shedder.api.search import compare_race, compare_searches
-from shedder.dev.scan_bench import compare_scan
+from shedder.dev.dtype_bench import compare_dtypes
+from shedder.dev.scan_bench import compare_scan, compare_step
 from shedder.dev.recover_bench import compare_methods, format_comparison
 from shedder.dev.workers import bench_workers
 from shedder.formats.official import read_plan
@@ -34,7 +35,7 @@ def add(sub) -> None:
     p.add_argument("--no-progress", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=run)
-    bench_sub = p.add_subparsers(dest="bench_command", metavar="{search,recover,scan}")
+    bench_sub = p.add_subparsers(dest="bench_command", metavar="{search,recover,scan,dtype}")
     s = bench_sub.add_parser("search", help="fast vs reference greedy search",
                              description="Run the reference and the fast greedy search on the same model and "
                                          "data; print both wall times, the speed-up and whether they chose "
@@ -55,6 +56,7 @@ def add(sub) -> None:
                                          "print the share of the lost perplexity each method wins back.")
     recover_options(r)
     scan_parser(bench_sub)
+    dtype_parser(bench_sub)
 
 
 def speed_options(parser: argparse.ArgumentParser) -> None:
@@ -232,6 +234,9 @@ def scan_parser(bench_sub) -> None:
                                          "at the Mamba-2 130M shape (paired rounds), one scan call and the whole "
                                          "model's prefill, and print the speed-ups and the max differences.")
     s.add_argument("--no-model", action="store_true", help="only the scan call, not the 130M-shape prefill")
+    s.add_argument("--step", action="store_true",
+                   help="also time one greedy SSM step (fresh search per sample) with each scan")
+    s.add_argument("--layers", type=positive_int, default=24, help="with --step: layers of the 130M shape (default 24)")
     s.add_argument("--budget-s", type=positive_float, default=20.0, help="time budget per measurement (default 20)")
     s.add_argument("--json", action="store_true", help="print JSON (keys speedup, max_abs_diff, ...)")
     s.set_defaults(func=run_scan)
@@ -241,6 +246,8 @@ def run_scan(args) -> int:
     """The scan benchmark's report."""
     protocol = Protocol(budget_s=args.budget_s)
     r = compare_scan(protocol, model=not args.no_model)
+    if args.step:
+        r["greedy_step"] = compare_step(protocol, args.layers)
     ratio = lambda d: Ratio(d["median"], tuple(d["ci95"]), d["rounds"], d["noisy"], d["resolved"]).text()  # noqa: E731
     lines = [f"bench scan: {protocol.describe()}",
              f"scan call (4 × 256 tokens, 24 heads × 64, state 128, engine chunk {r['chunk']}): speed-up "
@@ -252,5 +259,55 @@ def run_scan(args) -> int:
         p = r["model_prefill"]
         lines.append(f"130M-shape prefill (24 layers, 4 × 256 tokens): speed-up {ratio(p)}; "
                      f"{p['reference_s']:.2f} s → {p['engine_s']:.2f} s")
+    if "greedy_step" in r:
+        g = r["greedy_step"]
+        lines.append(f"one greedy SSM step ({g['layers']} layers, 4 × 256 tokens): speed-up {ratio(g)}; "
+                     f"{g['reference_s']:.1f} s → {g['engine_s']:.1f} s; "
+                     + ("same choice" if g["same_choice"] else "DIFFERENT choices"))
+    emit(args, r, "\n".join(lines))
+    return 0
+
+
+def dtype_parser(bench_sub) -> None:
+    """``bench dtype``: float32 vs bfloat16 for eval, score and search."""
+    d = bench_sub.add_parser("dtype", help="what --dtype bfloat16 buys, and its agreement with float32",
+                             description="Load the model in float32 and in bfloat16; time a calibration pass of "
+                                         "each in paired rounds; compare their perplexity, single-removal scores "
+                                         "(top-K overlap, rank correlation) and greedy-search choices.")
+    model_options(d)
+    d.add_argument("--kinds", type=kinds, default=["ssm"], help="comma-separated kinds scored and searched (default ssm)")
+    d.add_argument("--steps", type=positive_int, default=2, help="greedy steps in each dtype (default 2)")
+    d.add_argument("--top", type=positive_int, default=5, help="least important components compared (default 5)")
+    d.add_argument("--budget-s", type=positive_float, default=20.0, help="time budget of the paired rounds (default 20)")
+    data_options(d, DEFAULT_CALIBRATION, DEFAULT_SAMPLES)
+    common(d)
+    d.set_defaults(func=run_dtype)
+
+
+def run_dtype(args) -> int:
+    """The dtype benchmark's report."""
+    models, tokenizer = {}, None
+    for dtype in ("float32", "bfloat16"):
+        args.dtype = dtype
+        models[dtype], tokenizer = load(args)
+    windows = calibration_windows(text_tokenizer(args, tokenizer), args.data, samples=args.samples, seq_len=args.seq_len)
+    protocol = Protocol(budget_s=args.budget_s)
+    r = compare_dtypes(models, windows, args.kinds, steps=args.steps, top=args.top, protocol=protocol,
+                       batch_size=args.batch_size)
+    e, sc, se = r["eval_speedup"], r["score"], r["search"]
+    ratio = Ratio(e["median"], tuple(e["ci95"]), e["rounds"], e["noisy"], e["resolved"]).text()
+    lines = [f"bench dtype: {printable(args.model)}, {windows.shape[0]} × {windows.shape[1]} calibration tokens, "
+             f"kinds {','.join(args.kinds)}",
+             f"calibration pass: bfloat16 speed-up {ratio} ({protocol.describe()}); "
+             f"{e['seconds']['float32'] * 1e3:.0f} ms → {e['seconds']['bfloat16'] * 1e3:.0f} ms",
+             f"perplexity: float32 {r['ppl']['float32']:.4f}, bfloat16 {r['ppl']['bfloat16']:.4f} "
+             f"({r['ppl_rel_diff']:.2%} apart)",
+             f"score ({sc['components']} components): {sc['top_overlap']} of the {args.top} least important agree, "
+             f"rank correlation {sc['spearman']:.3f}; one run each: {sc['seconds']['float32']:.1f} s → "
+             f"{sc['seconds']['bfloat16']:.1f} s ({sc['speedup_single_run']:.2f}×, single run)",
+             f"search ({args.steps} steps): {se['identical_steps']} of {args.steps} choices identical; final perplexity "
+             f"float32 {se['final_ppl']['float32']:.4f}, bfloat16 {se['final_ppl']['bfloat16']:.4f}; one run each: "
+             f"{se['seconds']['float32']:.1f} s → {se['seconds']['bfloat16']:.1f} s "
+             f"({se['speedup_single_run']:.2f}×, single run)"]
     emit(args, r, "\n".join(lines))
     return 0

@@ -30,6 +30,12 @@ READABLE_VERSIONS = (1, 2)
 #: Every kind the project knows. Which ones a given model offers is the adapter's business.
 KINDS = ("block", "mixer", "shared_block", "ssm", "head", "channel_group", "attention", "mlp", "mlp_channel_group",
          "expert")
+def in_kind_order(kinds) -> list[str]:
+    """``kinds`` once each, in ``KINDS`` order: the one order every view lists kinds in (a score table
+    is sorted by layer first, a multiselect keeps the order things were picked in)."""
+    return sorted(set(kinds), key=KINDS.index)
+
+
 #: Kinds with at most one component per layer (``index`` is always 0).
 ONCE_PER_LAYER = ("block", "mixer", "shared_block", "ssm", "attention", "mlp")
 

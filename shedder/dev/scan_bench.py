@@ -16,6 +16,7 @@ import torch
 from shedder.arch import ssd_scan
 from shedder.dev import realshape
 from shedder.measure.timing import Protocol, paired_rounds
+from shedder.prune.search import StopWhen, greedy_search
 
 #: The Mamba-2 130M scan shape: batch, tokens, heads, head_dim, groups, state, config chunk.
 SHAPE = dict(batch=4, seq_len=256, heads=24, head_dim=64, groups=1, state=128, chunk=256)
@@ -76,6 +77,31 @@ def compare_scan(protocol: Protocol = Protocol(), model: bool = True, on_round=N
             out["model_prefill"] = {**run.speedup("s").to_dict(), "reference_s": _median(run.times["reference"]["s"]),
                                     "engine_s": _median(run.times["engine"]["s"])}
     return out
+
+
+def compare_step(protocol: Protocol = Protocol(), layers: int = 24, on_round=None) -> dict:
+    """One greedy SSM step (the search's candidates and prefix cache, ``StopWhen(steps=1)``) on the
+    130M shape with ``layers`` layers and 4 × 256 random tokens: the reference scan vs the engine's,
+    paired rounds, each sample a fresh search (nothing cached between samples)."""
+    m = realshape.build("mamba2", layers)
+    ids = torch.randint(0, m.config.vocab_size, (SHAPE["batch"], SHAPE["seq_len"]),
+                        generator=torch.Generator().manual_seed(0))
+    chosen = {}
+
+    def timed(reference: bool):
+        def sample():
+            with ssd_scan.reference() if reference else contextlib.nullcontext():
+                start = time.perf_counter()
+                result = greedy_search(m, ids, ["ssm"], StopWhen(steps=1), batch_size=SHAPE["batch"])
+                elapsed = time.perf_counter() - start
+            chosen["reference" if reference else "engine"] = [str(c) for c in result.components]
+            return {"s": elapsed}
+        return sample
+
+    run = paired_rounds({"reference": [timed(True)], "engine": [timed(False)]}, ["s"], protocol, on_round=on_round)
+    return {**run.speedup("s").to_dict(), "layers": layers, "reference_s": _median(run.times["reference"]["s"]),
+            "engine_s": _median(run.times["engine"]["s"]), "same_choice": chosen["reference"] == chosen["engine"],
+            "load_per_cpu": run.load}
 
 
 def _median(values: list[float]) -> float:

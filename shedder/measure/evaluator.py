@@ -11,6 +11,9 @@ that run see bit-identical inputs, so the NLL equals the full masked forward's.
 In a greedy search this means a candidate at layer L re-runs only layers from L on (the step's base
 plan is cached), and from the previous step's choice on when that is later (its own plan from the
 previous step is cached too). Removed blocks right after the resume point are skipped as well.
+After each step the search calls ``keep_for_next_step``: a losing candidate keeps only its input at
+the winner's layer (all the next step can resume from it), so one step's memory is what the cache
+holds at any time, not one step's worth per step taken.
 
 ``nll(plan, bound=...)`` abandons a plan as soon as its partial NLL sum exceeds ``bound`` (exact for
 "is it the best?" questions, since the sum only grows), skipping its remaining windows and batches;
@@ -251,6 +254,25 @@ class PlanEvaluator:
             self._split_head[shape] = torch.equal(plain, per_token)
             per_token = plain
         return float(per_token.double().sum())
+
+    def keep_for_next_step(self, winner: PruningPlan, others: list[PruningPlan], layer: int) -> None:
+        """After a greedy step won by ``winner`` (its change at ``layer``), keep only what the next
+        step resumes from: the winner's inputs (the next base plan) and, of another candidate changed
+        before ``layer``, its input at the winner's layer (the latest cached one up to it): the next
+        step's candidate at the same place differs from it only there. The rest (the old base plan,
+        candidates at or after ``layer``, which resume from the winner) is dropped; shared tensors stay
+        alive through the entries kept."""
+        keep, wanted = _key(winner), {_key(p) for p in others}
+        for entries in self._cache:
+            for key in list(entries):
+                if key == keep:
+                    continue
+                entry = entries.pop(key)
+                at = max((i for i in entry.inputs if i <= layer), default=0)
+                if key in wanted and at > _first_change(key, keep):
+                    entries[key] = _Entry(entry.nll, {at: entry.inputs[at]})
+            if keep in entries:
+                entries.move_to_end(keep)
 
     def _evict(self, entries: OrderedDict) -> None:
         """Drop least recently used plans until this batch's share of the budget holds."""

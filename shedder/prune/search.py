@@ -185,6 +185,8 @@ def greedy_search(model, windows: torch.Tensor, kinds, stop: StopWhen | None = N
             elif beats(value, rank[c], best_nll, None if best is None else rank[best]):
                 best, best_nll = c, value
             tick(done, 2 * n, c.words())
+        if best is not None:
+            ev.keep_for_next_step(plans[best], [plans[c] for c in cands if c != best], best.layer)
         return best, best_nll
 
     result = run_search(model, windows, kinds, choose, lambda plan: ev.nll(plan), **common)
