@@ -121,7 +121,11 @@ with ui.shown_errors():
             for _, _, plan in entries:
                 ws.accuracy(plan, progress=cb)
         st.rerun()
-    if x_axis in MEASURED and st.button("Measure all points (extracts and benchmarks each model)", key="frontier_lat"):
+    measure_all = x_axis in MEASURED and st.button("Measure all points (extracts and benchmarks each model)",
+                                                   key="frontier_lat")
+    if x_axis in MEASURED:
+        ui.cancel_button("frontier_lat_cancel")
+    if measure_all:
         with ui.progress("measuring extracted models") as cb:
             for n, (_, _, plan) in enumerate(entries):
                 ws.latency(plan, progress=lambda d, t, msg, n=n: cb(n * t + d, len(entries) * t, msg))

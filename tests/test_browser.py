@@ -136,7 +136,7 @@ def test_newcomer_journey(page, screenshots, tmp_path):
     go(page, "Importance")
     page.get_by_role("button", name="Compute importance").click()
     page.locator('[data-testid="stProgress"]').first.wait_for()
-    page.get_by_role("button", name="Cancel").click()
+    page.get_by_role("button", name="Cancel").first.click()  # the one beside Compute importance
     page.get_by_text("Cancelled.").first.wait_for()
     idle(page)
     assert page.get_by_text("All scores").count() == 0
@@ -195,10 +195,12 @@ def test_newcomer_journey(page, screenshots, tmp_path):
     page.screenshot(path=str(screenshots / "5_export.png"))
 
 
-def choose(page, label: str, option: str) -> None:
-    """Pick ``option`` in the selectbox labelled ``label``."""
-    page.get_by_role("combobox", name=label).click()
-    page.get_by_role("option", name=option, exact=True).click()
+def choose(page, label: str, option: str, exact: bool = True) -> None:
+    """Pick ``option`` (or, not ``exact``, the first option containing it) in the selectbox labelled
+    ``label``: typed into its search box, so the list is open and filtered whatever ran before."""
+    page.get_by_role("combobox", name=label).fill(option)
+    options = page.get_by_role("option", name=option, exact=exact)
+    (options if exact else options.first).click()
     idle(page)
 
 
@@ -318,9 +320,7 @@ def test_runs_survive_a_model_switch_and_a_reload_recovery_exports_and_every_met
         frontier.screenshot(path=os.environ["SHEDDER_STUDIO_PNG"])
 
     # Recover the first block-search step and export the recovered model.
-    page.get_by_role("combobox", name="load a configuration into the Prune page").click()
-    page.get_by_role("option").filter(has_text="step 1").first.click()
-    idle(page)
+    choose(page, "load a configuration into the Prune page", "step 1", exact=False)
     page.get_by_role("button", name="Load", exact=True).click()
     page.get_by_text("Loaded “step 1").first.wait_for()
     go(page, "Recover")
