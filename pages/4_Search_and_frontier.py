@@ -155,6 +155,7 @@ with ui.shown_errors():
                       "hollow points are not resolved (their interval contains 1×); the Pareto front reads each speedup "
                       f"at {PARETO_SPEED}" if x_axis in MEASURED else "")
                    + ". Click a point to load its plan into the Prune page.")
+        st.caption(ui.defaults_note())
         points = points.assign(pareto=front.reindex(points.index, fill_value=False))
     st.dataframe(readable(points), hide_index=True, key="frontier_table")
 
