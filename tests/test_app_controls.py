@@ -89,7 +89,7 @@ def test_reset_and_undo_are_disabled_with_nothing_removed():
 
 def test_no_change_is_shown_without_an_arrow():
     at = open_app("prune")
-    assert [m.delta for m in at.metric] == [None, None, None]  # nothing removed
+    assert [m.delta for m in at.metric] == ["", "", ""]  # nothing removed: no delta, so no arrow
     at.multiselect(key="prune_pick_block").set_value([Component("block", 1)]).run()
     assert all(m.delta and m.delta[0] in "+-" and any(c in "123456789" for c in m.delta) for m in at.metric)
     assert ui.delta("+0.000") is None and ui.delta("-0.0%") is None and ui.delta("+0.0 pts") is None
