@@ -198,7 +198,9 @@ def test_newcomer_journey(page, screenshots, tmp_path):
 def choose(page, label: str, option: str, exact: bool = True) -> None:
     """Pick ``option`` (or, not ``exact``, the first option containing it) in the selectbox labelled
     ``label``: typed into its search box, so the list is open and filtered whatever ran before."""
-    page.get_by_role("combobox", name=label).fill(option)
+    box = page.get_by_role("combobox", name=label)
+    box.evaluate("e => e.scrollIntoView({block: 'center'})")  # near the viewport's edge its list is not drawn
+    box.fill(option)
     options = page.get_by_role("option", name=option, exact=exact)
     (options if exact else options.first).click()
     idle(page)
@@ -217,16 +219,22 @@ def set_kinds(page, label: str, kinds: list[str]) -> None:
     page.keyboard.press("Escape")
 
 
-def test_strategies_on_one_measured_frontier_and_metric_agreement(page, screenshots):
+def small_windows(page) -> None:
+    """Once the Model page has painted: load the model again with a small calibration and test set
+    (2 × 64 tokens), so that searches, recovery and scores take seconds."""
     page.get_by_text("perplexity", exact=True).first.wait_for()
     idle(page)
-    for label, value in (("windows", "2"), ("window length", "64")):  # a small calibration and test set
+    for label, value in (("windows", "2"), ("window length", "64")):
         page.get_by_role("spinbutton", name=label).fill(value)
         page.get_by_role("spinbutton", name=label).press("Enter")
         idle(page)
     page.get_by_role("button", name="Load", exact=True).click()
     idle(page)
     no_errors(page)
+
+
+def test_strategies_on_one_measured_frontier_and_metric_agreement(page, screenshots):
+    small_windows(page)
 
     # Importance: the rank-agreement matrices of the four metrics on blocks.
     go(page, "Importance")
@@ -276,8 +284,7 @@ def test_runs_survive_a_model_switch_and_a_reload_recovery_exports_and_every_met
     """Two searches, a switch to another model and back, a browser reload restored from the Runs list,
     a recovery exported from the Export page, then the Importance page for every metric. With
     ``$SHEDDER_STUDIO_PNG`` set, the restored frontier is also written there (the README's picture)."""
-    page.get_by_text("perplexity", exact=True).first.wait_for()
-    idle(page)
+    small_windows(page)
     go(page, "Search & frontier")
     page.get_by_role("spinbutton", name="steps").fill("2")
     page.get_by_role("spinbutton", name="steps").press("Enter")
@@ -304,8 +311,7 @@ def test_runs_survive_a_model_switch_and_a_reload_recovery_exports_and_every_met
     assert "greedy block" in series.inner_text() and "greedy ssm" in series.inner_text()
 
     page.reload()  # a new browser session: nothing in memory, the Runs list restores the searches
-    page.get_by_text("perplexity", exact=True).first.wait_for()
-    idle(page)
+    small_windows(page)  # the same text as before: the runs listed are those made on it
     go(page, "Search & frontier")
     assert "greedy" not in series.inner_text()
     page.get_by_role("button", name="Restore all").click()
