@@ -224,6 +224,7 @@ def small_windows(page) -> None:
     (2 × 64 tokens), so that searches, recovery and scores take seconds."""
     page.get_by_text("perplexity", exact=True).first.wait_for()
     idle(page)
+    go(page, "Model")  # a reload opens the page it was on
     for label, value in (("windows", "2"), ("window length", "64")):
         page.get_by_role("spinbutton", name=label).fill(value)
         page.get_by_role("spinbutton", name=label).press("Enter")
