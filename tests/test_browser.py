@@ -198,7 +198,7 @@ def test_newcomer_journey(page, screenshots, tmp_path):
 def choose(page, label: str, option: str, exact: bool = True) -> None:
     """Pick ``option`` (or, not ``exact``, the first option containing it) in the selectbox labelled
     ``label``: typed into its search box, so the list is open and filtered whatever ran before."""
-    box = page.get_by_role("combobox", name=label)
+    box = page.get_by_role("combobox", name=label, exact=True)
     box.evaluate("e => e.scrollIntoView({block: 'center'})")  # near the viewport's edge its list is not drawn
     box.fill(option)
     options = page.get_by_role("option", name=option, exact=exact)
