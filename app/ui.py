@@ -13,7 +13,7 @@ from shedder import api
 from shedder.core.errors import Busy, Cancelled, ShedderError
 from shedder.core.plan import ONCE_PER_LAYER, Component
 
-from .state import Workspace, workspace
+from .state import Settings, Workspace, workspace
 
 KIND_LABELS = {
     "block": "blocks", "mixer": "token mixers", "shared_block": "shared-block applications", "ssm": "SSMs",
@@ -106,6 +106,17 @@ def compare_caption(kinds: list[str], metrics: list[str]) -> None:
 def _caption(estimate) -> None:
     text = estimate.describe()
     st.caption(text[:1].upper() + text[1:] + "; the progress bar shows the time left once it starts.")
+
+
+def defaults_note() -> str:
+    """The app's default windows beside the CLI's, said once for every page that shows perplexity: the
+    same plan reads differently under each (the app measures fewer, shorter windows so that a toggle
+    answers in about a second), and a user comparing the two should know why."""
+    app = Settings()
+    return (f"App defaults: {app.samples} × {app.seq_len}-token windows (set on the Model page). The CLI's `eval` "
+            f"defaults to every {api.DEFAULT_SEQ_LEN}-token window of the test text, `score` and `search` to "
+            f"{api.DEFAULT_SAMPLES} × {api.DEFAULT_SEQ_LEN}-token calibration windows: pass `--samples` and "
+            "`--seq-len` to match the numbers here.")
 
 
 def cancel_button(key: str) -> None:

@@ -101,6 +101,7 @@ with ui.shown_errors():
     cols[3].metric("perplexity", f"{base['ppl']:.3f}")
     st.caption("Perplexity: " + describe_protocol(ws.windows(s.evaluation), ws.label(s.evaluation))
                + ". FLOPs: analytic count of the model at this window length.")
+    st.caption(ui.defaults_note())
     counts = adapter.kind_counts()
     st.write("**Removable components:** " + ", ".join(f"{n} {ui.KIND_LABELS.get(k, k)} (`{k}`)" for k, n in counts.items()))
     if st.toggle("next-word accuracy", value=True, key="model_accuracy", help="Slower: one forward per passage."):

@@ -90,7 +90,11 @@ compared_kinds = a2.multiselect("kinds", all_kinds, default=all_kinds[:1], key="
 if compared and compared_kinds:
     with ui.shown_errors():
         ui.compare_caption(compared_kinds, compared)
-if st.button("Compare metrics", key="agree_run", disabled=not (compared and compared_kinds)):
+compare_col, stop_col, _ = st.columns([2, 1, 5])
+compare = compare_col.button("Compare metrics", key="agree_run", disabled=not (compared and compared_kinds))
+with stop_col:
+    ui.cancel_button("agree_cancel")
+if compare:
     with ui.shown_errors(), ui.progress("scoring with every metric") as cb:
         ws.compare(compared_kinds, compared, progress=cb)
 if ws.agreement is not None:

@@ -44,6 +44,7 @@ with ui.shown_errors():
     st.caption(f"**Removed:** {ws.plan.describe()}. Perplexity: "
                + describe_protocol(ws.windows(s.evaluation), ws.label(s.evaluation)) + "; deltas vs the unpruned model."
                + (f" Accuracy: {next_word_protocol(ws.label(s.evaluation), s.accuracy_passages)}." if with_accuracy else ""))
+    st.caption(ui.defaults_note())
     latency = ws.known(ws.plan)
     if st.button("Measure latency of the extracted model", key="prune_latency"):
         with ui.progress("timing the extracted model") as cb:

@@ -146,7 +146,11 @@ with ui.shown_errors():
             for _, _, plan in entries:
                 ws.accuracy(plan, progress=cb)
         st.rerun()
-    if x_axis in MEASURED and st.button("Measure all points (extracts and benchmarks each model)", key="frontier_lat"):
+    measure_all = x_axis in MEASURED and st.button("Measure all points (extracts and benchmarks each model)",
+                                                   key="frontier_lat")
+    if x_axis in MEASURED:
+        ui.cancel_button("frontier_lat_cancel")
+    if measure_all:
         with ui.progress("measuring extracted models") as cb:
             for n, (_, _, plan) in enumerate(entries):
                 ws.latency(plan, progress=lambda d, t, msg, n=n: cb(n * t + d, len(entries) * t, msg))
@@ -176,6 +180,7 @@ with ui.shown_errors():
                       "hollow points are not resolved (their interval contains 1×); the Pareto front reads each speedup "
                       f"at {PARETO_SPEED}" if x_axis in MEASURED else "")
                    + ". Click a point to load its plan into the Prune page.")
+        st.caption(ui.defaults_note())
         points = points.assign(pareto=front.reindex(points.index, fill_value=False))
     st.dataframe(readable(points), hide_index=True, key="frontier_table")
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from shedder.api import REGISTRY
 from shedder.formats.loading import BUNDLED_MODELS, DEFAULT_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,7 +136,7 @@ def test_newcomer_journey(page, screenshots, tmp_path):
     go(page, "Importance")
     page.get_by_role("button", name="Compute importance").click()
     page.locator('[data-testid="stProgress"]').first.wait_for()
-    page.get_by_role("button", name="Cancel").click()
+    page.get_by_role("button", name="Cancel").first.click()  # the one beside Compute importance
     page.get_by_text("Cancelled.").first.wait_for()
     idle(page)
     assert page.get_by_text("All scores").count() == 0
@@ -194,10 +195,14 @@ def test_newcomer_journey(page, screenshots, tmp_path):
     page.screenshot(path=str(screenshots / "5_export.png"))
 
 
-def choose(page, label: str, option: str) -> None:
-    """Pick ``option`` in the selectbox labelled ``label``."""
-    page.get_by_role("combobox", name=label).click()
-    page.get_by_role("option", name=option, exact=True).click()
+def choose(page, label: str, option: str, exact: bool = True) -> None:
+    """Pick ``option`` (or, not ``exact``, the first option containing it) in the selectbox labelled
+    ``label``: typed into its search box, so the list is open and filtered whatever ran before."""
+    box = page.get_by_role("combobox", name=label, exact=True)
+    box.evaluate("e => e.scrollIntoView({block: 'center'})")  # near the viewport's edge its list is not drawn
+    box.fill(option)
+    options = page.get_by_role("option", name=option, exact=exact)
+    (options if exact else options.first).click()
     idle(page)
 
 
@@ -214,16 +219,23 @@ def set_kinds(page, label: str, kinds: list[str]) -> None:
     page.keyboard.press("Escape")
 
 
-def test_strategies_on_one_measured_frontier_and_metric_agreement(page, screenshots):
+def small_windows(page) -> None:
+    """Once the Model page has painted: load the model again with a small calibration and test set
+    (2 × 64 tokens), so that searches, recovery and scores take seconds."""
     page.get_by_text("perplexity", exact=True).first.wait_for()
     idle(page)
-    for label, value in (("windows", "2"), ("window length", "64")):  # a small calibration and test set
+    go(page, "Model")  # a reload opens the page it was on
+    for label, value in (("windows", "2"), ("window length", "64")):
         page.get_by_role("spinbutton", name=label).fill(value)
         page.get_by_role("spinbutton", name=label).press("Enter")
         idle(page)
     page.get_by_role("button", name="Load", exact=True).click()
     idle(page)
     no_errors(page)
+
+
+def test_strategies_on_one_measured_frontier_and_metric_agreement(page, screenshots):
+    small_windows(page)
 
     # Importance: the rank-agreement matrices of the four metrics on blocks.
     go(page, "Importance")
@@ -267,3 +279,85 @@ def test_strategies_on_one_measured_frontier_and_metric_agreement(page, screensh
     assert page.get_by_text("have no measured prefill speedup").count() == 0
     frontier.scroll_into_view_if_needed()
     page.screenshot(path=str(screenshots / "7_frontier.png"))
+
+
+def test_runs_survive_a_model_switch_and_a_reload_recovery_exports_and_every_metric_draws(page, screenshots, tmp_path):
+    """Two searches, a switch to another model and back, a browser reload restored from the Runs list,
+    a recovery exported from the Export page, then the Importance page for every metric. With
+    ``$SHEDDER_STUDIO_PNG`` set, the restored frontier is also written there (the README's picture)."""
+    small_windows(page)
+    go(page, "Search & frontier")
+    page.get_by_role("spinbutton", name="steps").fill("2")
+    page.get_by_role("spinbutton", name="steps").press("Enter")
+    idle(page)
+    for kinds in (["block"], ["ssm"]):
+        set_kinds(page, "kinds to prune", kinds)
+        assert page.get_by_role("spinbutton", name="steps").input_value() == "2"  # kept across kind changes
+        page.get_by_role("button", name="Run greedy search").click()
+        idle(page)
+    no_errors(page)
+    series = page.locator('[data-testid="stCaptionContainer"]', has_text="Series: ").first
+    assert "greedy block" in series.inner_text() and "greedy ssm" in series.inner_text()
+    page.screenshot(path=str(screenshots / "j1_search.png"))
+
+    for model in ("hybrid-tiny", DEFAULT_MODEL):  # away and back: the searches are still there
+        go(page, "Model")
+        choose(page, "bundled model", model)
+        page.get_by_role("button", name="Load", exact=True).click()
+        page.get_by_text(f"Loaded {model}.").first.wait_for()
+        idle(page)
+        no_errors(page)
+        page.screenshot(path=str(screenshots / f"j2_model_{model}.png"))
+    go(page, "Search & frontier")
+    assert "greedy block" in series.inner_text() and "greedy ssm" in series.inner_text()
+
+    page.reload()  # a new browser session: nothing in memory, the Runs list restores the searches
+    small_windows(page)  # the same text as before: the runs listed are those made on it
+    go(page, "Search & frontier")
+    assert "greedy" not in series.inner_text()
+    page.get_by_role("button", name="Restore all").click()
+    page.get_by_text("Restored ").first.wait_for()
+    idle(page)
+    no_errors(page)
+    assert "greedy block" in series.inner_text() and "greedy ssm" in series.inner_text()
+    page.screenshot(path=str(screenshots / "j3_restored.png"))
+    if os.environ.get("SHEDDER_STUDIO_PNG"):
+        frontier = page.locator('[data-testid="stPlotlyChart"]', has=page.locator(".xtitle")).last
+        frontier.scroll_into_view_if_needed()
+        frontier.screenshot(path=os.environ["SHEDDER_STUDIO_PNG"])
+
+    # Recover the first block-search step and export the recovered model.
+    choose(page, "load a configuration into the Prune page", "step 1", exact=False)
+    page.get_by_role("button", name="Load", exact=True).click()
+    page.get_by_text("Loaded “step 1").first.wait_for()
+    go(page, "Recover")
+    page.get_by_role("spinbutton", name="steps").fill("10")
+    page.get_by_role("spinbutton", name="steps").press("Enter")
+    idle(page)
+    page.get_by_role("button", name="Recover", exact=True).click()
+    page.get_by_text("Recovered model saved in").first.wait_for()
+    idle(page)
+    no_errors(page)
+    page.screenshot(path=str(screenshots / "j4_recover.png"))
+    go(page, "Export")
+    page.locator('[data-testid="stRadio"] label').filter(has_text=" of: ").first.click()
+    idle(page)
+    page.get_by_label("save to directory").fill(str(tmp_path / "recovered"))
+    page.get_by_label("save to directory").press("Enter")
+    idle(page)
+    page.get_by_role("button", name="Save", exact=True).click()
+    page.get_by_text("Saved to").first.wait_for()
+    idle(page)
+    no_errors(page)
+    assert {"config.json", "model.safetensors", "recovery.json"} <= {p.name for p in (tmp_path / "recovered").iterdir()}
+    page.screenshot(path=str(screenshots / "j5_export_recovered.png"))
+
+    go(page, "Importance")
+    for name, m in REGISTRY.items():
+        if name != "ppl":
+            choose(page, "metric", f"{name} — {m.description}")
+        page.get_by_role("button", name="Compute importance").click()
+        page.get_by_text("All scores").wait_for()
+        idle(page)
+        no_errors(page)
+        page.screenshot(path=str(screenshots / f"j6_importance_{name}.png"))
