@@ -47,7 +47,7 @@ if run:
 
         done = ws.recover(config, progress=cb)
         chart.empty()
-        st.success(f"Recovered model saved in `{done.run_dir}`; the Export page exports it.")
+        st.success(f"{done.name.capitalize()} is kept with this session's runs; the Export page exports it.")
 
 rows = [{"model": "unpruned", **ws.metrics(PruningPlan())}]
 if ws.plan.components:
@@ -68,6 +68,10 @@ for i, r in enumerate(mine):
         st.success(f"Recovered {100 * r.fraction:.1f}% of the log-perplexity lost to pruning "
                    f"(held-out perplexity {ppl['unpruned']:.4f} unpruned, {ppl['pruned']:.4f} pruned, "
                    f"{ppl['recovered']:.4f} recovered).")
+    elif {"unpruned", "pruned", "recovered"} <= set(ppl):  # pruning cost nothing there: no share to state
+        st.info(f"Pruning cost nothing on the held-out windows (perplexity {ppl['unpruned']:.4f} unpruned, "
+                f"{ppl['pruned']:.4f} pruned), so no share of a loss can be stated; recovered: "
+                f"{ppl['recovered']:.4f}.")
     st.caption(f"Held-out protocol: {r.summary.get('protocol', '')}.")
     st.plotly_chart(plots.loss_curve(r.curve(), OBJECTIVE[r.config.method]), key=f"recover_curve_{i}")
     with st.expander("recipe and held-out numbers"):
