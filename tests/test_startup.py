@@ -108,3 +108,28 @@ def test_the_light_defaults_are_the_engine_values():
     assert (recover.REPORT_TO, recover.TENSORBOARD_DIR) == (defaults.REPORT_TO, defaults.TENSORBOARD_DIR)
     assert stock.KINDS == api.STOCK_KINDS == defaults.STOCK_KINDS
     assert api.STOCK_STRATEGIES == defaults.STOCK_STRATEGIES
+
+
+def test_baseline_numbers_are_remembered_per_model_and_windows(tmp_path):
+    """What a reopened studio shows at once: the number measured before with the same weights, windows,
+    text and passages; anything else (another window, a torn file) is not known, never a wrong number."""
+    import torch
+
+    from shedder.api import known_baseline, remember_baseline
+    from tiny_models import make_tiny_model
+
+    model = make_tiny_model("mamba2")
+    windows = torch.arange(32).reshape(2, 16) % 100
+    assert known_baseline(model, "ppl", windows, cache_dir=tmp_path) is None
+    remember_baseline(model, "ppl", windows, 12.5, cache_dir=tmp_path)
+    remember_baseline(model, "accuracy", windows, 0.25, source="test", passages=20, cache_dir=tmp_path)
+    assert known_baseline(model, "ppl", windows, cache_dir=tmp_path) == 12.5
+    assert known_baseline(model, "accuracy", windows, source="test", passages=20, cache_dir=tmp_path) == 0.25
+    assert known_baseline(model, "accuracy", windows, source="test", passages=21, cache_dir=tmp_path) is None
+    assert known_baseline(model, "ppl", windows[:1], cache_dir=tmp_path) is None
+    assert known_baseline(make_tiny_model("mamba2", seed=1), "ppl", windows, cache_dir=tmp_path) is None
+    for path in (tmp_path / "baseline").iterdir():
+        path.write_text("{not json")
+    assert known_baseline(model, "ppl", windows, cache_dir=tmp_path) is None
+    with pytest.raises(ValueError, match="one of"):
+        remember_baseline(model, "latency", windows, 1.0, cache_dir=tmp_path)
