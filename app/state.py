@@ -8,6 +8,7 @@ shared weights are serialised by the engine's per-model lock.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -277,31 +278,26 @@ class Workspace:
         return self._evaluator
 
     def metrics(self, plan: PruningPlan, progress=None) -> dict:
-        """Perplexity on the evaluation windows, parameters and analytic FLOPs of ``plan`` (the
-        unpruned model's perplexity from the disk when any session measured it before)."""
+        """Perplexity on the evaluation windows (unpruned: from the disk once measured), parameters, FLOPs of ``plan``."""
         plan = self.loaded.adapter.resolve(plan)
         m = self._metrics.setdefault(plan, {})
         if "ppl" not in m:
             loaded = self.loaded
             cost = api.estimate(loaded.model, plan, seq_len=self.settings.seq_len, adapter=loaded.adapter)
-            ppl = self._baseline("ppl") if not plan.components else None
+            ppl = None if plan.components else self._baseline("ppl")
             if ppl is None:
                 ppl = float(self.evaluator().perplexity(plan, progress=progress or waiting_notice(loaded.model)))
-                if not plan.components:
-                    self._remember("ppl", ppl)
+                plan.components or self._baseline("ppl", ppl)
             m.update(ppl=ppl, params=int(loaded.adapter.param_count(plan)), flops=float(cost.flops_per_token_prefill),
                      state_bytes=float(cost.state_bytes_per_sequence))
         return m
 
     def accuracy(self, plan: PruningPlan, progress=None, measure: bool = True) -> float | None:
-        """Next-word accuracy of ``plan`` on the evaluation text (the unpruned model's from the disk
-        when measured before); with ``measure=False`` only what is known already, else None."""
+        """Next-word accuracy of ``plan`` (unpruned: from the disk once measured); ``measure=False``: None if unknown."""
         plan = self.loaded.adapter.resolve(plan)
         m = self._metrics.setdefault(plan, {})
-        if "accuracy" not in m and not plan.components:
-            known = self._baseline("accuracy")
-            if known is not None:
-                m["accuracy"] = known
+        if "accuracy" not in m and (known := None if plan.components else self._baseline("accuracy")) is not None:
+            m["accuracy"] = known
         if "accuracy" not in m:
             if not measure:
                 return None
@@ -309,27 +305,19 @@ class Workspace:
             with api.masked(loaded.model, plan, adapter=loaded.adapter, progress=progress):
                 m["accuracy"] = float(api.next_word_accuracy(loaded.model, loaded.tokenizer, source=self.settings.evaluation,
                                                          n=self.settings.accuracy_passages, progress=progress))
-            if not plan.components:
-                self._remember("accuracy", m["accuracy"])
+            plan.components or self._baseline("accuracy", m["accuracy"])
         return m["accuracy"]
 
-    def _baseline_key(self, what: str) -> dict:
-        """What the unpruned model's ``what`` depends on besides its weights (``api.known_baseline``)."""
-        s = self.settings
-        accuracy = what == "accuracy"
-        return dict(windows=self.windows(s.evaluation), source=s.evaluation if accuracy else None,
-                    passages=s.accuracy_passages if accuracy else None)
-
-    def _baseline(self, what: str) -> float | None:
-        return api.known_baseline(self.loaded.model, what, **self._baseline_key(what))
-
-    def _remember(self, what: str, value: float) -> None:
-        """Keep a baseline number on disk for the next session; a disk that refuses it costs nothing
-        but the next session's measuring again."""
-        try:
-            api.remember_baseline(self.loaded.model, what, value=value, **self._baseline_key(what))
-        except OSError:
-            pass
+    def _baseline(self, what: str, value: float | None = None) -> float | None:
+        """The unpruned model's ``what`` as an earlier session kept it on disk, or (``value``) keep it there."""
+        s, accuracy = self.settings, what == "accuracy"
+        key = dict(windows=self.windows(s.evaluation), source=s.evaluation if accuracy else None,
+                   passages=s.accuracy_passages if accuracy else None)
+        if value is None:
+            return api.known_baseline(self.loaded.model, what, **key)
+        with contextlib.suppress(OSError):
+            api.remember_baseline(self.loaded.model, what, value=value, **key)
+        return value
 
     def latency(self, plan: PruningPlan, progress=None, **bench) -> dict:
         """Measured speed of the *extracted* model (never a masked one) next to the original, from
