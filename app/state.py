@@ -8,7 +8,6 @@ shared weights are serialised by the engine's per-model lock.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
@@ -23,7 +22,7 @@ from shedder.core.errors import ShedderError, printable
 from shedder.core.fileio import safe_name
 from shedder.core.plan import Component, PruningPlan
 
-from . import sessions
+from . import baseline, sessions
 
 #: Session-state key of the workspace.
 WORKSPACE_KEY = "shedder_workspace"
@@ -278,46 +277,30 @@ class Workspace:
         return self._evaluator
 
     def metrics(self, plan: PruningPlan, progress=None) -> dict:
-        """Perplexity on the evaluation windows (unpruned: from the disk once measured), parameters, FLOPs of ``plan``."""
+        """Perplexity on the evaluation windows, parameters and analytic FLOPs of ``plan`` (unpruned: kept on disk)."""
         plan = self.loaded.adapter.resolve(plan)
         m = self._metrics.setdefault(plan, {})
         if "ppl" not in m:
             loaded = self.loaded
             cost = api.estimate(loaded.model, plan, seq_len=self.settings.seq_len, adapter=loaded.adapter)
-            ppl = None if plan.components else self._baseline("ppl")
-            if ppl is None:
-                ppl = float(self.evaluator().perplexity(plan, progress=progress or waiting_notice(loaded.model)))
-                plan.components or self._baseline("ppl", ppl)
-            m.update(ppl=ppl, params=int(loaded.adapter.param_count(plan)), flops=float(cost.flops_per_token_prefill),
+            m.update({} if plan.components else baseline.known(self))  # what an earlier session measured
+            m.update(ppl=m.get("ppl") or baseline.keep(self, plan, "ppl", float(self.evaluator().perplexity(
+                         plan, progress=progress or waiting_notice(loaded.model)))),
+                     params=int(loaded.adapter.param_count(plan)),
+                     flops=float(cost.flops_per_token_prefill),
                      state_bytes=float(cost.state_bytes_per_sequence))
         return m
 
-    def accuracy(self, plan: PruningPlan, progress=None, measure: bool = True) -> float | None:
-        """Next-word accuracy of ``plan`` (unpruned: from the disk once measured); ``measure=False``: None if unknown."""
+    def accuracy(self, plan: PruningPlan, progress=None) -> float:
         plan = self.loaded.adapter.resolve(plan)
         m = self._metrics.setdefault(plan, {})
-        if "accuracy" not in m and (known := None if plan.components else self._baseline("accuracy")) is not None:
-            m["accuracy"] = known
         if "accuracy" not in m:
-            if not measure:
-                return None
             loaded = self.loaded
             with api.masked(loaded.model, plan, adapter=loaded.adapter, progress=progress):
-                m["accuracy"] = float(api.next_word_accuracy(loaded.model, loaded.tokenizer, source=self.settings.evaluation,
-                                                         n=self.settings.accuracy_passages, progress=progress))
-            plan.components or self._baseline("accuracy", m["accuracy"])
+                m["accuracy"] = baseline.keep(self, plan, "accuracy", float(api.next_word_accuracy(
+                    loaded.model, loaded.tokenizer, source=self.settings.evaluation, n=self.settings.accuracy_passages,
+                    progress=progress)))
         return m["accuracy"]
-
-    def _baseline(self, what: str, value: float | None = None) -> float | None:
-        """The unpruned model's ``what`` as an earlier session kept it on disk, or (``value``) keep it there."""
-        s, accuracy = self.settings, what == "accuracy"
-        key = dict(windows=self.windows(s.evaluation), source=s.evaluation if accuracy else None,
-                   passages=s.accuracy_passages if accuracy else None)
-        if value is None:
-            return api.known_baseline(self.loaded.model, what, **key)
-        with contextlib.suppress(OSError):
-            api.remember_baseline(self.loaded.model, what, value=value, **key)
-        return value
 
     def latency(self, plan: PruningPlan, progress=None, **bench) -> dict:
         """Measured speed of the *extracted* model (never a masked one) next to the original, from
@@ -411,6 +394,18 @@ class Workspace:
                        "k": int(k), "label": series.name})
         return series
 
+    def stock(self, strategy: str, kinds, k: int, metric: str = "ppl", progress=None):
+        """The stock-shaped series (``api.stock``: ``k`` components gone from every unit of each kind)
+        on the frontier and the runs list; the entry holds its plans, so restoring recomputes nothing."""
+        series = api.stock(self.loaded.model, self.calibration(), strategy, int(k), metric, progress=progress,
+                           batch_size=self.settings.calibration_batch_size, kinds=tuple(kinds))
+        self.add_series(series)
+        points = [{"label": p.label, "plan": api.public_plan(p.plan, self.settings.model_name).to_dict()}
+                  for p in series.points]
+        self.remember({"type": "stock", "id": f"stock:{series.name}", "name": series.name, "origin": series.origin,
+                       "points": points, "label": f"{series.name}: {len(points)} plans"})
+        return series
+
     def save_plan(self, name: str, plan: PruningPlan | None = None) -> None:
         """Keep ``plan`` (the current one by default) under ``name`` for the frontier and the runs list."""
         plan = self.loaded.adapter.resolve(plan if plan is not None else self.plan)
@@ -433,7 +428,7 @@ class Workspace:
 
     def restore(self, entry: dict, progress=None) -> None:
         """Bring a run back from what the engine keeps on disk: a search from its log, a one-shot series
-        from its scores, a saved plan, a finished recovery. The current plan is left as it is."""
+        from its scores, a stock-shaped series from its entry, a saved plan, a finished recovery. The current plan is left as it is."""
         kind = entry["type"]
         if kind == "search":
             current = (self.search, self.search_kinds)
@@ -443,6 +438,10 @@ class Workspace:
                 self.search, self.search_kinds = current
         elif kind == "one-shot":
             self.one_shot(entry["metric"], entry["kinds"], entry["k"], progress)
+        elif kind == "stock":
+            resolve = self.loaded.adapter.resolve
+            self.add_series(api.Series(entry["name"], entry["origin"],
+                                       [api.Point(p["label"], resolve(_ours(p["plan"]))) for p in entry["points"]]))
         elif kind == "saved":
             self.save_plan(entry["name"], _ours(entry["plan"]))
         elif kind == "recovery":

@@ -104,7 +104,7 @@ with ui.shown_errors():
     counts = adapter.kind_counts()
     st.write("**Removable components:** " + ", ".join(f"{n} {ui.KIND_LABELS.get(k, k)} (`{k}`)" for k, n in counts.items()))
     # Measured on request only (one forward per passage: slow on a loaded machine), then known to every session.
-    acc = ws.accuracy(PruningPlan(), measure=False)
+    acc = ws.known(PruningPlan()).get("accuracy")  # measured here before, or kept on disk by an earlier session
     slot = st.empty()
     if acc is None and slot.button("Measure next-word accuracy", key="model_accuracy",
                                    help=f"One forward per passage ({s.accuracy_passages} passages); remembered on disk."):

@@ -6,8 +6,8 @@ import pandas as pd
 import streamlit as st
 
 from app import nav, plots, ui
-from shedder.api import (BENCH_DEFAULTS, MEASURED, PARETO_SPEED, REGISTRY, SPEED_COLUMNS, X_AXES, Y_AXES, applicable,
-                         describe_protocol, next_word_protocol, pareto)
+from shedder.api import (BENCH_DEFAULTS, MEASURED, PARETO_SPEED, REGISTRY, SPEED_COLUMNS, STOCK_STRATEGIES, X_AXES, Y_AXES,
+                         applicable, describe_protocol, next_word_protocol, pareto, stock_kinds)
 from shedder.core.plan import PruningPlan
 
 LOAD = "frontier_load"  # index of a clicked point, recorded by the chart callback
@@ -88,6 +88,31 @@ if oneshot_run.button("Add one-shot series", key="oneshot_run", disabled=not one
         ws.one_shot(metric, oneshot_kinds, int(oneshot_k), progress=cb)
 with oneshot_cancel:
     ui.cancel_button("oneshot_cancel")
+
+# -- stock-shaped width pruning: one width in every layer, so the result is a stock checkpoint ------
+stockable = stock_kinds(adapter)
+if stockable:
+    st.subheader("Stock-shaped width pruning")
+    st.write("Remove the same number of SSM heads from every group and / or MLP channel groups from every MLP, each "
+             "layer choosing its own (as NVIDIA's Minitron prunes): the extracted model keeps a stock config that plain "
+             "transformers loads. One-shot ranks by a metric; greedy measures every step.")
+    t1, t2, t3, t4 = st.columns([3, 2, 2, 1])
+    stock_kinds_chosen = t1.multiselect("kinds", stockable, default=stockable[:1], key="stock_kinds")
+    strategy = t2.selectbox("strategy", STOCK_STRATEGIES, key="stock_strategy")
+    ranked_by = [m for m in REGISTRY if stock_kinds_chosen and applicable(m, stock_kinds_chosen) == stock_kinds_chosen]
+    stock_metric = t3.selectbox("metric (one-shot)", ranked_by, index=ranked_by.index("ppl") if "ppl" in ranked_by else 0,
+                                key="stock_metric", disabled=strategy != "one-shot")
+    stock_k = t4.number_input("up to k", min_value=1, max_value=10_000, value=2, key="stock_k",
+                              help="components removed per group / MLP at the last point (fewer if a unit runs out)")
+    stock_run, stock_cancel, _ = st.columns([2, 1, 5])
+    if stock_run.button("Add stock-shaped series", key="stock_run", disabled=not stock_kinds_chosen):
+        with ui.shown_errors(busy=ui.BUSY_SEARCH), ui.progress(f"stock-shaped {strategy}") as cb:
+            made = ws.stock(strategy, stock_kinds_chosen, int(stock_k), stock_metric or "ppl", progress=cb)
+        st.info(f"{made.name}: {len(made.points)} stock-shaped plan{'s' * (len(made.points) != 1)} for k = 1 to "
+                f"{int(stock_k)}. A k whose widths a stock config cannot state (heads × head size a whole multiple "
+                "of the model width; one MLP width) is passed over.")
+    with stock_cancel:
+        ui.cancel_button("stock_cancel")
 
 # -- the frontier: every strategy's configurations, measured the same way ---------------------------
 entries = [("unpruned", "baseline", PruningPlan())]

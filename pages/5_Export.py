@@ -63,7 +63,7 @@ if host.allow_save:
 else:
     out_dir, overwrite = "", False
     st.info("Saving on the server is off here: the model is offered as a zip download. "
-            "(Whoever runs the server can allow saves with SHEDDER_ALLOW_SAVE=1; see the README.)")
+            "(Whoever runs the server can allow saves with SHEDDER_ALLOW_SAVE=1; see docs/serving.md.)")
 timed = chosen is None and st.checkbox("also measure latency (slower)", value=False, key="export_timed")
 label = ("Save" if host.allow_save else "Prepare the download") if chosen else \
     ("Extract and save" if host.allow_save else "Extract")

@@ -37,7 +37,7 @@ CASES = {
     "granite_dense": (2, "bfloat16"),
     "hymba": (3, "float32"),
 }
-#: Relative difference of perplexity, masked plan vs extracted model (see README, "Real shapes").
+#: Relative difference of perplexity, masked plan vs extracted model (see docs/families.md, "Real shapes").
 PPL_TOL = {"float32": 1e-4, "bfloat16": 2e-2}
 SCORE = ["--samples", "1", "--seq-len", "16", "--batch-size", "1", "--no-progress"]
 EVAL = ["--samples", "2", "--seq-len", "32", "--batch-size", "2", "--no-progress"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 import transformers
@@ -184,6 +185,42 @@ def test_a_short_last_channel_group_is_never_removed(hybrid, windows):
     uneven = PruningPlan(group_sizes={"mlp_channel_group": 40})  # 96 channels: 40, 40 and a short 16
     series = stock_greedy(hybrid, windows, base_plan=uneven, batch_size=2, kinds=("mlp_channel_group",))
     assert len(series.points) == 1 and {c.index for c in series.points[0].plan.components} <= {0, 1}
+
+
+@pytest.mark.parametrize("family,kind", [("bamba", "head"), ("bamba", "mlp_channel_group"), ("zamba2", "head"),
+                                         ("falcon_h1", "head"), ("falcon_h1", "mlp_channel_group"),
+                                         ("granite_moe", "head"), ("granite_dense", "mlp_channel_group")])
+def test_every_hybrid_stock_plan_loads_with_transformers(family, kind, tmp_path):
+    """Each Mamba-2 hybrid's stock config states an equal removal (heads: mixer width and head count;
+    MLP channels: the MLP width), so plain ``from_pretrained`` builds the pruned model exactly."""
+    model = TINY[family].build(0)
+    adapter = api.adapter_for(model)
+    rank = torch.Generator().manual_seed(0)
+    table = pd.DataFrame([{"kind": c.kind, "layer": c.layer, "index": c.index, "score": float(torch.rand(1, generator=rank))}
+                          for c in adapter.components(kind)])
+    plan = stock_one_shot(model, table, kinds=(kind,)).points[0].plan
+    done = api.export(model, None, adapter, plan, tmp_path / "out", "tiny")
+    config = json.loads((done.out / "config.json").read_text())
+    assert done.stock and "shedder" not in config and done.params_after < done.params_before
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(done.out).eval()
+    ids = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), masked(model, plan):
+        expected = model(ids).logits
+    with torch.no_grad():
+        assert torch.allclose(loaded(ids).logits, expected, atol=1e-5)
+
+
+def test_a_family_whose_stock_config_cannot_state_it_is_refused():
+    with pytest.raises(ShedderError, match="stock config cannot state"):
+        stock_greedy(TINY["jamba"].build(0), torch.zeros(1, 8, dtype=torch.long), kinds=("mlp_channel_group",))
+
+
+def test_offered_kinds_are_the_ones_each_family_can_prune_stock_shaped(model, hybrid):
+    from shedder.arch import adapter_for
+
+    assert api.stock_kinds(adapter_for(model)) == ["head"]
+    assert api.stock_kinds(adapter_for(hybrid)) == ["head", "mlp_channel_group"]
+    assert api.stock_kinds(adapter_for(SUITE["mamba1"].build(0, 2, vocab_size=100))) == []
 
 
 def test_cli_stock_kinds(tmp_path, capsys, bundled_tokenizer):

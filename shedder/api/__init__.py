@@ -11,7 +11,7 @@
     export                       export.export, export.export_zip, export.export_recovered
     recover                      recover.recover, recover.recover_plan, recover.curve (loss by step)
     the frontier table           Series, search_series, one_shot, pareto
-    stock-shaped width pruning   stock.stock, stock.stock_shaped
+    stock-shaped width pruning   stock.stock, stock.stock_shaped, stock.offered_kinds
     the studio's runs list       runs.record_run, runs.recorded_runs
 
 The studio imports only this package and ``shedder.core``; the names below are what it needs.
@@ -28,7 +28,8 @@ from shedder.api.recover import METHODS, RecoverConfig, Recovered, curve, plan_r
 from shedder.api.runs import record_run, recorded_runs
 from shedder.api.scoring import announce, cached, compare, cost, score, worker_pool
 from shedder.api.search import Race, StopWhen, cached_search, search
-from shedder.api.stock import KINDS as STOCK_KINDS, STRATEGIES as STOCK_STRATEGIES, stock, stock_shaped
+from shedder.api.stock import (KINDS as STOCK_KINDS, STRATEGIES as STOCK_STRATEGIES, offered_kinds as stock_kinds, stock,
+                               stock_shaped)
 from shedder.api.speed import BENCH_DEFAULTS, bench_speed, measure_point, measured_point
 from shedder.arch import adapter_for, count_parameters
 from shedder.formats.loading import DEFAULT_MODEL, bundled_models, load_model, resolve
@@ -42,8 +43,8 @@ from shedder.measure.masking import WAITING, holder, holding, masked
 from shedder.measure.metrics import describe_protocol, next_word_accuracy, next_word_protocol, perplexity
 from shedder.prune.agreement import matrix
 from shedder.prune.distributed import WorkerPool
-from shedder.prune.frontier import (MEASURED, PARETO_SPEED, SPEED_COLUMNS, X_AXES, Y_AXES, Series, one_shot, pareto,
-                                    search_series)
+from shedder.prune.frontier import (MEASURED, PARETO_SPEED, SPEED_COLUMNS, X_AXES, Y_AXES, Point, Series, one_shot,
+                                    pareto, search_series)
 from shedder.core.cache import default_cache_dir
 from shedder.prune.importance_metrics import REGISTRY, applicable, metric_names
 from shedder.prune.search import SearchResult, SearchStep

@@ -3,7 +3,7 @@ after a browser reload, in another session, or after switching models and back.
 
 Each entry says how to bring a result back from what the engine already keeps on disk: a greedy
 search (its log under the cache: replayed, not recomputed), a one-shot series (its metric's scores),
-a saved plan (the plan itself), a recovery (its finished run under the cache). Measured speeds need
+a stock-shaped series (its plans, held in the entry: a greedy one is logged nowhere else), a saved plan (the plan itself), a recovery (its finished run under the cache). Measured speeds need
 no entry: they are cached per plan and found again whenever the plan is on the frontier.
 
 One JSON file per (model weights, calibration windows) under ``$SHEDDER_CACHE_DIR/studio-runs/``,
@@ -21,7 +21,7 @@ from shedder.core.cache import default_cache_dir, digest, model_fingerprint, win
 from shedder.core.fileio import atomic_write_text, exclusive
 
 #: Entry types, in the order the list shows them.
-TYPES = ("search", "one-shot", "saved", "recovery")
+TYPES = ("search", "one-shot", "stock", "saved", "recovery")
 #: A runs file larger than this is not read (it is ours, but something went wrong).
 MAX_BYTES = 4 * 2**20
 

@@ -7,9 +7,9 @@ from shedder.api.scoring import score
 from shedder.core.defaults import STOCK_STRATEGIES as STRATEGIES
 from shedder.core.errors import ShedderError
 from shedder.prune.frontier import Series
-from shedder.prune.stock import KINDS, stock_greedy, stock_one_shot, stock_shaped
+from shedder.prune.stock import KINDS, offered_kinds, stock_greedy, stock_one_shot, stock_shaped
 
-__all__ = ["KINDS", "STRATEGIES", "stock", "stock_shaped"]
+__all__ = ["KINDS", "STRATEGIES", "offered_kinds", "stock", "stock_shaped"]
 
 
 def stock(model, windows, strategy: str = "one-shot", steps: int | None = None, metric: str = "ppl", base=None,

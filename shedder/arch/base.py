@@ -74,6 +74,9 @@ class Adapter:
     model_types: ClassVar[tuple[str, ...]] = ()
     #: Kinds this family can offer; ``components()`` lists those a given model actually has.
     kinds: ClassVar[tuple[str, ...]] = ("block",)
+    #: Kinds whose equal removal in every layer the family's stock config can state (``configure``),
+    #: so ``shedder.prune.stock`` can prune them stock-shaped.
+    stock_kinds: ClassVar[tuple[str, ...]] = ()
     #: Channels per group for the grouped kinds, when the plan does not say.
     default_group_sizes: ClassVar[dict[str, int]] = {}
     #: Linear modules (last name part) that LoRA recovery adapts by default: the official recipe's

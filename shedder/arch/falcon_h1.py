@@ -54,6 +54,7 @@ from shedder.arch.feed_forward import default_mlp_group_size
 from shedder.arch.layers import RemovedAttention, present, remove_sub_block, skip_layer, skip_sub_block, sliced_state_dict
 from shedder.arch.mamba2_mixer import Mamba2Hooks, MixerLayout, Selection, gated_group_rms_norm
 from shedder.arch.spec import LayerSpec, PrunedSpec
+from shedder.arch.stock_shape import stock_shape
 
 
 # ------------------------------------------------------------------------------ mixer hooks
@@ -104,6 +105,7 @@ class FalconH1Adapter(Adapter):
     architectures = ("FalconH1ForCausalLM",)
     model_types = ("falcon_h1",)
     kinds = ("block", "mixer", "attention", "ssm", "head", "mlp", "mlp_channel_group")
+    stock_kinds = ("head", "mlp_channel_group")
     model_class = transformers.FalconH1ForCausalLM
     layers_path = "model.layers"
     size_fields = Adapter.size_fields + ("intermediate_size", "mamba_n_heads", "mamba_d_head", "mamba_n_groups",
@@ -199,7 +201,13 @@ class FalconH1Adapter(Adapter):
 
     def configure(self, config, spec: PrunedSpec, plan) -> bool:
         config.num_hidden_layers = len(spec.layers)
-        return False
+        shape = stock_shape(spec, self.stock_layout(self.config), filter(self.has_mamba, range(self.num_layers)))
+        if shape is None:
+            return False
+        if shape.num_heads is not None:  # the config's own mixer width (mamba_d_ssm) says it
+            config.mamba_n_heads, config.mamba_d_ssm = shape.num_heads, shape.inner(config.mamba_d_head)
+        config.intermediate_size = shape.mlp or config.intermediate_size
+        return True
 
     def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
         replace, by_layer = {}, self.by_layer(plan)

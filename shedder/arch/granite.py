@@ -39,30 +39,30 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 
-import torch
 import transformers
 from torch import nn
 
 from shedder.core.errors import PlanError
-from shedder.core.plan import Component, PruningPlan
-from shedder.arch import experts, feed_forward, mamba2_mixer
+from shedder.core.plan import Component
+from shedder.arch import experts, feed_forward
 from shedder.arch.base import Adapter
-from shedder.arch.feed_forward import default_mlp_group_size, mask_mlp_channels, pruned_mlp_state, resize_mlp
-from shedder.arch.layers import (check_attention_left, present, remove_sub_block, skip_layer, skip_sub_block,
-                                 sliced_state_dict)
-from shedder.arch.mamba2_mixer import MixerLayout
+from shedder.arch.mamba2_hybrid import Mamba2HybridAdapter
+from shedder.arch.feed_forward import mask_mlp_channels, pruned_mlp_state, resize_mlp
+from shedder.arch.layers import present, remove_sub_block, skip_layer, skip_sub_block
 from shedder.arch.spec import LayerSpec, PrunedSpec
 
 #: The shared MLP's projections: a fused [gate; up] input, the output.
 _SHARED_MLP = dict(rows=(), cols=("output_linear",), fused=("input_linear",))
 
 
-class GraniteHybridAdapter(Adapter):
+class GraniteHybridAdapter(Mamba2HybridAdapter):
     architectures = ("GraniteMoeHybridForCausalLM",)
     model_types = ("granitemoehybrid",)
+    family = "Granite 4.0-H"
+    mlp_field = "shared_intermediate_size"
     kinds = ("block", "mixer", "ssm", "head", "attention", "mlp", "mlp_channel_group", "expert")
+    stock_kinds = ("head", "mlp_channel_group")
     model_class = transformers.GraniteMoeHybridForCausalLM
     layers_path = "model.layers"
     lora_targets = ("in_proj", "out_proj", "input_linear", "output_linear")
@@ -71,90 +71,27 @@ class GraniteHybridAdapter(Adapter):
                                          "mamba_d_conv", "mamba_expand", "num_attention_heads",
                                          "num_key_value_heads", "num_local_experts", "num_experts_per_tok")
 
-    def config_group_sizes(self) -> dict[str, int]:
-        return {"mlp_channel_group": default_mlp_group_size(self.config.shared_intermediate_size)}
-
-    @property
-    def mlp_group_size(self) -> int:
-        return self.group_sizes["mlp_channel_group"]
-
-    @staticmethod
-    def stock_layout(config) -> MixerLayout:
-        return mamba2_mixer.even_layout(config.mamba_n_heads, config.mamba_n_groups)
+    def mlp_width_of(self, block: nn.Module) -> int:
+        return block.shared_mlp.output_linear.in_features if present(block.shared_mlp) else 0
 
     @classmethod
     def limits(cls, config):
-        return dataclasses.replace(super().limits(config), mlp=int(config.shared_intermediate_size),
-                                   heads_per_group=cls.stock_layout(config).heads_per_group,
-                                   experts=int(config.num_local_experts) or None)
-
-    # ------------------------------------------------------------------ inventory
-    @functools.cached_property
-    def _structure(self) -> tuple[tuple[bool, bool, int], ...]:
-        """(has a Mamba mixer, has attention, shared-MLP width) per layer, read once from the modules
-        (masks never change them; validation runs for every search candidate)."""
-        out = []
-        for block in self.layers():
-            mlp = block.shared_mlp
-            out.append((present(block.mamba), present(block.self_attn),
-                        mlp.output_linear.in_features if present(mlp) else 0))
-        return tuple(out)
-
-    def has_mamba(self, layer: int) -> bool:
-        return self._structure[layer][0]
-
-    def has_attention(self, layer: int) -> bool:
-        return self._structure[layer][1]
-
-    def mlp_width(self, layer: int) -> int:
-        """Intermediate channels of the layer's shared MLP (0 when the feed-forward was removed)."""
-        return self._structure[layer][2]
-
-    def mamba(self, layer: int) -> nn.Module:
-        return self.layers()[layer].mamba
+        return dataclasses.replace(super().limits(config), experts=int(config.num_local_experts) or None)
 
     def moe(self, layer: int) -> nn.Module | None:
         """The layer's mixture of experts (None: a dense checkpoint, or removed)."""
         moe = self.layers()[layer].block_sparse_moe
         return moe if present(moe) else None
 
-    def layer_kind(self, layer: int) -> str:
-        if self.has_mamba(layer):
-            return "mamba"
-        return "attention" if self.has_attention(layer) else "mlp"
-
     def layer_components(self, layer: int) -> list[Component]:
-        comps = [Component("block", layer)]
-        if self.has_mamba(layer) or self.has_attention(layer):
-            comps.append(Component("mixer", layer))
-        if self.has_mamba(layer):
-            comps += mamba2_mixer.components(layer, self.mamba(layer))
-        if self.has_attention(layer):
-            comps.append(Component("attention", layer))
-        width = self.mlp_width(layer)
-        return (comps + feed_forward.components(layer, width, self.mlp_group_size, has_sub_block=bool(width))
-                + experts.components(layer, self.moe(layer)))
+        return super().layer_components(layer) + experts.components(layer, self.moe(layer))
 
-    def check(self, plan: PruningPlan) -> None:
-        attention = [i for i, (_, attn, _) in enumerate(self._structure) if attn]
-        for layer, comps in self.by_layer(plan).items():
-            if self.has_mamba(layer):
-                mamba2_mixer.check(layer, self.mamba(layer), comps)
-        if attention:
-            check_attention_left("Granite 4.0-H", "attention layer", attention,
-                                 [c.layer for c in plan.components if c.kind in ("block", "mixer", "attention")])
-        for layer, comps in self.by_layer(plan).items():
-            if any(c.kind == "block" for c in comps):
-                continue
-            if any(c.kind == "mixer" for c in comps):
-                inside = [c for c in comps if c.kind in ("ssm", "head", "attention")]
-                if inside:
-                    raise PlanError(f"{inside[0]} is redundant: the mixer of layer {layer} is removed as a whole")
-            feed_forward.check(layer, comps, self.mlp_width(layer), self.mlp_group_size)
-            gone = [c for c in comps if c.kind == "expert"]
-            if gone and any(c.kind == "mlp" for c in comps):
-                raise PlanError(f"{gone[0]} is redundant: the MLP of layer {layer} is removed as a whole")
-            experts.check(layer, self.moe(layer), comps)
+    def check_feed_forward(self, layer: int, comps: list[Component]) -> None:
+        feed_forward.check(layer, comps, self.mlp_width(layer), self.mlp_group_size)
+        gone = [c for c in comps if c.kind == "expert"]
+        if gone and any(c.kind == "mlp" for c in comps):
+            raise PlanError(f"{gone[0]} is redundant: the MLP of layer {layer} is removed as a whole")
+        experts.check(layer, self.moe(layer), comps)
 
     # ------------------------------------------------------------------ live masks
     def skip_forward(self, layer: int):
@@ -163,12 +100,7 @@ class GraniteHybridAdapter(Adapter):
     def mask_layer(self, layer: int, comps: list[Component], stack: contextlib.ExitStack) -> None:
         block = self.layers()[layer]
         kinds = {c.kind for c in comps}
-        if self.has_mamba(layer):
-            mamba2_mixer.mask(block.mamba, comps, stack)  # ssm / head
-        if "attention" in kinds or ("mixer" in kinds and self.has_attention(layer)):
-            skip_sub_block(stack, block.self_attn, block.input_layernorm, returns_tuple=True, cache_slot=layer)
-        elif "mixer" in kinds:
-            skip_sub_block(stack, block.mamba, block.input_layernorm)
+        self.mask_mixer(layer, kinds, comps, stack)
         if "mlp" in kinds:
             skip_sub_block(stack, block.shared_mlp, block.post_attention_layernorm)
             if self.moe(layer) is not None:
@@ -182,15 +114,10 @@ class GraniteHybridAdapter(Adapter):
 
     # ------------------------------------------------------------------ extraction
     def layer_spec(self, layer: int, comps: list[Component]) -> LayerSpec | None:
-        kinds = {c.kind for c in comps}
-        mamba = self.has_mamba(layer) and "mixer" not in kinds
-        has_mixer = mamba or (self.has_attention(layer) and not kinds & {"attention", "mixer"})
+        fields, has_mixer = self.mixer_fields(layer, comps)
         width = feed_forward.width_after(comps, self.mlp_width(layer), self.mlp_group_size)
         if not has_mixer and not width:
             return None  # nothing left: the identity
-        fields = mamba2_mixer.spec_fields(self.mamba(layer), comps, self.stock_layout(self.config)) if mamba else {}
-        if not has_mixer:  # built as a Mamba layer (``configure``) without its mixer
-            fields["mamba"] = False
         if width != self.config.shared_intermediate_size:
             fields["mlp"] = width
         moe = self.moe(layer)
@@ -202,49 +129,25 @@ class GraniteHybridAdapter(Adapter):
         config.num_hidden_layers = len(spec.layers)
         config.layer_types = ["full_attention" if s.mamba and not self.has_mamba(s.source) else "linear_attention"
                               for s in spec.layers]
-        shapes = {(s.mlp, s.experts) for s in spec.layers}
-        folded = [dataclasses.replace(s, mlp=None, experts=None) for s in spec.layers]
-        if len(shapes) != 1 or 0 in next(iter(shapes)) or not all(s.stock for s in folded):
+        shape = self.stock_shape(config, spec)  # every layer alike: the stock config says it
+        if shape is None:
             return False
-        width, count = next(iter(shapes))  # every layer alike: the stock config says it
-        config.shared_intermediate_size = width or config.shared_intermediate_size
-        config.num_local_experts = count or config.num_local_experts
+        config.num_local_experts = shape.experts or config.num_local_experts
         return True
 
-    def pruned_state_dict(self, plan: PruningPlan) -> dict[str, torch.Tensor]:
-        replace, by_layer = {}, self.by_layer(plan)
-        for layer in self.layer_map(plan):
-            block, comps = self.layers()[layer], by_layer.get(layer, [])
-            kinds = {c.kind for c in comps}
-            mods = {}
-            if self.has_mamba(layer):
-                state = mamba2_mixer.pruned_state(self.mamba(layer), comps)
-                if state is not None:
-                    mods["mamba"] = state
-            if "attention" in kinds:
-                mods.update({"self_attn": {}, "input_layernorm": {}})
-            if "mixer" in kinds:
-                mods.update({"mamba": {}, "self_attn": {}, "input_layernorm": {}})
-            if "mlp" in kinds:
-                mods.update({"shared_mlp": {}, "block_sparse_moe": {}, "post_attention_layernorm": {}})
-            else:
-                if "mlp_channel_group" in kinds:
-                    kept = feed_forward.kept_channels(comps, self.mlp_width(layer), self.mlp_group_size)
-                    mods["shared_mlp"] = pruned_mlp_state(block.shared_mlp, kept, **_SHARED_MLP)
-                if "expert" in kinds:
-                    mods["block_sparse_moe"] = experts.pruned_state(block.block_sparse_moe, comps)
-            if mods:
-                replace[layer] = mods
-        return sliced_state_dict(self.model.state_dict(), self.layer_prefix, self.layer_map(plan), replace)
+    def feed_forward_state(self, layer: int, kinds: set[str], comps: list[Component]) -> dict:
+        if "mlp" in kinds:
+            return {"shared_mlp": {}, "block_sparse_moe": {}, "post_attention_layernorm": {}}
+        block, mods = self.layers()[layer], {}
+        if "mlp_channel_group" in kinds:
+            kept = feed_forward.kept_channels(comps, self.mlp_width(layer), self.mlp_group_size)
+            mods["shared_mlp"] = pruned_mlp_state(block.shared_mlp, kept, **_SHARED_MLP)
+        if "expert" in kinds:
+            mods["block_sparse_moe"] = experts.pruned_state(block.block_sparse_moe, comps)
+        return mods
 
-    @classmethod
-    def apply_layer(cls, layers, index, spec) -> None:
-        block = layers[index]
-        mamba = present(block.mamba)
-        if not spec.mamba:
-            remove_sub_block(block, "mamba" if mamba else "self_attn", "input_layernorm", returns_tuple=not mamba)
-        elif mamba:
-            block.mamba = mamba2_mixer.build(block.mamba, spec)
+    @staticmethod
+    def apply_feed_forward(block: nn.Module, spec) -> None:
         if spec.mlp == 0:
             remove_sub_block(block, "shared_mlp", "post_attention_layernorm")
             if block.block_sparse_moe is not None:

@@ -28,6 +28,7 @@ class Mamba2Adapter(Adapter):
     architectures = ("Mamba2ForCausalLM",)
     model_types = ("mamba2",)
     kinds = ("block", "ssm", "head")
+    stock_kinds = ("head",)
     lora_targets = ("in_proj", "out_proj")
     model_class = transformers.Mamba2ForCausalLM
     layers_path = "backbone.layers"

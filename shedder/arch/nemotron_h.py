@@ -72,6 +72,7 @@ class NemotronHAdapter(Adapter):
     architectures = ("NemotronHForCausalLM",)
     model_types = ("nemotron_h",)
     kinds = ("block", "ssm", "head", "attention", "mlp", "mlp_channel_group")
+    stock_kinds = ("head", "mlp_channel_group")
     lora_targets = ("in_proj", "out_proj", "up_proj", "down_proj")
     default_group_sizes = {"mlp_channel_group": 64}
     model_class = transformers.NemotronHForCausalLM

@@ -61,6 +61,7 @@ from shedder.arch.base import Adapter, patch_forward
 from shedder.arch.layers import check_attention_left, record_length, skip_layer
 from shedder.arch.mamba2_mixer import MixerLayout
 from shedder.arch.spec import LayerSpec, PrunedSpec
+from shedder.arch.stock_shape import expand_for, stock_shape
 
 _ADAPTER_LISTS = r"(self_attn\.linear_[qkv]_adapter_list|feed_forward\.gate_up_proj_adapter_list)"
 #: a per-application adapter slot's parameter inside a shared block: (adapter list, slot, parameter)
@@ -137,6 +138,7 @@ class Zamba2Adapter(Adapter):
     architectures = ("Zamba2ForCausalLM",)
     model_types = ("zamba2",)
     kinds = ("block", "mixer", "shared_block", "ssm", "head", "attention", "mlp")
+    stock_kinds = ("head",)
     official_keys = {**Adapter.official_keys, "pruned_mamba_block_idx": "mixer"}
     model_class = transformers.Zamba2ForCausalLM
     layers_path = "model.layers"
@@ -293,7 +295,12 @@ class Zamba2Adapter(Adapter):
         config.layers_block_type = ["hybrid" if i in apps else "linear_attention" for i in kept]
         config.hybrid_layer_ids = [j for j, i in enumerate(kept) if i in apps]
         config.num_hidden_layers = len(kept)
-        return False
+        shape = stock_shape(spec, self.stock_layout(self.config), filter(self.has_mamba, range(self.num_layers)))
+        expand = shape and expand_for(shape.inner(config.mamba_headdim), config.hidden_size)
+        if shape is None or shape.num_heads is None or expand is None or (shape.mlp, shape.experts) != (None, None):
+            return False  # unchanged heads: the spec is stock or not by itself
+        config.n_mamba_heads, config.mamba_expand = shape.num_heads, expand
+        return True
 
     @staticmethod
     def stock_layout(config) -> MixerLayout:

@@ -15,6 +15,7 @@
     python -m shedder bench scan [--json]              (engine SSD scan vs transformers' torch reference)
     python -m shedder bench scale [--sizes S,M,130m]   (time and memory as models grow)
     python -m shedder bench gpu-check                  (the whole journey on CUDA; skips without a GPU)
+    python -m shedder bench gpu-check --paper --out DIR [--dry-run]   (the paper's speed numbers on CUDA)
     python -m shedder bench search --workers 1,2                       (speed-up of Ray workers)
     python -m shedder recover --model mamba2-tiny --plan plan.json --method lora --out recovered/ [--resume]
     python -m shedder bench recover [--steps 12]   (recovery per method for the same token budget)

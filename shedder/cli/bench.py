@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from shedder.cli.options import (OneLineParser, common, counts, data_options, kinds, model_options, non_negative_int,
                                  positive_float, positive_int, race_options, threads)
 from shedder.cli.search import raced
-from shedder.core.defaults import (DEFAULT_CALIBRATION, DEFAULT_MODEL, DEFAULT_SAMPLES, REAL_SHAPE_FAMILIES,
-                                   RECOVER_METHODS, SCALE_SIZES)
+from shedder.core.defaults import (DEFAULT_CALIBRATION, DEFAULT_MODEL, DEFAULT_SAMPLES, PAPER_BUDGET_S, PAPER_TOTAL_S,
+                                   REAL_SHAPE_FAMILIES, RECOVER_METHODS, SCALE_SIZES)
 from shedder.core.errors import ShedderError, printable
 from shedder.measure.timing import Protocol, Ratio
 
@@ -222,14 +223,29 @@ def scale_parser(command: str, main) -> argparse.ArgumentParser:
         p.set_defaults(func=run_scale)
     else:
         p = OneLineParser(prog="python -m shedder bench gpu-check",
-                          description="The whole CLI journey on CUDA on a real-shape random model.")
-        p.add_argument("--family", default="mamba2", choices=REAL_SHAPE_FAMILIES, help="family (default mamba2)")
-        p.add_argument("--layers", type=positive_int, default=4, help="layers of the published layout (default 4)")
+                          description="The whole CLI journey on CUDA on a real-shape random model; with --paper "
+                                      "instead, the paper's speed measurements (Mamba-2.8B minus 14 blocks, "
+                                      "Mamba2-2.7B minus 22 SSMs, random weights, float16) written to --out.")
+        p.add_argument("--family", choices=REAL_SHAPE_FAMILIES, help="family (default mamba2)")
+        p.add_argument("--layers", type=positive_int, help="layers of the published layout (default 4)")
+        paper = p.add_argument_group("--paper")
+        paper.add_argument("--paper", action="store_true", help="measure the paper's two models (docs/gpu.md)")
+        paper.add_argument("--out", help="with --paper: directory for gpu-check-paper.json and .md")
+        paper.add_argument("--dry-run", action="store_true",
+                           help="with --paper: the same plans and reports on the CPU, with tiny shapes")
+        paper.add_argument("--budget-s", type=positive_float,
+                           help=f"with --paper: seconds of paired rounds per measurement (default {PAPER_BUDGET_S:g})")
+        paper.add_argument("--total-s", type=positive_float,
+                           help=f"with --paper: seconds for the whole run, model builds included "
+                                f"(default {PAPER_TOTAL_S:g})")
+        paper.add_argument("--overwrite", action="store_true",
+                           help="with --paper: replace report files an earlier run wrote")
         p.set_defaults(func=lambda args: run_gpu_check(args, main))
     p.add_argument("--device", default="cuda" if command == "gpu-check" else "cpu", help=argparse.SUPPRESS
                    if command == "gpu-check" else "cpu or cuda (default cpu)")
-    p.add_argument("--dtype", default="bfloat16" if command == "gpu-check" else "float32",
-                   help="float32, float16 or bfloat16")
+    p.add_argument("--dtype", default=None if command == "gpu-check" else "float32",
+                   help="float32, float16 or bfloat16" + (" (default bfloat16; --paper always measures in float16)"
+                                                          if command == "gpu-check" else ""))
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     return p
 
@@ -242,10 +258,36 @@ def run_scale(args) -> int:
 
 
 def run_gpu_check(args, main) -> int:
-    """``bench gpu-check``: ``shedder.dev.scale.run_gpu_check`` driving ``main``."""
-    from shedder.dev import scale  # lazy: start-up (--help imports no torch)
+    """``bench gpu-check``: the journey, or with ``--paper`` the paper's speed measurements. Without a
+    CUDA device (and without ``--dry-run``) either says so in one line and exits 0."""
+    import torch  # lazy: start-up (--help imports no torch)
 
-    return scale.run_gpu_check(args, main)
+    from shedder.dev import scale  # lazy: start-up (--help imports no torch)
+    from shedder.dev.paper_speed import JSON_NAME, MARKDOWN_NAME, PaperRun, markdown, run_paper  # lazy: start-up (--help imports no torch)
+
+    paper_only = [flag for flag, value in (("--out", args.out), ("--dry-run", args.dry_run),
+                                           ("--budget-s", args.budget_s), ("--total-s", args.total_s),
+                                           ("--overwrite", args.overwrite)) if value not in (None, False)]
+    if not args.paper:
+        if paper_only:
+            raise ShedderError(f"{paper_only[0]} belongs to --paper (bench gpu-check --paper --out DIR)")
+        args.family, args.layers, args.dtype = args.family or "mamba2", args.layers or 4, args.dtype or "bfloat16"
+        return scale.run_gpu_check(args, main)
+    journey_only = [flag for flag, value in (("--family", args.family), ("--layers", args.layers),
+                                             ("--dtype", args.dtype)) if value is not None]
+    if journey_only:
+        raise ShedderError(f"{journey_only[0]} belongs to the journey; --paper measures its two models in float16")
+    if not args.out:
+        raise ShedderError("--paper needs --out DIR for its JSON and Markdown report")
+    if not args.dry_run and not torch.cuda.is_available():
+        print(scale.SKIPPED)
+        return 0
+    run = PaperRun(Path(args.out), args.dry_run, args.budget_s or PaperRun.budget_s, args.total_s or PaperRun.total_s,
+                   args.overwrite)
+    report = run_paper(run, log=lambda line: print(line, file=sys.stderr, flush=True))
+    print(json.dumps(report, indent=2) if args.json else markdown(report))
+    print(f"gpu-check --paper: wrote {printable(str(Path(args.out) / JSON_NAME))} and {MARKDOWN_NAME}", file=sys.stderr)
+    return 1 if any("error" in r for m in report["models"] for r in m["runs"]) else 0
 
 
 def scan_parser(bench_sub) -> None:

@@ -222,8 +222,11 @@ def _fill_matrix(p: torch.Tensor, gen: torch.Generator) -> None:
 def build(family: str, layers: int | None = None, small: bool = False, dtype=torch.float32, seed: int = 0):
     """A random-weight ``family`` model in its real shape, in eval mode (``small``: CI widths for
     the keys in ``RealShape.shrink``; ``layers``: the first layers of the published layout)."""
-    shape = REAL_SHAPES[family]
-    config = shape.config(layers, small)
+    return from_config(REAL_SHAPES[family].config(layers, small), dtype, seed)
+
+
+def from_config(config, dtype=torch.float32, seed: int = 0):
+    """A random-weight model of ``config`` (``fill``'s cheap draw), in eval mode."""
     cls = transformers.AutoModelForCausalLM._model_mapping[type(config)]
     from transformers.initialization import no_init_weights
 

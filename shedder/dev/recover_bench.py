@@ -50,7 +50,7 @@ def compare_methods(methods=METHODS, steps: int = 12, batch_size: int = 8, seq_l
 
 
 def format_comparison(rows: list[dict]) -> str:
-    """The benchmark as a Markdown table (the README's)."""
+    """The benchmark as a Markdown table (docs/benchmarks.md, "Recovery")."""
     lines = ["| model | method | tokens | unpruned | pruned | recovered | lost perplexity recovered | train time |",
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:

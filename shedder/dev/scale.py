@@ -12,7 +12,8 @@ that product so the growth can be read off.
 
 ``bench gpu-check`` runs the CLI journey (info, eval under a plan, score, search, extract, eval of the
 extracted model, bench) on a real-shape model on CUDA and checks masked == extracted; on a machine
-without CUDA it says so in one line and exits 0, so a CI job can call it unconditionally.
+without CUDA it says so in one line and exits 0, so a CI job can call it unconditionally. With
+``--paper`` it measures the paper's two models instead (``shedder.dev.paper_speed``).
 """
 from __future__ import annotations
 
@@ -160,12 +161,16 @@ def run_scale(args) -> int:
     return 0
 
 
+#: What ``bench gpu-check`` (the journey, or ``--paper``) prints on a machine without CUDA, exiting 0.
+SKIPPED = ("gpu-check: skipped: PyTorch sees no CUDA device on this machine (torch.cuda.is_available() is "
+           "False); run `python -m shedder bench gpu-check` on a GPU machine")
+
+
 def run_gpu_check(args, main) -> int:
     """The CLI journey on CUDA, each step a call of the CLI's ``main``; one line and exit 0 without a
     CUDA device."""
     if not torch.cuda.is_available():
-        print("gpu-check: skipped: PyTorch sees no CUDA device on this machine (torch.cuda.is_available() is "
-              "False); run `python -m shedder bench gpu-check` on a GPU machine")
+        print(SKIPPED)
         return 0
 
     print(f"gpu-check: {torch.cuda.get_device_name()}, {kernel_path('cuda')}", flush=True)

@@ -45,7 +45,7 @@ from typing import Callable
 
 import torch
 
-from shedder.arch import adapter_for, count_parameters
+from shedder.arch import adapter_for, count_parameters, kernels
 from shedder.core.errors import ShedderError
 from shedder.core.plan import PruningPlan
 from shedder.core.progress import Progress
@@ -84,6 +84,8 @@ def kernel_path(device: str) -> str:
     causal-conv1d kernels by itself on CUDA when they are installed, else the PyTorch reference."""
     if not device.startswith("cuda"):
         return "CPU: PyTorch reference scan and conv"
+    if kernels.torch_forced():
+        return "CUDA: PyTorch scan and conv, forced (kernels.torch_path), whatever is installed"
     found = [name for name in ("mamba_ssm", "causal_conv1d") if importlib.util.find_spec(name)]
     if found:
         return "CUDA: kernels from " + ", ".join(n.replace("_", "-") for n in found)
@@ -126,7 +128,7 @@ def bench_models(original, pruned, tokenizer, plan: PruningPlan | None = None, *
     def on_round(r: int, message: str) -> None:
         _report(progress, r, max(low, r + 1) + extra, f"bench: {message}")
 
-    samples = {name: _samples(model, ids, new_tokens, pad_id, cache[name], device) for name, model in models.items()}
+    samples = {name: timed_samples(model, ids, new_tokens, pad_id, cache[name], device) for name, model in models.items()}
     run = paired_rounds(samples, ["prefill_s", "decode_s"], protocol, on_round=on_round)
     total_steps = protocol.warmup + run.rounds + extra
     layers = adapter_for(original).layers()
@@ -193,7 +195,7 @@ def pad_token_id(model, tokenizer) -> int:
     return 0
 
 
-def _samples(model, ids: torch.Tensor, new_tokens: int, pad_id: int, use_cache: bool, device: str) -> list:
+def timed_samples(model, ids: torch.Tensor, new_tokens: int, pad_id: int, use_cache: bool, device: str) -> list:
     """The two timed samples of one model (``timing.Sample``): a prefill, and a generation that
     gives its time to first token and its decode time."""
     def prefill() -> dict[str, float]:

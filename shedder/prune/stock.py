@@ -42,10 +42,24 @@ def check_kinds(adapter, kinds) -> tuple[str, ...]:
     for kind in kinds:
         if kind not in KINDS:
             raise ShedderError(f"{kind!r} cannot be pruned stock-shaped: one of {', '.join(KINDS)}")
-        if kind not in adapter.kinds or (kind == "head" and not hasattr(adapter, "stock_layout")):
+        if kind not in adapter.kinds:
             what = "SSM heads" if kind == "head" else "per-layer MLP channel groups"
             raise ShedderError(f"{type(adapter.model).__name__} has no {what}: stock-shaped pruning of {kind} needs them")
+        if kind not in adapter.stock_kinds:
+            raise ShedderError(f"{type(adapter.model).__name__}'s stock config cannot state an equal removal of {kind} "
+                               "in every layer, so its result would not be stock-shaped")
     return kinds
+
+
+def offered_kinds(adapter) -> list[str]:
+    """The stock-shaped kinds this family has, in ``KINDS`` order (what ``check_kinds`` accepts)."""
+    offered = []
+    for kind in KINDS:
+        try:
+            offered += check_kinds(adapter, [kind])
+        except ShedderError:
+            pass
+    return offered
 
 
 def _units(adapter, plan: PruningPlan, kinds) -> dict[tuple[str, int, int], list[int]]:
