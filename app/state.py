@@ -22,7 +22,7 @@ from shedder.core.errors import ShedderError, printable
 from shedder.core.fileio import safe_name
 from shedder.core.plan import Component, PruningPlan
 
-from . import sessions
+from . import baseline, sessions
 
 #: Session-state key of the workspace.
 WORKSPACE_KEY = "shedder_workspace"
@@ -277,13 +277,15 @@ class Workspace:
         return self._evaluator
 
     def metrics(self, plan: PruningPlan, progress=None) -> dict:
-        """Perplexity on the evaluation windows, parameters and analytic FLOPs of ``plan``."""
+        """Perplexity on the evaluation windows, parameters and analytic FLOPs of ``plan`` (unpruned: kept on disk)."""
         plan = self.loaded.adapter.resolve(plan)
         m = self._metrics.setdefault(plan, {})
         if "ppl" not in m:
             loaded = self.loaded
             cost = api.estimate(loaded.model, plan, seq_len=self.settings.seq_len, adapter=loaded.adapter)
-            m.update(ppl=float(self.evaluator().perplexity(plan, progress=progress or waiting_notice(loaded.model))),
+            m.update({} if plan.components else baseline.known(self))  # what an earlier session measured
+            m.update(ppl=m.get("ppl") or baseline.keep(self, plan, "ppl", float(self.evaluator().perplexity(
+                         plan, progress=progress or waiting_notice(loaded.model)))),
                      params=int(loaded.adapter.param_count(plan)),
                      flops=float(cost.flops_per_token_prefill),
                      state_bytes=float(cost.state_bytes_per_sequence))
@@ -295,8 +297,9 @@ class Workspace:
         if "accuracy" not in m:
             loaded = self.loaded
             with api.masked(loaded.model, plan, adapter=loaded.adapter, progress=progress):
-                m["accuracy"] = float(api.next_word_accuracy(loaded.model, loaded.tokenizer, source=self.settings.evaluation,
-                                                         n=self.settings.accuracy_passages, progress=progress))
+                m["accuracy"] = baseline.keep(self, plan, "accuracy", float(api.next_word_accuracy(
+                    loaded.model, loaded.tokenizer, source=self.settings.evaluation, n=self.settings.accuracy_passages,
+                    progress=progress)))
         return m["accuracy"]
 
     def latency(self, plan: PruningPlan, progress=None, **bench) -> dict:

@@ -104,9 +104,15 @@ with ui.shown_errors():
     st.caption(ui.defaults_note())
     counts = adapter.kind_counts()
     st.write("**Removable components:** " + ", ".join(f"{n} {ui.KIND_LABELS.get(k, k)} (`{k}`)" for k, n in counts.items()))
-    if st.toggle("next-word accuracy", value=True, key="model_accuracy", help="Slower: one forward per passage."):
+    # Measured on request only (one forward per passage: slow on a loaded machine), then known to every session.
+    acc = ws.known(PruningPlan()).get("accuracy")  # measured here before, or kept on disk by an earlier session
+    slot = st.empty()
+    if acc is None and slot.button("Measure next-word accuracy", key="model_accuracy",
+                                   help=f"One forward per passage ({s.accuracy_passages} passages); remembered on disk."):
+        slot.empty()
         with ui.progress("next-word accuracy") as cb:
             acc = ws.accuracy(PruningPlan(), progress=cb)
+    if acc is not None:
         st.metric("next-word accuracy", f"{acc:.1%}")
         st.caption(next_word_protocol(ws.label(s.evaluation), s.accuracy_passages))
 

@@ -59,18 +59,6 @@ def metric(at: AppTest, label: str) -> str:
     return next(m.value for m in at.metric if m.label == label)
 
 
-def test_model_page_shows_architecture_and_baseline_with_protocol():
-    at = open_app()
-    ws = workspace(at)
-    assert ws.settings.model == os.environ.get("SHEDDER_MODEL", DEFAULT_MODEL)
-    assert float(metric(at, "perplexity")) > 1
-    assert metric(at, "layers") == str(ws.loaded.adapter.num_layers)
-    assert 0 <= float(metric(at, "next-word accuracy").rstrip("%")) <= 100
-    captions = " ".join(c.value for c in at.caption)
-    assert "4 non-overlapping windows of 64 tokens" in captions and "next-word accuracy" in captions
-    assert len(at.get("plotly_chart")) == 1  # the architecture strip
-
-
 def test_model_page_reports_a_bad_model_path_in_the_page():
     at = open_app()
     at.radio(key="model_how").set_value("local directory").run()

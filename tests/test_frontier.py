@@ -187,4 +187,4 @@ def test_metrics_are_registered_once_and_the_cli_offers_exactly_them():
     assert list(metric.choices) == list(REGISTRY)
     assert all(REGISTRY[m].description in metric.help for m in REGISTRY)
     with pytest.raises(ValueError, match="twice"):
-        register("taylor", description="again")(lambda *a: {})
+        register("taylor")(lambda *a: {})

@@ -484,8 +484,8 @@ def test_bad_numbers_are_refused_by_the_parser(capsys, argv):
 
 
 def test_target_params_means_one_thing():
-    assert [cli.common.target(t) for t in ("0.2", "20%", "250000", "2.5e5", "1", "99.5%")] == [0.2, 0.2, 250000, 250000, 1, 0.995]
-    assert isinstance(cli.common.target("2.5e5"), int)
+    assert [cli.options.target(t) for t in ("0.2", "20%", "250000", "2.5e5", "1", "99.5%")] == [0.2, 0.2, 250000, 250000, 1, 0.995]
+    assert isinstance(cli.options.target("2.5e5"), int)
 
 
 def test_internal_errors_are_one_line_and_debug_shows_the_traceback(capsys, tiny_model_dir, monkeypatch):

@@ -6,6 +6,7 @@
     score / compare metrics      scoring.score, scoring.compare
     search / one-shot            search.search, search.cached_search, one_shot
     evaluate                     evaluate.evaluate, evaluate.lm_eval
+    baseline numbers on disk     baseline.known_baseline, baseline.remember_baseline
     measure speed                speed.bench_speed, speed.measure_point
     export                       export.export, export.export_zip, export.export_recovered
     recover                      recover.recover, recover.recover_plan, recover.curve (loss by step)
@@ -17,6 +18,7 @@ The studio imports only this package and ``shedder.core``; the names below are w
 """
 from __future__ import annotations
 
+from shedder.api.baseline import known_baseline, remember_baseline
 from shedder.api.calibration import (DEFAULT_BATCH, DEFAULT_CALIBRATION, DEFAULT_EVAL, DEFAULT_SAMPLES,
                                      DEFAULT_SEQ_LEN, OFFICIAL, PROTOCOLS, Calibration)
 from shedder.api.evaluate import Evaluation, LmEval, check_tasks, eval_windows, evaluate, lm_eval, lm_eval_scores

@@ -8,12 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shedder.core.defaults import DEFAULT_BATCH, DEFAULT_CALIBRATION, DEFAULT_EVAL, DEFAULT_SAMPLES, DEFAULT_SEQ_LEN
 from shedder.measure.data import OFFICIAL, PROTOCOLS, calibration_windows
 from shedder.measure.metrics import calibration_protocol
 
-DEFAULT_CALIBRATION = "calibration"
-DEFAULT_EVAL = "test"
-DEFAULT_SAMPLES, DEFAULT_SEQ_LEN, DEFAULT_BATCH = 16, 256, 8
 
 
 @dataclass(frozen=True)

@@ -4,11 +4,10 @@ importance table or greedy, as a frontier series."""
 from __future__ import annotations
 
 from shedder.api.scoring import score
+from shedder.core.defaults import STOCK_STRATEGIES as STRATEGIES
 from shedder.core.errors import ShedderError
 from shedder.prune.frontier import Series
 from shedder.prune.stock import KINDS, offered_kinds, stock_greedy, stock_one_shot, stock_shaped
-
-STRATEGIES = ("one-shot", "greedy")
 
 __all__ = ["KINDS", "STRATEGIES", "offered_kinds", "stock", "stock_shaped"]
 

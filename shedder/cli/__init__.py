@@ -36,8 +36,6 @@ import os
 import sys
 import traceback
 
-from transformers.utils import logging as hf_logging
-
 from shedder.cli import bench, eval, extract, import_run, info, plan, recover, score, search, stock
 from shedder.cli.options import OneLineParser
 from shedder.core.errors import Cancelled, ShedderError, printable
@@ -70,11 +68,13 @@ def _os_error_text(error: Exception) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    hf_logging.disable_progress_bar()  # our own bars show the work; weight loading is quick
     if argv[:2] in (["bench", "scale"], ["bench", "gpu-check"]):
         args = bench.scale_parser(argv[1], main).parse_args(argv[2:])
     else:
         args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging  # lazy: start-up (--help imports no torch)
+
+    hf_logging.disable_progress_bar()  # our own bars show the work; weight loading is quick
     try:
         return args.func(args)
     except Cancelled:

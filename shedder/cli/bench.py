@@ -8,26 +8,12 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-
-from shedder import api
-from shedder.api import DEFAULT_CALIBRATION, DEFAULT_MODEL, DEFAULT_SAMPLES
-from shedder.api.recover import METHODS
-from shedder.api.search import compare_race, compare_searches
-from shedder.dev.dtype_bench import compare_dtypes
-from shedder.dev.scan_bench import compare_scan, compare_step
-from shedder.dev.recover_bench import compare_methods, format_comparison
-from shedder.dev.workers import bench_workers
-from shedder.formats.official import read_plan
-from shedder.api.speed import format_report
-from shedder.cli.common import common, counts, data_options, emit, kinds, load, model_options, progress, text_tokenizer
-from shedder.cli.options import OneLineParser, non_negative_int, positive_float, positive_int, race_options, threads
+from shedder.cli.options import (OneLineParser, common, counts, data_options, kinds, model_options, non_negative_int,
+                                 positive_float, positive_int, race_options, threads)
 from shedder.cli.search import raced
+from shedder.core.defaults import (DEFAULT_CALIBRATION, DEFAULT_MODEL, DEFAULT_SAMPLES, PAPER_BUDGET_S, PAPER_TOTAL_S,
+                                   REAL_SHAPE_FAMILIES, RECOVER_METHODS, SCALE_SIZES)
 from shedder.core.errors import ShedderError, printable
-from shedder.dev import announce_bench, scale
-from shedder.dev.paper_speed import JSON_NAME, MARKDOWN_NAME, PaperRun, markdown, run_paper
-from shedder.dev.realshape import FAMILIES
-from shedder.measure.data import calibration_windows
 from shedder.measure.timing import Protocol, Ratio
 
 
@@ -92,6 +78,13 @@ def run(args) -> int:
     """Run the benchmark the parsed ``args`` describe and print the report."""
     if not (args.plan or args.pruned):
         raise ShedderError("bench needs --plan or --pruned (or the `search` subcommand: python -m shedder bench search)")
+    import torch  # lazy: start-up (--help imports no torch)
+
+    from shedder import api  # lazy: start-up (--help imports no torch)
+    from shedder.api.speed import format_report  # lazy: start-up (--help imports no torch)
+    from shedder.cli.common import progress  # lazy: start-up (--help imports no torch)
+    from shedder.formats.official import read_plan  # lazy: start-up (--help imports no torch)
+
     plan = read_plan(args.plan) if args.plan else None  # ours or an official config
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -111,6 +104,10 @@ def run(args) -> int:
 
 def run_search(args) -> int:
     """Reference and fast search on the same model and data, side by side."""
+    from shedder.api.search import compare_searches  # lazy: start-up (--help imports no torch)
+    from shedder.cli.common import emit, load, progress, text_tokenizer  # lazy: start-up (--help imports no torch)
+    from shedder.measure.data import calibration_windows  # lazy: start-up (--help imports no torch)
+
     race = raced(args)
     model, tokenizer = load(args)
     windows = calibration_windows(text_tokenizer(args, tokenizer), args.data, samples=args.samples, seq_len=args.seq_len)
@@ -149,6 +146,9 @@ def run_search(args) -> int:
 
 def _race(args, model, windows, race) -> int:
     """``bench search --race``: the exact and the raced search side by side."""
+    from shedder.api.search import compare_race  # lazy: start-up (--help imports no torch)
+    from shedder.cli.common import emit, progress  # lazy: start-up (--help imports no torch)
+
     with progress(args) as bar:
         runs = compare_race(model, windows, args.kinds, args.steps, race, args.batch_size, bar)
     exact, fast = runs["results"]["exact"], runs["results"]["raced"]
@@ -173,6 +173,9 @@ def _race(args, model, windows, race) -> int:
 
 def _workers(args, model, windows) -> int:
     """``bench search --workers 1,2``: the same search on pools of each size, timed."""
+    from shedder.cli.common import emit, progress  # lazy: start-up (--help imports no torch)
+    from shedder.dev.workers import bench_workers  # lazy: start-up (--help imports no torch)
+
     with progress(args) as bar:
         report = bench_workers(model, windows, args.kinds, args.steps, args.workers, args.batch_size,
                                args.ray_address, bar)
@@ -187,7 +190,7 @@ def _workers(args, model, windows) -> int:
 
 
 def recover_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--methods", type=kinds, default=list(METHODS), help="comma-separated (default all)")
+    p.add_argument("--methods", type=kinds, default=list(RECOVER_METHODS), help="comma-separated (default all)")
     p.add_argument("--steps", type=positive_int, default=12, help="steps per method (default 12)")
     p.add_argument("--batch-size", type=positive_int, default=8, help="windows per step (default 8)")
     p.add_argument("--seq-len", type=positive_int, default=64, help="tokens per window (default 64)")
@@ -198,6 +201,9 @@ def recover_options(p: argparse.ArgumentParser) -> None:
 
 
 def run_recover(args) -> int:
+    from shedder.cli.common import emit, progress  # lazy: start-up (--help imports no torch)
+    from shedder.dev.recover_bench import compare_methods, format_comparison  # lazy: start-up (--help imports no torch)
+
     with progress(args) as bar:
         rows = compare_methods(args.methods, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                                eval_samples=args.eval_samples, threads=args.threads, progress=bar)
@@ -211,18 +217,18 @@ def scale_parser(command: str, main) -> argparse.ArgumentParser:
         p = OneLineParser(prog="python -m shedder bench scale",
                           description="Time per candidate evaluation and peak memory of eval, score and "
                                       "search on random Mamba-2 models of growing size.")
-        p.add_argument("--sizes", default="S,M,130m", help=f"comma-separated, from {', '.join(scale.SIZES)} (default all)")
+        p.add_argument("--sizes", default=",".join(SCALE_SIZES), help=f"comma-separated, from {', '.join(SCALE_SIZES)} (default all)")
         p.add_argument("--samples", type=positive_int, default=4, help="calibration windows (default 4)")
         p.add_argument("--seq-len", type=positive_int, default=256, help="tokens per window (default 256)")
         p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward (default 4)")
         p.add_argument("--threads", type=threads, help="CPU threads for PyTorch (default: PyTorch's choice)")
-        p.set_defaults(func=scale.run_scale)
+        p.set_defaults(func=run_scale)
     else:
         p = OneLineParser(prog="python -m shedder bench gpu-check",
                           description="The whole CLI journey on CUDA on a real-shape random model; with --paper "
                                       "instead, the paper's speed measurements (Mamba-2.8B minus 14 blocks, "
                                       "Mamba2-2.7B minus 22 SSMs, random weights, float16) written to --out.")
-        p.add_argument("--family", choices=FAMILIES, help="family (default mamba2)")
+        p.add_argument("--family", choices=REAL_SHAPE_FAMILIES, help="family (default mamba2)")
         p.add_argument("--layers", type=positive_int, help="layers of the published layout (default 4)")
         paper = p.add_argument_group("--paper")
         paper.add_argument("--paper", action="store_true", help="measure the paper's two models (docs/gpu.md)")
@@ -230,10 +236,10 @@ def scale_parser(command: str, main) -> argparse.ArgumentParser:
         paper.add_argument("--dry-run", action="store_true",
                            help="with --paper: the same plans and reports on the CPU, with tiny shapes")
         paper.add_argument("--budget-s", type=positive_float,
-                           help=f"with --paper: seconds of paired rounds per measurement (default {PaperRun.budget_s:g})")
+                           help=f"with --paper: seconds of paired rounds per measurement (default {PAPER_BUDGET_S:g})")
         paper.add_argument("--total-s", type=positive_float,
                            help=f"with --paper: seconds for the whole run, model builds included "
-                                f"(default {PaperRun.total_s:g})")
+                                f"(default {PAPER_TOTAL_S:g})")
         paper.add_argument("--overwrite", action="store_true",
                            help="with --paper: replace report files an earlier run wrote")
         p.set_defaults(func=lambda args: run_gpu_check(args, main))
@@ -246,9 +252,21 @@ def scale_parser(command: str, main) -> argparse.ArgumentParser:
     return p
 
 
+def run_scale(args) -> int:
+    """``bench scale``: ``shedder.dev.scale.run_scale``."""
+    from shedder.dev import scale  # lazy: start-up (--help imports no torch)
+
+    return scale.run_scale(args)
+
+
 def run_gpu_check(args, main) -> int:
     """``bench gpu-check``: the journey, or with ``--paper`` the paper's speed measurements. Without a
     CUDA device (and without ``--dry-run``) either says so in one line and exits 0."""
+    import torch  # lazy: start-up (--help imports no torch)
+
+    from shedder.dev import scale  # lazy: start-up (--help imports no torch)
+    from shedder.dev.paper_speed import JSON_NAME, MARKDOWN_NAME, PaperRun, markdown, run_paper  # lazy: start-up (--help imports no torch)
+
     paper_only = [flag for flag, value in (("--out", args.out), ("--dry-run", args.dry_run),
                                            ("--budget-s", args.budget_s), ("--total-s", args.total_s),
                                            ("--overwrite", args.overwrite)) if value not in (None, False)]
@@ -291,6 +309,9 @@ def scan_parser(bench_sub) -> None:
 
 def run_scan(args) -> int:
     """The scan benchmark's report."""
+    from shedder.cli.common import emit  # lazy: start-up (--help imports no torch)
+    from shedder.dev.scan_bench import compare_scan, compare_step  # lazy: start-up (--help imports no torch)
+
     protocol = Protocol(budget_s=args.budget_s)
     r = compare_scan(protocol, model=not args.no_model)
     if args.step:
@@ -333,6 +354,10 @@ def dtype_parser(bench_sub) -> None:
 
 def run_dtype(args) -> int:
     """The dtype benchmark's report."""
+    from shedder.cli.common import emit, load, text_tokenizer  # lazy: start-up (--help imports no torch)
+    from shedder.dev.dtype_bench import compare_dtypes  # lazy: start-up (--help imports no torch)
+    from shedder.measure.data import calibration_windows  # lazy: start-up (--help imports no torch)
+
     models, tokenizer = {}, None
     for dtype in ("float32", "bfloat16"):
         args.dtype = dtype
@@ -378,6 +403,11 @@ def announce_parser(bench_sub) -> None:
 
 def run_announce(args) -> int:
     """The announcement benchmark's report."""
+    import torch  # lazy: start-up (--help imports no torch)
+
+    from shedder.cli.common import emit  # lazy: start-up (--help imports no torch)
+    from shedder.dev import announce_bench  # lazy: start-up (--help imports no torch)
+
     if args.threads:
         torch.set_num_threads(args.threads)
     r = announce_bench.measure(args.layers, args.samples, args.seq_len, args.batch_size)

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from shedder import api
-from shedder.api import DEFAULT_EVAL
-from shedder.cli.common import common, data_options, emit, load, model_options, pct, progress, say, sources, text_tokenizer
-from shedder.cli.options import positive_int
+from shedder.cli.options import common, data_options, model_options, positive_int
+from shedder.core.defaults import DEFAULT_EVAL
 from shedder.core.errors import printable
 from shedder.core.fileio import check_cache_dir
 
@@ -34,6 +32,9 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
+    from shedder import api  # lazy: start-up (--help imports no torch)
+    from shedder.cli.common import emit, load, pct, progress, say, sources, text_tokenizer  # lazy: start-up (--help imports no torch)
+
     if args.cache_dir is not None:
         check_cache_dir(args.cache_dir, sources(args))
     if args.tasks:  # refuse a missing lm-eval or an unknown task before any model work

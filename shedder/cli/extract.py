@@ -1,8 +1,7 @@
 """``python -m shedder extract``: save the physically pruned model of a plan, with its card."""
 from __future__ import annotations
 
-from shedder import api
-from shedder.cli.common import common, emit, load, model_options, overwrite_option, pct, sources
+from shedder.cli.options import common, model_options, overwrite_option
 from shedder.core.errors import printable
 from shedder.core.fileio import check_output_dir
 
@@ -18,6 +17,9 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
+    from shedder import api  # lazy: start-up (--help imports no torch)
+    from shedder.cli.common import emit, load, pct, sources  # lazy: start-up (--help imports no torch)
+
     protected = sources(args)
     check_output_dir(args.out, args.overwrite, protected)  # before the work, so a refusal costs nothing
     model, tokenizer = load(args)

@@ -1,8 +1,7 @@
 """``python -m shedder import-run``: an official Mamba-Shedder run directory as a run of ours."""
 from __future__ import annotations
 
-from shedder.api.search import import_official_run, step_rows
-from shedder.cli.common import common, emit, load, model_options
+from shedder.cli.options import common, model_options
 from shedder.core.errors import printable
 
 
@@ -16,6 +15,9 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
+    from shedder.api.search import import_official_run, step_rows  # lazy: start-up (--help imports no torch)
+    from shedder.cli.common import emit, load  # lazy: start-up (--help imports no torch)
+
     model, _ = load(args)
     steps = import_official_run(model, args.run, args.out)
     lines = [f"step {s.step}: removed {s.component}  ppl {s.ppl:.4f}  params {s.params:,}" for s in steps]

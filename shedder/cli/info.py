@@ -1,8 +1,7 @@
 """``python -m shedder info``: architecture, layers, components and parameters of a model."""
 from __future__ import annotations
 
-from shedder import api
-from shedder.cli.common import common, emit, load, model_options
+from shedder.cli.options import common, model_options
 from shedder.core.errors import printable
 
 
@@ -14,6 +13,9 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
+    from shedder import api  # lazy: start-up (--help imports no torch)
+    from shedder.cli.common import emit, load  # lazy: start-up (--help imports no torch)
+
     model, _ = load(args)
     adapter = api.adapter_for(model)
     layers = []

@@ -1,10 +1,8 @@
 """``python -m shedder plan convert``: a plan between our format and the official one."""
 from __future__ import annotations
 
-from shedder.api.search import check_conversion, convert_plan
-from shedder.cli.common import common, emit, load, model_options, overwrite_option, sources
+from shedder.cli.options import common, model_options, overwrite_option
 from shedder.core.errors import ShedderError, printable
-from shedder.formats.official import OfficialConfig, read_plan
 
 
 def add(sub) -> None:
@@ -24,6 +22,10 @@ def add(sub) -> None:
 def run(args) -> int:
     """Our plan -> official config, or official config -> our plan, for one model (what an official
     key removes depends on the family, and ordinals and widths on the model's layers)."""
+    from shedder.api.search import check_conversion, convert_plan  # lazy: start-up (--help imports no torch)
+    from shedder.cli.common import emit, load, sources  # lazy: start-up (--help imports no torch)
+    from shedder.formats.official import OfficialConfig, read_plan  # lazy: start-up (--help imports no torch)
+
     plan = read_plan(args.plan)
     if args.model is None:
         if isinstance(plan, OfficialConfig) or plan.model is None or not plan.model.name:

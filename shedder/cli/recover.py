@@ -4,11 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from shedder import api
-from shedder.api import DEFAULT_EVAL
-from shedder.api.recover import DEFAULT_LR, METHODS, REPORT_TO, SCHEDULES, TENSORBOARD_DIR, RecoverConfig, student_and_teacher
-from shedder.cli.common import common, emit, kinds, load, model_options, progress
-from shedder.cli.options import positive_int
+from shedder.cli.options import common, kinds, model_options, positive_int
+from shedder.core.defaults import (DEFAULT_EVAL, RECOVER_DEFAULT_LR as DEFAULT_LR, RECOVER_METHODS as METHODS,
+                                   RECOVER_SCHEDULES as SCHEDULES, REPORT_TO, TENSORBOARD_DIR)
 from shedder.core.errors import Cancelled, printable
 
 
@@ -54,8 +52,10 @@ def recover_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tasks", type=kinds, help="lm-eval tasks to run before and after (needs shedder.measure.downstream)")
 
 
-def recover_config(args) -> RecoverConfig:
-    """The recipe the parsed flags describe."""
+def recover_config(args):
+    """The recipe (``RecoverConfig``) the parsed flags describe."""
+    from shedder.api.recover import RecoverConfig  # lazy: start-up (--help imports no torch)
+
     return RecoverConfig(
         method=args.method, data=args.data, template=args.template, steps=args.steps, tokens=args.tokens,
         batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, schedule=args.schedule, warmup=args.warmup,
@@ -66,6 +66,10 @@ def recover_config(args) -> RecoverConfig:
 
 
 def run(args) -> int:
+    from shedder import api  # lazy: start-up (--help imports no torch)
+    from shedder.api.recover import student_and_teacher  # lazy: start-up (--help imports no torch)
+    from shedder.cli.common import emit, load, progress  # lazy: start-up (--help imports no torch)
+
     config = recover_config(args)
     model, tokenizer = load(args)
     adapter, plan = api.plan_for(model, args.plan)

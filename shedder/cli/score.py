@@ -5,14 +5,11 @@ from __future__ import annotations
 import contextlib
 import sys
 
-from shedder import api
-from shedder.api import REGISTRY
-from shedder.cli.common import (calibration, calibration_options, common, distributed, distributed_options, emit,
-                                kinds, load, model_options, overwrite_option, progress, say, sources, worker_pool)
-from shedder.cli.options import positive_int
+from shedder.cli.options import (calibration_options, common, distributed_options, kinds, model_options,
+                                 overwrite_option, positive_int)
+from shedder.core.defaults import METRICS
 from shedder.core.errors import Cancelled, printable
 from shedder.core.fileio import check_cache_dir, check_output_file, write_output_file
-from shedder.prune.agreement import format_agreement
 
 
 def add(sub) -> None:
@@ -22,8 +19,8 @@ def add(sub) -> None:
     p.add_argument("--out", required=True, help="CSV file to write (with --compare: the agreement rows); new, "
                                                 "or an earlier output of this tool with --overwrite")
     overwrite_option(p, "file")
-    p.add_argument("--metric", default="ppl", choices=list(REGISTRY),
-                   help="; ".join(f"{m.name}: {m.description}" for m in REGISTRY.values()) + " (default ppl)")
+    p.add_argument("--metric", default="ppl", choices=list(METRICS),
+                   help="; ".join(f"{name}: {text}" for name, text in METRICS.items()) + " (default ppl)")
     p.add_argument("--compare", type=kinds, metavar="METRICS",
                    help="comma-separated metrics (or 'all'): Spearman / Kendall rank correlation between them and "
                         "between two halves of the calibration windows, per kind, and top-k overlap")
@@ -38,6 +35,9 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
+    from shedder import api  # lazy: start-up (--help imports no torch)
+    from shedder.cli.common import calibration, distributed, emit, load, progress, say, sources, worker_pool  # lazy: start-up (--help imports no torch)
+
     check_output_file(args.out, args.overwrite, sources(args))  # before the work, so a refusal costs nothing
     if args.cache_dir is not None:
         check_cache_dir(args.cache_dir, sources(args))
@@ -77,6 +77,10 @@ def run(args) -> int:
 
 def _compare(args, model, adapter, windows, protocol: str) -> int:
     """``score --compare``: rank agreement between metrics and across calibration halves."""
+    from shedder import api  # lazy: start-up (--help imports no torch)
+    from shedder.cli.common import emit, progress, say, sources  # lazy: start-up (--help imports no torch)
+    from shedder.prune.agreement import format_agreement  # lazy: start-up (--help imports no torch)
+
     say(api.compare_cost(model, adapter, windows, args.kinds, args.compare, stability=not args.no_stability,
                          batch_size=args.batch_size).describe())
     with progress(args) as bar:

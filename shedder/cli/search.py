@@ -1,12 +1,8 @@
 """``python -m shedder search``: the greedy Mamba-Shedder search, resumable."""
 from __future__ import annotations
 
-from shedder import api
-from shedder.api import StopWhen
-from shedder.api.search import check_official_layout, claim_run, step_rows, write_official_layout
-from shedder.cli.common import (calibration, calibration_options, common, distributed, distributed_options, emit,
-                                kinds, load, model_options, progress, say, target, worker_pool)
-from shedder.cli.options import positive_float, positive_int, race_options
+from shedder.cli.options import (calibration_options, common, distributed_options, kinds, model_options,
+                                 positive_float, positive_int, race_options, target)
 from shedder.core.errors import ShedderError, printable
 
 
@@ -33,6 +29,10 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
+    from shedder import api  # lazy: start-up (--help imports no torch)
+    from shedder.api.search import check_official_layout, claim_run, step_rows, write_official_layout  # lazy: start-up (--help imports no torch)
+    from shedder.cli.common import calibration, distributed, emit, load, progress, say, worker_pool  # lazy: start-up (--help imports no torch)
+
     race = raced(args)
     model, tokenizer = load(args)
     adapter, base = api.plan_for(model, args.base_plan)
@@ -52,7 +52,7 @@ def run(args) -> int:
                 print(f"{'raced ' if race else ''}step {step.step}: removed {step.component}  ppl {step.ppl:.4f}  params {step.params:,}",
                       flush=True)
 
-        result = api.search(model, windows, args.kinds, StopWhen(args.steps, args.target_params, args.max_ppl),
+        result = api.search(model, windows, args.kinds, api.StopWhen(args.steps, args.target_params, args.max_ppl),
                             run_dir=args.out, resume=args.resume, progress=bar, base=base,
                             batch_size=args.batch_size, on_step=on_step, evaluator=ev, pool=pool, race=race)
     if args.official_layout:
@@ -67,6 +67,9 @@ def run(args) -> int:
 
 def raced(args):
     """The ``Race`` the flags ask for (None without ``--race``), refused before the model loads."""
+    from shedder import api  # lazy: start-up (--help imports no torch)
+    from shedder.cli.common import distributed  # lazy: start-up (--help imports no torch)
+
     if not args.race:
         if (args.race_windows, args.race_finish) != (4, 2):
             raise ShedderError("--race-windows and --race-finish need --race")

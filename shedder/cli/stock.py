@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from shedder import api
-from shedder.cli.common import calibration, calibration_options, common, emit, load, model_options, overwrite_option, progress
-from shedder.cli.options import positive_int
+from shedder.cli.options import calibration_options, common, model_options, overwrite_option, positive_int
+from shedder.core.defaults import STOCK_KINDS, STOCK_STRATEGIES
 from shedder.core.errors import printable
 from shedder.core.fileio import check_output_dir, publish_dir
 
@@ -15,16 +14,16 @@ from shedder.core.fileio import check_output_dir, publish_dir
 def kinds_list(text: str) -> tuple[str, ...]:
     """``head,mlp_channel_group`` → its kinds; an unknown one is refused by argparse (exit 2)."""
     kinds = tuple(k.strip() for k in text.split(",") if k.strip())
-    bad = [k for k in kinds if k not in api.STOCK_KINDS] or ([] if kinds else [text])
+    bad = [k for k in kinds if k not in STOCK_KINDS] or ([] if kinds else [text])
     if bad:
-        raise argparse.ArgumentTypeError(f"{bad[0]!r} is not a stock-shaped kind: one or more of {', '.join(api.STOCK_KINDS)}")
+        raise argparse.ArgumentTypeError(f"{bad[0]!r} is not a stock-shaped kind: one or more of {', '.join(STOCK_KINDS)}")
     return kinds
 
 
 def add(sub) -> None:
     p = sub.add_parser("stock", help="stock-shaped width pruning: equal SSM heads / MLP channels removed in every layer")
     model_options(p)
-    p.add_argument("--strategy", choices=api.STOCK_STRATEGIES, default="one-shot",
+    p.add_argument("--strategy", choices=STOCK_STRATEGIES, default="one-shot",
                    help="one-shot (rank by --metric) or greedy (measure every step); default one-shot")
     p.add_argument("--kinds", type=kinds_list, default=("head",),
                    help="comma-separated: head, mlp_channel_group or both (default head)")
@@ -39,6 +38,9 @@ def add(sub) -> None:
 
 
 def run(args) -> int:
+    from shedder import api  # lazy: start-up (--help imports no torch)
+    from shedder.cli.common import calibration, emit, load, progress  # lazy: start-up (--help imports no torch)
+
     check_output_dir(args.out, args.overwrite)  # before the work, so a refusal costs nothing
     model, tokenizer = load(args)
     adapter, base = api.plan_for(model, None)

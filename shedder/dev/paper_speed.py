@@ -48,6 +48,7 @@ import transformers
 from packaging.version import Version
 
 from shedder.arch import adapter_for, kernels
+from shedder.core.defaults import PAPER_BUDGET_S, PAPER_TOTAL_S
 from shedder.core.errors import ShedderError
 from shedder.core.fileio import check_output_file, write_output_file
 from shedder.core.plan import Component, PruningPlan
@@ -126,8 +127,8 @@ class PaperRun:
 
     out: Path
     dry_run: bool = False
-    budget_s: float = 30.0
-    total_s: float = 420.0
+    budget_s: float = PAPER_BUDGET_S
+    total_s: float = PAPER_TOTAL_S
     overwrite: bool = False
 
     @property

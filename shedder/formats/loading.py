@@ -24,13 +24,13 @@ from safetensors.torch import load_model as load_weights
 
 from shedder.arch import adapter_class, instantiate, supported_architectures
 from shedder.arch.spec import PrunedSpec, check_config_sizes
+from shedder.core.defaults import DEFAULT_MODEL
 from shedder.core.errors import ModelLoadError, UnsupportedModelError
 from shedder.core.hub import hub_unreachable
 from shedder.formats.extract import WEIGHTS_FILE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUNDLED_MODELS = REPO_ROOT / "assets" / "models"
-DEFAULT_MODEL = "mamba2-tiny"
 
 #: Files any of which makes a directory carry its own tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")

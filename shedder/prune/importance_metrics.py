@@ -21,9 +21,10 @@ The one-pass metrics cost one forward (``taylor``: one forward and one backward)
 calibration windows for the whole map, whatever the number of components; the table says what it
 cost in ``attrs`` (``seconds``, ``forwards``, ``backwards``), so it can be shown next to the numbers.
 
-Each metric is registered once, where it is defined (``@register(name, kinds=..., description=...,
-one_pass=...)``); ``REGISTRY`` is the one list that the CLI's ``--metric`` choices and help, the
-studio's lists and ``metric_scores`` read, so a new metric is one decorated function.
+Each metric is registered once, where it is defined (``@register(name, kinds=..., one_pass=...)``),
+under the name and description listed in ``shedder.core.defaults.METRICS`` (which the command line
+reads without importing torch); ``REGISTRY`` is the one list that the studio's lists and
+``metric_scores`` read, so a new metric is one decorated function and its line in ``METRICS``.
 
 Which parameters, and which channels, belong to a component is not written down per family: it is
 read off the family's own extraction (``adapter.pruned_state_dict``) with every parameter element
@@ -43,6 +44,7 @@ from torch import nn
 
 from shedder.arch import adapter_for
 from shedder.arch.runtime import model_lock
+from shedder.core.defaults import METRICS
 from shedder.core.errors import ShedderError
 from shedder.measure.evaluator import check_kinds, hidden_input
 from shedder.prune.importance import score, tidy
@@ -70,12 +72,12 @@ class Metric:
 REGISTRY: dict[str, Metric] = {}
 
 
-def register(name: str, *, kinds=KINDS, description: str, one_pass: bool = True, backwards: int = 0):
-    """Decorator: register ``fn`` as the importance metric ``name`` (a new metric is one function)."""
+def register(name: str, *, kinds=KINDS, one_pass: bool = True, backwards: int = 0):
+    """Decorator: register ``fn`` as the importance metric ``name``, described by ``METRICS[name]``."""
     def add(fn: Callable) -> Callable:
         if name in REGISTRY:
             raise ValueError(f"importance metric {name!r} is registered twice")
-        REGISTRY[name] = Metric(name, tuple(kinds), description, one_pass, backwards, fn)
+        REGISTRY[name] = Metric(name, tuple(kinds), METRICS[name], one_pass, backwards, fn)
         return fn
     return add
 
@@ -136,8 +138,7 @@ def _metric(metric: str) -> Metric:
 
 
 # ---------------------------------------------------------------------------- ppl
-@register("ppl", kinds=KINDS, one_pass=False,
-          description="perplexity increase when removed alone (one calibration pass per component)")
+@register("ppl", kinds=KINDS, one_pass=False)
 def _ppl(model, windows, kinds, base_plan, progress, cache_dir, batch_size) -> tuple[pd.DataFrame, int]:
     """``importance.score``: one calibration pass per component (and one for the base plan)."""
     table = score(model, windows, kinds, base_plan=base_plan, progress=progress, cache_dir=cache_dir,
@@ -151,8 +152,7 @@ def _tick(progress, done, total, what):
 
 
 # ---------------------------------------------------------------------------- block influence
-@register("block_influence", kinds=("block",),
-          description="ShortGPT block influence, 1 − cos(layer input, layer output) (one forward)")
+@register("block_influence", kinds=("block",))
 @torch.inference_mode()
 def _block_influence(model, adapter, windows, comps, batch_size, progress) -> dict[Component, float]:
     layers = adapter.layers()
@@ -238,8 +238,7 @@ class _Ownership:
 
 
 # ---------------------------------------------------------------------------- activation
-@register("activation", kinds=("block", "head", "channel_group", "mlp_channel_group", "attention", "mlp"),
-          description="Minitron-style mean L2 norm of the component's output activations (one forward)")
+@register("activation", kinds=("block", "head", "channel_group", "mlp_channel_group", "attention", "mlp"))
 def _activation(model, adapter, windows, comps, batch_size, progress) -> dict[Component, float]:
     """One forward with hooks on each component's site; see the module docstring for the sites."""
     channel_sites: dict[nn.Module, list[tuple[Component, torch.Tensor]]] = {}
@@ -303,8 +302,7 @@ def _switched_off_branch(adapter, comp: Component) -> tuple[nn.Module, bool]:
 
 
 # ---------------------------------------------------------------------------- taylor
-@register("taylor", kinds=KINDS, backwards=1,
-          description="first-order Taylor, Σ|gradient · weight| over the component's parameters (one forward + backward)")
+@register("taylor", kinds=KINDS, backwards=1)
 def _taylor(model, adapter, windows, comps, batch_size, progress) -> dict[Component, float]:
     own = _Ownership(model, adapter)
     grads = _loss_gradients(model, own.params, windows, batch_size, progress)

@@ -21,14 +21,12 @@ import pandas as pd
 
 from shedder.arch import adapter_for
 from shedder.arch.feed_forward import mlp_groups
+from shedder.core.defaults import STOCK_KINDS as KINDS  # the kinds pruned stock-shaped, and how a label counts each
 from shedder.core.errors import ShedderError
 from shedder.core.plan import Component, PruningPlan
 from shedder.core.progress import Progress
 from shedder.measure.evaluator import PlanEvaluator
 from shedder.prune.frontier import Point, Series
-
-#: The kinds pruned stock-shaped, and how a point's label counts each.
-KINDS = {"head": "heads per group", "mlp_channel_group": "MLP channel groups per MLP"}
 
 
 def stock_shaped(adapter, plan: PruningPlan) -> bool:

@@ -5,13 +5,10 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from shedder.core.defaults import RECOVER_DEFAULT_LR as DEFAULT_LR, RECOVER_METHODS as METHODS, RECOVER_SCHEDULES as SCHEDULES
 from shedder.core.errors import ShedderError
 
-METHODS = ("lora", "full", "distill")
-SCHEDULES = ("cosine", "linear", "constant")
 TEMPLATES = (None, "alpaca")
-#: Learning rates that recovered the most per token on the bundled models (``bench recover``).
-DEFAULT_LR = {"lora": 2e-3, "full": 5e-4, "distill": 5e-4}
 
 
 @dataclass(frozen=True)

@@ -13,12 +13,9 @@ import json
 import math
 from pathlib import Path
 
+from shedder.core.defaults import REPORT_TO, TENSORBOARD_DIR
 from shedder.core.errors import ShedderError
 
-#: Where ``--report-to`` may send the curves (``none``: the run's log only).
-REPORT_TO = ("none", "tensorboard")
-#: The TensorBoard folder inside a run directory.
-TENSORBOARD_DIR = "tensorboard"
 #: At most this many held-out measurements in a run (plus the one before training).
 HELD_OUT_POINTS = 20
 
