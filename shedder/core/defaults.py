@@ -42,8 +42,8 @@ STOCK_KINDS = {"head": "heads per group", "mlp_channel_group": "MLP channel grou
 STOCK_STRATEGIES = ("one-shot", "greedy")
 
 #: Families with a real checkpoint shape (``shedder.dev.realshape.REAL_SHAPES``; ``bench gpu-check --family``).
-REAL_SHAPE_FAMILIES = ("mamba", "falcon_mamba", "mamba2", "nemotron_h", "bamba", "zamba2", "zamba2_2.7b", "falcon_h1",
-                       "jamba", "granite", "granite_dense", "hymba")
+REAL_SHAPE_FAMILIES = ("mamba", "falcon_mamba", "mamba2", "nemotron_h", "bamba", "zamba2", "zamba2_2.7b", "zamba",
+                       "falcon_h1", "jamba", "granite", "granite_dense", "hymba")
 #: Time limits of ``bench gpu-check --paper`` (``shedder.dev.paper_speed.PaperRun``): seconds of paired
 #: rounds per measurement, and for the whole run.
 PAPER_BUDGET_S, PAPER_TOTAL_S = 30.0, 420.0
