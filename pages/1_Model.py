@@ -107,11 +107,18 @@ with ui.shown_errors():
     # Measured on request only (one forward per passage: slow on a loaded machine), then known to every session.
     acc = ws.known(PruningPlan()).get("accuracy")  # measured here before, or kept on disk by an earlier session
     slot = st.empty()
-    if acc is None and slot.button("Measure next-word accuracy", key="model_accuracy",
-                                   help=f"One forward per passage ({s.accuracy_passages} passages); remembered on disk."):
-        slot.empty()
-        with ui.progress("next-word accuracy") as cb:
-            acc = ws.accuracy(PruningPlan(), progress=cb)
+    if acc is None:
+        with slot.container():  # the Cancel stays beside the button while the passages run
+            measure_col, stop_col, _ = st.columns([2, 1, 5])
+            measure = measure_col.button("Measure next-word accuracy", key="model_accuracy",
+                                         help=f"One forward per passage ({s.accuracy_passages} passages); "
+                                              "remembered on disk.")
+            with stop_col:
+                ui.cancel_button("model_accuracy_cancel")
+        if measure:
+            with ui.progress("next-word accuracy") as cb:
+                acc = ws.accuracy(PruningPlan(), progress=cb)
+            slot.empty()
     if acc is not None:
         st.metric("next-word accuracy", f"{acc:.1%}")
         st.caption(next_word_protocol(ws.label(s.evaluation), s.accuracy_passages))
@@ -127,7 +134,10 @@ limit = st.number_input("examples per task (0 = all)", min_value=0, value=50, st
 if tasks:
     limit_or_all = int(limit) or None
     plans = {"unpruned": PruningPlan()} | ({"current plan": ws.plan} if ws.plan.components else {})
-    run = st.button("Run lm-eval", key="model_run_lm_eval", type="primary")
+    run_col, stop_col, _ = st.columns([2, 1, 5])
+    run = run_col.button("Run lm-eval", key="model_run_lm_eval", type="primary")
+    with stop_col:
+        ui.cancel_button("model_lm_eval_cancel")
     with ui.shown_errors():
         if run:
             require_lm_eval()

@@ -14,9 +14,10 @@ pytestmark = pytest.mark.usefixtures(private_cache.__name__)  # each test its ow
 
 #: The long actions of each page and the Cancel drawn beside them (a click on it interrupts the work).
 LONG_ACTIONS = {
+    "model": {"model_accuracy": "model_accuracy_cancel", "model_run_lm_eval": "model_lm_eval_cancel"},
     "importance": {"imp_compute": "imp_cancel", "agree_run": "agree_cancel"},
     "prune": {"prune_greedy": "prune_greedy_cancel"},
-    "search": {"search_run": "search_cancel", "oneshot_run": "oneshot_cancel"},
+    "search": {"search_run": "search_cancel", "oneshot_run": "oneshot_cancel", "stock_run": "stock_cancel"},
     "recover": {"recover_run": "recover_cancel"},
 }
 
@@ -64,6 +65,8 @@ def test_every_long_action_has_a_cancel_beside_it(page):
     if page == "recover":  # Recover trains the current plan: give it one
         workspace(at).toggle(Component("block", 1))
         at.run()
+    if page == "model":  # lm-eval's button shows once a task is chosen
+        at.multiselect(key="model_tasks").set_value(["shedder_lastword"]).run()
     shown = keys(at)
     for action, cancel in LONG_ACTIONS[page].items():
         assert action in shown and cancel in shown, (action, cancel)
