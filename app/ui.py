@@ -95,12 +95,19 @@ def cost_caption(what: str, kinds: list[str], steps: int | None = 1, metric: str
                       batch_size=ws.settings.calibration_batch_size, metric=metric))
 
 
-def compare_caption(kinds: list[str], metrics: list[str]) -> None:
+def compare_caption(kinds: list[str], metrics: list[str]) -> bool:
     """Say what **Compare metrics** will cost (every metric, then each on both calibration halves),
-    by the function ``score --compare`` announces with."""
+    by the function ``score --compare`` announces with; False (and why) when it cannot run: the
+    halves need two calibration windows at least."""
     ws = workspace()
-    _caption(api.compare_cost(ws.loaded.model, ws.loaded.adapter, ws.calibration(), kinds, metrics,
+    windows = ws.calibration()
+    if len(windows) < 2:
+        st.caption("Compare metrics also ranks on two halves of the calibration windows, so it needs at least 2; "
+                   "the Model page sets how many.")
+        return False
+    _caption(api.compare_cost(ws.loaded.model, ws.loaded.adapter, windows, kinds, metrics,
                               batch_size=ws.settings.calibration_batch_size))
+    return True
 
 
 def _caption(estimate) -> None:

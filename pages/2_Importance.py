@@ -87,11 +87,12 @@ all_kinds = list(adapter.kind_counts())
 a1, a2 = st.columns(2)
 compared = a1.multiselect("metrics", list(REGISTRY), default=list(REGISTRY), key="agree_metrics")
 compared_kinds = a2.multiselect("kinds", all_kinds, default=all_kinds[:1], key="agree_kinds")
+runnable = False
 if compared and compared_kinds:
     with ui.shown_errors():
-        ui.compare_caption(compared_kinds, compared)
+        runnable = ui.compare_caption(compared_kinds, compared)
 compare_col, stop_col, _ = st.columns([2, 1, 5])
-compare = compare_col.button("Compare metrics", key="agree_run", disabled=not (compared and compared_kinds))
+compare = compare_col.button("Compare metrics", key="agree_run", disabled=not runnable)
 with stop_col:
     ui.cancel_button("agree_cancel")
 if compare:
