@@ -54,7 +54,7 @@ from shedder.arch.feed_forward import default_mlp_group_size
 from shedder.arch.layers import RemovedAttention, present, remove_sub_block, skip_layer, skip_sub_block, sliced_state_dict
 from shedder.arch.mamba2_mixer import Mamba2Hooks, MixerLayout, Selection, gated_group_rms_norm
 from shedder.arch.spec import LayerSpec, PrunedSpec
-from shedder.arch.stock_shape import stock_shape
+from shedder.arch.stock_shape import adapter_shape
 
 
 # ------------------------------------------------------------------------------ mixer hooks
@@ -201,7 +201,7 @@ class FalconH1Adapter(Adapter):
 
     def configure(self, config, spec: PrunedSpec, plan) -> bool:
         config.num_hidden_layers = len(spec.layers)
-        shape = stock_shape(spec, self.stock_layout(self.config), filter(self.has_mamba, range(self.num_layers)))
+        shape = adapter_shape(self, spec)
         if shape is None:
             return False
         if shape.num_heads is not None:  # the config's own mixer width (mamba_d_ssm) says it

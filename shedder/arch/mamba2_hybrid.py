@@ -23,7 +23,7 @@ from shedder.arch.feed_forward import default_mlp_group_size
 from shedder.arch.layers import check_attention_left, present, remove_sub_block, skip_sub_block, sliced_state_dict
 from shedder.arch.mamba2_mixer import MixerLayout
 from shedder.arch.spec import PrunedSpec
-from shedder.arch.stock_shape import StockShape, expand_for, stock_shape
+from shedder.arch.stock_shape import StockShape, adapter_shape, expand_for
 
 
 class Mamba2HybridAdapter(Adapter):
@@ -174,7 +174,7 @@ class Mamba2HybridAdapter(Adapter):
     def stock_shape(self, config, spec: PrunedSpec) -> StockShape | None:
         """``spec``'s one shape, with the head count written into ``config`` (``mamba_n_heads``, and
         ``mamba_expand`` for the mixer width); ``None`` when the stock config cannot state it."""
-        shape = stock_shape(spec, self.stock_layout(self.config), filter(self.has_mamba, range(self.num_layers)))
+        shape = adapter_shape(self, spec)
         expand = shape and expand_for(shape.inner(config.mamba_d_head), config.hidden_size)
         if shape is None or (shape.num_heads is not None and expand is None):
             return None

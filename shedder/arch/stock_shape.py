@@ -42,6 +42,11 @@ def stock_shape(spec: PrunedSpec, stock: MixerLayout, mixer_sources) -> StockSha
     return StockShape(heads, next(iter(widths), None), next(iter(counts), None))
 
 
+def adapter_shape(adapter, spec: PrunedSpec) -> StockShape | None:
+    """``stock_shape`` of ``spec`` for a Mamba-2 hybrid ``adapter`` (its full layout, its Mamba layers)."""
+    return stock_shape(spec, adapter.stock_layout(adapter.config), filter(adapter.has_mamba, range(adapter.num_layers)))
+
+
 def expand_for(inner: int | None, hidden: int) -> int | None:
     """The integer ``expand`` whose ``expand * hidden_size`` is ``inner`` (``None``: there is none,
     so a stock config that derives the mixer width from ``expand`` cannot state it)."""

@@ -65,7 +65,7 @@ from shedder.arch.feed_forward import default_mlp_group_size
 from shedder.arch.layers import check_attention_left, record_length, skip_layer
 from shedder.arch.mamba2_mixer import MixerLayout
 from shedder.arch.spec import LayerSpec, PrunedSpec
-from shedder.arch.stock_shape import expand_for, stock_shape
+from shedder.arch.stock_shape import adapter_shape, expand_for
 from shedder.arch.zamba2_mlp import NarrowedMLP
 
 _ADAPTER_LISTS = r"(self_attn\.linear_[qkv]_adapter_list|feed_forward\.gate_up_proj_adapter_list)"
@@ -355,7 +355,7 @@ class Zamba2Adapter(Adapter):
         config.layers_block_type = ["hybrid" if i in apps else "linear_attention" for i in kept]
         config.hybrid_layer_ids = [j for j, i in enumerate(kept) if i in apps]
         config.num_hidden_layers = len(kept)
-        shape = stock_shape(spec, self.stock_layout(self.config), filter(self.has_mamba, range(self.num_layers)))
+        shape = adapter_shape(self, spec)
         expand = shape and expand_for(shape.inner(config.mamba_headdim), config.hidden_size)
         if shape is None or shape.num_heads is None or expand is None or (shape.mlp, shape.experts) != (None, None):
             return False  # unchanged heads: the spec is stock or not by itself

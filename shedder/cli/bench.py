@@ -246,7 +246,7 @@ def scale_parser(command: str, main) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda" if command == "gpu-check" else "cpu", help=argparse.SUPPRESS
                    if command == "gpu-check" else "cpu or cuda (default cpu)")
     p.add_argument("--dtype", default=None if command == "gpu-check" else "float32",
-                   help="float32, float16 or bfloat16" + (" (default bfloat16; --paper always measures in float16)"
+                   help="float32, float16 or bfloat16" + (" (default bfloat16; --paper measures in float16, float32 with --dry-run)"
                                                           if command == "gpu-check" else ""))
     p.add_argument("--json", action="store_true", help="print machine-readable JSON")
     return p
