@@ -102,7 +102,7 @@ if stockable:
     ranked_by = [m for m in REGISTRY if stock_kinds_chosen and applicable(m, stock_kinds_chosen) == stock_kinds_chosen]
     stock_metric = t3.selectbox("metric (one-shot)", ranked_by, index=ranked_by.index("ppl") if "ppl" in ranked_by else 0,
                                 key="stock_metric", disabled=strategy != "one-shot")
-    stock_k = t4.number_input("up to k", min_value=1, max_value=10_000, value=2, key="stock_k",
+    stock_k = t4.number_input("per unit, at most", min_value=1, max_value=10_000, value=2, key="stock_k",
                               help="components removed per group / MLP at the last point (fewer if a unit runs out)")
     stock_run, stock_cancel, _ = st.columns([2, 1, 5])
     if stock_run.button("Add stock-shaped series", key="stock_run", disabled=not stock_kinds_chosen):

@@ -335,7 +335,7 @@ def test_runs_survive_a_model_switch_and_a_reload_recovery_exports_and_every_met
     page.get_by_role("spinbutton", name="steps").press("Enter")
     idle(page)
     page.get_by_role("button", name="Recover", exact=True).click()
-    page.get_by_text("Recovered model saved in").first.wait_for()
+    page.get_by_text("the Export page exports it").first.wait_for()
     idle(page)
     no_errors(page)
     page.screenshot(path=str(screenshots / "j4_recover.png"))

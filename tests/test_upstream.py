@@ -23,6 +23,7 @@ RECORDED = {
     "transformers.models.mamba2.modeling_mamba2.Mamba2Mixer.forward": "c215be341ddf22ff",
     "transformers.models.mamba.modeling_mamba.MambaMixer.forward": "e025d5d2ff405a0d",
     "transformers.models.falcon_h1.modeling_falcon_h1.FalconH1Mixer.forward": "d0ddba7970a9ddd1",
+    "transformers.models.zamba.modeling_zamba.ZambaMambaMixer.forward": "dc6d39dacee427d1",
 }
 
 
