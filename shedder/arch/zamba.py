@@ -44,11 +44,12 @@ from torch import nn
 from shedder.core.errors import PlanError
 from shedder.core.plan import Component, PruningPlan
 from shedder.arch import zamba_mixer
-from shedder.arch.base import Adapter, patch_forward
+from shedder.arch.base import Adapter
 from shedder.arch.layers import check_attention_left, record_length, skip_layer
 from shedder.arch.mamba1_mixer import default_channel_group_size
 from shedder.arch.spec import LayerSpec
-from shedder.arch.zamba2 import MixerFreeMambaDecoder, PassThrough, _add_transformer_output, _emptied, _pass_through, tie_shared
+from shedder.arch.shared_block import _emptied, mask_application
+from shedder.arch.zamba2 import MixerFreeMambaDecoder, PassThrough, tie_shared
 
 
 def _mlp_only(shared: nn.Module, cache_slot: int):
@@ -188,24 +189,7 @@ class ZambaAdapter(Adapter):
         block = self.layers()[layer]
         if self.has_mamba(layer) and kinds & set(_MIXER_KINDS):
             zamba_mixer.mask(self.mamba(layer), comps, self.group_size, stack)
-        if "mixer" in kinds:
-            if _emptied(self.is_hybrid(layer), kinds):  # nothing left: as ``block``
-                patch_forward(block, self.skip_forward(layer), stack)
-                return
-            patch_forward(block.mamba_decoder, _add_transformer_output, stack)
-        if "shared_block" in kinds:  # the layer runs as its own plain Mamba layer (same call signature)
-            mamba_layer = block.mamba_decoder
-
-            def forward(hidden_states, *args, **kwargs):
-                record_length(kwargs.get("cache"), layer, hidden_states)  # its key/value slot stays in the cache
-                return mamba_layer(hidden_states, *args, **kwargs)
-            patch_forward(block, forward, stack)
-            return
-        if "attention" in kinds:
-            patch_forward(block.shared_transf, _mlp_only(block.shared_transf, layer), stack)
-        if "mlp" in kinds:
-            patch_forward(block.shared_transf.pre_ff_layernorm, _pass_through, stack)
-            patch_forward(block.shared_transf.feed_forward, _pass_through, stack)
+        mask_application(self, layer, kinds, getattr(block, "shared_transf", None), _mlp_only, stack)
 
     # ------------------------------------------------------------------ extraction
     def _applications(self, plan: PruningPlan) -> list[int]:

@@ -60,12 +60,13 @@ from torch import nn
 from shedder.core.errors import ModelLoadError, PlanError
 from shedder.core.plan import Component, PruningPlan
 from shedder.arch import feed_forward, mamba2_mixer, zamba2_mlp
-from shedder.arch.base import Adapter, patch_forward
+from shedder.arch.base import Adapter
 from shedder.arch.feed_forward import default_mlp_group_size
 from shedder.arch.layers import check_attention_left, record_length, skip_layer
 from shedder.arch.mamba2_mixer import MixerLayout
 from shedder.arch.spec import LayerSpec, PrunedSpec
 from shedder.arch.stock_shape import adapter_shape, expand_for
+from shedder.arch.shared_block import _add_transformer_output, _emptied, mask_application
 from shedder.arch.zamba2_mlp import NarrowedMLP
 
 _ADAPTER_LISTS = r"(self_attn\.linear_[qkv]_adapter_list|feed_forward\.gate_up_proj_adapter_list)"
@@ -82,10 +83,6 @@ class PassThrough(nn.Module):
         return hidden_states
 
 
-def _pass_through(hidden_states, *args, **kwargs):
-    return hidden_states
-
-
 def _mlp_only(shared: nn.Module, cache_slot: int):
     """The forward of an application without attention (the official MHA mask):
     ``T = feed_forward(pre_ff_layernorm(h))``; the attention's cache slot records the length."""
@@ -95,10 +92,7 @@ def _mlp_only(shared: nn.Module, cache_slot: int):
     return forward
 
 
-def _add_transformer_output(hidden_states, *args, transformer_hidden_states=None, **kwargs):
-    """The forward of a hybrid layer's Mamba side without its mixer (the official mamba-block
-    mask): the shared block's output still joins the stream, ``h + linear(T)``."""
-    return hidden_states + transformer_hidden_states
+
 
 
 class AttentionFreeApplication(nn.Module):
@@ -131,12 +125,6 @@ def _slot_of(shared: nn.Module, layer: int) -> int | None:
 
 def _is_hybrid(layer: nn.Module) -> bool:
     return hasattr(layer, "shared_transformer")
-
-
-def _emptied(hybrid: bool, kinds: set[str]) -> bool:
-    """Whether a layer losing ``kinds`` keeps nothing (its mixer goes, and it has no application or
-    loses it): it computes the identity and extraction deletes it, like a ``block``."""
-    return "mixer" in kinds and (not hybrid or "shared_block" in kinds)
 
 
 class Zamba2Adapter(Adapter):
@@ -271,25 +259,9 @@ class Zamba2Adapter(Adapter):
             mamba2_mixer.mask(self.mamba(layer), comps, stack)  # ssm / head
         kinds = {c.kind for c in comps}
         block = self.layers()[layer]
-        if "mixer" in kinds:
-            if _emptied(self.is_hybrid(layer), kinds):  # nothing left: as ``block``
-                patch_forward(block, self.skip_forward(layer), stack)
-                return
-            patch_forward(block.mamba_decoder, _add_transformer_output, stack)
-        if "shared_block" in kinds:  # the layer runs as its own plain Mamba layer (same call signature)
-            mamba_layer = block.mamba_decoder
-
-            def forward(hidden_states, *args, **kwargs):
-                record_length(kwargs.get("cache"), layer, hidden_states)  # its key/value slot stays in the cache
-                return mamba_layer(hidden_states, *args, **kwargs)
-            patch_forward(block, forward, stack)
+        if mask_application(self, layer, kinds, getattr(block, "shared_transformer", None), _mlp_only, stack):
             return
-        if "attention" in kinds:
-            patch_forward(block.shared_transformer, _mlp_only(block.shared_transformer, layer), stack)
-        if "mlp" in kinds:
-            patch_forward(block.shared_transformer.pre_ff_layernorm, _pass_through, stack)
-            patch_forward(block.shared_transformer.feed_forward, _pass_through, stack)
-        elif "mlp_channel_group" in kinds:
+        if "mlp" not in kinds and "mlp_channel_group" in kinds:
             shared = block.shared_transformer
             zamba2_mlp.mask(shared.feed_forward, _slot_of(shared, layer), self._kept_channels(layer, comps), stack)
 
